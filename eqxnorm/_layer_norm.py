@@ -1,0 +1,136 @@
+from collections.abc import Sequence
+from typing import ClassVar
+
+import equinox as eqx
+import jax.numpy as jnp
+from equinox.nn import State
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from . import _checking, functional
+from ._dispatch import Impl, check_impl
+from ._misc import sentinel
+
+
+class _RowNorm(eqx.Module):
+    """Shared body of LayerNorm and RMSNorm: a normalization over the whole example."""
+
+    shape: tuple[int, ...] = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    use_weight: bool = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+    impl: Impl = eqx.field(static=True)
+    weight: Float[Array, "*shape"] | None
+    bias: Float[Array, "*shape"] | None
+
+    _function: ClassVar[str]
+
+    def __init__(
+        self,
+        shape: int | Sequence[int],
+        eps: float = 1e-5,
+        use_weight: bool = True,
+        use_bias: bool = True,
+        dtype=None,
+        *,
+        impl: Impl = "auto",
+    ):
+        where = type(self).__name__
+        self.shape = _checking.normalize_shape(shape, where)
+        _checking.check_eps(eps, where)
+        check_impl(impl, where)
+        self.eps = eps
+        self.use_weight = use_weight
+        self.use_bias = use_bias
+        self.impl = impl
+        self.weight = jnp.ones(self.shape, dtype=dtype) if use_weight else None
+        self.bias = jnp.zeros(self.shape, dtype=dtype) if use_bias else None
+
+    def _precheck(self, x, state=sentinel, *, key=None):
+        where = f"{type(self).__name__}(shape={self.shape})"
+        _checking.check_floating(x, "x", where)
+        names = ["dim"] if len(self.shape) == 1 else [f"shape[{i}]" for i in range(len(self.shape))]
+        _checking.check_example_shape(x, self.shape, where, names)
+
+    def _apply(self, x, state):
+        fn = getattr(functional, self._function)
+        out = fn(x, self.weight, self.bias, shape=self.shape, eps=self.eps, impl=self.impl)
+        return out if state is sentinel else (out, state)
+
+
+class LayerNorm(_RowNorm):
+    r"""Layer normalization over the whole example.
+
+    $$y = \frac{x - \mathbb{E}[x]}{\sqrt{\mathrm{Var}[x] + \varepsilon}} \gamma + \beta$$
+
+    with the mean and biased variance over every element of `x` (of shape `shape`), and
+    $\gamma$, $\beta$ of shape `shape` (or $1$, $0$ when disabled). A drop-in replacement for
+    `equinox.nn.LayerNorm`: same arguments, defaults, parameter names and call; plus a static
+    `impl`. Statistics are computed in float32 and the output keeps `x`'s dtype.
+
+    ??? cite
+        [Layer Normalization](https://arxiv.org/abs/1607.06450)
+
+        ```bibtex
+        @article{ba2016layer,
+            author={Jimmy Lei Ba, Jamie Ryan Kiros, Geoffrey E. Hinton},
+            title={Layer Normalization},
+            year={2016},
+            journal={arXiv:1607.06450},
+        }
+        ```
+    """
+
+    _function: ClassVar[str] = "layer_norm"
+
+    def __init__(
+        self,
+        shape: int | Sequence[int],
+        eps: float = 1e-5,
+        use_weight: bool = True,
+        use_bias: bool = True,
+        dtype=None,
+        *,
+        impl: Impl = "auto",
+    ):
+        """**Arguments:**
+
+        - `shape`: the shape of one example (an int for a vector).
+        - `eps`: added to the variance; must be positive.
+        - `use_weight`: whether to learn the scale $\\gamma$ (initialised to ones).
+        - `use_bias`: whether to learn the shift $\\beta$ (initialised to zeros).
+        - `dtype`: dtype of the parameters; defaults to float32 (float64 in 64-bit mode).
+        - `impl`: `"auto"`, `"pallas"` or `"reference"`; see `eqxnorm.functional`.
+
+        **Raises:**
+
+        `ValueError` for an empty `shape`, `eps <= 0` or an unknown `impl`.
+        """
+        super().__init__(shape, eps, use_weight, use_bias, dtype, impl=impl)
+
+    @_checking.named_scope("eqxnorm.LayerNorm")
+    @_checking.typechecked(_RowNorm._precheck)
+    def __call__(
+        self,
+        x: Float[Array, "*shape"],
+        state: State = sentinel,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], State]:
+        """**Arguments:**
+
+        - `x`: one example, of shape `shape`; floating point.
+        - `state`: optional; passed through unchanged, for interchangeability with
+            `BatchNorm`.
+        - `key`: ignored; for compatibility with the rest of the Equinox API.
+
+        **Returns:**
+
+        The normalized array, of `x`'s shape and dtype; or `(output, state)` when `state` is
+        passed.
+
+        **Raises:**
+
+        `ValueError` when `x.shape != shape` (a left-in batch axis is named, with the
+        `jax.vmap` fix); `TypeError` for non-floating input.
+        """
+        return self._apply(x, state)

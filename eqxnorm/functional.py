@@ -1,0 +1,606 @@
+r"""The functional API: every normalization on batched arrays.
+
+These are the functions the modules call. Each validates its input at trace time (see
+`eqxnorm._checking`), reshapes it to the canonical layout of the kernels, and dispatches to the
+implementation chosen by `impl` (`"auto" | "pallas" | "reference"`, see `eqxnorm._dispatch`).
+
+All of them compute their statistics in float32 (float64 for float64 input) and return the
+input's dtype. NaN or Inf in the input propagate to the outputs that depend on it.
+"""
+
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Scalar
+
+from . import _checking
+from ._checking import AnyArray
+from ._dispatch import Impl, check_impl, implementation
+from .kernels.reference import compute_dtype
+
+AxisName = Hashable | Sequence[Hashable]
+
+
+def _as_arrays(*arrays: Any) -> tuple[Any, ...]:
+    """JAX arrays from the JAX or NumPy arrays the entry points accept (`None` stays)."""
+    return tuple(None if a is None else jnp.asarray(a) for a in arrays)
+
+
+# --- LayerNorm / RMSNorm ---------------------------------------------------------------------
+
+
+def _resolve_row_shape(x: Any, weight: Any, bias: Any, shape: Any, where: str) -> tuple[int, ...]:
+    """The trailing shape normalized over: `shape`, else the parameters', else `x`'s last axis."""
+    _checking.check_floating(x, "x", where)
+    param_shape = next((tuple(p.shape) for p in (weight, bias) if p is not None), None)
+    if shape is not None:
+        shape = _checking.normalize_shape(shape, where)
+    elif param_shape is not None:
+        shape = param_shape
+    elif x.ndim == 0:
+        raise ValueError(
+            f"{where}: x is a scalar, so there is no feature axis to normalize over. Pass an "
+            f"array whose trailing axes are the features."
+        )
+    else:
+        shape = (x.shape[-1],)
+    if x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape) :]) != shape:
+        raise ValueError(
+            f"{where}: the trailing axes of x must be the normalized shape {shape}, but got "
+            f"x.shape={x.shape}. Pass `shape=` (or weight/bias) matching the trailing axes "
+            f"of x."
+        )
+    if math.prod(shape) == 0:
+        raise ValueError(
+            f"{where}: the normalized shape {shape} has no elements, so its mean and "
+            f"variance are undefined."
+        )
+    for name, param in (("weight", weight), ("bias", bias)):
+        _checking.check_param(param, shape, name, where, "the normalized shape")
+    return shape
+
+
+def _check_row_norm(where: str):
+    def precheck(x, weight=None, bias=None, *, shape=None, eps=1e-5, impl="auto"):
+        _resolve_row_shape(x, weight, bias, shape, where)
+        _checking.check_eps(eps, where)
+        check_impl(impl, where)
+
+    return precheck
+
+
+def _row_norm(op: str, x, weight, bias, shape, eps, impl):
+    shape = _resolve_row_shape(x, weight, bias, shape, f"eqxnorm.functional.{op}")
+    dim = math.prod(shape)
+    x, weight, bias = _as_arrays(x, weight, bias)
+    rows = x.reshape(-1, dim)
+    flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
+    y = getattr(implementation(impl), op)(rows, *flat, eps=eps)
+    return y.reshape(x.shape)
+
+
+@_checking.typechecked(_check_row_norm("eqxnorm.functional.layer_norm"))
+def layer_norm(
+    x: Float[AnyArray, "*batch_and_shape"],
+    weight: Float[AnyArray, "*shape"] | None = None,
+    bias: Float[AnyArray, "*shape"] | None = None,
+    *,
+    shape: int | Sequence[int] | None = None,
+    eps: float = 1e-5,
+    impl: Impl = "auto",
+) -> Float[Array, "*batch_and_shape"]:
+    r"""Layer normalization over the trailing `shape` axes of `x`:
+
+    $$y = \frac{x - \mathbb{E}[x]}{\sqrt{\mathrm{Var}[x] + \varepsilon}} \gamma + \beta$$
+
+    with the mean and (biased) variance over the normalized axes, separately for every index
+    of the leading (batch) axes.
+
+    ??? cite
+        [Layer Normalization](https://arxiv.org/abs/1607.06450)
+
+    **Arguments:**
+
+    - `x`: `(*batch, *shape)`, floating point.
+    - `weight`: $\gamma$, of shape `shape`, or `None` for no scale.
+    - `bias`: $\beta$, of shape `shape`, or `None` for no shift.
+    - `shape`: the normalized trailing shape. Defaults to the parameters' shape, or to the
+        last axis of `x` when both are `None`.
+    - `eps`: added to the variance; must be positive.
+    - `impl`: `"auto"`, `"pallas"` or `"reference"`.
+
+    **Returns:**
+
+    An array of `x`'s shape and dtype.
+
+    **Raises:**
+
+    `TypeError` for non-floating input; `ValueError` when the trailing axes of `x` do not
+    match `shape`/the parameters, `shape` is empty, `eps <= 0`, or `impl` is unknown.
+    """
+    return _row_norm("layer_norm", x, weight, bias, shape, eps, impl)
+
+
+@_checking.typechecked(_check_row_norm("eqxnorm.functional.rms_norm"))
+def rms_norm(
+    x: Float[AnyArray, "*batch_and_shape"],
+    weight: Float[AnyArray, "*shape"] | None = None,
+    bias: Float[AnyArray, "*shape"] | None = None,
+    *,
+    shape: int | Sequence[int] | None = None,
+    eps: float = 1e-5,
+    impl: Impl = "auto",
+) -> Float[Array, "*batch_and_shape"]:
+    r"""Root-mean-square normalization over the trailing `shape` axes of `x`:
+
+    $$y = \frac{x}{\sqrt{\frac{1}{n}\sum_{i=1}^n x_i^2 + \varepsilon}} \gamma + \beta$$
+
+    ??? cite
+        [Root Mean Square Layer Normalization](https://arxiv.org/abs/1910.07467)
+
+    **Arguments:**
+
+    As [`eqxnorm.functional.layer_norm`][].
+
+    **Returns:**
+
+    An array of `x`'s shape and dtype.
+
+    **Raises:**
+
+    As [`eqxnorm.functional.layer_norm`][].
+    """
+    return _row_norm("rms_norm", x, weight, bias, shape, eps, impl)
+
+
+# --- GroupNorm / InstanceNorm ----------------------------------------------------------------
+
+
+def _check_channels_first(x: Any, where: str) -> tuple[int, int, int]:
+    """`(batch, channels, spatial size)` of a `(batch, channels, *spatial)` input."""
+    _checking.check_floating(x, "x", where)
+    if x.ndim < 2:
+        raise ValueError(
+            f"{where} expects x of shape (batch, channels, *spatial), but got x.shape="
+            f"{x.shape}. Add the missing batch axis, e.g. `x[None]`."
+        )
+    spatial = math.prod(x.shape[2:])
+    if x.shape[1] == 0 or spatial == 0:
+        raise ValueError(
+            f"{where}: x.shape={x.shape} has an empty channel or spatial axis, so the "
+            f"statistics are undefined."
+        )
+    return x.shape[0], x.shape[1], spatial
+
+
+def _flatten_spatial(x: Array) -> Array:
+    """`(batch, channels, *spatial)` → `(batch, channels, spatial)`, the kernels' layout."""
+    # An explicit spatial size, not -1: reshape cannot infer -1 for an empty batch.
+    return x.reshape(*x.shape[:2], math.prod(x.shape[2:]))
+
+
+def _check_channel_params(channels: int, where: str, **params: Any) -> None:
+    for name, param in params.items():
+        _checking.check_param(param, (channels,), name, where, "one value per channel")
+
+
+def _check_group_norm(x, groups, weight=None, bias=None, *, eps=1e-5, impl="auto"):
+    where = "eqxnorm.functional.group_norm"
+    _, channels, _ = _check_channels_first(x, where)
+    _checking.check_positive_int(groups, "groups", where)
+    if channels % groups != 0:
+        raise ValueError(
+            f"{where}: groups={groups} must divide the number of channels, but x has "
+            f"channels={channels} (x.shape={x.shape}). Valid values of groups for "
+            f"{channels} channels: "
+            f"{', '.join(str(d) for d in range(1, channels + 1) if channels % d == 0)}."
+        )
+    _check_channel_params(channels, where, weight=weight, bias=bias)
+    _checking.check_eps(eps, where)
+    check_impl(impl, where)
+
+
+def _group_norm(x, groups, weight, bias, eps, impl):
+    x, weight, bias = _as_arrays(x, weight, bias)
+    x3 = _flatten_spatial(x)
+    y = implementation(impl).group_norm(x3, weight, bias, groups=groups, eps=eps)
+    return y.reshape(x.shape)
+
+
+@_checking.typechecked(_check_group_norm)
+def group_norm(
+    x: Float[AnyArray, "batch channels *spatial"],
+    groups: int,
+    weight: Float[AnyArray, " channels"] | None = None,
+    bias: Float[AnyArray, " channels"] | None = None,
+    *,
+    eps: float = 1e-5,
+    impl: Impl = "auto",
+) -> Float[Array, "batch channels *spatial"]:
+    r"""Group normalization: the channels split into `groups` contiguous groups, each
+    `(example, group)` normalized over its `channels/groups × spatial` elements, then a
+    per-channel affine:
+
+    $$y_{c} = \frac{x_{c} - \mathbb{E}[x_{g(c)}]}{\sqrt{\mathrm{Var}[x_{g(c)}] + \varepsilon}}
+    \gamma_c + \beta_c$$
+
+    ??? cite
+        [Group Normalization](https://arxiv.org/abs/1803.08494)
+
+    **Arguments:**
+
+    - `x`: `(batch, channels, *spatial)`, any number of spatial axes (including none).
+    - `groups`: the number of groups; must divide `channels`.
+    - `weight`, `bias`: `(channels,)` or `None`.
+    - `eps`: added to the variance; must be positive.
+    - `impl`: `"auto"`, `"pallas"` or `"reference"`.
+
+    **Returns:**
+
+    An array of `x`'s shape and dtype.
+
+    **Raises:**
+
+    `TypeError` for non-floating input; `ValueError` for a rank below 2, an empty axis,
+    `groups` not dividing `channels`, parameters of the wrong shape, `eps <= 0`, or an unknown
+    `impl`.
+    """
+    return _group_norm(x, groups, weight, bias, eps, impl)
+
+
+def _check_instance_norm(x, weight=None, bias=None, *, eps=1e-5, impl="auto"):
+    where = "eqxnorm.functional.instance_norm"
+    _, channels, spatial = _check_channels_first(x, where)
+    if spatial < 2:
+        raise ValueError(
+            f"{where} normalizes each channel over its spatial axes, but x.shape={x.shape} "
+            f"has {spatial} spatial element(s) per channel, so every output would equal the "
+            f"bias. Pass x of shape (batch, channels, *spatial) with more than one spatial "
+            f"element (PyTorch refuses this input too)."
+        )
+    _check_channel_params(channels, where, weight=weight, bias=bias)
+    _checking.check_eps(eps, where)
+    check_impl(impl, where)
+
+
+@_checking.typechecked(_check_instance_norm)
+def instance_norm(
+    x: Float[AnyArray, "batch channels *spatial"],
+    weight: Float[AnyArray, " channels"] | None = None,
+    bias: Float[AnyArray, " channels"] | None = None,
+    *,
+    eps: float = 1e-5,
+    impl: Impl = "auto",
+) -> Float[Array, "batch channels *spatial"]:
+    r"""Instance normalization: each `(example, channel)` normalized over its spatial axes,
+    then a per-channel affine. Equal to `group_norm(x, channels, ...)`.
+
+    $$y_{c} = \frac{x_{c} - \mathbb{E}[x_{c}]}{\sqrt{\mathrm{Var}[x_{c}] + \varepsilon}}
+    \gamma_c + \beta_c$$
+
+    ??? cite
+        [Instance Normalization](https://arxiv.org/abs/1607.08022)
+
+    **Arguments:**
+
+    - `x`: `(batch, channels, *spatial)` with at least two spatial elements.
+    - `weight`, `bias`: `(channels,)` or `None`.
+    - `eps`: added to the variance; must be positive.
+    - `impl`: `"auto"`, `"pallas"` or `"reference"`.
+
+    **Returns:**
+
+    An array of `x`'s shape and dtype.
+
+    **Raises:**
+
+    As [`eqxnorm.functional.group_norm`][], and `ValueError` for fewer than two spatial
+    elements.
+    """
+    return _group_norm(x, x.shape[1], weight, bias, eps, impl)
+
+
+# --- BatchNorm -------------------------------------------------------------------------------
+
+
+def _check_batch_norm(
+    x,
+    weight=None,
+    bias=None,
+    *,
+    mean=None,
+    var=None,
+    eps=1e-5,
+    axis_name=None,
+    impl="auto",
+):
+    where = "eqxnorm.functional.batch_norm"
+    batch, channels, spatial = _check_channels_first(x, where)
+    _check_channel_params(channels, where, weight=weight, bias=bias, mean=mean, var=var)
+    if (mean is None) != (var is None):
+        raise ValueError(
+            f"{where}: pass both `mean` and `var` (to normalize with given statistics) or "
+            f"neither (to use the batch statistics), but got only "
+            f"`{'mean' if var is None else 'var'}`."
+        )
+    if mean is None:
+        members = 1 if axis_name is None else _checking.axis_size(axis_name, where)
+        if batch * spatial * members < 2:
+            raise ValueError(
+                f"{where}: batch statistics need more than one value per channel, but "
+                f"x.shape={x.shape} across {members} member(s) of axis_name={axis_name!r} "
+                f"gives {batch * spatial * members}. Use a larger batch, or pass running "
+                f"statistics as `mean=` and `var=`."
+            )
+    _checking.check_eps(eps, where)
+    check_impl(impl, where)
+
+
+@_checking.typechecked(_check_batch_norm)
+def batch_norm(
+    x: Float[AnyArray, "batch channels *spatial"],
+    weight: Float[AnyArray, " channels"] | None = None,
+    bias: Float[AnyArray, " channels"] | None = None,
+    *,
+    mean: Float[AnyArray, " channels"] | None = None,
+    var: Float[AnyArray, " channels"] | None = None,
+    eps: float = 1e-5,
+    axis_name: AxisName | None = None,
+    impl: Impl = "auto",
+) -> tuple[
+    Float[Array, "batch channels *spatial"], Float[Array, " channels"], Float[Array, " channels"]
+]:
+    r"""Batch normalization, per channel over the batch and spatial axes:
+
+    $$y_{c} = \frac{x_{c} - \mu_c}{\sqrt{\sigma^2_c + \varepsilon}} \gamma_c + \beta_c$$
+
+    With `mean=None, var=None` (training), $\mu$ and $\sigma^2$ are the batch mean and biased
+    variance, pooled over every member of `axis_name` when given (so the same code computes
+    global statistics under `vmap`, `pmap` and `shard_map`). With `mean` and `var` given
+    (inference), they are used as they are.
+
+    ??? cite
+        [Batch Normalization](https://arxiv.org/abs/1502.03167)
+
+    **Arguments:**
+
+    - `x`: `(batch, channels, *spatial)`, any number of spatial axes (including none).
+    - `weight`, `bias`: `(channels,)` or `None`.
+    - `mean`, `var`: `(channels,)` statistics to normalize with, or both `None`.
+    - `eps`: added to the variance; must be positive.
+    - `axis_name`: a named axis (or sequence of names) whose members' batches are pooled.
+    - `impl`: `"auto"`, `"pallas"` or `"reference"`.
+
+    **Returns:**
+
+    `(y, mean, var)`: `y` of `x`'s shape and dtype, and the statistics used, `(channels,)`.
+    In training these are the batch mean and biased variance in float32 (float64 for float64
+    input): use them to update running statistics.
+
+    **Raises:**
+
+    `TypeError` for non-floating input; `ValueError` for a rank below 2, an empty axis,
+    parameters of the wrong shape, only one of `mean`/`var`, an unbound `axis_name`, a single
+    value per channel in training, `eps <= 0`, or an unknown `impl`.
+    """
+    x, weight, bias, mean, var = _as_arrays(x, weight, bias, mean, var)
+    x3 = _flatten_spatial(x)
+    impl_module = implementation(impl)
+    if mean is None:
+        y, mean, var = impl_module.batch_norm(x3, weight, bias, eps=eps, axis_name=axis_name)
+    else:
+        y = impl_module.batch_norm_inference(x3, mean, var, weight, bias, eps=eps)
+    return y.reshape(x.shape), mean, var
+
+
+# --- Weight standardization and spectral normalization --------------------------------------
+
+
+def _check_weight_matrix(weight: Any, where: str, min_fan_in: int) -> tuple[int, int]:
+    """`(out, fan_in)` of a weight of shape `(out, *rest)`."""
+    _checking.check_floating(weight, "weight", where)
+    if weight.ndim < 2:
+        raise ValueError(
+            f"{where} needs a weight of shape (out, *rest) with at least two axes, but got "
+            f"weight.shape={weight.shape}. A 1-D parameter (a bias, a norm's scale) has no "
+            f"fan-in to normalize over; wrap only layers whose weight is a matrix or a "
+            f"convolution kernel."
+        )
+    fan_in = math.prod(weight.shape[1:])
+    if weight.shape[0] == 0 or fan_in < min_fan_in:
+        raise ValueError(
+            f"{where} needs at least one output unit and at least {min_fan_in} element(s) "
+            f"per output unit (the product of the axes after the first), but got "
+            f"weight.shape={weight.shape}, i.e. {weight.shape[0]} output unit(s) of "
+            f"{fan_in} element(s). Use a layer with a larger fan-in."
+        )
+    return weight.shape[0], fan_in
+
+
+def _check_num_power_iterations(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{where}: `num_power_iterations` must be a Python int, but got {value!r} of "
+            f"type {type(value).__name__}. Pass e.g. `num_power_iterations=1`."
+        )
+    if value < 0:
+        raise ValueError(
+            f"{where}: `num_power_iterations` must be >= 0 (0 keeps u and v as they are), but "
+            f"got num_power_iterations={value}. Pass e.g. `num_power_iterations=1`."
+        )
+
+
+def _check_weight_standardize(weight, *, eps=1e-5, impl="auto"):
+    where = "eqxnorm.functional.weight_standardize"
+    _check_weight_matrix(weight, where, min_fan_in=2)
+    _checking.check_eps(eps, where)
+    check_impl(impl, where)
+
+
+@_checking.typechecked(_check_weight_standardize)
+def weight_standardize(
+    weight: Float[AnyArray, " out *rest"],
+    *,
+    eps: float = 1e-5,
+    impl: Impl = "auto",
+) -> Float[Array, " out *rest"]:
+    r"""Weight standardization: each output unit's weights (a row of the `(out, fan_in)`
+    reshape) to zero mean and unit variance,
+
+    $$\hat W_{o} = \frac{W_{o} - \mathbb{E}[W_{o}]}{\sqrt{\mathrm{Var}[W_{o}] + \varepsilon}},$$
+
+    the biased variance inside the square root, as in timm's `StdConv2d` and BiT. Gradients
+    flow through the statistics to the raw weight. The statistics are computed in float32
+    (float64 for a float64 weight); the result has the weight's dtype.
+
+    ??? cite
+        [Micro-Batch Training with Batch-Channel Normalization and Weight
+        Standardization](https://arxiv.org/abs/1903.10520)
+
+    **Arguments:**
+
+    - `weight`: `(out, *rest)`, e.g. `(out, in)` for a linear layer or
+        `(out, in, *kernel)` for a convolution; at least two elements per output unit.
+    - `eps`: added to the variance; must be positive.
+    - `impl`: `"auto"`, `"pallas"` or `"reference"`.
+
+    **Returns:**
+
+    The standardized weight, of `weight`'s shape and dtype.
+
+    **Raises:**
+
+    `TypeError` for a non-floating weight; `ValueError` for a 1-D weight, fewer than two
+    elements per output unit, `eps <= 0`, or an unknown `impl`.
+    """
+    (weight,) = _as_arrays(weight)
+    rows = weight.reshape(weight.shape[0], -1)
+    return implementation(impl).layer_norm(rows, None, None, eps=eps).reshape(weight.shape)
+
+
+def _power_iteration(matrix: Array, v: Array, eps: float) -> tuple[Array, Array]:
+    # The norms are spelt as in `eqx.nn.SpectralNorm`, so that the two agree bit for bit.
+    u = matrix @ v
+    u = u / jnp.maximum(eps, jnp.sqrt(jnp.sum(u**2)))
+    v = matrix.T @ u
+    v = v / jnp.maximum(eps, jnp.sqrt(jnp.sum(v**2)))
+    return u, v
+
+
+def _check_spectral_normalize(weight, u, v, *, num_power_iterations=1, eps=1e-12, impl="auto"):
+    where = "eqxnorm.functional.spectral_normalize"
+    out, fan_in = _check_weight_matrix(weight, where, min_fan_in=1)
+    for name, vector, size in (("u", u, out), ("v", v, fan_in)):
+        _checking.check_param(vector, (size,), name, where, "from the (out, fan_in) reshape")
+    _check_num_power_iterations(num_power_iterations, where)
+    _checking.check_eps(eps, where)
+    check_impl(impl, where)
+
+
+@_checking.typechecked(_check_spectral_normalize)
+def spectral_normalize(
+    weight: Float[AnyArray, " out *rest"],
+    u: Float[AnyArray, " out"],
+    v: Float[AnyArray, " fan_in"],
+    *,
+    num_power_iterations: int = 1,
+    eps: float = 1e-12,
+    impl: Impl = "auto",
+) -> tuple[Float[Array, " out *rest"], Float[Array, " out"], Float[Array, " fan_in"], Scalar]:
+    r"""Spectral normalization: the weight divided by an estimate of its largest singular
+    value, $\hat W = W / \sigma(W)$ with $\sigma(W) \approx u^\top W v$.
+
+    `W` is reshaped to `(out, fan_in)`. `num_power_iterations` steps of power iteration,
+    $u \leftarrow Wv/\max(\lVert Wv\rVert, \varepsilon)$,
+    $v \leftarrow W^\top u/\max(\lVert W^\top u\rVert, \varepsilon)$, refine the singular
+    vectors first; they run on `stop_gradient(W)`, and `u`, `v` are treated as constants, so
+    gradients flow only through the $W$ in $W / (u^\top W v)$ (as in the paper, PyTorch and
+    `eqx.nn.SpectralNorm`).
+
+    The power iteration and $\sigma$ are computed in float32 (float64 for a float64 weight),
+    whatever the weight's dtype: a float16 `Wv` can overflow, and a bfloat16 `u` loses the
+    digits that make repeated iterations converge. The normalized weight is returned in the
+    weight's dtype. $\sigma$ is not clamped: an all-zero weight gives NaN, as in PyTorch.
+
+    ??? cite
+        [Spectral Normalization for Generative Adversarial
+        Networks](https://arxiv.org/abs/1802.05957)
+
+    **Arguments:**
+
+    - `weight`: `(out, *rest)`, at least two axes.
+    - `u`: `(out,)` and `v`: `(fan_in,)` with `fan_in = prod(rest)`, the current singular
+        vector estimates (e.g. from `eqxnorm.SpectralNorm`'s state), any floating dtype.
+    - `num_power_iterations`: refinement steps before normalizing; `0` uses `u`, `v` as they
+        are (inference).
+    - `eps`: lower bound on the norms divided by in the power iteration; must be positive.
+    - `impl`: `"auto"` or `"reference"` (power iteration is matrix-vector products, which XLA
+        already runs at full speed; there is no kernel).
+
+    **Returns:**
+
+    `(weight / sigma, u, v, sigma)`: the normalized weight in `weight`'s shape and dtype, the
+    refined `u`, `v` and the scalar estimate `sigma`, these three in float32 (float64 for a
+    float64 weight).
+
+    **Raises:**
+
+    `TypeError` for non-floating arrays; `ValueError` for a 1-D weight, `u`/`v` of the wrong
+    size, a negative `num_power_iterations`, `eps <= 0`, or an unknown `impl`.
+    """
+    weight, u, v = _as_arrays(weight, u, v)
+    cdt = compute_dtype(weight.dtype)
+    matrix = weight.reshape(weight.shape[0], -1).astype(cdt)
+    u = u.astype(cdt)
+    v = v.astype(cdt)
+    frozen = lax.stop_gradient(matrix)
+    for _ in range(num_power_iterations):
+        u, v = _power_iteration(frozen, v, eps)
+    u = lax.stop_gradient(u)
+    v = lax.stop_gradient(v)
+    sigma = jnp.einsum("i,ij,j->", u, matrix, v)
+    normalized = (matrix / sigma).astype(weight.dtype).reshape(weight.shape)
+    return normalized, u, v, sigma
+
+
+def _check_spectral_norm(weight):
+    _check_weight_matrix(weight, "eqxnorm.functional.spectral_norm", min_fan_in=1)
+
+
+@_checking.typechecked(_check_spectral_norm)
+def spectral_norm(weight: Float[AnyArray, " out *rest"]) -> Scalar:
+    r"""The exact spectral norm $\sigma_{\max}(W)$ of the `(out, fan_in)` reshape of `weight`,
+    from its singular value decomposition: for evaluating how well power iteration tracks it.
+    Costs a full SVD, so use it for evaluation, not in a training step.
+
+    **Arguments:**
+
+    - `weight`: `(out, *rest)`, at least two axes.
+
+    **Returns:**
+
+    A scalar in float32 (float64 for a float64 weight), computed in that precision, like the
+    estimate `sigma` of [`eqxnorm.functional.spectral_normalize`][].
+
+    **Raises:**
+
+    `TypeError` for a non-floating weight; `ValueError` for a 1-D weight.
+    """
+    (weight,) = _as_arrays(weight)
+    matrix = weight.reshape(weight.shape[0], -1).astype(compute_dtype(weight.dtype))
+    return jnp.linalg.svd(matrix, compute_uv=False)[0]
+
+
+__all__ = [
+    "layer_norm",
+    "rms_norm",
+    "group_norm",
+    "instance_norm",
+    "batch_norm",
+    "weight_standardize",
+    "spectral_normalize",
+    "spectral_norm",
+]

@@ -1,0 +1,75 @@
+"""`eqxnorm.functional` on batched arrays: the row norms' shape resolution, NumPy inputs, and
+the errors shared by every function. (Each family's maths is tested in its module's file.)"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import oracle
+from eqxnorm import functional as F
+
+
+def _x(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_normalized_shape_resolution(op):
+    fn, ref = getattr(F, op), getattr(oracle, op)
+    x = _x((4, 3, 5))
+    w = 1 + _x((3, 5), 1)
+    oracle.assert_close(fn(x), ref(x, None, None, 1e-5, 1))  # default: last axis
+    oracle.assert_close(fn(x, shape=(3, 5)), ref(x, None, None, 1e-5, 2))
+    oracle.assert_close(fn(x, shape=5), ref(x, None, None, 1e-5, 1))
+    oracle.assert_close(fn(x, w), ref(x, w, None, 1e-5, 2))  # from the weight
+    oracle.assert_close(fn(x, None, w[0], eps=1e-2), ref(x, None, w[0], 1e-2, 1))  # from the bias
+
+
+def test_empty_batch_is_allowed():
+    assert F.layer_norm(jnp.ones((0, 7))).shape == (0, 7)
+
+
+def test_numpy_inputs():
+    x = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)
+    w = np.full(6, 2.0, np.float32)
+    y = F.layer_norm(x, w, w)
+    assert isinstance(y, jax.Array)
+    oracle.assert_close(y, oracle.layer_norm(x, w, w, 1e-5))
+
+
+def test_under_jit_vmap_grad():
+    x = _x((2, 3, 16))
+    f = jax.jit(jax.vmap(lambda x: F.rms_norm(x, shape=16)))
+    oracle.assert_close(f(x), oracle.rms_norm(x, None, None, 1e-5))
+    ramp = jnp.broadcast_to(jnp.arange(16.0), x.shape)
+    g = jax.grad(lambda x: jnp.sum(F.layer_norm(x) * ramp))(x)
+    assert g.shape == x.shape and np.isfinite(np.asarray(g)).all()
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_row_norm_errors(op):
+    fn = getattr(F, op)
+    where = f"eqxnorm.functional.{op}"
+    with pytest.raises(ValueError, match=rf"{where}: the trailing axes of x must be .*\(3,\)"):
+        fn(jnp.ones((2, 4)), jnp.ones(3))
+    with pytest.raises(ValueError, match=r"shape \(2, 4\).*x.shape=\(4, 2\)"):
+        fn(jnp.ones((4, 2)), shape=(2, 4))
+    with pytest.raises(ValueError, match=r"`bias` must have shape \(4,\).*bias.shape=\(3,\)"):
+        fn(jnp.ones((2, 4)), jnp.ones(4), jnp.ones(3))
+    with pytest.raises(ValueError, match="x is a scalar"):
+        fn(jnp.ones(()))
+    with pytest.raises(ValueError, match="has no elements"):
+        fn(jnp.ones((2, 0)))
+    with pytest.raises(TypeError, match="dtype bool"):
+        fn(jnp.ones((2, 4), jnp.bool_))
+    with pytest.raises(TypeError, match="`weight` must have a floating-point dtype"):
+        fn(jnp.ones((2, 4)), jnp.ones(4, jnp.int32))
+    with pytest.raises(TypeError, match="must be a JAX array.*list"):
+        fn([[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"eps=-0.1"):
+        fn(jnp.ones((2, 4)), eps=-0.1)
+    with pytest.raises(TypeError, match=r"`eps` must be a Python float"):
+        fn(jnp.ones((2, 4)), eps="small")
+    with pytest.raises(ValueError, match=r"impl='fast'"):
+        fn(jnp.ones((2, 4)), impl="fast")

@@ -1,0 +1,147 @@
+"""`eqxnorm.LayerNorm` against the float64 oracle, `eqx.nn.LayerNorm` and `torch.nn.LayerNorm`."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import eqxnorm
+import oracle
+
+
+def _randomize(layer, seed=0):
+    """Random (non-trivial) weight and bias, so drop-in comparisons test the affine part."""
+    key_w, key_b = jr.split(jr.key(seed))
+    return eqx.tree_at(
+        lambda m: (m.weight, m.bias),
+        layer,
+        (
+            1 + 0.5 * jr.normal(key_w, layer.weight.shape, layer.weight.dtype),
+            jr.normal(key_b, layer.bias.shape, layer.bias.dtype),
+        ),
+    )
+
+
+@pytest.mark.parametrize("dtype", oracle.DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape", [1, 3, 160, (3, 5), (2, 3, 4)])
+@pytest.mark.parametrize("batch", [1, 37])
+def test_matches_oracle(batch, shape, dtype):
+    layer = _randomize(eqxnorm.LayerNorm(shape))
+    x = jr.normal(jr.key(1), (batch, *layer.shape)).astype(dtype) + 2
+    y = jax.jit(jax.vmap(layer))(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    oracle.assert_close(y, oracle.layer_norm(x, layer.weight, layer.bias, 1e-5, len(layer.shape)))
+
+
+@pytest.mark.parametrize("use_weight,use_bias", [(True, False), (False, True), (False, False)])
+def test_optional_affine(use_weight, use_bias):
+    layer = eqxnorm.LayerNorm(6, use_weight=use_weight, use_bias=use_bias)
+    assert (layer.weight is None) != use_weight and (layer.bias is None) != use_bias
+    x = jr.normal(jr.key(0), (6,))
+    oracle.assert_close(layer(x), oracle.layer_norm(x, layer.weight, layer.bias, 1e-5))
+
+
+def test_drop_in_for_eqx():
+    ours = _randomize(eqxnorm.LayerNorm((3, 4), eps=1e-3, dtype=jnp.float32))
+    theirs = eqx.nn.LayerNorm((3, 4), eps=1e-3, dtype=jnp.float32)
+    theirs = eqx.tree_at(lambda m: (m.weight, m.bias), theirs, (ours.weight, ours.bias))
+    for name in ("shape", "eps", "use_weight", "use_bias"):
+        assert getattr(ours, name) == getattr(theirs, name)
+    fresh = eqxnorm.LayerNorm((3, 4))
+    reference = eqx.nn.LayerNorm((3, 4))
+    for name in ("weight", "bias"):
+        a, b = getattr(fresh, name), getattr(reference, name)
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    x = jr.normal(jr.key(2), (5, 3, 4)) * 3 + 1
+    np.testing.assert_allclose(jax.vmap(ours)(x), jax.vmap(theirs)(x), rtol=1e-5, atol=1e-5)
+    # Same call conventions: `key` is accepted, `state` is passed through.
+    state = eqx.nn.State(eqx.nn.BatchNorm(3, "b", mode="batch"))
+    y, same_state = ours(x[0], state, key=jr.key(0))
+    assert same_state is state
+    np.testing.assert_allclose(y, theirs(x[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_matches_torch():
+    torch = pytest.importorskip("torch")
+    ours = _randomize(eqxnorm.LayerNorm((4, 6)))
+    theirs = torch.nn.LayerNorm((4, 6))
+    with torch.no_grad():
+        theirs.weight.copy_(torch.tensor(np.asarray(ours.weight)))
+        theirs.bias.copy_(torch.tensor(np.asarray(ours.bias)))
+    x = np.random.default_rng(0).normal(size=(7, 4, 6)).astype(np.float32)
+    expected = theirs(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(jax.vmap(ours)(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_float64():
+    with jax.enable_x64(True):
+        layer = _randomize(eqxnorm.LayerNorm((3, 5)))
+        x = jr.normal(jr.key(3), (2, 3, 5), jnp.float64)
+
+        def f(x, weight, bias):
+            layer_ = eqx.tree_at(lambda m: (m.weight, m.bias), layer, (weight, bias))
+            return jax.vmap(layer_)(x)
+
+        check_grads(f, (x, layer.weight, layer.bias), order=1, modes=["rev"])
+
+
+def test_transformations():
+    layer = _randomize(eqxnorm.LayerNorm(8))
+    x = jr.normal(jr.key(4), (2, 3, 8))
+    expected = oracle.layer_norm(x, layer.weight, layer.bias, 1e-5)
+    oracle.assert_close(jax.jit(jax.vmap(jax.vmap(layer)))(x), expected)
+    loss = eqx.filter_jit(eqx.filter_grad(lambda m, x: jnp.sum(jax.vmap(m)(x[0]) ** 2)))
+    grads = loss(layer, x)
+    assert grads.weight.shape == (8,) and np.isfinite(np.asarray(grads.weight)).all()
+
+
+def test_low_precision_input_with_float32_parameters():
+    layer = _randomize(eqxnorm.LayerNorm(160))
+    x = jr.normal(jr.key(5), (160,)).astype(jnp.bfloat16)
+    y = layer(x)
+    assert y.dtype == jnp.bfloat16
+    oracle.assert_close(y, oracle.layer_norm(x, layer.weight, layer.bias, 1e-5))
+
+
+def test_shape_errors_name_axes_and_suggest_vmap():
+    layer = eqxnorm.LayerNorm(4)
+    with pytest.raises(ValueError, match=r"axis 0 \(dim\) has size 5 but 4 is expected"):
+        layer(jnp.ones(5))
+    with pytest.raises(ValueError, match=r"x.shape=\(3, 4\).*jax.vmap\(norm\)\(x\)"):
+        layer(jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"rank 2 with shape \(shape\[0\]=2, shape\[1\]=3\)"):
+        eqxnorm.LayerNorm((2, 3))(jnp.ones(6))
+    with pytest.raises(ValueError, match="axis 1"):
+        eqx.filter_jit(eqxnorm.LayerNorm((2, 3)))(jnp.ones((2, 4)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64])
+def test_non_floating_input(dtype):
+    with pytest.raises(TypeError, match=f"dtype {jnp.dtype(dtype).name}.*astype"):
+        eqxnorm.LayerNorm(4)(jnp.ones(4, dtype))
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match=r"eps=0.*eps=1e-5"):
+        eqxnorm.LayerNorm(4, eps=0.0)
+    with pytest.raises(ValueError, match=r"eps=-1"):
+        eqxnorm.LayerNorm(4, eps=-1)
+    with pytest.raises(ValueError, match=r"at least one element.*shape=\(3, 0\)"):
+        eqxnorm.LayerNorm((3, 0))
+    with pytest.raises(TypeError, match="sequence of ints"):
+        eqxnorm.LayerNorm("4")
+    with pytest.raises(
+        ValueError, match=r"one of \('auto', 'pallas', 'reference'\), but got impl='cuda'"
+    ):
+        eqxnorm.LayerNorm(4, impl="cuda")
+    with pytest.raises(ValueError, match=r"impl='pallas' is not available.*'reference'"):
+        eqxnorm.LayerNorm(4, impl="pallas")
+
+
+def test_scalar_shape_gives_the_bias():
+    layer = _randomize(eqxnorm.LayerNorm(()))
+    np.testing.assert_array_equal(layer(jnp.asarray(3.0)), layer.bias)
