@@ -9,6 +9,7 @@ from equinox.nn import State, StatefulLayer, StateIndex
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from . import _checking, functional
+from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
 from ._misc import default_floating_dtype
 from .kernels.reference import compute_dtype
@@ -252,7 +253,7 @@ class BatchNorm(StatefulLayer):
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[Array, " {self.input_size} *spatial"],
+        x: Float[AnyArray, " {self.input_size} *spatial"],
         state: State,
         *,
         key: PRNGKeyArray | None = None,

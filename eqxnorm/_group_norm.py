@@ -171,13 +171,13 @@ class GroupNorm(eqx.Module):
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[AnyArray, "{self._channels_of(x)} *spatial"],  # noqa: F821
+        x: Float[AnyArray, " {self._channels_of(x)} *spatial"],
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
     ) -> (
-        Float[Array, "{self._channels_of(x)} *spatial"]  # noqa: F821
-        | tuple[Float[Array, "{self._channels_of(x)} *spatial"], State]  # noqa: F821
+        Float[Array, " {self._channels_of(x)} *spatial"]
+        | tuple[Float[Array, " {self._channels_of(x)} *spatial"], State]
     ):
         """**Arguments:**
 

@@ -125,13 +125,13 @@ class InstanceNorm(eqx.Module):
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[AnyArray, "{self.channels} *spatial"],  # noqa: F821
+        x: Float[AnyArray, " {self.channels} *spatial"],
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
     ) -> (
-        Float[Array, "{self.channels} *spatial"]  # noqa: F821
-        | tuple[Float[Array, "{self.channels} *spatial"], State]  # noqa: F821
+        Float[Array, " {self.channels} *spatial"]
+        | tuple[Float[Array, " {self.channels} *spatial"], State]
     ):
         """**Arguments:**
 

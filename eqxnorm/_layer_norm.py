@@ -7,6 +7,7 @@ from equinox.nn import State
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from . import _checking, functional
+from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
 from ._misc import sentinel
 
@@ -111,7 +112,7 @@ class LayerNorm(_RowNorm):
     @_checking.typechecked(_RowNorm._precheck)
     def __call__(
         self,
-        x: Float[Array, "*shape"],
+        x: Float[AnyArray, "*shape"],
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,

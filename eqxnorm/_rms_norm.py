@@ -5,6 +5,7 @@ from equinox.nn import State
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from . import _checking
+from ._checking import AnyArray
 from ._dispatch import Impl
 from ._layer_norm import _RowNorm
 from ._misc import sentinel
@@ -66,7 +67,7 @@ class RMSNorm(_RowNorm):
     @_checking.typechecked(_RowNorm._precheck)
     def __call__(
         self,
-        x: Float[Array, "*shape"],
+        x: Float[AnyArray, "*shape"],
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
