@@ -249,6 +249,22 @@ class BatchNorm(StatefulLayer):
         var = (1 - a) * running_var + a * unbiased_var
         return count + 1, mean, var
 
+    def _normalize(self, x: Array, mean: Array | None = None, var: Array | None = None):
+        """`functional.batch_norm` on one example: `(y, mean, var)`, with the given
+        statistics, or with the batch ones (pooled over `axis_name`) when they are `None`."""
+        axis_name = self.axis_name if mean is None else None
+        y, mean, var = functional.batch_norm(
+            x[None],
+            self.weight,
+            self.bias,
+            mean=mean,
+            var=var,
+            eps=self.eps,
+            axis_name=axis_name,
+            impl=self.impl,
+        )
+        return y[0], mean, var
+
     @_checking.named_scope("eqxnorm.BatchNorm")
     @_checking.typechecked(_precheck)
     def __call__(
@@ -285,41 +301,12 @@ class BatchNorm(StatefulLayer):
         if inference is None:
             inference = self.inference
         if inference:
-            mean, var = state.get(self.running_index)
-            y, _, _ = functional.batch_norm(
-                x[None],
-                self.weight,
-                self.bias,
-                mean=mean,
-                var=var,
-                eps=self.eps,
-                impl=self.impl,
-            )
-            return y[0], state
-        if self.mode == "batch":
-            y, batch_mean, batch_var = functional.batch_norm(
-                x[None],
-                self.weight,
-                self.bias,
-                eps=self.eps,
-                axis_name=self.axis_name,
-                impl=self.impl,
-            )
-            count, mean, var = self._update(state, x, batch_mean, batch_var)
-        else:
-            _, batch_mean, batch_var = functional.batch_norm(
-                x[None], eps=self.eps, axis_name=self.axis_name, impl=self.impl
-            )
-            count, mean, var = self._update(state, x, batch_mean, batch_var)
-            y, _, _ = functional.batch_norm(
-                x[None],
-                self.weight,
-                self.bias,
-                mean=mean,
-                var=var,
-                eps=self.eps,
-                impl=self.impl,
-            )
+            y, _, _ = self._normalize(x, *state.get(self.running_index))
+            return y, state
+        y, batch_mean, batch_var = self._normalize(x)
+        count, mean, var = self._update(state, x, batch_mean, batch_var)
+        if self.mode == "ema":
+            y, _, _ = self._normalize(x, mean, var)
         state = state.set(self.count_index, count)
         state = state.set(self.running_index, lax.stop_gradient((mean, var)))
-        return y[0], state
+        return y, state

@@ -2,6 +2,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from equinox.nn import State
 from jaxtyping import Array, Float, PRNGKeyArray
@@ -13,7 +14,8 @@ from ._misc import sentinel
 
 
 class _RowNorm(eqx.Module):
-    """Shared body of LayerNorm and RMSNorm: a normalization over the whole example."""
+    """Shared body of LayerNorm and RMSNorm, a normalization over the whole example; the
+    subclasses name the `eqxnorm.functional` function they call."""
 
     shape: tuple[int, ...] = eqx.field(static=True)
     eps: float = eqx.field(static=True)
@@ -35,6 +37,20 @@ class _RowNorm(eqx.Module):
         *,
         impl: Impl = "auto",
     ):
+        """**Arguments:**
+
+        - `shape`: the shape of one example (an int for a vector).
+        - `eps`: added to the variance (LayerNorm) or mean square (RMSNorm); must be
+            positive.
+        - `use_weight`: whether to learn the scale $\\gamma$ (initialised to ones).
+        - `use_bias`: whether to learn the shift $\\beta$ (initialised to zeros).
+        - `dtype`: dtype of the parameters; defaults to float32 (float64 in 64-bit mode).
+        - `impl`: `"auto"`, `"pallas"` or `"reference"`; see `eqxnorm.functional`.
+
+        **Raises:**
+
+        `ValueError` for an empty `shape`, `eps <= 0` or an unknown `impl`.
+        """
         where = type(self).__name__
         self.shape = _checking.normalize_shape(shape, where)
         _checking.check_eps(eps, where)
@@ -52,9 +68,34 @@ class _RowNorm(eqx.Module):
         names = ["dim"] if len(self.shape) == 1 else [f"shape[{i}]" for i in range(len(self.shape))]
         _checking.check_example_shape(x, self.shape, where, names)
 
-    def _apply(self, x, state):
-        fn = getattr(functional, self._function)
-        out = fn(x, self.weight, self.bias, shape=self.shape, eps=self.eps, impl=self.impl)
+    @_checking.typechecked(_precheck)
+    def __call__(
+        self,
+        x: Float[AnyArray, "*shape"],
+        state: State = sentinel,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], State]:
+        """**Arguments:**
+
+        - `x`: one example, of shape `shape`; floating point.
+        - `state`: optional; passed through unchanged, for interchangeability with
+            `BatchNorm`.
+        - `key`: ignored; for compatibility with the rest of the Equinox API.
+
+        **Returns:**
+
+        The normalized array, of `x`'s shape and dtype; or `(output, state)` when `state` is
+        passed.
+
+        **Raises:**
+
+        `ValueError` when `x.shape != shape` (a left-in batch axis is named, with the
+        `jax.vmap` fix); `TypeError` for non-floating input.
+        """
+        with jax.named_scope(f"eqxnorm.{type(self).__name__}"):
+            fn = getattr(functional, self._function)
+            out = fn(x, self.weight, self.bias, shape=self.shape, eps=self.eps, impl=self.impl)
         return out if state is sentinel else (out, state)
 
 
@@ -82,56 +123,3 @@ class LayerNorm(_RowNorm):
     """
 
     _function: ClassVar[str] = "layer_norm"
-
-    def __init__(
-        self,
-        shape: int | Sequence[int],
-        eps: float = 1e-5,
-        use_weight: bool = True,
-        use_bias: bool = True,
-        dtype=None,
-        *,
-        impl: Impl = "auto",
-    ):
-        """**Arguments:**
-
-        - `shape`: the shape of one example (an int for a vector).
-        - `eps`: added to the variance; must be positive.
-        - `use_weight`: whether to learn the scale $\\gamma$ (initialised to ones).
-        - `use_bias`: whether to learn the shift $\\beta$ (initialised to zeros).
-        - `dtype`: dtype of the parameters; defaults to float32 (float64 in 64-bit mode).
-        - `impl`: `"auto"`, `"pallas"` or `"reference"`; see `eqxnorm.functional`.
-
-        **Raises:**
-
-        `ValueError` for an empty `shape`, `eps <= 0` or an unknown `impl`.
-        """
-        super().__init__(shape, eps, use_weight, use_bias, dtype, impl=impl)
-
-    @_checking.named_scope("eqxnorm.LayerNorm")
-    @_checking.typechecked(_RowNorm._precheck)
-    def __call__(
-        self,
-        x: Float[AnyArray, "*shape"],
-        state: State = sentinel,
-        *,
-        key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], State]:
-        """**Arguments:**
-
-        - `x`: one example, of shape `shape`; floating point.
-        - `state`: optional; passed through unchanged, for interchangeability with
-            `BatchNorm`.
-        - `key`: ignored; for compatibility with the rest of the Equinox API.
-
-        **Returns:**
-
-        The normalized array, of `x`'s shape and dtype; or `(output, state)` when `state` is
-        passed.
-
-        **Raises:**
-
-        `ValueError` when `x.shape != shape` (a left-in batch axis is named, with the
-        `jax.vmap` fix); `TypeError` for non-floating input.
-        """
-        return self._apply(x, state)

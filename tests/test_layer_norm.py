@@ -145,3 +145,10 @@ def test_constructor_errors():
 def test_scalar_shape_gives_the_bias():
     layer = _randomize(eqxnorm.LayerNorm(()))
     np.testing.assert_array_equal(layer(jnp.asarray(3.0)), layer.bias)
+
+
+def test_named_scope_in_lowered_program():
+    for layer in (eqxnorm.LayerNorm(8), eqxnorm.RMSNorm(8)):
+        lowered = jax.jit(lambda m, x: m(x)).lower(layer, jnp.ones(8))
+        text = lowered.as_text(debug_info=True)
+        assert f"eqxnorm.{type(layer).__name__}" in text
