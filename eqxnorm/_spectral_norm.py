@@ -137,6 +137,7 @@ class SpectralNorm(StatefulLayer, Generic[_Layer]):
     def _weight(self) -> Array:
         return getattr(self.layer, self.weight_name)
 
+    @_checking.typechecked()
     def sigma(self, state: State) -> Scalar:
         r"""The current estimate $\sigma = u^\top W v$ of the largest singular value, from the
         $u$, $v$ in `state` (no power iteration is run). After a training call, this is the
@@ -156,6 +157,7 @@ class SpectralNorm(StatefulLayer, Generic[_Layer]):
         )
         return sigma
 
+    @_checking.typechecked()
     def exact_sigma(self) -> Scalar:
         r"""The exact largest singular value $\sigma_{\max}(W)$ of the reshaped weight, from
         its SVD (see [`eqxnorm.functional.spectral_norm`][]): to evaluate the estimate

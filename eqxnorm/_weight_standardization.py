@@ -3,7 +3,7 @@ from typing import Any, Generic, TypeVar
 
 import equinox as eqx
 from equinox.nn import State
-from jaxtyping import Array, PRNGKeyArray, PyTree
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from . import _checking, functional
 from ._dispatch import Impl, check_impl
@@ -125,7 +125,8 @@ class WeightStandardization(eqx.Module, Generic[_Layer]):
         self.eps = eps
         self.impl = impl
 
-    def standardized_weight(self) -> Array:
+    @_checking.typechecked()
+    def standardized_weight(self) -> Float[Array, "..."]:
         """The weight the wrapped layer is called with: `layer.<weight_name>` standardized,
         of the raw weight's shape and dtype."""
         weight = getattr(self.layer, self.weight_name)
