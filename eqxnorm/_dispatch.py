@@ -2,9 +2,12 @@
 
 - `"reference"`: the plain `jax.numpy` code in `eqxnorm.kernels.reference`, which XLA fuses
   and compiles for any backend.
-- `"pallas"`: the fused Pallas kernels (GPU through Triton, TPU through Mosaic; interpret mode
-  on CPU). Registered in `IMPLEMENTATIONS` once they are built.
-- `"auto"`: the Pallas kernels on GPU and TPU when they exist, the reference elsewhere.
+- `"pallas"`: the fused Pallas kernels in `eqxnorm.kernels.pallas` (GPU through Triton, TPU
+  through Mosaic; interpret mode on CPU: exact, and slow).
+- `"auto"`: the Pallas kernels when JAX's default backend is a GPU or TPU, the reference
+  elsewhere. The choice is made when the function is traced; to export from a CPU machine for
+  a GPU or TPU, pass `impl="pallas"` (the kernels then pick Triton or Mosaic by the lowering
+  platform).
 """
 
 from types import ModuleType
@@ -12,14 +15,14 @@ from typing import Literal
 
 import jax
 
-from .kernels import reference
+from .kernels import pallas, reference
 
 Impl = Literal["auto", "pallas", "reference"]
 IMPLS: tuple[str, ...] = ("auto", "pallas", "reference")
 
 # The concrete implementations that exist, by name. Each is a module exposing the functions of
 # `eqxnorm.kernels.reference` with the same signatures.
-IMPLEMENTATIONS: dict[str, ModuleType] = {"reference": reference}
+IMPLEMENTATIONS: dict[str, ModuleType] = {"reference": reference, "pallas": pallas}
 
 _KERNEL_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 

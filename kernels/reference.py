@@ -134,6 +134,13 @@ def normalize(
     return y.astype(x.dtype)
 
 
+def _widen(x: Array) -> Array:
+    """`x` in its statistics dtype, cast once: the statistics and the normalization then share
+    one conversion, so under autodiff their gradients are summed in float32 before the one
+    cast back (two casts would add two half-precision cotangents, which cancel)."""
+    return x.astype(compute_dtype(x.dtype))
+
+
 def _row_params(param: Array | None) -> Array | None:
     return None if param is None else param[None, :]
 
@@ -163,7 +170,9 @@ def layer_norm(
 
     `(rows, dim)` in `x.dtype`.
     """
-    return normalize(x, moments(x, 1), _row_params(weight), _row_params(bias), eps=eps)
+    xf = _widen(x)
+    y = normalize(xf, moments(xf, 1), _row_params(weight), _row_params(bias), eps=eps)
+    return y.astype(x.dtype)
 
 
 @typechecked()
@@ -187,8 +196,9 @@ def rms_norm(
 
     `(rows, dim)` in `x.dtype`.
     """
-    stats = moments(x, 1, center=False)
-    return normalize(x, stats, _row_params(weight), _row_params(bias), eps=eps)
+    xf = _widen(x)
+    stats = moments(xf, 1, center=False)
+    return normalize(xf, stats, _row_params(weight), _row_params(bias), eps=eps).astype(x.dtype)
 
 
 @typechecked()
@@ -218,10 +228,12 @@ def group_norm(
     `(batch, channels, spatial)` in `x.dtype`.
     """
     batch, channels, spatial = x.shape
-    xg = x.reshape(batch, groups, (channels // groups) * spatial)
+    xf = _widen(x)
+    xg = xf.reshape(batch, groups, (channels // groups) * spatial)
     per_channel = channels // groups
     stats = Moments(*(jnp.repeat(s, per_channel, axis=1) for s in moments(xg, 2)))
-    return normalize(x, stats, _channel_params(weight), _channel_params(bias), eps=eps)
+    y = normalize(xf, stats, _channel_params(weight), _channel_params(bias), eps=eps)
+    return y.astype(x.dtype)
 
 
 @typechecked()
@@ -251,9 +263,10 @@ def batch_norm(
     `(y, mean, var)`: `y` of `x`'s shape and dtype; the batch `mean` and biased `var`,
     `(channels,)` in the statistics dtype (float32, or float64 for float64 input).
     """
-    stats = moments(x, (0, 2), axis_name=axis_name)
-    y = normalize(x, stats, _channel_params(weight), _channel_params(bias), eps=eps)
-    return y, stats.mean[0, :, 0], stats.var[0, :, 0]
+    xf = _widen(x)
+    stats = moments(xf, (0, 2), axis_name=axis_name)
+    y = normalize(xf, stats, _channel_params(weight), _channel_params(bias), eps=eps)
+    return y.astype(x.dtype), stats.mean[0, :, 0], stats.var[0, :, 0]
 
 
 @typechecked()

@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.test_util import check_grads
 
 import eqxnorm
+import kernel_support as ks
 import oracle
 
 EPS = 1e-5
@@ -516,3 +517,20 @@ def test_bad_call_arguments():
     # Inference needs neither a bound axis nor more than one value.
     y, _ = bn(jnp.ones((3,)), state, inference=True)
     np.testing.assert_allclose(y, 1.0 / np.sqrt(1.0 + EPS), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["batch", "ema"])
+def test_pallas_matches_reference(mode):
+    x = jax.random.normal(jax.random.key(1), (6, 5, 7)) + 2
+
+    def build(impl):
+        return _make(5, mode=mode, impl=impl)
+
+    def run(layer_and_state, x):
+        bn, state = layer_and_state
+        y, state = _vmapped(bn, x, state)
+        # Train a step, then run in inference with the updated running statistics.
+        y_inference, _ = _vmapped(bn, x, state, inference=True)
+        return jnp.concatenate([y, y_inference])
+
+    ks.assert_impls_agree(build, run, x)

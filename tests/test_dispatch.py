@@ -1,14 +1,16 @@
 """`impl` validation and resolution (`eqxnorm._dispatch`)."""
 
+import inspect
+
 import jax
 import pytest
 
 from eqxnorm import _dispatch
-from eqxnorm.kernels import reference
+from eqxnorm.kernels import pallas, reference
 
 
 def test_check_impl_accepts_existing_choices():
-    for impl in ("auto", "reference"):
+    for impl in ("auto", "pallas", "reference"):
         _dispatch.check_impl(impl, "here")
 
 
@@ -18,21 +20,28 @@ def test_check_impl_rejects_unknown(impl):
         _dispatch.check_impl(impl, "here")
 
 
-def test_pallas_unavailable_until_registered():
+def test_an_unregistered_implementation_is_refused(monkeypatch):
+    monkeypatch.delitem(_dispatch.IMPLEMENTATIONS, "pallas")
     with pytest.raises(
         ValueError, match=r"impl='pallas' is not available.*\('auto', 'reference'\)"
     ):
         _dispatch.check_impl("pallas", "here")
+    for backend in ("cpu", "gpu", "tpu"):
+        assert _dispatch.resolve_impl("auto", backend) == "reference"
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu", "cuda", "rocm", "tpu"])
-def test_auto_is_reference_without_kernels(backend):
-    assert _dispatch.resolve_impl("auto", backend) == "reference"
+def test_the_kernels_are_registered():
+    assert _dispatch.IMPLEMENTATIONS["pallas"] is pallas
+    for name in ("layer_norm", "rms_norm", "group_norm", "batch_norm", "batch_norm_inference"):
+        assert callable(getattr(pallas, name))
+        ref, kernel = (
+            inspect.signature(getattr(reference, name)),
+            inspect.signature(getattr(pallas, name)),
+        )
+        assert list(ref.parameters) == list(kernel.parameters), name
 
 
-def test_auto_picks_kernels_on_accelerators_once_registered(monkeypatch):
-    kernels = object()
-    monkeypatch.setitem(_dispatch.IMPLEMENTATIONS, "pallas", kernels)
+def test_auto_picks_kernels_on_accelerators():
     assert _dispatch.resolve_impl("auto", "cpu") == "reference"
     for backend in ("gpu", "cuda", "rocm", "tpu"):
         assert _dispatch.resolve_impl("auto", backend) == "pallas"
@@ -45,3 +54,19 @@ def test_implementation_on_this_machine():
     assert jax.default_backend() == "cpu"
     assert _dispatch.implementation("auto") is reference
     assert _dispatch.implementation("reference") is reference
+    assert _dispatch.implementation("pallas") is pallas
+
+
+def test_pallas_runs_float64_on_the_reference():
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), (3, 5, 7), jax.numpy.float64)
+        for name in ("layer_norm", "rms_norm"):
+            rows = x.reshape(15, 7)
+            kernel = getattr(pallas, name)(rows, None, None, eps=1e-5)
+            assert kernel.dtype == jax.numpy.float64
+            assert (kernel == getattr(reference, name)(rows, None, None, eps=1e-5)).all()
+        for name, kwargs in (("batch_norm", {}), ("group_norm", {"groups": 5})):
+            kernel = jax.tree.leaves(getattr(pallas, name)(x, None, None, eps=1e-5, **kwargs))
+            expected = jax.tree.leaves(getattr(reference, name)(x, None, None, eps=1e-5, **kwargs))
+            for a, b in zip(kernel, expected, strict=True):
+                assert a.dtype == jax.numpy.float64 and (a == b).all()

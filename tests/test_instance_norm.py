@@ -12,6 +12,7 @@ from jax.test_util import check_grads
 from jaxtyping import TypeCheckError, jaxtyped
 
 import eqxnorm
+import kernel_support as ks
 import oracle
 from eqxnorm import GroupNorm, InstanceNorm, functional
 
@@ -379,12 +380,22 @@ def test_bad_call(x, error, match):
         ((jnp.ones((2, 4, 3)),), dict(eps=0.0), ValueError, r"`eps` must be a finite number"),
         (
             (jnp.ones((2, 4, 3)),),
-            dict(impl="pallas"),
+            dict(impl="triton"),
             ValueError,
-            r"impl='pallas' is not available",
+            r"`impl` must be one of \('auto', 'pallas', 'reference'\), but got impl='triton'",
         ),
     ],
 )
 def test_bad_functional_call(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         functional.instance_norm(*args, **kwargs)
+
+
+def test_pallas_matches_reference():
+    x = jax.random.normal(jax.random.key(1), (3, 4, 9)) + 2
+
+    def build(impl):
+        layer = eqxnorm.InstanceNorm(4, channelwise_affine=True, impl=impl)
+        return eqx.tree_at(lambda m: m.weight, layer, jnp.linspace(0.5, 1.5, 4))
+
+    ks.assert_impls_agree(build, lambda layer, x: jax.vmap(layer)(x), x)

@@ -9,6 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 import eqxnorm
+import kernel_support as ks
 import oracle
 
 
@@ -138,8 +139,7 @@ def test_constructor_errors():
         ValueError, match=r"one of \('auto', 'pallas', 'reference'\), but got impl='cuda'"
     ):
         eqxnorm.LayerNorm(4, impl="cuda")
-    with pytest.raises(ValueError, match=r"impl='pallas' is not available.*'reference'"):
-        eqxnorm.LayerNorm(4, impl="pallas")
+    assert eqxnorm.LayerNorm(4, impl="pallas").impl == "pallas"
 
 
 def test_scalar_shape_gives_the_bias():
@@ -152,3 +152,13 @@ def test_named_scope_in_lowered_program():
         lowered = jax.jit(lambda m, x: m(x)).lower(layer, jnp.ones(8))
         text = lowered.as_text(debug_info=True)
         assert f"eqxnorm.{type(layer).__name__}" in text
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_pallas_matches_reference(dtype):
+    x = jr.normal(jr.key(1), (37, 3, 40)).astype(dtype) + 2
+
+    def build(impl):
+        return _randomize(eqxnorm.LayerNorm((3, 40), dtype=dtype, impl=impl))
+
+    ks.assert_impls_agree(build, lambda layer, x: jax.vmap(layer)(x), x)

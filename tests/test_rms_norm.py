@@ -9,6 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 import eqxnorm
+import kernel_support as ks
 import oracle
 
 
@@ -85,3 +86,12 @@ def test_errors():
         eqxnorm.RMSNorm(8)(jnp.ones(8, jnp.int32))
     with pytest.raises(ValueError, match="eps=0"):
         eqxnorm.RMSNorm(8, eps=0.0)
+
+
+def test_pallas_matches_reference():
+    x = jr.normal(jr.key(1), (37, 160)) + 2
+
+    def build(impl):
+        return eqxnorm.RMSNorm(160, impl=impl)
+
+    ks.assert_impls_agree(build, lambda layer, x: jax.vmap(layer)(x), x)

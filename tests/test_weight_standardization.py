@@ -11,6 +11,7 @@ import pytest
 from jax.test_util import check_grads
 
 import eqxnorm
+import kernel_support as ks
 import oracle
 
 # The issue asks for ResNet-style use with GroupNorm: eqxnorm's own once it exists.
@@ -233,3 +234,13 @@ def test_functional_bad_inputs():
         eqxnorm.functional.weight_standardize(jnp.ones(3))
     with pytest.raises(ValueError, match="eps"):
         eqxnorm.functional.weight_standardize(jnp.ones((2, 3)), eps=0.0)
+
+
+def test_pallas_matches_reference():
+    x = jax.random.normal(jax.random.key(1), (4, 3, 9, 9))
+    conv = eqx.nn.Conv2d(3, 8, 3, key=jax.random.key(0))
+
+    def build(impl):
+        return eqxnorm.WeightStandardization(conv, impl=impl)
+
+    ks.assert_impls_agree(build, lambda layer, x: jax.vmap(layer)(x), x)

@@ -1,0 +1,364 @@
+r"""What every Pallas kernel of eqxnorm shares: compilation targets, the one block-size
+heuristic, masked block access, the in-kernel statistics, and per-platform staging.
+
+**Targets.** One kernel body serves three targets, chosen by the platform the computation is
+lowered for (`lax.platform_dependent`, so exporting for `cuda` or `tpu` from a CPU machine
+lowers the real kernel):
+
+- `TRITON` (cuda, rocm): blocks are padded to powers of two, as Triton requires, and every
+  load and store is masked to the array's bounds.
+- `MOSAIC` (tpu): blocks span the whole feature axis (a block dimension equal to the array's
+  is always legal) and row blocks are multiples of 8 sublanes; partial edge blocks are padded
+  by the pipeline, and their rows are masked out of every statistic.
+- `INTERPRET` (cpu and any other platform): the Triton blocks, run by Pallas' interpreter,
+  so the tests on CPU exercise the padding and masking the GPU relies on.
+
+**Statistics.** [`block_moments`][] is the kernels' counterpart of
+`eqxnorm.kernels.reference.moments`: float32, the corrected two-pass variance, the mean kept as
+`shift + offset`, padding masked out. Rows too wide for one block are reduced chunk by chunk
+and combined with [`chan_combine`][] (Chan, Golub & LeVeque's parallel update), which, like
+the two-pass variance, never forms `E[x²] − E[x]²`.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu, triton as plgpu
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """How a kernel is compiled: `name`, whether blocks are padded to powers of two and
+    accessed through masks (`masked`), and whether Pallas interprets it (`interpret`)."""
+
+    name: str
+    masked: bool
+    interpret: bool
+
+
+TRITON = Target("triton", masked=True, interpret=False)
+MOSAIC = Target("mosaic", masked=False, interpret=False)
+INTERPRET = Target("interpret", masked=True, interpret=True)
+
+
+def per_platform(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(target, *args)` for the target of the platform the computation is lowered for.
+
+    Every branch is traced; only the lowering platform's is compiled."""
+    return lax.platform_dependent(
+        *args,
+        cuda=functools.partial(fn, TRITON),
+        rocm=functools.partial(fn, TRITON),
+        tpu=functools.partial(fn, MOSAIC),
+        default=functools.partial(fn, INTERPRET),
+    )
+
+
+# --- the block-size heuristic ------------------------------------------------------------------
+
+# Elements one program may hold at once. For Triton these live in registers: 16384 float32
+# values over 16 warps is 32 registers per thread for the block, leaving room for the
+# temporaries. For Mosaic they live in VMEM, where this is a small fraction of the space.
+MAX_BLOCK_ELEMENTS = 16384
+# Narrow rows are grouped until a block holds about this many elements, so a program does
+# enough work to hide its launch and the grid is not one program per row.
+TARGET_BLOCK_ELEMENTS = 4096
+# Rows per program never exceed this, so short inputs still spread over many programs.
+MAX_BLOCK_ROWS = 64
+# Wide rows are processed in chunks of (CHUNK_ROWS, CHUNK_COLS): several rows per program, so
+# the backward's per-program weight-gradient partials are CHUNK_ROWS times smaller than x.
+CHUNK_ROWS = 8
+CHUNK_COLS = 1024
+# Mosaic tiles rows in groups of 8 sublanes (16 for 16-bit types, 32 for 8-bit ones).
+MOSAIC_ROW_MULTIPLE = 32
+
+
+class BlockConfig(NamedTuple):
+    """The launch of a kernel over `(rows, width)`.
+
+    - `block_rows`: rows per program.
+    - `block_cols`: columns a program holds at once: the padded width, or the chunk width.
+    - `chunks`: how many chunks of `block_cols` cover a row (1: the whole row is on chip).
+    - `num_warps`, `num_stages`: Triton's launch settings.
+    """
+
+    block_rows: int
+    block_cols: int
+    chunks: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def row_cols(self) -> int:
+        """The columns of a row's block (`block_cols * chunks`)."""
+        return self.block_cols * self.chunks
+
+
+def padded(target: Target, n: int) -> int:
+    """The block extent covering `n` elements: the next power of two for Triton."""
+    return pl.next_power_of_2(n) if target.masked else n
+
+
+def _floor_pow2(n: int) -> int:
+    """The largest power of two <= `n` (1 for `n < 1`)."""
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def block_config(target: Target, rows: int, width: int) -> BlockConfig:
+    r"""The one block-size heuristic of every eqxnorm kernel.
+
+    A kernel works on `rows` independent rows of `width` elements each (its reduction extent:
+    the features of a row norm, the channels-in-group × spatial of a group norm, a tile of the
+    batch norm). Then:
+
+    1. `cols = padded(width)` (power of two on Triton, the width itself on Mosaic).
+    2. If `cols <= MAX_BLOCK_ELEMENTS` the whole row is on chip: one pass over HBM. Rows are
+       grouped, `block_rows = TARGET_BLOCK_ELEMENTS // cols` (a power of two, at most
+       `MAX_BLOCK_ROWS`, at most the padded row count).
+    3. Otherwise the row is chunked: blocks of `CHUNK_ROWS × CHUNK_COLS`, and the kernel
+       loops over `ceil(width / CHUNK_COLS)` chunks, combining partial statistics.
+    4. Mosaic rounds `block_rows` up to a multiple of `MOSAIC_ROW_MULTIPLE` sublanes for one
+       pass; chunked, it keeps `CHUNK_ROWS` rows and needs the chunk to divide the width
+       (else the whole row is one chunk, which Mosaic keeps in VMEM).
+    5. Triton: `num_warps = clamp(block_rows × block_cols / 512, 1, 16)` (16 to 32 elements
+       per thread), `num_stages` 1 for one pass and 2 for chunked loops (prefetch the next
+       chunk).
+    """
+    cols = padded(target, width)
+    if cols <= MAX_BLOCK_ELEMENTS:
+        block_rows = min(TARGET_BLOCK_ELEMENTS // cols, MAX_BLOCK_ROWS, padded(TRITON, rows))
+        block_cols, chunks = cols, 1
+        block_rows = _floor_pow2(block_rows)
+        if not target.masked:
+            block_rows = max(MOSAIC_ROW_MULTIPLE, block_rows)
+    else:
+        block_rows, block_cols = CHUNK_ROWS, CHUNK_COLS
+        chunks = math.ceil(width / block_cols)
+        if not target.masked and width % block_cols:
+            block_cols, chunks = width, 1
+    elements = block_rows * block_cols
+    num_warps = min(max(elements // 512, 1), 16)
+    return BlockConfig(block_rows, block_cols, chunks, num_warps, 1 if chunks == 1 else 2)
+
+
+def compiler_params(target: Target, config: BlockConfig, semantics: tuple[str, ...]) -> Any:
+    """The compiler parameters of `target` for a launch with `config` over a grid whose axes
+    have `semantics` (`"parallel"` or `"arbitrary"`)."""
+    if target is MOSAIC:
+        return pltpu.CompilerParams(dimension_semantics=semantics)
+    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def pallas_call(kernel, target: Target, config: BlockConfig, **kwargs) -> Callable:
+    """`pl.pallas_call` with `target`'s compiler parameters; every grid axis is parallel."""
+    grid = kwargs["grid"]
+    return pl.pallas_call(
+        kernel,
+        compiler_params=compiler_params(target, config, ("parallel",) * len(grid)),
+        interpret=target.interpret,
+        **kwargs,
+    )
+
+
+# --- masked block access -----------------------------------------------------------------------
+
+
+def iota(shape: tuple[int, ...], axis: int, start: Any = 0) -> jax.Array:
+    """Indices along `axis` of a block of `shape`, offset by `start`."""
+    return start + lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def load(ref: Any, mask: jax.Array, target: Target) -> jax.Array:
+    """The block (or block view) `ref` as float32, with the positions outside `mask` zero.
+
+    Triton loads only the masked positions (the rest of a power-of-two block may lie past
+    the array's end); Mosaic loads the whole (in-bounds, pipeline-padded) block."""
+    if target.masked:
+        value = plgpu.load(ref, mask=mask, other=0)
+    else:
+        value = ref[...]
+    return jnp.where(mask, value.astype(F32), 0.0)
+
+
+def store(ref: Any, value: jax.Array, mask: jax.Array, target: Target) -> None:
+    """Write `value` (cast to `ref.dtype`) to the masked positions of `ref`."""
+    value = value.astype(ref.dtype)
+    if target.masked:
+        plgpu.store(ref, value, mask=mask)
+    else:
+        ref[...] = value
+
+
+def chunk(ref: Any, index: Any, cols: int) -> Any:
+    """The view of columns `[index·cols, (index+1)·cols)` of a 2-D block ref."""
+    start = index * cols
+    if not isinstance(start, int):
+        start = pl.multiple_of(start, cols)
+    return ref.at[:, pl.ds(start, cols)]
+
+
+# --- in-kernel statistics ----------------------------------------------------------------------
+
+
+def row_sum(x: jax.Array) -> jax.Array:
+    """Sum of each row of a block (over every axis but the leading one), kept as size-1 axes,
+    in float32; one axis at a time, as Triton reduces."""
+    for axis in range(x.ndim - 1, 0, -1):
+        x = jnp.sum(x, axis=axis, keepdims=True)
+    return x
+
+
+class Stats(NamedTuple):
+    """Per-row statistics in float32, each of a block's shape with the row's axes of size 1:
+    the mean as `shift + offset`, and the variance."""
+
+    shift: jax.Array
+    offset: jax.Array
+    var: jax.Array
+
+
+def block_moments(x: jax.Array, mask: jax.Array, count: int, *, center: bool) -> Stats:
+    r"""Statistics of each row of a block (2-D, or 3-D for the group norms) already in
+    float32 with its padding zeroed:
+    $\mu = m_1 + \overline{x - m_1}$, $\sigma^2 = \overline{(x - m_1)^2} - \overline{x -
+    m_1}^2$ (the reference's corrected two-pass algorithm), or $\sigma^2 =
+    \overline{x^2}$ when not `center`ing. `count` is the number of valid columns."""
+    if not center:
+        mean_square = row_sum(x * x) / count
+        return Stats(jnp.zeros_like(mean_square), jnp.zeros_like(mean_square), mean_square)
+    shift = row_sum(x) / count
+    d = jnp.where(mask, x - shift, 0.0)
+    offset = row_sum(d) / count
+    return Stats(shift, offset, jnp.maximum(row_sum(d * d) / count - offset * offset, 0.0))
+
+
+class Partial(NamedTuple):
+    """Running statistics of the part of a row seen so far: the number of elements `n`, the
+    mean of `x - shift` and the sum of its squared deviations `m2` (shaped as [`Stats`][])."""
+
+    n: jax.Array
+    mean: jax.Array
+    m2: jax.Array
+
+
+def chunk_partial(d: jax.Array, mask: jax.Array) -> Partial:
+    """The [`Partial`][] of one chunk of shifted values `d` (padding zeroed)."""
+    n = row_sum(mask.astype(F32))
+    mean = row_sum(d) / jnp.maximum(n, 1.0)
+    dev = jnp.where(mask, d - mean, 0.0)
+    return Partial(n, mean, row_sum(dev * dev))
+
+
+def chan_combine(a: Partial, b: Partial) -> Partial:
+    r"""Chan et al.'s combination of two partial statistics:
+    $n = n_a + n_b$, $\delta = \bar{d}_b - \bar{d}_a$, $\bar{d} = \bar{d}_a + \delta n_b/n$,
+    $M_2 = M_{2,a} + M_{2,b} + \delta^2 n_a n_b / n$."""
+    n = a.n + b.n
+    frac = b.n / jnp.maximum(n, 1.0)
+    delta = b.mean - a.mean
+    return Partial(n, a.mean + delta * frac, a.m2 + b.m2 + delta * delta * a.n * frac)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --- kernel-body helpers -----------------------------------------------------------------------
+
+
+def split_refs(refs: tuple, *flags: bool) -> list:
+    """`refs` with `None` inserted where an optional input (flag `False`) is absent."""
+    refs = list(refs)
+    return [refs.pop(0) if flag else None for flag in flags] + refs
+
+
+def centred(x: jax.Array, mask: jax.Array, stats: Stats) -> jax.Array:
+    """`(x - shift) - offset` on the valid positions, zero elsewhere."""
+    return jnp.where(mask, (x - stats.shift) - stats.offset, 0.0)
+
+
+def affine(xhat: jax.Array, weight: jax.Array | None, bias: jax.Array | None) -> jax.Array:
+    y = xhat if weight is None else xhat * weight
+    return y if bias is None else y + bias
+
+
+# --- batching: fold a vmapped axis into the kernel's leading axis ------------------------------
+
+
+def fold(axis_size: int, batched: bool, x: jax.Array) -> jax.Array:
+    """`x` with its vmapped (leading) axis, broadcast first when unbatched, merged into the
+    kernel's leading axis (rows, or examples)."""
+    if not batched:
+        x = jnp.broadcast_to(x, (axis_size, *x.shape))
+    return x.reshape(axis_size * x.shape[1], *x.shape[2:])
+
+
+def unfold(axis_size: int, x: jax.Array | None) -> jax.Array | None:
+    """The inverse of [`fold`][]."""
+    return None if x is None else x.reshape(axis_size, x.shape[0] // axis_size, *x.shape[1:])
+
+
+def folding_forward(fn: Callable) -> Any:
+    """`fn(x, weight, bias)` (returning arrays whose leading axis is `x`'s) as a `custom_vmap`
+    function that runs a `jax.vmap` of it as ONE call on the folded input, so the kernel tiles
+    the vmapped examples like its own rows; nested `vmap`s fold one after the other. When the
+    parameters are batched (an ensemble), every example has its own, and Pallas' batching
+    (one grid axis over the examples) is used instead."""
+    forward = custom_vmap(fn)
+
+    @forward.def_vmap
+    def _(axis_size, in_batched, x, weight, bias):
+        x_batched, *params_batched = in_batched
+        if any(params_batched):
+            axes = tuple(0 if b else None for b in in_batched)
+            out = jax.vmap(fn, in_axes=axes)(x, weight, bias)
+        else:
+            folded = forward(fold(axis_size, x_batched, x), weight, bias)
+            out = tuple(unfold(axis_size, o) for o in folded)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return forward
+
+
+# --- differentiation ---------------------------------------------------------------------------
+
+
+def norm_with_vjp(forward: Callable, backward: Callable, reduce_param_grad: Callable) -> Any:
+    """The `jax.custom_vjp` function `(x, weight, bias) -> y` of a fused normalization.
+
+    - `forward(x, weight, bias) -> (y, *stats)`: the forward kernel; `x`, the parameters and
+      the (float32, per-row) `stats` are the only residuals.
+    - `backward(param_grads)(x, weight, dy, *stats) -> (dx, dweight, dbias)`: the backward
+      kernel, the parameter gradients float32 partial sums (`None` unless `param_grads`),
+      reduced to the parameters' shapes by `reduce_param_grad` and cast to their dtypes.
+    """
+
+    @jax.custom_vjp
+    def norm(x, weight, bias):
+        return forward(x, weight, bias)[0]
+
+    def norm_fwd(x, weight, bias):
+        y, *stats = forward(x, weight, bias)
+        return y, (x, weight, bias, *stats)
+
+    def norm_bwd(residuals, dy):
+        x, weight, bias, *stats = residuals
+        param_grads = weight is not None or bias is not None
+        dx, *grads = backward(param_grads)(x, weight, dy, *stats)
+        return dx, *(
+            None if p is None else reduce_param_grad(g).astype(p.dtype)
+            for p, g in zip((weight, bias), grads, strict=True)
+        )
+
+    norm.defvjp(norm_fwd, norm_bwd)
+    return norm

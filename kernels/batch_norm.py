@@ -1,0 +1,469 @@
+r"""Fused Pallas kernels for BatchNorm over a `(batch, channels, spatial)` array: training mode
+(batch statistics, optionally pooled over a named axis) and inference mode (given statistics).
+
+Layers, from the bottom up:
+
+1. `_batch_norm_moments_kernel`, `_batch_norm_normalize_kernel`, `_batch_norm_sums_kernel`:
+   kernel bodies on refs.
+2. `_moments_on`, `_normalize_on`, `_sums_on`: the `pallas_call` wrappers for one compilation
+   target; the reductions end in a fixed-order `jnp` sum of the per-tile partials, so every
+   target's branch returns the same shapes.
+3. `_local_moments`, `_normalize`: `jax.custom_vjp` functions, each with its exact VJP.
+4. `_batch_norm` (the shift, `_local_moments`, the pooling over `axis_name`, `_normalize`) and
+   `_batch_norm_inference` (`_normalize` with the given statistics): per-channel `jnp` between
+   the kernels, differentiated by JAX.
+5. `batch_norm`, `batch_norm_inference`: the entry points, with the reference's signatures.
+
+**Tiles.** The statistics of a channel are a reduction over `batch × spatial`, a column of the
+array rather than a row, so `x` is cut into `(bb, cb, cs)` tiles on a grid over (batch
+blocks, channel blocks, spatial blocks), and every reduction is finished outside the kernels.
+The tile comes from the one heuristic, `c.block_config(target, batch, padded(channels) ×
+padded(spatial))`, which treats an example's `(channels, spatial)` slab as a "row": a tile
+holds `block_rows × block_cols` elements, `bb = min(block_rows, padded(batch))` examples of
+`block_rows × block_cols / bb` elements each, filled spatial-first (`cs = min(padded(spatial),
+·)`, then `cb = min(padded(channels), · / cs)`). A slab that fits one block is one tile per
+block of examples; a wider one is split over channels and space. Triton tiles are powers of
+two, masked at the edges. Mosaic tiles keep `bb` free (a leading dimension) and round `cs` to
+the whole `spatial` or a multiple of 128 lanes, and `cb` to the whole `channels` or a multiple
+of 32 sublanes; their edge tiles are padded by the pipeline and masked out of every sum.
+
+**Forward.** Two passes over `x`:
+
+1. Statistics kernel: every tile writes, per channel, the mean of $d = x - K$ and $M_2 =
+   \sum (d - \bar{d})^2$ over its $n$ valid elements, in float32 (two passes over the tile
+   on chip). The shift $K$ is `x[0, :, 0]` (its `pmean` over `axis_name`, so that every
+   member shares it): a value of the data keeps $d$ at the scale of the spread, not of the
+   mean.
+2. Outside, in `jnp`: the partials are combined with Chan et al.'s parallel formula,
+   $\bar{d} = \sum_k n_k \bar{d}_k / N$, $M_2 = \sum_k M_{2,k} + \sum_k n_k (\bar{d}_k -
+   \bar{d})^2$, $\sigma^2 = M_2 / N$, never $E[x^2] - E[x]^2$. With `axis_name` the members,
+   which hold equal counts, are combined the same way with `lax.pmean`: $\bar{d} \leftarrow
+   \mathrm{pmean}(\bar{d})$, $\sigma^2 \leftarrow \mathrm{pmean}(\sigma^2 + (\bar{d}_\text{local}
+   - \bar{d})^2)$. The mean is kept as `K + offset`, like the reference's `shift + offset`.
+3. Normalization kernel: $y = ((x - K) - \bar{d})\, s + \beta$ with $s = r\gamma$,
+   $r = (\sigma^2 + \varepsilon)^{-1/2}$. Inference mode is this kernel alone, with $K = \mu$
+   the given mean and $\bar{d} = 0$.
+
+**Backward.** With $c = (x - K) - \bar{d}$ and the sums over this member's data, the two
+`custom_vjp` functions have the VJPs
+
+$$\text{normalize:}\quad \frac{\partial L}{\partial x} \mathrel{+}= s\,\frac{\partial L}
+{\partial y}, \quad \frac{\partial L}{\partial \bar{d}} = \frac{\partial L}{\partial K} =
+-s \sum \frac{\partial L}{\partial y}, \quad \frac{\partial L}{\partial s} = \sum
+\frac{\partial L}{\partial y}\, c, \quad \frac{\partial L}{\partial \beta} = \sum
+\frac{\partial L}{\partial y};$$
+
+$$\text{moments:}\quad \frac{\partial L}{\partial x} \mathrel{+}= \frac{1}{n}
+\frac{\partial L}{\partial \bar{d}_\text{local}} + \frac{2}{n}\frac{\partial L}{\partial
+\sigma^2_\text{local}}\, c_\text{local}, \quad \frac{\partial L}{\partial K} =
+-\frac{\partial L}{\partial \bar{d}_\text{local}}.$$
+
+JAX differentiates the per-channel `jnp` between them: $s = r\gamma$ gives
+$\partial L/\partial \gamma = r \sum \partial L/\partial y \cdot c$, the pooling's `pmean`
+transposes into the sum over the members, and the returned mean and variance pass their
+cotangents on. Together this is the usual $\partial L/\partial x = r(g - \overline{g} -
+\hat{x}\,\overline{g \hat{x}})$ ($g = \gamma\,\partial L/\partial y$, $\hat{x} = c\,r$, means
+over `batch × spatial` and every member) plus the mean's and variance's own terms. A sums
+kernel writes per-tile float32 partials of $\sum \partial L/\partial y$ and $\sum
+\partial L/\partial y \cdot c$, summed outside. The pooled coefficients exist only after the
+collectives, which must run between the two backward rules: a collective inside a
+`custom_vjp` backward fails under `jax.grad` of `jax.vmap` (jax-ml/jax#7047). Each rule
+contributes one elementwise part of $\partial L/\partial x$; they are written in `jnp`, so
+XLA fuses both and their sum into one pass over `x` and $\partial L/\partial y$ (as kernels
+they would be two passes and an add). Both functions take `x` widened to float32, as the
+reference does, so the two parts (which can cancel) are summed in float32 and rounded to
+`x.dtype` once; the kernels read `x` itself (see `_widen`).
+
+There are no atomics: every partial has its own slot and is reduced in a fixed order, so two
+runs give bitwise-equal results. Under `jax.vmap` Pallas adds a grid axis over the examples
+(tiles span channels × space, so a one-example call still fills its programs).
+
+The kernels compute in float32; for float64 input the statistics are returned as float64 but
+carry float32 accuracy (use the reference for float64).
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float
+
+from .._checking import typechecked
+from . import _common as c
+from ._common import F32, Target
+from .reference import AxisName, compute_dtype
+
+_SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
+# Mosaic tiles the two minor dimensions of a block in (sublanes, lanes); a block dimension
+# that is not the whole array's must be a multiple of these (32 sublanes covers 8-, 16- and
+# 32-bit types).
+_MOSAIC_LANES = 128
+
+
+class Tiles(NamedTuple):
+    """The launch of a kernel over a `(batch, channels, spatial)` array: the block
+    heuristic's `config` (Triton's launch settings), the tile `(bb, cb, cs)` and the grid of
+    tiles `(batch blocks, channel blocks, spatial blocks)`."""
+
+    config: c.BlockConfig
+    tile: tuple[int, int, int]
+    grid: tuple[int, int, int]
+
+    @property
+    def partials(self) -> int:
+        """Tiles per channel: the number of partial statistics each channel gets."""
+        return self.grid[0] * self.grid[2]
+
+
+def _round_mosaic(extent: int, full: int, multiple: int) -> int:
+    """`extent` as a legal Mosaic block dimension of an array dimension `full`: the whole
+    dimension, or a multiple of `multiple` (at least one)."""
+    if extent >= full:
+        return full
+    return min(full, max(multiple, extent // multiple * multiple))
+
+
+def _tiles(target: Target, shape: tuple[int, int, int]) -> Tiles:
+    """The tiles of `shape` on `target`, derived from `c.block_config` (see the module
+    docstring)."""
+    batch, channels, spatial = shape
+    width = c.padded(target, channels) * c.padded(target, spatial)
+    config = c.block_config(target, batch, width)
+    bb = min(config.block_rows, c.padded(target, batch))
+    per_example = config.block_rows * config.block_cols // bb
+    cs = min(c.padded(target, spatial), per_example)
+    cb = min(c.padded(target, channels), max(1, per_example // cs))
+    if not target.masked:
+        cs = _round_mosaic(cs, spatial, _MOSAIC_LANES)
+        cb = _round_mosaic(cb, channels, c.MOSAIC_ROW_MULTIPLE)
+    tile = (bb, cb, cs)
+    return Tiles(config, tile, tuple(c.ceil_div(n, t) for n, t in zip(shape, tile, strict=True)))
+
+
+def _counts(tiles: Tiles, shape: tuple[int, int, int]) -> np.ndarray:
+    """The valid elements of each channel in every tile, `(partials, 1)` float32, in the
+    order of the partials (`batch block × spatial blocks + spatial block`)."""
+    (bb, _, cs), (nb, _, ns) = tiles.tile, tiles.grid
+    rows = np.minimum(bb, shape[0] - bb * np.arange(nb))
+    cols = np.minimum(cs, shape[2] - cs * np.arange(ns))
+    return np.outer(rows, cols).reshape(-1, 1).astype(np.float32)
+
+
+# --- kernel bodies -----------------------------------------------------------------------------
+
+
+class _Block(NamedTuple):
+    """Where a program is: its tile's mask `(bb, cb, cs)`, its channel mask `(cb, 1)` and its
+    number of valid elements per channel (float32)."""
+
+    mask: jax.Array
+    channel_mask: jax.Array
+    count: jax.Array
+
+
+def _block(tiles: Tiles, shape: tuple[int, int, int]) -> _Block:
+    # The program ids are read first, where every target supports them.
+    i, j, k = (pl.program_id(axis) for axis in range(3))
+    (bb, cb, cs), (batch, channels, spatial) = tiles.tile, shape
+    rows = c.iota((bb, 1, 1), 0, i * bb) < batch
+    chans = c.iota((1, cb, 1), 1, j * cb) < channels
+    cols = c.iota((1, 1, cs), 2, k * cs) < spatial
+    count = jnp.minimum(bb, batch - i * bb) * jnp.minimum(cs, spatial - k * cs)
+    channel_mask = c.iota((cb, 1), 0, j * cb) < channels
+    return _Block(rows & chans & cols, channel_mask, count.astype(F32))
+
+
+def _channel(ref, block: _Block, target: Target) -> jax.Array:
+    """A per-channel input `(cb, 1)` as float32, shaped `(1, cb, 1)` to broadcast over a tile."""
+    return c.load(ref, block.channel_mask, target)[None]
+
+
+def _channel_sum(x: jax.Array) -> jax.Array:
+    """Per-channel sums `(cb, 1)` of a tile, axis by axis (Triton reduces one at a time)."""
+    return jnp.sum(jnp.sum(x, axis=2, keepdims=True), axis=0)
+
+
+def _batch_norm_moments_kernel(x_ref, shift_ref, mean_ref, m2_ref, *, target, tiles, shape):
+    r"""Per channel of a tile, over its $n$ valid elements: the mean of $d = x - K$ and
+    $M_2 = \sum (d - \bar{d})^2$ (float32, two passes over the tile held on chip)."""
+    block = _block(tiles, shape)
+    x = c.load(x_ref, block.mask, target)
+    d = jnp.where(block.mask, x - _channel(shift_ref, block, target), 0.0)
+    mean = _channel_sum(d) / block.count
+    dev = jnp.where(block.mask, d - mean[None], 0.0)
+    c.store(mean_ref, mean, block.channel_mask, target)
+    c.store(m2_ref, _channel_sum(dev * dev), block.channel_mask, target)
+
+
+def _batch_norm_sums_kernel(
+    x_ref, dy_ref, shift_ref, offset_ref, sum_dy_ref, sum_dyc_ref, *, target, tiles, shape
+):
+    r"""Per channel of a tile: $\sum \partial y$ and $\sum \partial y \cdot c$ with
+    $c = (x - K) - \bar{d}$ (float32)."""
+    block = _block(tiles, shape)
+    x = c.load(x_ref, block.mask, target)
+    shift, offset = (_channel(r, block, target) for r in (shift_ref, offset_ref))
+    centred = jnp.where(block.mask, (x - shift) - offset, 0.0)
+    dy = c.load(dy_ref, block.mask, target)
+    c.store(sum_dy_ref, _channel_sum(dy), block.channel_mask, target)
+    c.store(sum_dyc_ref, _channel_sum(dy * centred), block.channel_mask, target)
+
+
+def _batch_norm_normalize_kernel(
+    x_ref, shift_ref, offset_ref, scale_ref, bias_ref, y_ref, *, target, tiles, shape
+):
+    r"""$y = ((x - K) - \bar{d})\,s + \beta$ with per-channel $K, \bar{d}, s, \beta$."""
+    block = _block(tiles, shape)
+    x = c.load(x_ref, block.mask, target)
+    shift, offset, scale, bias = (
+        _channel(r, block, target) for r in (shift_ref, offset_ref, scale_ref, bias_ref)
+    )
+    c.store(y_ref, ((x - shift) - offset) * scale + bias, block.mask, target)
+
+
+# --- pallas_call wrappers per target -----------------------------------------------------------
+
+
+def _tile_call(kernel, target: Target, x, channel_arrays, *, outs, name: str, more=()):
+    """`pallas_call` of `kernel` over the tiles of `x` (and of the same-shaped arrays `more`)
+    and the float32 `(channels,)` arrays `channel_arrays`. Each of `outs` is an output dtype
+    (a tile of `x`'s shape) or `None` (float32 per-channel partials, `(partials, channels,
+    1)`). Returns the outputs and the `Tiles`."""
+    shape = x.shape
+    tiles = _tiles(target, shape)
+    bb, cb, cs = tiles.tile
+    spatial_blocks = tiles.grid[2]
+    tile_spec = pl.BlockSpec((bb, cb, cs), lambda i, j, k: (i, j, k))
+    channel_spec = pl.BlockSpec((cb, 1), lambda i, j, k: (j, 0))
+    partial_spec = pl.BlockSpec((_SQUEEZED, cb, 1), lambda i, j, k: (i * spatial_blocks + k, j, 0))
+    partial_shape = jax.ShapeDtypeStruct((tiles.partials, shape[1], 1), F32)
+    tile_arrays = (x, *more)
+    outputs = c.pallas_call(
+        functools.partial(kernel, target=target, tiles=tiles, shape=shape),
+        target,
+        tiles.config,
+        grid=tiles.grid,
+        in_specs=[tile_spec] * len(tile_arrays) + [channel_spec] * len(channel_arrays),
+        out_specs=[partial_spec if o is None else tile_spec for o in outs],
+        out_shape=[partial_shape if o is None else jax.ShapeDtypeStruct(shape, o) for o in outs],
+        name=name,
+    )(*tile_arrays, *(a.reshape(-1, 1) for a in channel_arrays))
+    return outputs, tiles
+
+
+def _moments_on(target: Target, x, shift):
+    """`(offset, var)`, `(channels,)` float32: the mean of `x - shift` and the biased variance
+    per channel over this array's `batch × spatial`, the tiles' partials Chan-combined."""
+    partials, tiles = _tile_call(
+        _batch_norm_moments_kernel,
+        target,
+        x,
+        [shift],
+        outs=[None, None],
+        name="eqxnorm_batch_norm_moments",
+    )
+    means, m2s = (p[..., 0] for p in partials)
+    counts = _counts(tiles, x.shape)
+    total = x.shape[0] * x.shape[2]
+    offset = jnp.sum(counts * means, axis=0, keepdims=True) / total
+    m2 = jnp.sum(m2s, axis=0) + jnp.sum(counts * jnp.square(means - offset), axis=0)
+    return offset[0], m2 / total
+
+
+def _normalize_on(target: Target, x, shift, offset, scale, bias):
+    """`((x - shift) - offset)·scale + bias` in `x.dtype`, the per-channel arrays float32."""
+    (y,), _ = _tile_call(
+        _batch_norm_normalize_kernel,
+        target,
+        x,
+        [shift, offset, scale, bias],
+        outs=[x.dtype],
+        name="eqxnorm_batch_norm_normalize",
+    )
+    return y
+
+
+def _sums_on(target: Target, x, dy, shift, offset):
+    """`(Σ dy, Σ dy·((x - shift) - offset))` per channel over this array, float32."""
+    partials, _ = _tile_call(
+        _batch_norm_sums_kernel,
+        target,
+        x,
+        [shift, offset],
+        outs=[None, None],
+        name="eqxnorm_batch_norm_sums",
+        more=(dy,),
+    )
+    return tuple(jnp.sum(p[..., 0], axis=0) for p in partials)
+
+
+# --- differentiation ---------------------------------------------------------------------------
+
+
+def _per_channel(v):
+    """A `(channels,)` array shaped to broadcast over `(batch, channels, spatial)`."""
+    return v[None, :, None]
+
+
+def _centred(x, shift, offset):
+    return (x.astype(F32) - _per_channel(shift)) - _per_channel(offset)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _local_moments(xw, shift, dtype):
+    """`(offset, var)`: the per-channel mean of `x - shift` and biased variance of this array,
+    given widened (`xw`) with its own dtype `dtype`."""
+    return _local_moments_fwd(xw, shift, dtype)[0]
+
+
+def _local_moments_fwd(xw, shift, dtype):
+    x = xw.astype(dtype)
+    offset, var = c.per_platform(_moments_on, x, shift)
+    return (offset, var), (x, shift, offset)
+
+
+def _local_moments_bwd(dtype, residuals, cotangents):
+    del dtype
+    x, shift, offset = residuals
+    doffset, dvar = cotangents
+    count = x.shape[0] * x.shape[2]
+    dx = _centred(x, shift, offset) * _per_channel(2 * dvar / count)
+    return dx + _per_channel(doffset / count), -doffset
+
+
+_local_moments.defvjp(_local_moments_fwd, _local_moments_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _normalize(xw, shift, offset, scale, bias, dtype):
+    """`((x - shift) - offset)·scale + bias` in `dtype`, `x` given widened (`xw`) with its
+    own dtype `dtype`; the per-channel arrays are float32."""
+    return _normalize_fwd(xw, shift, offset, scale, bias, dtype)[0]
+
+
+def _normalize_fwd(xw, shift, offset, scale, bias, dtype):
+    x = xw.astype(dtype)
+    y = c.per_platform(_normalize_on, x, shift, offset, scale, bias)
+    return y, (x, shift, offset, scale)
+
+
+def _normalize_bwd(dtype, residuals, dy):
+    del dtype
+    x, shift, offset, scale = residuals
+    sum_dy, sum_dyc = c.per_platform(_sums_on, x, dy, shift, offset)
+    dshift = -scale * sum_dy
+    return dy.astype(F32) * _per_channel(scale), dshift, dshift, sum_dyc, sum_dy
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _scale_and_bias(rstd, weight, bias):
+    scale = rstd if weight is None else rstd * weight.astype(F32)
+    return scale, jnp.zeros_like(rstd) if bias is None else bias.astype(F32)
+
+
+def _widen(x):
+    """`x` in float32 (float64 stays), converted once, as in the reference: both `custom_vjp`
+    functions take it, so their float32 cotangents are summed before the one cast back to
+    `x.dtype` (two half-precision parts of `∂L/∂x` can cancel). Each converts it back to
+    `x.dtype` for its kernels; XLA removes the lossless round trip, so the kernels read `x`
+    itself and the widened copy is never written."""
+    return x.astype(compute_dtype(x.dtype))
+
+
+def _batch_norm(x, weight, bias, eps: float, axis_name):
+    """`(y, mean, var)` of `batch_norm`."""
+    shift = x[0, :, 0].astype(F32)
+    if axis_name is not None:
+        shift = lax.pmean(shift, axis_name)
+    # The outputs do not depend on the shift, only their rounding does: no gradient through it.
+    shift = lax.stop_gradient(shift)
+    xw = _widen(x)
+    offset, var = _local_moments(xw, shift, x.dtype)
+    if axis_name is not None:
+        local = offset
+        offset = lax.pmean(local, axis_name)
+        var = lax.pmean(var + jnp.square(local - offset), axis_name)
+    rstd = lax.rsqrt(var + eps)
+    y = _normalize(xw, shift, offset, *_scale_and_bias(rstd, weight, bias), x.dtype)
+    cdt = compute_dtype(x.dtype)
+    return y, (shift + offset).astype(cdt), var.astype(cdt)
+
+
+def _batch_norm_inference(x, mean, var, weight, bias, eps: float):
+    """`y` of `batch_norm_inference`."""
+    shift = mean.astype(F32)
+    rstd = lax.rsqrt(var.astype(F32) + eps)
+    scale, bias = _scale_and_bias(rstd, weight, bias)
+    return _normalize(_widen(x), shift, jnp.zeros_like(shift), scale, bias, x.dtype)
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+
+@typechecked()
+def batch_norm(
+    x: Float[Array, "batch channels spatial"],
+    weight: Float[Array, " channels"] | None,
+    bias: Float[Array, " channels"] | None,
+    *,
+    eps: float,
+    axis_name: AxisName | None = None,
+) -> tuple[
+    Float[Array, "batch channels spatial"], Float[Array, " channels"], Float[Array, " channels"]
+]:
+    r"""BatchNorm with batch statistics as fused Pallas kernels; the same maths and signature
+    as `eqxnorm.kernels.reference.batch_norm`: statistics per channel over `batch × spatial`
+    (and over every member of `axis_name`, when given), $y = (x - \mu_c)/\sqrt{\sigma^2_c +
+    \varepsilon}\,\gamma_c + \beta_c$.
+
+    **Arguments:**
+
+    - `x`: `(batch, channels, spatial)`, the spatial axes flattened.
+    - `weight`, `bias`: `(channels,)` or `None`.
+    - `eps`: added to the variance.
+    - `axis_name`: a named axis (or names) whose members' batches are pooled into the
+        statistics (`vmap`, `pmap`, `shard_map`).
+
+    **Returns:**
+
+    `(y, mean, var)`: `y` of `x`'s shape and dtype; the batch `mean` and biased `var`,
+    `(channels,)` in the statistics dtype (float32, or float64 for float64 input).
+    """
+    return _batch_norm(x, weight, bias, float(eps), axis_name)
+
+
+@typechecked()
+def batch_norm_inference(
+    x: Float[Array, "batch channels spatial"],
+    mean: Float[Array, " channels"],
+    var: Float[Array, " channels"],
+    weight: Float[Array, " channels"] | None,
+    bias: Float[Array, " channels"] | None,
+    *,
+    eps: float,
+) -> Float[Array, "batch channels spatial"]:
+    r"""BatchNorm with given (running) statistics as a fused Pallas kernel; the same maths
+    and signature as `eqxnorm.kernels.reference.batch_norm_inference`:
+    $y = (x - \mu_c)/\sqrt{\sigma^2_c + \varepsilon}\,\gamma_c + \beta_c$.
+
+    **Arguments:**
+
+    - `x`: `(batch, channels, spatial)`.
+    - `mean`, `var`: `(channels,)`, the statistics to normalize with.
+    - `weight`, `bias`: `(channels,)` or `None`.
+    - `eps`: added to the variance.
+
+    **Returns:**
+
+    `(batch, channels, spatial)` in `x.dtype`.
+    """
+    return _batch_norm_inference(x, mean, var, weight, bias, float(eps))
+
+
+__all__ = ["batch_norm", "batch_norm_inference"]

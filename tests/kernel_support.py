@@ -1,0 +1,104 @@
+"""What the kernel tests share: the awkward shapes, test data, the per-dtype tolerance table of
+kernel against reference, and lowering for GPU/TPU without the hardware."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import oracle
+
+ROWS = (1, 37, 199)
+WIDTHS = (1, 160, 760, 4096)
+# Wider than one block (`_common.MAX_BLOCK_ELEMENTS`): the chunked kernels.
+WIDE = 70000
+
+# (rtol, atol) of the kernels against the reference, per dtype, for outputs and gradients
+# (scaled by the magnitude of the quantity compared, see `assert_matches`). Both compute in
+# float32 with the same algorithms but different summation orders, so float32 agrees to a few
+# ulps of the statistics; half-precision outputs may differ by one ulp of their dtype where
+# the float32 values straddle a rounding boundary.
+TOLERANCES = {
+    jnp.dtype(jnp.float32): (2e-5, 2e-5),
+    jnp.dtype(jnp.bfloat16): oracle.TOLERANCES[jnp.dtype(jnp.bfloat16)],
+    jnp.dtype(jnp.float16): oracle.TOLERANCES[jnp.dtype(jnp.float16)],
+}
+
+CUSTOM_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+
+
+def data(shape, dtype, seed=0, loc=0.5, scale=2.0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.normal(loc, scale, size=shape).astype(np.float32)).astype(dtype)
+
+
+def params(width, dtype=jnp.float32, seed=1):
+    """A weight near 1 and a bias near 0 of `(width,)`."""
+    rng = np.random.default_rng(seed)
+    weight = rng.uniform(0.5, 1.5, size=width).astype(np.float32)
+    bias = rng.normal(size=width).astype(np.float32)
+    return jnp.asarray(weight).astype(dtype), jnp.asarray(bias).astype(dtype)
+
+
+def assert_matches(actual, expected, dtype=None):
+    """`actual` (kernel) against `expected` (reference) with the tolerance of `dtype`
+    (default `actual.dtype`), the absolute part scaled by the largest |expected| so sums
+    (weight gradients over many rows) are compared relative to their size."""
+    dtype = jnp.dtype(actual.dtype if dtype is None else dtype)
+    rtol, atol = TOLERANCES[dtype]
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=np.float64), expected, rtol=rtol, atol=atol * scale
+    )
+
+
+def lowered(fn, args, platform):
+    """The StableHLO text of `jax.jit(fn)` exported for `platform` ("cuda" or "tpu") from this
+    CPU machine, with the kernels' custom calls allowed."""
+    exported = jax.export.export(
+        jax.jit(fn),
+        platforms=[platform],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(CUSTOM_CALLS[platform])],
+    )(*args)
+    return exported.mlir_module()
+
+
+def kernel_count(text, platform):
+    """How many Pallas kernels `text` (from `lowered`) launches."""
+    return text.count(CUSTOM_CALLS[platform])
+
+
+def triton_grids(text):
+    """The `(grid_x, grid_y, grid_z)` of every Triton launch in `text`."""
+    return [
+        tuple(int(v) for v in m)
+        for m in re.findall(r"grid_x = (\d+)[^}]*?grid_y = (\d+)[^}]*?grid_z = (\d+)", text)
+    ]
+
+
+def assert_impls_agree(build, run, x, seed=2):
+    """A layer built by `build(impl)` and applied by `run(layer, x)` (to a batch) gives the
+    same output, and the same gradients of `sum(output * cotangent)` with respect to its
+    parameters and `x`, with `impl="pallas"` (interpret mode here) as with `"reference"`."""
+    import equinox as eqx
+
+    results = []
+    for impl in ("pallas", "reference"):
+
+        def loss(layer_and_x):
+            y = run(*layer_and_x)
+            cotangent = data(y.shape, jnp.float32, seed=seed, loc=0.0, scale=1.0)
+            return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+        grad_fn = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))
+        (_, y), grads = grad_fn((build(impl), x))
+        results.append((y, jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))))
+    (y, grads), (y_ref, grads_ref) = results
+    assert y.dtype == y_ref.dtype
+    assert_matches(y, y_ref)
+    assert len(grads) == len(grads_ref) >= 2
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        assert_matches(grad, grad_ref)

@@ -1,0 +1,81 @@
+"""The kernels' shared machinery (`eqxnorm.kernels._common`): the one block heuristic and
+Chan's combination of partial statistics."""
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqxnorm.kernels import _common as c
+
+WIDTHS = (1, 3, 160, 760, 1024, 4096, 16384, 16385, 70000, 262144)
+ROWS = (1, 37, 199, 4096)
+
+
+def _is_pow2(n):
+    return n & (n - 1) == 0
+
+
+@pytest.mark.parametrize("target", [c.TRITON, c.INTERPRET], ids=lambda t: t.name)
+def test_triton_blocks_are_powers_of_two_covering_the_row(target):
+    for rows, width in itertools.product(ROWS, WIDTHS):
+        config = c.block_config(target, rows, width)
+        assert _is_pow2(config.block_rows) and _is_pow2(config.block_cols)
+        assert config.row_cols >= width > config.row_cols - config.block_cols
+        assert config.block_rows * config.block_cols <= c.MAX_BLOCK_ELEMENTS
+        assert 1 <= config.num_warps <= 16 and _is_pow2(config.num_warps)
+
+
+def test_narrow_rows_are_grouped_and_wide_rows_chunked():
+    for width in (160, 760):
+        config = c.block_config(c.TRITON, 4096, width)
+        assert config.chunks == 1 and config.block_rows >= 4, width
+        assert config.block_rows * config.block_cols >= c.TARGET_BLOCK_ELEMENTS // 2
+    assert c.block_config(c.TRITON, 4096, 1).block_rows == c.MAX_BLOCK_ROWS
+    assert c.block_config(c.TRITON, 4096, 16384).chunks == 1  # one pass up to 16384 features
+    wide = c.block_config(c.TRITON, 4096, 262144)
+    assert (wide.block_rows, wide.block_cols, wide.chunks) == (8, 1024, 256)
+    assert wide.num_stages == 2
+    # A single short input is not given a block of rows it cannot fill.
+    assert c.block_config(c.TRITON, 1, 160).block_rows == 1
+    assert c.block_config(c.TRITON, 37, 160).block_rows == 16
+
+
+def test_mosaic_blocks_follow_tpu_tiling():
+    for rows, width in itertools.product(ROWS, WIDTHS):
+        config = c.block_config(c.MOSAIC, rows, width)
+        assert config.block_rows % 8 == 0
+        # The minor block dimension is the whole row, or 128-lane multiples dividing it.
+        assert config.block_cols == width or (
+            config.block_cols % 128 == 0 and width % config.block_cols == 0
+        )
+        assert config.row_cols == width
+
+
+def test_chan_combination_matches_float64_statistics():
+    rng = np.random.default_rng(0)
+    x = rng.normal(1e4, 1.0, size=(3, 5000)).astype(np.float32)
+    shift = x[:, :1]
+    partial = None
+    for piece in np.array_split(x - shift, [7, 1000, 1001, 4096], axis=1):
+        d = jnp.asarray(piece)
+        part = c.chunk_partial(d, jnp.ones(d.shape, bool))
+        partial = part if partial is None else c.chan_combine(partial, part)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(partial.n[:, 0], 5000)
+    np.testing.assert_allclose(
+        np.asarray(partial.mean[:, 0]) + shift[:, 0], x64.mean(1), rtol=0, atol=1e-3
+    )
+    np.testing.assert_allclose(np.asarray(partial.m2[:, 0]) / 5000, x64.var(1), rtol=1e-5)
+
+
+def test_block_moments_masks_padding():
+    x = jnp.asarray(np.random.default_rng(1).normal(3.0, 2.0, size=(4, 8)).astype(np.float32))
+    mask = jnp.arange(8)[None, :] < 5
+    stats = c.block_moments(jnp.where(mask, x, 0.0), mask, 5, center=True)
+    x5 = np.asarray(x[:, :5], np.float64)
+    np.testing.assert_allclose(stats.shift + stats.offset, x5.mean(1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(stats.var, x5.var(1, keepdims=True), rtol=1e-5)
+    rms = c.block_moments(jnp.where(mask, x, 0.0), mask, 5, center=False)
+    np.testing.assert_allclose(rms.var, (x5**2).mean(1, keepdims=True), rtol=1e-6)

@@ -1,0 +1,187 @@
+"""The GroupNorm/InstanceNorm Pallas kernels (`eqxnorm.kernels.group_norm`) against the
+reference, in Pallas' interpreter (the CPU target), and lowered for GPU and TPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxtyping import TypeCheckError
+
+import kernel_support as ks
+import oracle
+from eqxnorm.kernels import _common as c, reference
+from eqxnorm.kernels.group_norm import group_norm
+
+EPS = 1e-5
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# (batch, channels, spatial, groups): one value per group, non-powers of two, many groups,
+# InstanceNorm (groups == channels) over many short rows.
+SHAPES = [(1, 4, 1, 2), (3, 6, 37, 3), (2, 32, 160, 8), (37, 3, 5, 3)]
+# Slices larger than one block (`c.MAX_BLOCK_ELEMENTS` padded), read in pieces: long spatial
+# runs (one channel per piece, several pieces per channel), and many short channels (several
+# channels per piece).
+CHUNKED = [(2, 8, 8200, 2), (1, 4096, 9, 2)]
+
+
+def _inputs(batch, channels, spatial, dtype, loc=0.5):
+    x = ks.data((batch, channels, spatial), dtype, loc=loc)
+    weight, bias = ks.params(channels, dtype)
+    cotangent = ks.data((batch, channels, spatial), dtype, seed=7)
+    return x, weight, bias, cotangent
+
+
+def _output_and_grads(fn, groups):
+    """A jitted `(x, weight, bias, cotangent) -> (y, dx, dweight, dbias)` of `fn`."""
+
+    def run(x, weight, bias, cotangent):
+        y, vjp = jax.vjp(lambda *a: fn(*a, groups=groups, eps=EPS), x, weight, bias)
+        return (y, *vjp(cotangent))
+
+    return jax.jit(run)
+
+
+def _assert_all_match(actual, expected, dtype=None):
+    for a, e in zip(actual, expected, strict=True):
+        if e is None:
+            assert a is None
+        else:
+            ks.assert_matches(a, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("batch,channels,spatial,groups", SHAPES + CHUNKED)
+def test_matches_reference(batch, channels, spatial, groups, dtype):
+    # A large mean in the chunked slices makes the shift of Chan's combination matter.
+    loc = 50.0 if (batch, channels, spatial, groups) in CHUNKED else 0.5
+    args = _inputs(batch, channels, spatial, dtype, loc=loc)
+    actual = _output_and_grads(group_norm, groups)(*args)
+    expected = _output_and_grads(reference.group_norm, groups)(*args)
+    assert [a.dtype for a in actual] == [jnp.dtype(dtype)] * 4
+    _assert_all_match(actual, expected)
+
+
+def test_matches_oracle():
+    x, weight, bias, _ = _inputs(3, 6, 37, jnp.float32)
+    y = group_norm(x, weight, bias, groups=3, eps=EPS)
+    oracle.assert_close(y, oracle.group_norm(x, 3, weight, bias, EPS))
+
+
+@pytest.mark.parametrize("has_weight,has_bias", [(False, False), (True, False), (False, True)])
+def test_optional_params(has_weight, has_bias):
+    x, weight, bias, cotangent = _inputs(3, 6, 37, jnp.float32)
+    weight, bias = weight if has_weight else None, bias if has_bias else None
+
+    def run(fn):
+        y, vjp = jax.vjp(lambda x, w, b: fn(x, w, b, groups=3, eps=EPS), x, weight, bias)
+        return (y, *vjp(cotangent))
+
+    actual, expected = run(group_norm), run(reference.group_norm)
+    _assert_all_match(actual, expected)
+
+
+# --- batching ----------------------------------------------------------------------------------
+
+B, CHANNELS, SPATIAL, GROUPS = 5, 6, 37, 3
+
+
+def _one_example(fn):
+    """`fn` on one `(channels, spatial)` example, the form `jax.vmap` of a module sees."""
+    return lambda x, w, b: fn(x[None], w, b, groups=GROUPS, eps=EPS)[0]
+
+
+def _loss(fn):
+    return lambda x, w, b, ct: jnp.sum(_one_example(fn)(x, w, b) * ct)
+
+
+def test_vmap_and_nested_vmap():
+    x, weight, bias, _ = _inputs(2 * B, CHANNELS, SPATIAL, jnp.float32)
+    expected = reference.group_norm(x, weight, bias, groups=GROUPS, eps=EPS)
+    vmapped = jax.vmap(_one_example(group_norm), in_axes=(0, None, None))
+    ks.assert_matches(jax.jit(vmapped)(x, weight, bias), expected)
+    nested = jax.vmap(vmapped, in_axes=(0, None, None))
+    y = jax.jit(nested)(x.reshape(2, B, CHANNELS, SPATIAL), weight, bias)
+    ks.assert_matches(y.reshape(x.shape), expected)
+
+
+def test_grad_of_vmap():
+    x, weight, bias, cotangent = _inputs(B, CHANNELS, SPATIAL, jnp.float32)
+
+    def grads(fn):
+        loss = lambda *a: jnp.sum(jax.vmap(_loss(fn), in_axes=(0, None, None, 0))(*a))  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, weight, bias, cotangent)
+
+    _assert_all_match(grads(group_norm), grads(reference.group_norm))
+
+
+def test_vmap_of_grad_gives_per_example_param_grads():
+    x, weight, bias, cotangent = _inputs(B, CHANNELS, SPATIAL, jnp.float32)
+    per_example = jax.vmap(jax.grad(_loss(group_norm), argnums=(0, 1, 2)), (0, None, None, 0))
+    dx, dw, db = jax.jit(per_example)(x, weight, bias, cotangent)
+    assert dw.shape == db.shape == (B, CHANNELS)
+    reference_grad = jax.jit(jax.grad(_loss(reference.group_norm), argnums=(0, 1, 2)))
+    for i in range(B):
+        _assert_all_match((dx[i], dw[i], db[i]), reference_grad(x[i], weight, bias, cotangent[i]))
+
+
+def test_vmap_with_per_example_params():
+    """Batched parameters take the unfolded path: Pallas adds a grid axis over examples."""
+    x, weight, bias, cotangent = _inputs(B, CHANNELS, SPATIAL, jnp.float32)
+    weights = weight[None, :] * jnp.linspace(0.5, 1.5, B)[:, None]
+
+    def run(fn):
+        value_and_grad = jax.value_and_grad(_loss(fn), argnums=(0, 1, 2))
+        return jax.jit(jax.vmap(value_and_grad, (0, 0, None, 0)))(x, weights, bias, cotangent)
+
+    (value, grads), (expected_value, expected_grads) = run(group_norm), run(reference.group_norm)
+    _assert_all_match((value, *grads), (expected_value, *expected_grads))
+
+
+# --- lowering for GPU and TPU ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("batch,channels,spatial,groups", [(3, 6, 37, 3), CHUNKED[0]])
+def test_lowers_for_gpu_and_tpu(batch, channels, spatial, groups, platform, dtype):
+    x, weight, bias, _ = _inputs(batch, channels, spatial, dtype)
+    forward = lambda x, w, b: group_norm(x, w, b, groups=groups, eps=EPS)  # noqa: E731
+    loss = lambda *a: jnp.sum(forward(*a).astype(jnp.float32) ** 2)  # noqa: E731
+    value_and_grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    assert ks.kernel_count(ks.lowered(forward, (x, weight, bias), platform), platform) > 0
+    assert ks.kernel_count(ks.lowered(value_and_grad, (x, weight, bias), platform), platform) > 1
+
+
+def test_vmap_folds_examples_into_the_triton_grid():
+    """A vmap of 16 one-example calls launches the kernels over the folded 16·groups rows, in
+    blocks of rows, not one program per example (nor per row)."""
+    examples = 16
+    x, weight, bias, cotangent = _inputs(examples, CHANNELS, SPATIAL, jnp.float32)
+    rows = examples * GROUPS
+    width = c.padded(c.TRITON, CHANNELS // GROUPS) * c.padded(c.TRITON, SPATIAL)
+    block_rows = c.block_config(c.TRITON, rows, width).block_rows
+    folded = (c.ceil_div(rows, block_rows), 1, 1)
+    assert folded[0] < examples
+    vmapped = jax.vmap(_one_example(group_norm), in_axes=(0, None, None))
+    value_and_grad = jax.value_and_grad(_loss(group_norm), argnums=(0, 1, 2))
+    per_example_grads = jax.vmap(value_and_grad, in_axes=(0, None, None, 0))
+    assert ks.triton_grids(ks.lowered(vmapped, (x, weight, bias), "cuda")) == [folded]
+    grads_text = ks.lowered(per_example_grads, (x, weight, bias, cotangent), "cuda")
+    assert ks.triton_grids(grads_text) == [folded, folded]
+
+
+# --- determinism and bad input -----------------------------------------------------------------
+
+
+def test_deterministic():
+    batch, channels, spatial, groups = CHUNKED[0]
+    args = _inputs(batch, channels, spatial, jnp.float32)
+    run = _output_and_grads(group_norm, groups)
+    for first, second in zip(run(*args), run(*args), strict=True):
+        np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_wrong_rank_is_rejected_like_the_reference():
+    x = jnp.ones((4, 6), jnp.float32)
+    for fn in (group_norm, reference.group_norm):
+        with pytest.raises(TypeCheckError, match="parameter 'x'"):
+            fn(x, None, None, groups=3, eps=EPS)
