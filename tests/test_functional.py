@@ -26,8 +26,13 @@ def test_normalized_shape_resolution(op):
     oracle.assert_close(fn(x, None, w[0], eps=1e-2), ref(x, None, w[0], 1e-2, 1))  # from the bias
 
 
-def test_empty_batch_is_allowed():
-    assert F.layer_norm(jnp.ones((0, 7))).shape == (0, 7)
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_empty_batch_is_allowed(impl):
+    assert F.layer_norm(jnp.ones((0, 7)), impl=impl).shape == (0, 7)
+    assert F.rms_norm(jnp.ones((0, 7)), impl=impl).shape == (0, 7)
+    assert F.group_norm(jnp.ones((0, 4, 3)), 2, impl=impl).shape == (0, 4, 3)
+    y, _, _ = F.batch_norm(jnp.ones((0, 4, 3)), mean=jnp.zeros(4), var=jnp.ones(4), impl=impl)
+    assert y.shape == (0, 4, 3)
 
 
 def test_numpy_inputs():
@@ -73,3 +78,14 @@ def test_row_norm_errors(op):
         fn(jnp.ones((2, 4)), eps="small")
     with pytest.raises(ValueError, match=r"impl='fast'"):
         fn(jnp.ones((2, 4)), impl="fast")
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_errors_do_not_depend_on_impl(impl):
+    # The checks run before dispatch, so the kernels reject bad input with the same messages.
+    with pytest.raises(ValueError, match=r"layer_norm: the trailing axes of x must be .*\(3,\)"):
+        F.layer_norm(jnp.ones((2, 4)), jnp.ones(3), impl=impl)
+    with pytest.raises(ValueError, match=r"groups=4 must divide the number of channels"):
+        F.group_norm(jnp.ones((2, 6, 3)), 4, impl=impl)
+    with pytest.raises(ValueError, match=r"batch statistics need more than one value"):
+        F.batch_norm(jnp.ones((1, 3)), impl=impl)

@@ -167,7 +167,7 @@ def test_nested_vmap_and_batched_parameters():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("width", [760, ks.WIDE])
+@pytest.mark.parametrize("width", [760, ks.WIDE, 262144])
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 @pytest.mark.parametrize("op", OPS)
 def test_lowers_with_gradient(op, platform, width, dtype):
