@@ -7,6 +7,10 @@ from ._instance_norm import InstanceNorm as InstanceNorm
 from ._layer_norm import LayerNorm as LayerNorm
 from ._rms_norm import RMSNorm as RMSNorm
 from ._spectral_norm import SpectralNorm as SpectralNorm
+from ._torch_interop import (
+    load_torch_state_dict as load_torch_state_dict,
+    torch_state_dict as torch_state_dict,
+)
 from ._weight_standardization import WeightStandardization as WeightStandardization
 
 __version__ = "0.1.0.dev0"

@@ -20,7 +20,8 @@ def check_example_channels(x: Any, channels: int | None, where: str) -> int:
     """The channel count of one `(channels, *spatial)` example `x`, after checking it.
 
     `channels=None` accepts any (non-zero) `x.shape[0]`. A mismatch whose axis 1 has the
-    expected size is named as a left-in batch axis, with the `jax.vmap` fix.
+    expected size is named as a left-in batch axis, with the `jax.vmap` fix; one whose last
+    axis has it, as channels-last input, with the `jnp.moveaxis` fix.
     """
     _checking.check_floating(x, "x", where)
     if x.ndim == 0:
@@ -36,6 +37,13 @@ def check_example_channels(x: Any, channels: int | None, where: str) -> int:
                 f"channels: axis 0 (size {x.shape[0]}) looks like a batch axis. Equinox "
                 f"layers take one example at a time; for a batch, replace `norm(x)` with "
                 f"`jax.vmap(norm)(x)`."
+            )
+        if x.ndim >= 2 and x.shape[-1] == channels:
+            raise ValueError(
+                f"{where} expects x of shape (channels={channels}, *spatial), channels "
+                f"first, but got x.shape={x.shape}, whose last axis holds the {channels} "
+                f"channels: it looks channels-last. Move the channels first with "
+                f"`jnp.moveaxis(x, -1, 0)` (for a batch, `jnp.moveaxis(batch, -1, 1)`)."
             )
         raise ValueError(
             f"{where} expects x of shape (channels={channels}, *spatial), but got "

@@ -1,23 +1,13 @@
 """The tour example, the README's main job: it trains (the loss goes down) and shows a shape
 error caught at trace time."""
 
-import importlib.util
 import math
-from pathlib import Path
 
-TOUR = Path(__file__).resolve().parents[1] / "examples" / "tour.py"
-
-
-def _load_tour():
-    spec = importlib.util.spec_from_file_location("eqxnorm_examples_tour", TOUR)
-    assert spec is not None and spec.loader is not None, f"cannot load {TOUR}"
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from example_support import load_example
 
 
 def test_tour_trains_and_reports_a_shape_error(capsys):
-    tour = _load_tour()
+    tour = load_example("tour")
     result = tour.main()
     printed = capsys.readouterr().out
 

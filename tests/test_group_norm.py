@@ -473,3 +473,9 @@ def test_pallas_matches_reference():
         return eqx.tree_at(lambda m: m.weight, layer, jnp.linspace(0.5, 1.5, 6))
 
     ks.assert_impls_agree(build, lambda layer, x: jax.vmap(layer)(x), x)
+
+
+def test_channels_last_input_is_named():
+    norm = eqxnorm.GroupNorm(3, 3)
+    with pytest.raises(ValueError, match=r"x.shape=\(12, 12, 3\).*channels-last.*moveaxis"):
+        norm(jnp.ones((12, 12, 3)))
