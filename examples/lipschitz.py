@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 import eqxnorm
-from _adam import Adam  # examples/_adam.py
+from _training import Adam, smooth  # examples/_training.py
 
 PLOT_PATH = Path(__file__).resolve().parent / "plots" / "lipschitz.png"
 RADIUS = 2.0  # inputs are uniform on [-RADIUS, RADIUS]^2
@@ -162,14 +162,6 @@ def train(
         if step % record_every == 0 or step == steps:
             record(step)
     return {"losses": losses, **records, "seconds": time.perf_counter() - start}
-
-
-def smooth(values: list[float], window: int) -> np.ndarray:
-    """A trailing moving average (shorter at the start), to read minibatch loss curves."""
-    cumulative = np.cumsum(np.insert(np.asarray(values), 0, 0.0))
-    ends = np.arange(1, len(values) + 1)
-    starts = np.maximum(ends - window, 0)
-    return (cumulative[ends] - cumulative[starts]) / (ends - starts)
 
 
 def print_table(constrained: dict, plain: dict, print_every: int) -> None:

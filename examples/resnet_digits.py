@@ -31,7 +31,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import eqxnorm
-from _adam import Adam  # examples/_adam.py
+from _training import Adam, smooth  # examples/_training.py
 
 CLASSES = 10
 BATCH_AXIS = "batch"
@@ -234,14 +234,6 @@ def train_variant(variant, data, *, steps, batch_size, width, learning_rate, eva
         "test_accuracy": test_accuracy,
         "seconds": time.perf_counter() - start,
     }
-
-
-def smooth(values: list[float], window: int) -> np.ndarray:
-    """A trailing moving average (shorter at the start), to read minibatch loss curves."""
-    cumulative = np.cumsum(np.insert(np.asarray(values), 0, 0.0))
-    ends = np.arange(1, len(values) + 1)
-    starts = np.maximum(ends - window, 0)
-    return (cumulative[ends] - cumulative[starts]) / (ends - starts)
 
 
 def plot(results: dict, path: Path, title: str) -> None:

@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import eqxnorm
-from _adam import Adam  # examples/_adam.py
+from _training import Adam  # examples/_training.py
 
 matplotlib.use("Agg")
 

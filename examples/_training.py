@@ -1,9 +1,11 @@
-"""Adam (Kingma & Ba, 2015) written by hand for the examples, so they need no optimizer
-library: a few `jax.tree.map`s over a model's inexact arrays."""
+"""What the examples share: Adam (Kingma & Ba, 2015) written by hand, so they need no
+optimizer library (a few `jax.tree.map`s over a model's inexact arrays), and the moving
+average their loss plots use."""
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PyTree
 
 
@@ -26,3 +28,11 @@ class Adam(eqx.Module):
         rate = learning_rate * jnp.sqrt(1 - b2**step) / (1 - b1**step)
         updates = jax.tree.map(lambda m, s: -rate * m / (jnp.sqrt(s) + eps), mean, square)
         return eqx.apply_updates(model, updates), Adam(step, mean, square)
+
+
+def smooth(values: list[float], window: int) -> np.ndarray:
+    """A trailing moving average (shorter at the start), to read minibatch loss curves."""
+    cumulative = np.cumsum(np.insert(np.asarray(values), 0, 0.0))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (cumulative[ends] - cumulative[starts]) / (ends - starts)
