@@ -1,6 +1,11 @@
 """eqxnorm: normalization layers for JAX/Equinox, shape-checked, with fused Pallas kernels."""
 
 from . import functional as functional, kernels as kernels
+from ._adaptive_norm import (
+    AdaptiveGroupNorm as AdaptiveGroupNorm,
+    AdaptiveLayerNorm as AdaptiveLayerNorm,
+    AdaptiveRMSNorm as AdaptiveRMSNorm,
+)
 from ._batch_norm import BatchNorm as BatchNorm
 from ._group_norm import GroupNorm as GroupNorm
 from ._instance_norm import InstanceNorm as InstanceNorm

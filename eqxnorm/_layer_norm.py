@@ -11,6 +11,7 @@ from . import _checking, functional
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
 from ._misc import sentinel
+from .kernels.reference import AxisName, compute_dtype
 
 
 class _RowNorm(eqx.Module):
@@ -22,6 +23,7 @@ class _RowNorm(eqx.Module):
     use_weight: bool = eqx.field(static=True)
     use_bias: bool = eqx.field(static=True)
     impl: Impl = eqx.field(static=True)
+    axis_name: AxisName | None = eqx.field(static=True)
     weight: Float[Array, "*shape"] | None
     bias: Float[Array, "*shape"] | None
 
@@ -36,6 +38,7 @@ class _RowNorm(eqx.Module):
         dtype=None,
         *,
         impl: Impl = "auto",
+        axis_name: AxisName | None = None,
     ):
         """**Arguments:**
 
@@ -46,6 +49,11 @@ class _RowNorm(eqx.Module):
         - `use_bias`: whether to learn the shift $\\beta$ (initialised to zeros).
         - `dtype`: dtype of the parameters; defaults to float32 (float64 in 64-bit mode).
         - `impl`: `"auto"`, `"pallas"` or `"reference"`; see `eqxnorm.functional`.
+        - `axis_name`: the named axis (or sequence of names) the features are split over,
+            for tensor parallelism inside `jax.shard_map`: each member holds an equal slice
+            of one axis of `shape` (of `x` and of the parameters alike; `shape` stays the
+            whole one), and the statistics are over all of them, pooled with `lax.pmean`.
+            `None` (the default): each call holds the whole example.
 
         **Raises:**
 
@@ -59,6 +67,7 @@ class _RowNorm(eqx.Module):
         self.use_weight = use_weight
         self.use_bias = use_bias
         self.impl = impl
+        self.axis_name = axis_name
         self.weight = jnp.ones(self.shape, dtype=dtype) if use_weight else None
         self.bias = jnp.zeros(self.shape, dtype=dtype) if use_bias else None
 
@@ -66,7 +75,22 @@ class _RowNorm(eqx.Module):
         where = f"{type(self).__name__}(shape={self.shape})"
         _checking.check_floating(x, "x", where)
         names = ["dim"] if len(self.shape) == 1 else [f"shape[{i}]" for i in range(len(self.shape))]
-        _checking.check_example_shape(x, self.shape, where, names)
+        if self.axis_name is None:
+            _checking.check_example_shape(x, self.shape, where, names)
+            return
+        members = _checking.axis_size(self.axis_name, where)
+        slices = [
+            (*self.shape[:i], n // members, *self.shape[i + 1 :])
+            for i, n in enumerate(self.shape)
+            if n % members == 0
+        ]
+        if tuple(x.shape) not in slices:
+            raise ValueError(
+                f"{where} with axis_name={self.axis_name!r} normalizes an example split over "
+                f"the {members} members of that axis, each holding an equal slice of one axis "
+                f"of {self.shape} (one of {slices}), but got x.shape={x.shape}. Split x (and "
+                f"the parameters) evenly along one axis, e.g. with shard_map's in_specs."
+            )
 
     @_checking.typechecked(_precheck)
     def __call__(
@@ -95,8 +119,61 @@ class _RowNorm(eqx.Module):
         """
         with jax.named_scope(f"eqxnorm.{type(self).__name__}"):
             fn = getattr(functional, self._function)
-            out = fn(x, self.weight, self.bias, shape=self.shape, eps=self.eps, impl=self.impl)
+            out = fn(
+                x,
+                self.weight,
+                self.bias,
+                shape=self.shape if self.axis_name is None else x.shape,
+                eps=self.eps,
+                axis_name=self.axis_name,
+                impl=self.impl,
+            )
         return out if state is sentinel else (out, state)
+
+    def _precheck_add(self, x, residual):
+        self._precheck(x)
+        where = f"{type(self).__name__}(shape={self.shape}).add_and_norm"
+        _checking.check_floating(residual, "residual", where)
+        if tuple(residual.shape) != tuple(x.shape):
+            raise ValueError(
+                f"{where}: residual must have x's shape {self.shape}, but got "
+                f"residual.shape={residual.shape}. Pass the residual stream x is added to."
+            )
+
+    @_checking.typechecked(_precheck_add)
+    def add_and_norm(
+        self, x: Float[AnyArray, "*shape"], residual: Float[AnyArray, "*shape"]
+    ) -> tuple[Float[Array, "*shape"], Float[Array, "*shape"]]:
+        """The residual add and this norm fused, as in a pre-norm transformer block:
+        `h = x + residual`, `y = self(h)`, in one pass (one kernel with `impl="pallas"`,
+        forward and backward). See [`eqxnorm.functional.add_layer_norm`][].
+
+        **Arguments:**
+
+        - `x`: one example, of shape `shape`: the sublayer's output.
+        - `residual`: the residual stream, of shape `shape` (its dtype may differ from
+            `x`'s, e.g. float32 under bfloat16 activations).
+
+        **Returns:**
+
+        `(y, h)`: the normalized `y` in `x.dtype` and the new residual stream `h` in
+        `residual.dtype`; `y` equals `self(h)` exactly.
+
+        **Raises:**
+
+        `ValueError` when `x.shape` or `residual.shape` is not `shape`; `TypeError` for
+        non-floating input.
+        """
+        with jax.named_scope(f"eqxnorm.{type(self).__name__}.add_and_norm"):
+            if self.axis_name is not None:
+                # The fused kernels keep their statistics local: add as they do, then norm.
+                cdt = compute_dtype(jnp.promote_types(x.dtype, residual.dtype))
+                h = (x.astype(cdt) + residual.astype(cdt)).astype(residual.dtype)
+                return self(h).astype(x.dtype), h
+            fn = getattr(functional, "add_" + self._function)
+            return fn(
+                x, residual, self.weight, self.bias, shape=self.shape, eps=self.eps, impl=self.impl
+            )
 
 
 class LayerNorm(_RowNorm):

@@ -64,21 +64,23 @@ def _resolve_row_shape(x: Any, weight: Any, bias: Any, shape: Any, where: str) -
 
 
 def _check_row_norm(where: str):
-    def precheck(x, weight=None, bias=None, *, shape=None, eps=1e-5, impl="auto"):
+    def precheck(x, weight=None, bias=None, *, shape=None, eps=1e-5, axis_name=None, impl="auto"):
         _resolve_row_shape(x, weight, bias, shape, where)
         _checking.check_eps(eps, where)
+        if axis_name is not None:
+            _checking.axis_size(axis_name, where)
         check_impl(impl, where)
 
     return precheck
 
 
-def _row_norm(op: str, x, weight, bias, shape, eps, impl):
+def _row_norm(op: str, x, weight, bias, shape, eps, impl, axis_name=None):
     shape = _resolve_row_shape(x, weight, bias, shape, f"eqxnorm.functional.{op}")
     dim = math.prod(shape)
     x, weight, bias = _as_arrays(x, weight, bias)
     rows = x.reshape(-1, dim)
     flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
-    y = getattr(implementation(impl), op)(rows, *flat, eps=eps)
+    y = getattr(implementation(impl), op)(rows, *flat, eps=eps, axis_name=axis_name)
     return y.reshape(x.shape)
 
 
@@ -90,6 +92,7 @@ def layer_norm(
     *,
     shape: int | Sequence[int] | None = None,
     eps: float = 1e-5,
+    axis_name: AxisName | None = None,
     impl: Impl = "auto",
 ) -> Float[Array, "*batch_and_shape"]:
     r"""Layer normalization over the trailing `shape` axes of `x`:
@@ -110,6 +113,11 @@ def layer_norm(
     - `shape`: the normalized trailing shape. Defaults to the parameters' shape, or to the
         last axis of `x` when both are `None`.
     - `eps`: added to the variance; must be positive.
+    - `axis_name`: the named axis (or sequence of names) the normalized features are split
+        over, for tensor parallelism inside `jax.shard_map` (or `pmap`/`vmap`): each member
+        holds a slice of the features (`x`, `weight` and `bias` alike, so `shape` is the
+        local one) and the statistics are over all of them, pooled with `lax.pmean`. With
+        `impl="pallas"` this runs the reference, which XLA fuses around the collective.
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
 
     **Returns:**
@@ -119,9 +127,10 @@ def layer_norm(
     **Raises:**
 
     `TypeError` for non-floating input; `ValueError` when the trailing axes of `x` do not
-    match `shape`/the parameters, `shape` is empty, `eps <= 0`, or `impl` is unknown.
+    match `shape`/the parameters, `shape` is empty, `eps <= 0`, `axis_name` is not bound by
+    an enclosing transformation, or `impl` is unknown.
     """
-    return _row_norm("layer_norm", x, weight, bias, shape, eps, impl)
+    return _row_norm("layer_norm", x, weight, bias, shape, eps, impl, axis_name)
 
 
 @_checking.typechecked(_check_row_norm("eqxnorm.functional.rms_norm"))
@@ -132,6 +141,7 @@ def rms_norm(
     *,
     shape: int | Sequence[int] | None = None,
     eps: float = 1e-5,
+    axis_name: AxisName | None = None,
     impl: Impl = "auto",
 ) -> Float[Array, "*batch_and_shape"]:
     r"""Root-mean-square normalization over the trailing `shape` axes of `x`:
@@ -153,7 +163,7 @@ def rms_norm(
 
     As [`eqxnorm.functional.layer_norm`][].
     """
-    return _row_norm("rms_norm", x, weight, bias, shape, eps, impl)
+    return _row_norm("rms_norm", x, weight, bias, shape, eps, impl, axis_name)
 
 
 # --- GroupNorm / InstanceNorm ----------------------------------------------------------------
@@ -188,7 +198,10 @@ def _check_channel_params(channels: int, where: str, **params: Any) -> None:
 
 
 def _check_group_norm(x, groups, weight=None, bias=None, *, eps=1e-5, impl="auto"):
-    where = "eqxnorm.functional.group_norm"
+    _check_group_args(x, groups, weight, bias, eps, impl, "eqxnorm.functional.group_norm")
+
+
+def _check_group_args(x, groups, weight, bias, eps, impl, where: str) -> None:
     _, channels, _ = _check_channels_first(x, where)
     _checking.check_positive_int(groups, "groups", where)
     if channels % groups != 0:
@@ -594,6 +607,319 @@ def spectral_norm(weight: Float[AnyArray, " out *rest"]) -> Scalar:
     return jnp.linalg.svd(matrix, compute_uv=False)[0]
 
 
+# --- Fused residual add + norm ---------------------------------------------------------------
+
+
+def _check_same_shape(x: Any, other: Any, name: str, where: str) -> None:
+    _checking.check_floating(other, name, where)
+    if tuple(other.shape) != tuple(x.shape):
+        raise ValueError(
+            f"{where}: {name} must have x's shape, but got x.shape={x.shape} and "
+            f"{name}.shape={other.shape}. Pass the residual stream that x is added to, of the "
+            f"same shape."
+        )
+
+
+def _check_add_row_norm(where: str):
+    def precheck(x, residual, weight=None, bias=None, *, shape=None, eps=1e-5, impl="auto"):
+        _resolve_row_shape(x, weight, bias, shape, where)
+        _check_same_shape(x, residual, "residual", where)
+        _checking.check_eps(eps, where)
+        check_impl(impl, where)
+
+    return precheck
+
+
+def _add_row_norm(op: str, x, residual, weight, bias, shape, eps, impl):
+    shape = _resolve_row_shape(x, weight, bias, shape, f"eqxnorm.functional.{op}")
+    dim = math.prod(shape)
+    x, residual, weight, bias = _as_arrays(x, residual, weight, bias)
+    rows = math.prod(x.shape) // dim
+    flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
+    y, h = getattr(implementation(impl), op)(
+        x.reshape(rows, dim), residual.reshape(rows, dim), *flat, eps=eps
+    )
+    return y.reshape(x.shape), h.reshape(x.shape)
+
+
+@_checking.typechecked(_check_add_row_norm("eqxnorm.functional.add_layer_norm"))
+def add_layer_norm(
+    x: Float[AnyArray, "*batch_and_shape"],
+    residual: Float[AnyArray, "*batch_and_shape"],
+    weight: Float[AnyArray, "*shape"] | None = None,
+    bias: Float[AnyArray, "*shape"] | None = None,
+    *,
+    shape: int | Sequence[int] | None = None,
+    eps: float = 1e-5,
+    impl: Impl = "auto",
+) -> tuple[Float[Array, "*batch_and_shape"], Float[Array, "*batch_and_shape"]]:
+    r"""Residual add and LayerNorm in one pass, as a pre-norm transformer block needs them:
+
+    $$h = x + r, \qquad y = \frac{h - \mathbb{E}[h]}{\sqrt{\mathrm{Var}[h] + \varepsilon}}
+    \gamma + \beta,$$
+
+    returning both the normalized `y` (the next sublayer's input) and `h` (the new residual
+    stream). With `impl="pallas"` it is one kernel that reads `x` and `r` once and writes `y`
+    and `h` once, and whose backward takes the gradients of both outputs in one pass (the
+    unfused sequence makes two round trips through memory each way).
+
+    The sum is taken in float32 and stored in `residual.dtype`, and `y` is the norm of `h` as
+    stored, so the result equals `h = x + residual; y = layer_norm(h)` exactly. Keep the
+    residual stream in float32 under bfloat16 activations by passing a float32 `residual`.
+
+    **Arguments:**
+
+    - `x`: `(*batch, *shape)`, floating point: the sublayer's output.
+    - `residual`: `(*batch, *shape)`, floating point (its dtype may differ from `x`'s).
+    - `weight`, `bias`, `shape`, `eps`, `impl`: as [`eqxnorm.functional.layer_norm`][].
+
+    **Returns:**
+
+    `(y, h)`: `y` of `x`'s shape and dtype, `h` of its shape in `residual.dtype`.
+
+    **Raises:**
+
+    As [`eqxnorm.functional.layer_norm`][]; also `ValueError` when `residual.shape !=
+    x.shape`.
+    """
+    return _add_row_norm("add_layer_norm", x, residual, weight, bias, shape, eps, impl)
+
+
+@_checking.typechecked(_check_add_row_norm("eqxnorm.functional.add_rms_norm"))
+def add_rms_norm(
+    x: Float[AnyArray, "*batch_and_shape"],
+    residual: Float[AnyArray, "*batch_and_shape"],
+    weight: Float[AnyArray, "*shape"] | None = None,
+    bias: Float[AnyArray, "*shape"] | None = None,
+    *,
+    shape: int | Sequence[int] | None = None,
+    eps: float = 1e-5,
+    impl: Impl = "auto",
+) -> tuple[Float[Array, "*batch_and_shape"], Float[Array, "*batch_and_shape"]]:
+    r"""Residual add and RMSNorm in one pass:
+
+    $$h = x + r, \qquad y = \frac{h}{\sqrt{\frac{1}{n}\sum_{i=1}^n h_i^2 + \varepsilon}}
+    \gamma + \beta.$$
+
+    **Arguments:**
+
+    As [`eqxnorm.functional.add_layer_norm`][].
+
+    **Returns:**
+
+    `(y, h)`: `y` of `x`'s shape and dtype, `h` of its shape in `residual.dtype`.
+
+    **Raises:**
+
+    As [`eqxnorm.functional.add_layer_norm`][].
+    """
+    return _add_row_norm("add_rms_norm", x, residual, weight, bias, shape, eps, impl)
+
+
+# --- Adaptive (modulated) norms --------------------------------------------------------------
+
+
+def _modulation_lead(x: Any, scale: Any, shift: Any, feature_shape: tuple[int, ...], where: str):
+    """The leading axes `lead` of `scale`/`shift` (`(*lead, *feature_shape)`), checked to be a
+    prefix of `x`'s axes before its features."""
+    for name, value in (("scale", scale), ("shift", shift)):
+        _checking.check_floating(value, name, where)
+    if tuple(scale.shape) != tuple(shift.shape):
+        raise ValueError(
+            f"{where}: scale and shift must have the same shape, but got scale.shape="
+            f"{scale.shape} and shift.shape={shift.shape}."
+        )
+    k = len(feature_shape)
+    if scale.ndim < k or tuple(scale.shape[scale.ndim - k :]) != feature_shape:
+        raise ValueError(
+            f"{where}: scale and shift must end in the normalized shape {feature_shape}, but "
+            f"got scale.shape={scale.shape}. Pass one (scale, shift) per example: shape "
+            f"(*batch, *{feature_shape})."
+        )
+    lead = tuple(scale.shape[: scale.ndim - k])
+    if x.ndim < len(lead) + k or tuple(x.shape[: len(lead)]) != lead:
+        raise ValueError(
+            f"{where}: the leading axes {lead} of scale.shape={scale.shape} must be the "
+            f"leading axes of x, but got x.shape={x.shape}. scale and shift hold one vector "
+            f"per example, broadcast over the axes between the batch and the features (e.g. "
+            f"x of shape (batch, tokens, dim) with scale of shape (batch, dim))."
+        )
+    return lead
+
+
+def _check_adaptive_row_norm(where: str):
+    def precheck(x, scale, shift, weight=None, bias=None, *, shape=None, eps=1e-5, impl="auto"):
+        feature_shape = _resolve_row_shape(x, weight, bias, shape, where)
+        _modulation_lead(x, scale, shift, feature_shape, where)
+        _checking.check_eps(eps, where)
+        check_impl(impl, where)
+
+    return precheck
+
+
+def _adaptive_row_norm(op: str, x, scale, shift, weight, bias, shape, eps, impl):
+    where = f"eqxnorm.functional.{op}"
+    shape = _resolve_row_shape(x, weight, bias, shape, where)
+    lead = _modulation_lead(x, scale, shift, shape, where)
+    dim, examples = math.prod(shape), math.prod(lead)
+    x, scale, shift, weight, bias = _as_arrays(x, scale, shift, weight, bias)
+    rows = math.prod(x.shape[len(lead) : x.ndim - len(shape)])
+    flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
+    y = getattr(implementation(impl), op)(
+        x.reshape(examples, rows, dim),
+        scale.reshape(examples, dim),
+        shift.reshape(examples, dim),
+        *flat,
+        eps=eps,
+    )
+    return y.reshape(x.shape)
+
+
+@_checking.typechecked(_check_adaptive_row_norm("eqxnorm.functional.adaptive_layer_norm"))
+def adaptive_layer_norm(
+    x: Float[AnyArray, "*x_shape"],
+    scale: Float[AnyArray, "*modulation_shape"],
+    shift: Float[AnyArray, "*modulation_shape"],
+    weight: Float[AnyArray, "*shape"] | None = None,
+    bias: Float[AnyArray, "*shape"] | None = None,
+    *,
+    shape: int | Sequence[int] | None = None,
+    eps: float = 1e-5,
+    impl: Impl = "auto",
+) -> Float[Array, "*x_shape"]:
+    r"""Adaptive layer normalization (adaLN, as in DiT; FiLM): LayerNorm over the trailing
+    `shape` axes, then a scale and shift given per example,
+
+    $$y = \left(\frac{x - \mathbb{E}[x]}{\sqrt{\mathrm{Var}[x] + \varepsilon}}\gamma +
+    \beta\right)(1 + s) + t,$$
+
+    where $s$ = `scale` and $t$ = `shift` are typically projected from a conditioning
+    embedding (see [`eqxnorm.AdaptiveLayerNorm`][]) and are broadcast over the axes between
+    the batch and the features, e.g. the tokens. With `impl="pallas"` the modulation is fused
+    into the LayerNorm kernel, forward and backward (the unfused sequence writes and reads the
+    normalized array once more each way). Computed in float32 and rounded once.
+
+    ??? cite
+        [Scalable Diffusion Models with Transformers](https://arxiv.org/abs/2212.09748);
+        [FiLM: Visual Reasoning with a General Conditioning Layer](https://arxiv.org/abs/1709.07871)
+
+    **Arguments:**
+
+    - `x`: `(*lead, *middle, *shape)`, floating point; e.g. `(batch, tokens, dim)`.
+    - `scale`, `shift`: `(*lead, *shape)`, one vector per example: `lead` are the leading
+        axes of `x` (`()` for a single example).
+    - `weight`, `bias`, `shape`, `eps`, `impl`: as [`eqxnorm.functional.layer_norm`][]
+        (diffusion transformers use neither `weight` nor `bias`).
+
+    **Returns:**
+
+    An array of `x`'s shape and dtype.
+
+    **Raises:**
+
+    As [`eqxnorm.functional.layer_norm`][]; also `ValueError` when `scale` and `shift`
+    differ in shape or do not have the shape `(*lead, *shape)` with `lead` leading axes of
+    `x`, and `TypeError` for non-floating `scale`/`shift`.
+    """
+    return _adaptive_row_norm(
+        "adaptive_layer_norm", x, scale, shift, weight, bias, shape, eps, impl
+    )
+
+
+@_checking.typechecked(_check_adaptive_row_norm("eqxnorm.functional.adaptive_rms_norm"))
+def adaptive_rms_norm(
+    x: Float[AnyArray, "*x_shape"],
+    scale: Float[AnyArray, "*modulation_shape"],
+    shift: Float[AnyArray, "*modulation_shape"],
+    weight: Float[AnyArray, "*shape"] | None = None,
+    bias: Float[AnyArray, "*shape"] | None = None,
+    *,
+    shape: int | Sequence[int] | None = None,
+    eps: float = 1e-5,
+    impl: Impl = "auto",
+) -> Float[Array, "*x_shape"]:
+    r"""Adaptive RMSNorm: RMSNorm over the trailing `shape` axes, then a per-example scale and
+    shift,
+
+    $$y = \left(\frac{x}{\sqrt{\frac{1}{n}\sum_{i=1}^n x_i^2 + \varepsilon}}\gamma +
+    \beta\right)(1 + s) + t.$$
+
+    **Arguments:**
+
+    As [`eqxnorm.functional.adaptive_layer_norm`][].
+
+    **Returns:**
+
+    An array of `x`'s shape and dtype.
+
+    **Raises:**
+
+    As [`eqxnorm.functional.adaptive_layer_norm`][].
+    """
+    return _adaptive_row_norm("adaptive_rms_norm", x, scale, shift, weight, bias, shape, eps, impl)
+
+
+def _check_adaptive_group_norm(
+    x, groups, scale, shift, weight=None, bias=None, *, eps=1e-5, impl="auto"
+):
+    where = "eqxnorm.functional.adaptive_group_norm"
+    _check_group_args(x, groups, weight, bias, eps, impl, where)
+    expected = tuple(x.shape[:2])
+    for name, value in (("scale", scale), ("shift", shift)):
+        _checking.check_floating(value, name, where)
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"{where}: {name} must be (batch, channels) = {expected}, one vector per "
+                f"example, but got {name}.shape={value.shape}."
+            )
+
+
+@_checking.typechecked(_check_adaptive_group_norm)
+def adaptive_group_norm(
+    x: Float[AnyArray, "batch channels *spatial"],
+    groups: int,
+    scale: Float[AnyArray, "batch channels"],
+    shift: Float[AnyArray, "batch channels"],
+    weight: Float[AnyArray, " channels"] | None = None,
+    bias: Float[AnyArray, " channels"] | None = None,
+    *,
+    eps: float = 1e-5,
+    impl: Impl = "auto",
+) -> Float[Array, "batch channels *spatial"]:
+    r"""Adaptive GroupNorm (the FiLM conditioning of diffusion U-Nets): GroupNorm, then a
+    scale and shift per example and channel,
+
+    $$y_{b,c} = \left(\frac{x_{b,c} - \mathbb{E}[x_{b,g(c)}]}{\sqrt{\mathrm{Var}[x_{b,g(c)}]
+    + \varepsilon}}\gamma_c + \beta_c\right)(1 + s_{b,c}) + t_{b,c}.$$
+
+    With `impl="pallas"` the modulation is fused into the GroupNorm kernel, forward and
+    backward.
+
+    **Arguments:**
+
+    - `x`: `(batch, channels, *spatial)`, floating point.
+    - `groups`: the number of groups; must divide `channels`.
+    - `scale`, `shift`: `(batch, channels)`.
+    - `weight`, `bias`: `(channels,)` or `None`.
+    - `eps`: added to the variance; must be positive.
+    - `impl`: `"auto"`, `"pallas"` or `"reference"`.
+
+    **Returns:**
+
+    An array of `x`'s shape and dtype.
+
+    **Raises:**
+
+    As [`eqxnorm.functional.group_norm`][]; also `ValueError` when `scale`/`shift` are not
+    `(batch, channels)`.
+    """
+    x, scale, shift, weight, bias = _as_arrays(x, scale, shift, weight, bias)
+    y = implementation(impl).adaptive_group_norm(
+        _flatten_spatial(x), scale, shift, weight, bias, groups=groups, eps=eps
+    )
+    return y.reshape(x.shape)
+
+
 __all__ = [
     "layer_norm",
     "rms_norm",
@@ -603,4 +929,9 @@ __all__ = [
     "weight_standardize",
     "spectral_normalize",
     "spectral_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "adaptive_layer_norm",
+    "adaptive_rms_norm",
+    "adaptive_group_norm",
 ]

@@ -18,6 +18,25 @@ lowers the real kernel):
 `shift + offset`, padding masked out. Rows too wide for one block are reduced chunk by chunk
 and combined with [`chan_combine`][] (Chan, Golub & LeVeque's parallel update), which, like
 the two-pass variance, never forms `E[x²] − E[x]²`.
+
+**Sharding.** A kernel call is one opaque custom call to XLA, which replicates it under
+`jax.jit` with sharded operands: every device gathers the whole batch. [`per_platform`][]'s
+`sharding=` [`Rule`][] (from `eqxnorm.kernels._sharding`) runs it on each device's slice
+instead. The contract, for every call whose operands carry a batch:
+
+- Name every axis of every operand and output position, in order, `None` ones included:
+  `Rule("g r d, g r d, g d, g d -> g r d, g r d, g r, g r, g r", split="g r")` for
+  `(x, residual, weight, bias) -> (y, h, shift, offset, rstd)`.
+- `split` lists the factors the call is independent along (examples, rows, groups): the
+  kernel must give the same results on any block of them. Every other factor (what a
+  statistic reduces over: features, channels, spatial) is gathered whole.
+- An output lacking a split factor is a sum over it (a parameter gradient over rows), added
+  across devices with `psum`; anything else needs the rule's `combine` (BatchNorm's partial
+  moments).
+- A factor written `b?` is optional: an operand with fewer axes lacks it, e.g. `"b? c"` for
+  a parameter shared by the examples `(channels,)` or per example `(batch, channels)`.
+
+Without a rule the call stays correct: it runs on the operands gathered whole.
 """
 
 import dataclasses
@@ -32,6 +51,8 @@ import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu, triton as plgpu
+
+from ._sharding import Rule, gathered, partitioned
 
 F32 = jnp.float32
 
@@ -51,17 +72,26 @@ MOSAIC = Target("mosaic", masked=False, interpret=False)
 INTERPRET = Target("interpret", masked=True, interpret=True)
 
 
-def per_platform(fn: Callable[..., Any], *args: Any) -> Any:
+def per_platform(fn: Callable[..., Any], *args: Any, sharding: Rule | None = None) -> Any:
     """`fn(target, *args)` for the target of the platform the computation is lowered for.
 
-    Every branch is traced; only the lowering platform's is compiled."""
-    return lax.platform_dependent(
-        *args,
-        cuda=functools.partial(fn, TRITON),
-        rocm=functools.partial(fn, TRITON),
-        tpu=functools.partial(fn, MOSAIC),
-        default=functools.partial(fn, INTERPRET),
-    )
+    Every branch is traced; only the lowering platform's is compiled. With a `sharding`
+    [`Rule`][], a call whose operands are sharded across devices runs on each device's slice
+    (see the module docstring); without one, on the operands gathered onto every device
+    (`_sharding.gathered`)."""
+
+    def staged(*operands):
+        return lax.platform_dependent(
+            *operands,
+            cuda=functools.partial(fn, TRITON),
+            rocm=functools.partial(fn, TRITON),
+            tpu=functools.partial(fn, MOSAIC),
+            default=functools.partial(fn, INTERPRET),
+        )
+
+    if sharding is None:
+        return gathered(staged)(*args)
+    return partitioned(staged, sharding)(*args)
 
 
 # --- the block-size heuristic ------------------------------------------------------------------

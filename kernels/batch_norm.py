@@ -31,9 +31,10 @@ of 32 sublanes; their edge tiles are padded by the pipeline and masked out of ev
 
 1. Statistics kernel: every tile writes, per channel, the mean of $d = x - K$ and $M_2 =
    \sum (d - \bar{d})^2$ over its $n$ valid elements, in float32 (two passes over the tile
-   on chip). The shift $K$ is `x[0, :, 0]` (its `pmean` over `axis_name`, so that every
-   member shares it): a value of the data keeps $d$ at the scale of the spread, not of the
-   mean.
+   on chip). The shift $K$ is the mean over the batch of `x[:, :, 0]` (and its `pmean` over
+   `axis_name`, so that every member shares it): values of the data keep $d$ at the scale
+   of the spread, not of the mean; a mean over the batch, rather than one example's value,
+   is also defined where the batch axis is split across devices.
 2. Outside, in `jnp`: the partials are combined with Chan et al.'s parallel formula,
    $\bar{d} = \sum_k n_k \bar{d}_k / N$, $M_2 = \sum_k M_{2,k} + \sum_k n_k (\bar{d}_k -
    \bar{d})^2$, $\sigma^2 = M_2 / N$, never $E[x^2] - E[x]^2$. With `axis_name` the members,
@@ -77,6 +78,12 @@ reference does, so the two parts (which can cancel) are summed in float32 and ro
 There are no atomics: every partial has its own slot and is reduced in a fixed order, so two
 runs give bitwise-equal results. Under `jax.vmap` Pallas adds a grid axis over the examples
 (tiles span channels × space, so a one-example call still fills its programs).
+
+**Sharded.** Under `jax.jit` with `x` split across devices along the batch (or spatial) axis,
+every kernel runs on each device's own slice (`_MOMENTS`, `_NORMALIZE`, `_SUMS`, see
+`eqxnorm.kernels._sharding`): the statistics kernel's per-device `(offset, var)` are pooled
+like `axis_name`'s members (`_pool_moments`), so the normalization uses the statistics of
+the whole batch, as on one device, and the backward's sums are added with `psum`.
 
 The kernels compute in float32; for float64 input the statistics are returned as float64 but
 carry float32 accuracy (use the reference for float64).
@@ -301,6 +308,27 @@ def _sums_on(target: Target, x, dy, shift, offset):
     return tuple(jnp.sum(p[..., 0], axis=0) for p in partials)
 
 
+# --- sharding: each device's tiles ------------------------------------------------------------
+
+
+def _pool_moments(moments: tuple, axis_name) -> tuple:
+    r"""The `(offset, var)` of the union of the members of `axis_name` from each member's,
+    all of one count and one shift: Chan et al.'s combination for equal counts,
+    $\bar{d} = \mathrm{pmean}(\bar{d}_k)$, $\sigma^2 = \mathrm{pmean}(\sigma^2_k +
+    (\bar{d}_k - \bar{d})^2)$."""
+    local, var = moments
+    offset = lax.pmean(local, axis_name)
+    return offset, lax.pmean(var + jnp.square(local - offset), axis_name)
+
+
+# Batch-sharded under `jit`, each device runs the kernels on its own examples (and spatial
+# positions): the statistics from its tiles are pooled across devices like `axis_name`'s
+# members, the normalization is elementwise, and the backward's sums are added.
+_MOMENTS = c.Rule("b c s, c -> c, c", split="b s", combine=_pool_moments)
+_NORMALIZE = c.Rule("b c s, c, c, c, c -> b c s", split="b s")
+_SUMS = c.Rule("b c s, b c s, c, c -> c, c", split="b s")
+
+
 # --- differentiation ---------------------------------------------------------------------------
 
 
@@ -322,7 +350,7 @@ def _local_moments(xw, shift, dtype):
 
 def _local_moments_fwd(xw, shift, dtype):
     x = xw.astype(dtype)
-    offset, var = c.per_platform(_moments_on, x, shift)
+    offset, var = c.per_platform(_moments_on, x, shift, sharding=_MOMENTS)
     return (offset, var), (x, shift, offset)
 
 
@@ -347,14 +375,14 @@ def _normalize(xw, shift, offset, scale, bias, dtype):
 
 def _normalize_fwd(xw, shift, offset, scale, bias, dtype):
     x = xw.astype(dtype)
-    y = c.per_platform(_normalize_on, x, shift, offset, scale, bias)
+    y = c.per_platform(_normalize_on, x, shift, offset, scale, bias, sharding=_NORMALIZE)
     return y, (x, shift, offset, scale)
 
 
 def _normalize_bwd(dtype, residuals, dy):
     del dtype
     x, shift, offset, scale = residuals
-    sum_dy, sum_dyc = c.per_platform(_sums_on, x, dy, shift, offset)
+    sum_dy, sum_dyc = c.per_platform(_sums_on, x, dy, shift, offset, sharding=_SUMS)
     dshift = -scale * sum_dy
     return dy.astype(F32) * _per_channel(scale), dshift, dshift, sum_dyc, sum_dy
 
@@ -378,7 +406,7 @@ def _widen(x):
 
 def _batch_norm(x, weight, bias, eps: float, axis_name):
     """`(y, mean, var)` of `batch_norm`."""
-    shift = x[0, :, 0].astype(F32)
+    shift = jnp.mean(x[:, :, 0].astype(F32), axis=0)
     if axis_name is not None:
         shift = lax.pmean(shift, axis_name)
     # The outputs do not depend on the shift, only their rounding does: no gradient through it.
@@ -386,9 +414,7 @@ def _batch_norm(x, weight, bias, eps: float, axis_name):
     xw = _widen(x)
     offset, var = _local_moments(xw, shift, x.dtype)
     if axis_name is not None:
-        local = offset
-        offset = lax.pmean(local, axis_name)
-        var = lax.pmean(var + jnp.square(local - offset), axis_name)
+        offset, var = _pool_moments((offset, var), axis_name)
     rstd = lax.rsqrt(var + eps)
     y = _normalize(xw, shift, offset, *_scale_and_bias(rstd, weight, bias), x.dtype)
     cdt = compute_dtype(x.dtype)

@@ -1,11 +1,19 @@
 r"""Fused Pallas kernels for GroupNorm (and InstanceNorm, its case `groups == channels`) over a
-`(batch, channels, spatial)` array, the spatial axes flattened.
+`(batch, channels, spatial)` array, the spatial axes flattened, and for its adaptive (FiLM,
+adaLN) modulation.
 
 The kernels view `x` as `(batch·groups, channels/groups, spatial)`: each *row* is one
 `(example, group)` slice, normalized with the statistics of its `n = channels/groups ×
-spatial` elements. The affine parameters are per channel; they are expanded to one
-`(channels/groups, 1)` column per row (`batch × channels` values, tiny next to `x`), so a block
-of rows reads the parameters of its own groups.
+spatial` elements. The affine parameters are expanded to one `(channels/groups, 1)` column per
+row (`batch × channels` values, tiny next to `x`), so a block of rows reads the parameters of
+its own groups. They may be per channel, `(channels,)`, or *per example*, `(batch, channels)`:
+the kernels are the same, only the expansion is not a broadcast.
+
+**Adaptive modulation.** $(\hat{x}\gamma + \beta)(1 + s) + t$ with per-example `scale` $s$ and
+`shift` $t$ is a GroupNorm with the per-example parameters $W = \gamma(1 + s)$, $B = \beta(1 +
+s) + t$ (`eqxnorm.kernels.reference.modulation`, float32 in XLA; `batch × channels` values).
+The kernels take $W, B$; autodiff through `modulation` turns their per-example gradients
+(below, without the sum over examples) into those of `scale`, `shift`, $\gamma$ and $\beta$.
 
 Layers, from the bottom up:
 
@@ -15,7 +23,7 @@ Layers, from the bottom up:
    one-example module folds the vmapped axis into the kernel's batch instead of launching one
    program per example.
 4. `_group_norm`: the `jax.custom_vjp` function wiring forward and backward.
-5. `group_norm`: the entry point, with the reference's signature.
+5. `group_norm`, `adaptive_group_norm`: the entry points, with the reference's signatures.
 
 **Forward.** One pass over HBM when the padded slice fits a block (see
 `eqxnorm.kernels._common.block_config`): read `x` once, write `y` once, and save the mean (as
@@ -38,8 +46,9 @@ The kernel is row-parallel: each program writes `dx` for its rows and, per row a
 the float32 sums over `spatial` of $\partial y \odot \hat{x}$ and $\partial y$. These partials
 are per example already, so the parameter gradients are their sum over examples in a fixed
 order outside the kernel (and a `vmap` of the gradient gets its per-example gradients without
-another pass). There are no atomics, so two runs give bitwise-equal results. The backward
-keeps only `x`, the parameters and the per-row statistics as residuals.
+another pass); per-example parameters take them as they are. There are no atomics, so two
+runs give bitwise-equal results. The backward keeps only `x`, the parameters and the per-row
+statistics as residuals.
 """
 
 import functools
@@ -52,7 +61,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from .._checking import typechecked
-from . import _common as c
+from . import _common as c, reference
 from ._common import F32, Target
 
 # --- launch geometry ---------------------------------------------------------------------------
@@ -220,9 +229,10 @@ def _group_norm_fwd_kernel(x_ref, *refs, target, layout, eps, has_weight, has_bi
 
 
 def _row_params(param, batch: int, groups: int):
-    """A `(channels,)` parameter as one `(channels/groups, 1)` column per `(example, group)`
-    row: `(batch·groups, channels/groups, 1)`."""
-    per_group = param.reshape(1, groups, param.shape[0] // groups, 1)
+    """A `(channels,)` parameter, or per-example `(batch, channels)` parameters, as one
+    `(channels/groups, 1)` column per `(example, group)` row: `(batch·groups, channels/groups,
+    1)`."""
+    per_group = param.reshape(-1, groups, param.shape[-1] // groups, 1)
     return jnp.broadcast_to(per_group, (batch, *per_group.shape[1:])).reshape(batch * groups, -1, 1)
 
 
@@ -240,7 +250,7 @@ def _specs(layout: _Layout):
 
 def _forward_on(target: Target, x, weight, bias, *, groups: int, eps: float):
     """`(y, shift, offset, rstd)` of `x` with one `pallas_call` on `target`; the statistics
-    are `(batch, groups)` float32."""
+    are `(batch, groups)` float32. The parameters are `(channels,)` or `(batch, channels)`."""
     batch, channels, spatial = x.shape
     rows = batch * groups
     layout = _layout(target, rows, channels // groups, spatial)
@@ -337,7 +347,8 @@ def _group_norm_bwd_kernel(x_ref, *refs, target, layout, has_weight, param_grads
 
 def _backward_on(target: Target, x, weight, dy, shift, offset, rstd, *, groups, param_grads):
     """`(dx, dweight, dbias)` with one `pallas_call` on `target`; `dweight`/`dbias` are the
-    float32 per-example gradients, `(batch, channels)` (`None` unless `param_grads`)."""
+    float32 per-example gradients, `(batch, channels)` (`None` unless `param_grads`), whether
+    `weight` is `(channels,)` or `(batch, channels)`."""
     batch, channels, spatial = x.shape
     rows = batch * groups
     layout = _layout(target, rows, channels // groups, spatial)
@@ -378,37 +389,62 @@ def _backward_on(target: Target, x, weight, dy, shift, offset, rstd, *, groups, 
 # --- staging per platform, batching, differentiation -------------------------------------------
 
 
+def _fold(axis_size: int, batched: bool, x):
+    return None if x is None else c.fold(axis_size, batched, x)
+
+
+def _folding_per_example(fn):
+    """`fn(x, weight, bias)` with per-example `(batch, channels)` parameters as a `custom_vmap`
+    function that folds the vmapped axis of every argument (broadcasting the unbatched ones)
+    into the batch: ONE call whichever of `x` and the parameters are batched."""
+    forward = custom_vmap(fn)
+
+    @forward.def_vmap
+    def _(axis_size, in_batched, *args):
+        folded = forward(*(_fold(axis_size, b, a) for b, a in zip(in_batched, args, strict=True)))
+        out = tuple(c.unfold(axis_size, o) for o in folded)
+        return out, (True,) * len(out)
+
+    return forward
+
+
 @functools.cache
-def _forward(groups: int, eps: float):
-    """`(x, weight, bias) -> (y, shift, offset, rstd)`, batching by folding into the batch."""
+def _forward(groups: int, eps: float, per_example: bool):
+    """`(x, weight, bias) -> (y, shift, offset, rstd)`, batching by folding into the batch
+    (parameters per channel, or `per_example`)."""
 
     def forward(x, weight, bias):
         fn = functools.partial(_forward_on, groups=groups, eps=eps)
-        return c.per_platform(fn, x, weight, bias)
+        rule = c.Rule("b c s, b? c, b? c -> b c s, b g, b g, b g", split="b")
+        return c.per_platform(fn, x, weight, bias, sharding=rule)
 
-    return c.folding_forward(forward)
+    return (_folding_per_example if per_example else c.folding_forward)(forward)
 
 
 @functools.cache
-def _backward(groups: int, param_grads: bool):
+def _backward(groups: int, per_example: bool, param_grads: bool):
     """`(x, weight, dy, shift, offset, rstd) -> (dx, dweight, dbias)` (per-example float32
     parameter gradients, `None` unless `param_grads`), batching by folding into the batch."""
 
     @custom_vmap
     def backward(x, weight, dy, shift, offset, rstd):
         fn = functools.partial(_backward_on, groups=groups, param_grads=param_grads)
-        return c.per_platform(fn, x, weight, dy, shift, offset, rstd)
+        rule = c.Rule("b c s, b? c, b c s, b g, b g, b g -> b c s, b c, b c", split="b")
+        return c.per_platform(fn, x, weight, dy, shift, offset, rstd, sharding=rule)
 
     @backward.def_vmap
     def _(axis_size, in_batched, x, weight, dy, shift, offset, rstd):
         args = (x, weight, dy, shift, offset, rstd)
         out_batched = (True, True if param_grads else None, True if param_grads else None)
-        if in_batched[1]:
+        if in_batched[1] and not per_example:
             axes = tuple(0 if b else None for b in in_batched)
             return jax.vmap(backward.fun, in_axes=axes)(*args), out_batched
         # The parameter gradients are per example, so folding keeps them per vmapped example
-        # too: `(axis_size, batch, channels)`.
-        folded = [a if i == 1 else c.fold(axis_size, in_batched[i], a) for i, a in enumerate(args)]
+        # too: `(axis_size, batch, channels)`. Per-example parameters fold with `x`.
+        folded = [
+            a if i == 1 and not per_example else _fold(axis_size, in_batched[i], a)
+            for i, a in enumerate(args)
+        ]
         out = backward(*folded)
         return tuple(c.unfold(axis_size, o) for o in out), out_batched
 
@@ -416,16 +452,22 @@ def _backward(groups: int, param_grads: bool):
 
 
 @functools.cache
-def _group_norm(groups: int, eps: float):
+def _group_norm(groups: int, eps: float, per_example: bool = False):
     """The `custom_vjp` function `(x, weight, bias) -> y`; the backward's parameter gradients
-    are per example, summed here."""
+    are per example, summed here unless the parameters are `per_example`."""
     return c.norm_with_vjp(
-        _forward(groups, eps), functools.partial(_backward, groups), _sum_over_examples
+        _forward(groups, eps, per_example),
+        functools.partial(_backward, groups, per_example),
+        _identity if per_example else _sum_over_examples,
     )
 
 
 def _sum_over_examples(grad):
     return jnp.sum(grad, axis=0)
+
+
+def _identity(grad):
+    return grad
 
 
 # --- entry point -------------------------------------------------------------------------------
@@ -462,4 +504,40 @@ def group_norm(
     return _group_norm(int(groups), float(eps))(x, weight, bias)
 
 
-__all__ = ["group_norm"]
+@typechecked()
+def adaptive_group_norm(
+    x: Float[Array, "batch channels spatial"],
+    scale: Float[Array, "batch channels"],
+    shift: Float[Array, "batch channels"],
+    weight: Float[Array, " channels"] | None,
+    bias: Float[Array, " channels"] | None,
+    *,
+    groups: int,
+    eps: float,
+) -> Float[Array, "batch channels spatial"]:
+    r"""Adaptive GroupNorm (FiLM, the diffusion U-Net's conditioning) as a fused Pallas kernel;
+    the same maths and signature as `eqxnorm.kernels.reference.adaptive_group_norm`:
+    $y = (\hat{x}\gamma + \beta)(1 + s_{b,c}) + t_{b,c}$ with $\hat{x}$ the GroupNorm of
+    [`group_norm`][], per example $b$ and channel $c$, computed in float32 and rounded once.
+
+    The kernel is GroupNorm's with the per-example parameters $W = \gamma(1 + s)$, $B =
+    \beta(1 + s) + t$, formed in float32 outside it; under `jax.vmap` (of a one-example call)
+    the vmapped examples and their parameters are folded into one launch.
+
+    **Arguments:**
+
+    - `x`: `(batch, channels, spatial)`, the spatial axes flattened (`spatial` may be 1).
+    - `scale`, `shift`: `(batch, channels)`, $s$ and $t$.
+    - `weight`, `bias`: `(channels,)` or `None`.
+    - `groups`: divides `channels`.
+    - `eps`: added to the variance.
+
+    **Returns:**
+
+    `(batch, channels, spatial)` in `x.dtype`.
+    """
+    w, b = reference.modulation(scale, shift, weight, bias, F32)
+    return _group_norm(int(groups), float(eps), True)(x, w, b)
+
+
+__all__ = ["group_norm", "adaptive_group_norm"]

@@ -4,15 +4,19 @@ family behind the same functions, with the same signatures, as `eqxnorm.kernels.
 On GPU they lower through Triton, on TPU through Mosaic, and elsewhere (CPU) Pallas
 interprets them; see `eqxnorm.kernels._common` for the targets and the block heuristic.
 
-Two inputs run the reference instead:
+These run the reference instead:
 
 - float64 (with `jax_enable_x64`), which is promised float64 statistics while the kernels
   accumulate in float32 (TPUs have no float64, and a float64 Triton kernel would be no
   faster than XLA);
-- empty arrays (a batch of 0 examples), where there is nothing to launch a kernel for.
+- empty arrays (a batch of 0 examples), where there is nothing to launch a kernel for;
+- LayerNorm and RMSNorm with an `axis_name` (features split across devices): their
+  statistics need a collective between the reduction and the normalization, which XLA fuses
+  around in the reference (one fused reduction, the `pmean`, one fused normalization).
 """
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -22,19 +26,43 @@ from . import batch_norm as _batch_norm, group_norm as _group_norm, reference, r
 
 def _kernel_or_reference(kernel: Callable) -> Callable:
     reference_fn = getattr(reference, kernel.__name__)
+    # A kernel without `axis_name` (the row norms) leaves statistics pooled over a named axis
+    # to the reference; the dispatcher keeps the reference's signature either way.
+    pools = "axis_name" in inspect.signature(kernel).parameters
 
     @functools.wraps(kernel)
     def dispatch(x, *args, **kwargs):
         use_reference = jnp.dtype(x.dtype) == jnp.float64 or x.size == 0
+        if not pools:
+            use_reference |= kwargs.get("axis_name") is not None
+            if not use_reference:
+                kwargs.pop("axis_name", None)
         return (reference_fn if use_reference else kernel)(x, *args, **kwargs)
 
+    dispatch.__signature__ = inspect.signature(reference_fn)
     return dispatch
 
 
 layer_norm = _kernel_or_reference(row_norm.layer_norm)
 rms_norm = _kernel_or_reference(row_norm.rms_norm)
+add_layer_norm = _kernel_or_reference(row_norm.add_layer_norm)
+add_rms_norm = _kernel_or_reference(row_norm.add_rms_norm)
+adaptive_layer_norm = _kernel_or_reference(row_norm.adaptive_layer_norm)
+adaptive_rms_norm = _kernel_or_reference(row_norm.adaptive_rms_norm)
 group_norm = _kernel_or_reference(_group_norm.group_norm)
+adaptive_group_norm = _kernel_or_reference(_group_norm.adaptive_group_norm)
 batch_norm = _kernel_or_reference(_batch_norm.batch_norm)
 batch_norm_inference = _kernel_or_reference(_batch_norm.batch_norm_inference)
 
-__all__ = ["layer_norm", "rms_norm", "group_norm", "batch_norm", "batch_norm_inference"]
+__all__ = [
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "adaptive_layer_norm",
+    "adaptive_rms_norm",
+    "group_norm",
+    "adaptive_group_norm",
+    "batch_norm",
+    "batch_norm_inference",
+]

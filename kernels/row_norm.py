@@ -1,20 +1,34 @@
 r"""Fused Pallas kernels for the row norms: LayerNorm and RMSNorm over the features of each row
-of a `(rows, dim)` array (Weight Standardization uses them too, one row per output unit).
+of a `(rows, dim)` array (Weight Standardization uses them too, one row per output unit), the
+fused residual add + norm of a pre-norm transformer block, and the adaptive (adaLN) norms.
+
+Every kernel works on `(groups, rows, dim)` with parameters per group, `(groups, dim)`: a plain
+norm is one group sharing its parameters; an adaptive norm is one group per example, its
+modulated parameters $W = \gamma(1 + s)$, $B = \beta(1 + s) + t$ computed in float32 by XLA
+(`eqxnorm.kernels.reference.modulation`, whose autodiff turns the kernel's per-group `dW`, `dB`
+into the gradients of `scale`, `shift`, `weight` and `bias`). The launch grid is
+`(row blocks, groups)`, so one group is the plain norms' one-dimensional launch.
 
 Layers, from the bottom up:
 
-1. `_row_norm_fwd_kernel`, `_row_norm_bwd_kernel`: kernel bodies on refs.
+1. `_row_norm_fwd_kernel`, `_row_norm_bwd_kernel`: kernel bodies on refs, with flags for the
+   optional residual (forward) and the optional incoming gradient of `h` (backward).
 2. `_forward_on`, `_backward_on`: the `pallas_call` wrappers for one compilation target.
 3. `_forward`, `_backward`: staged per platform and `custom_vmap`ped, so a `jax.vmap` of a
-   one-example module folds the batch into the kernel's rows instead of launching one
-   program per row.
-4. `_row_norm`: the `jax.custom_vjp` function wiring forward and backward.
-5. `layer_norm`, `rms_norm`: the entry points, with the reference's signatures.
+   one-example module folds the batch into the kernel's rows (shared parameters) or groups
+   (per-example parameters) instead of launching one program per row.
+4. `_grouped_norm` (through `eqxnorm.kernels._common.norm_with_vjp`) and `_add_norm`: the
+   `jax.custom_vjp` functions wiring forward and backward.
+5. `layer_norm`, `rms_norm`, `add_layer_norm`, `add_rms_norm`, `adaptive_layer_norm`,
+   `adaptive_rms_norm`: the entry points, with the reference's signatures.
 
 **Forward.** One pass over HBM when the padded row fits a block (see
 `eqxnorm.kernels._common.block_config`): read `x` once, write `y` once, and save the mean
 (as `shift + offset`) and `rstd` in float32, one value each per row. Wider rows are read in
 chunks twice (statistics, then output), their chunk statistics combined with Chan's update.
+The fused add reads `x` and `residual`, sums them in float32 and rounds the sum to
+`residual.dtype`: that is `h`, written out, and the statistics and `y` are those of `h` as
+stored, so the pair equals the unfused sequence.
 
 **Backward.** With $\hat{x} = (x - \mu)\,r$, $r = (\sigma^2 + \varepsilon)^{-1/2}$ and
 $g = \partial L/\partial y \odot \gamma$, over the $n$ features of a row:
@@ -28,23 +42,30 @@ $$\frac{\partial L}{\partial \gamma} = \sum_\text{rows} \frac{\partial L}{\parti
 \odot \hat{x}, \qquad \frac{\partial L}{\partial \beta} = \sum_\text{rows}
 \frac{\partial L}{\partial y}.$$
 
+For the fused add, $x$ above is $h$, and the gradient of $h$'s consumers $\partial L/\partial h$
+is added in the same pass: $d = \partial\,\mathrm{norm} + \partial L/\partial h$ is both
+$\partial L/\partial x$ and $\partial L/\partial \mathrm{residual}$, written once per dtype (one
+array when `x` and `residual` share theirs).
+
 The kernel is row-parallel: each program writes `dx` for its rows and its float32 partial sums
-of the weight and bias gradients, which are then summed in a fixed order outside the kernel.
-There are no atomics, so two runs give bitwise-equal results. The backward keeps only `x`,
-the parameters and the per-row statistics as residuals.
+of the weight and bias gradients (per group), which are then summed in a fixed order outside
+the kernel. There are no atomics, so two runs give bitwise-equal results. The backward keeps
+only the normalized input (`x`, or the output `h`), the parameters and the per-row statistics
+as residuals.
 """
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
+from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from .._checking import typechecked
-from . import _common as c
+from . import _common as c, reference
 from ._common import F32, Target
 
 _SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
@@ -65,55 +86,66 @@ def _params(w_ref, b_ref, col_mask, target):
     return w, b
 
 
+def _view(config: c.BlockConfig, k: Any):
+    """The function from a block ref (or `None`) to its chunk `k`: the ref itself when the row
+    is one chunk."""
+    if config.chunks == 1:
+        return lambda ref: ref
+    return lambda ref: None if ref is None else c.chunk(ref, k, config.block_cols)
+
+
 # --- forward ---------------------------------------------------------------------------------
 
 
 def _row_norm_fwd_kernel(
-    x_ref, *refs, target, config, rows, width, eps, center, has_weight, has_bias
+    x_ref, *refs, target, config, rows, width, eps, center, has_residual, has_weight, has_bias
 ):
-    r"""$y = ((x - \text{shift}) - \text{offset})\, r\, \gamma + \beta$ for a block of rows,
-    saving shift, offset and $r = (\sigma^2 + \varepsilon)^{-1/2}$ per row."""
-    w_ref, b_ref, y_ref, shift_ref, offset_ref, rstd_ref = c.split_refs(refs, has_weight, has_bias)
+    r"""$y = ((h - \text{shift}) - \text{offset})\, r\, \gamma + \beta$ for a block of rows,
+    saving shift, offset and $r = (\sigma^2 + \varepsilon)^{-1/2}$ per row. $h = x$, or with
+    a residual $h = x + \text{residual}$ summed in float32, rounded to the residual's dtype
+    and written out: the statistics are those of $h$ as stored."""
+    r_ref, w_ref, b_ref, h_ref, y_ref, shift_ref, offset_ref, rstd_ref = c.split_refs(
+        refs, has_residual, has_weight, has_bias, has_residual
+    )
     # The program id is read here, outside the loops, where every target supports it.
     rows = (pl.program_id(0) * config.block_rows, rows)
-    row_mask, col_mask, mask = _masks(config, rows, width)
+    row_mask = _masks(config, rows, width)[0]
+
+    def chunk_input(k):
+        _, col_mask, mask = _masks(config, rows, width, k * config.block_cols)
+        view = _view(config, k)
+        h = c.load(view(x_ref), mask, target)
+        if r_ref is not None:
+            h = (h + c.load(view(r_ref), mask, target)).astype(r_ref.dtype).astype(F32)
+        return h, col_mask, mask, view
+
+    def write(stats, rstd, h, col_mask, mask, view):
+        w, b = _params(view(w_ref), view(b_ref), col_mask, target)
+        c.store(view(y_ref), c.affine(c.centred(h, mask, stats) * rstd, w, b), mask, target)
+        if h_ref is not None:
+            c.store(view(h_ref), h, mask, target)
+
     if config.chunks == 1:
-        x = c.load(x_ref, mask, target)
-        stats = c.block_moments(x, mask, width, center=center)
+        values = chunk_input(0)
+        stats = c.block_moments(values[0], values[2], width, center=center)
         rstd = jax.lax.rsqrt(stats.var + eps)
-        w, b = _params(w_ref, b_ref, col_mask, target)
-        c.store(y_ref, c.affine(c.centred(x, mask, stats) * rstd, w, b), mask, target)
+        write(stats, rstd, *values)
     else:
-        stats = _chunked_moments(x_ref, config, rows, width, center, target)
+        stats = _chunked_moments(lambda k: chunk_input(k)[::2], config, width, center)
         rstd = jax.lax.rsqrt(stats.var + eps)
 
         @pl.loop(0, config.chunks)
         def _(k):
-            start = k * config.block_cols
-            _, col_mask, mask = _masks(config, rows, width, start)
-            x = c.load(c.chunk(x_ref, k, config.block_cols), mask, target)
-            w, b = _params(
-                *(None if r is None else c.chunk(r, k, config.block_cols) for r in (w_ref, b_ref)),
-                col_mask,
-                target,
-            )
-            y = c.affine(c.centred(x, mask, stats) * rstd, w, b)
-            c.store(c.chunk(y_ref, k, config.block_cols), y, mask, target)
+            write(stats, rstd, *chunk_input(k))
 
     for ref, value in ((shift_ref, stats.shift), (offset_ref, stats.offset), (rstd_ref, rstd)):
         c.store(ref, value, row_mask, target)
 
 
-def _chunked_moments(x_ref, config, rows, width, center, target) -> c.Stats:
-    """Row statistics over `config.chunks` chunks: every chunk's [`c.Partial`][] of `x -
-    shift` (shift: the first chunk's mean) combined with Chan's update, or the sum of
-    squares when not centring."""
-    bc = config.block_cols
-
-    def chunk_values(k):
-        _, _, mask = _masks(config, rows, width, k * bc)
-        return c.load(c.chunk(x_ref, k, bc), mask, target), mask
-
+def _chunked_moments(chunk_values, config, width, center) -> c.Stats:
+    """Row statistics over `config.chunks` chunks, `chunk_values(k) -> (values, mask)`: every
+    chunk's [`c.Partial`][] of `x - shift` (shift: the first chunk's mean) combined with
+    Chan's update, or the sum of squares when not centring."""
     zero = jnp.zeros((config.block_rows, 1), F32)
     if not center:
 
@@ -123,7 +155,7 @@ def _chunked_moments(x_ref, config, rows, width, center, target) -> c.Stats:
 
         return c.Stats(zero, zero, jax.lax.fori_loop(0, config.chunks, body, zero) / width)
     x0, _ = chunk_values(0)
-    shift = c.row_sum(x0) / min(bc, width)
+    shift = c.row_sum(x0) / min(config.block_cols, width)
 
     def body(k, part):
         x, mask = chunk_values(k)
@@ -133,52 +165,100 @@ def _chunked_moments(x_ref, config, rows, width, center, target) -> c.Stats:
     return c.Stats(shift, part.mean, jnp.maximum(part.m2 / width, 0.0))
 
 
-def _forward_on(target: Target, x, weight, bias, *, eps: float, center: bool):
-    """`(y, shift, offset, rstd)` of the rows of `x` with one `pallas_call` on `target`;
-    the statistics are `(rows,)` float32."""
-    rows, width = x.shape
+class _Launch(NamedTuple):
+    """A launch over `(groups, rows, width)`: the grid `(row blocks, groups)` and the block
+    specs of a row block, its statistics, a group's parameters and a program's partial sums.
+    The groups ride the grid's second axis (CUDA allows 65535 there, the first 2³¹ − 1), so
+    plain norms keep their one-dimensional launch."""
+
+    config: c.BlockConfig
+    grid: tuple[int, int]
+    rows: pl.BlockSpec
+    stats: pl.BlockSpec
+    params: pl.BlockSpec
+    partials: pl.BlockSpec
+
+
+def _launch(target: Target, shape: tuple[int, int, int]) -> _Launch:
+    groups, rows, width = shape
     config = c.block_config(target, rows, width)
-    cols = c.padded(target, width)
-    params = [p.reshape(1, width) for p in (weight, bias) if p is not None]
-    row_block = pl.BlockSpec((config.block_rows, cols), lambda i: (i, 0))
-    stat_block = pl.BlockSpec((config.block_rows, 1), lambda i: (i, 0))
-    stat_shape = jax.ShapeDtypeStruct((rows, 1), F32)
+    cols, br = c.padded(target, width), config.block_rows
+    return _Launch(
+        config,
+        (c.ceil_div(rows, br), groups),
+        pl.BlockSpec((_SQUEEZED, br, cols), lambda i, g: (g, i, 0)),
+        pl.BlockSpec((_SQUEEZED, br, 1), lambda i, g: (g, i, 0)),
+        pl.BlockSpec((_SQUEEZED, 1, cols), lambda i, g: (g, 0, 0)),
+        pl.BlockSpec((_SQUEEZED, _SQUEEZED, 1, cols), lambda i, g: (g, i, 0, 0)),
+    )
+
+
+def _center(op: str) -> bool:
+    return op.endswith("layer_norm")
+
+
+def _forward_on(target: Target, x, residual, weight, bias, *, op: str, eps: float):
+    """`(y, h, shift, offset, rstd)` of `x` `(groups, rows, dim)` (plus `residual`, when not
+    `None`, then `h` is the rounded sum, else `None`) and per-group parameters `(groups,
+    dim)`, with one `pallas_call` on `target`; the statistics are `(groups, rows)` float32."""
+    groups, rows, width = x.shape
+    launch = _launch(target, x.shape)
+    rows_in = [a for a in (x, residual) if a is not None]
+    params = [p.reshape(groups, 1, width) for p in (weight, bias) if p is not None]
+    stat_shape = jax.ShapeDtypeStruct((groups, rows, 1), F32)
+    rows_out = [jax.ShapeDtypeStruct(x.shape, a.dtype) for a in rows_in[1:] + rows_in[:1]]
     kernel = functools.partial(
         _row_norm_fwd_kernel,
         target=target,
-        config=config,
+        config=launch.config,
         rows=rows,
         width=width,
         eps=eps,
-        center=center,
+        center=_center(op),
+        has_residual=residual is not None,
         has_weight=weight is not None,
         has_bias=bias is not None,
     )
-    y, shift, offset, rstd = c.pallas_call(
+    *h, y, shift, offset, rstd = c.pallas_call(
         kernel,
         target,
-        config,
-        grid=(c.ceil_div(rows, config.block_rows),),
-        in_specs=[row_block] + [pl.BlockSpec((1, cols), lambda i: (0, 0))] * len(params),
-        out_specs=[row_block, stat_block, stat_block, stat_block],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), stat_shape, stat_shape, stat_shape],
-        name="eqxnorm_" + ("layer" if center else "rms") + "_norm_fwd",
-    )(x, *params)
-    return y, shift[:, 0], offset[:, 0], rstd[:, 0]
+        launch.config,
+        grid=launch.grid,
+        in_specs=[launch.rows] * len(rows_in) + [launch.params] * len(params),
+        out_specs=[launch.rows] * len(rows_out) + [launch.stats] * 3,
+        out_shape=rows_out + [stat_shape] * 3,
+        name=f"eqxnorm_{op}_fwd",
+    )(*rows_in, *params)
+    return y, *(h or [None]), shift[..., 0], offset[..., 0], rstd[..., 0]
 
 
 # --- backward --------------------------------------------------------------------------------
 
 
 def _row_norm_bwd_kernel(
-    x_ref, *refs, target, config, rows, width, center, has_weight, param_grads
+    x_ref,
+    dy_ref,
+    shift_ref,
+    offset_ref,
+    rstd_ref,
+    *refs,
+    target,
+    config,
+    rows,
+    width,
+    center,
+    has_weight,
+    has_dh,
+    has_dresidual,
+    param_grads,
 ):
-    r"""$\partial x = r(g - \overline{g} - \hat{x}\,\overline{g\hat{x}})$ (without
-    $\overline{g}$ for RMSNorm), $g = \partial y \odot \gamma$, for a block of rows, and the
-    block's float32 column sums of $\partial y \odot \hat{x}$ and $\partial y$."""
-    w_ref, dy_ref, shift_ref, offset_ref, rstd_ref, dx_ref, *partial_refs = c.split_refs(
-        refs, has_weight
-    )
+    r"""$\partial x = r(g - \overline{g} - \hat{x}\,\overline{g\hat{x}}) + \partial h$
+    (without $\overline{g}$ for RMSNorm; $\partial h$, the gradient of the fused add's `h`,
+    when given), $g = \partial y \odot \gamma$, for a block of rows, written to `dx` and to
+    `dresidual` when that has another dtype; and the block's float32 column sums of
+    $\partial y \odot \hat{x}$ and $\partial y$."""
+    w_ref, dh_ref, dx_ref, *refs = c.split_refs(refs, has_weight, has_dh)
+    dres_ref, *partial_refs = c.split_refs(refs, has_dresidual)
     rows = (pl.program_id(0) * config.block_rows, rows)
     row_mask, _, _ = _masks(config, rows, width)
     stats = c.Stats(*(c.load(r, row_mask, target) for r in (shift_ref, offset_ref)), None)
@@ -187,7 +267,7 @@ def _row_norm_bwd_kernel(
 
     def chunk_values(k):
         _, col_mask, mask = _masks(config, rows, width, k * bc)
-        view = (lambda r: r) if config.chunks == 1 else (lambda r: c.chunk(r, k, bc))
+        view = _view(config, k)
         xhat = c.centred(c.load(view(x_ref), mask, target), mask, stats) * rstd
         dy = c.load(view(dy_ref), mask, target)
         g = dy if w_ref is None else dy * c.load(view(w_ref), col_mask, target)
@@ -195,7 +275,11 @@ def _row_norm_bwd_kernel(
 
     def dx_and_partials(k, xhat, dy, g, mask, view, mean_gx, mean_g):
         dx = (g - mean_g - xhat * mean_gx) * rstd
-        c.store(view(dx_ref), dx, mask, target)
+        if dh_ref is not None:
+            dx = dx + c.load(view(dh_ref), mask, target)
+        for ref in (dx_ref, dres_ref):
+            if ref is not None:
+                c.store(view(ref), dx, mask, target)
         if param_grads:
             col_mask = c.iota((1, bc), 1, k * bc) < width
             dw_ref, db_ref = partial_refs
@@ -223,109 +307,256 @@ def _row_norm_bwd_kernel(
 
 
 def _backward_on(
-    target: Target, x, weight, dy, shift, offset, rstd, *, center: bool, param_grads: bool
+    target: Target,
+    x,
+    weight,
+    dy,
+    dh,
+    shift,
+    offset,
+    rstd,
+    *,
+    op: str,
+    param_grads: bool,
+    d_dtypes: tuple[jnp.dtype, ...],
 ):
-    """`(dx, dweight, dbias)` with one `pallas_call` on `target`; `dweight`/`dbias` are the
-    float32 sums over rows (`None` unless `param_grads`)."""
-    rows, width = x.shape
-    config = c.block_config(target, rows, width)
+    """`(dx, dresidual, dweight, dbias)` of the rows of `x` `(groups, rows, dim)` with one
+    `pallas_call` on `target`. The input gradient (plus `dh` when not `None`) is written in
+    each of `d_dtypes`: `dx` in the first, `dresidual` in the second (else `None`);
+    `dweight`/`dbias` are the float32 sums over each group's rows, `(groups, dim)` (`None`
+    unless `param_grads`)."""
+    groups, rows, width = x.shape
+    launch = _launch(target, x.shape)
     cols = c.padded(target, width)
-    blocks = c.ceil_div(rows, config.block_rows)
-    row_block = pl.BlockSpec((config.block_rows, cols), lambda i: (i, 0))
-    stat_block = pl.BlockSpec((config.block_rows, 1), lambda i: (i, 0))
-    params = [] if weight is None else [weight.reshape(1, width)]
-    out_specs = [row_block]
-    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+    optional = [weight.reshape(groups, 1, width)] if weight is not None else []
+    optional_specs = [launch.params] * len(optional)
+    if dh is not None:
+        optional, optional_specs = [*optional, dh], [*optional_specs, launch.rows]
+    out_specs = [launch.rows] * len(d_dtypes)
+    out_shape = [jax.ShapeDtypeStruct(x.shape, d) for d in d_dtypes]
     if param_grads:
-        out_specs += [pl.BlockSpec((_SQUEEZED, 1, cols), lambda i: (i, 0, 0))] * 2
-        out_shape += [jax.ShapeDtypeStruct((blocks, 1, cols), F32)] * 2
+        out_specs += [launch.partials] * 2
+        out_shape += [jax.ShapeDtypeStruct((groups, launch.grid[0], 1, cols), F32)] * 2
     kernel = functools.partial(
         _row_norm_bwd_kernel,
         target=target,
-        config=config,
+        config=launch.config,
         rows=rows,
         width=width,
-        center=center,
+        center=_center(op),
         has_weight=weight is not None,
+        has_dh=dh is not None,
+        has_dresidual=len(d_dtypes) == 2,
         param_grads=param_grads,
     )
-    dx, *partials = c.pallas_call(
+    dx, *outs = c.pallas_call(
         kernel,
         target,
-        config,
-        grid=(blocks,),
-        in_specs=[row_block]
-        + [pl.BlockSpec((1, cols), lambda i: (0, 0))] * len(params)
-        + [row_block]
-        + [stat_block] * 3,
+        launch.config,
+        grid=launch.grid,
+        in_specs=[launch.rows] * 2 + [launch.stats] * 3 + optional_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        name="eqxnorm_" + ("layer" if center else "rms") + "_norm_bwd",
-    )(x, *params, dy, *(s.reshape(rows, 1) for s in (shift, offset, rstd)))
-    dw, db = (p.sum(axis=(0, 1))[:width] for p in partials) if param_grads else (None, None)
-    return dx, dw, db
+        name=f"eqxnorm_{op}_bwd",
+    )(x, dy, *(s.reshape(groups, rows, 1) for s in (shift, offset, rstd)), *optional)
+    dres = outs.pop(0) if len(d_dtypes) == 2 else None
+    dw, db = (p.sum(axis=(1, 2))[:, :width] for p in outs) if param_grads else (None, None)
+    return dx, dres, dw, db
 
 
 # --- staging per platform, batching, differentiation -----------------------------------------
 
 
+def _batched(axis_size: int, batched: bool, a):
+    """`a` with a leading vmapped axis (broadcast when it has none); `None` stays `None`."""
+    if a is None or batched:
+        return a
+    return jnp.broadcast_to(a, (axis_size, *a.shape))
+
+
+def _into_groups(axis_size: int, batched: bool, a):
+    """`(batch, groups, ...)` (or unbatched) -> `(batch · groups, ...)`."""
+    return None if a is None else c.fold(axis_size, batched, a)
+
+
+def _into_rows(axis_size: int, batched: bool, a):
+    """`(batch, groups, rows, ...)` (or unbatched) -> `(groups, batch · rows, ...)`: the vmapped
+    examples become more rows of each group (a reshape alone for one group)."""
+    if a is None:
+        return None
+    a = jnp.moveaxis(_batched(axis_size, batched, a), 0, 1)
+    return a.reshape(a.shape[0], axis_size * a.shape[2], *a.shape[3:])
+
+
+def _from_rows(axis_size: int, a):
+    """The inverse of [`_into_rows`][]."""
+    if a is None:
+        return None
+    a = a.reshape(a.shape[0], axis_size, a.shape[1] // axis_size, *a.shape[2:])
+    return jnp.moveaxis(a, 1, 0)
+
+
+def _all_batched(out):
+    return jax.tree.map(lambda _: True, out)
+
+
 @functools.cache
-def _forward(eps: float, center: bool):
-    """`(x, weight, bias) -> (y, shift, offset, rstd)`, batching by folding into rows."""
-
-    def forward(x, weight, bias):
-        fn = functools.partial(_forward_on, eps=eps, center=center)
-        return c.per_platform(fn, x, weight, bias)
-
-    return c.folding_forward(forward)
-
-
-@functools.cache
-def _backward(center: bool, param_grads: bool):
-    """`(x, weight, dy, shift, offset, rstd) -> (dx, dweight, dbias)` (float32 parameter
-    gradients, `None` unless `param_grads`), batching by folding into rows."""
+def _forward(op: str, eps: float):
+    """`(x, residual, weight, bias) -> (y, h, shift, offset, rstd)` on `(groups, rows, dim)`
+    (`residual` and `h` may be `None`). Under `vmap` the batch is folded into the rows of
+    every group when the parameters are shared by the examples, else into the groups (each
+    example with its own parameters); nested `vmap`s fold one after the other."""
 
     @custom_vmap
-    def backward(x, weight, dy, shift, offset, rstd):
-        fn = functools.partial(_backward_on, center=center, param_grads=param_grads)
-        return c.per_platform(fn, x, weight, dy, shift, offset, rstd)
+    def forward(x, residual, weight, bias):
+        fn = functools.partial(_forward_on, op=op, eps=eps)
+        rule = c.Rule("g r d, g r d, g d, g d -> g r d, g r d, g r, g r, g r", split="g r")
+        return c.per_platform(fn, x, residual, weight, bias, sharding=rule)
+
+    @forward.def_vmap
+    def _(axis_size, in_batched, x, residual, weight, bias):
+        args = (x, residual, weight, bias)
+        if any(in_batched[2:]):
+            folded = (_into_groups(axis_size, b, a) for b, a in zip(in_batched, args, strict=True))
+            out = tuple(c.unfold(axis_size, o) for o in forward(*folded))
+        else:
+            x, residual = (
+                _into_rows(axis_size, b, a) for b, a in zip(in_batched[:2], args[:2], strict=True)
+            )
+            out = tuple(_from_rows(axis_size, o) for o in forward(x, residual, weight, bias))
+        return out, _all_batched(out)
+
+    return forward
+
+
+@functools.cache
+def _backward(op: str, param_grads: bool, d_dtypes: tuple[jnp.dtype, ...]):
+    """`(x, weight, dy, dh, shift, offset, rstd) -> (dx, dresidual, dweight, dbias)` (see
+    [`_backward_on`][]), batching like [`_forward`][]: per-example parameter gradients either
+    way (JAX sums them when the parameters are shared)."""
+
+    @custom_vmap
+    def backward(x, weight, dy, dh, shift, offset, rstd):
+        fn = functools.partial(_backward_on, op=op, param_grads=param_grads, d_dtypes=d_dtypes)
+        rule = c.Rule("g r d, g d, g r d, g r d, g r, g r, g r -> g r d, g r d, g d, g d", "g r")
+        return c.per_platform(fn, x, weight, dy, dh, shift, offset, rstd, sharding=rule)
 
     @backward.def_vmap
-    def _(axis_size, in_batched, x, weight, dy, shift, offset, rstd):
-        out_batched = (True, True if param_grads else None, True if param_grads else None)
+    def _(axis_size, in_batched, *args):
         if in_batched[1]:
-            axes = tuple(0 if b else None for b in in_batched)
-            return jax.vmap(backward.fun, in_axes=axes)(x, weight, dy, shift, offset, rstd), (
-                out_batched
-            )
-        rows_like = (x, dy, shift, offset, rstd)
-        flags = (in_batched[0], *in_batched[2:])
-        folded = [c.fold(axis_size, b, a) for b, a in zip(flags, rows_like, strict=True)]
-        dx, _, _ = _backward(center, False)(folded[0], weight, *folded[1:])
-        dx = c.unfold(axis_size, dx)
-        if not param_grads:
-            return (dx, None, None), out_batched
-        # Per-example parameter gradients: the kernel's partial sums mix examples, so these
-        # sums (which XLA fuses into one reduction) come from the saved statistics.
-        x, dy, shift, offset, rstd = (c.unfold(axis_size, a) for a in folded)
-        xhat = ((x.astype(F32) - shift[..., None]) - offset[..., None]) * rstd[..., None]
-        dy = dy.astype(F32)
-        return (dx, jnp.sum(dy * xhat, axis=1), jnp.sum(dy, axis=1)), out_batched
+            # Per-example weights: the examples are groups, whose partial sums are per group.
+            folded = (_into_groups(axis_size, b, a) for b, a in zip(in_batched, args, strict=True))
+            out = tuple(c.unfold(axis_size, o) for o in backward(*folded))
+            return out, _all_batched(out)
+        weight = args[1]
+        x, dy, dh, shift, offset, rstd = (
+            _batched(axis_size, in_batched[i], args[i]) for i in (0, 2, 3, 4, 5, 6)
+        )
+        rows = [_into_rows(axis_size, True, a) for a in (x, dy, dh, shift, offset, rstd)]
+        dx, dres, _, _ = _backward(op, False, d_dtypes)(rows[0], weight, *rows[1:])
+        out = (_from_rows(axis_size, dx), _from_rows(axis_size, dres), None, None)
+        if param_grads:
+            # The kernel's partial sums mix examples, so these sums (which XLA fuses into one
+            # reduction) come from the saved statistics.
+            xhat = ((x.astype(F32) - shift[..., None]) - offset[..., None]) * rstd[..., None]
+            dy = dy.astype(F32)
+            out = (*out[:2], jnp.sum(dy * xhat, axis=2), jnp.sum(dy, axis=2))
+        return out, _all_batched(out)
 
     return backward
 
 
 @functools.cache
-def _row_norm(eps: float, center: bool):
-    """The `custom_vjp` function `(x, weight, bias) -> y`."""
-    return c.norm_with_vjp(_forward(eps, center), functools.partial(_backward, center), _same)
+def _grouped_norm(op: str, eps: float):
+    """The `custom_vjp` function `(x, weight, bias) -> y` on `(groups, rows, dim)` with
+    parameters `(groups, dim)` (or `None`)."""
+    forward = _forward(op, eps)
+
+    def norm_forward(x, weight, bias):
+        y, _, *stats = forward(x, None, weight, bias)
+        return y, *stats
+
+    def norm_backward(param_grads):
+        def run(x, weight, dy, *stats):
+            backward = _backward(op, param_grads, (jnp.dtype(x.dtype),))
+            dx, _, dw, db = backward(x, weight, dy, None, *stats)
+            return dx, dw, db
+
+        return run
+
+    return c.norm_with_vjp(norm_forward, norm_backward, _same)
 
 
 def _same(grad):
     return grad
 
 
+@functools.cache
+def _add_norm(op: str, eps: float, x_dtype: jnp.dtype):
+    """The `custom_vjp` function `(x, residual, weight, bias) -> (y, h)` on `(1, rows, dim)`
+    with parameters `(1, dim)` (or `None`), for `x` of `x_dtype`. Its residuals are `h` (an
+    output), the parameters and the statistics; the backward skips reading the gradient of
+    `h` (or of `y`) when it is a symbolic zero."""
+    forward = _forward(op, eps)
+
+    @jax.custom_vjp
+    def add_norm(x, residual, weight, bias):
+        y, h, *_ = forward(x, residual, weight, bias)
+        return y, h
+
+    def add_norm_fwd(*primals):
+        x, residual, weight, bias = custom_vjp_primal_tree_values(primals)
+        y, h, *stats = forward(x, residual, weight, bias)
+        return (y, h), (h, weight, bias, *stats)
+
+    def add_norm_bwd(residuals, cotangents):
+        h, weight, bias, *stats = residuals
+        dy, dh = (None if isinstance(ct, SymbolicZero) else ct for ct in cotangents)
+        params = (weight, bias)
+        if dy is None:
+            # Only `h` is differentiated: y's branch contributes nothing.
+            dh = jnp.zeros(h.shape, h.dtype) if dh is None else dh
+            return (
+                dh.astype(x_dtype),
+                dh,
+                *(None if p is None else jnp.zeros_like(p) for p in params),
+            )
+        d_dtypes = (x_dtype,) if h.dtype == x_dtype else (x_dtype, jnp.dtype(h.dtype))
+        param_grads = weight is not None or bias is not None
+        dx, dres, *grads = _backward(op, param_grads, d_dtypes)(h, weight, dy, dh, *stats)
+        return (
+            dx,
+            dx if dres is None else dres,
+            *(None if p is None else g.astype(p.dtype) for p, g in zip(params, grads, strict=True)),
+        )
+
+    add_norm.defvjp(add_norm_fwd, add_norm_bwd, symbolic_zeros=True)
+    return add_norm
+
+
 # --- entry points ------------------------------------------------------------------------------
+
+
+def _one_group(param):
+    return None if param is None else param[None]
+
+
+def _row_norm(op: str, x, weight, bias, eps: float):
+    return _grouped_norm(op, float(eps))(x[None], _one_group(weight), _one_group(bias))[0]
+
+
+def _add_row_norm(op: str, x, residual, weight, bias, eps: float):
+    if jnp.dtype(residual.dtype) == jnp.float64:
+        # Promised a float64 sum, as the kernels' float32 could not give.
+        return getattr(reference, op)(x, residual, weight, bias, eps=eps)
+    add_norm = _add_norm(op, float(eps), jnp.dtype(x.dtype))
+    y, h = add_norm(x[None], residual[None], _one_group(weight), _one_group(bias))
+    return y[0], h[0]
+
+
+def _adaptive_row_norm(op: str, x, scale, shift, weight, bias, eps: float):
+    modulated = reference.modulation(scale, shift, weight, bias, F32)
+    return _grouped_norm(op, float(eps))(x, *modulated)
 
 
 @typechecked()
@@ -350,7 +581,7 @@ def layer_norm(
 
     `(rows, dim)` in `x.dtype`.
     """
-    return _row_norm(float(eps), True)(x, weight, bias)
+    return _row_norm("layer_norm", x, weight, bias, eps)
 
 
 @typechecked()
@@ -375,7 +606,129 @@ def rms_norm(
 
     `(rows, dim)` in `x.dtype`.
     """
-    return _row_norm(float(eps), False)(x, weight, bias)
+    return _row_norm("rms_norm", x, weight, bias, eps)
 
 
-__all__ = ["layer_norm", "rms_norm"]
+@typechecked()
+def add_layer_norm(
+    x: Float[Array, "rows dim"],
+    residual: Float[Array, "rows dim"],
+    weight: Float[Array, " dim"] | None,
+    bias: Float[Array, " dim"] | None,
+    *,
+    eps: float,
+) -> tuple[Float[Array, "rows dim"], Float[Array, "rows dim"]]:
+    r"""Residual add then LayerNorm in one fused Pallas kernel (one pass forward, one pass
+    backward); the same maths and signature as `eqxnorm.kernels.reference.add_layer_norm`:
+    $h = x + r$, $y = \frac{h - \mathbb{E}[h]}{\sqrt{\mathrm{Var}[h] + \varepsilon}}\gamma +
+    \beta$.
+
+    **Arguments:**
+
+    - `x`: `(rows, dim)`, the block's output.
+    - `residual`: `(rows, dim)`, the residual stream (may have another floating dtype).
+    - `weight`, `bias`: `(dim,)` or `None`.
+    - `eps`: added to the variance.
+
+    **Returns:**
+
+    `(y, h)`: `y` `(rows, dim)` in `x.dtype`, the norm of `h` as stored; `h` `(rows, dim)`,
+    summed in float32 and stored in `residual.dtype` (a float64 residual runs the reference,
+    which sums in float64).
+    """
+    return _add_row_norm("add_layer_norm", x, residual, weight, bias, eps)
+
+
+@typechecked()
+def add_rms_norm(
+    x: Float[Array, "rows dim"],
+    residual: Float[Array, "rows dim"],
+    weight: Float[Array, " dim"] | None,
+    bias: Float[Array, " dim"] | None,
+    *,
+    eps: float,
+) -> tuple[Float[Array, "rows dim"], Float[Array, "rows dim"]]:
+    r"""Residual add then RMSNorm in one fused Pallas kernel; the same maths and signature as
+    `eqxnorm.kernels.reference.add_rms_norm`: $h = x + r$,
+    $y = h / \sqrt{\overline{h^2} + \varepsilon} \cdot \gamma + \beta$.
+
+    **Arguments:**
+
+    - `x`: `(rows, dim)`.
+    - `residual`: `(rows, dim)`, the residual stream.
+    - `weight`, `bias`: `(dim,)` or `None`.
+    - `eps`: added to the mean square.
+
+    **Returns:**
+
+    `(y, h)` as for [`add_layer_norm`][]: `y` in `x.dtype`, `h` in `residual.dtype`.
+    """
+    return _add_row_norm("add_rms_norm", x, residual, weight, bias, eps)
+
+
+@typechecked()
+def adaptive_layer_norm(
+    x: Float[Array, "groups rows dim"],
+    scale: Float[Array, "groups dim"],
+    shift: Float[Array, "groups dim"],
+    weight: Float[Array, " dim"] | None,
+    bias: Float[Array, " dim"] | None,
+    *,
+    eps: float,
+) -> Float[Array, "groups rows dim"]:
+    r"""Adaptive LayerNorm (adaLN, FiLM) as a fused Pallas kernel with per-group parameters;
+    the same maths and signature as `eqxnorm.kernels.reference.adaptive_layer_norm`:
+    $y = (\hat{x}\gamma + \beta)(1 + s_g) + t_g = \hat{x} W_g + B_g$, the modulated
+    parameters computed in float32 outside the kernel.
+
+    **Arguments:**
+
+    - `x`: `(groups, rows, dim)`.
+    - `scale`, `shift`: `(groups, dim)`, $s$ and $t$.
+    - `weight`, `bias`: `(dim,)` or `None`.
+    - `eps`: added to the variance.
+
+    **Returns:**
+
+    `(groups, rows, dim)` in `x.dtype`.
+    """
+    return _adaptive_row_norm("adaptive_layer_norm", x, scale, shift, weight, bias, eps)
+
+
+@typechecked()
+def adaptive_rms_norm(
+    x: Float[Array, "groups rows dim"],
+    scale: Float[Array, "groups dim"],
+    shift: Float[Array, "groups dim"],
+    weight: Float[Array, " dim"] | None,
+    bias: Float[Array, " dim"] | None,
+    *,
+    eps: float,
+) -> Float[Array, "groups rows dim"]:
+    r"""Adaptive RMSNorm as a fused Pallas kernel with per-group parameters; the same maths
+    and signature as `eqxnorm.kernels.reference.adaptive_rms_norm`:
+    $y = (\hat{x}\gamma + \beta)(1 + s_g) + t_g$ with $\hat{x} = x / \sqrt{\overline{x^2} +
+    \varepsilon}$.
+
+    **Arguments:**
+
+    - `x`: `(groups, rows, dim)`.
+    - `scale`, `shift`: `(groups, dim)`.
+    - `weight`, `bias`: `(dim,)` or `None`.
+    - `eps`: added to the mean square.
+
+    **Returns:**
+
+    `(groups, rows, dim)` in `x.dtype`.
+    """
+    return _adaptive_row_norm("adaptive_rms_norm", x, scale, shift, weight, bias, eps)
+
+
+__all__ = [
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "adaptive_layer_norm",
+    "adaptive_rms_norm",
+]

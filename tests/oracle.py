@@ -103,3 +103,19 @@ def weight_standardize(w, eps):
 def spectral_norm(w):
     w = f64(w)
     return np.linalg.svd(w.reshape(w.shape[0], -1), compute_uv=False)[0]
+
+
+def add_norm(norm, x, residual, weight, bias, eps):
+    """`(y, h)` of a residual add then `norm` (`layer_norm` or `rms_norm`): `h` is the sum
+    rounded to the residual's dtype, as an unfused add stores it, and `y` its norm."""
+    h = (f64(x) + f64(residual)).astype(np.dtype(residual.dtype))
+    return norm(h, weight, bias, eps), h
+
+
+def modulate(y, scale, shift):
+    """`y (*lead, *middle, dim) * (1 + scale) + shift`, `scale`/`shift` `(*lead, dim)`
+    broadcast over the middle axes."""
+    scale, shift = f64(scale), f64(shift)
+    middle = y.ndim - scale.ndim
+    index = (slice(None),) * (scale.ndim - 1) + (None,) * middle
+    return y * (1 + scale[index]) + shift[index]

@@ -162,3 +162,83 @@ def test_pallas_matches_reference(dtype):
         return _randomize(eqxnorm.LayerNorm((3, 40), dtype=dtype, impl=impl))
 
     ks.assert_impls_agree(build, lambda layer, x: jax.vmap(layer)(x), x)
+
+
+# --- the fused residual add (`add_and_norm`, shared by LayerNorm and RMSNorm) ----------------
+
+
+@pytest.mark.parametrize(
+    "x_dtype,r_dtype",
+    [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float16)],
+    ids=lambda d: jnp.dtype(d).name,
+)
+@pytest.mark.parametrize("cls,op", [("LayerNorm", "layer_norm"), ("RMSNorm", "rms_norm")])
+def test_add_and_norm_matches_oracle(cls, op, x_dtype, r_dtype):
+    layer = _randomize(getattr(eqxnorm, cls)((3, 8)))
+    x = jr.normal(jr.key(1), (5, 3, 8)).astype(x_dtype)
+    residual = (jr.normal(jr.key(2), (5, 3, 8)) * 4 + 1).astype(r_dtype)
+    y, h = jax.jit(jax.vmap(layer.add_and_norm))(x, residual)
+    assert y.dtype == x_dtype and h.dtype == r_dtype and y.shape == h.shape == x.shape
+    norm = getattr(oracle, op)
+    y_np, h_np = oracle.add_norm(
+        lambda h, w, b, eps: norm(h, w, b, eps, 2), x, residual, layer.weight, layer.bias, 1e-5
+    )
+    np.testing.assert_array_equal(np.asarray(h, np.float64), h_np)
+    oracle.assert_close(y, y_np)
+    # y is the norm of the stored h: the unfused sequence, up to float32 summation order.
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32),
+        np.asarray(jax.vmap(layer)(h).astype(x_dtype), np.float32),
+        rtol=2e-6,
+        atol=2e-6,
+    )
+
+
+def test_add_and_norm_gradients():
+    """Gradients through both outputs, as a pre-norm block uses them, against the unfused
+    sequence; and float64 finite differences."""
+    layer = _randomize(eqxnorm.LayerNorm(16))
+    x, residual = jr.normal(jr.key(1), (4, 16)), jr.normal(jr.key(2), (4, 16))
+    ct_y, ct_h = jr.normal(jr.key(3), (4, 16)), jr.normal(jr.key(4), (4, 16))
+
+    def fused(layer, x, residual):
+        y, h = jax.vmap(layer.add_and_norm)(x, residual)
+        return jnp.sum(y * ct_y) + jnp.sum(h * ct_h)
+
+    def unfused(layer, x, residual):
+        h = x + residual
+        return jnp.sum(jax.vmap(layer)(h) * ct_y) + jnp.sum(h * ct_h)
+
+    g = eqx.filter_grad(fused)(layer, x, residual)
+    g_ref = eqx.filter_grad(unfused)(layer, x, residual)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with jax.enable_x64(True):
+        layer64 = eqxnorm.RMSNorm(6, dtype=jnp.float64)
+        args = tuple(jr.normal(jr.key(i), (3, 6), jnp.float64) for i in range(2))
+        check_grads(
+            lambda x, r: jax.vmap(layer64.add_and_norm)(jnp.asarray(x), jnp.asarray(r)),
+            args,
+            order=1,
+            modes=["rev"],
+        )
+
+
+def test_add_and_norm_errors():
+    layer = eqxnorm.LayerNorm(8)
+    with pytest.raises(ValueError, match=r"residual.shape=\(4,\)"):
+        layer.add_and_norm(jnp.ones(8), jnp.ones(4))
+    with pytest.raises(ValueError, match="jax.vmap"):
+        layer.add_and_norm(jnp.ones((2, 8)), jnp.ones((2, 8)))
+    with pytest.raises(TypeError, match="floating"):
+        layer.add_and_norm(jnp.ones(8), jnp.ones(8, jnp.int32))
+
+
+@pytest.mark.parametrize("cls", ["LayerNorm", "RMSNorm"])
+def test_add_and_norm_pallas_matches_reference(cls):
+    residual = jr.normal(jr.key(5), (37, 160))
+    ks.assert_impls_agree(
+        lambda impl: _randomize(getattr(eqxnorm, cls)(160, impl=impl)),
+        lambda layer, x: jax.vmap(layer.add_and_norm)(x, residual)[0],
+        jr.normal(jr.key(6), (37, 160)),
+    )

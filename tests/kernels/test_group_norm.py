@@ -10,7 +10,7 @@ from jaxtyping import TypeCheckError
 import kernel_support as ks
 import oracle
 from eqxnorm.kernels import _common as c, reference
-from eqxnorm.kernels.group_norm import group_norm
+from eqxnorm.kernels.group_norm import adaptive_group_norm, group_norm
 
 EPS = 1e-5
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -31,10 +31,12 @@ def _inputs(batch, channels, spatial, dtype, loc=0.5):
 
 
 def _output_and_grads(fn, groups):
-    """A jitted `(x, weight, bias, cotangent) -> (y, dx, dweight, dbias)` of `fn`."""
+    """A jitted `(*inputs, cotangent) -> (y, *gradients)` of `fn`: `(x, weight, bias,
+    cotangent) -> (y, dx, dweight, dbias)` for `group_norm`."""
 
-    def run(x, weight, bias, cotangent):
-        y, vjp = jax.vjp(lambda *a: fn(*a, groups=groups, eps=EPS), x, weight, bias)
+    def run(*args):
+        *inputs, cotangent = args
+        y, vjp = jax.vjp(lambda *a: fn(*a, groups=groups, eps=EPS), *inputs)
         return (y, *vjp(cotangent))
 
     return jax.jit(run)
@@ -48,16 +50,21 @@ def _assert_all_match(actual, expected, dtype=None):
             ks.assert_matches(a, e, dtype)
 
 
+def _assert_matches_reference(kernel, reference_fn, groups, args):
+    """`kernel`'s output and gradients match `reference_fn`'s (see `_output_and_grads`) and
+    are in the inputs' dtypes."""
+    actual = _output_and_grads(kernel, groups)(*args)
+    _assert_all_match(actual, _output_and_grads(reference_fn, groups)(*args))
+    assert [a.dtype for a in actual] == [args[0].dtype, *(a.dtype for a in args[:-1])]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("batch,channels,spatial,groups", SHAPES + CHUNKED)
 def test_matches_reference(batch, channels, spatial, groups, dtype):
     # A large mean in the chunked slices makes the shift of Chan's combination matter.
     loc = 50.0 if (batch, channels, spatial, groups) in CHUNKED else 0.5
     args = _inputs(batch, channels, spatial, dtype, loc=loc)
-    actual = _output_and_grads(group_norm, groups)(*args)
-    expected = _output_and_grads(reference.group_norm, groups)(*args)
-    assert [a.dtype for a in actual] == [jnp.dtype(dtype)] * 4
-    _assert_all_match(actual, expected)
+    _assert_matches_reference(group_norm, reference.group_norm, groups, args)
 
 
 def test_matches_oracle():
@@ -185,3 +192,191 @@ def test_wrong_rank_is_rejected_like_the_reference():
     for fn in (group_norm, reference.group_norm):
         with pytest.raises(TypeCheckError, match="parameter 'x'"):
             fn(x, None, None, groups=3, eps=EPS)
+
+
+# --- adaptive modulation (adaLN, FiLM): per-example parameters ---------------------------------
+
+# (batch, channels, spatial, groups): one example and one value per slice, non-powers of two,
+# InstanceNorm, a 37×37 image in one pass (groups == channels), and 37×37 with 16 channels per
+# group: a slice larger than one block, read in (channel, spatial-chunk) pieces.
+ADAPTIVE_SHAPES = [(1, 6, 1, 2), (3, 6, 49, 3), (3, 32, 49, 32), (1, 32, 37 * 37, 32)]
+ADAPTIVE_CHUNKED = (3, 32, 37 * 37, 2)
+ADAPTIVE_CASES = [(*s, jnp.float32) for s in ADAPTIVE_SHAPES + [ADAPTIVE_CHUNKED]]
+ADAPTIVE_CASES += [((3, 6, 49, 3, jnp.bfloat16)), (1, 32, 37 * 37, 32, jnp.float16)]
+ADAPTIVE_CASES += [(*ADAPTIVE_CHUNKED, jnp.bfloat16)]
+
+
+def _adaptive_inputs(batch, channels, spatial, dtype, loc=0.5):
+    """`(x, scale, shift, weight, bias, cotangent)`; `scale` of either sign and `1 + scale`
+    away from 0, all in `dtype` as a conditioning projection would give them."""
+    x, weight, bias, cotangent = _inputs(batch, channels, spatial, dtype, loc=loc)
+    scale = ks.data((batch, channels), dtype, seed=3, loc=0.0, scale=0.4)
+    shift = ks.data((batch, channels), dtype, seed=4, loc=0.0, scale=1.0)
+    return x, scale, shift, weight, bias, cotangent
+
+
+def _case_id(case):
+    *shape, dtype = case
+    return "x".join(map(str, shape)) + "-" + jnp.dtype(dtype).name
+
+
+@pytest.mark.parametrize("case", ADAPTIVE_CASES, ids=_case_id)
+def test_adaptive_matches_reference(case):
+    batch, channels, spatial, groups, dtype = case
+    loc = 50.0 if case[:4] == ADAPTIVE_CHUNKED else 0.5
+    args = _adaptive_inputs(batch, channels, spatial, dtype, loc=loc)
+    assert all(a.dtype == jnp.dtype(dtype) for a in args)
+    _assert_matches_reference(adaptive_group_norm, reference.adaptive_group_norm, groups, args)
+
+
+def test_adaptive_matches_oracle():
+    """Against float64 NumPy: GroupNorm without parameters, then `(x̂γ + β)(1 + s) + t`."""
+    x, scale, shift, weight, bias, _ = _adaptive_inputs(3, 6, 49, jnp.float32)
+    y = adaptive_group_norm(x, scale, shift, weight, bias, groups=3, eps=EPS)
+    xhat = oracle.group_norm(x, 3, None, None, EPS)
+    per_channel = lambda a: np.asarray(a, np.float64)[..., None]  # noqa: E731
+    affine = xhat * per_channel(weight[None]) + per_channel(bias[None])
+    oracle.assert_close(y, affine * (1 + per_channel(scale)) + per_channel(shift))
+
+
+@pytest.mark.parametrize("has_weight,has_bias", [(False, False), (True, False)])
+def test_adaptive_optional_params(has_weight, has_bias):
+    x, scale, shift, weight, bias, cotangent = _adaptive_inputs(3, 6, 49, jnp.float32)
+    weight, bias = weight if has_weight else None, bias if has_bias else None
+    args = (x, scale, shift, weight, bias, cotangent)
+    actual = _output_and_grads(adaptive_group_norm, 3)(*args)
+    _assert_all_match(actual, _output_and_grads(reference.adaptive_group_norm, 3)(*args))
+
+
+# The module's call: one example `(1, channels, spatial)` with its `(1, channels)` scale and
+# shift, `jax.vmap`ped over a batch.
+
+
+def _adaptive_one_example(fn):
+    def one(x, scale, shift, weight, bias):
+        return fn(x[None], scale[None], shift[None], weight, bias, groups=GROUPS, eps=EPS)[0]
+
+    return one
+
+
+def _adaptive_loss(fn):
+    return lambda *a: jnp.sum(_adaptive_one_example(fn)(*a[:5]) * a[5])
+
+
+MODULE_AXES = (0, 0, 0, None, None)
+
+
+def test_adaptive_vmap_and_nested_vmap():
+    x, scale, shift, weight, bias, _ = _adaptive_inputs(2 * B, CHANNELS, SPATIAL, jnp.float32)
+    expected = reference.adaptive_group_norm(x, scale, shift, weight, bias, groups=GROUPS, eps=EPS)
+    vmapped = jax.vmap(_adaptive_one_example(adaptive_group_norm), MODULE_AXES)
+    ks.assert_matches(jax.jit(vmapped)(x, scale, shift, weight, bias), expected)
+    nested = jax.vmap(vmapped, MODULE_AXES)
+    split = lambda a: a.reshape(2, B, *a.shape[1:])  # noqa: E731
+    y = jax.jit(nested)(split(x), split(scale), split(shift), weight, bias)
+    ks.assert_matches(y.reshape(x.shape), expected)
+
+
+def test_adaptive_grad_of_vmap():
+    args = _adaptive_inputs(B, CHANNELS, SPATIAL, jnp.float32)
+
+    def grads(fn):
+        batched = jax.vmap(_adaptive_loss(fn), (*MODULE_AXES, 0))
+        loss = lambda *a: jnp.sum(batched(*a))  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args)
+
+    actual, expected = grads(adaptive_group_norm), grads(reference.adaptive_group_norm)
+    assert actual[3].shape == actual[4].shape == (CHANNELS,)
+    _assert_all_match(actual, expected)
+
+
+def test_adaptive_vmap_of_grad_gives_per_example_param_grads():
+    args = _adaptive_inputs(B, CHANNELS, SPATIAL, jnp.float32)
+
+    def grads(fn):
+        per_example = jax.grad(_adaptive_loss(fn), argnums=(0, 1, 2, 3, 4))
+        return jax.jit(jax.vmap(per_example, (*MODULE_AXES, 0)))(*args)
+
+    actual, expected = grads(adaptive_group_norm), grads(reference.adaptive_group_norm)
+    assert actual[3].shape == actual[4].shape == (B, CHANNELS)
+    _assert_all_match(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "in_axes",
+    [(0, None, None, None, None, 0), (None, 0, 0, 0, None, None)],
+    ids=["shared-modulation", "shared-x-per-example-weight"],
+)
+def test_adaptive_vmap_of_value_and_grad(in_axes):
+    """A batch of full `(batch, channels, spatial)` calls where only some arguments are
+    vmapped: the unbatched ones are broadcast into the folded batch."""
+    x, scale, shift, weight, bias, cotangent = _adaptive_inputs(3, CHANNELS, SPATIAL, jnp.float32)
+    stack = lambda a, axis: a if axis is None else jnp.stack([a, 0.5 * a - 1])  # noqa: E731
+    unbatched = (x, scale, shift, weight, bias, cotangent)
+    args = [stack(a, axis) for a, axis in zip(unbatched, in_axes, strict=True)]
+
+    def run(fn):
+        def loss(x, scale, shift, weight, bias, cotangent):
+            y = fn(x, scale, shift, weight, bias, groups=GROUPS, eps=EPS)
+            return jnp.sum(y * cotangent)
+
+        value_and_grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))
+        return jax.jit(jax.vmap(value_and_grad, in_axes))(*args)
+
+    (value, grads), (expected_value, expected_grads) = (
+        run(adaptive_group_norm),
+        run(reference.adaptive_group_norm),
+    )
+    _assert_all_match((value, *grads), (expected_value, *expected_grads))
+
+
+def test_adaptive_vmap_folds_examples_into_the_triton_grid():
+    """A vmap of 16 one-example calls, per-example modulation included, launches each kernel
+    once over the folded 16·groups rows, not with a grid axis per example."""
+    examples = 16
+    x, scale, shift, weight, bias, cotangent = _adaptive_inputs(
+        examples, CHANNELS, SPATIAL, jnp.float32
+    )
+    rows = examples * GROUPS
+    width = c.padded(c.TRITON, CHANNELS // GROUPS) * c.padded(c.TRITON, SPATIAL)
+    folded = (c.ceil_div(rows, c.block_config(c.TRITON, rows, width).block_rows), 1, 1)
+    vmapped = jax.vmap(_adaptive_one_example(adaptive_group_norm), MODULE_AXES)
+    value_and_grad = jax.value_and_grad(
+        _adaptive_loss(adaptive_group_norm), argnums=(0, 1, 2, 3, 4)
+    )
+    per_example_grads = jax.vmap(value_and_grad, (*MODULE_AXES, 0))
+    args = (x, scale, shift, weight, bias)
+    assert ks.triton_grids(ks.lowered(vmapped, args, "cuda")) == [folded]
+    grads_text = ks.lowered(per_example_grads, (*args, cotangent), "cuda")
+    assert ks.triton_grids(grads_text) == [folded, folded]
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize(
+    "case", [(3, 6, 49, 3, jnp.float32), (*ADAPTIVE_CHUNKED, jnp.bfloat16)], ids=_case_id
+)
+def test_adaptive_lowers_for_gpu_and_tpu(case, platform):
+    batch, channels, spatial, groups, dtype = case
+    x, scale, shift, weight, bias, _ = _adaptive_inputs(batch, channels, spatial, dtype)
+    args = (x, scale, shift, weight, bias)
+    forward = lambda *a: adaptive_group_norm(*a, groups=groups, eps=EPS)  # noqa: E731
+    loss = lambda *a: jnp.sum(forward(*a).astype(jnp.float32) ** 2)  # noqa: E731
+    value_and_grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))
+    assert ks.kernel_count(ks.lowered(forward, args, platform), platform) == 1
+    assert ks.kernel_count(ks.lowered(value_and_grad, args, platform), platform) == 2
+
+
+def test_adaptive_deterministic():
+    batch, channels, spatial, groups = ADAPTIVE_CHUNKED
+    args = _adaptive_inputs(batch, channels, spatial, jnp.float32)
+    run = _output_and_grads(adaptive_group_norm, groups)
+    for first, second in zip(run(*args), run(*args), strict=True):
+        np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_adaptive_wrong_scale_shape_is_rejected_like_the_reference():
+    x = jnp.ones((2, 6, 5), jnp.float32)
+    scale = jnp.ones((2, 3), jnp.float32)
+    for fn in (adaptive_group_norm, reference.adaptive_group_norm):
+        with pytest.raises(TypeCheckError, match="parameter 'scale'"):
+            fn(x, scale, scale, None, None, groups=3, eps=EPS)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
+from jax.test_util import check_grads
 
 import oracle
 from eqxnorm.kernels import reference
@@ -189,3 +190,158 @@ def test_row_norms_property(rows, width, dtype, loc, op):
     weight, bias = _affine(width)
     y = getattr(reference, op)(x, weight, bias, eps=1e-5)
     oracle.assert_close(y, getattr(oracle, op)(x, weight, bias, 1e-5))
+
+
+# --- fused residual add + norm, adaptive modulation ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "x_dtype,r_dtype",
+    [
+        (jnp.float32, jnp.float32),
+        (jnp.bfloat16, jnp.bfloat16),
+        (jnp.float16, jnp.float16),
+        (jnp.bfloat16, jnp.float32),
+    ],
+    ids=lambda d: jnp.dtype(d).name,
+)
+@pytest.mark.parametrize("rows,width", [(1, 160), (37, 760), (199, 3)])
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_add_norm_matches_oracle(op, rows, width, x_dtype, r_dtype):
+    x = _data((rows, width), x_dtype, seed=1)
+    residual = _data((rows, width), r_dtype, seed=2, loc=1.0)
+    weight, bias = _affine(width)
+    y, h = getattr(reference, "add_" + op)(x, residual, weight, bias, eps=1e-5)
+    assert y.dtype == x.dtype and h.dtype == residual.dtype
+    y_np, h_np = oracle.add_norm(getattr(oracle, op), x, residual, weight, bias, 1e-5)
+    # h is the sum rounded once to the residual's dtype, exactly as an unfused add stores it.
+    np.testing.assert_array_equal(np.asarray(h, np.float64), h_np)
+    oracle.assert_close(y, y_np)
+    # The pair equals the unfused sequence exactly.
+    unfused = getattr(reference, op)(h, weight, bias, eps=1e-5).astype(x.dtype)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(unfused, np.float32))
+
+
+@pytest.mark.parametrize("dtype", oracle.DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("groups,rows,width", [(1, 37, 160), (3, 1, 760), (2, 5, 3)])
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_adaptive_row_norms_match_oracle(op, groups, rows, width, dtype):
+    x = _data((groups, rows, width), dtype, seed=3, loc=0.5)
+    scale = _data((groups, width), jnp.float32, seed=4, scale=0.3)
+    shift = _data((groups, width), jnp.float32, seed=5)
+    weight, bias = _affine(width)
+    y = getattr(reference, "adaptive_" + op)(x, scale, shift, weight, bias, eps=1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    normed = getattr(oracle, op)(x, weight, bias, 1e-5)
+    # One rounding at the end: |y| is up to ~(1 + |s|)·|norm| + |t|, hence scale=4.
+    oracle.assert_close(y, oracle.modulate(normed, scale, shift), scale=4)
+
+
+@pytest.mark.parametrize("dtype", oracle.DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("batch,channels,spatial,groups", [(1, 4, 1, 2), (3, 6, 37, 3)])
+def test_adaptive_group_norm_matches_oracle(batch, channels, spatial, groups, dtype):
+    x = _data((batch, channels, spatial), dtype, seed=6, loc=2.0)
+    scale = _data((batch, channels), jnp.float32, seed=7, scale=0.3)
+    shift = _data((batch, channels), jnp.float32, seed=8)
+    weight, bias = _affine(channels)
+    y = reference.adaptive_group_norm(x, scale, shift, weight, bias, groups=groups, eps=1e-5)
+    assert y.dtype == dtype
+    normed = oracle.group_norm(x, groups, weight, bias, 1e-5)
+    s64, t64 = (np.asarray(a, np.float64)[:, :, None] for a in (scale, shift))
+    oracle.assert_close(y, normed * (1 + s64) + t64, scale=4)
+
+
+def test_modulation_without_affine_is_one_plus_scale():
+    scale, shift = jnp.asarray([[0.5, -1.0]]), jnp.asarray([[2.0, 3.0]])
+    w, b = reference.modulation(scale, shift, None, None, jnp.float32)
+    np.testing.assert_array_equal(w, [[1.5, 0.0]])
+    np.testing.assert_array_equal(b, [[2.0, 3.0]])
+    w, b = reference.modulation(scale, shift, jnp.asarray([2.0, 2.0]), jnp.ones(2), jnp.float32)
+    np.testing.assert_array_equal(w, [[3.0, 0.0]])
+    np.testing.assert_array_equal(b, [[3.5, 3.0]])
+
+
+def _on_arrays(fn, **kwargs):
+    """`fn` called with JAX arrays (check_grads perturbs its inputs as NumPy arrays)."""
+    return lambda *args: fn(*(jnp.asarray(a) for a in args), **kwargs)
+
+
+def test_fused_references_gradients_are_correct():
+    """Reverse-mode gradients of the new references against finite differences, float64."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        x, r = (jnp.asarray(rng.normal(size=(3, 5))) for _ in range(2))
+        w, b = jnp.asarray(rng.uniform(0.5, 1.5, 5)), jnp.asarray(rng.normal(size=5))
+        s, t = jnp.asarray(rng.normal(size=(3, 5))), jnp.asarray(rng.normal(size=(3, 5)))
+        for op in ("add_layer_norm", "add_rms_norm"):
+            fn = _on_arrays(getattr(reference, op), eps=1e-5)
+            check_grads(fn, (x, r, w, b), order=1, modes=["rev"])
+        x3 = x.reshape(3, 1, 5)
+        for op in ("adaptive_layer_norm", "adaptive_rms_norm"):
+            fn = _on_arrays(getattr(reference, op), eps=1e-5)
+            check_grads(fn, (x3, s, t, w, b), order=1, modes=["rev"])
+        xg = jnp.asarray(rng.normal(size=(3, 4, 5)))
+        sg, tg = s[:, :4], t[:, :4]
+        check_grads(
+            _on_arrays(reference.adaptive_group_norm, groups=2, eps=1e-5),
+            (xg, sg, tg, w[:4], b[:4]),
+            order=1,
+            modes=["rev"],
+        )
+
+
+def test_normalized_derivatives_in_every_mode():
+    """The custom JVP of `normalized` against finite differences: forward and reverse mode,
+    second order, with weight and bias; and `jax.jacfwd` equals `jax.jacrev`."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        x = jnp.asarray(rng.normal(size=(3, 6)) + 2)
+        w, b = jnp.asarray(rng.uniform(0.5, 1.5, 6)), jnp.asarray(rng.normal(size=6))
+        for op, order in (("layer_norm", 2), ("rms_norm", 1)):
+            fn = _on_arrays(getattr(reference, op), eps=1e-3)
+            check_grads(fn, (x, w, b), order=order, modes=["fwd", "rev"])
+        xg = jnp.asarray(rng.normal(size=(2, 4, 3)))
+        fn = _on_arrays(reference.group_norm, groups=2, eps=1e-3)
+        check_grads(fn, (xg, w[:4], b[:4]), order=1, modes=["fwd", "rev"])
+        forward = jax.jacfwd(fn)(xg, w[:4], b[:4])
+        np.testing.assert_allclose(forward, jax.jacrev(fn)(xg, w[:4], b[:4]), rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_backward_keeps_only_the_input_and_statistics(dtype):
+    """Reverse mode saves `x` in its own dtype, three float32 values per row and the weight:
+    not a float32 copy of `x` or the normalized array."""
+    x = _data((64, 256), dtype)
+    weight, bias = (p.astype(dtype) for p in _affine(256))
+    for op in ("layer_norm", "rms_norm"):
+        _, vjp = jax.vjp(_on_arrays(getattr(reference, op), eps=1e-5), x, weight, bias)
+        saved = sum(leaf.nbytes for leaf in jax.tree.leaves(vjp))
+        assert saved <= x.nbytes + 3 * 4 * 64 + 2 * weight.nbytes, (op, saved, x.nbytes)
+
+
+def test_batch_norm_derivatives_include_the_statistics():
+    """`(y, mean, var)` all differentiate correctly (a loss may use the batch statistics),
+    in both modes, pooled over an `axis_name` too; and reverse mode keeps only x and
+    per-channel statistics."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(4)
+        x = jnp.asarray(rng.normal(size=(4, 3, 5)) + 1)
+        w, b = jnp.asarray(rng.uniform(0.5, 1.5, 3)), jnp.asarray(rng.normal(size=3))
+        fn = _on_arrays(reference.batch_norm, eps=1e-3)
+        check_grads(fn, (x, w, b), order=1, modes=["fwd", "rev"])
+
+        def pooled(x):
+            return jax.vmap(
+                lambda xs: reference.batch_norm(xs, w, b, eps=1e-3, axis_name="m"), axis_name="m"
+            )(x.reshape(2, 2, 3, 5))
+
+        def whole(x):
+            y, mean, var = reference.batch_norm(x, w, b, eps=1e-3)
+            return y.reshape(2, 2, 3, 5), jnp.stack([mean, mean]), jnp.stack([var, var])
+
+        np.testing.assert_allclose(
+            jax.jacrev(lambda x: pooled(x)[2])(x), jax.jacrev(lambda x: whole(x)[2])(x), atol=1e-12
+        )
+    x = _data((32, 16, 64), jnp.float32)
+    _, vjp = jax.vjp(lambda x: reference.batch_norm(x, None, None, eps=1e-5), x)
+    assert sum(leaf.nbytes for leaf in jax.tree.leaves(vjp)) <= x.nbytes + 3 * 4 * 16

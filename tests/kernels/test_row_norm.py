@@ -1,6 +1,7 @@
 """The row-norm kernels (`eqxnorm.kernels.row_norm`) in interpret mode against the reference,
 and their lowering for GPU (Triton) and TPU (Mosaic) from this CPU machine."""
 
+import functools
 import itertools
 
 import jax
@@ -207,3 +208,387 @@ def test_bad_input_is_rejected_like_the_reference():
     for fn in (reference.layer_norm, row_norm.layer_norm):
         with pytest.raises(Exception, match="dim"):
             fn(x, jnp.ones(100), None, eps=EPS)
+
+
+# --- fused residual add + norm -----------------------------------------------------------------
+
+ADD_OPS = ("add_layer_norm", "add_rms_norm")
+# (op, rows, width, x dtype, residual dtype): every row count and width, both ops, the chunked
+# kernel, both half-precision dtypes and mixed dtypes (bfloat16 activations on a float32
+# residual stream, and the reverse).
+F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
+ADD_CASES = [
+    ("add_layer_norm", 1, 4096, F32, F32),
+    ("add_rms_norm", 37, 160, F32, F32),
+    ("add_layer_norm", 199, 760, F32, F32),
+    ("add_rms_norm", 3, ks.WIDE, F32, F32),
+    ("add_layer_norm", 2, ks.WIDE, BF16, BF16),
+    ("add_rms_norm", 37, 760, BF16, BF16),
+    ("add_layer_norm", 199, 160, F16, F16),
+    ("add_layer_norm", 37, 760, BF16, F32),
+    ("add_rms_norm", 37, 160, F32, BF16),
+]
+
+
+def _add_ids(case):
+    op, rows, width, x_dtype, residual_dtype = case
+    dtypes = f"{jnp.dtype(x_dtype).name}+{jnp.dtype(residual_dtype).name}"
+    return f"{op}-{rows}x{width}-{dtypes}"
+
+
+def _add_inputs(rows, width, x_dtype, residual_dtype, seed=0):
+    x = ks.data((rows, width), x_dtype, seed=seed)
+    residual = ks.data((rows, width), residual_dtype, seed=seed + 1, loc=-0.25)
+    weight, bias = ks.params(width, x_dtype)
+    dy, dh = (
+        ks.data((rows, width), jnp.float32, seed=seed + s, loc=0.0, scale=1.0) for s in (2, 3)
+    )
+    return x, residual, weight, bias, dy, dh
+
+
+def _add_value_and_grads(module, op, with_h=True):
+    """`((y, h), (dx, dresidual, dweight, dbias))` of `sum(y·dy) + sum(h·dh)` (without the
+    second term unless `with_h`, so h's cotangent is a symbolic zero), jitted."""
+    fn = getattr(module, op)
+
+    @jax.jit
+    def run(x, residual, weight, bias, dy, dh):
+        def loss(*args):
+            y, h = fn(*args, eps=EPS)
+            value = jnp.sum(y.astype(jnp.float32) * dy)
+            if with_h:
+                value = value + jnp.sum(h.astype(jnp.float32) * dh)
+            return value, (y, h)
+
+        (_, outs), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
+            x, residual, weight, bias
+        )
+        return outs, grads
+
+    return run
+
+
+def _assert_add_grads_match(grads, grads_ref, args):
+    x, residual = args[:2]
+    # The reference rounds the input gradient to the residual's dtype on the way to x; the
+    # kernel rounds once per output, so they agree to the coarser dtype's tolerance.
+    coarse = min(x.dtype, residual.dtype, key=lambda d: jnp.finfo(d).bits)
+    for grad, grad_ref, arg in zip(grads, grads_ref, args[:4], strict=True):
+        assert grad.dtype == arg.dtype
+        ks.assert_matches(grad, grad_ref, coarse if arg is x else None)
+
+
+@pytest.mark.parametrize("case", ADD_CASES, ids=_add_ids)
+def test_add_norm_matches_reference(case):
+    op, *shape_and_dtypes = case
+    args = _add_inputs(*shape_and_dtypes, seed=shape_and_dtypes[0])
+    (y, h), grads = _add_value_and_grads(row_norm, op)(*args)
+    (y_ref, h_ref), grads_ref = _add_value_and_grads(reference, op)(*args)
+    x, residual = args[:2]
+    assert y.dtype == x.dtype and h.dtype == residual.dtype
+    np.testing.assert_array_equal(np.asarray(h, np.float64), np.asarray(h_ref, np.float64))
+    ks.assert_matches(y, y_ref)
+    _assert_add_grads_match(grads, grads_ref, args)
+
+
+def _pallas_calls(jaxpr):
+    """Every `pallas_call` in `jaxpr` and the jaxprs nested in it."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+                    yield from _pallas_calls(getattr(sub, "jaxpr", sub))
+
+
+def _backward_operands(fn, *args):
+    """The operand counts of the backward kernels `fn(*args)` launches (one per target)."""
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return {len(e.invars) for e in _pallas_calls(jaxpr) if e.params["name"].endswith("_bwd")}
+
+
+@pytest.mark.parametrize("op", ADD_OPS)
+def test_add_norm_with_gradient_of_y_only(op):
+    # h's cotangent is a symbolic zero: the backward kernel does not read it.
+    args = _add_inputs(37, 760, jnp.float32, jnp.float32)
+    (y, _), grads = _add_value_and_grads(row_norm, op, with_h=False)(*args)
+    (y_ref, _), grads_ref = _add_value_and_grads(reference, op, with_h=False)(*args)
+    ks.assert_matches(y, y_ref)
+    _assert_add_grads_match(grads, grads_ref, args)
+    read = [_backward_operands(_add_value_and_grads(row_norm, op, w), *args) for w in (0, 1)]
+    assert read == [{6}, {7}]  # h, dy, shift, offset, rstd, weight (+ dh)
+
+
+def test_add_norm_with_gradient_of_h_only():
+    # y's cotangent is a symbolic zero: dx = dresidual = dh, no kernel runs backward.
+    x, residual, weight, bias, _, dh = _add_inputs(37, 160, jnp.bfloat16, jnp.float32)
+
+    def loss(x, residual, weight, bias):
+        _, h = row_norm.add_layer_norm(x, residual, weight, bias, eps=EPS)
+        return jnp.sum(h * dh)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, residual, weight, bias)
+    np.testing.assert_array_equal(grads[0], dh.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(grads[1], dh)
+    for grad in grads[2:]:
+        np.testing.assert_array_equal(grad, jnp.zeros_like(weight))
+    assert not _backward_operands(jax.grad(loss, argnums=(0, 1, 2, 3)), x, residual, weight, bias)
+
+
+def _one_token(module, op, weight, bias):
+    """A pre-norm block's add + norm of one token (the Equinox convention)."""
+
+    def fn(x, residual):
+        y, h = getattr(module, op)(x[None], residual[None], weight, bias, eps=EPS)
+        return y[0], h[0]
+
+    return fn
+
+
+def test_add_norm_under_vmap_and_its_gradients():
+    x, residual, weight, bias, dy, dh = _add_inputs(37, 160, jnp.bfloat16, jnp.float32)
+
+    def loss(module, x, residual, weight, bias):
+        y, h = jax.vmap(_one_token(module, "add_rms_norm", weight, bias))(x, residual)
+        return jnp.sum(y.astype(jnp.float32) * dy) + jnp.sum(h * dh)
+
+    # grad of vmap: shared parameters, their gradients summed over the tokens.
+    grad = jax.grad(loss, argnums=(1, 2, 3, 4))
+    grads = jax.jit(functools.partial(grad, row_norm))(x, residual, weight, bias)
+    grads_ref = grad(reference, x, residual, weight, bias)
+    _assert_add_grads_match(grads, grads_ref, (x, residual, weight, bias))
+    y, h = jax.jit(jax.vmap(_one_token(row_norm, "add_layer_norm", weight, bias)))(x, residual)
+    y_ref, h_ref = reference.add_layer_norm(x, residual, weight, bias, eps=EPS)
+    ks.assert_matches(y, y_ref)
+    np.testing.assert_array_equal(h, h_ref)
+
+    # vmap of grad: every token's own parameter gradients.
+    def per_token(module):
+        def grad_one(xi, ri, dyi, dhi):
+            def loss(w, b):
+                y, h = _one_token(module, "add_layer_norm", w, b)(xi, ri)
+                return jnp.sum(y.astype(jnp.float32) * dyi) + jnp.sum(h * dhi)
+
+            return jax.grad(loss, argnums=(0, 1))(weight, bias)
+
+        return jax.vmap(grad_one)(x, residual, dy, dh)
+
+    grads, grads_ref = jax.jit(lambda: per_token(row_norm))(), per_token(reference)
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        assert grad.shape == (37, 160)
+        ks.assert_matches(grad, grad_ref)
+
+
+def test_add_norm_with_float64_runs_the_reference():
+    from eqxnorm.kernels import pallas
+
+    with jax.enable_x64(True):
+        x = ks.data((4, 160), jnp.float32)
+        residual = ks.data((4, 160), jnp.float64, seed=1)
+        for args in [(x, residual), (x.astype(jnp.float64), residual.astype(jnp.float32))]:
+            y, h = pallas.add_layer_norm(*args, None, None, eps=EPS)
+            y_ref, h_ref = reference.add_layer_norm(*args, None, None, eps=EPS)
+            np.testing.assert_array_equal(y, y_ref)
+            np.testing.assert_array_equal(h, h_ref)
+
+
+# --- adaptive (adaLN) modulation ---------------------------------------------------------------
+
+ADAPTIVE_OPS = ("adaptive_layer_norm", "adaptive_rms_norm")
+# (op, groups, rows, width, dtype)
+ADAPTIVE_CASES = [
+    ("adaptive_layer_norm", 3, 37, 160, F32),
+    ("adaptive_rms_norm", 2, 1, 4096, F32),
+    ("adaptive_layer_norm", 1, 199, 760, F32),
+    ("adaptive_rms_norm", 2, 37, 760, BF16),
+    ("adaptive_layer_norm", 2, 37, 160, F16),
+]
+
+
+def _adaptive_inputs(groups, rows, width, dtype, seed=0):
+    x = ks.data((groups, rows, width), dtype, seed=seed)
+    scale = ks.data((groups, width), dtype, seed=seed + 1, loc=0.0, scale=0.5)
+    shift = ks.data((groups, width), dtype, seed=seed + 2, loc=0.0, scale=1.0)
+    weight, bias = ks.params(width, dtype)
+    dy = ks.data((groups, rows, width), jnp.float32, seed=seed + 3, loc=0.0, scale=1.0)
+    return x, scale, shift, weight, bias, dy
+
+
+def _adaptive_value_and_grads(module, op):
+    """`(y, (dx, dscale, dshift, dweight, dbias))` of `sum(y·dy)`, jitted once."""
+    fn = getattr(module, op)
+
+    @jax.jit
+    def run(x, scale, shift, weight, bias, dy):
+        def loss(*args):
+            y = fn(*args, eps=EPS)
+            return jnp.sum(y.astype(jnp.float32) * dy), y
+
+        argnums = tuple(i for i, a in enumerate((x, scale, shift, weight, bias)) if a is not None)
+        (_, y), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(
+            x, scale, shift, weight, bias
+        )
+        return y, grads
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "case", ADAPTIVE_CASES, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}x{c[3]}-{jnp.dtype(c[4]).name}"
+)
+def test_adaptive_norm_matches_reference(case):
+    op, *shape, dtype = case
+    args = _adaptive_inputs(*shape, dtype, seed=shape[1])
+    y, grads = _adaptive_value_and_grads(row_norm, op)(*args)
+    y_ref, grads_ref = _adaptive_value_and_grads(reference, op)(*args)
+    assert y.dtype == dtype and y.shape == tuple(shape)
+    ks.assert_matches(y, y_ref)
+    for grad, grad_ref, arg in zip(grads, grads_ref, args[:5], strict=True):
+        assert grad.dtype == arg.dtype and grad.shape == arg.shape
+        ks.assert_matches(grad, grad_ref)
+
+
+@pytest.mark.parametrize("op", ADAPTIVE_OPS)
+def test_adaptive_norm_without_affine(op):
+    x, scale, shift, _, _, dy = _adaptive_inputs(2, 37, 160, jnp.float32)
+    y, grads = _adaptive_value_and_grads(row_norm, op)(x, scale, shift, None, None, dy)
+    y_ref, grads_ref = _adaptive_value_and_grads(reference, op)(x, scale, shift, None, None, dy)
+    ks.assert_matches(y, y_ref)
+    assert len(grads) == 3
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        ks.assert_matches(grad, grad_ref)
+
+
+def _one_adaptive_example(module, op, weight, bias):
+    """The adaptive module's convention: one example `(tokens, dim)` and its `(dim,)`
+    modulation, as the kernel's one group."""
+    return lambda x, s, t: getattr(module, op)(x[None], s[None], t[None], weight, bias, eps=EPS)[0]
+
+
+def test_adaptive_norm_under_vmap_and_its_gradients():
+    x, scale, shift, weight, bias, dy = _adaptive_inputs(4, 37, 160, jnp.float32)
+    op = "adaptive_layer_norm"
+
+    # vmap over the batch (scale per example): the examples fold into the kernel's groups.
+    def loss(module, x, scale, shift, weight, bias):
+        y = jax.vmap(_one_adaptive_example(module, op, weight, bias))(x, scale, shift)
+        return jnp.sum(y * dy)
+
+    grad = jax.grad(loss, argnums=(1, 2, 3, 4, 5))
+    grads = jax.jit(functools.partial(grad, row_norm))(x, scale, shift, weight, bias)
+    for g, g_ref in zip(grads, grad(reference, x, scale, shift, weight, bias), strict=True):
+        ks.assert_matches(g, g_ref)
+
+    # vmap of grad: per-example weight gradients.
+    def per_example(module):
+        def grad_one(xi, si, ti, dyi):
+            def loss(w, b):
+                return jnp.sum(_one_adaptive_example(module, op, w, b)(xi, si, ti) * dyi)
+
+            return jax.grad(loss, argnums=(0, 1))(weight, bias)
+
+        return jax.vmap(grad_one)(x, scale, shift, dy)
+
+    grads, grads_ref = jax.jit(lambda: per_example(row_norm))(), per_example(reference)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert g.shape == (4, 160)
+        ks.assert_matches(g, g_ref)
+
+
+def test_adaptive_norm_vmapped_over_tokens_with_shared_modulation():
+    # A function of one token, vmapped over the tokens with one scale/shift for all: the tokens
+    # fold into the kernel's rows; per-token weight gradients under vmap of grad.
+    x, scale, shift, weight, bias, dy = _adaptive_inputs(1, 37, 160, jnp.float32)
+    op = "adaptive_rms_norm"
+
+    def one_token(module, w, b):
+        return lambda xi: _one_adaptive_example(module, op, w, b)(xi[None], scale[0], shift[0])[0]
+
+    y = jax.jit(jax.vmap(one_token(row_norm, weight, bias)))(x[0])
+    ks.assert_matches(y, reference.adaptive_rms_norm(x, scale, shift, weight, bias, eps=EPS)[0])
+
+    def per_token(module):
+        def grad_one(xi, dyi):
+            return jax.grad(lambda w: jnp.sum(one_token(module, w, bias)(xi) * dyi))(weight)
+
+        return jax.vmap(grad_one)(x[0], dy[0])
+
+    ks.assert_matches(jax.jit(lambda: per_token(row_norm))(), per_token(reference))
+
+
+def test_adaptive_norm_launch_folds_examples_into_groups():
+    # 8 examples of 37 tokens, width 160: one launch of (37 / 16 row blocks, 8 groups), not a
+    # Pallas batch axis, forward and backward.
+    x = jax.ShapeDtypeStruct((8, 37, 160), jnp.bfloat16)
+    mod = jax.ShapeDtypeStruct((8, 160), jnp.bfloat16)
+    weight = jax.ShapeDtypeStruct((160,), jnp.float32)
+
+    def loss(x, scale, shift, weight):
+        y = jax.vmap(_one_adaptive_example(row_norm, "adaptive_layer_norm", weight, weight))(
+            x, scale, shift
+        )
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    text = ks.lowered(jax.grad(loss, argnums=(0, 1, 2, 3)), [x, mod, mod, weight], "cuda")
+    blocks = -(-37 // _common.block_config(_common.TRITON, 37, 160).block_rows)
+    assert ks.triton_grids(text) == [(blocks, 8, 1)] * 2
+
+
+# --- both fused families: lowering, determinism, errors ------------------------------------------
+
+
+def _fused_args(op, width, dtype):
+    if op in ADD_OPS:
+        shapes = [(37, width), (37, width), (width,), (width,)]
+        # A float32 residual stream under bfloat16 activations.
+        dtypes = [dtype, jnp.float32, dtype, dtype]
+    else:
+        shapes, dtypes = [(3, 37, width), (3, width), (3, width), (width,), (width,)], [dtype] * 5
+    return [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes, strict=True)]
+
+
+def _fused_loss(op):
+    def loss(*args):
+        out = getattr(row_norm, op)(*args, eps=EPS)
+        return sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in jax.tree.leaves(out))
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    ("op", "width"), [(op, 760) for op in ADD_OPS + ADAPTIVE_OPS] + [("add_layer_norm", ks.WIDE)]
+)
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_fused_ops_lower_in_one_kernel_each_way(op, width, platform):
+    args = _fused_args(op, width, jnp.bfloat16)
+    forward = ks.lowered(lambda *a: getattr(row_norm, op)(*a, eps=EPS), args, platform)
+    assert ks.kernel_count(forward, platform) == 1  # the add and the norm in one kernel
+    assert f"eqxnorm_{op}_fwd" in forward
+    argnums = tuple(range(len(args)))
+    both = ks.lowered(jax.value_and_grad(_fused_loss(op), argnums=argnums), args, platform)
+    assert ks.kernel_count(both, platform) == 2
+    assert f"eqxnorm_{op}_bwd" in both
+
+
+def test_fused_ops_are_deterministic():
+    add_args = _add_inputs(199, 760, jnp.bfloat16, jnp.float32)
+    adaptive_args = _adaptive_inputs(3, 199, 760, jnp.bfloat16)
+    for run, args in [
+        (_add_value_and_grads(row_norm, "add_layer_norm"), add_args),
+        (_adaptive_value_and_grads(row_norm, "adaptive_rms_norm"), adaptive_args),
+    ]:
+        first, second = run(*args), run(*args)
+        for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_fused_ops_reject_bad_input_like_the_reference():
+    x = jnp.ones((4, 160))
+    for module in (reference, row_norm):
+        with pytest.raises(Exception, match="dim|rows"):
+            module.add_layer_norm(x, jnp.ones((4, 100)), None, None, eps=EPS)
+        with pytest.raises(Exception, match="groups|dim"):
+            module.adaptive_layer_norm(
+                x[None], jnp.ones((2, 160)), jnp.ones((2, 160)), None, None, eps=EPS
+            )

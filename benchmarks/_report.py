@@ -1,0 +1,443 @@
+"""Reporting: the terminal table, CSV, JSON, the targets' summary and `summary.md`.
+
+Each result row is a dict with the keys in [`COLUMNS`][]. `status` is `"ok"`, `"skipped"`
+(the contender cannot run that case here; `note` says why) or `"failed"` (it raised; `note`
+has the error). The targets of issues 5 and 6 are evaluated here, on the measured rows only.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import statistics
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+COLUMNS = (
+    "op",
+    "impl",
+    "shape",
+    "dtype",
+    "device",
+    "direction",
+    "ms",
+    "ms_min",
+    "gbps",
+    "pct_copy",
+    "speedup",
+    "bytes",
+    "residual_bytes",
+    "residual_ratio",
+    "compile_s",
+    "rows",
+    "width",
+    "status",
+    "note",
+)
+
+
+def _case(r: dict) -> tuple:
+    """A row's case and direction: rows with equal keys measured the same work."""
+    return r["op"], r["shape"], r["dtype"], r["direction"]
+
+
+def fill_derived(rows: list[dict]) -> None:
+    """Add `pct_copy` (GB/s over the copy's on the same bytes) and `speedup` (the reference's
+    time over this row's) to every measured row, in place."""
+    key = _case
+    copy = {key(r): r for r in rows if r["impl"] == "copy" and r["status"] == "ok"}
+    reference = {key(r): r for r in rows if r["impl"] == "reference" and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        if key(r) in copy:
+            r["pct_copy"] = 100 * r["gbps"] / copy[key(r)]["gbps"]
+        if key(r) in reference:
+            r["speedup"] = reference[key(r)]["ms"] / r["ms"]
+
+
+# --- the terminal table ------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    """The measured rows, one line each, grouped by op, dtype and shape; then the skipped and
+    failed contenders with their reasons (each reason once)."""
+    header = ("op", "shape", "dtype", "dir", "impl", "ms", "GB/s", "%copy", "×ref", "res/x", "note")
+    lines = []
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        lines.append(
+            (
+                r["op"],
+                r["shape"],
+                r["dtype"],
+                r["direction"],
+                r["impl"],
+                _fmt(r["ms"], ".3f"),
+                _fmt(r["gbps"], ".1f"),
+                _fmt(r["pct_copy"], ".0f"),
+                _fmt(r["speedup"], ".2f"),
+                _fmt(r["residual_ratio"], ".2f"),
+                r["note"],
+            )
+        )
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=False)]
+    numeric = {5, 6, 7, 8, 9}
+
+    def render(cells) -> str:
+        out = [
+            str(c).rjust(w) if i in numeric else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(out).rstrip()
+
+    text = [render(header), render("-" * w for w in widths)]
+    previous = None
+    for cells in lines:
+        group = cells[:4]
+        if previous is not None and group[:3] != previous[:3]:
+            text.append("")
+        previous = group
+        text.append(render(cells))
+    text.extend(not_run(rows))
+    return "\n".join(text)
+
+
+def not_run(rows: list[dict]) -> list[str]:
+    """`impl (ops): reason` for each distinct reason a contender was skipped or failed."""
+    reasons: dict[tuple[str, str, str], list[str]] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            ops = reasons.setdefault((r["status"], r["impl"], r["note"]), [])
+            if r["op"] not in ops:
+                ops.append(r["op"])
+    if not reasons:
+        return []
+    lines = ["", "Not run:"]
+    for (status, impl, note), ops in reasons.items():
+        lines.append(f"  {impl} [{status}] ({', '.join(ops)}): {note}")
+    return lines
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _csv_value(r[k]) for k in COLUMNS})
+
+
+def _csv_value(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else value
+
+
+def write_json(document: dict, path: Path) -> None:
+    path.write_text(json.dumps(document, indent=1, default=str) + "\n")
+
+
+# --- targets -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One target's verdict: `status` is `"MET"`, `"MISSED"` or `"NOT MEASURED"`."""
+
+    platform: str
+    target: str
+    status: str
+    measured: str
+
+
+def _where(rows: Iterable[dict], **match) -> list[dict]:
+    out = []
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        if all(
+            (r[k] in v) if isinstance(v, (tuple, list, set)) else r[k] == v
+            for k, v in match.items()
+        ):
+            out.append(r)
+    return out
+
+
+def _paired(rows: list[dict], impl: str, other: str, **match) -> list[tuple[dict, dict]]:
+    """`(row of impl, row of other)` for every case and direction both measured."""
+    key = _case
+    others = {key(r): r for r in _where(rows, impl=other, **match)}
+    return [(r, others[key(r)]) for r in _where(rows, impl=impl, **match) if key(r) in others]
+
+
+def _at(r: dict) -> str:
+    return f"{r['shape']} {r['dtype']} {r['direction']}"
+
+
+def _worst(
+    candidates: list[dict], value: Callable[[dict], float], threshold: float, unit: str, low: bool
+) -> tuple[str, str]:
+    """The verdict on the worst candidate (lowest value when `low`, else highest)."""
+    if not candidates:
+        return "NOT MEASURED", "no matching rows"
+    pick = min if low else max
+    worst = pick(candidates, key=value)
+    ok = value(worst) >= threshold if low else value(worst) <= threshold
+    summary = f"worst {value(worst):.2f}{unit} at {_at(worst)} ({len(candidates)} rows)"
+    return ("MET" if ok else "MISSED"), summary
+
+
+def _geomean_ratio(pairs: list[tuple[dict, dict]], threshold: float) -> tuple[str, str]:
+    """The verdict on the geometric mean of `other.ms / impl.ms` over `pairs`."""
+    if not pairs:
+        return "NOT MEASURED", "no matching rows"
+    ratios = [o["ms"] / r["ms"] for r, o in pairs]
+    mean = math.exp(statistics.fmean(math.log(x) for x in ratios))
+    worst = min(range(len(pairs)), key=lambda i: ratios[i])
+    summary = (
+        f"geometric mean {mean:.2f}x over {len(pairs)} cases; worst {ratios[worst]:.2f}x at "
+        f"{_at(pairs[worst][0])}"
+    )
+    return ("MET" if mean >= threshold else "MISSED"), summary
+
+
+def _big_rows(r: dict) -> bool:
+    return r["rows"] >= 4096
+
+
+def evaluate_targets(rows: list[dict], platform: str, auto: str) -> list[Result]:
+    """Every target of issues 5 and 6 with its verdict on `rows`.
+
+    `platform` is JAX's backend (`"cpu"`, `"gpu"`, `"tpu"`); `auto` the implementation
+    `impl="auto"` resolves to there. The GPU targets are judged on bfloat16 rows with at least
+    4096 rows, worst case over the shapes; the CPU ones on the geometric mean over the measured
+    shapes and dtypes (single shapes are noisy on a shared CPU), residuals on the worst case.
+    """
+    results: list[Result] = []
+
+    def add(target_platform: str, text: str, verdict: tuple[str, str]) -> None:
+        if target_platform != platform:
+            verdict = ("NOT MEASURED", f"needs a {target_platform.upper()} (this run: {platform})")
+        results.append(Result(target_platform, text, *verdict))
+
+    def pct(r):
+        return r["pct_copy"]
+
+    bf16 = dict(impl=auto, dtype="bfloat16")
+
+    def gpu_rows(op: str, directions, lo: int, hi: int) -> list[dict]:
+        rows_ = _where(rows, op=op, direction=directions, **bf16)
+        return [r for r in rows_ if _big_rows(r) and lo <= r["width"] <= hi and r["pct_copy"]]
+
+    for op in ("layer_norm", "rms_norm"):
+        add(
+            "gpu",
+            f"{op} fwd >= 90% of copy (bf16, widths 1024-16384)",
+            _worst(gpu_rows(op, "fwd", 1024, 16384), pct, 90, "%", True),
+        )
+        add(
+            "gpu",
+            f"{op} fwd+bwd >= 80% of copy (bf16, widths 1024-16384)",
+            _worst(gpu_rows(op, "fwd+bwd", 1024, 16384), pct, 80, "%", True),
+        )
+        pairs = [
+            (r, o)
+            for r, o in _paired(
+                rows, auto, "reference", op=op, dtype="bfloat16", direction="fwd+bwd"
+            )
+            if _big_rows(r) and 1024 <= r["width"] <= 16384
+        ]
+        add(
+            "gpu",
+            f"{op} fwd+bwd >= 1.5x the XLA reference (bf16, widths 1024-16384)",
+            _worst(
+                [dict(r, ratio=o["ms"] / r["ms"]) for r, o in pairs],
+                lambda r: r["ratio"],
+                1.5,
+                "x",
+                True,
+            ),
+        )
+        pairs = [
+            (r, o)
+            for r, o in _paired(rows, auto, "liger", op=op, dtype="bfloat16")
+            if _big_rows(r) and 1024 <= r["width"] <= 16384
+        ]
+        add(
+            "gpu",
+            f"{op} no slower than Liger-Kernel (bf16, widths 1024-16384, every direction)",
+            _worst(
+                [dict(r, ratio=o["ms"] / r["ms"]) for r, o in pairs],
+                lambda r: r["ratio"],
+                1.0,
+                "x",
+                True,
+            ),
+        )
+        add(
+            "gpu",
+            f"{op} >= 75% of copy at widths 16385-262144 (bf16, fwd and fwd+bwd)",
+            _worst(gpu_rows(op, ("fwd", "fwd+bwd"), 16385, 262144), pct, 75, "%", True),
+        )
+    for op in ("group_norm", "instance_norm"):
+        candidates = [
+            r
+            for r in _where(rows, op=op, direction="fwd+bwd", **bf16)
+            if r["pct_copy"] and _nchw_target_shape(r["shape"])
+        ]
+        add(
+            "gpu",
+            f"{op} fwd+bwd >= 75% of copy (bf16 NCHW, C 64-512, 28x28-64x64)",
+            _worst(candidates, pct, 75, "%", True),
+        )
+    candidates = [
+        r for r in _where(rows, op="batch_norm", direction="fwd+bwd", **bf16) if r["pct_copy"]
+    ]
+    add(
+        "gpu",
+        "batch_norm training step (fwd+bwd) >= 70% of copy (bf16)",
+        _worst(candidates, pct, 70, "%", True),
+    )
+    for op in ("add_layer_norm", "add_rms_norm", "adaptive_layer_norm"):
+        for unfused in ("xla-unfused", "pallas-unfused"):
+            pairs = [
+                (r, o)
+                for r, o in _paired(
+                    rows, auto, unfused, op=op, dtype="bfloat16", direction=("fwd", "fwd+bwd")
+                )
+                if _big_rows(r)
+            ]
+            add(
+                "gpu",
+                f"{op} >= 1.3x the unfused sequence ({unfused}; bf16, fwd and fwd+bwd)",
+                _worst(
+                    [dict(r, ratio=o["ms"] / r["ms"]) for r, o in pairs],
+                    lambda r: r["ratio"],
+                    1.3,
+                    "x",
+                    True,
+                ),
+            )
+        candidates = [
+            r
+            for r in _where(rows, op=op, direction=("fwd", "fwd+bwd"), **bf16)
+            if _big_rows(r) and r["pct_copy"]
+        ]
+        add(
+            "gpu",
+            f"{op} >= 80% of copy (bf16, fwd and fwd+bwd)",
+            _worst(candidates, pct, 80, "%", True),
+        )
+
+    ops_measured = list(dict.fromkeys(r["op"] for r in rows))
+    for op in ops_measured:
+        add(
+            "cpu",
+            f"{op} fwd no slower than eqx.nn (impl='auto' = {auto})",
+            _geomean_ratio(_paired(rows, auto, "eqx", op=op, direction="fwd"), 1.0),
+        )
+        add(
+            "cpu",
+            f"{op} fwd+bwd >= 1.1x eqx.nn (impl='auto' = {auto})",
+            _geomean_ratio(_paired(rows, auto, "eqx", op=op, direction="fwd+bwd"), 1.1),
+        )
+        residuals = [r for r in _where(rows, op=op, impl=auto) if r["residual_ratio"] is not None]
+        add(
+            "cpu",
+            f"{op} residuals kept for the backward <= 1.05x the input (impl='auto')",
+            _worst(residuals, lambda r: r["residual_ratio"], 1.05, "x", False),
+        )
+    # This platform's targets first.
+    return sorted(results, key=lambda r: r.platform != platform)
+
+
+def _nchw_target_shape(shape: str) -> bool:
+    sizes = [int(s) for s in shape.split("x")]
+    if len(sizes) != 4:
+        return False
+    spatial = sizes[2] * sizes[3]
+    return 64 <= sizes[1] <= 512 and 28 * 28 <= spatial <= 64 * 64
+
+
+def targets_text(results: list[Result]) -> str:
+    width = max(len(r.target) for r in results)
+    lines = ["Targets (issues 5 and 6), judged on this run's measurements:"]
+    for r in results:
+        lines.append(f"  {r.status:<12} {r.target:<{width}}  {r.measured}")
+    return "\n".join(lines)
+
+
+# --- summary.md --------------------------------------------------------------------------------
+
+
+def speedup_table(rows: list[dict]) -> list[str]:
+    """Markdown: the geometric-mean speed-up over the XLA reference per op, direction and
+    contender (over the measured shapes and dtypes)."""
+    impls = list(dict.fromkeys(r["impl"] for r in rows if r["status"] == "ok"))
+    groups: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r["speedup"]:
+            cell = groups.setdefault((r["op"], r["direction"]), {})
+            cell.setdefault(r["impl"], []).append(r["speedup"])
+    if not groups:
+        return []
+    lines = [
+        "| op | direction | " + " | ".join(impls) + " |",
+        "|---|---|" + "---:|" * len(impls),
+    ]
+    for (op, direction), cell in groups.items():
+        values = [
+            f"{math.exp(statistics.fmean(math.log(v) for v in cell[i])):.2f}" if i in cell else ""
+            for i in impls
+        ]
+        lines.append(f"| {op} | {direction} | " + " | ".join(values) + " |")
+    return lines
+
+
+def summary_markdown(document: dict, results: list[Result], plots: list[Path]) -> str:
+    env = document["environment"]
+    rows = document["rows"]
+    machine = env["device"]
+    if env["backend"] == "cpu":
+        machine = f"{env['cpu']}, {env['cpu_cores']} cores"
+    lines = [
+        f"# eqxnorm benchmark: {env['device']}",
+        "",
+        f"`{document['command']}` on {env['date']} ({machine}; jax {env['jax']}, equinox "
+        f"{env['equinox']}, flax {env['flax']}, torch {env['torch']}).",
+        "",
+        f"Medians of {document['settings']['repeats']} samples (warm-up: "
+        f"{document['settings']['warmup']}). GB/s counts the bytes each direction must move (see "
+        "benchmarks/README.md); %copy is against a device copy of the same bytes.",
+        "",
+        "## Targets",
+        "",
+        "| status | target | measured |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r.status} | {r.target} | {r.measured} |" for r in results]
+    table_lines = speedup_table(rows)
+    if table_lines:
+        lines += [
+            "",
+            "## Speed-up over the XLA reference",
+            "",
+            "Geometric mean of `reference ms / contender ms` over the measured shapes and "
+            "dtypes (above 1: faster than the reference).",
+            "",
+            *table_lines,
+        ]
+    skipped = not_run(rows)
+    if skipped:
+        lines += ["", "## Not run", ""] + [f"- {s.strip()}" for s in skipped[2:]]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,332 @@
+"""The benchmark CLI (`python -m benchmarks`): a smoke run of every CPU contender on tiny shapes
+in a subprocess, as the README runs it, plus the byte and residual counting, the target
+verdicts and the flag errors, in-process. No test judges a timing: the targets are the
+benchmark's own summary."""
+
+import csv
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_benchmarks():
+    """Import the `benchmarks` package from the checkout without putting the repository root
+    on `sys.path` (where `eqxnorm/` and `kernels/` would shadow the installed package)."""
+    if "benchmarks" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "benchmarks",
+            ROOT / "benchmarks" / "__init__.py",
+            submodule_search_locations=[str(ROOT / "benchmarks")],
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["benchmarks"]
+
+
+_load_benchmarks()
+from benchmarks import _cli, _contenders, _ops, _report, _timing  # noqa: E402
+
+HAS_FLAX = importlib.util.find_spec("flax") is not None
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+OPS = ("layer_norm", "add_rms_norm", "batch_norm")
+SHAPES = {"layer_norm": "64x128", "add_rms_norm": "64x128", "batch_norm": "4x8x4x4"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One CLI run: three ops (a row norm, a fused op, a channel op) on one tiny shape each,
+    every contender that runs on CPU (torch.compile too, which the CPU default leaves out),
+    two samples."""
+    out = tmp_path_factory.mktemp("bench")
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--ops",
+        ",".join(OPS),
+        "--shapes",
+        "64x128,4x8x4x4",
+        "--impls",
+        "reference,xla-unfused,eqx,flax,torch,torch.compile,copy",
+        "--dtypes",
+        "float32",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+    return done, out, rows
+
+
+def test_cli_runs_every_cpu_contender(smoke):
+    done, _, rows = smoke
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Targets (issues 5 and 6)" in done.stdout
+    assert "done" in done.stderr  # the progress bar finished
+    expected = {"reference", "eqx", "flax", "torch", "torch.compile", "copy"}
+    for op in OPS:
+        impls = {r["impl"] for r in rows if r["op"] == op}
+        assert impls == expected | ({"xla-unfused"} if op == "add_rms_norm" else set()), op
+        for direction in _ops.DIRECTIONS:
+            here = [r for r in rows if r["op"] == op and r["direction"] == direction]
+            assert {r["shape"] for r in here} == {SHAPES[op]}
+    always = {"reference", "xla-unfused", "eqx", "copy"}
+    always |= {name for name, there in (("flax", HAS_FLAX), ("torch", HAS_TORCH)) if there}
+    for r in rows:
+        if r["impl"] in always:
+            assert r["status"] == "ok", r
+        else:  # torch.compile needs a C++ compiler; a missing library is named
+            assert r["status"] in ("ok", "skipped") and (r["status"] == "ok" or r["note"]), r
+    if not HAS_FLAX:
+        assert all("Flax is not installed" in r["note"] for r in rows if r["impl"] == "flax")
+    if not HAS_TORCH:
+        assert all("PyTorch is not installed" in r["note"] for r in rows if r["impl"] == "torch")
+
+
+def test_csv_rows_are_complete(smoke):
+    _, _, rows = smoke
+    assert tuple(rows[0]) == _report.COLUMNS
+    for r in (r for r in rows if r["status"] == "ok"):
+        ms, gbps, nbytes = float(r["ms"]), float(r["gbps"]), int(r["bytes"])
+        assert ms > 0 and float(r["ms_min"]) > 0 and float(r["compile_s"]) > 0
+        assert math.isclose(gbps, nbytes / (ms * 1e-3) / 1e9, rel_tol=1e-3)
+        assert r["device"] == "cpu"
+        assert float(r["pct_copy"]) > 0 and float(r["speedup"]) > 0
+        if r["impl"] == "reference":
+            assert float(r["speedup"]) == 1
+        if r["impl"] == "copy":
+            assert float(r["pct_copy"]) == 100 and r["residual_bytes"] == ""
+        else:
+            op, shape = _ops.OPS[r["op"]], _ops.parse_shape(r["shape"])
+            x_bytes = _ops.make_problem(op, shape, r["dtype"]).x.nbytes
+            assert int(r["residual_bytes"]) > 0
+            assert math.isclose(
+                float(r["residual_ratio"]), int(r["residual_bytes"]) / x_bytes, rel_tol=1e-4
+            )
+
+
+def test_json_summary_and_plots(smoke):
+    _, out, rows = smoke
+    document = json.loads((out / "results.json").read_text())
+    env = document["environment"]
+    assert env["backend"] == "cpu" and env["jax"] == jax.__version__
+    assert {"jaxlib", "equinox", "flax", "torch", "date", "device", "python"} <= set(env)
+    assert document["command"].startswith("python -m benchmarks --ops")
+    assert len(document["rows"]) == len(rows)
+    assert document["settings"]["repeats"] == 2
+    statuses = {t["status"] for t in document["targets"]}
+    assert statuses <= {"MET", "MISSED", "NOT MEASURED"}
+    cpu = [t for t in document["targets"] if t["platform"] == "cpu"]
+    # The CPU targets are judged here (eqx.nn and the reference were both measured).
+    assert {t["status"] for t in cpu} <= {"MET", "MISSED"} and len(cpu) == 3 * len(OPS)
+    gpu = [t for t in document["targets"] if t["platform"] == "gpu"]
+    assert gpu and all(t["status"] == "NOT MEASURED" for t in gpu)
+    summary = (out / "summary.md").read_text()
+    assert "## Targets" in summary and "layer_norm fwd no slower than eqx.nn" in summary
+    if HAS_MATPLOTLIB:
+        for op in OPS:
+            png = out / f"{op}_float32.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pallas_on_cpu_warns_and_list_lists(tmp_path):
+    command = [sys.executable, "-m", "benchmarks", "--impls", "pallas,reference", "--ops"]
+    command += ["rms_norm", "--shapes", "16x128", "--dtypes", "float32", "--direction", "fwd"]
+    done = subprocess.run(
+        [*command, "--repeats", "1", "--no-plots", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Pallas kernels run in interpret mode" in done.stderr
+    rows = list(csv.DictReader((tmp_path / "results.csv").read_text().splitlines()))
+    assert [(r["impl"], r["status"]) for r in rows] == [("pallas", "ok"), ("reference", "ok")]
+    assert "interpret mode" in rows[0]["note"] and not list(tmp_path.glob("*.png"))
+    listed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--list"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert listed.returncode == 0
+    for name in (*_ops.OPS, *_contenders.CONTENDERS, "--quick", "--full"):
+        assert name in listed.stdout
+
+
+# --- byte and residual counting ------------------------------------------------------------
+
+
+def test_bytes_layer_norm():
+    problem = _ops.make_problem(_ops.OPS["layer_norm"], (64, 128), "bfloat16")
+    x, p = 64 * 128 * 2, 128 * 2  # bfloat16: 2 bytes
+    assert problem.x.nbytes == x
+    assert _ops.op_bytes(problem, "fwd") == 2 * x + 2 * p  # read x, w, b; write y
+    assert _ops.op_bytes(problem, "bwd") == 3 * x + 3 * p  # read x, w, dy; write dx, dw, db
+    assert _ops.op_bytes(problem, "fwd+bwd") == 5 * x + 5 * p
+
+
+def test_bytes_fused_and_adaptive():
+    add = _ops.make_problem(_ops.OPS["add_layer_norm"], (64, 128), "float32")
+    x, p = 64 * 128 * 4, 128 * 4
+    assert _ops.op_bytes(add, "fwd") == 4 * x + 2 * p  # read x, r, w, b; write y, h
+    assert _ops.op_bytes(add, "bwd") == 4 * x + 3 * p  # read h, w, dy, dh; write dx, dw, db
+    ada = _ops.make_problem(_ops.OPS["adaptive_layer_norm"], (512, 128), "float32")
+    assert ada.x.shape == (2, 256, 128)  # 256 tokens per example
+    m = 2 * 128 * 4  # one scale (or shift) per example
+    assert _ops.op_bytes(ada, "fwd") == 2 * 512 * 128 * 4 + 2 * m
+    assert _ops.op_bytes(ada, "bwd") == 3 * 512 * 128 * 4 + 3 * m
+    batch = _ops.make_problem(_ops.OPS["batch_norm"], (4, 64, 8, 8), "float32")
+    assert batch.groups == 32 and batch.width == 64 and batch.rows == 4 * 64
+    assert _ops.op_bytes(batch, "fwd") == 2 * batch.x.nbytes + 2 * 64 * 4
+
+
+def test_same_inputs_for_jax_and_torch():
+    pytest.importorskip("torch")
+    problem = _ops.make_problem(_ops.OPS["layer_norm"], (8, 16), "bfloat16")
+    again = _ops.make_problem(_ops.OPS["layer_norm"], (8, 16), "bfloat16")
+    assert np.array_equal(problem.x, again.x)
+    tensors, cts = _contenders._torch_tensors(problem, _contenders.torch_device())
+    as_float = tensors["x"].detach().float().numpy()
+    assert np.array_equal(as_float, np.asarray(jnp.asarray(problem.x), np.float32))
+    assert np.array_equal(cts[0].float().numpy(), problem.cotangents[0].astype(np.float32))
+
+
+@jax.custom_vjp
+def _rms(x):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=1, keepdims=True) + 1e-5)
+
+
+def _rms_fwd(x):
+    rstd = jax.lax.rsqrt(jnp.mean(x * x, axis=1, keepdims=True) + 1e-5)
+    return x * rstd, (x, rstd, x)  # x twice: counted once
+
+
+def _rms_bwd(residuals, g):
+    _, rstd, _ = residuals
+    return (g * rstd,)
+
+
+_rms.defvjp(_rms_fwd, _rms_bwd)
+
+
+def test_jax_residual_bytes():
+    x = jnp.ones((32, 16), jnp.float32)
+    # A backward that keeps x and one float32 per row: the target's ideal.
+    kept = _timing.jax_residual_bytes(lambda a: (_rms(a["x"]),), {"x": x})
+    assert kept == x.nbytes + 32 * 4
+    assert _timing.jax_residual_bytes(lambda a: (jnp.sin(a["x"]),), {"x": x}) == x.nbytes
+    assert _timing.jax_residual_bytes(lambda a: (2 * a["x"],), {"x": x}) == 0
+
+
+def test_torch_residual_bytes():
+    pytest.importorskip("torch")
+    problem = _ops.make_problem(_ops.OPS["layer_norm"], (32, 16), "float32")
+    case = _contenders.torch_build(problem)
+    # F.layer_norm saves x, weight, bias, and a float32 mean and rstd per row.
+    assert _timing.torch_residual_bytes(case) == problem.x.nbytes + 2 * 16 * 4 + 2 * 32 * 4
+
+
+# --- verdicts ----------------------------------------------------------------------------
+
+
+def _rows(impl, direction, ms, **extra):
+    row = dict.fromkeys(_report.COLUMNS)
+    row.update(
+        op="layer_norm",
+        impl=impl,
+        shape="4096x1024",
+        dtype="bfloat16",
+        device="x",
+        direction=direction,
+        ms=ms,
+        bytes=10**9,
+        gbps=1 / ms,
+        rows=4096,
+        width=1024,
+        status="ok",
+        note="",
+    )
+    row.update(extra)
+    return row
+
+
+def test_derived_columns_and_targets():
+    rows = [
+        _rows("copy", "fwd", 1.0),
+        _rows("pallas", "fwd", 1.05, residual_ratio=1.01),
+        _rows("reference", "fwd", 2.0, residual_ratio=2.0),
+        _rows("copy", "fwd+bwd", 1.0),
+        _rows("pallas", "fwd+bwd", 1.4),
+        _rows("reference", "fwd+bwd", 2.0),
+        _rows("eqx", "fwd", 1.9),
+        _rows("eqx", "fwd+bwd", 2.1),
+    ]
+    _report.fill_derived(rows)
+    assert rows[1]["pct_copy"] == pytest.approx(100 / 1.05)
+    assert rows[1]["speedup"] == pytest.approx(2.0 / 1.05)
+    gpu = {r.target: r for r in _report.evaluate_targets(rows, "gpu", "pallas")}
+    fwd = gpu["layer_norm fwd >= 90% of copy (bf16, widths 1024-16384)"]
+    assert fwd.status == "MET" and "95.24%" in fwd.measured
+    both = gpu["layer_norm fwd+bwd >= 80% of copy (bf16, widths 1024-16384)"]
+    assert both.status == "MISSED" and "71.43%" in both.measured
+    assert (
+        gpu["layer_norm fwd+bwd >= 1.5x the XLA reference (bf16, widths 1024-16384)"].status
+        == "MISSED"
+    )
+    liger = "layer_norm no slower than Liger-Kernel (bf16, widths 1024-16384, every direction)"
+    assert gpu[liger].status == "NOT MEASURED"
+    assert all(r.status == "NOT MEASURED" for r in gpu.values() if r.platform == "cpu")
+
+    cpu = {r.target: r for r in _report.evaluate_targets(rows, "cpu", "reference")}
+    assert cpu["layer_norm fwd no slower than eqx.nn (impl='auto' = reference)"].status == "MISSED"
+    assert cpu["layer_norm fwd+bwd >= 1.1x eqx.nn (impl='auto' = reference)"].status == "MISSED"
+    residuals = cpu["layer_norm residuals kept for the backward <= 1.05x the input (impl='auto')"]
+    assert residuals.status == "MISSED" and "2.00x" in residuals.measured
+
+
+# --- flags -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["--ops", "layer_norm,nope"], "valid choices: layer_norm, rms_norm, group_norm"),
+        (["--direction", "sideways"], "valid choices: fwd, bwd, fwd+bwd"),
+        (["--impls", "numba"], "valid choices: pallas, reference, pallas-unfused"),
+        (["--dtypes", "int8"], "valid choices: float32, bfloat16, float16"),
+        (["--shapes", "4096"], "is not a shape"),
+        (["--repeats", "0"], "expected an integer >= 1"),
+        (["--quick", "--full"], "not allowed with argument"),
+    ],
+)
+def test_bad_flags(argv, names, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _cli.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert names in capsys.readouterr().err
+
+
+def test_defaults_and_several_directions():
+    args = _cli.parse_args(["--direction", "fwd", "fwd+bwd,fwd"])
+    assert args.direction == ("fwd", "fwd+bwd")
+    assert args.suite == "quick" and args.ops == tuple(_ops.OPS)
+    cpu = _contenders.default_contenders("cpu")
+    assert cpu == ("reference", "xla-unfused", "eqx", "flax", "torch", "copy")
+    assert _contenders.default_contenders("gpu") == tuple(_contenders.CONTENDERS)
+    full = _cli.parse_args(["--full"])
+    assert "4096x262144" in map(_ops.format_shape, full.shapes) and "bfloat16" in full.dtypes
