@@ -249,13 +249,6 @@ def normalize_slices(
     return pooled(x, weight, bias, axis, center, eps, axis_name)
 
 
-def _widen(x: Array) -> Array:
-    """`x` in its statistics dtype, cast once: the statistics and the normalization then share
-    one conversion, so under autodiff their gradients are summed in float32 before the one
-    cast back (two casts would add two half-precision cotangents, which cancel)."""
-    return x.astype(compute_dtype(x.dtype))
-
-
 def _row_params(param: Array | None) -> Array | None:
     return None if param is None else param[None, :]
 
