@@ -52,6 +52,7 @@ from jax.custom_batching import custom_vmap
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu, triton as plgpu
 
+from . import _triton
 from ._sharding import Rule, gathered, partitioned
 
 F32 = jnp.float32
@@ -186,7 +187,7 @@ def compiler_params(target: Target, config: BlockConfig, semantics: tuple[str, .
     have `semantics` (`"parallel"` or `"arbitrary"`)."""
     if target is MOSAIC:
         return pltpu.CompilerParams(dimension_semantics=semantics)
-    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    return _triton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def pallas_call(kernel, target: Target, config: BlockConfig, **kwargs) -> Callable:

@@ -38,6 +38,9 @@ not divide is not split.
   refuses) become replicated operands.
 - Inside `shard_map`/`pmap`, or on one device, `custom_partitioning` lowers the call as it is:
   the data is already local.
+- Under an abstract mesh with no devices behind it (`jax.sharding.use_abstract_mesh`, as JAX
+  0.11+ asks for lowering to a GPU from a CPU machine), the call runs as it is:
+  `custom_partitioning` needs devices, and JAX refuses it there.
 
 `custom_partitioning` has no batching rule, so [`partitioned`][] returns a `custom_vmap`
 function: under `jax.vmap` it partitions the vmapped call, with the vmapped axis one more split
@@ -231,7 +234,7 @@ class _Call:
             return gathered(self.fn)(*args)
         if _explicit_mesh(args) is not None:
             return self.explicit(args, sizes)
-        if jax.default_backend() == "tpu":
+        if jax.default_backend() == "tpu" or _deviceless():
             return self.fn(*args)
         return self.custom_partitioned(args, sizes)
 
@@ -467,6 +470,17 @@ def _psum_lacking(out: jax.Array, factors: Sequence[str], axes: dict) -> jax.Arr
     """`out` summed over the mesh axes of the split factors it lacks."""
     lacking = tuple(n for f in sorted(axes) if f not in factors for n in axes[f])
     return lax.psum(out, lacking) if lacking else out
+
+
+def _deviceless() -> bool:
+    """Whether the computation is traced for an abstract mesh with no devices behind it
+    (`jax.sharding.use_abstract_mesh`, e.g. an `AbstractDevice` to lower for a GPU from a CPU
+    machine): `custom_partitioning` needs devices, and there are none to partition over."""
+    # `jax.sharding.get_mesh` refuses to run under `jit`; this is what it reads.
+    from jax._src.mesh import get_concrete_mesh
+
+    concrete = get_concrete_mesh()
+    return not jax.sharding.get_abstract_mesh().empty and (concrete is None or concrete.empty)
 
 
 def _explicit_axes(mesh: Any) -> set:

@@ -197,8 +197,10 @@ def _normalized_tangent(axis, center, axis_name, x, shift, offset, rstd, weight,
     if tw is not None:
         terms.append(xhat * tw.astype(cdt))
     if tb is not None:
-        # `+ zeros_like`, not `broadcast_to`: it keeps xhat's (batch) sharding.
-        terms.append(tb.astype(cdt) + jnp.zeros_like(xhat))
+        # Broadcast to xhat's sharding (its batch split over an explicit mesh): else the
+        # transpose reshards the cotangent to the broadcast's replicated type, gathering it.
+        sharding = jax.typeof(xhat).sharding
+        terms.append(jnp.broadcast_to(tb.astype(cdt), xhat.shape, out_sharding=sharding))
     t_y = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(xhat)
     return t_y, t_mean, t_var
 
