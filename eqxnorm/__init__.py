@@ -17,5 +17,6 @@ from ._torch_interop import (
     torch_state_dict as torch_state_dict,
 )
 from ._weight_standardization import WeightStandardization as WeightStandardization
+from .kernels._triton import TritonBackendWarning as TritonBackendWarning
 
 __version__ = "0.1.0.dev0"

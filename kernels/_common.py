@@ -86,13 +86,32 @@ def per_platform(fn: Callable[..., Any], *args: Any, sharding: Rule | None = Non
             *operands,
             cuda=functools.partial(fn, TRITON),
             rocm=functools.partial(fn, TRITON),
-            tpu=functools.partial(fn, MOSAIC),
+            tpu=functools.partial(_on_mosaic, fn),
             default=functools.partial(fn, INTERPRET),
         )
 
     if sharding is None:
         return gathered(staged)(*args)
     return partitioned(staged, sharding)(*args)
+
+
+def stored_dtype(target: Target, dtype: Any) -> Any:
+    """The dtype `target` writes an output of `dtype` in: float32 for float16 on Mosaic, which
+    has no float16 vectors (see [`per_platform`][], which casts it back)."""
+    return F32 if target is MOSAIC and jnp.dtype(dtype) == jnp.float16 else dtype
+
+
+def _on_mosaic(fn: Callable[..., Any], *operands: Any) -> Any:
+    """`fn(MOSAIC, *operands)`, with float16 operands converted to float32 around the call
+    (Mosaic TPU has no float16 vectors: "Invalid vector type for load"; outputs of a dtype
+    fixed by the kernel use [`stored_dtype`][]) and the outputs cast to the dtypes the other
+    targets give. float16 on TPU so costs a conversion pass by XLA; bfloat16, TPU's own half
+    precision, runs the kernel as it is."""
+    if not any(o is not None and o.dtype == jnp.float16 for o in operands):
+        return fn(MOSAIC, *operands)
+    expected = jax.eval_shape(functools.partial(fn, INTERPRET), *operands)
+    widened = [o.astype(F32) if o is not None and o.dtype == jnp.float16 else o for o in operands]
+    return jax.tree.map(lambda o, e: o.astype(e.dtype), fn(MOSAIC, *widened), expected)
 
 
 # --- the block-size heuristic ------------------------------------------------------------------
@@ -182,11 +201,30 @@ def block_config(target: Target, rows: int, width: int) -> BlockConfig:
     return BlockConfig(block_rows, block_cols, chunks, num_warps, 1 if chunks == 1 else 2)
 
 
+# A block's share of VMEM: up to 8 row-sized operands and outputs (x, residual, dy, dh; y, h,
+# dx, dresidual), each double-buffered by the pipeline, plus about 8 float32 temporaries.
+MOSAIC_VMEM_BLOCKS = 24
+# Mosaic's default scoped VMEM limit (v5e's 16 MiB) and the most asked for: TPUs since v5e
+# have 128 MiB of VMEM (v5p 95 MiB), and the compiler keeps some for itself.
+MOSAIC_VMEM_DEFAULT = 16 * 2**20
+MOSAIC_VMEM_MAX = 64 * 2**20
+
+
+def mosaic_vmem_bytes(config: BlockConfig) -> int:
+    """The scoped VMEM a Mosaic launch with `config` asks for: the default, or, for a row kept
+    whole in VMEM because no 128-lane chunk divides its width (a float32 row of 70000 is 2.2
+    MB a block of 8 rows), `MOSAIC_VMEM_BLOCKS` float32 blocks, up to `MOSAIC_VMEM_MAX`."""
+    need = MOSAIC_VMEM_BLOCKS * config.block_rows * config.row_cols * 4
+    return min(max(need, MOSAIC_VMEM_DEFAULT), MOSAIC_VMEM_MAX)
+
+
 def compiler_params(target: Target, config: BlockConfig, semantics: tuple[str, ...]) -> Any:
     """The compiler parameters of `target` for a launch with `config` over a grid whose axes
     have `semantics` (`"parallel"` or `"arbitrary"`)."""
     if target is MOSAIC:
-        return pltpu.CompilerParams(dimension_semantics=semantics)
+        return pltpu.CompilerParams(
+            dimension_semantics=semantics, vmem_limit_bytes=mosaic_vmem_bytes(config)
+        )
     return _triton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
 

@@ -327,16 +327,16 @@ def _backward_on(
     unless `param_grads`)."""
     groups, rows, width = x.shape
     launch = _launch(target, x.shape)
-    cols = c.padded(target, width)
     optional = [weight.reshape(groups, 1, width)] if weight is not None else []
     optional_specs = [launch.params] * len(optional)
     if dh is not None:
         optional, optional_specs = [*optional, dh], [*optional_specs, launch.rows]
     out_specs = [launch.rows] * len(d_dtypes)
-    out_shape = [jax.ShapeDtypeStruct(x.shape, d) for d in d_dtypes]
+    out_shape = [jax.ShapeDtypeStruct(x.shape, c.stored_dtype(target, d)) for d in d_dtypes]
     if param_grads:
         out_specs += [launch.partials] * 2
-        out_shape += [jax.ShapeDtypeStruct((groups, launch.grid[0], 1, cols), F32)] * 2
+        # `width` columns, not the padded block's: every element is written (masked like x).
+        out_shape += [jax.ShapeDtypeStruct((groups, launch.grid[0], 1, width), F32)] * 2
     kernel = functools.partial(
         _row_norm_bwd_kernel,
         target=target,
@@ -360,7 +360,7 @@ def _backward_on(
         name=f"eqxnorm_{op}_bwd",
     )(x, dy, *(s.reshape(groups, rows, 1) for s in (shift, offset, rstd)), *optional)
     dres = outs.pop(0) if len(d_dtypes) == 2 else None
-    dw, db = (p.sum(axis=(1, 2))[:, :width] for p in outs) if param_grads else (None, None)
+    dw, db = (p.sum(axis=(1, 2)) for p in outs) if param_grads else (None, None)
     return dx, dres, dw, db
 
 

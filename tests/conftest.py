@@ -1,8 +1,15 @@
 """Test-wide JAX settings: fail on silent broadcasting and dtype promotion, and expose 8 host
-CPU devices for the cross-device tests (set before any backend is created)."""
+CPU devices for the cross-device tests (set before any backend is created). The tests run on
+the CPU even where a GPU (or the CUDA plugin of the `gpu-check` extra) is installed: the
+kernels run in Pallas' interpret mode, and GPU lowering is checked by export and by the
+deviceless compile (set JAX_PLATFORMS to run them natively on a GPU, as the GPU runbook does)."""
 
-import jax
-from hypothesis import settings
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")

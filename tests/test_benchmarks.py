@@ -9,32 +9,15 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench_support import ROOT, load_benchmarks
 
-
-def _load_benchmarks():
-    """Import the `benchmarks` package from the checkout without putting the repository root
-    on `sys.path` (where `eqxnorm/` and `kernels/` would shadow the installed package)."""
-    if "benchmarks" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "benchmarks",
-            ROOT / "benchmarks" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "benchmarks")],
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["benchmarks"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["benchmarks"]
-
-
-_load_benchmarks()
+load_benchmarks()
 from benchmarks import _cli, _contenders, _ops, _report, _timing  # noqa: E402
 
 HAS_FLAX = importlib.util.find_spec("flax") is not None

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU runbook: everything a session with a GPU at hand runs, in one go, in under 10 minutes.
+#
+#   bash benchmarks/gpu_runbook.sh [RESULTS_DIR]
+#
+# 1. eqxnorm installed from this checkout without the network (`--no-index`): a machine
+#    whose image lacks a dependency gets it from wheels in `.whl/` (made where pip works:
+#    `pip download --no-deps --only-binary=:all: -d .whl beartype`).
+# 2. The kernel tests natively on the GPU (`JAX_PLATFORMS=cuda`: the Triton kernels compiled
+#    and run on the device, against the reference compiled by XLA for it), 4 minutes at most.
+# 3. The full benchmark (`python -m benchmarks --full`: every op at the GPU suite's shapes, bf16
+#    and f32, against XLA, eqx.nn, Flax, PyTorch, Liger where installed and a device copy),
+#    4 minutes at most, its results (CSV, JSON, summary with the target verdicts, plots) under
+#    RESULTS_DIR (default `benchmarks/results/<gpu name>/`, the folder to commit).
+# 4. The deviceless table of the same kernels beside it, to compare the static model with the
+#    measured one.
+#
+# Each step is bounded by `timeout`, and a failed step does not stop the next; the exit status
+# is the first failure's. Logs go to RESULTS_DIR/runbook.log (and to $OUT when set, as the
+# device tool of this workplace collects it).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+python=${PYTHON:-python3}
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+slug=$(echo "${gpu:-unknown-gpu}" | tr '[:upper:] ' '[:lower:]-' | tr -cd 'a-z0-9-')
+results=${1:-benchmarks/results/$slug}
+mkdir -p "$results"
+log=$results/runbook.log
+: >"$log"
+status=0
+
+step() {
+    local limit=$1 name=$2
+    shift 2
+    echo "== $name (at most $limit s)" | tee -a "$log"
+    local start=$SECONDS code=0
+    timeout "$limit" "$@" 2>&1 | tee -a "$log" || code=${PIPESTATUS[0]}
+    echo "== $name: exit $code after $((SECONDS - start)) s" | tee -a "$log"
+    if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then status=$code; fi
+}
+
+site=$(mktemp -d)
+if compgen -G ".whl/*.whl" >/dev/null; then
+    step 120 "carried wheels" "$python" -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl
+fi
+step 120 "eqxnorm from this checkout" \
+    "$python" -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" .
+export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+step 30 "environment" bash -c "nvidia-smi; $python -c 'import jax, eqxnorm; print(jax.__version__, jax.devices())'"
+
+# `-P`: the checkout's root must not shadow the installed package (see the README).
+step 240 "kernel tests on the GPU" env JAX_PLATFORMS=cuda "$python" -P -m pytest -q -x -p no:cacheprovider \
+    tests/kernels/test_row_norm.py tests/kernels/test_group_norm.py \
+    tests/kernels/test_batch_norm.py tests/kernels/test_reference.py
+step 240 "full benchmark" env JAX_PLATFORMS=cuda "$python" -m benchmarks --full --dtypes bfloat16 \
+    --out "$results"
+step 60 "deviceless table" env JAX_PLATFORMS=cpu "$python" -m benchmarks.deviceless \
+    --ops layer_norm rms_norm --shapes 4096x1024 --out "$results/deviceless"
+
+if [ -n "${OUT:-}" ]; then
+    cp -r "$results"/. "$OUT"/ 2>/dev/null || true
+fi
+echo "== runbook done: exit status $status; results in $results" | tee -a "$log"
+exit "$status"

@@ -1,0 +1,139 @@
+"""The GPU kernels checked without a GPU (`benchmarks.deviceless`): a training step (forward and
+backward) of every op, at awkward and typical shapes, in bfloat16, float32 and float16, lowered
+for `cuda` and compiled deviceless for an H200. Every kernel must be free of register spills,
+touch no memory out of bounds, write every output element exactly once, and XLA's compile of
+the whole program must succeed with spills made fatal. Where the installed JAX exposes XLA's
+Triton compiler (0.10), each kernel's registers and occupancy are checked as well.
+
+The same programs compile for a TPU v5e with XLA's TPU compiler, Mosaic included (the
+`tpu_check` tests, which need libtpu: the `tpu-check` extra).
+
+Needs the `gpu-check` extra (the CUDA plugin matching jaxlib) and a `ptxas`; `.ci/run` installs
+both, and `tpu-check` on the newest-JAX leg. Each op's cases run in one subprocess with a timeout (LLVM can abort on a bad kernel)."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from bench_support import load_benchmarks
+from eqxnorm.kernels import _triton
+
+load_benchmarks()
+from benchmarks import _gpu_static as g, _ops, deviceless  # noqa: E402
+
+MISSING = (
+    "The deviceless GPU checks need the CUDA plugin of the installed jaxlib and a ptxas: "
+    'pip install -e ".[gpu-check]" (and the CUDA toolkit, or the `triton` wheel, for ptxas).'
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _requirements():
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None or g._find_tool("ptxas") is None:
+        raise RuntimeError(MISSING)
+
+
+def _cases(op: str) -> list:
+    """bfloat16 at every default shape of the op's family, float32 and float16 at the awkward
+    one (rows 37 / 5 examples: partial blocks, masks), each as a training step."""
+    family = _ops.OPS[op].family
+    shapes = deviceless.ROW_SHAPES if family == "row" else deviceless.CHANNEL_SHAPES
+    cases = deviceless.cases([op], shapes, ["bfloat16"], ["fwd+bwd"])
+    return cases + deviceless.cases([op], shapes[:1], ["float32", "float16"], ["fwd+bwd"])
+
+
+@pytest.mark.parametrize("op", list(_ops.OPS))
+def test_training_step_compiles_cleanly_for_h200(op):
+    results = deviceless.run(_cases(op), timeout=600)
+    print("\n" + deviceless.table(results))
+    per_kernel = not _triton.triton_deprecated()
+    for result in results:
+        assert deviceless.problems(result) == []
+        names = [k["name"] for k in result["kernels"]]
+        assert any(n.endswith("_fwd") for n in names) and any(n.endswith("_bwd") for n in names)
+        for k in result["kernels"]:
+            assert k["out_of_bounds"] == 0
+            assert k["max_writes"] == 1 and k["covered"] == 1.0
+            assert k["dram_bytes"] >= k["ideal_bytes"] * 0.5
+            if per_kernel:
+                assert 0 < k["registers"] <= 255
+                assert k["spill_bytes"] == 0 and k["stack_bytes"] == 0
+                assert k["occupancy"] > 0
+        program = result["program"]
+        triton = [launch for launch in program["launches"] if "eqxnorm" in launch["name"]]
+        assert len(triton) == len(names)
+        assert program["bytes"] >= result["ideal_bytes"] * 0.9
+
+
+@pytest.mark.tpu_check
+@pytest.mark.parametrize("op", list(_ops.OPS))
+def test_training_step_compiles_for_tpu_v5e(op):
+    # Mosaic checks what export does not: VMEM (a float32 row of 70000 kept whole), tiling,
+    # and the vector types TPUs have (float16 runs the kernels in float32 there).
+    if importlib.util.find_spec("libtpu") is None:
+        raise RuntimeError(
+            'The deviceless TPU compile needs libtpu matching jaxlib: pip install -e ".[tpu-check]"'
+        )
+    family = _ops.OPS[op].family
+    shapes = deviceless.ROW_SHAPES if family == "row" else deviceless.CHANNEL_SHAPES
+    dtypes = ["bfloat16", "float32", "float16"]
+    results = deviceless.run(
+        deviceless.cases([op], shapes, dtypes, ["fwd+bwd"], "tpu-v5e"), timeout=600
+    )
+    print("\n" + deviceless.table(results))
+    for result in results:
+        assert deviceless.problems(result) == []
+        kernels = result["kernels"]
+        assert any(k.endswith("_fwd") or "moments" in k for k in kernels)
+        assert any(k.endswith("_bwd") or "sums" in k for k in kernels)
+
+
+def test_per_kernel_statistics_where_jax_exposes_the_triton_compiler():
+    # So that the JAX 0.10 leg of CI checks registers, spills and occupancy per kernel.
+    available = g._xla_triton_compiler() is not None
+    assert available == (not _triton.triton_deprecated())
+
+
+# --- the checker catches what it is for ---------------------------------------------------------
+
+
+def _shifted_copy(x_ref, o_ref):
+    # A window starting 4 elements in: its last 4 lanes lie past the 8-element array.
+    o_ref[...] = x_ref[pl.ds(pl.program_id(0) + 4, 8)] * 2
+
+
+def _written_twice(x_ref, o_ref):
+    o_ref[...] = x_ref[...]
+
+
+def _reports(kernel, x, grid, block, out_block_map, in_block=None):
+    call = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[pl.BlockSpec(in_block or block, lambda i: (0,) if in_block else (i,))],
+        out_specs=pl.BlockSpec(block, out_block_map),
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        compiler_params=_triton.CompilerParams(num_warps=1),
+    )
+    return g.kernel_reports(call, x)
+
+
+def test_out_of_bounds_lanes_are_reported():
+    x = jnp.ones(8, jnp.float32)
+    (report,) = _reports(_shifted_copy, x, (1,), (8,), lambda i: (i,), in_block=(8,))
+    assert report.buffers[0].out_of_bounds == 4
+    assert any("out of bounds" in p for p in report.problems)
+
+
+def test_elements_written_twice_and_unwritten_are_reported():
+    # Two programs both write the first block of a 16-element output.
+    x = jnp.asarray(np.arange(16, dtype=np.float32))
+    (report,) = _reports(_written_twice, x, (2,), (8,), lambda i: (0,))
+    out = report.buffers[-1]
+    assert out.max_writes == 2 and out.written_unique == out.size // 2
+    assert any("written 2 times" in p for p in report.problems)
+    assert any("50.0% written" in p for p in report.problems)
