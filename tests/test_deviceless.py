@@ -9,7 +9,8 @@ The same programs compile for a TPU v5e with XLA's TPU compiler, Mosaic included
 `tpu_check` tests, which need libtpu: the `tpu-check` extra).
 
 Needs the `gpu-check` extra (the CUDA plugin matching jaxlib) and a `ptxas`; `.ci/run` installs
-both, and `tpu-check` on the newest-JAX leg. Each op's cases run in one subprocess with a timeout (LLVM can abort on a bad kernel)."""
+both, and `tpu-check` on the newest-JAX leg. Each op's cases run in one subprocess with a
+timeout (LLVM can abort on a bad kernel)."""
 
 import importlib.util
 
