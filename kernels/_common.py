@@ -9,7 +9,9 @@ lowers the real kernel):
   load and store is masked to the array's bounds.
 - `MOSAIC` (tpu): blocks span the whole feature axis (a block dimension equal to the array's
   is always legal) and row blocks are multiples of 8 sublanes; partial edge blocks are padded
-  by the pipeline, and their rows are masked out of every statistic.
+  by the pipeline, and their rows are masked out of every statistic. Mosaic has no float16
+  vectors: float16 operands and outputs are float32 inside the call (`stored_dtype`).
+  Blocks that keep a wide row whole ask for the VMEM they need (`mosaic_vmem_bytes`).
 - `INTERPRET` (cpu and any other platform): the Triton blocks, run by Pallas' interpreter,
   so the tests on CPU exercise the padding and masking the GPU relies on.
 
