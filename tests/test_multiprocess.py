@@ -1,0 +1,151 @@
+"""eqxnorm across several processes with JAX's own distributed runtime, as on a multi-host GPU or
+TPU cluster: 2 and then 4 local processes (`tests/multiprocess_worker.py`) join
+`jax.distributed.initialize` on loopback, 8 CPU devices in all, CPU collectives over gloo.
+Each run is compared with a single-process run of the same global batch (the reference on
+unsharded arrays, in this process):
+
+- BatchNorm statistics pooled across every process, under a batch-sharded `jit` and inside a
+  `shard_map` over the global mesh (the layer, its `axis_name` naming the device axis);
+- batch-sharded LayerNorm (Auto and Explicit meshes) and GroupNorm: outputs and gradients,
+  with no all-gather in the compiled program and the parameter gradients all-reduced once;
+- tensor-parallel LayerNorm, its features split across the processes' devices.
+
+With `impl="reference"` and `impl="pallas"` (interpreted on CPU). One launch per process
+count runs every check; each launch is bounded in time, and on failure or timeout every
+worker is killed and the test fails with each one's exit status and stderr."""
+
+import functools
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import multiprocess_worker as worker
+import numpy as np
+import pytest
+
+import kernel_support as ks
+
+WORKER = Path(worker.__file__)
+IMPLS = ("reference", "pallas")
+# Seconds for one launch: about 20 s for 4 processes on 2 cores, compilation included.
+LAUNCH_TIMEOUT = 240
+# Batch-sharded checks: each example normalized on its own device, so the only collective
+# of the compiled step is the sum of the parameter gradients.
+BATCH_SHARDED = ("layer_norm_jit", "layer_norm_jit_explicit", "group_norm_jit")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(processes: int, out: Path) -> list[dict]:
+    """Runs every check in `processes` worker processes; their results, one dict each."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    workers = []
+    for process_id in range(processes):
+        stderr = open(out / f"worker{process_id}.stderr", "w+")
+        command = [
+            sys.executable,
+            str(WORKER),
+            f"--coordinator={coordinator}",
+            f"--processes={processes}",
+            f"--process-id={process_id}",
+            f"--out={out / f'worker{process_id}.pkl'}",
+        ]
+        popen = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stderr=stderr)
+        workers.append((popen, stderr))
+    try:
+        _wait(workers, time.monotonic() + LAUNCH_TIMEOUT)
+    finally:
+        for popen, stderr in workers:
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait()
+            stderr.close()
+    results = []
+    for process_id in range(processes):
+        with open(out / f"worker{process_id}.pkl", "rb") as file:
+            results.append(pickle.load(file))
+    return results
+
+
+def _wait(workers, deadline: float) -> None:
+    """Returns when every worker has exited with status 0; fails, with every worker's stderr,
+    as soon as one exits with another status (its peers would wait for it until their own
+    timeouts) or at `deadline`."""
+    while time.monotonic() < deadline:
+        codes = [popen.poll() for popen, _ in workers]
+        if all(code == 0 for code in codes):
+            return
+        if any(code not in (None, 0) for code in codes):
+            break
+        time.sleep(0.1)
+    reports = []
+    for process_id, (popen, stderr) in enumerate(workers):
+        code = popen.poll()
+        status = "still running, killed" if code is None else f"exit status {code}"
+        stderr.seek(0)
+        lines = [line for line in stderr.read().splitlines() if not line.startswith("[Gloo]")]
+        reports.append(f"--- worker {process_id} ({status}), stderr:\n" + "\n".join(lines[-40:]))
+    timed_out = time.monotonic() >= deadline
+    reason = f"did not finish within {LAUNCH_TIMEOUT} s" if timed_out else "failed"
+    pytest.fail(f"A multi-process run of {len(workers)} workers {reason}.\n" + "\n".join(reports))
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}processes")
+def run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"multiprocess{request.param}")
+    return _launch(request.param, out)
+
+
+@functools.cache
+def _expected(name):
+    return jax.tree.leaves(worker.expected(name))
+
+
+def _assemble(results, key, leaf, like):
+    """Output `leaf` of check `key`, put together from the pieces every process holds."""
+    whole = np.full(like.shape, np.nan)
+    for result in results:
+        for index, piece in result[key][0][leaf]:
+            whole[index] = piece
+    assert not np.isnan(whole).any(), f"{key} output {leaf}: some elements are on no process"
+    return whole
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", list(worker.CHECKS))
+def test_equals_single_process(run, name, impl):
+    expected = _expected(name)
+    for leaf, like in enumerate(expected):
+        actual = _assemble(run, (name, impl), leaf, like)
+        if np.issubdtype(like.dtype, np.floating):
+            ks.assert_matches(actual.astype(like.dtype), like)
+        else:
+            np.testing.assert_array_equal(actual, like)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", list(worker.CHECKS))
+def test_nothing_is_gathered(run, name, impl):
+    # Every process's program; the same program in each (SPMD).
+    for result in run:
+        assert result[name, impl][1].get("all-gather", []) == []
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", BATCH_SHARDED)
+def test_parameter_gradients_are_all_reduced_once(run, name, impl):
+    # One all-reduce (the weight and bias gradients together); the values are checked above,
+    # so they are summed once, not once per process or per device.
+    collectives = run[0][name, impl][1]
+    assert set(collectives) == {"all-reduce"}, collectives
+    assert len(collectives["all-reduce"]) == 1, collectives["all-reduce"]
