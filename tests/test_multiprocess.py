@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import jax
+import markdown_support
 import multiprocess_worker as worker
 import numpy as np
 import pytest
@@ -45,36 +46,58 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(processes: int, out: Path) -> list[dict]:
-    """Runs every check in `processes` worker processes; their results, one dict each."""
+def _launch(processes: int, argv, out: Path) -> list[str]:
+    """Runs `argv(process_id, coordinator)` in `processes` processes until all have exited
+    with status 0 (see `_wait`); their standard outputs."""
     coordinator = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     workers = []
     for process_id in range(processes):
-        stderr = open(out / f"worker{process_id}.stderr", "w+")
-        command = [
-            sys.executable,
+        stdout = open(out / f"process{process_id}.stdout", "w+")
+        stderr = open(out / f"process{process_id}.stderr", "w+")
+        command = [sys.executable, *argv(process_id, coordinator)]
+        popen = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
+        )
+        workers.append((popen, stdout, stderr))
+    outputs = []
+    try:
+        _wait([(popen, stderr) for popen, _, stderr in workers], time.monotonic() + LAUNCH_TIMEOUT)
+    finally:
+        for popen, stdout, stderr in workers:
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait()
+            stdout.seek(0)
+            outputs.append(stdout.read())
+            stdout.close()
+            stderr.close()
+    return outputs
+
+
+def _run_workers(processes: int, out: Path) -> list[dict]:
+    """Every check of `multiprocess_worker` in `processes` processes; one dict each."""
+
+    def argv(process_id, coordinator):
+        return [
             str(WORKER),
             f"--coordinator={coordinator}",
             f"--processes={processes}",
             f"--process-id={process_id}",
             f"--out={out / f'worker{process_id}.pkl'}",
         ]
-        popen = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stderr=stderr)
-        workers.append((popen, stderr))
-    try:
-        _wait(workers, time.monotonic() + LAUNCH_TIMEOUT)
-    finally:
-        for popen, stderr in workers:
-            if popen.poll() is None:
-                popen.kill()
-                popen.wait()
-            stderr.close()
+
+    _launch(processes, argv, out)
     results = []
     for process_id in range(processes):
         with open(out / f"worker{process_id}.pkl", "rb") as file:
             results.append(pickle.load(file))
     return results
+
+
+def _without_gloo(output: str) -> list[str]:
+    """The lines of `output` but gloo's connection messages (on stdout and stderr)."""
+    return [line for line in output.splitlines() if not line.startswith("[Gloo]")]
 
 
 def _wait(workers, deadline: float) -> None:
@@ -93,7 +116,7 @@ def _wait(workers, deadline: float) -> None:
         code = popen.poll()
         status = "still running, killed" if code is None else f"exit status {code}"
         stderr.seek(0)
-        lines = [line for line in stderr.read().splitlines() if not line.startswith("[Gloo]")]
+        lines = _without_gloo(stderr.read())
         reports.append(f"--- worker {process_id} ({status}), stderr:\n" + "\n".join(lines[-40:]))
     timed_out = time.monotonic() >= deadline
     reason = f"did not finish within {LAUNCH_TIMEOUT} s" if timed_out else "failed"
@@ -103,7 +126,7 @@ def _wait(workers, deadline: float) -> None:
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}processes")
 def run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"multiprocess{request.param}")
-    return _launch(request.param, out)
+    return _run_workers(request.param, out)
 
 
 @functools.cache
@@ -149,3 +172,12 @@ def test_parameter_gradients_are_all_reduced_once(run, name, impl):
     collectives = run[0][name, impl][1]
     assert set(collectives) == {"all-reduce"}, collectives
     assert len(collectives["all-reduce"]) == 1, collectives["all-reduce"]
+
+
+def test_readme_recipe_runs(tmp_path):
+    script = tmp_path / "multiprocess.py"
+    script.write_text(markdown_support.titled_block(markdown_support.README, "multiprocess.py"))
+    outputs = _launch(2, lambda i, coordinator: [str(script), str(i), "2", coordinator], tmp_path)
+    printed = [_without_gloo(out) for out in outputs]
+    assert printed[0][0] == "2 processes, 8 devices, one gradient:", outputs[0]
+    assert printed[1] == [], outputs[1]
