@@ -215,8 +215,7 @@ def main(argv=None):
     parser.add_argument("--coordinator", required=True, help="host:port of process 0")
     parser.add_argument("--processes", type=int, required=True)
     parser.add_argument("--process-id", type=int, required=True)
-    parser.add_argument("--impls", default="reference,pallas")
-    parser.add_argument("--checks", default=",".join(CHECKS))
+    parser.add_argument("--cases", required=True, help="check:impl,... to run, in order")
     parser.add_argument("--out", required=True, help="file to write the results to (pickle)")
     args = parser.parse_args(argv)
 
@@ -236,13 +235,13 @@ def main(argv=None):
     )
     assert jax.device_count() == GLOBAL_DEVICES, jax.devices()
     results = {}
-    for impl in args.impls.split(","):
-        for name in args.checks.split(","):
-            check, axis, axis_type = CHECKS[name]
-            # Every process's devices: `jax.make_mesh` uses `jax.devices()`, the global list.
-            mesh = jax.make_mesh((GLOBAL_DEVICES,), (axis,), axis_types=(axis_type,))
-            result, text = check(impl, mesh)
-            results[name, impl] = (_local_pieces(result), collectives(text))
+    for case in args.cases.split(","):
+        name, impl = case.split(":")
+        check, axis, axis_type = CHECKS[name]
+        # Every process's devices: `jax.make_mesh` uses `jax.devices()`, the global list.
+        mesh = jax.make_mesh((GLOBAL_DEVICES,), (axis,), axis_types=(axis_type,))
+        result, text = check(impl, mesh)
+        results[name, impl] = (_local_pieces(result), collectives(text))
     with open(args.out, "wb") as file:
         pickle.dump(results, file)
     jax.distributed.shutdown()

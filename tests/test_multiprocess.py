@@ -32,12 +32,38 @@ import pytest
 import kernel_support as ks
 
 WORKER = Path(worker.__file__)
-IMPLS = ("reference", "pallas")
+_EVERY_CASE = [(name, impl) for impl in ("reference", "pallas") for name in worker.CHECKS]
+# The cases each launch runs, by its number of processes. 4 processes share 2 CPU cores, so
+# the kernels, interpreted and compiled once in each process, run there only on the three
+# distinct sharded paths: `custom_partitioning` (Auto mesh), `shard_map` (Explicit mesh),
+# and inside the user's `shard_map` (BatchNorm pooled). The other kernel cases go through the
+# same machinery on other kernels, which the 2-process launch covers.
+LAUNCHES = {
+    2: _EVERY_CASE,
+    4: [
+        *((name, "reference") for name in worker.CHECKS),
+        ("layer_norm_jit", "pallas"),
+        ("layer_norm_jit_explicit", "pallas"),
+        ("batch_norm_shard_map", "pallas"),
+    ],
+}
 # Seconds for one launch: about 20 s for 4 processes on 2 cores, compilation included.
 LAUNCH_TIMEOUT = 240
 # Batch-sharded checks: each example normalized on its own device, so the only collective
 # of the compiled step is the sum of the parameter gradients.
 BATCH_SHARDED = ("layer_norm_jit", "layer_norm_jit_explicit", "group_norm_jit")
+
+
+# Runs a script (`python -c _BOUNDED SECONDS SCRIPT ARGS...`) as `python SCRIPT ARGS...` would,
+# ended by SIGALRM after SECONDS: no worker outlives its test, even one whose pytest process
+# was killed before it could kill the workers.
+_BOUNDED = """import runpy, signal, sys
+signal.alarm(int(sys.argv.pop(1)))
+del sys.argv[0]
+sys.path[0] = sys.argv[0].rpartition("/")[0]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+ALARM = LAUNCH_TIMEOUT + 30
 
 
 def _free_port() -> int:
@@ -55,7 +81,7 @@ def _launch(processes: int, argv, out: Path) -> list[str]:
     for process_id in range(processes):
         stdout = open(out / f"process{process_id}.stdout", "w+")
         stderr = open(out / f"process{process_id}.stderr", "w+")
-        command = [sys.executable, *argv(process_id, coordinator)]
+        command = [sys.executable, "-c", _BOUNDED, str(ALARM), *argv(process_id, coordinator)]
         popen = subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
         )
@@ -76,7 +102,7 @@ def _launch(processes: int, argv, out: Path) -> list[str]:
 
 
 def _run_workers(processes: int, out: Path) -> list[dict]:
-    """Every check of `multiprocess_worker` in `processes` processes; one dict each."""
+    """The launch's cases (`LAUNCHES`) in `processes` processes; one dict of results each."""
 
     def argv(process_id, coordinator):
         return [
@@ -84,6 +110,7 @@ def _run_workers(processes: int, out: Path) -> list[dict]:
             f"--coordinator={coordinator}",
             f"--processes={processes}",
             f"--process-id={process_id}",
+            "--cases=" + ",".join(f"{name}:{impl}" for name, impl in LAUNCHES[processes]),
             f"--out={out / f'worker{process_id}.pkl'}",
         ]
 
@@ -123,10 +150,25 @@ def _wait(workers, deadline: float) -> None:
     pytest.fail(f"A multi-process run of {len(workers)} workers {reason}.\n" + "\n".join(reports))
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}processes")
-def run(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"multiprocess{request.param}")
-    return _run_workers(request.param, out)
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """`launches(processes)`: the results of the launch in that many processes, launched on
+    first use; a failed launch fails every test that uses it, without launching again."""
+    outcomes = {}
+
+    def results(processes):
+        if processes not in outcomes:
+            try:
+                out = tmp_path_factory.mktemp(f"multiprocess{processes}")
+                outcomes[processes] = (True, _run_workers(processes, out))
+            except pytest.fail.Exception as failure:
+                outcomes[processes] = (False, str(failure))
+        succeeded, value = outcomes[processes]
+        if not succeeded:
+            pytest.fail(value, pytrace=False)
+        return value
+
+    return results
 
 
 @functools.cache
@@ -144,9 +186,22 @@ def _assemble(results, key, leaf, like):
     return whole
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", list(worker.CHECKS))
-def test_equals_single_process(run, name, impl):
+def _cases(names=None):
+    """`(processes, name, impl)` of every case the launches run (of the checks `names`)."""
+    return [
+        pytest.param(processes, name, impl, id=f"{processes}processes-{name}-{impl}")
+        for processes, cases in LAUNCHES.items()
+        for name, impl in cases
+        if names is None or name in names
+    ]
+
+
+@pytest.mark.parametrize(
+    "processes, name, impl",
+    _cases(),
+)
+def test_equals_single_process(launches, processes, name, impl):
+    run = launches(processes)
     expected = _expected(name)
     for leaf, like in enumerate(expected):
         actual = _assemble(run, (name, impl), leaf, like)
@@ -156,17 +211,23 @@ def test_equals_single_process(run, name, impl):
             np.testing.assert_array_equal(actual, like)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", list(worker.CHECKS))
-def test_nothing_is_gathered(run, name, impl):
+@pytest.mark.parametrize(
+    "processes, name, impl",
+    _cases(),
+)
+def test_nothing_is_gathered(launches, processes, name, impl):
+    run = launches(processes)
     # Every process's program; the same program in each (SPMD).
     for result in run:
         assert result[name, impl][1].get("all-gather", []) == []
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", BATCH_SHARDED)
-def test_parameter_gradients_are_all_reduced_once(run, name, impl):
+@pytest.mark.parametrize(
+    "processes, name, impl",
+    _cases(BATCH_SHARDED),
+)
+def test_parameter_gradients_are_all_reduced_once(launches, processes, name, impl):
+    run = launches(processes)
     # One all-reduce (the weight and bias gradients together); the values are checked above,
     # so they are summed once, not once per process or per device.
     collectives = run[0][name, impl][1]
