@@ -10,9 +10,15 @@ unsharded arrays, in this process):
   with no all-gather in the compiled program and the parameter gradients all-reduced once;
 - tensor-parallel LayerNorm, its features split across the processes' devices.
 
-With `impl="reference"` and `impl="pallas"` (interpreted on CPU). One launch per process
-count runs every check; each launch is bounded in time, and on failure or timeout every
-worker is killed and the test fails with each one's exit status and stderr."""
+With `impl="reference"` and `impl="pallas"` (interpreted on CPU; the 4-process launch runs
+the kernels on their three distinct sharded paths only, see `LAUNCHES`). One launch per
+process count runs all its checks; each launch is bounded in time, and on failure or timeout
+every worker is killed and the test fails with each one's exit status and stderr. A last
+test runs the README's multi-process script in 2 processes.
+
+Each process's share of the 8 devices: 4 each for 2 processes, 2 each for 4. The coordinator
+listens on 127.0.0.1 only; gloo connects the processes at the address the host name
+resolves to (JAX 0.10 offers no setting for it), loopback on CI's machines."""
 
 import functools
 import os
@@ -47,7 +53,7 @@ LAUNCHES = {
         ("batch_norm_shard_map", "pallas"),
     ],
 }
-# Seconds for one launch: about 20 s for 4 processes on 2 cores, compilation included.
+# Seconds for one launch: 10-20 s for 4 processes on 2 idle cores, compilation included.
 LAUNCH_TIMEOUT = 240
 # Batch-sharded checks: each example normalized on its own device, so the only collective
 # of the compiled step is the sum of the parameter gradients.
