@@ -65,7 +65,7 @@ class _AdaptiveRowNorm(eqx.Module):
         self,
         shape: int | Sequence[int],
         cond_size: int,
-        eps: float = 1e-5,
+        eps: _checking.Number = 1e-5,
         use_weight: bool = False,
         use_bias: bool = False,
         dtype=None,
@@ -103,7 +103,7 @@ class _AdaptiveRowNorm(eqx.Module):
         _checking.check_eps(eps, where)
         check_impl(impl, where)
         self.cond_size = cond_size
-        self.eps = eps
+        self.eps = float(eps)
         self.use_weight = use_weight
         self.use_bias = use_bias
         self.impl = impl
@@ -251,7 +251,7 @@ class AdaptiveGroupNorm(eqx.Module):
         groups: int,
         channels: int,
         cond_size: int,
-        eps: float = 1e-5,
+        eps: _checking.Number = 1e-5,
         channelwise_affine: bool = False,
         dtype=None,
         *,
@@ -288,7 +288,7 @@ class AdaptiveGroupNorm(eqx.Module):
         self.groups = groups
         self.channels = channels
         self.cond_size = cond_size
-        self.eps = eps
+        self.eps = float(eps)
         self.channelwise_affine = channelwise_affine
         self.impl = impl
         self.weight = jnp.ones((channels,), dtype=dtype) if channelwise_affine else None

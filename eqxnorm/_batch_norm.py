@@ -118,7 +118,7 @@ class BatchNorm(StatefulLayer):
         self,
         input_size: int,
         axis_name: Hashable | Sequence[Hashable],
-        eps: float = 1e-5,
+        eps: _checking.Number = 1e-5,
         channelwise_affine: bool = True,
         momentum: float = 0.99,
         inference: bool = False,
@@ -182,7 +182,7 @@ class BatchNorm(StatefulLayer):
         # A list is not hashable, and static fields must be.
         self.axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
         self.input_size = input_size
-        self.eps = eps
+        self.eps = float(eps)
         self.channelwise_affine = channelwise_affine
         self.momentum = momentum
         self.mode = mode
@@ -193,6 +193,13 @@ class BatchNorm(StatefulLayer):
 
     def _precheck(self, x, state, *, key=None, inference=None):
         where = self._where()
+        if not isinstance(state, State):
+            raise TypeError(
+                f"{where}: `state` must be the equinox.nn.State holding the running statistics, "
+                f"but got {state!r} of type {type(state).__name__}. Create the layer and its "
+                f"state together with `norm, state = eqx.nn.make_with_state(eqxnorm.BatchNorm)"
+                f"(...)` and call `norm(x, state)`."
+            )
         _checking.check_floating(x, "x", where)
         if x.ndim == 0 or x.shape[0] != self.input_size:
             expected = f"(channels={self.input_size}, *spatial), the channels on axis 0"

@@ -80,17 +80,36 @@ def check_floating(x: Any, name: str, where: str) -> None:
         )
 
 
-def check_eps(eps: Any, where: str) -> None:
-    """`ValueError` unless `eps` is a finite number > 0."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+# What `eps` may be: any real number that is not a bool (Python or NumPy; a user's `eps=1`
+# is as good as `eps=1.0`). Entry points convert it with `float(eps)`.
+Number = float | int | np.floating | np.integer
+
+
+def check_eps(eps: Any, where: str, x: Any = None) -> None:
+    """`TypeError`/`ValueError` unless `eps` is a finite real number > 0 and, given the input
+    `x`, at least the smallest normal number of the dtype its statistics are computed in
+    (a smaller one is flushed to 0 there, and a constant slice would give NaN)."""
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.number)):
         raise TypeError(
-            f"{where}: `eps` must be a Python float, but got {eps!r} of type "
+            f"{where}: `eps` must be a real number, but got {eps!r} of type "
             f"{type(eps).__name__}. Pass e.g. `eps=1e-5`."
         )
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(
             f"{where}: `eps` must be a finite number greater than 0 (it keeps 1/sqrt(var + eps) "
             f"finite for constant inputs), but got eps={eps!r}. Pass e.g. `eps=1e-5`."
+        )
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        return
+    stats = jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+    tiny = float(jnp.finfo(stats).tiny)
+    if eps < tiny:
+        raise ValueError(
+            f"{where}: eps={eps!r} is not positive in {jnp.dtype(stats).name}, the dtype the "
+            f"statistics of a {jnp.dtype(dtype).name} input are computed in: it is below the "
+            f"smallest normal {jnp.dtype(stats).name}, {tiny!r}, and is flushed to 0, so a "
+            f"constant slice would give NaN. Pass eps >= {tiny!r}, e.g. `eps=1e-5`."
         )
 
 
@@ -153,7 +172,9 @@ def check_example_shape(
     if x.ndim != n:
         raise ValueError(
             f"{where} expects x of rank {n} with shape {_describe(expected, axis_names)}, "
-            f"but got x of rank {x.ndim} with shape {x.shape}."
+            f"but got x of rank {x.ndim} with shape {x.shape}. Construct the layer with the "
+            f"shape of one example (here `shape={tuple(x.shape)}`), or reshape x to "
+            f"{expected} if that is its layout."
         )
     bad = [i for i in range(n) if x.shape[i] != expected[i]]
     details = "; ".join(

@@ -103,7 +103,7 @@ class GroupNorm(eqx.Module):
         self,
         groups: int,
         channels: int | None = None,
-        eps: float = 1e-5,
+        eps: _checking.Number = 1e-5,
         channelwise_affine: bool = True,
         dtype=None,
         *,
@@ -148,7 +148,7 @@ class GroupNorm(eqx.Module):
         check_impl(impl, where)
         self.groups = groups
         self.channels = channels
-        self.eps = eps
+        self.eps = float(eps)
         self.channelwise_affine = channelwise_affine
         self.impl = impl
         self.weight = jnp.ones(channels, dtype=dtype) if channelwise_affine else None

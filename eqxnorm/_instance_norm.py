@@ -70,7 +70,7 @@ class InstanceNorm(eqx.Module):
     def __init__(
         self,
         channels: int,
-        eps: float = 1e-5,
+        eps: _checking.Number = 1e-5,
         channelwise_affine: bool = False,
         dtype=None,
         *,
@@ -96,7 +96,7 @@ class InstanceNorm(eqx.Module):
         _checking.check_eps(eps, where)
         check_impl(impl, where)
         self.channels = channels
-        self.eps = eps
+        self.eps = float(eps)
         self.channelwise_affine = channelwise_affine
         self.impl = impl
         self.weight = jnp.ones(channels, dtype=dtype) if channelwise_affine else None

@@ -32,7 +32,7 @@ class _RowNorm(eqx.Module):
     def __init__(
         self,
         shape: int | Sequence[int],
-        eps: float = 1e-5,
+        eps: _checking.Number = 1e-5,
         use_weight: bool = True,
         use_bias: bool = True,
         dtype=None,
@@ -63,7 +63,7 @@ class _RowNorm(eqx.Module):
         self.shape = _checking.normalize_shape(shape, where)
         _checking.check_eps(eps, where)
         check_impl(impl, where)
-        self.eps = eps
+        self.eps = float(eps)
         self.use_weight = use_weight
         self.use_bias = use_bias
         self.impl = impl

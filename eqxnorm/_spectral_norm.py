@@ -82,7 +82,7 @@ class SpectralNorm(StatefulLayer, Generic[_Layer]):
         layer: _Layer,
         weight_name: str = "weight",
         num_power_iterations: int = 1,
-        eps: float = 1e-12,
+        eps: _checking.Number = 1e-12,
         inference: bool = False,
         *,
         key: PRNGKeyArray,
@@ -119,7 +119,7 @@ class SpectralNorm(StatefulLayer, Generic[_Layer]):
         self.layer = layer
         self.weight_name = weight_name
         self.num_power_iterations = num_power_iterations
-        self.eps = eps
+        self.eps = float(eps)
         self.inference = inference
         self.impl = impl
 

@@ -96,7 +96,7 @@ class WeightStandardization(eqx.Module, Generic[_Layer]):
         self,
         layer: _Layer,
         weight_name: str = "weight",
-        eps: float = 1e-5,
+        eps: _checking.Number = 1e-5,
         *,
         impl: Impl = "auto",
     ):
@@ -122,7 +122,7 @@ class WeightStandardization(eqx.Module, Generic[_Layer]):
         check_impl(impl, where)
         self.layer = layer
         self.weight_name = weight_name
-        self.eps = eps
+        self.eps = float(eps)
         self.impl = impl
 
     @_checking.typechecked()

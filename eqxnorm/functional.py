@@ -66,7 +66,7 @@ def _resolve_row_shape(x: Any, weight: Any, bias: Any, shape: Any, where: str) -
 def _check_row_norm(where: str):
     def precheck(x, weight=None, bias=None, *, shape=None, eps=1e-5, axis_name=None, impl="auto"):
         _resolve_row_shape(x, weight, bias, shape, where)
-        _checking.check_eps(eps, where)
+        _checking.check_eps(eps, where, x)
         if axis_name is not None:
             _checking.axis_size(axis_name, where)
         check_impl(impl, where)
@@ -80,7 +80,7 @@ def _row_norm(op: str, x, weight, bias, shape, eps, impl, axis_name=None):
     x, weight, bias = _as_arrays(x, weight, bias)
     rows = x.reshape(-1, dim)
     flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
-    y = getattr(implementation(impl), op)(rows, *flat, eps=eps, axis_name=axis_name)
+    y = getattr(implementation(impl), op)(rows, *flat, eps=float(eps), axis_name=axis_name)
     return y.reshape(x.shape)
 
 
@@ -91,7 +91,7 @@ def layer_norm(
     bias: Float[AnyArray, "*shape"] | None = None,
     *,
     shape: int | Sequence[int] | None = None,
-    eps: float = 1e-5,
+    eps: _checking.Number = 1e-5,
     axis_name: AxisName | None = None,
     impl: Impl = "auto",
 ) -> Float[Array, "*batch_and_shape"]:
@@ -140,7 +140,7 @@ def rms_norm(
     bias: Float[AnyArray, "*shape"] | None = None,
     *,
     shape: int | Sequence[int] | None = None,
-    eps: float = 1e-5,
+    eps: _checking.Number = 1e-5,
     axis_name: AxisName | None = None,
     impl: Impl = "auto",
 ) -> Float[Array, "*batch_and_shape"]:
@@ -212,14 +212,14 @@ def _check_group_args(x, groups, weight, bias, eps, impl, where: str) -> None:
             f"{', '.join(str(d) for d in range(1, channels + 1) if channels % d == 0)}."
         )
     _check_channel_params(channels, where, weight=weight, bias=bias)
-    _checking.check_eps(eps, where)
+    _checking.check_eps(eps, where, x)
     check_impl(impl, where)
 
 
 def _group_norm(x, groups, weight, bias, eps, impl):
     x, weight, bias = _as_arrays(x, weight, bias)
     x3 = _flatten_spatial(x)
-    y = implementation(impl).group_norm(x3, weight, bias, groups=groups, eps=eps)
+    y = implementation(impl).group_norm(x3, weight, bias, groups=groups, eps=float(eps))
     return y.reshape(x.shape)
 
 
@@ -230,7 +230,7 @@ def group_norm(
     weight: Float[AnyArray, " channels"] | None = None,
     bias: Float[AnyArray, " channels"] | None = None,
     *,
-    eps: float = 1e-5,
+    eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
 ) -> Float[Array, "batch channels *spatial"]:
     r"""Group normalization: the channels split into `groups` contiguous groups, each
@@ -275,7 +275,7 @@ def _check_instance_norm(x, weight=None, bias=None, *, eps=1e-5, impl="auto"):
             f"element (PyTorch refuses this input too)."
         )
     _check_channel_params(channels, where, weight=weight, bias=bias)
-    _checking.check_eps(eps, where)
+    _checking.check_eps(eps, where, x)
     check_impl(impl, where)
 
 
@@ -285,7 +285,7 @@ def instance_norm(
     weight: Float[AnyArray, " channels"] | None = None,
     bias: Float[AnyArray, " channels"] | None = None,
     *,
-    eps: float = 1e-5,
+    eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
 ) -> Float[Array, "batch channels *spatial"]:
     r"""Instance normalization: each `(example, channel)` normalized over its spatial axes,
@@ -348,7 +348,7 @@ def _check_batch_norm(
                 f"gives {batch * spatial * members}. Use a larger batch, or pass running "
                 f"statistics as `mean=` and `var=`."
             )
-    _checking.check_eps(eps, where)
+    _checking.check_eps(eps, where, x)
     check_impl(impl, where)
 
 
@@ -360,7 +360,7 @@ def batch_norm(
     *,
     mean: Float[AnyArray, " channels"] | None = None,
     var: Float[AnyArray, " channels"] | None = None,
-    eps: float = 1e-5,
+    eps: _checking.Number = 1e-5,
     axis_name: AxisName | None = None,
     impl: Impl = "auto",
 ) -> tuple[
@@ -403,9 +403,9 @@ def batch_norm(
     x3 = _flatten_spatial(x)
     impl_module = implementation(impl)
     if mean is None:
-        y, mean, var = impl_module.batch_norm(x3, weight, bias, eps=eps, axis_name=axis_name)
+        y, mean, var = impl_module.batch_norm(x3, weight, bias, eps=float(eps), axis_name=axis_name)
     else:
-        y = impl_module.batch_norm_inference(x3, mean, var, weight, bias, eps=eps)
+        y = impl_module.batch_norm_inference(x3, mean, var, weight, bias, eps=float(eps))
     return y.reshape(x.shape), mean, var
 
 
@@ -449,7 +449,7 @@ def _check_num_power_iterations(value: Any, where: str) -> None:
 def _check_weight_standardize(weight, *, eps=1e-5, impl="auto"):
     where = "eqxnorm.functional.weight_standardize"
     _check_weight_matrix(weight, where, min_fan_in=2)
-    _checking.check_eps(eps, where)
+    _checking.check_eps(eps, where, weight)
     check_impl(impl, where)
 
 
@@ -457,7 +457,7 @@ def _check_weight_standardize(weight, *, eps=1e-5, impl="auto"):
 def weight_standardize(
     weight: Float[AnyArray, " out *rest"],
     *,
-    eps: float = 1e-5,
+    eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
 ) -> Float[Array, " out *rest"]:
     r"""Weight standardization: each output unit's weights (a row of the `(out, fan_in)`
@@ -491,7 +491,7 @@ def weight_standardize(
     """
     (weight,) = _as_arrays(weight)
     rows = weight.reshape(weight.shape[0], -1)
-    return implementation(impl).layer_norm(rows, None, None, eps=eps).reshape(weight.shape)
+    return implementation(impl).layer_norm(rows, None, None, eps=float(eps)).reshape(weight.shape)
 
 
 def _power_iteration(matrix: Array, v: Array, eps: float) -> tuple[Array, Array]:
@@ -509,7 +509,7 @@ def _check_spectral_normalize(weight, u, v, *, num_power_iterations=1, eps=1e-12
     for name, vector, size in (("u", u, out), ("v", v, fan_in)):
         _checking.check_param(vector, (size,), name, where, "from the (out, fan_in) reshape")
     _check_num_power_iterations(num_power_iterations, where)
-    _checking.check_eps(eps, where)
+    _checking.check_eps(eps, where, weight)
     check_impl(impl, where)
 
 
@@ -520,7 +520,7 @@ def spectral_normalize(
     v: Float[AnyArray, " fan_in"],
     *,
     num_power_iterations: int = 1,
-    eps: float = 1e-12,
+    eps: _checking.Number = 1e-12,
     impl: Impl = "auto",
 ) -> tuple[Float[Array, " out *rest"], Float[Array, " out"], Float[Array, " fan_in"], Scalar]:
     r"""Spectral normalization: the weight divided by an estimate of its largest singular
@@ -624,7 +624,7 @@ def _check_add_row_norm(where: str):
     def precheck(x, residual, weight=None, bias=None, *, shape=None, eps=1e-5, impl="auto"):
         _resolve_row_shape(x, weight, bias, shape, where)
         _check_same_shape(x, residual, "residual", where)
-        _checking.check_eps(eps, where)
+        _checking.check_eps(eps, where, x)
         check_impl(impl, where)
 
     return precheck
@@ -637,7 +637,7 @@ def _add_row_norm(op: str, x, residual, weight, bias, shape, eps, impl):
     rows = math.prod(x.shape) // dim
     flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
     y, h = getattr(implementation(impl), op)(
-        x.reshape(rows, dim), residual.reshape(rows, dim), *flat, eps=eps
+        x.reshape(rows, dim), residual.reshape(rows, dim), *flat, eps=float(eps)
     )
     return y.reshape(x.shape), h.reshape(x.shape)
 
@@ -650,7 +650,7 @@ def add_layer_norm(
     bias: Float[AnyArray, "*shape"] | None = None,
     *,
     shape: int | Sequence[int] | None = None,
-    eps: float = 1e-5,
+    eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
 ) -> tuple[Float[Array, "*batch_and_shape"], Float[Array, "*batch_and_shape"]]:
     r"""Residual add and LayerNorm in one pass, as a pre-norm transformer block needs them:
@@ -693,7 +693,7 @@ def add_rms_norm(
     bias: Float[AnyArray, "*shape"] | None = None,
     *,
     shape: int | Sequence[int] | None = None,
-    eps: float = 1e-5,
+    eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
 ) -> tuple[Float[Array, "*batch_and_shape"], Float[Array, "*batch_and_shape"]]:
     r"""Residual add and RMSNorm in one pass:
@@ -751,7 +751,7 @@ def _check_adaptive_row_norm(where: str):
     def precheck(x, scale, shift, weight=None, bias=None, *, shape=None, eps=1e-5, impl="auto"):
         feature_shape = _resolve_row_shape(x, weight, bias, shape, where)
         _modulation_lead(x, scale, shift, feature_shape, where)
-        _checking.check_eps(eps, where)
+        _checking.check_eps(eps, where, x)
         check_impl(impl, where)
 
     return precheck
@@ -770,7 +770,7 @@ def _adaptive_row_norm(op: str, x, scale, shift, weight, bias, shape, eps, impl)
         scale.reshape(examples, dim),
         shift.reshape(examples, dim),
         *flat,
-        eps=eps,
+        eps=float(eps),
     )
     return y.reshape(x.shape)
 
@@ -784,7 +784,7 @@ def adaptive_layer_norm(
     bias: Float[AnyArray, "*shape"] | None = None,
     *,
     shape: int | Sequence[int] | None = None,
-    eps: float = 1e-5,
+    eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
 ) -> Float[Array, "*x_shape"]:
     r"""Adaptive layer normalization (adaLN, as in DiT; FiLM): LayerNorm over the trailing
@@ -835,7 +835,7 @@ def adaptive_rms_norm(
     bias: Float[AnyArray, "*shape"] | None = None,
     *,
     shape: int | Sequence[int] | None = None,
-    eps: float = 1e-5,
+    eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
 ) -> Float[Array, "*x_shape"]:
     r"""Adaptive RMSNorm: RMSNorm over the trailing `shape` axes, then a per-example scale and
@@ -883,7 +883,7 @@ def adaptive_group_norm(
     weight: Float[AnyArray, " channels"] | None = None,
     bias: Float[AnyArray, " channels"] | None = None,
     *,
-    eps: float = 1e-5,
+    eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
 ) -> Float[Array, "batch channels *spatial"]:
     r"""Adaptive GroupNorm (the FiLM conditioning of diffusion U-Nets): GroupNorm, then a
@@ -915,7 +915,7 @@ def adaptive_group_norm(
     """
     x, scale, shift, weight, bias = _as_arrays(x, scale, shift, weight, bias)
     y = implementation(impl).adaptive_group_norm(
-        _flatten_spatial(x), scale, shift, weight, bias, groups=groups, eps=eps
+        _flatten_spatial(x), scale, shift, weight, bias, groups=groups, eps=float(eps)
     )
     return y.reshape(x.shape)
 

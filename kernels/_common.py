@@ -298,19 +298,45 @@ class Stats(NamedTuple):
     var: jax.Array
 
 
+def first_element(x: jax.Array) -> jax.Array:
+    """Each row's value at index 0 of every axis but the leading one (a valid element of
+    every row), shaped as [`Stats`][]."""
+    first = functools.reduce(
+        jnp.logical_and, (iota(x.shape, axis) == 0 for axis in range(1, x.ndim))
+    )
+    return row_sum(jnp.where(first, x, 0.0))
+
+
 def block_moments(x: jax.Array, mask: jax.Array, count: int, *, center: bool) -> Stats:
     r"""Statistics of each row of a block (2-D, or 3-D for the group norms) already in
-    float32 with its padding zeroed:
-    $\mu = m_1 + \overline{x - m_1}$, $\sigma^2 = \overline{(x - m_1)^2} - \overline{x -
-    m_1}^2$ (the reference's corrected two-pass algorithm), or $\sigma^2 =
-    \overline{x^2}$ when not `center`ing. `count` is the number of valid columns."""
+    float32 with its padding zeroed, as `eqxnorm.kernels.reference.moments` computes them:
+    with $m_1 = \sum x / n$, $d = x - m_1$ and $d_0$ the row's first $d$,
+    $\mu = m_1 + (d_0 + \overline{d - d_0})$, $\sigma^2 = \overline{d^2} - (d_0 +
+    \overline{d - d_0})^2$ (the corrected two-pass algorithm), or $\sigma^2 =
+    \overline{x^2}$ when not `center`ing. `count` is the number of valid columns.
+
+    Means are sums of `v · (1/n)`, the output of a reduction, so the interpreter's XLA cannot
+    fuse `x - sum · (1/n)` into a multiply-add rounded otherwise than the stored `shift`;
+    and a constant row has `d == d₀` everywhere, so `offset` is `d₀` itself, whatever the
+    division's rounding, and its centred values are exactly 0."""
+    scale = 1.0 / count
     if not center:
-        mean_square = row_sum(x * x) / count
+        mean_square = row_sum(x * x * scale)
         return Stats(jnp.zeros_like(mean_square), jnp.zeros_like(mean_square), mean_square)
-    shift = row_sum(x) / count
+    shift = row_sum(x * scale)
     d = jnp.where(mask, x - shift, 0.0)
-    offset = row_sum(d) / count
-    return Stats(shift, offset, jnp.maximum(row_sum(d * d) / count - offset * offset, 0.0))
+    d0 = first_element(d)
+    offset = d0 + row_sum(jnp.where(mask, d - d0, 0.0) * scale)
+    return Stats(shift, offset, jnp.maximum(row_sum(d * d * scale) - offset * offset, 0.0))
+
+
+def chunked_shift(x0: jax.Array, mask0: jax.Array, count0: int) -> tuple[jax.Array, jax.Array]:
+    """`(shift, d₀)` of a row reduced chunk by chunk, from its first chunk `x0` (padding
+    zeroed) of `count0` valid columns: that chunk's mean, and the row's first `x - shift`.
+    The chunks' [`Partial`][]s are then of `(x - shift) - d₀` (exact zeros for a constant
+    row), and `offset = d₀ + mean`, as in [`block_moments`][]."""
+    shift = row_sum(x0 * (1.0 / count0))
+    return shift, first_element(jnp.where(mask0, x0 - shift, 0.0))
 
 
 class Partial(NamedTuple):

@@ -31,10 +31,12 @@ of 32 sublanes; their edge tiles are padded by the pipeline and masked out of ev
 
 1. Statistics kernel: every tile writes, per channel, the mean of $d = x - K$ and $M_2 =
    \sum (d - \bar{d})^2$ over its $n$ valid elements, in float32 (two passes over the tile
-   on chip). The shift $K$ is the mean over the batch of `x[:, :, 0]` (and its `pmean` over
-   `axis_name`, so that every member shares it): values of the data keep $d$ at the scale
-   of the spread, not of the mean; a mean over the batch, rather than one example's value,
-   is also defined where the batch axis is split across devices.
+   on chip). The shift $K$ is the mean over the batch of `x[:, :, 0]` (over every member of
+   `axis_name` too, so that every member shares it): values of the data keep $d$ at the
+   scale of the spread, not of the mean; a mean over the batch, rather than one example's
+   value, is also defined where the batch axis is split across devices. The kernels reduce
+   $d = (x - K) - d_0$, with $d_0$ the $x - K$ of the largest of those values, so a constant
+   channel gives exact zeros and an offset of exactly $d_0$ (see `_shift`).
 2. Outside, in `jnp`: the partials are combined with Chan et al.'s parallel formula,
    $\bar{d} = \sum_k n_k \bar{d}_k / N$, $M_2 = \sum_k M_{2,k} + \sum_k n_k (\bar{d}_k -
    \bar{d})^2$, $\sigma^2 = M_2 / N$, never $E[x^2] - E[x]^2$. With `axis_name` the members,
@@ -100,7 +102,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from .._checking import typechecked
-from . import _common as c
+from . import _common as c, reference
 from ._common import F32, Target
 from .reference import AxisName, compute_dtype
 
@@ -194,12 +196,15 @@ def _channel_sum(x: jax.Array) -> jax.Array:
     return jnp.sum(jnp.sum(x, axis=2, keepdims=True), axis=0)
 
 
-def _batch_norm_moments_kernel(x_ref, shift_ref, mean_ref, m2_ref, *, target, tiles, shape):
-    r"""Per channel of a tile, over its $n$ valid elements: the mean of $d = x - K$ and
-    $M_2 = \sum (d - \bar{d})^2$ (float32, two passes over the tile held on chip)."""
+def _batch_norm_moments_kernel(
+    x_ref, shift_ref, d0_ref, mean_ref, m2_ref, *, target, tiles, shape
+):
+    r"""Per channel of a tile, over its $n$ valid elements: the mean of $d = (x - K) - d_0$
+    and $M_2 = \sum (d - \bar{d})^2$ (float32, two passes over the tile held on chip)."""
     block = _block(tiles, shape)
     x = c.load(x_ref, block.mask, target)
-    d = jnp.where(block.mask, x - _channel(shift_ref, block, target), 0.0)
+    shift, d0 = (_channel(r, block, target) for r in (shift_ref, d0_ref))
+    d = jnp.where(block.mask, (x - shift) - d0, 0.0)
     mean = _channel_sum(d) / block.count
     dev = jnp.where(block.mask, d - mean[None], 0.0)
     c.store(mean_ref, mean, block.channel_mask, target)
@@ -262,14 +267,15 @@ def _tile_call(kernel, target: Target, x, channel_arrays, *, outs, name: str, mo
     return outputs, tiles
 
 
-def _moments_on(target: Target, x, shift):
-    """`(offset, var)`, `(channels,)` float32: the mean of `x - shift` and the biased variance
-    per channel over this array's `batch × spatial`, the tiles' partials Chan-combined."""
+def _moments_on(target: Target, x, shift, d0):
+    """`(offset, var)`, `(channels,)` float32: the mean of `(x - shift) - d0` and the biased
+    variance per channel over this array's `batch × spatial`, the tiles' partials
+    Chan-combined."""
     partials, tiles = _tile_call(
         _batch_norm_moments_kernel,
         target,
         x,
-        [shift],
+        [shift, d0],
         outs=[None, None],
         name="eqxnorm_batch_norm_moments",
     )
@@ -324,7 +330,7 @@ def _pool_moments(moments: tuple, axis_name) -> tuple:
 # Batch-sharded under `jit`, each device runs the kernels on its own examples (and spatial
 # positions): the statistics from its tiles are pooled across devices like `axis_name`'s
 # members, the normalization is elementwise, and the backward's sums are added.
-_MOMENTS = c.Rule("b c s, c -> c, c", split="b s", combine=_pool_moments)
+_MOMENTS = c.Rule("b c s, c, c -> c, c", split="b s", combine=_pool_moments)
 _NORMALIZE = c.Rule("b c s, c, c, c, c -> b c s", split="b s")
 _SUMS = c.Rule("b c s, b c s, c, c -> c, c", split="b s")
 
@@ -341,26 +347,26 @@ def _centred(x, shift, offset):
     return (x.astype(F32) - _per_channel(shift)) - _per_channel(offset)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _local_moments(xw, shift, dtype):
-    """`(offset, var)`: the per-channel mean of `x - shift` and biased variance of this array,
-    given widened (`xw`) with its own dtype `dtype`."""
-    return _local_moments_fwd(xw, shift, dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _local_moments(xw, shift, d0, dtype):
+    """`(offset, var)`: the per-channel mean of `(x - shift) - d0` and biased variance of
+    this array, given widened (`xw`) with its own dtype `dtype`."""
+    return _local_moments_fwd(xw, shift, d0, dtype)[0]
 
 
-def _local_moments_fwd(xw, shift, dtype):
+def _local_moments_fwd(xw, shift, d0, dtype):
     x = xw.astype(dtype)
-    offset, var = c.per_platform(_moments_on, x, shift, sharding=_MOMENTS)
-    return (offset, var), (x, shift, offset)
+    offset, var = c.per_platform(_moments_on, x, shift, d0, sharding=_MOMENTS)
+    return (offset, var), (x, shift, d0, offset)
 
 
 def _local_moments_bwd(dtype, residuals, cotangents):
     del dtype
-    x, shift, offset = residuals
+    x, shift, d0, offset = residuals
     doffset, dvar = cotangents
     count = x.shape[0] * x.shape[2]
-    dx = _centred(x, shift, offset) * _per_channel(2 * dvar / count)
-    return dx + _per_channel(doffset / count), -doffset
+    dx = _centred(x, shift, d0 + offset) * _per_channel(2 * dvar / count)
+    return dx + _per_channel(doffset / count), -doffset, -doffset
 
 
 _local_moments.defvjp(_local_moments_fwd, _local_moments_bwd)
@@ -404,18 +410,33 @@ def _widen(x):
     return x.astype(compute_dtype(x.dtype))
 
 
+def _shift(x, axis_name) -> tuple[Array, Array]:
+    """`(K, d₀)` per channel: $K$ the batch mean of `x[:, :, 0]` (over every member of
+    `axis_name`), a sum of `x · (1/n)` so that it is a reduction's output, one rounded value
+    XLA does not recompute inside a multiply-add; and $d_0 = x_\text{max} - K$ for the largest of
+    those values (also a reduction, defined on a split batch), the `x - K` of one element.
+    The kernels reduce `(x - K) - d₀`, exact zeros for a constant channel, whose `offset` is
+    then `d₀` itself and whose centred values are exactly 0. The outputs do not depend on
+    either, only their rounding does: no gradient through them."""
+    first = lax.stop_gradient(x[:, :, 0].astype(F32))
+    members = reference.axis_count(axis_name)
+    shift = jnp.sum(first * (1 / (first.shape[0] * members)), axis=0)
+    largest = jnp.max(first, axis=0)
+    if axis_name is not None:
+        names = reference._names(axis_name)
+        shift, largest = lax.psum(shift, names), lax.pmax(largest, names)
+    return shift, largest - shift
+
+
 def _batch_norm(x, weight, bias, eps: float, axis_name):
     """`(y, mean, var)` of `batch_norm`."""
-    shift = jnp.mean(x[:, :, 0].astype(F32), axis=0)
-    if axis_name is not None:
-        shift = lax.pmean(shift, axis_name)
-    # The outputs do not depend on the shift, only their rounding does: no gradient through it.
-    shift = lax.stop_gradient(shift)
+    shift, d0 = _shift(x, axis_name)
     xw = _widen(x)
-    offset, var = _local_moments(xw, shift, x.dtype)
+    offset, var = _local_moments(xw, shift, d0, x.dtype)
     if axis_name is not None:
         offset, var = _pool_moments((offset, var), axis_name)
-    rstd = lax.rsqrt(var + eps)
+    offset = d0 + offset
+    rstd = reference.inverse_std(var, eps)
     y = _normalize(xw, shift, offset, *_scale_and_bias(rstd, weight, bias), x.dtype)
     cdt = compute_dtype(x.dtype)
     return y, (shift + offset).astype(cdt), var.astype(cdt)
@@ -424,7 +445,7 @@ def _batch_norm(x, weight, bias, eps: float, axis_name):
 def _batch_norm_inference(x, mean, var, weight, bias, eps: float):
     """`y` of `batch_norm_inference`."""
     shift = mean.astype(F32)
-    rstd = lax.rsqrt(var.astype(F32) + eps)
+    rstd = reference.inverse_std(var.astype(F32), eps)
     scale, bias = _scale_and_bias(rstd, weight, bias)
     return _normalize(_widen(x), shift, jnp.zeros_like(shift), scale, bias, x.dtype)
 

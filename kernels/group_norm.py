@@ -162,26 +162,26 @@ def _piece_starts(layout: _Layout, k: Any) -> tuple[Any, Any]:
 
 
 def _chunked_moments(x_ref, layout: _Layout, first_row, target: Target) -> c.Stats:
-    """Row statistics over the pieces of a block: every piece's [`c.Partial`][] of `x -
-    shift` (shift: the first piece's mean) combined with Chan's update."""
+    """Row statistics over the pieces of a block: every piece's [`c.Partial`][] of `(x -
+    shift) - d₀` (see [`c.chunked_shift`][]) combined with Chan's update."""
 
     def piece_values(k):
         start = _piece_starts(layout, k)
         mask = _masks(layout, first_row, start).values
         return c.load(_piece(x_ref, layout, start), mask, target), mask
 
-    x0, _ = piece_values(0)
+    x0, mask0 = piece_values(0)
     first_count = min(layout.piece[0], layout.channels) * min(layout.piece[1], layout.spatial)
-    shift = c.row_sum(x0) / first_count
+    shift, d0 = c.chunked_shift(x0, mask0, first_count)
 
     def body(k, part):
         x, mask = piece_values(k)
-        return c.chan_combine(part, c.chunk_partial(jnp.where(mask, x - shift, 0.0), mask))
+        return c.chan_combine(part, c.chunk_partial(jnp.where(mask, (x - shift) - d0, 0.0), mask))
 
     zero = jnp.zeros((layout.config.block_rows, 1, 1), F32)
     pieces = layout.counts[0] * layout.counts[1]
     part = jax.lax.fori_loop(0, pieces, body, c.Partial(zero, zero, zero))
-    return c.Stats(shift, part.mean, jnp.maximum(part.m2 / layout.size, 0.0))
+    return c.Stats(shift, d0 + part.mean, jnp.maximum(part.m2 / layout.size, 0.0))
 
 
 # --- block access ------------------------------------------------------------------------------
@@ -213,11 +213,11 @@ def _group_norm_fwd_kernel(x_ref, *refs, target, layout, eps, has_weight, has_bi
         masks = _masks(layout, first_row)
         x = c.load(x_ref, masks.values, target)
         stats = c.block_moments(x, masks.values, layout.size, center=True)
-        rstd = jax.lax.rsqrt(stats.var + eps)
+        rstd = reference.inverse_std(stats.var, eps)
         write((0, 0), stats, rstd, x)
     else:
         stats = _chunked_moments(x_ref, layout, first_row, target)
-        rstd = jax.lax.rsqrt(stats.var + eps)
+        rstd = reference.inverse_std(stats.var, eps)
 
         @pl.loop(0, layout.counts[0] * layout.counts[1])
         def _(k):

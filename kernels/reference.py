@@ -11,6 +11,7 @@ guarantees listed there hold for all of them.
 """
 
 import functools
+import math
 from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
@@ -51,6 +52,44 @@ class Moments(NamedTuple):
         return self.shift + self.offset
 
 
+def axis_count(axis_name: AxisName | None) -> int:
+    """The number of members of a named axis (the product over a sequence of names; 1 for
+    `None`)."""
+    return 1 if axis_name is None else math.prod(lax.axis_size(n) for n in _names(axis_name))
+
+
+def _names(axis_name: AxisName) -> tuple[Hashable, ...]:
+    """`axis_name` as a tuple of names (a list is not hashable, as a collective's needs)."""
+    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def _mean(axis_name: AxisName | None, axis, *values: Array) -> tuple[Array, ...]:
+    """Means of `values` over `axis` (and over the members of `axis_name`).
+
+    Each is the sum of `v · (1/n)`, not `sum(v) / n`: the mean is then the output of a
+    reduction, which XLA keeps as one rounded value, whereas `sum · (1/n)` it may recompute
+    inside each consumer's fusion, where `x - sum · (1/n)` can become one fused multiply-add
+    that rounds differently from `x - mean` (so the numerics would depend on what XLA
+    fuses). A mean of exact zeros stays exactly 0."""
+    axes = (axis,) if isinstance(axis, int) else axis
+    count = math.prod(values[0].shape[a] for a in axes) * axis_count(axis_name)
+    scale = jnp.asarray(1 / max(count, 1), values[0].dtype)
+    means = tuple(jnp.sum(v * scale, axis=axis, keepdims=True) for v in values)
+    return means if axis_name is None else lax.psum(means, _names(axis_name))
+
+
+def _first(x: Array, axis) -> Array:
+    """The value of one element of every slice of `x` over `axis` (those axes kept with size
+    1): index 0 along each, except along axis 0, which may be a batch split across devices
+    (where a slice of one element has no sharding), the largest."""
+    for a in (axis,) if isinstance(axis, int) else axis:
+        if a == 0:
+            x = jnp.max(x, axis=0, keepdims=True)
+        else:
+            x = lax.slice_in_dim(x, 0, 1, axis=a)
+    return x
+
+
 def moments(
     x: Array,
     axis: int | tuple[int, ...],
@@ -60,28 +99,35 @@ def moments(
 ) -> Moments:
     r"""Mean and (biased) variance of `x` over `axis`: the statistics of every normalization.
 
-    With $m_1 = \overline{x}$ (a first pass) and $d = x - m_1$, this returns
+    With $m_1 = \overline{x}$ (a first pass, rounded once), $d = x - m_1$ and $d_0$ the $d$
+    of one element of the slice (see [`_first`][]), this returns
 
-    $$\mu = m_1 + \overline{d}, \qquad
-      \sigma^2 = \max\left(0,\ \overline{d^2} - \overline{d}^2\right),$$
+    $$\mu = m_1 + \left(d_0 + \overline{d - d_0}\right), \qquad
+      \sigma^2 = \max\left(0,\ \overline{d^2} - \left(d_0 + \overline{d - d_0}\right)^2
+      \right),$$
 
     the *corrected two-pass* algorithm (Chan, Golub & LeVeque, 1983), with $\mu$ kept as the
-    pair `(shift, offset) = (m₁, d̄)`. Guarantees:
+    pair `(shift, offset) = (m₁, d₀ + mean(d − d₀))`. Guarantees:
 
     - Computed in float32 whatever the input dtype (float64 for float64 input); `x` is cast
       before anything is summed, so float16 inputs near 6e4 cannot overflow.
     - The variance error does not grow with the size of the mean: there is no
       `E[x²] − E[x]²` cancellation (its error bound is that of two-pass summation), and
       [`normalize`][] centres with the two parts of the mean, so neither does the output's.
+    - The same under `jax.jit` as eagerly, whatever XLA fuses: every mean is the output of
+      a reduction (see [`_mean`][]), one rounded value that no consumer recomputes in a
+      fused multiply-add form.
     - A constant slice gives `(x - shift) - offset == 0` exactly, so a normalization of it
-      returns exactly its bias; its `σ²` is 0 up to rounding (of order `n·u²·c²` for a slice
-      of `n` copies of `c` with unit roundoff `u`, far below any sensible `eps`).
-    - `σ² >= 0` always.
+      returns exactly its bias: every `d` equals `d₀`, so `mean(d − d₀)` is a mean of exact
+      zeros and `offset` is `d₀` itself. Its `σ²` is 0 up to rounding (of order `n·u²·c²`
+      for a slice of `n` copies of `c` with unit roundoff `u`, far below any sensible `eps`).
+    - `σ² >= 0` always; `σ² = inf` when the squared deviations overflow (|x − mean| ≳ 1.8e19
+      in float32), which [`inverse_std`][] turns into NaN.
     - NaN/Inf in a slice propagate to that slice's statistics (and so its output).
     - With `axis_name`, the statistics are over the union of the slices held by every member
-      of that named axis (`vmap`, `pmap`, `shard_map`), combined with `lax.pmean`. All
-      members hold the same number of elements, so the result equals the statistics of the
-      concatenated data.
+      of that named axis (`vmap`, `pmap`, `shard_map`), their sums combined with `lax.psum`
+      (`d₀` is the largest member's, by `lax.pmax`, so it is shared). All members hold the
+      same number of elements, so the result equals the statistics of the concatenated data.
     - With `center=False`, `μ = 0` and `σ² = mean(x²)`: the RMSNorm statistic.
 
     **Arguments:**
@@ -97,20 +143,26 @@ def moments(
     size 1, in `compute_dtype(x.dtype)`.
     """
     xf = x.astype(compute_dtype(x.dtype))
-
-    def pmean(*values):
-        return values if axis_name is None else lax.pmean(values, axis_name)
-
     if not center:
-        (second,) = pmean(jnp.mean(xf * xf, axis=axis, keepdims=True))
+        (second,) = _mean(axis_name, axis, xf * xf)
         zero = jnp.zeros_like(second)
         return Moments(zero, zero, second)
-    (shift,) = pmean(jnp.mean(xf, axis=axis, keepdims=True))
+    (shift,) = _mean(axis_name, axis, xf)
     d = xf - shift
-    offset, d_sq_mean = pmean(
-        jnp.mean(d, axis=axis, keepdims=True), jnp.mean(d * d, axis=axis, keepdims=True)
-    )
+    # The mean does not depend on d₀ (it cancels), only its rounding does: no gradient.
+    d0 = lax.stop_gradient(_first(d, axis))
+    if axis_name is not None:
+        d0 = lax.pmax(d0, _names(axis_name))
+    rel, d_sq_mean = _mean(axis_name, axis, d - d0, d * d)
+    offset = d0 + rel
     return Moments(shift, offset, jnp.maximum(d_sq_mean - offset * offset, 0))
+
+
+def inverse_std(var: Array, eps: float) -> Array:
+    r"""$r = (\sigma^2 + \varepsilon)^{-1/2}$, NaN where $\sigma^2$ overflowed to infinity:
+    `rsqrt(inf)` is 0 and would silently turn the slice into its bias."""
+    rstd = lax.rsqrt(var + jnp.asarray(eps, var.dtype))
+    return jnp.where(var == jnp.inf, jnp.asarray(jnp.nan, var.dtype), rstd)
 
 
 def normalize(
@@ -130,7 +182,7 @@ def normalize(
     """
     cdt = stats.var.dtype
     centred = (x.astype(cdt) - stats.shift) - stats.offset
-    y = centred * lax.rsqrt(stats.var + jnp.asarray(eps, cdt))
+    y = centred * inverse_std(stats.var, eps)
     if weight is not None:
         y = y * weight.astype(cdt)
     if bias is not None:
@@ -211,7 +263,7 @@ def _normalized_jvp(axis, center, eps, axis_name, primals, tangents):
     xf = x.astype(compute_dtype(x.dtype))
     stats = moments(xf, axis, center=center, axis_name=axis_name)
     y = normalize(xf, stats, weight, bias, eps=eps)
-    rstd = lax.rsqrt(stats.var + jnp.asarray(eps, stats.var.dtype))
+    rstd = inverse_std(stats.var, eps)
     tangent = jax.checkpoint(
         functools.partial(_normalized_tangent, axis, center, axis_name),
         policy=jax.checkpoint_policies.nothing_saveable,

@@ -128,11 +128,11 @@ def _row_norm_fwd_kernel(
     if config.chunks == 1:
         values = chunk_input(0)
         stats = c.block_moments(values[0], values[2], width, center=center)
-        rstd = jax.lax.rsqrt(stats.var + eps)
+        rstd = reference.inverse_std(stats.var, eps)
         write(stats, rstd, *values)
     else:
         stats = _chunked_moments(lambda k: chunk_input(k)[::2], config, width, center)
-        rstd = jax.lax.rsqrt(stats.var + eps)
+        rstd = reference.inverse_std(stats.var, eps)
 
         @pl.loop(0, config.chunks)
         def _(k):
@@ -144,25 +144,25 @@ def _row_norm_fwd_kernel(
 
 def _chunked_moments(chunk_values, config, width, center) -> c.Stats:
     """Row statistics over `config.chunks` chunks, `chunk_values(k) -> (values, mask)`: every
-    chunk's [`c.Partial`][] of `x - shift` (shift: the first chunk's mean) combined with
+    chunk's [`c.Partial`][] of `(x - shift) - d₀` (see [`c.chunked_shift`][]) combined with
     Chan's update, or the sum of squares when not centring."""
     zero = jnp.zeros((config.block_rows, 1), F32)
     if not center:
 
         def body(k, acc):
             x, _ = chunk_values(k)
-            return acc + c.row_sum(x * x)
+            return acc + c.row_sum(x * x * (1.0 / width))
 
-        return c.Stats(zero, zero, jax.lax.fori_loop(0, config.chunks, body, zero) / width)
-    x0, _ = chunk_values(0)
-    shift = c.row_sum(x0) / min(config.block_cols, width)
+        return c.Stats(zero, zero, jax.lax.fori_loop(0, config.chunks, body, zero))
+    x0, mask0 = chunk_values(0)
+    shift, d0 = c.chunked_shift(x0, mask0, min(config.block_cols, width))
 
     def body(k, part):
         x, mask = chunk_values(k)
-        return c.chan_combine(part, c.chunk_partial(jnp.where(mask, x - shift, 0.0), mask))
+        return c.chan_combine(part, c.chunk_partial(jnp.where(mask, (x - shift) - d0, 0.0), mask))
 
     part = jax.lax.fori_loop(0, config.chunks, body, c.Partial(zero, zero, zero))
-    return c.Stats(shift, part.mean, jnp.maximum(part.m2 / width, 0.0))
+    return c.Stats(shift, d0 + part.mean, jnp.maximum(part.m2 / width, 0.0))
 
 
 class _Launch(NamedTuple):

@@ -1,9 +1,13 @@
 """`eqxnorm._checking`: friendly prechecks run first, jaxtyping+beartype is the backstop."""
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jaxtyping import Array, Float, TypeCheckError
 
+import eqxnorm
 from eqxnorm import _checking
 
 
@@ -65,7 +69,43 @@ def test_check_eps_values(eps):
 
 
 def test_check_eps_types():
-    with pytest.raises(TypeError, match="Python float"):
+    with pytest.raises(TypeError, match="must be a real number"):
         _checking.check_eps(True, "L")
-    with pytest.raises(TypeError, match="Python float"):
+    with pytest.raises(TypeError, match="must be a real number"):
         _checking.check_eps(jnp.asarray(1e-5), "L")
+
+
+@pytest.mark.parametrize("eps", [1, np.float32(1e-3), np.float64(1e-3), np.int64(1)])
+def test_eps_may_be_any_real_number(eps):
+    """Issue 15: `LayerNorm(8, eps=1)` constructed, then every call raised beartype's bare
+    TypeCheckError."""
+    x = jnp.arange(16.0).reshape(2, 8)
+    for layer in (
+        eqxnorm.LayerNorm(8, eps=eps),
+        eqxnorm.RMSNorm(8, eps=eps),
+        eqxnorm.GroupNorm(2, 8, eps=eps),
+    ):
+        assert layer(x[0] if layer.__class__.__name__ != "GroupNorm" else x.T).shape
+    assert eqxnorm.functional.layer_norm(x, eps=eps).shape == x.shape
+    bn, state = eqx.nn.make_with_state(eqxnorm.BatchNorm)(8, "b", eps=eps)
+    vmapped = jax.vmap(bn, axis_name="b", in_axes=(0, None), out_axes=(0, None))
+    assert vmapped(x, state)[0].shape == x.shape
+
+
+def test_eps_flushed_to_zero_in_float32_is_rejected():
+    """`eps=1e-40` is finite and > 0 but 0 in float32 arithmetic: a constant slice gave NaN."""
+    with pytest.raises(ValueError, match=r"smallest normal float32, 1\.17549"):
+        eqxnorm.functional.layer_norm(jnp.ones((2, 8)), eps=1e-40)
+    with pytest.raises(ValueError, match="eps >= "):
+        eqxnorm.LayerNorm(8, eps=1e-40)(jnp.ones(8))
+
+
+def test_batch_norm_state_none_is_a_sentence():
+    bn, _ = eqx.nn.make_with_state(eqxnorm.BatchNorm)(4, "b")
+    with pytest.raises(TypeError, match=r"`state` must be the equinox.nn.State .*make_with_state"):
+        bn(jnp.ones((4, 3)), None)
+
+
+def test_rms_norm_wrong_rank_names_the_fix():
+    with pytest.raises(ValueError, match=r"rank 2 .* got x of rank 1 .* Construct the layer"):
+        eqxnorm.RMSNorm((4, 8))(jnp.ones(8))

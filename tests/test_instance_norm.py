@@ -311,7 +311,7 @@ def test_dtype_and_impl_fields():
             r"`eps` must be a finite number greater than 0.*eps=0\.0",
         ),
         ((3,), dict(eps=-1.0), ValueError, r"greater than 0.*eps=-1\.0"),
-        ((3,), dict(eps="1e-5"), TypeError, r"`eps` must be a Python float"),
+        ((3,), dict(eps="1e-5"), TypeError, r"`eps` must be a real number"),
         ((3,), dict(impl="triton"), ValueError, r"`impl` must be one of .*impl='triton'"),
     ],
 )
