@@ -3,8 +3,9 @@
 doctests. A titled block there is a copy of the README's block of that title, which
 tests/test_multiprocess.py runs."""
 
-import markdown_support
 import pytest
+
+import markdown_support
 from markdown_support import README, ROOT
 
 DOCS = ROOT / "docs"

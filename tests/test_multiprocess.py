@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 
 import jax
-import markdown_support
-import multiprocess_worker as worker
 import numpy as np
 import pytest
 
 import kernel_support as ks
+import markdown_support
+import multiprocess_worker as worker
 
 WORKER = Path(worker.__file__)
 _EVERY_CASE = [(name, impl) for impl in ("reference", "pallas") for name in worker.CHECKS]
