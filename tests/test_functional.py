@@ -91,7 +91,6 @@ def test_errors_do_not_depend_on_impl(impl):
         F.batch_norm(jnp.ones((1, 3)), impl=impl)
 
 
-
 def _hard_cases(c, width, impl):
     """`name -> (function of x, x)` for every layer family on a constant `c`, each slice of
     `width` elements (a multiple of 2)."""
