@@ -100,7 +100,7 @@ def moments(
     r"""Mean and (biased) variance of `x` over `axis`: the statistics of every normalization.
 
     With $m_1 = \overline{x}$ (a first pass, rounded once), $d = x - m_1$ and $d_0$ the $d$
-    of one element of the slice (see [`_first`][]), this returns
+    of one element of the slice (see `_first`), this returns
 
     $$\mu = m_1 + \left(d_0 + \overline{d - d_0}\right), \qquad
       \sigma^2 = \max\left(0,\ \overline{d^2} - \left(d_0 + \overline{d - d_0}\right)^2
@@ -115,14 +115,14 @@ def moments(
       `E[x²] − E[x]²` cancellation (its error bound is that of two-pass summation), and
       [`normalize`][] centres with the two parts of the mean, so neither does the output's.
     - The same under `jax.jit` as eagerly, whatever XLA fuses: every mean is the output of
-      a reduction (see [`_mean`][]), one rounded value that no consumer recomputes in a
+      a reduction (see `_mean`), one rounded value that no consumer recomputes in a
       fused multiply-add form.
     - A constant slice gives `(x - shift) - offset == 0` exactly, so a normalization of it
       returns exactly its bias: every `d` equals `d₀`, so `mean(d − d₀)` is a mean of exact
       zeros and `offset` is `d₀` itself. Its `σ²` is 0 up to rounding (of order `n·u²·c²`
       for a slice of `n` copies of `c` with unit roundoff `u`, far below any sensible `eps`).
     - `σ² >= 0` always; `σ² = inf` when the squared deviations overflow (|x − mean| ≳ 1.8e19
-      in float32), which [`inverse_std`][] turns into NaN.
+      in float32), which `inverse_std` turns into NaN.
     - NaN/Inf in a slice propagate to that slice's statistics (and so its output).
     - With `axis_name`, the statistics are over the union of the slices held by every member
       of that named axis (`vmap`, `pmap`, `shard_map`), their sums combined with `lax.psum`
