@@ -178,7 +178,10 @@ def run(
     their reports. A subprocess that fails or times out raises `RuntimeError` with its output."""
     workdir = workdir or tempfile.mkdtemp(prefix="eqxnorm_deviceless_")
     request = {"cases": [dataclasses.asdict(c) for c in selected], "workdir": workdir}
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    # A deviceless compile holds no TPU: libtpu's one-process lock would only serialise runs.
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", ALLOW_MULTIPLE_LIBTPU_LOAD="1"
+    )
     root = Path(__file__).resolve().parent.parent
     command = [sys.executable, "-c", _WORKER_MAIN, str(root), json.dumps(request)]
     try:
