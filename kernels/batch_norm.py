@@ -323,8 +323,8 @@ def _pool_moments(moments: tuple, axis_name) -> tuple:
     $\bar{d} = \mathrm{pmean}(\bar{d}_k)$, $\sigma^2 = \mathrm{pmean}(\sigma^2_k +
     (\bar{d}_k - \bar{d})^2)$."""
     local, var = moments
-    offset = lax.pmean(local, axis_name)
-    return offset, lax.pmean(var + jnp.square(local - offset), axis_name)
+    offset = reference.pool_members("mean", local, axis_name)
+    return offset, reference.pool_members("mean", var + jnp.square(local - offset), axis_name)
 
 
 # Batch-sharded under `jit`, each device runs the kernels on its own examples (and spatial
@@ -423,8 +423,8 @@ def _shift(x, axis_name) -> tuple[Array, Array]:
     shift = jnp.sum(first * (1 / (first.shape[0] * members)), axis=0)
     largest = jnp.max(first, axis=0)
     if axis_name is not None:
-        names = reference._names(axis_name)
-        shift, largest = lax.psum(shift, names), lax.pmax(largest, names)
+        shift = reference.pool_members("sum", shift, axis_name)
+        largest = reference.pool_members("max", largest, axis_name)
     return shift, largest - shift
 
 
