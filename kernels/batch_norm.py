@@ -196,9 +196,7 @@ def _channel_sum(x: jax.Array) -> jax.Array:
     return jnp.sum(jnp.sum(x, axis=2, keepdims=True), axis=0)
 
 
-def _batch_norm_moments_kernel(
-    x_ref, shift_ref, d0_ref, mean_ref, m2_ref, *, target, tiles, shape
-):
+def _batch_norm_moments_kernel(x_ref, shift_ref, d0_ref, mean_ref, m2_ref, *, target, tiles, shape):
     r"""Per channel of a tile, over its $n$ valid elements: the mean of $d = (x - K) - d_0$
     and $M_2 = \sum (d - \bar{d})^2$ (float32, two passes over the tile held on chip)."""
     block = _block(tiles, shape)

@@ -63,7 +63,11 @@ def _names(axis_name: AxisName) -> tuple[Hashable, ...]:
     return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
 
-_COLLECTIVES = {"sum": (lax.psum, jnp.sum), "mean": (lax.pmean, jnp.mean), "max": (lax.pmax, jnp.max)}
+_COLLECTIVES = {
+    "sum": (lax.psum, jnp.sum),
+    "mean": (lax.pmean, jnp.mean),
+    "max": (lax.pmax, jnp.max),
+}
 
 
 def pool_members(kind: str, value: Array, axis_name: AxisName) -> Array:
