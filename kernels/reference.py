@@ -80,12 +80,16 @@ def pool_members(kind: str, value: Array, axis_name: AxisName) -> Array:
     an Explicit mesh, as in a batch-sharded `jit(vmap(norm, axis_name=...))`. The values
     pooled are per-channel or per-row statistics, so gathering them costs little. Over the
     manual axes of a `shard_map` (the kernels' own partitioning included), the collective."""
-    names = _names(axis_name)
     collective, reduce = _COLLECTIVES[kind]
-    if set(names) <= set(jax.sharding.get_abstract_mesh().manual_axes):
-        return collective(value, names)
-    gathered = lax.all_gather(value, names)
-    return reduce(gathered.reshape(-1, *value.shape), axis=0)
+    manual = jax.sharding.get_abstract_mesh().manual_axes
+    # One name at a time (a sum, mean or max over equal members nests), as `all_gather`
+    # refuses a tuple mixing a `pmap` and a `vmap` axis.
+    for name in _names(axis_name):
+        if name in manual:
+            value = collective(value, name)
+        else:
+            value = reduce(lax.all_gather(value, name), axis=0)
+    return value
 
 
 def _mean(axis_name: AxisName | None, axis, *values: Array) -> tuple[Array, ...]:
