@@ -3,6 +3,7 @@ from collections.abc import Hashable, Sequence
 from typing import Literal
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 from equinox.nn import State, StatefulLayer, StateIndex
@@ -315,5 +316,22 @@ class BatchNorm(StatefulLayer):
         if self.mode == "ema":
             y, _, _ = self._normalize(x, mean, var)
         state = state.set(self.count_index, count)
-        state = state.set(self.running_index, lax.stop_gradient((mean, var)))
+        running = _typed_like(lax.stop_gradient((mean, var)), state.get(self.running_index))
+        state = state.set(self.running_index, running)
         return y, state
+
+
+def _typed_like(new: tuple[Array, ...], old: tuple[Array, ...]) -> tuple[Array, ...]:
+    """`new` with the sharding types of `old`, for `State.set`, which compares them.
+
+    Under `jit` on an Explicit mesh the batch statistics of sharded examples carry the mesh
+    (replicated over it) while a state passed in unplaced carries none; JAX holds the two
+    compatible, Equinox does not. `reshard` cannot drop a mesh, so the value goes through a
+    `lax.cond` whose first (false) branch is `old`: a cond's outputs take that branch's
+    types. Its predicate is the constant `True`, which XLA folds away."""
+    old_types = [jax.typeof(o).sharding for o in old]
+    if all(jax.typeof(n).sharding == t for n, t in zip(new, old_types, strict=True)):
+        return new
+    if not any(t.mesh.empty for t in old_types):
+        return tuple(jax.sharding.reshard(n, t) for n, t in zip(new, old_types, strict=True))
+    return lax.cond(True, lambda: tuple(new), lambda: tuple(old))

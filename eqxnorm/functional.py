@@ -74,14 +74,33 @@ def _check_row_norm(where: str):
     return precheck
 
 
+def _to_rows(x: Array, shape: tuple[int, ...]) -> Array:
+    """`x` as the kernels' `(rows, dim)`, merging its normalized axes, then its batch axes.
+
+    One example (no batch axes) gets a new leading axis rather than a `reshape(1, dim)`:
+    under `vmap` that reshape merges the vmapped axis's neighbours while inserting an axis,
+    which JAX cannot type when the vmapped axis is split over an Explicit mesh."""
+    batch = x.shape[: x.ndim - len(shape)]
+    rows = x.reshape(*batch, math.prod(shape))
+    if not batch:
+        return rows[None]
+    # An explicit row count, not -1: reshape cannot infer -1 for an empty batch.
+    return rows if len(batch) == 1 else rows.reshape(math.prod(batch), rows.shape[-1])
+
+
+def _from_rows(rows: Array, like: Array, shape: tuple[int, ...]) -> Array:
+    """The inverse of [`_to_rows`][]: `rows` in the shape of `like`."""
+    return (rows[0] if like.ndim == len(shape) else rows).reshape(like.shape)
+
+
 def _row_norm(op: str, x, weight, bias, shape, eps, impl, axis_name=None):
     shape = _resolve_row_shape(x, weight, bias, shape, f"eqxnorm.functional.{op}")
     dim = math.prod(shape)
     x, weight, bias = _as_arrays(x, weight, bias)
-    rows = x.reshape(-1, dim)
     flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
+    rows = _to_rows(x, shape)
     y = getattr(implementation(impl), op)(rows, *flat, eps=float(eps), axis_name=axis_name)
-    return y.reshape(x.shape)
+    return _from_rows(y, x, shape)
 
 
 @_checking.typechecked(_check_row_norm("eqxnorm.functional.layer_norm"))
@@ -634,12 +653,11 @@ def _add_row_norm(op: str, x, residual, weight, bias, shape, eps, impl):
     shape = _resolve_row_shape(x, weight, bias, shape, f"eqxnorm.functional.{op}")
     dim = math.prod(shape)
     x, residual, weight, bias = _as_arrays(x, residual, weight, bias)
-    rows = math.prod(x.shape) // dim
     flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
     y, h = getattr(implementation(impl), op)(
-        x.reshape(rows, dim), residual.reshape(rows, dim), *flat, eps=float(eps)
+        _to_rows(x, shape), _to_rows(residual, shape), *flat, eps=float(eps)
     )
-    return y.reshape(x.shape), h.reshape(x.shape)
+    return _from_rows(y, x, shape), _from_rows(h, x, shape)
 
 
 @_checking.typechecked(_check_add_row_norm("eqxnorm.functional.add_layer_norm"))

@@ -55,7 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu, triton as plgpu
 
 from . import _triton
-from ._sharding import Rule, gathered, partitioned
+from ._sharding import Rule, empty_batch, gathered, partitioned
 
 F32 = jnp.float32
 
@@ -415,6 +415,8 @@ def folding_forward(fn: Callable) -> Any:
 
     @forward.def_vmap
     def _(axis_size, in_batched, x, weight, bias):
+        if axis_size == 0:
+            return empty_batch(forward, in_batched, (x, weight, bias))
         x_batched, *params_batched = in_batched
         if any(params_batched):
             axes = tuple(0 if b else None for b in in_batched)

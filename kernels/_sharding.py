@@ -165,7 +165,8 @@ def partitioned(fn: Callable[..., Any], rule: Rule) -> Callable[..., Any]:
 
     @wrapped.def_vmap
     def _(axis_size, in_batched, *args):
-        del axis_size
+        if axis_size == 0:
+            return empty_batch(wrapped, in_batched, args)
         flags = [bool(b) for b in in_batched]
         example = [_unbatched(a, b) for a, b in zip(args, flags, strict=True)]
         axes = tuple(0 if b else None for b in flags)
@@ -210,6 +211,16 @@ def gathered(fn: Callable[..., Any]) -> Callable[..., Any]:
         )
 
     return call
+
+
+def empty_batch(fn: Callable[..., Any], in_batched: Any, args: Any) -> tuple[Any, Any]:
+    """`(outputs, batched)` of a `custom_vmap` rule of `fn` over a vmapped axis of size 0:
+    zeros shaped as `fn`'s outputs on one example (from `jax.eval_shape`) with a leading
+    axis of 0, all batched. Nothing is launched: Pallas refuses a grid of no programs, and
+    0 folded examples lose the example's row count (`unfold` would divide by 0)."""
+    example = [_unbatched(a, bool(b)) for a, b in zip(args, in_batched, strict=True)]
+    out = jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), jax.eval_shape(fn, *example))
+    return out, jax.tree.map(lambda _: True, out)
 
 
 def _unbatched(a: Any, batched: bool) -> Any:

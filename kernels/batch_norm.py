@@ -315,14 +315,15 @@ def _sums_on(target: Target, x, dy, shift, offset):
 # --- sharding: each device's tiles ------------------------------------------------------------
 
 
-def _pool_moments(moments: tuple, axis_name) -> tuple:
+def _pool_moments(moments: tuple, axis_name, pmean=lax.pmean) -> tuple:
     r"""The `(offset, var)` of the union of the members of `axis_name` from each member's,
     all of one count and one shift: Chan et al.'s combination for equal counts,
     $\bar{d} = \mathrm{pmean}(\bar{d}_k)$, $\sigma^2 = \mathrm{pmean}(\sigma^2_k +
-    (\bar{d}_k - \bar{d})^2)$."""
+    (\bar{d}_k - \bar{d})^2)$. `pmean` is `lax.pmean` for the devices of a partitioned call,
+    [`reference.pool_members`][] (which a `vmap`ped axis needs) for the user's `axis_name`."""
     local, var = moments
-    offset = lax.pmean(local, axis_name)
-    return offset, lax.pmean(var + jnp.square(local - offset), axis_name)
+    offset = pmean(local, axis_name)
+    return offset, pmean(var + jnp.square(local - offset), axis_name)
 
 
 # Batch-sharded under `jit`, each device runs the kernels on its own examples (and spatial
@@ -421,8 +422,8 @@ def _shift(x, axis_name) -> tuple[Array, Array]:
     shift = jnp.sum(first * (1 / (first.shape[0] * members)), axis=0)
     largest = jnp.max(first, axis=0)
     if axis_name is not None:
-        names = reference._names(axis_name)
-        shift, largest = lax.psum(shift, names), lax.pmax(largest, names)
+        shift = reference.pool_members("sum", shift, axis_name)
+        largest = reference.pool_members("max", largest, axis_name)
     return shift, largest - shift
 
 
@@ -432,7 +433,8 @@ def _batch_norm(x, weight, bias, eps: float, axis_name):
     xw = _widen(x)
     offset, var = _local_moments(xw, shift, d0, x.dtype)
     if axis_name is not None:
-        offset, var = _pool_moments((offset, var), axis_name)
+        pmean = functools.partial(reference.pool_members, "mean")
+        offset, var = _pool_moments((offset, var), axis_name, pmean)
     offset = d0 + offset
     rstd = reference.inverse_std(var, eps)
     y = _normalize(xw, shift, offset, *_scale_and_bias(rstd, weight, bias), x.dtype)

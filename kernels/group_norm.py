@@ -401,6 +401,8 @@ def _folding_per_example(fn):
 
     @forward.def_vmap
     def _(axis_size, in_batched, *args):
+        if axis_size == 0:
+            return c.empty_batch(forward, in_batched, args)
         folded = forward(*(_fold(axis_size, b, a) for b, a in zip(in_batched, args, strict=True)))
         out = tuple(c.unfold(axis_size, o) for o in folded)
         return out, (True,) * len(out)
@@ -435,6 +437,8 @@ def _backward(groups: int, per_example: bool, param_grads: bool):
     @backward.def_vmap
     def _(axis_size, in_batched, x, weight, dy, shift, offset, rstd):
         args = (x, weight, dy, shift, offset, rstd)
+        if axis_size == 0:
+            return c.empty_batch(backward, in_batched, args)
         out_batched = (True, True if param_grads else None, True if param_grads else None)
         if in_batched[1] and not per_example:
             axes = tuple(0 if b else None for b in in_batched)

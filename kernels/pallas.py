@@ -9,7 +9,9 @@ These run the reference instead:
 - float64 (with `jax_enable_x64`), which is promised float64 statistics while the kernels
   accumulate in float32 (TPUs have no float64, and a float64 Triton kernel would be no
   faster than XLA);
-- empty arrays (a batch of 0 examples), where there is nothing to launch a kernel for;
+- empty arrays (a batch of 0 examples), where there is nothing to launch a kernel for (a
+  `vmap` of 0 examples never reaches a launch either: every kernel's batching rule returns
+  its empty outputs, `_sharding.empty_batch`);
 - LayerNorm and RMSNorm with an `axis_name` (features split across devices): their
   statistics need a collective between the reduction and the normalization, which XLA fuses
   around in the reference (one fused reduction, the `pmean`, one fused normalization).

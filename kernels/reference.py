@@ -63,6 +63,35 @@ def _names(axis_name: AxisName) -> tuple[Hashable, ...]:
     return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
 
+_COLLECTIVES = {
+    "sum": (lax.psum, jnp.sum),
+    "mean": (lax.pmean, jnp.mean),
+    "max": (lax.pmax, jnp.max),
+}
+
+
+def pool_members(kind: str, value: Array, axis_name: AxisName) -> Array:
+    """`value` reduced across the members of `axis_name`: `lax.psum`, `lax.pmean` or
+    `lax.pmax` for `kind` `"sum"`, `"mean"` or `"max"`.
+
+    Over a `vmap`ped axis, through `lax.all_gather` and a reduction over the gathered axis:
+    JAX 0.10.2 lowers a collective over a `vmap`ped axis to a reduction typed with its
+    operand's sharding, which fails ("does not evenly divide") when that axis is split over
+    an Explicit mesh, as in a batch-sharded `jit(vmap(norm, axis_name=...))`. The values
+    pooled are per-channel or per-row statistics, so gathering them costs little. Over the
+    manual axes of a `shard_map` (the kernels' own partitioning included), the collective."""
+    collective, reduce = _COLLECTIVES[kind]
+    manual = jax.sharding.get_abstract_mesh().manual_axes
+    # One name at a time (a sum, mean or max over equal members nests), as `all_gather`
+    # refuses a tuple mixing a `pmap` and a `vmap` axis.
+    for name in _names(axis_name):
+        if name in manual:
+            value = collective(value, name)
+        else:
+            value = reduce(lax.all_gather(value, name), axis=0)
+    return value
+
+
 def _mean(axis_name: AxisName | None, axis, *values: Array) -> tuple[Array, ...]:
     """Means of `values` over `axis` (and over the members of `axis_name`).
 
@@ -75,7 +104,7 @@ def _mean(axis_name: AxisName | None, axis, *values: Array) -> tuple[Array, ...]
     count = math.prod(values[0].shape[a] for a in axes) * axis_count(axis_name)
     scale = jnp.asarray(1 / max(count, 1), values[0].dtype)
     means = tuple(jnp.sum(v * scale, axis=axis, keepdims=True) for v in values)
-    return means if axis_name is None else lax.psum(means, _names(axis_name))
+    return means if axis_name is None else tuple(pool_members("sum", m, axis_name) for m in means)
 
 
 def _first(x: Array, axis) -> Array:
@@ -152,7 +181,7 @@ def moments(
     # The mean does not depend on d₀ (it cancels), only its rounding does: no gradient.
     d0 = lax.stop_gradient(_first(d, axis))
     if axis_name is not None:
-        d0 = lax.pmax(d0, _names(axis_name))
+        d0 = pool_members("max", d0, axis_name)
     rel, d_sq_mean = _mean(axis_name, axis, d - d0, d * d)
     offset = d0 + rel
     return Moments(shift, offset, jnp.maximum(d_sq_mean - offset * offset, 0))
@@ -191,7 +220,7 @@ def normalize(
 
 
 def _pmean(value: Array, axis_name: AxisName | None) -> Array:
-    return value if axis_name is None else lax.pmean(value, axis_name)
+    return value if axis_name is None else pool_members("mean", value, axis_name)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6))

@@ -416,6 +416,8 @@ def _forward(op: str, eps: float):
     @forward.def_vmap
     def _(axis_size, in_batched, x, residual, weight, bias):
         args = (x, residual, weight, bias)
+        if axis_size == 0:
+            return c.empty_batch(forward, in_batched, args)
         if any(in_batched[2:]):
             folded = (_into_groups(axis_size, b, a) for b, a in zip(in_batched, args, strict=True))
             out = tuple(c.unfold(axis_size, o) for o in forward(*folded))
@@ -443,6 +445,8 @@ def _backward(op: str, param_grads: bool, d_dtypes: tuple[jnp.dtype, ...]):
 
     @backward.def_vmap
     def _(axis_size, in_batched, *args):
+        if axis_size == 0:
+            return c.empty_batch(backward, in_batched, args)
         if in_batched[1]:
             # Per-example weights: the examples are groups, whose partial sums are per group.
             folded = (_into_groups(axis_size, b, a) for b, a in zip(in_batched, args, strict=True))

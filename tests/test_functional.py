@@ -1,11 +1,14 @@
 """`eqxnorm.functional` on batched arrays: the row norms' shape resolution, NumPy inputs, and
-the errors shared by every function. (Each family's maths is tested in its module's file.)"""
+the errors shared by every function; and empty batches through every layer, which reach the
+same functions. (Each family's maths is tested in its module's file.)"""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import eqxnorm
 import oracle
 from eqxnorm import functional as F
 
@@ -33,6 +36,89 @@ def test_empty_batch_is_allowed(impl):
     assert F.group_norm(jnp.ones((0, 4, 3)), 2, impl=impl).shape == (0, 4, 3)
     y, _, _ = F.batch_norm(jnp.ones((0, 4, 3)), mean=jnp.zeros(4), var=jnp.ones(4), impl=impl)
     assert y.shape == (0, 4, 3)
+
+
+def _over_batch(layer, *inputs):
+    return jax.vmap(layer)(*inputs)
+
+
+def _add_and_norm(layer, x, residual):
+    return jax.vmap(layer.add_and_norm)(x, residual)
+
+
+def _batch_norm_inference(layer, x):
+    state = eqx.nn.State(layer)
+    over_batch = jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    return over_batch(x, state)[0]
+
+
+_KEY = jax.random.key(0)
+# Each case: `impl -> (layer, call(layer, *inputs), the shape of one example of each input)`.
+EMPTY_BATCH_LAYERS = {
+    "layer_norm": lambda impl: (eqxnorm.LayerNorm(8, impl=impl), _over_batch, [(8,)]),
+    "layer_norm_2d": lambda impl: (eqxnorm.LayerNorm((3, 8), impl=impl), _over_batch, [(3, 8)]),
+    "rms_norm": lambda impl: (eqxnorm.RMSNorm(8, impl=impl), _over_batch, [(8,)]),
+    "group_norm": lambda impl: (eqxnorm.GroupNorm(2, 4, impl=impl), _over_batch, [(4, 5)]),
+    "instance_norm": lambda impl: (
+        eqxnorm.InstanceNorm(4, channelwise_affine=True, impl=impl),
+        _over_batch,
+        [(4, 5)],
+    ),
+    "add_and_norm": lambda impl: (eqxnorm.LayerNorm(8, impl=impl), _add_and_norm, [(8,), (8,)]),
+    "adaptive_layer_norm": lambda impl: (
+        eqxnorm.AdaptiveLayerNorm(8, 3, zero_init=False, impl=impl, key=_KEY),
+        _over_batch,
+        [(8,), (3,)],
+    ),
+    "adaptive_group_norm": lambda impl: (
+        eqxnorm.AdaptiveGroupNorm(2, 4, 3, zero_init=False, impl=impl, key=_KEY),
+        _over_batch,
+        [(4, 5), (3,)],
+    ),
+    "batch_norm_inference": lambda impl: (
+        eqxnorm.BatchNorm(4, "batch", inference=True, impl=impl),
+        _batch_norm_inference,
+        [(4, 5)],
+    ),
+    "weight_standardization": lambda impl: (
+        eqxnorm.WeightStandardization(eqx.nn.Linear(6, 3, key=_KEY), impl=impl),
+        _over_batch,
+        [(6,)],
+    ),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+@pytest.mark.parametrize("case", list(EMPTY_BATCH_LAYERS))
+def test_empty_vmapped_batch_through_every_layer(case, impl, jit):
+    layer, call, shapes = EMPTY_BATCH_LAYERS[case](impl)
+    # What one example gives: the outputs' trailing shapes and dtypes.
+    expected = eqx.filter_eval_shape(call, layer, *(jnp.ones((2, *s)) for s in shapes))
+    inputs = [jnp.ones((0, *s)) for s in shapes]
+
+    def loss(layer_and_inputs):
+        layer, inputs = layer_and_inputs
+        return sum(jnp.sum(o) for o in jax.tree.leaves(call(layer, *inputs)))
+
+    run, grad = call, eqx.filter_grad(loss)
+    if jit:
+        run, grad = eqx.filter_jit(run), eqx.filter_jit(grad)
+    out = run(layer, *inputs)
+    for o, e in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
+        assert (o.shape, o.dtype) == ((0, *e.shape[1:]), e.dtype)
+    layer_grad, input_grads = grad((layer, inputs))
+    assert [g.shape for g in input_grads] == [i.shape for i in inputs]
+    for g in jax.tree.leaves(layer_grad):
+        np.testing.assert_array_equal(g, jnp.zeros_like(g))
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_empty_vmapped_batch_cannot_train_batch_norm(impl):
+    norm, state = eqx.nn.make_with_state(eqxnorm.BatchNorm)(4, "batch", impl=impl)
+    over_batch = jax.vmap(norm, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    with pytest.raises(ValueError, match="training needs more than one value per channel"):
+        over_batch(jnp.ones((0, 4, 5)), state)
 
 
 def test_numpy_inputs():

@@ -98,6 +98,22 @@ def _adaptive_layer_norm(impl):
     return fn, ks.params(24, seed=1), inputs
 
 
+def _batch_norm_module(impl):
+    """BatchNorm's training step, its state passed in unplaced (as `make_with_state` gives
+    it): the new running statistics must keep the old ones' (mesh-less) types."""
+    norm, state = eqx.nn.make_with_state(eqxnorm.BatchNorm)(4, "batch", momentum=0.5, impl=impl)
+    params, static = eqx.partition(_with_params(norm, seed=1), eqx.is_inexact_array)
+
+    def fn(params, x):
+        step = jax.vmap(
+            eqx.combine(params, static), axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+        )
+        y, new_state = step(x, state)
+        return y, new_state.get(norm.running_index)
+
+    return fn, params, (_data((BATCH, 4, 3, 5), seed=0),)
+
+
 LAYERS = {
     "layer_norm": _module_case(lambda impl: eqxnorm.LayerNorm(24, impl=impl), (24,)),
     "rms_norm": _module_case(lambda impl: eqxnorm.RMSNorm(24, impl=impl), (24,)),
@@ -106,6 +122,9 @@ LAYERS = {
         lambda impl: eqxnorm.InstanceNorm(4, channelwise_affine=True, impl=impl), (4, 3, 5)
     ),
     "batch_norm": _batch_norm,
+    "batch_norm_module": _batch_norm_module,
+    # A multi-axis example: its rows must not merge the (split) batch axis with another.
+    "layer_norm_2d": _module_case(lambda impl: eqxnorm.LayerNorm((4, 6), impl=impl), (4, 6)),
     "weight_standardization": _weight_standardization,
     "add_layer_norm": _add_layer_norm,
     "adaptive_layer_norm": _adaptive_layer_norm,
@@ -172,7 +191,18 @@ def test_jit_batch_sharded_equals_single_device(layer, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("layer", ["layer_norm", "group_norm", "batch_norm"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        "layer_norm",
+        "layer_norm_2d",
+        "group_norm",
+        "instance_norm",
+        "batch_norm",
+        "batch_norm_module",
+        "add_layer_norm",
+    ],
+)
 def test_jit_explicit_mesh_equals_single_device(layer, impl):
     # `jax.make_mesh`'s default in JAX 0.10: the shardings are part of the types.
     mesh = _mesh(AxisType.Explicit)
