@@ -23,6 +23,7 @@ resolves to (JAX 0.10 offers no setting for it), loopback on CI's machines."""
 import functools
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -128,9 +129,15 @@ def _run_workers(processes: int, out: Path) -> list[dict]:
     return results
 
 
+_GLOO_CONNECTED = re.compile(r"\d+ is connected to \d+ peer ranks\. Expected number of .*")
+
+
 def _without_gloo(output: str) -> list[str]:
-    """The lines of `output` but gloo's connection messages (on stdout and stderr)."""
-    return [line for line in output.splitlines() if not line.startswith("[Gloo]")]
+    """The lines of `output` but gloo's connection messages (on stdout and stderr). Gloo writes
+    each as two pieces ("[Gloo] Rank " and the rest), which its threads can interleave:
+    "[Gloo] Rank [Gloo] Rank 7 is connected ...", then "6 is connected ..."."""
+    lines = output.replace("[Gloo] Rank ", "").splitlines()
+    return [line for line in lines if not _GLOO_CONNECTED.fullmatch(line.strip())]
 
 
 def _wait(workers, deadline: float) -> None:
