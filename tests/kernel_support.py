@@ -102,3 +102,21 @@ def assert_impls_agree(build, run, x, seed=2):
     assert len(grads) == len(grads_ref) >= 2
     for grad, grad_ref in zip(grads, grads_ref, strict=True):
         assert_matches(grad, grad_ref)
+
+
+def outputs_and_grads(fn):
+    """`(params, *inputs) -> (outputs, gradients with respect to the params and inputs)` of
+    `fn(params, *inputs)`, through the loss `sum(sin(2·output))`: not a plain sum, whose
+    gradient through a normalization vanishes; elementwise, so it is the same function of
+    each element wherever that element lives (on any device, in any process)."""
+
+    def run(params, *inputs):
+        def loss(params, *inputs):
+            out = fn(params, *inputs)
+            return sum(jnp.sum(jnp.sin(2 * o)) for o in jax.tree.leaves(out)), out
+
+        argnums = tuple(range(1 + len(inputs)))
+        (_, out), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(params, *inputs)
+        return out, grads
+
+    return run

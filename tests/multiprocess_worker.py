@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import eqxnorm
+import kernel_support as ks
 from eqxnorm import functional as F
 
 GLOBAL_DEVICES = 8
@@ -51,22 +52,6 @@ def _global(array, mesh, spec):
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-def _outputs_and_grads(fn):
-    """`(params, *inputs) -> (outputs, gradients with respect to params and inputs)`."""
-
-    def run(params, *inputs):
-        def loss(params, *inputs):
-            out = fn(params, *inputs)
-            # Elementwise (a plain sum's gradient through a normalization vanishes).
-            return sum(jnp.sum(jnp.sin(2 * o)) for o in jax.tree.leaves(out)), out
-
-        argnums = tuple(range(1 + len(inputs)))
-        (_, out), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(params, *inputs)
-        return out, grads
-
-    return run
-
-
 def _module(module, seed=1):
     """`module`'s parameters (random: ones and zeros would hide a wrong gradient) and the
     function applying it to a batch."""
@@ -91,7 +76,7 @@ def _module(module, seed=1):
 def _batch_sharded(params, fn, inputs, mesh):
     """`fn`'s outputs and gradients under `jit`, the inputs split over the batch across
     `mesh`'s "batch" axis and the parameters replicated."""
-    step = jax.jit(_outputs_and_grads(fn))
+    step = jax.jit(ks.outputs_and_grads(fn))
     if mesh is None:
         return step(params, *(jnp.asarray(i) for i in inputs)), ""
     params = jax.tree.map(lambda p: _global(np.asarray(p), mesh, P()), params)
@@ -156,11 +141,11 @@ def layer_norm_tensor_parallel(impl, mesh):
         return F.layer_norm(x, *params, axis_name=axis_name, impl=impl)
 
     if mesh is None:
-        return jax.jit(_outputs_and_grads(fn))(params, jnp.asarray(x)), ""
+        return jax.jit(ks.outputs_and_grads(fn))(params, jnp.asarray(x)), ""
     features = P(None, None, "model")
     step = jax.jit(
         jax.shard_map(
-            _outputs_and_grads(functools.partial(fn, axis_name="model")),
+            ks.outputs_and_grads(functools.partial(fn, axis_name="model")),
             mesh=mesh,
             in_specs=(P("model"), features),
             out_specs=(features, (P("model"), features)),

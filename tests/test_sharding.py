@@ -131,26 +131,9 @@ LAYERS = {
 }
 
 
-def _outputs_and_grads(fn):
-    """`(params, *inputs) -> (outputs, gradients with respect to the params and inputs)`."""
-
-    def run(params, *inputs):
-        def loss(params, *inputs):
-            out = fn(params, *inputs)
-            # Not a plain sum, whose gradient through a normalization vanishes; elementwise,
-            # so it is the same function of each element wherever that element lives.
-            return sum(jnp.sum(jnp.sin(2 * o)) for o in jax.tree.leaves(out)), out
-
-        argnums = tuple(range(1 + len(inputs)))
-        (_, out), grads = jax.value_and_grad(loss, argnums=argnums, has_aux=True)(params, *inputs)
-        return out, grads
-
-    return run
-
-
 def _single_device(layer):
     fn, params, inputs = LAYERS[layer]("reference")
-    return jax.jit(_outputs_and_grads(fn))(params, *inputs)
+    return jax.jit(ks.outputs_and_grads(fn))(params, *inputs)
 
 
 def _assert_tree_matches(actual, expected):
@@ -173,7 +156,7 @@ def _sharded_run(layer, impl, mesh):
     replicated = NamedSharding(mesh, P())
     params = jax.device_put(params, replicated)
     inputs = tuple(jax.device_put(i, batch) for i in inputs)
-    compiled = jax.jit(_outputs_and_grads(fn)).lower(params, *inputs).compile()
+    compiled = jax.jit(ks.outputs_and_grads(fn)).lower(params, *inputs).compile()
     out, grads = compiled(params, *inputs)
     # The output stays split over the batch.
     assert jax.tree.leaves(out)[0].sharding.spec[0] == "batch"
@@ -221,7 +204,7 @@ def test_shard_map_equals_single_device(layer, impl):
     check_vma = impl == "reference"
 
     def local(params, x):
-        out, (dparams, dx) = _outputs_and_grads(fn)(params, x)
+        out, (dparams, dx) = ks.outputs_and_grads(fn)(params, x)
         # The parameters enter replicated: their gradient is summed over the devices (by
         # the transpose of the implicit broadcast when varying axes are checked).
         return out, (dparams if check_vma else jax.lax.psum(dparams, "batch"), dx)
@@ -287,12 +270,12 @@ def test_feature_sharded_equals_unsharded(function, impl):
         return function(x, *params, axis_name=axis_name, impl=impl)
 
     split = jax.shard_map(
-        _outputs_and_grads(functools.partial(fn, axis_name="model")),
+        ks.outputs_and_grads(functools.partial(fn, axis_name="model")),
         mesh=mesh,
         in_specs=(P("model"), P(None, None, "model")),
         out_specs=(P(None, None, "model"), (P("model"), P(None, None, "model"))),
     )
-    expected = jax.jit(_outputs_and_grads(fn))(params, x)
+    expected = jax.jit(ks.outputs_and_grads(fn))(params, x)
     _assert_tree_matches(jax.jit(split)(params, x), expected)
 
 
