@@ -955,3 +955,69 @@ def xla_compile(
     ]
     moved = sum(b for _, _, b in launch_bytes)
     return ProgramReport(seconds, launches, moved, ideal, problems)
+
+
+# --- Mosaic GPU kernels ------------------------------------------------------------------------
+
+
+def _ptxas_info(text: str) -> list[dict[str, Any]]:
+    """Each Mosaic GPU kernel in ptxas's `-v` output (`MOSAIC_GPU_DUMP_PTXAS=1`): its name,
+    registers and spill bytes."""
+    out = []
+    for m in re.finditer(
+        r"Function properties for (\S+)\n(.*?)Used (\d+) registers", text, flags=re.S
+    ):
+        name, props, regs = m.group(1), m.group(2), int(m.group(3))
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", props)
+        stack = re.search(r"(\d+) bytes stack frame", props)
+        out.append(
+            {
+                "name": name,
+                "registers": regs,
+                "spill_bytes": sum(map(int, spills.groups())) if spills else 0,
+                "stack_bytes": int(stack.group(1)) if stack else 0,
+            }
+        )
+    return out
+
+
+def mosaic_gpu_compile(fn, *args, workdir: str | None = None):
+    """`(xla_compile(fn, *args), kernels)`: the whole program compiled deviceless for an H200,
+    and ptxas's statistics of each Mosaic GPU kernel in it (name, registers, spill and stack
+    bytes, and `register_occupancy`: the share of an SM's warps its one-warpgroup blocks may
+    hold as far as registers allow; shared memory, which ptxas does not see, may allow
+    fewer). Mosaic GPU
+    compiles its kernels inside XLA's compile and prints ptxas's report when
+    `MOSAIC_GPU_DUMP_PTXAS` is set: it is captured from file descriptors 1 and 2."""
+    import sys
+    work = workdir or tempfile.mkdtemp(prefix="eqxnorm_mosaic_gpu_")
+    log = os.path.join(work, "ptxas.txt")
+    previous = os.environ.get("MOSAIC_GPU_DUMP_PTXAS")
+    os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(log, "w") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:
+                program = xla_compile(fn, *args, workdir=work)
+            finally:
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+        if previous is None:
+            os.environ.pop("MOSAIC_GPU_DUMP_PTXAS", None)
+        else:
+            os.environ["MOSAIC_GPU_DUMP_PTXAS"] = previous
+    kernels = _ptxas_info(open(log).read())
+    for k in kernels:
+        k["register_occupancy"] = occupancy(k["registers"], 4, 0)["occupancy"]
+        if k["spill_bytes"] or k["stack_bytes"]:
+            program.problems.append(
+                f"{k['name']}: spills {k['spill_bytes']} B, stack {k['stack_bytes']} B"
+            )
+    return program, kernels

@@ -2,8 +2,8 @@
 kernels, found on a machine without one.
 
 For each case (op × shape × dtype × direction), the op's eqxnorm entry point with
-`impl="pallas"` is lowered for `cuda` and compiled deviceless (see `benchmarks._gpu_static`),
-and one row per Triton kernel is printed: grid, warps, registers, spills and occupancy on
+`impl="triton"` (the Pallas kernels pinned to Triton) is lowered for `cuda` and compiled
+deviceless (see `benchmarks._gpu_static`), and one row per Triton kernel is printed: grid, warps, registers, spills and occupancy on
 sm_90a (where the installed JAX exposes XLA's Triton compiler: jax 0.10), and the kernel's
 exact global-memory traffic from its IR, with the lanes out of bounds and the most writes of
 one output element. A line per case gives the whole program as XLA builds it for the H200:
@@ -14,6 +14,11 @@ cotangents and writes the gradients once).
     python -m benchmarks.deviceless                         # every op, default shapes, bf16
     python -m benchmarks.deviceless --ops layer_norm --shapes 4096x8192 --dtypes float32
     python -m benchmarks.deviceless --out benchmarks/results/deviceless-h200 --check
+
+`--backend mosaic_gpu` compiles `impl="pallas"` instead, what `impl="auto"` runs on an H200
+with JAX 0.12+ (the row norms' Mosaic GPU kernels, Triton's for what has none): one row per
+Mosaic GPU kernel with ptxas's registers and spills (`benchmarks._gpu_static.mosaic_gpu_compile`),
+and the program's bytes against the ideal.
 
 `--target tpu-v5e` compiles the same programs with XLA's TPU compiler for one v5e chip
 (`benchmarks._tpu_static`, needs the `tpu-check` extra): every Mosaic kernel must compile.
@@ -52,13 +57,18 @@ class Case:
     dtype: str
     direction: str
     target: str = "h200"
+    # The GPU kernels compiled (`impl=`): Triton's are analysed per kernel (TTIR traffic,
+    # ptxas); Mosaic GPU's by ptxas on what XLA compiles.
+    backend: str = "triton"
 
     @property
     def label(self) -> str:
-        return f"{self.op} {self.dtype} {self.shape} {self.direction}"
+        return f"{self.op} {self.dtype} {self.shape} {self.direction} {self.backend}"
 
 
-def cases(ops, shapes, dtypes, directions, target: str = "h200") -> list[Case]:
+def cases(
+    ops, shapes, dtypes, directions, target: str = "h200", backend: str = "triton"
+) -> list[Case]:
     """Every accepted combination; an op takes the shapes of its family (row or channel)
     among `shapes`, or its family's defaults when `shapes` is `None`."""
     from ._ops import OPS, accepts, parse_shape
@@ -71,7 +81,9 @@ def cases(ops, shapes, dtypes, directions, target: str = "h200") -> list[Case]:
             if not accepts(op, parse_shape(shape)):
                 continue
             out += [
-                Case(name, shape, d, direction, target) for d in dtypes for direction in directions
+                Case(name, shape, d, direction, target, backend)
+                for d in dtypes
+                for direction in directions
             ]
     return out
 
@@ -88,7 +100,10 @@ def _program(case: Case):
     from ._ops import OPS, make_problem, parse_shape
 
     problem = make_problem(OPS[case.op], parse_shape(case.shape), case.dtype)
-    built = eqxnorm_fused("pallas")(problem)
+    # Mosaic GPU through `impl="pallas"`: what `impl="auto"` runs on an H200 (pinning
+    # `impl="mosaic_gpu"` would trace its CPU interpreter's effects into the program too).
+    impl = "triton" if case.target == "h200" and case.backend == "triton" else "pallas"
+    built = eqxnorm_fused(impl)(problem)
     if case.direction == "fwd":
         return built.fn, (built.args,)
 
@@ -112,14 +127,19 @@ def run_case(case: Case, workdir: str) -> dict:
         report = tpu_compile(fn, *args)
         return {"case": dataclasses.asdict(case), **dataclasses.asdict(report)}
     start = time.time()
-    kernels = g.kernel_reports(fn, *args, workdir=workdir)
-    program = g.xla_compile(fn, *args, workdir=workdir)
+    if case.backend == "mosaic_gpu":
+        kernels = g.kernel_reports(fn, *args, workdir=workdir)  # Triton's, if any are left
+        program, mosaic = g.mosaic_gpu_compile(fn, *args, workdir=workdir)
+    else:
+        kernels = g.kernel_reports(fn, *args, workdir=workdir)
+        program, mosaic = g.xla_compile(fn, *args, workdir=workdir), []
     ideal = case_bytes(OPS[case.op], parse_shape(case.shape), case.dtype, case.direction)
     return {
         "case": dataclasses.asdict(case),
         "seconds": time.time() - start,
         "ideal_bytes": ideal,
         "kernels": [_kernel_row(k) for k in kernels],
+        "mosaic_gpu": mosaic,
         "program": {
             "seconds": program.seconds,
             "launches": [dataclasses.asdict(launch) for launch in program.launches],
@@ -252,6 +272,12 @@ def table(results: Sequence[dict]) -> str:
     for r in results:
         c = Case(**r["case"])
         label = f"{c.op} {c.dtype} {c.shape} {c.direction}"
+        for k in r.get("mosaic_gpu", []):
+            lines.append(
+                f"| {label} | `{k['name']}` (Mosaic GPU) | | 4 | {k['registers']} "
+                f"| {k['spill_bytes']} | {k['register_occupancy']:.0%} (registers) | - | | | "
+                f"{'none' if not (k['spill_bytes'] or k['stack_bytes']) else 'spills'} |"
+            )
         for k in r["kernels"]:
             moved, ideal = k["dram_bytes"], k["ideal_bytes"]
             ratio = (
@@ -269,10 +295,11 @@ def table(results: Sequence[dict]) -> str:
                 f"| {k['max_writes']} | {'; '.join(k['problems']) or 'none'} |"
             )
         p = r["program"]
-        triton = sum(1 for k in r["kernels"])
+        triton, mosaic = len(r["kernels"]), len(r.get("mosaic_gpu", []))
+        kernels = f"{triton} Triton" + (f", {mosaic} Mosaic GPU" if mosaic else "")
         lines.append(
             f"| {label} | **whole program on H200** | {len(p['launches'])} launches "
-            f"({triton} Pallas) | | | | | {fmt_bytes(p['bytes'])} / "
+            f"({kernels}) | | | | | {fmt_bytes(p['bytes'])} / "
             f"{fmt_bytes(r['ideal_bytes'])} = {p['bytes'] / r['ideal_bytes']:.2f}x | | "
             f"| {'; '.join(p['problems']) or 'none'} |"
         )
@@ -308,11 +335,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["bfloat16"])
     parser.add_argument("--direction", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS))
     parser.add_argument("--target", choices=TARGETS, default="h200")
+    parser.add_argument(
+        "--backend",
+        choices=("triton", "mosaic_gpu"),
+        default="triton",
+        help="the GPU kernels compiled for the h200 target (mosaic_gpu: what impl='auto' runs "
+        "on an H200 with JAX 0.12+)",
+    )
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per case")
     parser.add_argument("--out", type=Path, help="write table.md and results.json there")
     parser.add_argument("--check", action="store_true", help="exit 1 on any problem")
     args = parser.parse_args(argv)
-    selected = cases(args.ops, args.shapes, args.dtypes, args.direction, args.target)
+    selected = cases(
+        args.ops, args.shapes, args.dtypes, args.direction, args.target, args.backend
+    )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     environment = _environment(args.target)
     print(environment, file=sys.stderr)

@@ -1,9 +1,14 @@
-"""Choosing an implementation: `impl="auto" | "pallas" | "reference"`.
+"""Choosing an implementation: `impl="auto" | "pallas" | "reference" | "triton" |
+"mosaic_gpu"`.
 
 - `"reference"`: the plain `jax.numpy` code in `eqxnorm.kernels.reference`, which XLA fuses
   and compiles for any backend.
 - `"pallas"`: the fused Pallas kernels in `eqxnorm.kernels.pallas` (GPU through Triton, TPU
   through Mosaic; interpret mode on CPU: exact, and slow).
+- `"triton"`, `"mosaic_gpu"`: the Pallas kernels pinned to one GPU backend (on CPU, in the
+  interpreter of that backend). `"pallas"` chooses on a GPU: Mosaic GPU for the row norms
+  on compute capability 9.0+ with JAX 0.12+ (rows of a multiple of 16 bytes that fit in
+  shared memory), Triton otherwise.
 - `"auto"`: the Pallas kernels when JAX's default backend is a GPU or TPU, the reference
   elsewhere. The choice is made when the function is traced; to export from a CPU machine for
   a GPU or TPU, pass `impl="pallas"` (the kernels then pick Triton or Mosaic by the lowering
@@ -17,12 +22,17 @@ import jax
 
 from .kernels import pallas, reference
 
-Impl = Literal["auto", "pallas", "reference"]
-IMPLS: tuple[str, ...] = ("auto", "pallas", "reference")
+Impl = Literal["auto", "pallas", "reference", "triton", "mosaic_gpu"]
+IMPLS: tuple[str, ...] = ("auto", "pallas", "reference", "triton", "mosaic_gpu")
 
 # The concrete implementations that exist, by name. Each is a module exposing the functions of
 # `eqxnorm.kernels.reference` with the same signatures.
-IMPLEMENTATIONS: dict[str, ModuleType] = {"reference": reference, "pallas": pallas}
+IMPLEMENTATIONS: dict[str, ModuleType] = {
+    "reference": reference,
+    "pallas": pallas,
+    "triton": pallas.backend("triton"),
+    "mosaic_gpu": pallas.backend("mosaic_gpu"),
+}
 
 _KERNEL_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 

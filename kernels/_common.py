@@ -73,28 +73,86 @@ class Target:
 TRITON = Target("triton", masked=True, interpret=False)
 MOSAIC = Target("mosaic", masked=False, interpret=False)
 INTERPRET = Target("interpret", masked=True, interpret=True)
+# Mosaic GPU kernels (`plgpu.kernel`s, `eqxnorm.kernels._mosaic_gpu`), compiled for a cuda GPU
+# or run by Mosaic GPU's own interpreter.
+MOSAIC_GPU = Target("mosaic_gpu", masked=False, interpret=False)
+MOSAIC_GPU_INTERPRET = Target("mosaic_gpu_interpret", masked=False, interpret=True)
+
+# The kernel backends a call can be pinned to on a GPU (`impl="triton"`, `impl="mosaic_gpu"`);
+# `"auto"` chooses (see [`per_platform`][]).
+GPU_BACKENDS = ("auto", "triton", "mosaic_gpu")
 
 
-def per_platform(fn: Callable[..., Any], *args: Any, sharding: Rule | None = None) -> Any:
+class MosaicGPU(NamedTuple):
+    """A kernel family's Mosaic GPU launch, `launch(target, *operands)` with the contract of
+    the Triton-style `fn` it stands beside, and `supported(*operands)`: whether it can run
+    those operands (dtypes, and rows that TMA can stage and that fit on chip)."""
+
+    launch: Callable[..., Any]
+    supported: Callable[..., bool]
+
+
+def per_platform(
+    fn: Callable[..., Any],
+    *args: Any,
+    sharding: Rule | None = None,
+    mosaic_gpu: MosaicGPU | None = None,
+    backend: str = "auto",
+) -> Any:
     """`fn(target, *args)` for the target of the platform the computation is lowered for.
 
     Every branch is traced; only the lowering platform's is compiled. With a `sharding`
     [`Rule`][], a call whose operands are sharded across devices runs on each device's slice
     (see the module docstring); without one, on the operands gathered onto every device
-    (`_sharding.gathered`)."""
+    (`_sharding.gathered`).
+
+    On cuda, with a `mosaic_gpu` launch, `backend` chooses between it and `fn` on Triton:
+    `"auto"` takes Mosaic GPU where the installed JAX has it (0.12+), the GPU compiled for has
+    compute capability 9.0 or more, and `mosaic_gpu.supported(*operands)`, else Triton;
+    `"mosaic_gpu"` takes it or raises; `"triton"` takes Triton. On other platforms a pinned
+    `"mosaic_gpu"` runs it in Mosaic GPU's interpreter (the tests on CPU)."""
+    if backend not in GPU_BACKENDS:
+        raise ValueError(f"backend must be one of {GPU_BACKENDS}, but got backend={backend!r}.")
 
     def staged(*operands):
+        cuda = _on_cuda(fn, mosaic_gpu, backend, operands)
+        default = functools.partial(fn, INTERPRET)
+        if backend == "mosaic_gpu":
+            default = functools.partial(mosaic_gpu.launch, MOSAIC_GPU_INTERPRET)
         return lax.platform_dependent(
             *operands,
-            cuda=functools.partial(fn, TRITON),
+            cuda=cuda,
             rocm=functools.partial(fn, TRITON),
             tpu=functools.partial(_on_mosaic, fn),
-            default=functools.partial(fn, INTERPRET),
+            default=default,
         )
 
     if sharding is None:
         return gathered(staged)(*args)
     return partitioned(staged, sharding)(*args)
+
+
+def _on_cuda(fn, mosaic_gpu: MosaicGPU | None, backend: str, operands) -> Callable[..., Any]:
+    """The cuda branch of [`per_platform`][]: Mosaic GPU or Triton, as `backend` says."""
+    from . import _mosaic_gpu
+
+    if backend == "triton" or mosaic_gpu is None:
+        if backend == "mosaic_gpu":
+            raise ValueError("this kernel has no Mosaic GPU version; use impl='pallas'.")
+        return functools.partial(fn, TRITON)
+    usable = _mosaic_gpu.usable() and mosaic_gpu.supported(*operands)
+    if backend == "mosaic_gpu":
+        if not usable:
+            raise ValueError(
+                f"impl='mosaic_gpu' cannot run these operands on JAX {jax.__version__}: "
+                "Mosaic GPU kernels need JAX 0.12 or newer, float16/bfloat16/float32 rows of "
+                "a multiple of 16 bytes that fit on chip. Use impl='pallas' to let eqxnorm "
+                "choose the backend."
+            )
+        return functools.partial(mosaic_gpu.launch, MOSAIC_GPU)
+    if usable and _mosaic_gpu.target_supported():
+        return functools.partial(mosaic_gpu.launch, MOSAIC_GPU)
+    return functools.partial(fn, TRITON)
 
 
 def stored_dtype(target: Target, dtype: Any) -> Any:

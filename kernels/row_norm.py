@@ -65,7 +65,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from .._checking import typechecked
-from . import _common as c, reference
+from . import _common as c, _row_norm_mosaic_gpu as _mgpu, reference
 from ._common import F32, Target
 
 _SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
@@ -401,7 +401,7 @@ def _all_batched(out):
 
 
 @functools.cache
-def _forward(op: str, eps: float):
+def _forward(op: str, eps: float, backend: str):
     """`(x, residual, weight, bias) -> (y, h, shift, offset, rstd)` on `(groups, rows, dim)`
     (`residual` and `h` may be `None`). Under `vmap` the batch is folded into the rows of
     every group when the parameters are shared by the examples, else into the groups (each
@@ -410,8 +410,13 @@ def _forward(op: str, eps: float):
     @custom_vmap
     def forward(x, residual, weight, bias):
         fn = functools.partial(_forward_on, op=op, eps=eps)
+        mosaic_gpu = c.MosaicGPU(
+            functools.partial(_mgpu.forward_on, op=op, eps=eps), _mgpu.forward_supported
+        )
         rule = c.Rule("g r d, g r d, g d, g d -> g r d, g r d, g r, g r, g r", split="g r")
-        return c.per_platform(fn, x, residual, weight, bias, sharding=rule)
+        return c.per_platform(
+            fn, x, residual, weight, bias, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend
+        )
 
     @forward.def_vmap
     def _(axis_size, in_batched, x, residual, weight, bias):
@@ -432,16 +437,22 @@ def _forward(op: str, eps: float):
 
 
 @functools.cache
-def _backward(op: str, param_grads: bool, d_dtypes: tuple[jnp.dtype, ...]):
+def _backward(op: str, param_grads: bool, d_dtypes: tuple[jnp.dtype, ...], backend: str):
     """`(x, weight, dy, dh, shift, offset, rstd) -> (dx, dresidual, dweight, dbias)` (see
     [`_backward_on`][]), batching like [`_forward`][]: per-example parameter gradients either
     way (JAX sums them when the parameters are shared)."""
 
     @custom_vmap
     def backward(x, weight, dy, dh, shift, offset, rstd):
-        fn = functools.partial(_backward_on, op=op, param_grads=param_grads, d_dtypes=d_dtypes)
+        kwargs = dict(op=op, param_grads=param_grads, d_dtypes=d_dtypes)
+        fn = functools.partial(_backward_on, **kwargs)
+        mosaic_gpu = c.MosaicGPU(
+            functools.partial(_mgpu.backward_on, **kwargs),
+            functools.partial(_mgpu.backward_supported, d_dtypes),
+        )
         rule = c.Rule("g r d, g d, g r d, g r d, g r, g r, g r -> g r d, g r d, g d, g d", "g r")
-        return c.per_platform(fn, x, weight, dy, dh, shift, offset, rstd, sharding=rule)
+        args = (x, weight, dy, dh, shift, offset, rstd)
+        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
 
     @backward.def_vmap
     def _(axis_size, in_batched, *args):
@@ -457,7 +468,7 @@ def _backward(op: str, param_grads: bool, d_dtypes: tuple[jnp.dtype, ...]):
             _batched(axis_size, in_batched[i], args[i]) for i in (0, 2, 3, 4, 5, 6)
         )
         rows = [_into_rows(axis_size, True, a) for a in (x, dy, dh, shift, offset, rstd)]
-        dx, dres, _, _ = _backward(op, False, d_dtypes)(rows[0], weight, *rows[1:])
+        dx, dres, _, _ = _backward(op, False, d_dtypes, backend)(rows[0], weight, *rows[1:])
         out = (_from_rows(axis_size, dx), _from_rows(axis_size, dres), None, None)
         if param_grads:
             # The kernel's partial sums mix examples, so these sums (which XLA fuses into one
@@ -471,10 +482,10 @@ def _backward(op: str, param_grads: bool, d_dtypes: tuple[jnp.dtype, ...]):
 
 
 @functools.cache
-def _grouped_norm(op: str, eps: float):
+def _grouped_norm(op: str, eps: float, backend: str):
     """The `custom_vjp` function `(x, weight, bias) -> y` on `(groups, rows, dim)` with
-    parameters `(groups, dim)` (or `None`)."""
-    forward = _forward(op, eps)
+    parameters `(groups, dim)` (or `None`), on the GPU `backend` (`c.GPU_BACKENDS`)."""
+    forward = _forward(op, eps, backend)
 
     def norm_forward(x, weight, bias):
         y, _, *stats = forward(x, None, weight, bias)
@@ -482,7 +493,7 @@ def _grouped_norm(op: str, eps: float):
 
     def norm_backward(param_grads):
         def run(x, weight, dy, *stats):
-            backward = _backward(op, param_grads, (jnp.dtype(x.dtype),))
+            backward = _backward(op, param_grads, (jnp.dtype(x.dtype),), backend)
             dx, _, dw, db = backward(x, weight, dy, None, *stats)
             return dx, dw, db
 
@@ -496,12 +507,12 @@ def _same(grad):
 
 
 @functools.cache
-def _add_norm(op: str, eps: float, x_dtype: jnp.dtype):
+def _add_norm(op: str, eps: float, x_dtype: jnp.dtype, backend: str):
     """The `custom_vjp` function `(x, residual, weight, bias) -> (y, h)` on `(1, rows, dim)`
     with parameters `(1, dim)` (or `None`), for `x` of `x_dtype`. Its residuals are `h` (an
     output), the parameters and the statistics; the backward skips reading the gradient of
     `h` (or of `y`) when it is a symbolic zero."""
-    forward = _forward(op, eps)
+    forward = _forward(op, eps, backend)
 
     @jax.custom_vjp
     def add_norm(x, residual, weight, bias):
@@ -527,7 +538,8 @@ def _add_norm(op: str, eps: float, x_dtype: jnp.dtype):
             )
         d_dtypes = (x_dtype,) if h.dtype == x_dtype else (x_dtype, jnp.dtype(h.dtype))
         param_grads = weight is not None or bias is not None
-        dx, dres, *grads = _backward(op, param_grads, d_dtypes)(h, weight, dy, dh, *stats)
+        backward = _backward(op, param_grads, d_dtypes, backend)
+        dx, dres, *grads = backward(h, weight, dy, dh, *stats)
         return (
             dx,
             dx if dres is None else dres,
@@ -545,22 +557,23 @@ def _one_group(param):
     return None if param is None else param[None]
 
 
-def _row_norm(op: str, x, weight, bias, eps: float):
-    return _grouped_norm(op, float(eps))(x[None], _one_group(weight), _one_group(bias))[0]
+def _row_norm(op: str, x, weight, bias, eps: float, backend: str):
+    norm = _grouped_norm(op, float(eps), backend)
+    return norm(x[None], _one_group(weight), _one_group(bias))[0]
 
 
-def _add_row_norm(op: str, x, residual, weight, bias, eps: float):
+def _add_row_norm(op: str, x, residual, weight, bias, eps: float, backend: str):
     if jnp.dtype(residual.dtype) == jnp.float64:
         # Promised a float64 sum, as the kernels' float32 could not give.
         return getattr(reference, op)(x, residual, weight, bias, eps=eps)
-    add_norm = _add_norm(op, float(eps), jnp.dtype(x.dtype))
+    add_norm = _add_norm(op, float(eps), jnp.dtype(x.dtype), backend)
     y, h = add_norm(x[None], residual[None], _one_group(weight), _one_group(bias))
     return y[0], h[0]
 
 
-def _adaptive_row_norm(op: str, x, scale, shift, weight, bias, eps: float):
+def _adaptive_row_norm(op: str, x, scale, shift, weight, bias, eps: float, backend: str):
     modulated = reference.modulation(scale, shift, weight, bias, F32)
-    return _grouped_norm(op, float(eps))(x, *modulated)
+    return _grouped_norm(op, float(eps), backend)(x, *modulated)
 
 
 @typechecked()
@@ -570,6 +583,7 @@ def layer_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    backend: str = "auto",
 ) -> Float[Array, "rows dim"]:
     r"""LayerNorm of each row as a fused Pallas kernel; the same maths and signature as
     `eqxnorm.kernels.reference.layer_norm`:
@@ -580,12 +594,14 @@ def layer_norm(
     - `x`: `(rows, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the variance.
+    - `backend`: the GPU kernels, `"auto"`, `"triton"` or `"mosaic_gpu"` (see
+      `eqxnorm.kernels._common.per_platform`).
 
     **Returns:**
 
     `(rows, dim)` in `x.dtype`.
     """
-    return _row_norm("layer_norm", x, weight, bias, eps)
+    return _row_norm("layer_norm", x, weight, bias, eps, backend)
 
 
 @typechecked()
@@ -595,6 +611,7 @@ def rms_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    backend: str = "auto",
 ) -> Float[Array, "rows dim"]:
     r"""RMSNorm of each row as a fused Pallas kernel; the same maths and signature as
     `eqxnorm.kernels.reference.rms_norm`:
@@ -605,12 +622,13 @@ def rms_norm(
     - `x`: `(rows, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
+    - `backend`: the GPU kernels, as for `layer_norm`.
 
     **Returns:**
 
     `(rows, dim)` in `x.dtype`.
     """
-    return _row_norm("rms_norm", x, weight, bias, eps)
+    return _row_norm("rms_norm", x, weight, bias, eps, backend)
 
 
 @typechecked()
@@ -621,6 +639,7 @@ def add_layer_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    backend: str = "auto",
 ) -> tuple[Float[Array, "rows dim"], Float[Array, "rows dim"]]:
     r"""Residual add then LayerNorm in one fused Pallas kernel (one pass forward, one pass
     backward); the same maths and signature as `eqxnorm.kernels.reference.add_layer_norm`:
@@ -633,6 +652,8 @@ def add_layer_norm(
     - `residual`: `(rows, dim)`, the residual stream (may have another floating dtype).
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the variance.
+    - `backend`: the GPU kernels, `"auto"`, `"triton"` or `"mosaic_gpu"` (see
+      `eqxnorm.kernels._common.per_platform`).
 
     **Returns:**
 
@@ -640,7 +661,7 @@ def add_layer_norm(
     summed in float32 and stored in `residual.dtype` (a float64 residual runs the reference,
     which sums in float64).
     """
-    return _add_row_norm("add_layer_norm", x, residual, weight, bias, eps)
+    return _add_row_norm("add_layer_norm", x, residual, weight, bias, eps, backend)
 
 
 @typechecked()
@@ -651,6 +672,7 @@ def add_rms_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    backend: str = "auto",
 ) -> tuple[Float[Array, "rows dim"], Float[Array, "rows dim"]]:
     r"""Residual add then RMSNorm in one fused Pallas kernel; the same maths and signature as
     `eqxnorm.kernels.reference.add_rms_norm`: $h = x + r$,
@@ -662,12 +684,13 @@ def add_rms_norm(
     - `residual`: `(rows, dim)`, the residual stream.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
+    - `backend`: the GPU kernels, as for `layer_norm`.
 
     **Returns:**
 
     `(y, h)` as for [`add_layer_norm`][]: `y` in `x.dtype`, `h` in `residual.dtype`.
     """
-    return _add_row_norm("add_rms_norm", x, residual, weight, bias, eps)
+    return _add_row_norm("add_rms_norm", x, residual, weight, bias, eps, backend)
 
 
 @typechecked()
@@ -679,6 +702,7 @@ def adaptive_layer_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    backend: str = "auto",
 ) -> Float[Array, "groups rows dim"]:
     r"""Adaptive LayerNorm (adaLN, FiLM) as a fused Pallas kernel with per-group parameters;
     the same maths and signature as `eqxnorm.kernels.reference.adaptive_layer_norm`:
@@ -691,12 +715,14 @@ def adaptive_layer_norm(
     - `scale`, `shift`: `(groups, dim)`, $s$ and $t$.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the variance.
+    - `backend`: the GPU kernels, `"auto"`, `"triton"` or `"mosaic_gpu"` (see
+      `eqxnorm.kernels._common.per_platform`).
 
     **Returns:**
 
     `(groups, rows, dim)` in `x.dtype`.
     """
-    return _adaptive_row_norm("adaptive_layer_norm", x, scale, shift, weight, bias, eps)
+    return _adaptive_row_norm("adaptive_layer_norm", x, scale, shift, weight, bias, eps, backend)
 
 
 @typechecked()
@@ -708,6 +734,7 @@ def adaptive_rms_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    backend: str = "auto",
 ) -> Float[Array, "groups rows dim"]:
     r"""Adaptive RMSNorm as a fused Pallas kernel with per-group parameters; the same maths
     and signature as `eqxnorm.kernels.reference.adaptive_rms_norm`:
@@ -720,12 +747,13 @@ def adaptive_rms_norm(
     - `scale`, `shift`: `(groups, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
+    - `backend`: the GPU kernels, as for `layer_norm`.
 
     **Returns:**
 
     `(groups, rows, dim)` in `x.dtype`.
     """
-    return _adaptive_row_norm("adaptive_rms_norm", x, scale, shift, weight, bias, eps)
+    return _adaptive_row_norm("adaptive_rms_norm", x, scale, shift, weight, bias, eps, backend)
 
 
 __all__ = [

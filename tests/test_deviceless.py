@@ -12,6 +12,7 @@ Needs the `gpu-check` extra (the CUDA plugin matching jaxlib) and a `ptxas`; `.c
 both, and `tpu-check` on the newest-JAX leg. Each op's cases run in one subprocess with a
 timeout (LLVM can abort on a bad kernel)."""
 
+import dataclasses
 import importlib.util
 
 import jax
@@ -21,7 +22,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 from bench_support import load_benchmarks
-from eqxnorm.kernels import _triton
+from eqxnorm.kernels import _mosaic_gpu as mosaic_gpu, _triton
 
 load_benchmarks()
 from benchmarks import _gpu_static as g, _ops, deviceless  # noqa: E402
@@ -76,6 +77,34 @@ def test_training_step_compiles_cleanly_for_h200(op):
         triton = [launch for launch in program["launches"] if "eqxnorm" in launch["name"]]
         assert len(triton) == len(names)
         assert program["bytes"] >= result["ideal_bytes"] * 0.9
+
+
+ROW_OPS = [op for op in _ops.OPS if _ops.OPS[op].family == "row"]
+
+
+@pytest.mark.parametrize("op", ROW_OPS)
+def test_mosaic_gpu_training_step_compiles_cleanly_for_h200(op):
+    """The row norms' Mosaic GPU kernels: a training step at the awkward and the typical
+    shape compiles deviceless for an H200 with no spill, only Mosaic GPU kernels (no Triton
+    call, no deprecation warning: the worker makes JAX's an error), registers within a
+    warpgroup's budget and the program's bytes at the ideal."""
+    # adaLN's awkward shape is one token per example: groups of one row run Triton.
+    shapes = deviceless.ROW_SHAPES[1:2] if op.startswith("adaptive") else deviceless.ROW_SHAPES
+    cases = deviceless.cases([op], shapes[:2], ["bfloat16"], ["fwd+bwd"])
+    cases += deviceless.cases([op], shapes[:1], ["float32"], ["fwd+bwd"])
+    cases = [dataclasses.replace(c, backend="mosaic_gpu") for c in cases]
+    results = deviceless.run(cases, timeout=600)
+    for result in results:
+        assert deviceless.problems(result) == []
+        kernels = result["mosaic_gpu"]
+        if not mosaic_gpu.usable():  # JAX < 0.12: the Triton kernels, as before
+            assert kernels == [] and len(result["kernels"]) == 2
+            continue
+        assert result["kernels"] == []  # no Triton call left
+        assert len(kernels) == 2  # one forward, one backward
+        for k in kernels:
+            assert 0 < k["registers"] <= 255 and k["spill_bytes"] == 0
+        assert result["program"]["bytes"] <= result["ideal_bytes"] * 1.5
 
 
 @pytest.mark.tpu_check

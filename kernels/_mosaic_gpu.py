@@ -1,0 +1,178 @@
+r"""The Mosaic GPU backend of the GPU kernels: what every `plgpu.kernel` of eqxnorm shares.
+
+JAX 0.11+ deprecates Pallas' Triton backend and points to Mosaic GPU, its GPU backend with a
+future, for Hopper (compute capability 9.0) and newer. Mosaic GPU does not lower a
+`pl.pallas_call` with block specs; its kernels are `plgpu.kernel`s that move data themselves.
+So its kernel bodies differ from the Triton/Mosaic TPU ones in `_common`'s style: the
+programming models part where a block is staged, and the maths they share (the statistics,
+`_common.Stats`) is written once per row layout. What Mosaic GPU kernels share:
+
+**Staging.** A program owns `block_rows` rows. Their whole width is copied into shared memory
+by the Tensor Memory Accelerator (TMA), in boxes of `(block_rows, CHUNK)` (TMA moves at most 256
+elements along a dimension), each box on its own barrier, and computed on from there. Rows past
+the array's end, and the columns past a width that is not a multiple of the box, are filled
+with zeros by the TMA on load and dropped by it on store: no masked access, no padding pass.
+The only masks left are those of a statistic that zeros would bias (a variance's `x - mean`).
+
+**Registers.** Each box is loaded from shared memory in [`row_layout`][]: one warp per row (4
+warps, a warpgroup, so rows in fours), the 32 lanes along the row, 16 contiguous bytes each
+(8 16-bit or 4 32-bit values). Loads are conflict-free vector loads, a row's reduction is a
+warp shuffle with no shared-memory round trip, and a box of 16 rows × 256 columns is 32 values
+per thread. The kernels use Mosaic GPU's `Lane` lowering with these explicit layouts (layout
+inference of the default `Warpgroup` semantics was found to fail or take minutes).
+
+**Which shapes.** TMA needs every row to start on 16 bytes: `width × itemsize % 16 == 0`
+([`supports`][]); widths that are not (rare: an odd `dim`) run the Triton kernels. Rows are
+kept whole on chip when [`block_rows`][] finds a multiple of 4 rows that fits the shared
+memory; wider rows run the Triton kernels (which read them twice).
+
+**Availability.** [`usable`][]: the installed JAX has the Mosaic GPU API these kernels use
+(JAX 0.12). [`target_supported`][]: the GPU compiled for has compute capability >= 9.0 (TMA).
+"""
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+try:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    _API = all(
+        hasattr(plgpu, name)
+        for name in ("kernel", "InterpretGPUParams", "Layout", "Tiling", "LoweringSemantics")
+    )
+except ImportError:  # pragma: no cover - a jaxlib without Mosaic GPU
+    plgpu = None
+    _API = False
+
+# Bytes of shared memory a program may stage (227 KiB per block on sm_90, less what the
+# kernel keeps for its statistics, barriers and reduction scratch).
+SMEM_BYTES = 200 * 1024
+# Rows per program when they fit: 16 rows × 256 columns per box is 32 float32 values per
+# thread of one warpgroup; fewer for wide rows.
+MAX_BLOCK_ROWS = 16
+WARPS = 4  # one warpgroup
+
+
+def usable() -> bool:
+    """Whether the installed JAX has the Mosaic GPU API eqxnorm's kernels are written for."""
+    if not _API:
+        return False
+    version = tuple(int(p) for p in jax.__version__.split(".")[:2])
+    return version >= (0, 12)
+
+
+def supports(dtype: Any, width: int) -> bool:
+    """Whether a row of `width` elements of `dtype` can be staged by TMA (16-byte rows)."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return False
+    return (width * dtype.itemsize) % 16 == 0
+
+
+class Boxes(NamedTuple):
+    """How a program stages its rows of `width` elements of `dtype` (see the module
+    docstring): `block_rows` rows (0: they do not fit on chip), in `chunks` TMA boxes of
+    `cols` columns, loaded into registers in `layout`, whose tile is `tile_rows` rows (a warp
+    holds `tile_rows / 4` rows, its lanes along `cols`)."""
+
+    block_rows: int
+    cols: int
+    chunks: int
+    tile_rows: int
+    layout: Any
+
+
+def boxes(
+    dtypes: tuple[Any, ...],
+    rows: int,
+    width: int,
+    staged_bytes_per_element: int,
+    fixed_bytes_per_column: int,
+) -> Boxes:
+    r"""The staging of `rows` rows of `width` elements by a kernel that loads arrays of
+    `dtypes` into registers and keeps
+    `staged_bytes_per_element` bytes on chip per element of its rows (the summed itemsizes of
+    the row arrays it stages) and `fixed_bytes_per_column` bytes per column of a row whatever
+    the rows (the parameters it stages):
+
+    - a lane holds 16 contiguous bytes of the widest of `dtypes` (`vector` elements; every
+      array shares the layout, so that they combine elementwise); a row's box is `cols = lanes ×
+      vector` columns, `lanes` the largest power of two up to 32 with `cols <= width` (TMA
+      may run a box past the end of a row, not a box wider than the row);
+    - `chunks = ceil(width / cols)` boxes per row; a warp holds `32 / lanes` rows;
+    - `block_rows`: up to `MAX_BLOCK_ROWS` rows (a multiple of the tile's rows, no more than
+      the input has rounded up), as many as fit in `SMEM_BYTES`; 0 if a tile's rows do not.
+    """
+    vector = 16 // max(jnp.dtype(d).itemsize for d in dtypes)
+    lanes = 32
+    while lanes > 1 and lanes * vector > width:
+        lanes //= 2
+    cols = lanes * vector
+    n_chunks = -(-width // cols)
+    tile_rows = WARPS * (32 // lanes)
+    per_row = n_chunks * cols * staged_bytes_per_element
+    room = SMEM_BYTES - n_chunks * cols * fixed_bytes_per_column
+    fit = max(room, 0) // per_row // tile_rows * tile_rows
+    want = max(tile_rows, min(MAX_BLOCK_ROWS, -(-rows // tile_rows) * tile_rows))
+    lane_rows = 32 // lanes
+    if lane_rows == 1:
+        tiling, warp_dims, lane_dims = ((tile_rows, cols), (vector,)), (-3,), (-2,)
+    else:
+        tiling = ((tile_rows, cols), (lane_rows, cols), (vector,))
+        warp_dims, lane_dims = (-5,), (-3, -2)
+    layout = plgpu.Layout.TILED(
+        plgpu.Tiling(tiling), warp_dims=warp_dims, lane_dims=lane_dims, vector_dim=-1
+    )
+    return Boxes(min(fit, want), cols, n_chunks, tile_rows, layout)
+
+
+# Shared memory for reductions across the warps (a box's column sums: 4 warps × 256 float32).
+REDUCTION_SCRATCH_BYTES = 8 * 1024
+
+
+def compiler_params() -> Any:
+    return plgpu.CompilerParams(
+        lowering_semantics=plgpu.LoweringSemantics.Lane,
+        reduction_scratch_bytes=REDUCTION_SCRATCH_BYTES,
+    )
+
+
+def kernel(body, *, interpret: bool, **kwargs) -> Any:
+    """`plgpu.kernel(body, **kwargs)` with eqxnorm's compiler parameters, run by Mosaic GPU's
+    interpreter when `interpret` (on CPU: the tests)."""
+    return plgpu.kernel(
+        body,
+        compiler_params=compiler_params(),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        **kwargs,
+    )
+
+
+def dynamic_index(zero: Any, index: int) -> Any:
+    """`index` as a traced integer (`zero` is a traced 0): a TMA box's start is then not
+    checked statically against the array's bounds, so the last box may run past the end of a
+    row, where the TMA fills zeros on load and drops the store."""
+    return zero + index
+
+
+@functools.cache
+def _device_capability() -> tuple[int, int] | None:
+    try:
+        gpus = jax.devices("cuda")
+    except RuntimeError:
+        return None
+    capability = getattr(gpus[0], "compute_capability", None) if gpus else None
+    if capability is None:
+        return None
+    major, minor = str(capability).split(".")[:2]
+    return int(major), int(minor)
+
+
+def target_supported() -> bool:
+    """Whether the GPU being compiled for has TMA (compute capability >= 9.0): the attached
+    GPU, else the one assumed without one (`_triton.DEFAULT_GPU`, an H100)."""
+    capability = _device_capability()
+    return capability is None or capability >= (9, 0)

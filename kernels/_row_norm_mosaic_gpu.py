@@ -1,0 +1,450 @@
+r"""The row norms' kernels on Mosaic GPU (Hopper and newer): the same launches, maths and
+outputs as `eqxnorm.kernels.row_norm`'s `_forward_on` / `_backward_on`, for the GPU backend JAX
+keeps. See `eqxnorm.kernels._mosaic_gpu` for the staging (TMA boxes into shared memory, one
+warp per row) and for why these bodies are not `row_norm`'s.
+
+A program owns `block_rows` rows of one group (grid `(row blocks, groups)`), staged whole in
+shared memory, and makes its passes over them there: one read of `x` (and `residual`, `dy`,
+`dh`) from HBM and one write of each output, as the Triton kernels' one-pass case does.
+
+**Forward.** Staged `h` (`x`, or `x + residual` rounded to the residual's dtype, written over
+the residual's box and stored as the output `h`). The statistics are
+`eqxnorm.kernels._common.block_moments`' over the boxes of a row: `shift` the mean of $h$,
+$d = h - \text{shift}$ masked to the row, $d_0$ its first element, $\text{offset} = d_0 +
+\overline{d - d_0}$, $\sigma^2 = \max(\overline{d^2} - \text{offset}^2, 0)$ (RMSNorm:
+$\sigma^2 = \overline{h^2}$, shift and offset 0), each mean a sum of $v / n$. Then $y =
+((h - \text{shift}) - \text{offset})\, r\, \gamma + \beta$ is written over `x`'s box and stored.
+
+**Backward.** $\partial x = r(g - \overline{g} - \hat{x}\,\overline{g\hat{x}}) + \partial h$
+with $g = \partial y \odot \gamma$ (no $\overline{g}$ for RMSNorm), written over `dy`'s box (in
+its dtype) and stored in each requested dtype; and the program's float32 column sums of
+$\partial y \odot \hat{x}$ and $\partial y$ (its partial parameter gradients).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import _mosaic_gpu as m, reference
+from ._common import F32, Target
+
+plgpu = m.plgpu
+
+
+def _box_tools(boxes: m.Boxes, width: int, zero):
+    """`(cols(j), bcast(v, dims), valid(k))` for a program: the columns of box `j` (a
+    traced start, see [`m.dynamic_index`][]), a per-row or per-column vector broadcast to a
+    box in the row layout, and the mask of a box's columns inside the row (`None` when every
+    box is full)."""
+    shape = (boxes.block_rows, boxes.cols)
+
+    def cols(j):
+        return pl.ds(m.dynamic_index(zero, j * boxes.cols), boxes.cols)
+
+    def bcast(v, dims):
+        return plgpu.layout_cast(lax.broadcast_in_dim(v, shape, dims), boxes.layout)
+
+    def valid(k):
+        if width % boxes.cols == 0:
+            return None
+        col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=boxes.layout)
+        return col + k * boxes.cols < width
+
+    return cols, bcast, valid
+
+
+def _load(smem, k, layout):
+    return plgpu.load(smem.at[k], layout=layout).astype(F32)
+
+
+def _masked(v, mask):
+    return v if mask is None else jnp.where(mask, v, 0.0)
+
+
+def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools):
+    """`(shift, offset, var)` per row of the staged boxes (`load_h(k)`: box `k` as float32,
+    zero past the row's end), as `_common.block_moments` defines them."""
+    _, bcast, valid = tools
+    scale = 1.0 / width
+
+    def total(fn):
+        def body(k, acc):
+            return acc + jnp.sum(fn(k), axis=1)
+
+        first = jnp.sum(fn(0), axis=1)
+        return lax.fori_loop(1, boxes.chunks, body, first)
+
+    if not center:
+        mean_square = total(lambda k: load_h(k) * load_h(k) * scale)
+        zeros = mean_square * 0.0
+        return zeros, zeros, mean_square
+    shift = total(lambda k: load_h(k) * scale)
+
+    def centred(k):
+        return _masked(load_h(k) - bcast(shift, [0]), valid(k))
+
+    first_col = plgpu.broadcasted_iota(
+        jnp.int32, (boxes.block_rows, boxes.cols), 1, layout=boxes.layout
+    )
+    d0 = jnp.sum(jnp.where(first_col == 0, centred(0), 0.0), axis=1)
+    offset = d0 + total(lambda k: _masked(centred(k) - bcast(d0, [0]), valid(k)) * scale)
+    mean_square = total(lambda k: centred(k) * centred(k) * scale)
+    return shift, offset, jnp.maximum(mean_square - offset * offset, 0.0)
+
+
+def _copy_in(src, dst, barrier, rows, boxes, tools, group):
+    """Start the TMA copies of a program's rows of `src` `(groups, rows, width)` into the
+    boxes of `dst` `(chunks, block_rows, cols)`, all arriving on `barrier` (which expects
+    `chunks` arrivals, [`_barrier`][])."""
+    cols = tools[0]
+    for j in range(boxes.chunks):
+        plgpu.copy_gmem_to_smem(src.at[group, rows, cols(j)], dst.at[j], barrier)
+
+
+def _copy_params(src, dst, barrier, boxes, tools, group):
+    """Start the TMA copies of `src[group]` `(groups, width)` into `dst` `(chunks, cols)`."""
+    cols = tools[0]
+    for j in range(boxes.chunks):
+        plgpu.copy_gmem_to_smem(src.at[group, cols(j)], dst.at[j], barrier)
+
+
+def _barrier(boxes: m.Boxes):
+    """The barrier of one staged array: one arrival per box."""
+    return plgpu.Barrier(num_arrivals=boxes.chunks)
+
+
+def _copy_out(src, dst, rows, boxes, tools, group):
+    cols = tools[0]
+    for j in range(boxes.chunks):
+        plgpu.copy_smem_to_gmem(src.at[j], dst.at[group, rows, cols(j)])
+
+
+def _forward_body(*refs, boxes, width, eps, center, has_residual, has_weight, has_bias):
+    n_params = has_weight + has_bias
+    n_in = 1 + has_residual + n_params
+    n_out = 4 + has_residual
+    ins, outs, scratch = refs[:n_in], refs[n_in : n_in + n_out], refs[n_in + n_out :]
+    x_ref, r_ref = ins[0], ins[1] if has_residual else None
+    param_refs = ins[1 + has_residual :]
+    y_ref, *outs = outs
+    h_ref = outs.pop(0) if has_residual else None
+    stat_refs = outs
+    x_smem, *scratch = scratch
+    r_smem = scratch.pop(0) if has_residual else None
+    p_smem = scratch.pop(0) if n_params else None
+    st_smem, x_bars, *bars = scratch
+    r_bars = bars.pop(0) if has_residual else None
+    p_bars = bars
+
+    i, group = lax.axis_index("rows"), lax.axis_index("groups")
+    rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
+    tools = _box_tools(boxes, width, i * 0)
+    _, bcast, _ = tools
+    _copy_in(x_ref, x_smem, x_bars, rows, boxes, tools, group)
+    if r_ref is not None:
+        _copy_in(r_ref, r_smem, r_bars, rows, boxes, tools, group)
+    for p, ref in enumerate(param_refs):
+        _copy_params(ref, p_smem.at[p], p_bars[p], boxes, tools, group)
+    plgpu.barrier_wait(x_bars)
+    layout = boxes.layout
+
+    if r_ref is not None:
+        plgpu.barrier_wait(r_bars)
+
+        @pl.loop(0, boxes.chunks)
+        def _(k):
+            h = _load(x_smem, k, layout) + _load(r_smem, k, layout)
+            r_smem[k] = h.astype(r_smem.dtype)
+
+        h_smem = r_smem
+    else:
+        h_smem = x_smem
+
+    def load_h(k):
+        return _load(h_smem, k, layout)
+
+    shift, offset, var = _row_stats(load_h, boxes, width, center, tools)
+    rstd = reference.inverse_std(var, eps)
+    for p in range(n_params):
+        plgpu.barrier_wait(p_bars[p])
+
+    @pl.loop(0, boxes.chunks)
+    def _(k):
+        y = ((load_h(k) - bcast(shift, [0])) - bcast(offset, [0])) * bcast(rstd, [0])
+        p = 0
+        if has_weight:
+            y = y * bcast(_load(p_smem.at[p], k, layout.reduce(0)), [1])
+            p += 1
+        if has_bias:
+            y = y + bcast(_load(p_smem.at[p], k, layout.reduce(0)), [1])
+        x_smem[k] = y.astype(x_smem.dtype)
+
+    for s, value in enumerate((shift, offset, rstd)):
+        st_smem[s] = value
+    plgpu.commit_smem()
+    _copy_out(x_smem, y_ref, rows, boxes, tools, group)
+    if h_ref is not None:
+        _copy_out(r_smem, h_ref, rows, boxes, tools, group)
+    for s, ref in enumerate(stat_refs):
+        plgpu.copy_smem_to_gmem(st_smem.at[s], ref.at[group, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _pad_rows(a, rows: int):
+    """`a` `(groups, r, ...)` with zero rows appended up to `rows` (a TMA box may not be taller
+    than the array; only inputs shorter than one program's rows are padded)."""
+    if a is None or a.shape[1] >= rows:
+        return a
+    pad = [(0, 0)] * a.ndim
+    pad[1] = (0, rows - a.shape[1])
+    return jnp.pad(a, pad)
+
+
+def _boxes(rows_in, params, shape, more_rows=(), more_columns=0, layout_dtype=None) -> m.Boxes:
+    """The staging of a kernel over `shape` `(groups, rows, width)` that keeps the row
+    arrays `rows_in` (plus row buffers of dtypes `more_rows`) and the parameters `params` (one
+    array, their common dtype; plus `more_columns` bytes per column) on chip."""
+    rows_in = [a.dtype for a in rows_in if a is not None] + list(more_rows)
+    params = [p for p in params if p is not None]
+    param_dtype = [jnp.result_type(*params)] if params else []
+    per_column = len(params) * param_dtype[0].itemsize if params else 0
+    return m.boxes(
+        tuple(rows_in) + tuple(param_dtype) + ((layout_dtype,) if layout_dtype else ()),
+        shape[1],
+        shape[2],
+        sum(jnp.dtype(d).itemsize for d in rows_in),
+        per_column + more_columns,
+    )
+
+
+def forward_boxes(x, residual, weight, bias) -> m.Boxes:
+    """The staging of the forward: `x` (and `residual`) per row, the parameters once."""
+    return _boxes((x, residual), (weight, bias), x.shape)
+
+
+def _out_buffers(dy, dh, d_dtypes) -> tuple:
+    """For each input gradient dtype of `d_dtypes`, the staged box it is written over
+    (`"dy"`, `"dh"`, one of the same dtype) or `None` (a buffer of its own)."""
+    free = {"dy": dy.dtype} | ({"dh": dh.dtype} if dh is not None else {})
+    reuse = []
+    for d in d_dtypes:
+        match = next((k for k, v in free.items() if jnp.dtype(v) == jnp.dtype(d)), None)
+        if match is not None:
+            free.pop(match)
+        reuse.append(match)
+    return tuple(reuse)
+
+
+def backward_boxes(x, weight, dy, dh, d_dtypes) -> m.Boxes:
+    """The staging of the backward: `x`, `dy` (and `dh`, and output buffers) per row; the
+    weight per column."""
+    more = [d for d, r in zip(d_dtypes, _out_buffers(dy, dh, d_dtypes), strict=True) if r is None]
+    # The partial sums over a box's rows reduce float32 across warps, which Mosaic GPU does
+    # for vectors of up to 4: the layout of a float32 box.
+    return _boxes((x, dy, dh), (weight,), x.shape, more, layout_dtype=F32)
+
+
+def forward_on(target: Target, x, residual, weight, bias, *, op: str, eps: float):
+    """`(y, h, shift, offset, rstd)` as `row_norm._forward_on`, with one Mosaic GPU kernel."""
+    groups, rows, width = x.shape
+    boxes = forward_boxes(x, residual, weight, bias)
+    x_p, r_p = _pad_rows(x, boxes.block_rows), _pad_rows(residual, boxes.block_rows)
+    padded_rows = x_p.shape[1]
+    # Statistics are stored a program's rows at a time: their rows padded to whole programs
+    # (so that every TMA stride is a multiple of 16 bytes), then cut.
+    stat_rows = -(-padded_rows // boxes.block_rows) * boxes.block_rows
+    params = [p for p in (weight, bias) if p is not None]
+    # One shared-memory array for the parameters, in their common dtype.
+    params = [p.astype(jnp.result_type(*params)) for p in params]
+    stat = jax.ShapeDtypeStruct((groups, stat_rows), F32)
+    out_type = [jax.ShapeDtypeStruct(x_p.shape, x.dtype)]
+    if residual is not None:
+        out_type.append(jax.ShapeDtypeStruct(x_p.shape, residual.dtype))
+    out_type += [stat] * 3
+    box = (boxes.chunks, boxes.block_rows, boxes.cols)
+    scratch = [plgpu.SMEM(box, x.dtype)]
+    if residual is not None:
+        scratch.append(plgpu.SMEM(box, residual.dtype))
+    if params:
+        scratch.append(plgpu.SMEM((len(params), boxes.chunks, boxes.cols), params[0].dtype))
+    n_barriers = 1 + (residual is not None) + len(params)
+    scratch += [plgpu.SMEM((3, boxes.block_rows), F32)]
+    scratch += [_barrier(boxes)] * n_barriers
+    body = functools.partial(
+        _forward_body,
+        boxes=boxes,
+        width=width,
+        eps=eps,
+        center=op.endswith("layer_norm"),
+        has_residual=residual is not None,
+        has_weight=weight is not None,
+        has_bias=bias is not None,
+    )
+    run = m.kernel(
+        body,
+        interpret=target.interpret,
+        out_type=tuple(out_type),
+        scratch_types=scratch,
+        grid=(-(-padded_rows // boxes.block_rows), groups),
+        grid_names=("rows", "groups"),
+        kernel_name=f"eqxnorm_{op}_fwd",
+    )
+    y, *outs = run(*(a for a in (x_p, r_p) if a is not None), *params)
+    h = outs.pop(0) if residual is not None else None
+    cut = lambda a: None if a is None else a[:, :rows]  # noqa: E731
+    return cut(y), cut(h), *(cut(s) for s in outs)
+
+
+def _backward_body(
+    *refs, boxes, width, center, has_weight, has_dh, out_reuse, n_outs, param_grads
+):
+    n_in = 5 + has_weight + has_dh
+    ins, outs = refs[:n_in], refs[n_in : n_in + n_outs + 2 * param_grads]
+    scratch = list(refs[n_in + n_outs + 2 * param_grads :])
+    x_ref, dy_ref, *stat_refs = ins[:5]
+    w_ref = ins[5] if has_weight else None
+    dh_ref = ins[5 + has_weight] if has_dh else None
+    d_refs, partial_refs = outs[:n_outs], outs[n_outs:]
+    x_smem, dy_smem = scratch.pop(0), scratch.pop(0)
+    dh_smem = scratch.pop(0) if has_dh else None
+    w_smem = scratch.pop(0) if has_weight else None
+    extra = [scratch.pop(0) for reuse in out_reuse if reuse is None]
+    bars = scratch
+
+    i, group = lax.axis_index("rows"), lax.axis_index("groups")
+    rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
+    tools = _box_tools(boxes, width, i * 0)
+    _, bcast, _ = tools
+    layout = boxes.layout
+    staged = [(x_ref, x_smem), (dy_ref, dy_smem)] + ([(dh_ref, dh_smem)] if has_dh else [])
+    for (src, dst), bar in zip(staged, bars, strict=False):
+        _copy_in(src, dst, bar, rows, boxes, tools, group)
+    if has_weight:
+        _copy_params(w_ref, w_smem, bars[len(staged)], boxes, tools, group)
+    for bar in bars:
+        plgpu.barrier_wait(bar)
+    # The statistics are padded to whole programs: read straight from HBM, in bounds.
+    shift, offset, rstd = (
+        plgpu.load(ref.at[group, rows], layout=layout.reduce(1), optimized=False)
+        for ref in stat_refs
+    )
+
+    def values(k):
+        xhat = ((_load(x_smem, k, layout) - bcast(shift, [0])) - bcast(offset, [0]))
+        xhat = xhat * bcast(rstd, [0])
+        dy = _load(dy_smem, k, layout)
+        g = dy if w_smem is None else dy * bcast(_load(w_smem, k, layout.reduce(0)), [1])
+        return xhat, dy, g
+
+    def sums(k, acc):
+        xhat, _, g = values(k)
+        gx = acc[0] + jnp.sum(g * xhat, axis=1)
+        return (gx, acc[1] + jnp.sum(g, axis=1)) if center else (gx, acc[1])
+
+    zero = shift * 0.0
+    sum_gx, sum_g = lax.fori_loop(0, boxes.chunks, sums, (zero, zero))
+    mean_gx, mean_g = sum_gx * (1.0 / width), sum_g * (1.0 / width)
+    targets = [
+        extra.pop(0) if reuse is None else {"dy": dy_smem, "dh": dh_smem}[reuse]
+        for reuse in out_reuse
+    ]
+
+    @pl.loop(0, boxes.chunks)
+    def _(k):
+        xhat, dy, g = values(k)
+        dx = (g - bcast(mean_g, [0]) - xhat * bcast(mean_gx, [0])) * bcast(rstd, [0])
+        if dh_smem is not None:
+            dx = dx + _load(dh_smem, k, layout)
+        if param_grads:
+            # Straight to HBM: the partial sums' columns are padded to whole boxes.
+            columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
+            for ref, value in zip(partial_refs, (dy * xhat, dy), strict=True):
+                plgpu.store(ref.at[group, i, columns], jnp.sum(value, axis=0), optimized=False)
+        for target in targets:
+            target[k] = dx.astype(target.dtype)
+
+    plgpu.commit_smem()
+    for target, ref in zip(targets, d_refs, strict=True):
+        _copy_out(target, ref, rows, boxes, tools, group)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def backward_on(
+    target: Target, x, weight, dy, dh, shift, offset, rstd, *, op, param_grads, d_dtypes
+):
+    """`(dx, dresidual, dweight, dbias)` as `row_norm._backward_on`, with one Mosaic GPU
+    kernel; `dweight`/`dbias` are the sums of the programs' float32 partial sums."""
+    groups, rows, width = x.shape
+    boxes = backward_boxes(x, weight, dy, dh, d_dtypes)
+    br = boxes.block_rows
+    x_p, dy_p, dh_p = (_pad_rows(a, br) for a in (x, dy, dh))
+    padded_rows = x_p.shape[1]
+    stat_rows = -(-padded_rows // br) * br
+    stats = [jnp.pad(s, ((0, 0), (0, stat_rows - rows))) for s in (shift, offset, rstd)]
+    blocks = -(-padded_rows // br)
+    out_reuse = _out_buffers(dy, dh, d_dtypes)
+    box = (boxes.chunks, br, boxes.cols)
+    scratch = [plgpu.SMEM(box, x.dtype), plgpu.SMEM(box, dy.dtype)]
+    if dh is not None:
+        scratch.append(plgpu.SMEM(box, dh.dtype))
+    if weight is not None:
+        scratch.append(plgpu.SMEM((boxes.chunks, boxes.cols), weight.dtype))
+    scratch += [plgpu.SMEM(box, d) for d, r in zip(d_dtypes, out_reuse, strict=True) if r is None]
+    n_staged = 2 + (dh is not None) + (weight is not None)
+    scratch += [_barrier(boxes)] * n_staged
+    out_type = [jax.ShapeDtypeStruct(x_p.shape, d) for d in d_dtypes]
+    if param_grads:
+        padded_width = boxes.chunks * boxes.cols
+        out_type += [jax.ShapeDtypeStruct((groups, blocks, padded_width), F32)] * 2
+    body = functools.partial(
+        _backward_body,
+        boxes=boxes,
+        width=width,
+        center=op.endswith("layer_norm"),
+        has_weight=weight is not None,
+        has_dh=dh is not None,
+        out_reuse=out_reuse,
+        n_outs=len(d_dtypes),
+        param_grads=param_grads,
+    )
+    run = m.kernel(
+        body,
+        interpret=target.interpret,
+        out_type=tuple(out_type),
+        scratch_types=scratch,
+        grid=(blocks, groups),
+        grid_names=("rows", "groups"),
+        kernel_name=f"eqxnorm_{op}_bwd",
+    )
+    inputs = [x_p, dy_p, *stats] + [a for a in (weight, dh_p) if a is not None]
+    dx, *outs = run(*inputs)
+    dres = outs.pop(0)[:, :rows] if len(d_dtypes) == 2 else None
+    dw, db = (p.sum(axis=1)[:, :width] for p in outs) if param_grads else (None, None)
+    return dx[:, :rows], dres, dw, db
+
+
+def _all_supported(x, arrays, boxes: m.Boxes) -> bool:
+    """TMA-able rows that fit on chip, in groups of at least a layout tile's rows: a group
+    shorter than that (adaLN over one token per example) would be padded, a copy, so it
+    runs the Triton kernel unless it is the only group (one short input)."""
+    groups, rows, width = x.shape
+    if not all(m.supports(a.dtype, width) for a in arrays if a is not None):
+        return False
+    return boxes.block_rows > 0 and (rows >= boxes.tile_rows or groups == 1)
+
+
+def forward_supported(x, residual, weight, bias) -> bool:
+    """Whether [`forward_on`][] runs these operands: TMA-able rows that fit on chip."""
+    boxes = forward_boxes(x, residual, weight, bias)
+    return _all_supported(x, (x, residual, weight, bias), boxes)
+
+
+def backward_supported(d_dtypes, x, weight, dy, dh, shift, offset, rstd) -> bool:
+    """Whether [`backward_on`][] runs these operands (with input gradients of `d_dtypes`)."""
+    del shift, offset, rstd
+    if not all(m.supports(d, x.shape[-1]) for d in d_dtypes):
+        return False
+    return _all_supported(x, (x, weight, dy, dh), backward_boxes(x, weight, dy, dh, d_dtypes))
