@@ -6,9 +6,9 @@
 - `"pallas"`: the fused Pallas kernels in `eqxnorm.kernels.pallas` (GPU through Triton, TPU
   through Mosaic; interpret mode on CPU: exact, and slow).
 - `"triton"`, `"mosaic_gpu"`: the Pallas kernels pinned to one GPU backend (on CPU, in the
-  interpreter of that backend). `"pallas"` chooses on a GPU: Mosaic GPU for the row norms
-  on compute capability 9.0+ with JAX 0.12+ (rows of a multiple of 16 bytes that fit in
-  shared memory), Triton otherwise.
+  interpreter of that backend). `"pallas"` chooses on a GPU: Mosaic GPU on compute
+  capability 9.0+ with JAX 0.12+ where the operands allow (rows of a multiple of 16 bytes
+  that fit in shared memory), Triton otherwise.
 - `"auto"`: the Pallas kernels when JAX's default backend is a GPU or TPU, the reference
   elsewhere. The choice is made when the function is traced; to export from a CPU machine for
   a GPU or TPU, pass `impl="pallas"` (the kernels then pick Triton or Mosaic by the lowering

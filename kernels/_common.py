@@ -110,7 +110,9 @@ def per_platform(
     `"auto"` takes Mosaic GPU where the installed JAX has it (0.12+), the GPU compiled for has
     compute capability 9.0 or more, and `mosaic_gpu.supported(*operands)`, else Triton;
     `"mosaic_gpu"` takes it or raises; `"triton"` takes Triton. On other platforms a pinned
-    `"mosaic_gpu"` runs it in Mosaic GPU's interpreter (the tests on CPU)."""
+    `"mosaic_gpu"` runs it in Mosaic GPU's interpreter (the tests on CPU), whose ordered
+    effects `custom_partitioning` cannot carry: a pinned call runs on its operands gathered
+    whole (without the `sharding` rule)."""
     if backend not in GPU_BACKENDS:
         raise ValueError(f"backend must be one of {GPU_BACKENDS}, but got backend={backend!r}.")
 
@@ -127,7 +129,7 @@ def per_platform(
             default=default,
         )
 
-    if sharding is None:
+    if sharding is None or backend == "mosaic_gpu":
         return gathered(staged)(*args)
     return partitioned(staged, sharding)(*args)
 

@@ -91,6 +91,7 @@ def boxes(
     width: int,
     staged_bytes_per_element: int,
     fixed_bytes_per_column: int,
+    segment: int | None = None,
 ) -> Boxes:
     r"""The staging of `rows` rows of `width` elements by a kernel that loads arrays of
     `dtypes` into registers and keeps
@@ -102,13 +103,18 @@ def boxes(
       array shares the layout, so that they combine elementwise); a row's box is `cols = lanes ×
       vector` columns, `lanes` the largest power of two up to 32 with `cols <= width` (TMA
       may run a box past the end of a row, not a box wider than the row);
+    - with a `segment` (the group norms' spatial extent: a row is `width / segment` channels
+      of `segment` elements), `cols` also divides `segment`, so that each box lies in one
+      channel (no such `cols`: `block_rows` is 0);
     - `chunks = ceil(width / cols)` boxes per row; a warp holds `32 / lanes` rows;
     - `block_rows`: up to `MAX_BLOCK_ROWS` rows (a multiple of the tile's rows, no more than
       the input has rounded up), as many as fit in `SMEM_BYTES`; 0 if a tile's rows do not.
     """
     vector = 16 // max(jnp.dtype(d).itemsize for d in dtypes)
     lanes = 32
-    while lanes > 1 and lanes * vector > width:
+    while lanes > 1 and (
+        lanes * vector > width or (segment is not None and segment % (lanes * vector))
+    ):
         lanes //= 2
     cols = lanes * vector
     n_chunks = -(-width // cols)
@@ -126,7 +132,8 @@ def boxes(
     layout = plgpu.Layout.TILED(
         plgpu.Tiling(tiling), warp_dims=warp_dims, lane_dims=lane_dims, vector_dim=-1
     )
-    return Boxes(min(fit, want), cols, n_chunks, tile_rows, layout)
+    in_segments = segment is None or segment % cols == 0
+    return Boxes(min(fit, want) if in_segments else 0, cols, n_chunks, tile_rows, layout)
 
 
 # Shared memory for reductions across the warps (a box's column sums: 4 warps × 256 float32).

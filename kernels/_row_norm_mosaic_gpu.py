@@ -122,7 +122,18 @@ def _copy_out(src, dst, rows, boxes, tools, group):
         plgpu.copy_smem_to_gmem(src.at[j], dst.at[group, rows, cols(j)])
 
 
-def _forward_body(*refs, boxes, width, eps, center, has_residual, has_weight, has_bias):
+def _param(ref, smem, k, rows, group, per_box, tools, layout):
+    """Box `k`'s parameter as a box: a row of the staged parameter broadcast over the rows,
+    or with `per_box` tables (`(groups, rows, chunks)`, read from HBM, where the rows are
+    padded to whole programs) each row's value broadcast over the box's columns."""
+    bcast = tools[1]
+    if per_box:
+        value = plgpu.load(ref.at[group, rows, k], layout=layout.reduce(1), optimized=False)
+        return bcast(value.astype(F32), [0])
+    return bcast(_load(smem, k, layout.reduce(0)), [1])
+
+
+def _forward_body(*refs, boxes, width, eps, center, has_residual, has_weight, has_bias, per_box):
     n_params = has_weight + has_bias
     n_in = 1 + has_residual + n_params
     n_out = 4 + has_residual
@@ -134,7 +145,7 @@ def _forward_body(*refs, boxes, width, eps, center, has_residual, has_weight, ha
     stat_refs = outs
     x_smem, *scratch = scratch
     r_smem = scratch.pop(0) if has_residual else None
-    p_smem = scratch.pop(0) if n_params else None
+    p_smem = scratch.pop(0) if n_params and not per_box else None
     st_smem, x_bars, *bars = scratch
     r_bars = bars.pop(0) if has_residual else None
     p_bars = bars
@@ -146,8 +157,9 @@ def _forward_body(*refs, boxes, width, eps, center, has_residual, has_weight, ha
     _copy_in(x_ref, x_smem, x_bars, rows, boxes, tools, group)
     if r_ref is not None:
         _copy_in(r_ref, r_smem, r_bars, rows, boxes, tools, group)
-    for p, ref in enumerate(param_refs):
-        _copy_params(ref, p_smem.at[p], p_bars[p], boxes, tools, group)
+    if not per_box:
+        for p, ref in enumerate(param_refs):
+            _copy_params(ref, p_smem.at[p], p_bars[p], boxes, tools, group)
     plgpu.barrier_wait(x_bars)
     layout = boxes.layout
 
@@ -168,18 +180,20 @@ def _forward_body(*refs, boxes, width, eps, center, has_residual, has_weight, ha
 
     shift, offset, var = _row_stats(load_h, boxes, width, center, tools)
     rstd = reference.inverse_std(var, eps)
-    for p in range(n_params):
-        plgpu.barrier_wait(p_bars[p])
+    for bar in p_bars:
+        plgpu.barrier_wait(bar)
+
+    def param(p, k):
+        smem = None if p_smem is None else p_smem.at[p]
+        return _param(param_refs[p], smem, k, rows, group, per_box, tools, layout)
 
     @pl.loop(0, boxes.chunks)
     def _(k):
         y = ((load_h(k) - bcast(shift, [0])) - bcast(offset, [0])) * bcast(rstd, [0])
-        p = 0
         if has_weight:
-            y = y * bcast(_load(p_smem.at[p], k, layout.reduce(0)), [1])
-            p += 1
+            y = y * param(0, k)
         if has_bias:
-            y = y + bcast(_load(p_smem.at[p], k, layout.reduce(0)), [1])
+            y = y + param(int(has_weight), k)
         x_smem[k] = y.astype(x_smem.dtype)
 
     for s, value in enumerate((shift, offset, rstd)):
@@ -249,16 +263,48 @@ def backward_boxes(x, weight, dy, dh, d_dtypes) -> m.Boxes:
 
 def forward_on(target: Target, x, residual, weight, bias, *, op: str, eps: float):
     """`(y, h, shift, offset, rstd)` as `row_norm._forward_on`, with one Mosaic GPU kernel."""
-    groups, rows, width = x.shape
+    params = [p for p in (weight, bias) if p is not None]
+    # One shared-memory array for the parameters, in their common dtype.
+    params = [p.astype(jnp.result_type(*params)) for p in params]
     boxes = forward_boxes(x, residual, weight, bias)
+    flags = dict(has_weight=weight is not None, has_bias=bias is not None)
+    return forward_call(
+        target,
+        x,
+        residual,
+        params,
+        boxes,
+        center=op.endswith("layer_norm"),
+        eps=eps,
+        name=f"eqxnorm_{op}_fwd",
+        per_box=False,
+        **flags,
+    )
+
+
+def forward_call(
+    target: Target,
+    x,
+    residual,
+    params,
+    boxes,
+    *,
+    center,
+    eps,
+    name,
+    per_box,
+    has_weight,
+    has_bias,
+):
+    """The forward kernel over `x` `(groups, rows, width)` staged as `boxes`: parameters
+    `params` `(groups, width)` per column, or with `per_box` `(groups, rows padded to whole
+    programs, boxes.chunks)` tables, one value per row and box (the group norms')."""
+    groups, rows, width = x.shape
     x_p, r_p = _pad_rows(x, boxes.block_rows), _pad_rows(residual, boxes.block_rows)
     padded_rows = x_p.shape[1]
     # Statistics are stored a program's rows at a time: their rows padded to whole programs
     # (so that every TMA stride is a multiple of 16 bytes), then cut.
     stat_rows = -(-padded_rows // boxes.block_rows) * boxes.block_rows
-    params = [p for p in (weight, bias) if p is not None]
-    # One shared-memory array for the parameters, in their common dtype.
-    params = [p.astype(jnp.result_type(*params)) for p in params]
     stat = jax.ShapeDtypeStruct((groups, stat_rows), F32)
     out_type = [jax.ShapeDtypeStruct(x_p.shape, x.dtype)]
     if residual is not None:
@@ -268,9 +314,11 @@ def forward_on(target: Target, x, residual, weight, bias, *, op: str, eps: float
     scratch = [plgpu.SMEM(box, x.dtype)]
     if residual is not None:
         scratch.append(plgpu.SMEM(box, residual.dtype))
-    if params:
-        scratch.append(plgpu.SMEM((len(params), boxes.chunks, boxes.cols), params[0].dtype))
-    n_barriers = 1 + (residual is not None) + len(params)
+    staged_params = [] if per_box else params
+    if staged_params:
+        shape = (len(params), boxes.chunks, boxes.cols)
+        scratch.append(plgpu.SMEM(shape, params[0].dtype))
+    n_barriers = 1 + (residual is not None) + len(staged_params)
     scratch += [plgpu.SMEM((3, boxes.block_rows), F32)]
     scratch += [_barrier(boxes)] * n_barriers
     body = functools.partial(
@@ -278,10 +326,11 @@ def forward_on(target: Target, x, residual, weight, bias, *, op: str, eps: float
         boxes=boxes,
         width=width,
         eps=eps,
-        center=op.endswith("layer_norm"),
+        center=center,
         has_residual=residual is not None,
-        has_weight=weight is not None,
-        has_bias=bias is not None,
+        has_weight=has_weight,
+        has_bias=has_bias,
+        per_box=per_box,
     )
     run = m.kernel(
         body,
@@ -290,7 +339,7 @@ def forward_on(target: Target, x, residual, weight, bias, *, op: str, eps: float
         scratch_types=scratch,
         grid=(-(-padded_rows // boxes.block_rows), groups),
         grid_names=("rows", "groups"),
-        kernel_name=f"eqxnorm_{op}_fwd",
+        kernel_name=name,
     )
     y, *outs = run(*(a for a in (x_p, r_p) if a is not None), *params)
     h = outs.pop(0) if residual is not None else None
@@ -299,7 +348,7 @@ def forward_on(target: Target, x, residual, weight, bias, *, op: str, eps: float
 
 
 def _backward_body(
-    *refs, boxes, width, center, has_weight, has_dh, out_reuse, n_outs, param_grads
+    *refs, boxes, width, center, has_weight, has_dh, out_reuse, n_outs, param_grads, per_box
 ):
     n_in = 5 + has_weight + has_dh
     ins, outs = refs[:n_in], refs[n_in : n_in + n_outs + 2 * param_grads]
@@ -310,7 +359,7 @@ def _backward_body(
     d_refs, partial_refs = outs[:n_outs], outs[n_outs:]
     x_smem, dy_smem = scratch.pop(0), scratch.pop(0)
     dh_smem = scratch.pop(0) if has_dh else None
-    w_smem = scratch.pop(0) if has_weight else None
+    w_smem = scratch.pop(0) if has_weight and not per_box else None
     extra = [scratch.pop(0) for reuse in out_reuse if reuse is None]
     bars = scratch
 
@@ -322,7 +371,7 @@ def _backward_body(
     staged = [(x_ref, x_smem), (dy_ref, dy_smem)] + ([(dh_ref, dh_smem)] if has_dh else [])
     for (src, dst), bar in zip(staged, bars, strict=False):
         _copy_in(src, dst, bar, rows, boxes, tools, group)
-    if has_weight:
+    if w_smem is not None:
         _copy_params(w_ref, w_smem, bars[len(staged)], boxes, tools, group)
     for bar in bars:
         plgpu.barrier_wait(bar)
@@ -333,11 +382,12 @@ def _backward_body(
     )
 
     def values(k):
-        xhat = ((_load(x_smem, k, layout) - bcast(shift, [0])) - bcast(offset, [0]))
+        xhat = (_load(x_smem, k, layout) - bcast(shift, [0])) - bcast(offset, [0])
         xhat = xhat * bcast(rstd, [0])
         dy = _load(dy_smem, k, layout)
-        g = dy if w_smem is None else dy * bcast(_load(w_smem, k, layout.reduce(0)), [1])
-        return xhat, dy, g
+        if w_ref is None:
+            return xhat, dy, dy
+        return xhat, dy, dy * _param(w_ref, w_smem, k, rows, group, per_box, tools, layout)
 
     def sums(k, acc):
         xhat, _, g = values(k)
@@ -358,8 +408,12 @@ def _backward_body(
         dx = (g - bcast(mean_g, [0]) - xhat * bcast(mean_gx, [0])) * bcast(rstd, [0])
         if dh_smem is not None:
             dx = dx + _load(dh_smem, k, layout)
-        if param_grads:
-            # Straight to HBM: the partial sums' columns are padded to whole boxes.
+        if param_grads and per_box:
+            # Per row and box, straight to HBM (rows padded to whole programs).
+            for ref, value in zip(partial_refs, (dy * xhat, dy), strict=True):
+                plgpu.store(ref.at[group, rows, k], jnp.sum(value, axis=1), optimized=False)
+        elif param_grads:
+            # Per program and column, straight to HBM (columns padded to whole boxes).
             columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
             for ref, value in zip(partial_refs, (dy * xhat, dy), strict=True):
                 plgpu.store(ref.at[group, i, columns], jnp.sum(value, axis=0), optimized=False)
@@ -377,8 +431,50 @@ def backward_on(
 ):
     """`(dx, dresidual, dweight, dbias)` as `row_norm._backward_on`, with one Mosaic GPU
     kernel; `dweight`/`dbias` are the sums of the programs' float32 partial sums."""
-    groups, rows, width = x.shape
+    width = x.shape[2]
     boxes = backward_boxes(x, weight, dy, dh, d_dtypes)
+    dx, dres, *partials = backward_call(
+        target,
+        x,
+        weight,
+        dy,
+        dh,
+        shift,
+        offset,
+        rstd,
+        boxes,
+        center=op.endswith("layer_norm"),
+        param_grads=param_grads,
+        d_dtypes=d_dtypes,
+        name=f"eqxnorm_{op}_bwd",
+        per_box=False,
+    )
+    dw, db = (p.sum(axis=1)[:, :width] for p in partials) if param_grads else (None, None)
+    return dx, dres, dw, db
+
+
+def backward_call(
+    target: Target,
+    x,
+    weight,
+    dy,
+    dh,
+    shift,
+    offset,
+    rstd,
+    boxes,
+    *,
+    center,
+    param_grads,
+    d_dtypes,
+    name,
+    per_box,
+):
+    """The backward kernel over `x` `(groups, rows, width)` staged as `boxes`: `(dx,
+    dresidual, *partials)`, the partial parameter gradients (with `param_grads`) per program
+    and column `(groups, programs, chunks · cols)`, or with `per_box` (the weight a table as
+    in [`forward_call`][]) per row and box `(groups, padded rows, chunks)`."""
+    groups, rows, width = x.shape
     br = boxes.block_rows
     x_p, dy_p, dh_p = (_pad_rows(a, br) for a in (x, dy, dh))
     padded_rows = x_p.shape[1]
@@ -390,25 +486,31 @@ def backward_on(
     scratch = [plgpu.SMEM(box, x.dtype), plgpu.SMEM(box, dy.dtype)]
     if dh is not None:
         scratch.append(plgpu.SMEM(box, dh.dtype))
-    if weight is not None:
+    staged_weight = weight is not None and not per_box
+    if staged_weight:
         scratch.append(plgpu.SMEM((boxes.chunks, boxes.cols), weight.dtype))
     scratch += [plgpu.SMEM(box, d) for d, r in zip(d_dtypes, out_reuse, strict=True) if r is None]
-    n_staged = 2 + (dh is not None) + (weight is not None)
+    n_staged = 2 + (dh is not None) + staged_weight
     scratch += [_barrier(boxes)] * n_staged
     out_type = [jax.ShapeDtypeStruct(x_p.shape, d) for d in d_dtypes]
     if param_grads:
-        padded_width = boxes.chunks * boxes.cols
-        out_type += [jax.ShapeDtypeStruct((groups, blocks, padded_width), F32)] * 2
+        shape = (
+            (groups, stat_rows, boxes.chunks)
+            if per_box
+            else (groups, blocks, boxes.chunks * boxes.cols)
+        )
+        out_type += [jax.ShapeDtypeStruct(shape, F32)] * 2
     body = functools.partial(
         _backward_body,
         boxes=boxes,
         width=width,
-        center=op.endswith("layer_norm"),
+        center=center,
         has_weight=weight is not None,
         has_dh=dh is not None,
         out_reuse=out_reuse,
         n_outs=len(d_dtypes),
         param_grads=param_grads,
+        per_box=per_box,
     )
     run = m.kernel(
         body,
@@ -417,13 +519,12 @@ def backward_on(
         scratch_types=scratch,
         grid=(blocks, groups),
         grid_names=("rows", "groups"),
-        kernel_name=f"eqxnorm_{op}_bwd",
+        kernel_name=name,
     )
     inputs = [x_p, dy_p, *stats] + [a for a in (weight, dh_p) if a is not None]
     dx, *outs = run(*inputs)
     dres = outs.pop(0)[:, :rows] if len(d_dtypes) == 2 else None
-    dw, db = (p.sum(axis=1)[:, :width] for p in outs) if param_grads else (None, None)
-    return dx[:, :rows], dres, dw, db
+    return dx[:, :rows], dres, *outs
 
 
 def _all_supported(x, arrays, boxes: m.Boxes) -> bool:

@@ -102,7 +102,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from .._checking import typechecked
-from . import _common as c, reference
+from . import _batch_norm_mosaic_gpu as _mgpu, _common as c, reference
 from ._common import F32, Target
 from .reference import AxisName, compute_dtype
 
@@ -346,21 +346,35 @@ def _centred(x, shift, offset):
     return (x.astype(F32) - _per_channel(shift)) - _per_channel(offset)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _local_moments(xw, shift, d0, dtype):
+def _launch(fn, mosaic_gpu_fn, *args, tiled: int = 1, sharding, backend):
+    """`fn(target, *args)` staged per platform; on cuda, `mosaic_gpu_fn` where `backend`
+    chooses Mosaic GPU (`c.per_platform`) and it supports the first `tiled` arguments (the
+    arrays of `x`'s shape)."""
+
+    def supported(*operands):
+        return _mgpu.supported(*operands[:tiled])
+
+    mosaic_gpu = c.MosaicGPU(mosaic_gpu_fn, supported)
+    return c.per_platform(fn, *args, sharding=sharding, mosaic_gpu=mosaic_gpu, backend=backend)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _local_moments(xw, shift, d0, dtype, backend):
     """`(offset, var)`: the per-channel mean of `(x - shift) - d0` and biased variance of
-    this array, given widened (`xw`) with its own dtype `dtype`."""
-    return _local_moments_fwd(xw, shift, d0, dtype)[0]
+    this array, given widened (`xw`) with its own dtype `dtype`, on the GPU `backend`."""
+    return _local_moments_fwd(xw, shift, d0, dtype, backend)[0]
 
 
-def _local_moments_fwd(xw, shift, d0, dtype):
+def _local_moments_fwd(xw, shift, d0, dtype, backend):
     x = xw.astype(dtype)
-    offset, var = c.per_platform(_moments_on, x, shift, d0, sharding=_MOMENTS)
+    offset, var = _launch(
+        _moments_on, _mgpu.moments_on, x, shift, d0, sharding=_MOMENTS, backend=backend
+    )
     return (offset, var), (x, shift, d0, offset)
 
 
-def _local_moments_bwd(dtype, residuals, cotangents):
-    del dtype
+def _local_moments_bwd(dtype, backend, residuals, cotangents):
+    del dtype, backend
     x, shift, d0, offset = residuals
     doffset, dvar = cotangents
     count = x.shape[0] * x.shape[2]
@@ -371,23 +385,28 @@ def _local_moments_bwd(dtype, residuals, cotangents):
 _local_moments.defvjp(_local_moments_fwd, _local_moments_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _normalize(xw, shift, offset, scale, bias, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _normalize(xw, shift, offset, scale, bias, dtype, backend):
     """`((x - shift) - offset)·scale + bias` in `dtype`, `x` given widened (`xw`) with its
     own dtype `dtype`; the per-channel arrays are float32."""
-    return _normalize_fwd(xw, shift, offset, scale, bias, dtype)[0]
+    return _normalize_fwd(xw, shift, offset, scale, bias, dtype, backend)[0]
 
 
-def _normalize_fwd(xw, shift, offset, scale, bias, dtype):
+def _normalize_fwd(xw, shift, offset, scale, bias, dtype, backend):
     x = xw.astype(dtype)
-    y = c.per_platform(_normalize_on, x, shift, offset, scale, bias, sharding=_NORMALIZE)
+    args = (x, shift, offset, scale, bias)
+    y = _launch(
+        _normalize_on, _mgpu.normalize_on, *args, sharding=_NORMALIZE, backend=backend
+    )
     return y, (x, shift, offset, scale)
 
 
-def _normalize_bwd(dtype, residuals, dy):
+def _normalize_bwd(dtype, backend, residuals, dy):
     del dtype
     x, shift, offset, scale = residuals
-    sum_dy, sum_dyc = c.per_platform(_sums_on, x, dy, shift, offset, sharding=_SUMS)
+    sum_dy, sum_dyc = _launch(
+        _sums_on, _mgpu.sums_on, x, dy, shift, offset, tiled=2, sharding=_SUMS, backend=backend
+    )
     dshift = -scale * sum_dy
     return dy.astype(F32) * _per_channel(scale), dshift, dshift, sum_dyc, sum_dy
 
@@ -427,27 +446,27 @@ def _shift(x, axis_name) -> tuple[Array, Array]:
     return shift, largest - shift
 
 
-def _batch_norm(x, weight, bias, eps: float, axis_name):
+def _batch_norm(x, weight, bias, eps: float, axis_name, backend: str):
     """`(y, mean, var)` of `batch_norm`."""
     shift, d0 = _shift(x, axis_name)
     xw = _widen(x)
-    offset, var = _local_moments(xw, shift, d0, x.dtype)
+    offset, var = _local_moments(xw, shift, d0, x.dtype, backend)
     if axis_name is not None:
         pmean = functools.partial(reference.pool_members, "mean")
         offset, var = _pool_moments((offset, var), axis_name, pmean)
     offset = d0 + offset
     rstd = reference.inverse_std(var, eps)
-    y = _normalize(xw, shift, offset, *_scale_and_bias(rstd, weight, bias), x.dtype)
+    y = _normalize(xw, shift, offset, *_scale_and_bias(rstd, weight, bias), x.dtype, backend)
     cdt = compute_dtype(x.dtype)
     return y, (shift + offset).astype(cdt), var.astype(cdt)
 
 
-def _batch_norm_inference(x, mean, var, weight, bias, eps: float):
+def _batch_norm_inference(x, mean, var, weight, bias, eps: float, backend: str):
     """`y` of `batch_norm_inference`."""
     shift = mean.astype(F32)
     rstd = reference.inverse_std(var.astype(F32), eps)
     scale, bias = _scale_and_bias(rstd, weight, bias)
-    return _normalize(_widen(x), shift, jnp.zeros_like(shift), scale, bias, x.dtype)
+    return _normalize(_widen(x), shift, jnp.zeros_like(shift), scale, bias, x.dtype, backend)
 
 
 # --- entry points ------------------------------------------------------------------------------
@@ -461,6 +480,7 @@ def batch_norm(
     *,
     eps: float,
     axis_name: AxisName | None = None,
+    backend: str = "auto",
 ) -> tuple[
     Float[Array, "batch channels spatial"], Float[Array, " channels"], Float[Array, " channels"]
 ]:
@@ -476,13 +496,15 @@ def batch_norm(
     - `eps`: added to the variance.
     - `axis_name`: a named axis (or names) whose members' batches are pooled into the
         statistics (`vmap`, `pmap`, `shard_map`).
+    - `backend`: the GPU kernels, `"auto"`, `"triton"` or `"mosaic_gpu"` (see
+      `eqxnorm.kernels._common.per_platform`).
 
     **Returns:**
 
     `(y, mean, var)`: `y` of `x`'s shape and dtype; the batch `mean` and biased `var`,
     `(channels,)` in the statistics dtype (float32, or float64 for float64 input).
     """
-    return _batch_norm(x, weight, bias, float(eps), axis_name)
+    return _batch_norm(x, weight, bias, float(eps), axis_name, backend)
 
 
 @typechecked()
@@ -494,6 +516,7 @@ def batch_norm_inference(
     bias: Float[Array, " channels"] | None,
     *,
     eps: float,
+    backend: str = "auto",
 ) -> Float[Array, "batch channels spatial"]:
     r"""BatchNorm with given (running) statistics as a fused Pallas kernel; the same maths
     and signature as `eqxnorm.kernels.reference.batch_norm_inference`:
@@ -505,12 +528,13 @@ def batch_norm_inference(
     - `mean`, `var`: `(channels,)`, the statistics to normalize with.
     - `weight`, `bias`: `(channels,)` or `None`.
     - `eps`: added to the variance.
+    - `backend`: the GPU kernels, as for `batch_norm`.
 
     **Returns:**
 
     `(batch, channels, spatial)` in `x.dtype`.
     """
-    return _batch_norm_inference(x, mean, var, weight, bias, float(eps))
+    return _batch_norm_inference(x, mean, var, weight, bias, float(eps), backend)
 
 
 __all__ = ["batch_norm", "batch_norm_inference"]

@@ -61,7 +61,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from .._checking import typechecked
-from . import _common as c, reference
+from . import _common as c, _group_norm_mosaic_gpu as _mgpu, reference
 from ._common import F32, Target
 
 # --- launch geometry ---------------------------------------------------------------------------
@@ -411,28 +411,40 @@ def _folding_per_example(fn):
 
 
 @functools.cache
-def _forward(groups: int, eps: float, per_example: bool):
+def _forward(groups: int, eps: float, per_example: bool, backend: str):
     """`(x, weight, bias) -> (y, shift, offset, rstd)`, batching by folding into the batch
-    (parameters per channel, or `per_example`)."""
+    (parameters per channel, or `per_example`), on the GPU `backend` (`c.GPU_BACKENDS`)."""
 
     def forward(x, weight, bias):
         fn = functools.partial(_forward_on, groups=groups, eps=eps)
+        mosaic_gpu = c.MosaicGPU(
+            functools.partial(_mgpu.forward_on, groups=groups, eps=eps),
+            functools.partial(_mgpu.forward_supported, groups),
+        )
         rule = c.Rule("b c s, b? c, b? c -> b c s, b g, b g, b g", split="b")
-        return c.per_platform(fn, x, weight, bias, sharding=rule)
+        return c.per_platform(
+            fn, x, weight, bias, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend
+        )
 
     return (_folding_per_example if per_example else c.folding_forward)(forward)
 
 
 @functools.cache
-def _backward(groups: int, per_example: bool, param_grads: bool):
+def _backward(groups: int, per_example: bool, backend: str, param_grads: bool):
     """`(x, weight, dy, shift, offset, rstd) -> (dx, dweight, dbias)` (per-example float32
     parameter gradients, `None` unless `param_grads`), batching by folding into the batch."""
 
     @custom_vmap
     def backward(x, weight, dy, shift, offset, rstd):
-        fn = functools.partial(_backward_on, groups=groups, param_grads=param_grads)
+        kwargs = dict(groups=groups, param_grads=param_grads)
+        fn = functools.partial(_backward_on, **kwargs)
+        mosaic_gpu = c.MosaicGPU(
+            functools.partial(_mgpu.backward_on, **kwargs),
+            functools.partial(_mgpu.backward_supported, groups),
+        )
         rule = c.Rule("b c s, b? c, b c s, b g, b g, b g -> b c s, b c, b c", split="b")
-        return c.per_platform(fn, x, weight, dy, shift, offset, rstd, sharding=rule)
+        args = (x, weight, dy, shift, offset, rstd)
+        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
 
     @backward.def_vmap
     def _(axis_size, in_batched, x, weight, dy, shift, offset, rstd):
@@ -456,12 +468,12 @@ def _backward(groups: int, per_example: bool, param_grads: bool):
 
 
 @functools.cache
-def _group_norm(groups: int, eps: float, per_example: bool = False):
+def _group_norm(groups: int, eps: float, per_example: bool, backend: str):
     """The `custom_vjp` function `(x, weight, bias) -> y`; the backward's parameter gradients
     are per example, summed here unless the parameters are `per_example`."""
     return c.norm_with_vjp(
-        _forward(groups, eps, per_example),
-        functools.partial(_backward, groups, per_example),
+        _forward(groups, eps, per_example, backend),
+        functools.partial(_backward, groups, per_example, backend),
         _identity if per_example else _sum_over_examples,
     )
 
@@ -485,6 +497,7 @@ def group_norm(
     *,
     groups: int,
     eps: float,
+    backend: str = "auto",
 ) -> Float[Array, "batch channels spatial"]:
     r"""GroupNorm as a fused Pallas kernel; the same maths and signature as
     `eqxnorm.kernels.reference.group_norm`: the channels are split into `groups` contiguous
@@ -500,12 +513,14 @@ def group_norm(
     - `weight`, `bias`: `(channels,)` or `None`.
     - `groups`: divides `channels`.
     - `eps`: added to the variance.
+    - `backend`: the GPU kernels, `"auto"`, `"triton"` or `"mosaic_gpu"` (see
+      `eqxnorm.kernels._common.per_platform`).
 
     **Returns:**
 
     `(batch, channels, spatial)` in `x.dtype`.
     """
-    return _group_norm(int(groups), float(eps))(x, weight, bias)
+    return _group_norm(int(groups), float(eps), False, backend)(x, weight, bias)
 
 
 @typechecked()
@@ -518,6 +533,7 @@ def adaptive_group_norm(
     *,
     groups: int,
     eps: float,
+    backend: str = "auto",
 ) -> Float[Array, "batch channels spatial"]:
     r"""Adaptive GroupNorm (FiLM, the diffusion U-Net's conditioning) as a fused Pallas kernel;
     the same maths and signature as `eqxnorm.kernels.reference.adaptive_group_norm`:
@@ -535,13 +551,15 @@ def adaptive_group_norm(
     - `weight`, `bias`: `(channels,)` or `None`.
     - `groups`: divides `channels`.
     - `eps`: added to the variance.
+    - `backend`: the GPU kernels, `"auto"`, `"triton"` or `"mosaic_gpu"` (see
+      `eqxnorm.kernels._common.per_platform`).
 
     **Returns:**
 
     `(batch, channels, spatial)` in `x.dtype`.
     """
     w, b = reference.modulation(scale, shift, weight, bias, F32)
-    return _group_norm(int(groups), float(eps), True)(x, w, b)
+    return _group_norm(int(groups), float(eps), True, backend)(x, w, b)
 
 
 __all__ = ["group_norm", "adaptive_group_norm"]

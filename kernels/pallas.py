@@ -1,8 +1,8 @@
 """The Pallas implementation (`impl="pallas"`): the fused kernels of every normalization
 family behind the same functions, with the same signatures, as `eqxnorm.kernels.reference`.
 
-On GPU they lower through Mosaic GPU (the row norms, on Hopper and newer with JAX 0.12+) or
-Triton, on TPU through Mosaic, and elsewhere (CPU) Pallas interprets them; see
+On GPU they lower through Mosaic GPU (on Hopper and newer with JAX 0.12+, where the operands
+allow) or Triton, on TPU through Mosaic, and elsewhere (CPU) Pallas interprets them; see
 `eqxnorm.kernels._common` for the targets, the block heuristic and the choice of GPU backend.
 [`backend`][] gives the same functions pinned to one GPU backend (`impl="triton"`,
 `impl="mosaic_gpu"`).
@@ -32,10 +32,7 @@ from . import batch_norm as _batch_norm, group_norm as _group_norm, reference, r
 
 def _kernel_or_reference(kernel: Callable, backend: str = "auto") -> Callable:
     reference_fn = getattr(reference, kernel.__name__)
-    if "backend" in inspect.signature(kernel).parameters:
-        kernel = functools.wraps(kernel)(functools.partial(kernel, backend=backend))
-    elif backend == "mosaic_gpu":
-        kernel = functools.wraps(kernel)(functools.partial(_no_mosaic_gpu, kernel.__name__))
+    kernel = functools.wraps(kernel)(functools.partial(kernel, backend=backend))
     # A kernel without `axis_name` (the row norms) leaves statistics pooled over a named axis
     # to the reference; the dispatcher keeps the reference's signature either way.
     pools = "axis_name" in inspect.signature(kernel).parameters
@@ -51,13 +48,6 @@ def _kernel_or_reference(kernel: Callable, backend: str = "auto") -> Callable:
 
     dispatch.__signature__ = inspect.signature(reference_fn)
     return dispatch
-
-
-def _no_mosaic_gpu(name: str, *args, **kwargs):
-    raise ValueError(
-        f"impl='mosaic_gpu': eqxnorm has no Mosaic GPU kernel for {name} yet (the row norms "
-        "have one). Use impl='pallas' (its Triton kernel on GPU) or impl='reference'."
-    )
 
 
 _FUNCTIONS = {
@@ -77,9 +67,9 @@ _FUNCTIONS = {
 @functools.cache
 def backend(name: str) -> types.ModuleType:
     """The functions of this module pinned to the GPU backend `name` (`"triton"` or
-    `"mosaic_gpu"`), as a module: what `impl="triton"` and `impl="mosaic_gpu"` run. Pinned
-    to Mosaic GPU, a family without a Mosaic GPU kernel raises `ValueError`, and on CPU the
-    Mosaic GPU kernels run in Mosaic GPU's interpreter."""
+    `"mosaic_gpu"`), as a module: what `impl="triton"` and `impl="mosaic_gpu"` run. On CPU
+    the pinned Mosaic GPU kernels run in Mosaic GPU's interpreter; operands they cannot run
+    raise `ValueError`."""
     module = types.ModuleType(f"eqxnorm.kernels.pallas[{name}]", backend.__doc__)
     for fn_name, kernel in _FUNCTIONS.items():
         setattr(module, fn_name, _kernel_or_reference(kernel, name))

@@ -26,6 +26,7 @@ TOLERANCES = {
 }
 
 CUSTOM_CALLS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+MOSAIC_GPU_CALL = "mosaic_gpu_v2"  # a Mosaic GPU kernel's custom call (the row norms, JAX 0.12+)
 
 
 def data(shape, dtype, seed=0, loc=0.5, scale=2.0):
@@ -67,8 +68,10 @@ def lowered(fn, args, platform):
 
 
 def kernel_count(text, platform):
-    """How many Pallas kernels `text` (from `lowered`) launches."""
-    return text.count(CUSTOM_CALLS[platform])
+    """How many Pallas kernels `text` (from `lowered`) launches (on cuda, Triton's and Mosaic
+    GPU's)."""
+    mosaic_gpu = text.count(MOSAIC_GPU_CALL) if platform == "cuda" else 0
+    return text.count(CUSTOM_CALLS[platform]) + mosaic_gpu
 
 
 def triton_grids(text):

@@ -14,7 +14,7 @@ def test_check_impl_accepts_existing_choices():
         _dispatch.check_impl(impl, "here")
 
 
-@pytest.mark.parametrize("impl", ["triton", "Auto", None, 1])
+@pytest.mark.parametrize("impl", ["cuda", "Auto", None, 1])
 def test_check_impl_rejects_unknown(impl):
     with pytest.raises(ValueError, match=r"here: `impl` must be one of .*impl=" + repr(impl)):
         _dispatch.check_impl(impl, "here")
@@ -23,7 +23,8 @@ def test_check_impl_rejects_unknown(impl):
 def test_an_unregistered_implementation_is_refused(monkeypatch):
     monkeypatch.delitem(_dispatch.IMPLEMENTATIONS, "pallas")
     with pytest.raises(
-        ValueError, match=r"impl='pallas' is not available.*\('auto', 'reference'\)"
+        ValueError,
+        match=r"impl='pallas' is not available.*\('auto', 'reference', 'triton', 'mosaic_gpu'\)",
     ):
         _dispatch.check_impl("pallas", "here")
     for backend in ("cpu", "gpu", "tpu"):

@@ -11,9 +11,11 @@ import pytest
 
 import kernel_support as ks
 import oracle
-from eqxnorm.kernels import _common, reference, row_norm
+from eqxnorm.kernels import _common, pallas, reference, row_norm
 
 OPS = ("layer_norm", "rms_norm")
+# The kernels pinned to Triton, for the tests of its launch geometry.
+_TRITON = pallas.backend("triton")
 EPS = 1e-5
 # Every rows × widths pair in float32; in half precision a selection that still covers
 # every row count and every width; the chunked kernel (a wide row) in float32 and bfloat16.
@@ -186,13 +188,14 @@ def test_lowers_with_gradient(op, platform, width, dtype):
 
 def test_vmap_tiles_rows_in_the_gpu_launch():
     # 64 one-row examples of width 160: the folded launch holds 16 rows per program, so the
-    # grid is 4 programs, not 64 (Pallas' own batching would add a grid axis of 64).
+    # grid is 4 programs, not 64 (Pallas' own batching would add a grid axis of 64). The
+    # Triton launch (`backend="triton"`); the Mosaic GPU one folds the same way.
     weight, bias = (jax.ShapeDtypeStruct((160,), jnp.bfloat16),) * 2
     x = jax.ShapeDtypeStruct((64, 160), jnp.bfloat16)
 
     def forward_and_backward(x, weight, bias):
         def loss(x, weight, bias):
-            y = jax.vmap(_one_example(row_norm, "layer_norm", weight, bias))(x)
+            y = jax.vmap(_one_example(_TRITON, "layer_norm", weight, bias))(x)
             return jnp.sum(y.astype(jnp.float32) ** 2)
 
         return jax.grad(loss, argnums=(0, 1, 2))(x, weight, bias)
@@ -525,7 +528,7 @@ def test_adaptive_norm_launch_folds_examples_into_groups():
     weight = jax.ShapeDtypeStruct((160,), jnp.float32)
 
     def loss(x, scale, shift, weight):
-        y = jax.vmap(_one_adaptive_example(row_norm, "adaptive_layer_norm", weight, weight))(
+        y = jax.vmap(_one_adaptive_example(_TRITON, "adaptive_layer_norm", weight, weight))(
             x, scale, shift
         )
         return jnp.sum(y.astype(jnp.float32) ** 2)

@@ -1,0 +1,202 @@
+"""The row norms' Mosaic GPU kernels (`eqxnorm.kernels._row_norm_mosaic_gpu`), run by Mosaic
+GPU's interpreter on CPU (`impl="mosaic_gpu"`) against the reference, forward and backward, at
+the awkward shapes; their staging heuristic; their choice by `impl="pallas"` when lowering for
+cuda; and, on a JAX without Mosaic GPU's API (0.10, 0.11), the error that says so."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernel_support as ks
+import oracle
+from eqxnorm.kernels import _mosaic_gpu, pallas, reference
+
+EPS = 1e-5
+MOSAIC_GPU = pallas.backend("mosaic_gpu")
+USABLE = _mosaic_gpu.usable()
+# Rows 1 / 37 / 199 at widths 160 / 760 / 4096 (a multiple of 16 bytes: TMA), float32 each,
+# and a selection in half precision.
+CASES = [(r, w, jnp.float32) for r, w in ((1, 760), (37, 160), (37, 4096), (199, 760))]
+CASES += [(1, 4096, jnp.bfloat16), (199, 160, jnp.bfloat16), (37, 760, jnp.float16)]
+
+
+def _ids(case):
+    rows, width, dtype = case
+    return f"{rows}x{width}-{jnp.dtype(dtype).name}"
+
+
+def _check_usable(fn):
+    """`fn()` where Mosaic GPU is usable; elsewhere, the `ValueError` naming the JAX needed."""
+    if USABLE:
+        return fn()
+    with pytest.raises(ValueError, match="Mosaic GPU kernels need JAX 0.12"):
+        fn()
+    return None
+
+
+def _value_and_grads(module, op, x, weight, bias, cotangent):
+    def loss(x, weight, bias):
+        y = getattr(module, op)(x, weight, bias, eps=EPS)
+        return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+        x, weight, bias
+    )
+    return y, grads
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_forward_and_gradients_match_reference(op, case):
+    rows, width, dtype = case
+    x = ks.data((rows, width), dtype, seed=rows + width)
+    weight, bias = ks.params(width, dtype)
+    cotangent = ks.data((rows, width), jnp.float32, seed=3, loc=0.0, scale=1.0)
+    out = _check_usable(lambda: _value_and_grads(MOSAIC_GPU, op, x, weight, bias, cotangent))
+    if out is None:
+        return
+    y, grads = out
+    y_ref, grads_ref = _value_and_grads(reference, op, x, weight, bias, cotangent)
+    assert y.dtype == dtype and y.shape == (rows, width)
+    ks.assert_matches(y, y_ref)
+    for grad, grad_ref, arg in zip(grads, grads_ref, (x, weight, bias), strict=True):
+        assert grad.dtype == arg.dtype
+        ks.assert_matches(grad, grad_ref)
+
+
+def test_against_float64_oracle_at_large_mean():
+    x = ks.data((37, 760), jnp.float32, loc=1e4, scale=1.0)
+    weight, bias = ks.params(760)
+    y = _check_usable(lambda: MOSAIC_GPU.layer_norm(x, weight, bias, eps=EPS))
+    if y is not None:
+        np.testing.assert_allclose(y, oracle.layer_norm(x, weight, bias, EPS), atol=5e-5)
+
+
+def test_constant_row_gives_exactly_the_bias():
+    x = jnp.full((5, 160), 7.25, jnp.float32)
+    _, bias = ks.params(160)
+    y = _check_usable(lambda: MOSAIC_GPU.layer_norm(x, jnp.ones(160), bias, eps=EPS))
+    if y is not None:
+        np.testing.assert_array_equal(y, jnp.broadcast_to(bias, y.shape))
+
+
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
+def test_fused_add_with_a_float32_residual(op):
+    x = ks.data((37, 760), jnp.bfloat16)
+    residual = ks.data((37, 760), jnp.float32, seed=4)
+    weight, bias = ks.params(760)
+
+    dy, dh = (ks.data((37, 760), jnp.float32, seed=s, loc=0.0, scale=1.0) for s in (7, 8))
+
+    def run(module):
+        # Linear in y and h: the gradients do not depend on how y was rounded to bfloat16.
+        def loss(x, residual, weight, bias):
+            y, h = getattr(module, op)(x, residual, weight, bias, eps=EPS)
+            return jnp.sum(y.astype(jnp.float32) * dy) + jnp.sum(h * dh), (y, h)
+
+        fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+        return jax.jit(fn)(x, residual, weight, bias)
+
+    out = _check_usable(lambda: run(MOSAIC_GPU))
+    if out is None:
+        return
+    (_, (y, h)), grads = out
+    (_, (y_ref, h_ref)), grads_ref = run(reference)
+    np.testing.assert_array_equal(h, h_ref)
+    ks.assert_matches(y, y_ref)
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        # The reference rounds the input gradient to bfloat16 on its way to x, the kernel
+        # once per output: x's gradient agrees to bfloat16's tolerance.
+        ks.assert_matches(grad, grad_ref, jnp.bfloat16 if grad is grads[0] else None)
+
+
+@pytest.mark.parametrize("op", ["adaptive_layer_norm", "adaptive_rms_norm"])
+def test_adaptive_per_group_parameters(op):
+    x = ks.data((3, 37, 160), jnp.bfloat16)
+    scale = ks.data((3, 160), jnp.float32, seed=5, loc=0.0, scale=0.3)
+    shift = ks.data((3, 160), jnp.float32, seed=6, loc=0.0, scale=0.3)
+    weight, bias = ks.params(160)
+
+    cotangent = ks.data(x.shape, jnp.float32, seed=9, loc=0.0, scale=1.0)
+
+    def run(module):
+        def loss(*args):
+            y = getattr(module, op)(*args, eps=EPS)
+            return jnp.sum(y.astype(jnp.float32) * cotangent)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, scale, shift, weight, bias)
+
+    out = _check_usable(lambda: run(MOSAIC_GPU))
+    if out is not None:
+        for actual, expected in zip(out, run(reference), strict=True):
+            ks.assert_matches(actual, expected)
+
+
+def test_vmap_folds_into_one_kernel():
+    x = ks.data((4, 37, 160), jnp.float32)
+    weight, bias = ks.params(160)
+    norm = functools.partial(MOSAIC_GPU.layer_norm, weight=weight, bias=bias, eps=EPS)
+    y = _check_usable(lambda: jax.vmap(norm)(x))
+    if y is not None:
+        expected = reference.layer_norm(x.reshape(-1, 160), weight, bias, eps=EPS)
+        ks.assert_matches(y, expected.reshape(x.shape))
+
+
+# --- staging and choice ------------------------------------------------------------------------
+
+
+def test_staging_heuristic():
+    if not USABLE:
+        assert _mosaic_gpu.usable() is False
+        return
+    # 16 rows of 256-column boxes of bfloat16; a 4-wide vector when float32 is loaded too.
+    boxes = _mosaic_gpu.boxes((jnp.bfloat16,), 4096, 1024, 2, 0)
+    assert (boxes.block_rows, boxes.cols, boxes.chunks) == (16, 256, 4)
+    boxes = _mosaic_gpu.boxes((jnp.bfloat16, jnp.float32), 4096, 1024, 2, 8)
+    assert (boxes.block_rows, boxes.cols, boxes.chunks) == (16, 128, 8)
+    # Narrow rows: fewer lanes along a row, more rows per warp.
+    boxes = _mosaic_gpu.boxes((jnp.float32,), 4096, 24, 4, 0)
+    assert (boxes.cols, boxes.chunks, boxes.tile_rows) == (16, 2, 32)
+    # Rows that do not fit in shared memory: none (they run the Triton kernel).
+    assert _mosaic_gpu.boxes((jnp.float32,), 64, 70000, 8, 4).block_rows == 0
+    # Fewer rows than a program holds: one tile.
+    assert _mosaic_gpu.boxes((jnp.float32,), 1, 760, 4, 0).block_rows == 4
+    # TMA needs rows of a multiple of 16 bytes.
+    assert _mosaic_gpu.supports(jnp.bfloat16, 760) and not _mosaic_gpu.supports(jnp.bfloat16, 37)
+    assert not _mosaic_gpu.supports(jnp.float64, 760)
+
+
+def _cuda_calls(impl, width):
+    x = jnp.ones((37, width), jnp.bfloat16)
+    weight, bias = ks.params(width)
+
+    def step(x, weight, bias):
+        fn = functools.partial(pallas.layer_norm if impl == "pallas" else impl.layer_norm)
+        return jax.grad(lambda *a: fn(*a, eps=EPS).astype(jnp.float32).sum(), (0, 1, 2))(
+            x, weight, bias
+        )
+
+    text = ks.lowered(step, (x, weight, bias), "cuda")
+    return text.count("mosaic_gpu_v2"), ks.kernel_count(text, "cuda")
+
+
+def test_pallas_chooses_mosaic_gpu_on_cuda_where_it_can():
+    mosaic, triton = _cuda_calls("pallas", 760)
+    if USABLE:
+        assert mosaic > 0 and triton == 0
+    else:
+        assert mosaic == 0 and triton == 2
+    # A width TMA cannot stage (37 bfloat16 = 74 bytes a row) runs the Triton kernels.
+    assert _cuda_calls("pallas", 37) == (0, 2)
+    # impl="triton" pins Triton.
+    assert _cuda_calls(pallas.backend("triton"), 760) == (0, 2)
+
+
+def test_pinned_mosaic_gpu_refuses_what_it_cannot_run():
+    x = ks.data((37, 37), jnp.bfloat16)
+    message = "cannot run these operands" if USABLE else "Mosaic GPU kernels need JAX 0.12"
+    with pytest.raises(ValueError, match=message):
+        MOSAIC_GPU.layer_norm(x, None, None, eps=EPS)
