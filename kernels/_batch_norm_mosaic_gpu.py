@@ -69,9 +69,7 @@ def _body(*refs, boxes, width, n_rows_in, n_tables, n_rows_out, n_sums, compute)
     for src, dst, bar in zip(ins, smems, bars, strict=True):
         r._copy_in(src, dst, bar, rows, boxes, tools, 0)
     layout = boxes.layout
-    per_row = [
-        plgpu.load(t.at[rows], layout=layout.reduce(1), optimized=False) for t in tables
-    ]
+    per_row = [plgpu.load(t.at[rows], layout=layout.reduce(1), optimized=False) for t in tables]
     for bar in bars:
         plgpu.barrier_wait(bar)
 
@@ -155,11 +153,17 @@ def _moments(load, tables, tools, *, boxes, width):
 def moments_on(target: Target, x, shift, d0):
     """`(offset, var)` as `batch_norm._moments_on`: the rows' partials Chan-combined."""
     _, means, m2s = _call(
-        target, x, (), (shift, d0), _moments, out_dtype=None, n_sums=2,
+        target,
+        x,
+        (),
+        (shift, d0),
+        _moments,
+        out_dtype=None,
+        n_sums=2,
         name="eqxnorm_batch_norm_moments",
     )
     offset = jnp.mean(means, axis=0)
-    m2 = jnp.sum(m2s, axis=0) + x.shape[2] * jnp.sum(jnp.square(means - offset), axis=0)
+    m2 = jnp.sum(m2s, axis=0) + x.shape[2] * jnp.sum(jnp.square(means - offset[None]), axis=0)
     return offset, m2 / (x.shape[0] * x.shape[2])
 
 
@@ -178,7 +182,13 @@ def _normalize(load, tables, tools, *, boxes, width):
 def normalize_on(target: Target, x, shift, offset, scale, bias):
     """`((x - shift) - offset)·scale + bias` as `batch_norm._normalize_on`."""
     y, *_ = _call(
-        target, x, (), (shift, offset, scale, bias), _normalize, out_dtype=x.dtype, n_sums=0,
+        target,
+        x,
+        (),
+        (shift, offset, scale, bias),
+        _normalize,
+        out_dtype=x.dtype,
+        n_sums=0,
         name="eqxnorm_batch_norm_normalize",
     )
     return y
@@ -205,7 +215,13 @@ def _sums(load, tables, tools, *, boxes, width):
 def sums_on(target: Target, x, dy, shift, offset):
     """`(Σ dy, Σ dy·((x - shift) - offset))` per channel as `batch_norm._sums_on`."""
     _, sum_dy, sum_dyc = _call(
-        target, x, (dy,), (shift, offset), _sums, out_dtype=None, n_sums=2,
+        target,
+        x,
+        (dy,),
+        (shift, offset),
+        _sums,
+        out_dtype=None,
+        n_sums=2,
         name="eqxnorm_batch_norm_sums",
     )
     return jnp.sum(sum_dy, axis=0), jnp.sum(sum_dyc, axis=0)

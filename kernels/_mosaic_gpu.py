@@ -2,32 +2,39 @@ r"""The Mosaic GPU backend of the GPU kernels: what every `plgpu.kernel` of eqxn
 
 JAX 0.11+ deprecates Pallas' Triton backend and points to Mosaic GPU, its GPU backend with a
 future, for Hopper (compute capability 9.0) and newer. Mosaic GPU does not lower a
-`pl.pallas_call` with block specs; its kernels are `plgpu.kernel`s that move data themselves.
-So its kernel bodies differ from the Triton/Mosaic TPU ones in `_common`'s style: the
-programming models part where a block is staged, and the maths they share (the statistics,
-`_common.Stats`) is written once per row layout. What Mosaic GPU kernels share:
+`pl.pallas_call` with block specs: its kernels are `plgpu.kernel`s that move their data
+themselves. So the Mosaic GPU kernel bodies (`_row_norm_mosaic_gpu`, `_group_norm_mosaic_gpu`,
+`_batch_norm_mosaic_gpu`) are not the Triton/Mosaic TPU bodies written against `_common`'s
+masked block access: the programming models part where a block is staged and laid out in
+registers. What sits above the launch is shared: the launches have the Triton wrappers'
+contracts, and `_common.per_platform` chooses between them under the same autodiff, `vmap`
+folding and sharding rules. What the Mosaic GPU kernels share:
 
-**Staging.** A program owns `block_rows` rows. Their whole width is copied into shared memory
-by the Tensor Memory Accelerator (TMA), in boxes of `(block_rows, CHUNK)` (TMA moves at most 256
-elements along a dimension), each box on its own barrier, and computed on from there. Rows past
-the array's end, and the columns past a width that is not a multiple of the box, are filled
-with zeros by the TMA on load and dropped by it on store: no masked access, no padding pass.
-The only masks left are those of a statistic that zeros would bias (a variance's `x - mean`).
+**Staging.** A program owns `block_rows` rows and copies their whole width into shared memory
+with the Tensor Memory Accelerator (TMA), in boxes of `(block_rows, cols)` (TMA moves at most
+256 elements along a dimension, [`boxes`][]), every box of an array arriving on one barrier,
+and computes from there: one read of each input from HBM, one write of each output. Rows past
+the array's end, and columns past a width that is not a multiple of the box, are filled with
+zeros by the TMA on load and dropped by it on store: no masked access, no padding pass. The
+only masks left are those of a statistic that zeros would bias (a variance's `x - mean`). Each
+box starts at a traced column index ([`dynamic_index`][]), so the last one may run past a
+row's end.
 
-**Registers.** Each box is loaded from shared memory in [`row_layout`][]: one warp per row (4
-warps, a warpgroup, so rows in fours), the 32 lanes along the row, 16 contiguous bytes each
-(8 16-bit or 4 32-bit values). Loads are conflict-free vector loads, a row's reduction is a
-warp shuffle with no shared-memory round trip, and a box of 16 rows × 256 columns is 32 values
-per thread. The kernels use Mosaic GPU's `Lane` lowering with these explicit layouts (layout
-inference of the default `Warpgroup` semantics was found to fail or take minutes).
+**Registers.** Each box is loaded from shared memory in one layout ([`boxes`][]): 4 warps (one
+warpgroup) along the rows, each lane 16 contiguous bytes along a row, the 32 lanes of a warp
+along one row or, for narrow rows, a few rows. Loads are conflict-free vector loads and a row's
+reduction is a warp shuffle; the reductions across rows (the row norms' partial parameter
+gradients) go through `REDUCTION_SCRATCH_BYTES` of shared memory. The kernels use Mosaic GPU's
+`Lane` lowering with this explicit layout (the default `Warpgroup` semantics' layout inference
+was found to fail or take minutes).
 
 **Which shapes.** TMA needs every row to start on 16 bytes: `width × itemsize % 16 == 0`
-([`supports`][]); widths that are not (rare: an odd `dim`) run the Triton kernels. Rows are
-kept whole on chip when [`block_rows`][] finds a multiple of 4 rows that fits the shared
-memory; wider rows run the Triton kernels (which read them twice).
+([`supports`][]). Rows are kept whole on chip when [`boxes`][] finds a tile of rows that fits
+`SMEM_BYTES`; wider rows run the Triton kernels, which read them twice.
 
-**Availability.** [`usable`][]: the installed JAX has the Mosaic GPU API these kernels use
-(JAX 0.12). [`target_supported`][]: the GPU compiled for has compute capability >= 9.0 (TMA).
+**Availability.** [`usable`][]: the installed JAX has the Mosaic GPU API these kernels are
+written for (0.12). [`target_supported`][]: the GPU compiled for has compute capability 9.0 or
+more (TMA).
 """
 
 import functools

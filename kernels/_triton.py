@@ -5,11 +5,12 @@ eqxnorm's kernels reach Pallas' Triton lowering through [`CompilerParams`][], a 
 Pallas' rule for two reasons:
 
 - **JAX 0.11+ deprecates the Pallas Triton backend** and warns (`DeprecationWarning`) on every
-  GPU compile of every kernel. JAX still ships it, with no removal date, and on those JAX
-  versions it is the only GPU backend eqxnorm's kernels have (see the README's status).
-  Users should hear that once, from eqxnorm, with what it means for them: the rule silences
-  JAX's warning for eqxnorm's own kernels (no one else's) and emits one
-  [`TritonBackendWarning`][] per process instead.
+  GPU compile of every kernel. JAX still ships it, with no removal date. eqxnorm's kernels
+  run on Mosaic GPU where they can (`eqxnorm.kernels._mosaic_gpu`: Hopper and newer, JAX
+  0.12+, operands TMA can stage); the rest (JAX 0.11, older GPUs, shapes Mosaic GPU cannot
+  stage, `impl="triton"`) run here. Users should hear that once, from eqxnorm, with what it
+  means for them: the rule silences JAX's warning for eqxnorm's own kernels (no one else's)
+  and emits one [`TritonBackendWarning`][] per process instead.
 - **Lowering for a GPU that is not attached.** Since JAX 0.11 the Triton lowering asks the
   local device (or an `AbstractDevice`) for the target's compute capability, so
   `jax.export(..., platforms=["cuda"])` from a CPU machine fails ("No supported GPU devices
@@ -67,11 +68,13 @@ def _announce() -> None:
         return
     _announced.set()
     warnings.warn(
-        f"eqxnorm's GPU kernels run on Pallas' Triton backend, which JAX {jax.__version__} "
+        f"eqxnorm compiled a GPU kernel on Pallas' Triton backend, which JAX {jax.__version__} "
         "deprecates: it still works, and JAX has announced its removal without a date. eqxnorm "
-        "silences JAX's per-compile warning for its own kernels and says this once. To leave "
-        "the deprecated backend now, pass impl='reference' (XLA's fused code); the README's "
-        "'Supported JAX and hardware' section tracks the replacement.",
+        "silences JAX's per-compile warning for its own kernels and says this once. Its Mosaic "
+        "GPU kernels replace it on Hopper and newer GPUs with JAX 0.12+ where the operands "
+        "allow (impl='mosaic_gpu' pins them and says why not); impl='reference' runs XLA's "
+        "fused code. The README's 'Supported JAX and hardware' section says which shapes "
+        "still run Triton.",
         TritonBackendWarning,
         stacklevel=2,
     )

@@ -395,9 +395,7 @@ def _normalize(xw, shift, offset, scale, bias, dtype, backend):
 def _normalize_fwd(xw, shift, offset, scale, bias, dtype, backend):
     x = xw.astype(dtype)
     args = (x, shift, offset, scale, bias)
-    y = _launch(
-        _normalize_on, _mgpu.normalize_on, *args, sharding=_NORMALIZE, backend=backend
-    )
+    y = _launch(_normalize_on, _mgpu.normalize_on, *args, sharding=_NORMALIZE, backend=backend)
     return y, (x, shift, offset, scale)
 
 

@@ -4,7 +4,7 @@ family behind the same functions, with the same signatures, as `eqxnorm.kernels.
 On GPU they lower through Mosaic GPU (on Hopper and newer with JAX 0.12+, where the operands
 allow) or Triton, on TPU through Mosaic, and elsewhere (CPU) Pallas interprets them; see
 `eqxnorm.kernels._common` for the targets, the block heuristic and the choice of GPU backend.
-[`backend`][] gives the same functions pinned to one GPU backend (`impl="triton"`,
+`backend` gives the same functions pinned to one GPU backend (`impl="triton"`,
 `impl="mosaic_gpu"`).
 
 These run the reference instead:

@@ -6,6 +6,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import oracle
 
@@ -123,3 +124,16 @@ def outputs_and_grads(fn):
         return out, grads
 
     return run
+
+
+def run_mosaic_gpu(fn):
+    """`fn()` (a call of the kernels pinned to Mosaic GPU, run by its interpreter on CPU)
+    where the installed JAX has Mosaic GPU's API (0.12+); elsewhere, assert it raises the
+    `ValueError` naming the JAX needed, and return `None`."""
+    from eqxnorm.kernels import _mosaic_gpu
+
+    if _mosaic_gpu.usable():
+        return fn()
+    with pytest.raises(ValueError, match="Mosaic GPU kernels need JAX 0.12"):
+        fn()
+    return None

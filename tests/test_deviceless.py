@@ -79,18 +79,24 @@ def test_training_step_compiles_cleanly_for_h200(op):
         assert program["bytes"] >= result["ideal_bytes"] * 0.9
 
 
-ROW_OPS = [op for op in _ops.OPS if _ops.OPS[op].family == "row"]
+# The shapes whose training step runs only Mosaic GPU kernels on an H200 (JAX 0.12+). Not
+# adaLN's awkward shape (one token per example: groups of one row run Triton) nor the channel
+# families' (7 × 9 positions: rows of 252 bytes, which TMA cannot stage).
+MOSAIC_GPU_SHAPES = {
+    "row": deviceless.ROW_SHAPES[:2],
+    "adaptive_layer_norm": deviceless.ROW_SHAPES[1:2],
+    "channel": deviceless.CHANNEL_SHAPES[1:],
+}
 
 
-@pytest.mark.parametrize("op", ROW_OPS)
+@pytest.mark.parametrize("op", list(_ops.OPS))
 def test_mosaic_gpu_training_step_compiles_cleanly_for_h200(op):
-    """The row norms' Mosaic GPU kernels: a training step at the awkward and the typical
-    shape compiles deviceless for an H200 with no spill, only Mosaic GPU kernels (no Triton
+    """The Mosaic GPU kernels: a training step at the typical shape (and the row norms' awkward
+    one) compiles deviceless for an H200 with no spill, only Mosaic GPU kernels (no Triton
     call, no deprecation warning: the worker makes JAX's an error), registers within a
-    warpgroup's budget and the program's bytes at the ideal."""
-    # adaLN's awkward shape is one token per example: groups of one row run Triton.
-    shapes = deviceless.ROW_SHAPES[1:2] if op.startswith("adaptive") else deviceless.ROW_SHAPES
-    cases = deviceless.cases([op], shapes[:2], ["bfloat16"], ["fwd+bwd"])
+    warpgroup's budget and the program's bytes near the ideal."""
+    shapes = MOSAIC_GPU_SHAPES.get(op, MOSAIC_GPU_SHAPES[_ops.OPS[op].family])
+    cases = deviceless.cases([op], shapes, ["bfloat16"], ["fwd+bwd"])
     cases += deviceless.cases([op], shapes[:1], ["float32"], ["fwd+bwd"])
     cases = [dataclasses.replace(c, backend="mosaic_gpu") for c in cases]
     results = deviceless.run(cases, timeout=600)
@@ -98,13 +104,13 @@ def test_mosaic_gpu_training_step_compiles_cleanly_for_h200(op):
         assert deviceless.problems(result) == []
         kernels = result["mosaic_gpu"]
         if not mosaic_gpu.usable():  # JAX < 0.12: the Triton kernels, as before
-            assert kernels == [] and len(result["kernels"]) == 2
+            assert kernels == [] and {k["name"] for k in result["kernels"]} == _kernels(op)
             continue
         assert result["kernels"] == []  # no Triton call left
-        assert len(kernels) == 2  # one forward, one backward
+        assert {k["name"].removesuffix("_mosaic_gpu_kernel") for k in kernels} == _kernels(op)
         for k in kernels:
             assert 0 < k["registers"] <= 255 and k["spill_bytes"] == 0
-        assert result["program"]["bytes"] <= result["ideal_bytes"] * 1.5
+        assert result["program"]["bytes"] <= result["ideal_bytes"] * 2.1
 
 
 @pytest.mark.tpu_check

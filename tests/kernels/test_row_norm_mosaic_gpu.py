@@ -28,15 +28,6 @@ def _ids(case):
     return f"{rows}x{width}-{jnp.dtype(dtype).name}"
 
 
-def _check_usable(fn):
-    """`fn()` where Mosaic GPU is usable; elsewhere, the `ValueError` naming the JAX needed."""
-    if USABLE:
-        return fn()
-    with pytest.raises(ValueError, match="Mosaic GPU kernels need JAX 0.12"):
-        fn()
-    return None
-
-
 def _value_and_grads(module, op, x, weight, bias, cotangent):
     def loss(x, weight, bias):
         y = getattr(module, op)(x, weight, bias, eps=EPS)
@@ -55,7 +46,7 @@ def test_forward_and_gradients_match_reference(op, case):
     x = ks.data((rows, width), dtype, seed=rows + width)
     weight, bias = ks.params(width, dtype)
     cotangent = ks.data((rows, width), jnp.float32, seed=3, loc=0.0, scale=1.0)
-    out = _check_usable(lambda: _value_and_grads(MOSAIC_GPU, op, x, weight, bias, cotangent))
+    out = ks.run_mosaic_gpu(lambda: _value_and_grads(MOSAIC_GPU, op, x, weight, bias, cotangent))
     if out is None:
         return
     y, grads = out
@@ -70,7 +61,7 @@ def test_forward_and_gradients_match_reference(op, case):
 def test_against_float64_oracle_at_large_mean():
     x = ks.data((37, 760), jnp.float32, loc=1e4, scale=1.0)
     weight, bias = ks.params(760)
-    y = _check_usable(lambda: MOSAIC_GPU.layer_norm(x, weight, bias, eps=EPS))
+    y = ks.run_mosaic_gpu(lambda: MOSAIC_GPU.layer_norm(x, weight, bias, eps=EPS))
     if y is not None:
         np.testing.assert_allclose(y, oracle.layer_norm(x, weight, bias, EPS), atol=5e-5)
 
@@ -78,7 +69,7 @@ def test_against_float64_oracle_at_large_mean():
 def test_constant_row_gives_exactly_the_bias():
     x = jnp.full((5, 160), 7.25, jnp.float32)
     _, bias = ks.params(160)
-    y = _check_usable(lambda: MOSAIC_GPU.layer_norm(x, jnp.ones(160), bias, eps=EPS))
+    y = ks.run_mosaic_gpu(lambda: MOSAIC_GPU.layer_norm(x, jnp.ones(160), bias, eps=EPS))
     if y is not None:
         np.testing.assert_array_equal(y, jnp.broadcast_to(bias, y.shape))
 
@@ -100,7 +91,7 @@ def test_fused_add_with_a_float32_residual(op):
         fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
         return jax.jit(fn)(x, residual, weight, bias)
 
-    out = _check_usable(lambda: run(MOSAIC_GPU))
+    out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
     if out is None:
         return
     (_, (y, h)), grads = out
@@ -129,7 +120,7 @@ def test_adaptive_per_group_parameters(op):
 
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, scale, shift, weight, bias)
 
-    out = _check_usable(lambda: run(MOSAIC_GPU))
+    out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
     if out is not None:
         for actual, expected in zip(out, run(reference), strict=True):
             ks.assert_matches(actual, expected)
@@ -139,7 +130,7 @@ def test_vmap_folds_into_one_kernel():
     x = ks.data((4, 37, 160), jnp.float32)
     weight, bias = ks.params(160)
     norm = functools.partial(MOSAIC_GPU.layer_norm, weight=weight, bias=bias, eps=EPS)
-    y = _check_usable(lambda: jax.vmap(norm)(x))
+    y = ks.run_mosaic_gpu(lambda: jax.vmap(norm)(x))
     if y is not None:
         expected = reference.layer_norm(x.reshape(-1, 160), weight, bias, eps=EPS)
         ks.assert_matches(y, expected.reshape(x.shape))
@@ -180,7 +171,7 @@ def _cuda_calls(impl, width):
         )
 
     text = ks.lowered(step, (x, weight, bias), "cuda")
-    return text.count("mosaic_gpu_v2"), ks.kernel_count(text, "cuda")
+    return text.count(ks.MOSAIC_GPU_CALL), text.count(ks.CUSTOM_CALLS["cuda"])
 
 
 def test_pallas_chooses_mosaic_gpu_on_cuda_where_it_can():
