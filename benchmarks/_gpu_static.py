@@ -990,6 +990,7 @@ def mosaic_gpu_compile(fn, *args, workdir: str | None = None):
     compiles its kernels inside XLA's compile and prints ptxas's report when
     `MOSAIC_GPU_DUMP_PTXAS` is set: it is captured from file descriptors 1 and 2."""
     import sys
+
     work = workdir or tempfile.mkdtemp(prefix="eqxnorm_mosaic_gpu_")
     log = os.path.join(work, "ptxas.txt")
     previous = os.environ.get("MOSAIC_GPU_DUMP_PTXAS")

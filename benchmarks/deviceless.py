@@ -3,13 +3,13 @@ kernels, found on a machine without one.
 
 For each case (op × shape × dtype × direction), the op's eqxnorm entry point with
 `impl="triton"` (the Pallas kernels pinned to Triton) is lowered for `cuda` and compiled
-deviceless (see `benchmarks._gpu_static`), and one row per Triton kernel is printed: grid, warps, registers, spills and occupancy on
-sm_90a (where the installed JAX exposes XLA's Triton compiler: jax 0.10), and the kernel's
-exact global-memory traffic from its IR, with the lanes out of bounds and the most writes of
-one output element. A line per case gives the whole program as XLA builds it for the H200:
-its launches, and the bytes they move against the op's ideal (`benchmarks._ops.case_bytes`:
-forward reads the inputs and writes the outputs once, backward reads `x`, the weight and the
-cotangents and writes the gradients once).
+deviceless (see `benchmarks._gpu_static`), and one row per Triton kernel is printed: grid,
+warps, registers, spills and occupancy on sm_90a (where the installed JAX exposes XLA's
+Triton compiler: jax 0.10), and the kernel's exact global-memory traffic from its IR, with
+the lanes out of bounds and the most writes of one output element. A line per case gives the
+whole program as XLA builds it for the H200: its launches, and the bytes they move against
+the op's ideal (`benchmarks._ops.case_bytes`: forward reads the inputs and writes the outputs
+once, backward reads `x`, the weight and the cotangents and writes the gradients once).
 
     python -m benchmarks.deviceless                         # every op, default shapes, bf16
     python -m benchmarks.deviceless --ops layer_norm --shapes 4096x8192 --dtypes float32
@@ -346,9 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write table.md and results.json there")
     parser.add_argument("--check", action="store_true", help="exit 1 on any problem")
     args = parser.parse_args(argv)
-    selected = cases(
-        args.ops, args.shapes, args.dtypes, args.direction, args.target, args.backend
-    )
+    selected = cases(args.ops, args.shapes, args.dtypes, args.direction, args.target, args.backend)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     environment = _environment(args.target)
     print(environment, file=sys.stderr)
