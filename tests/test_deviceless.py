@@ -110,7 +110,10 @@ def test_mosaic_gpu_training_step_compiles_cleanly_for_h200(op):
         assert {k["name"].removesuffix("_mosaic_gpu_kernel") for k in kernels} == _kernels(op)
         for k in kernels:
             assert 0 < k["registers"] <= 255 and k["spill_bytes"] == 0
-        assert result["program"]["bytes"] <= result["ideal_bytes"] * 2.1
+        # Every op near its ideal; BatchNorm's program also has its statistics pass and XLA's
+        # `dx` pass over x-sized arrays (the upper bound the README quotes).
+        bound = 2.3 if op == "batch_norm" else 1.1
+        assert result["program"]["bytes"] <= result["ideal_bytes"] * bound
 
 
 @pytest.mark.tpu_check
