@@ -242,3 +242,20 @@ def test_add_and_norm_pallas_matches_reference(cls):
         lambda layer, x: jax.vmap(layer.add_and_norm)(x, residual)[0],
         jr.normal(jr.key(6), (37, 160)),
     )
+
+
+def test_filter_vmap_ensemble_of_vmapped_layers():
+    """An `eqx.filter_vmap` ensemble (batched parameters) of a `jax.vmap`ped layer: no unit
+    axis reaches XLA, and each member equals its own functional call."""
+    make = eqx.filter_vmap(lambda key: _randomize(eqxnorm.LayerNorm(8), key))
+    ensemble = make(jr.split(jr.key(1), 3))
+    x = jr.normal(jr.key(2), (3, 5, 8))
+
+    @eqx.filter_vmap
+    def run(layer, x):
+        return jax.vmap(layer)(x)
+
+    assert "3x5x1x8" not in jax.jit(run).lower(ensemble, x).as_text()
+    for i in range(3):
+        expected = eqxnorm.functional.layer_norm(x[i], ensemble.weight[i], ensemble.bias[i])
+        np.testing.assert_allclose(run(ensemble, x)[i], expected, rtol=1e-6, atol=1e-6)
