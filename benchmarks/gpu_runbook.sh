@@ -6,8 +6,10 @@
 # 1. eqxnorm installed from this checkout without the network (`--no-index`): a machine
 #    whose image lacks a dependency gets it from wheels in `.whl/` (made where pip works:
 #    `pip download --no-deps --only-binary=:all: -d .whl beartype`).
-# 2. The kernel tests natively on the GPU (`JAX_PLATFORMS=cuda`: the Triton kernels compiled
-#    and run on the device, against the reference compiled by XLA for it), 4 minutes at most.
+# 2. The kernel tests natively on the GPU (`JAX_PLATFORMS=cuda`: the kernels `impl="auto"` picks
+#    there, Mosaic GPU's on Hopper and newer with JAX 0.12+, else Triton's, and the Mosaic GPU
+#    kernels pinned, compiled and run on the device against the reference compiled by XLA for
+#    it), 4 minutes at most.
 # 3. The full benchmark (`python -m benchmarks --full`: every op at the GPU suite's shapes, bf16
 #    and f32, against XLA, eqx.nn, Flax, PyTorch, Liger where installed and a device copy),
 #    4 minutes at most, its results (CSV, JSON, summary with the target verdicts, plots) under
@@ -52,11 +54,16 @@ step 30 "environment" bash -c "nvidia-smi; $python -c 'import jax, eqxnorm; prin
 # `-P`: the checkout's root must not shadow the installed package (see the README).
 step 240 "kernel tests on the GPU" env JAX_PLATFORMS=cuda "$python" -P -m pytest -q -x -p no:cacheprovider \
     tests/kernels/test_row_norm.py tests/kernels/test_group_norm.py \
-    tests/kernels/test_batch_norm.py tests/kernels/test_reference.py
+    tests/kernels/test_batch_norm.py tests/kernels/test_reference.py \
+    tests/kernels/test_row_norm_mosaic_gpu.py tests/kernels/test_group_norm_mosaic_gpu.py \
+    tests/kernels/test_batch_norm_mosaic_gpu.py
 step 240 "full benchmark" env JAX_PLATFORMS=cuda "$python" -m benchmarks --full --dtypes bfloat16 \
     --out "$results"
 step 60 "deviceless table" env JAX_PLATFORMS=cpu "$python" -m benchmarks.deviceless \
     --ops layer_norm rms_norm --shapes 4096x1024 --out "$results/deviceless"
+step 60 "deviceless table, Mosaic GPU" env JAX_PLATFORMS=cpu "$python" -m benchmarks.deviceless \
+    --ops layer_norm rms_norm --shapes 4096x1024 --backend mosaic_gpu \
+    --out "$results/deviceless-mosaic-gpu"
 
 if [ -n "${OUT:-}" ]; then
     cp -r "$results"/. "$OUT"/ 2>/dev/null || true
