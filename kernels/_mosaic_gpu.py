@@ -33,7 +33,7 @@ was found to fail or take minutes).
 `SMEM_BYTES`; wider rows run the Triton kernels, which read them twice.
 
 **Availability.** [`usable`][]: the installed JAX has the Mosaic GPU API these kernels are
-written for (0.12). [`target_supported`][]: the GPU compiled for has compute capability 9.0 or
+written for (0.12; 0.11.2 lacks `plgpu.store`, which the unmasked per-row stores need). [`target_supported`][]: the GPU compiled for has compute capability 9.0 or
 more (TMA).
 """
 
@@ -48,7 +48,15 @@ try:
 
     _API = all(
         hasattr(plgpu, name)
-        for name in ("kernel", "InterpretGPUParams", "Layout", "Tiling", "LoweringSemantics")
+        for name in (
+            "kernel",
+            "InterpretGPUParams",
+            "Layout",
+            "Tiling",
+            "LoweringSemantics",
+            "load",
+            "store",
+        )
     )
 except ImportError:  # pragma: no cover - a jaxlib without Mosaic GPU
     plgpu = None
