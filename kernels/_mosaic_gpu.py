@@ -33,8 +33,8 @@ was found to fail or take minutes).
 `SMEM_BYTES`; wider rows run the Triton kernels, which read them twice.
 
 **Availability.** [`usable`][]: the installed JAX has the Mosaic GPU API these kernels are
-written for (0.12; 0.11.2 lacks `plgpu.store`, which the unmasked per-row stores need). [`target_supported`][]: the GPU compiled for has compute capability 9.0 or
-more (TMA).
+written for (0.12; 0.11.2 lacks `plgpu.store`, which the per-row stores need).
+[`target_supported`][]: the GPU compiled for has compute capability 9.0 or more (TMA).
 """
 
 import functools

@@ -207,6 +207,20 @@ def _forward_body(*refs, boxes, width, eps, center, has_residual, has_weight, ha
     plgpu.wait_smem_to_gmem(0)
 
 
+def _rows_kernel(body, target: Target, out_type, scratch, programs: int, groups: int, name: str):
+    """The Mosaic GPU kernel of `body` over the grid `(programs, groups)` (axes `"rows"`,
+    `"groups"`), named `name`."""
+    return m.kernel(
+        body,
+        interpret=target.interpret,
+        out_type=tuple(out_type),
+        scratch_types=scratch,
+        grid=(programs, groups),
+        grid_names=("rows", "groups"),
+        kernel_name=name,
+    )
+
+
 def _pad_rows(a, rows: int):
     """`a` `(groups, r, ...)` with zero rows appended up to `rows` (a TMA box may not be taller
     than the array; only inputs shorter than one program's rows are padded)."""
@@ -332,14 +346,8 @@ def forward_call(
         has_bias=has_bias,
         per_box=per_box,
     )
-    run = m.kernel(
-        body,
-        interpret=target.interpret,
-        out_type=tuple(out_type),
-        scratch_types=scratch,
-        grid=(-(-padded_rows // boxes.block_rows), groups),
-        grid_names=("rows", "groups"),
-        kernel_name=name,
+    run = _rows_kernel(
+        body, target, out_type, scratch, -(-padded_rows // boxes.block_rows), groups, name
     )
     y, *outs = run(*(a for a in (x_p, r_p) if a is not None), *params)
     h = outs.pop(0) if residual is not None else None
@@ -512,15 +520,7 @@ def backward_call(
         param_grads=param_grads,
         per_box=per_box,
     )
-    run = m.kernel(
-        body,
-        interpret=target.interpret,
-        out_type=tuple(out_type),
-        scratch_types=scratch,
-        grid=(blocks, groups),
-        grid_names=("rows", "groups"),
-        kernel_name=name,
-    )
+    run = _rows_kernel(body, target, out_type, scratch, blocks, groups, name)
     inputs = [x_p, dy_p, *stats] + [a for a in (weight, dh_p) if a is not None]
     dx, *outs = run(*inputs)
     dres = outs.pop(0)[:, :rows] if len(d_dtypes) == 2 else None
