@@ -309,7 +309,7 @@ def test_annotation_checks_the_return(monkeypatch):
         return x[:, :-1]
 
     monkeypatch.setattr(
-        eqxnorm._group_norm, "functional", types.SimpleNamespace(group_norm=wrong_shape)
+        eqxnorm._group_norm, "functional", types.SimpleNamespace(_group_norm=wrong_shape)
     )
     with pytest.raises(TypeCheckError, match="return"):
         GroupNorm(2, 4)(jnp.ones((4, 3)))
