@@ -100,18 +100,15 @@ def pool_members(kind: str, value: Array, axis_name: AxisName) -> Array:
 def _mean(axis_name: AxisName | None, axis, *values: Array) -> tuple[Array, ...]:
     """Means of `values` over `axis` (and over the members of `axis_name`).
 
-    Each is `sum(v) / n`, a division, not `sum(v) · (1/n)`: XLA may recompute the mean
+    Each is the sum of `v · (1/n)`, not `sum(v) / n`: the mean is then the output of a
+    reduction, which XLA keeps as one rounded value, whereas `sum · (1/n)` it may recompute
     inside each consumer's fusion, where `x - sum · (1/n)` can become one fused multiply-add
     that rounds differently from `x - mean` (so the numerics would depend on what XLA
-    fuses); a quotient rounds the same wherever it is computed (XLA turns it into a product
-    only for a power-of-two `n`, where the two are equal). Nor `sum(v · (1/n))`: XLA's CPU
-    backend then writes the scalar `1/n` broadcast to `v`'s whole shape before reducing, a
-    pass over memory as large as the input (LayerNorm forward at 8192x1024: ~25% of its
-    time). A mean of exact zeros stays exactly 0."""
+    fuses). A mean of exact zeros stays exactly 0."""
     axes = (axis,) if isinstance(axis, int) else axis
     count = math.prod(values[0].shape[a] for a in axes) * axis_count(axis_name)
-    divisor = jnp.asarray(max(count, 1), values[0].dtype)
-    means = tuple(jnp.sum(v, axis=axis, keepdims=True) / divisor for v in values)
+    scale = jnp.asarray(1 / max(count, 1), values[0].dtype)
+    means = tuple(jnp.sum(v * scale, axis=axis, keepdims=True) for v in values)
     return means if axis_name is None else tuple(pool_members("sum", m, axis_name) for m in means)
 
 
