@@ -281,7 +281,10 @@ def _normalized_tangent(axis, center, axis_name, x, shift, offset, rstd, weight,
         if center:
             t_mean = _pmean(jnp.mean(t, axis=axis, keepdims=True), axis_name)
             p = p - t_mean
-        terms.append(p * rstd if weight is None else p * (rstd * weight.astype(cdt)))
+        # `(p · r) · γ`, not `p · (r · γ)`: with a constant γ (a closed-over layer) under
+        # `vmap`, the latter's fusion crashes XLA's CPU backend (jaxlib 0.10.2, YNNPACK) at
+        # 4096x1024 and above.
+        terms.append(p * rstd if weight is None else (p * rstd) * weight.astype(cdt))
     if tw is not None:
         terms.append(xhat * tw.astype(cdt))
     if tb is not None:
