@@ -22,6 +22,7 @@ import importlib.util
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -37,8 +38,7 @@ LEARNING_RATE = 1e-3
 
 
 def _norms(library: str):
-    import equinox as eqx
-
+    """The namespace the block's norms come from: `eqxnorm`, or `eqx.nn`."""
     if library == "eqxnorm":
         import eqxnorm
 
@@ -46,94 +46,86 @@ def _norms(library: str):
     return eqx.nn
 
 
-class _Transformer:
-    """The pre-norm transformer block for one example `(tokens, dim)`, norms from `nn`."""
+class _TransformerBlock(eqx.Module):
+    """The pre-norm transformer block on one example `(tokens, dim)`."""
 
-    @staticmethod
-    def make(library: str, dim: int, key) -> Any:
-        import equinox as eqx
+    norm1: Any
+    norm2: Any
+    qkv: eqx.nn.Linear
+    proj: eqx.nn.Linear
+    up: eqx.nn.Linear
+    down: eqx.nn.Linear
+    fused: bool = eqx.field(static=True)
 
-        nn = _norms(library)
-        keys = jax.random.split(key, 4)
+    def __call__(self, x):
+        y = jax.vmap(self.norm1)(x)
+        q, k, v = jnp.split(jax.vmap(self.qkv)(y), 3, axis=-1)
+        scores = q @ k.T / jnp.sqrt(x.shape[-1]).astype(x.dtype)
+        a = jax.vmap(self.proj)(jax.nn.softmax(scores, axis=-1) @ v)
+        if self.fused:
+            y, h = jax.vmap(self.norm2.add_and_norm)(a, x)
+        else:
+            h = a + x
+            y = jax.vmap(self.norm2)(h)
+        return h + jax.vmap(self.down)(jax.nn.gelu(jax.vmap(self.up)(y)))
 
-        class Block(eqx.Module):
-            norm1: Any
-            norm2: Any
-            qkv: eqx.nn.Linear
-            proj: eqx.nn.Linear
-            up: eqx.nn.Linear
-            down: eqx.nn.Linear
 
-            def __call__(self, x):
-                h = x
-                y = jax.vmap(self.norm1)(h)
-                q, k, v = jnp.split(jax.vmap(self.qkv)(y), 3, axis=-1)
-                weights = jax.nn.softmax(q @ k.T / jnp.sqrt(dim).astype(x.dtype), axis=-1)
-                a = jax.vmap(self.proj)(weights @ v)
-                if library == "eqxnorm":
-                    y, h = jax.vmap(self.norm2.add_and_norm)(a, h)
-                else:
-                    h = a + h
-                    y = jax.vmap(self.norm2)(h)
-                return h + jax.vmap(self.down)(jax.nn.gelu(jax.vmap(self.up)(y)))
+class _ConvBlock(eqx.Module):
+    """The residual conv block on one example `(channels, height, width)`."""
 
-        return Block(
+    norm1: Any
+    norm2: Any
+    conv1: eqx.nn.Conv2d
+    conv2: eqx.nn.Conv2d
+
+    def __call__(self, x):
+        y = self.conv1(jax.nn.silu(self.norm1(x)))
+        return x + self.conv2(jax.nn.silu(self.norm2(y)))
+
+
+def _make_block(block: str, library: str, shape: tuple[int, ...], key) -> eqx.Module:
+    nn = _norms(library)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    if block == "transformer":
+        dim = shape[-1]
+        return _TransformerBlock(
             nn.RMSNorm(dim, use_bias=False),
             nn.RMSNorm(dim, use_bias=False),
-            eqx.nn.Linear(dim, 3 * dim, key=keys[0]),
-            eqx.nn.Linear(dim, dim, key=keys[1]),
-            eqx.nn.Linear(dim, 4 * dim, key=keys[2]),
-            eqx.nn.Linear(4 * dim, dim, key=keys[3]),
+            eqx.nn.Linear(dim, 3 * dim, key=k1),
+            eqx.nn.Linear(dim, dim, key=k2),
+            eqx.nn.Linear(dim, 4 * dim, key=k3),
+            eqx.nn.Linear(4 * dim, dim, key=k4),
+            fused=library == "eqxnorm",
         )
-
-
-class _Conv:
-    """The residual conv block for one example `(channels, height, width)`."""
-
-    @staticmethod
-    def make(library: str, channels: int, key) -> Any:
-        import equinox as eqx
-
-        nn = _norms(library)
-        keys = jax.random.split(key, 2)
-
-        class Block(eqx.Module):
-            norm1: Any
-            norm2: Any
-            conv1: eqx.nn.Conv2d
-            conv2: eqx.nn.Conv2d
-
-            def __call__(self, x):
-                y = self.conv1(jax.nn.silu(self.norm1(x)))
-                return x + self.conv2(jax.nn.silu(self.norm2(y)))
-
-        groups = min(GROUPS, channels)
-        return Block(
-            nn.GroupNorm(groups, channels),
-            nn.GroupNorm(groups, channels),
-            eqx.nn.Conv2d(channels, channels, 3, padding=1, key=keys[0]),
-            eqx.nn.Conv2d(channels, channels, 3, padding=1, key=keys[1]),
-        )
+    channels = shape[1]
+    groups = min(GROUPS, channels)
+    return _ConvBlock(
+        nn.GroupNorm(groups, channels),
+        nn.GroupNorm(groups, channels),
+        eqx.nn.Conv2d(channels, channels, 3, padding=1, key=k1),
+        eqx.nn.Conv2d(channels, channels, 3, padding=1, key=k2),
+    )
 
 
 def _equinox_step(block: str, library: str, shape: tuple[int, ...]) -> tuple[Callable, Any]:
     """`(step, model)`: `step(model, x) -> (model, loss)`, jitted with `eqx.filter_jit`."""
-    import equinox as eqx
-
-    key = jax.random.key(0)
-    maker = _Transformer if block == "transformer" else _Conv
-    model = maker.make(library, shape[-1] if block == "transformer" else shape[1], key)
+    model = _make_block(block, library, shape, jax.random.key(0))
 
     def loss(model, x):
         return jnp.mean(jax.vmap(model)(x) ** 2)
 
-    @eqx.filter_jit
-    def step(model, x):
-        value, grads = eqx.filter_value_and_grad(loss)(model, x)
-        model = jax.tree.map(lambda p, g: p - LEARNING_RATE * g, model, grads)
-        return model, value
+    return _sgd_step(loss, eqx.filter_value_and_grad, eqx.filter_jit), model
 
-    return step, model
+
+def _sgd_step(loss: Callable, value_and_grad: Callable, jit: Callable) -> Callable:
+    """`step(params, x) -> (params, loss)`: one SGD step on `loss`, jitted by `jit`."""
+
+    @jit
+    def step(params, x):
+        value, grads = value_and_grad(loss)(params, x)
+        return jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads), value
+
+    return step
 
 
 def _flax_step(block: str, shape: tuple[int, ...]) -> tuple[Callable, Any]:
@@ -180,13 +172,7 @@ def _flax_step(block: str, shape: tuple[int, ...]) -> tuple[Callable, Any]:
     def loss(params, x):
         return jnp.mean(nnx.merge(graph, params)(x) ** 2)
 
-    @jax.jit
-    def step(params, x):
-        value, grads = jax.value_and_grad(loss)(params, x)
-        params = jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads)
-        return params, value
-
-    return step, params
+    return _sgd_step(loss, jax.value_and_grad, jax.jit), params
 
 
 def available(library: str) -> str | None:

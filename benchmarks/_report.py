@@ -515,6 +515,21 @@ def summary_markdown(document: dict, results: list[Result], plots: list[Path]) -
             "",
             *table_lines,
         ]
+    steps = [r for r in rows if r["status"] == "ok" and r["direction"] == "step"]
+    if steps:
+        lines += [
+            "",
+            "## Training steps",
+            "",
+            "One jitted step (forward, loss, gradients, SGD update) of each block, median ms.",
+            "",
+            "| block | shape | library | ms | note |",
+            "|---|---|---|---:|---|",
+        ]
+        lines += [
+            f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.2f} | {r['note']} |"
+            for r in steps
+        ]
     skipped = not_run(rows)
     if skipped:
         lines += ["", "## Not run", ""] + [f"- {s.strip()}" for s in skipped[2:]]
