@@ -265,3 +265,20 @@ def test_vmap_is_the_batched_call_without_a_unit_axis(cls):
     np.testing.assert_allclose(
         jax.jit(jax.grad(module))(x), jax.jit(jax.grad(batched))(x), rtol=1e-5, atol=1e-6
     )
+
+
+def test_filter_vmap_ensemble_of_vmapped_layers():
+    """An `eqx.filter_vmap` ensemble (parameters batched over members) of a `jax.vmap`ped
+    layer: no unit axis reaches XLA, and each member normalizes with its own parameters."""
+    weight = 1 + 0.5 * jr.normal(jr.key(0), (3, 8))
+    bias = jr.normal(jr.key(1), (3, 8))
+    # What `eqx.filter_vmap(make_layer)(keys)` builds: one layer whose arrays are stacked.
+    ensemble = eqx.tree_at(lambda m: (m.weight, m.bias), eqxnorm.LayerNorm(8), (weight, bias))
+    x = jr.normal(jr.key(2), (3, 5, 8))
+    lowered = eqx.filter_jit(eqx.filter_vmap(lambda layer, x: jax.vmap(layer)(x))).lower(
+        ensemble, x
+    )
+    assert "3x5x1x8" not in lowered.as_text()
+    expected = oracle.layer_norm(x, None, None, 1e-5)
+    expected = expected * np.asarray(weight)[:, None] + np.asarray(bias)[:, None]
+    oracle.assert_close(lowered.compile()(ensemble, x), expected)
