@@ -22,7 +22,7 @@ import jax
 
 from eqxnorm._dispatch import resolve_impl
 
-from . import _contenders, _ops, _plots, _report, _runner, _timing
+from . import _blocks, _contenders, _ops, _plots, _report, _runner, _timing
 from ._progress import Progress
 
 HERE = Path(__file__).resolve().parent
@@ -147,7 +147,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive(1), help="timed samples (default: the suite's)")
     p.add_argument("--warmup", type=_positive(0), help="warm-up calls (default: the suite's)")
     p.add_argument(
-        "--out", type=Path, help="output directory (default: benchmarks/results/<device>/)"
+        "--out",
+        type=Path,
+        help="output directory (default: benchmarks/results/local/<device>/, ignored by git)",
+    )
+    p.add_argument(
+        "--blocks",
+        metavar="BLOCK,...",
+        type=_choices(("none", *_blocks.BLOCKS), "block"),
+        help="training-step blocks to time against eqx.nn and Flax NNX: transformer, conv, or "
+        "none (default: both, unless --ops is given)",
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument(
@@ -159,6 +168,9 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser().parse_args(argv)
     suite = SUITES[args.suite]
+    if args.blocks is None:
+        args.blocks = () if args.ops else _blocks.BLOCKS
+    args.blocks = tuple(b for b in args.blocks if b != "none")
     args.ops = args.ops or tuple(_ops.OPS)
     args.dtypes = args.dtypes or suite.dtypes
     args.direction = tuple(
@@ -175,6 +187,12 @@ def device_slug() -> str:
     """`cpu`, or the accelerator's name as a path component (`NVIDIA H200` → `nvidia-h200`)."""
     kind = jax.devices()[0].device_kind
     return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-") or jax.default_backend()
+
+
+def default_out() -> Path:
+    """`benchmarks/results/local/<device>/`, which git ignores: a user's run leaves the
+    checkout clean; the committed results are refreshed on purpose, with `--out`."""
+    return HERE / "results" / "local" / device_slug()
 
 
 def _version(distribution: str) -> str | None:
@@ -292,13 +310,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if backend == "cpu" and args.impls is None:
         left_out = ", ".join(f"{n} ({why})" for n, why in _contenders.CPU_OPT_IN.items())
         print(f"note: not run by default on CPU, add with --impls: {left_out}.", file=sys.stderr)
-    out = args.out or HERE / "results" / device_slug()
+    out = args.out or default_out()
     out.mkdir(parents=True, exist_ok=True)
     runner = _runner.Runner(args, contenders)
-    progress = Progress(sum(runner.steps(case) for case in cases))
+    progress = Progress(sum(runner.steps(case) for case in cases) + len(args.blocks))
     rows: list[dict] = []
     for case in cases:
         rows += runner.run(case, progress)
+    for block in args.blocks:
+        progress.step(f"{block} block training step: {', '.join(_blocks.LIBRARIES)}")
+        rows += _blocks.run((block,), args.repeats, args.warmup)
     progress.close()
     _report.fill_derived(rows)
 

@@ -201,24 +201,37 @@ def eqxnorm_unfused(impl: str) -> Callable[[Problem], JaxCase]:
 # --- eqx.nn ------------------------------------------------------------------------------------
 
 
-def _eqx_norm(name: str, problem: Problem) -> Callable:
-    """`(args, x) -> y` with the `eqx.nn` layer, `jax.vmap`ped over the batch as Equinox users
-    do (row norms: over every leading axis), its parameters replaced by the problem's."""
+def _with_params(layer, a: dict):
+    """An Equinox layer with its `weight`/`bias` replaced by the problem's."""
     import equinox as eqx
 
+    names = [n for n in ("weight", "bias") if getattr(layer, n, None) is not None]
+    if not names:
+        return layer
+    return eqx.tree_at(lambda m: [getattr(m, n) for n in names], layer, [a[n] for n in names])
+
+
+def _over_rows(fn: Callable, *arrays):
+    """`jax.vmap(fn)` over every leading axis of `(*rows, dim)` arrays, one row per call."""
+    flat = [x.reshape(-1, x.shape[-1]) for x in arrays]
+    out = jax.vmap(fn)(*flat)
+    return jax.tree.map(lambda y: y.reshape(arrays[0].shape), out)
+
+
+def _eqx_norm(name: str, problem: Problem, nn=None) -> Callable:
+    """`(args, x) -> y` with the layer of `nn` (`eqx.nn` by default; `eqxnorm`, whose layers
+    take the same arguments), `jax.vmap`ped over the batch as Equinox users do (row norms: over
+    every leading axis), its parameters replaced by the problem's."""
+    import equinox as eqx
+
+    nn = eqx.nn if nn is None else nn
     dim = problem.x.shape[-1]
     channels = problem.x.shape[1] if problem.op.family == "channel" else 0
-
-    def with_params(layer, a):
-        names = [n for n in ("weight", "bias") if getattr(layer, n, None) is not None]
-        if not names:
-            return layer
-        return eqx.tree_at(lambda m: [getattr(m, n) for n in names], layer, [a[n] for n in names])
+    with_params = _with_params
 
     def rows(layer):
         def norm(a, x):
-            flat = x.reshape(-1, x.shape[-1])
-            return jax.vmap(with_params(layer, a))(flat).reshape(x.shape)
+            return _over_rows(with_params(layer, a), x)
 
         return norm
 
@@ -229,18 +242,22 @@ def _eqx_norm(name: str, problem: Problem) -> Callable:
         return norm
 
     if problem.op.name == "adaptive_layer_norm":
-        return rows(eqx.nn.LayerNorm(dim, eps=EPS, use_weight=False, use_bias=False))
+        return rows(nn.LayerNorm(dim, eps=EPS, use_weight=False, use_bias=False))
     if name == "layer_norm":
-        return rows(eqx.nn.LayerNorm(dim, eps=EPS))
+        return rows(nn.LayerNorm(dim, eps=EPS))
     if name == "rms_norm":
-        return rows(eqx.nn.RMSNorm(dim, eps=EPS, use_bias=False))
+        return rows(nn.RMSNorm(dim, eps=EPS, use_bias=False))
     if name == "group_norm":
-        return per_example(eqx.nn.GroupNorm(problem.groups, channels, eps=EPS))
+        return per_example(nn.GroupNorm(problem.groups, channels, eps=EPS))
     if name == "instance_norm":
-        return per_example(eqx.nn.GroupNorm(channels, channels, eps=EPS))
-    layer, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
-        channels, "batch", eps=EPS, mode="batch"
-    )
+        instance = getattr(nn, "InstanceNorm", None)
+        layer = (
+            nn.GroupNorm(channels, channels, eps=EPS)
+            if instance is None
+            else instance(channels, eps=EPS)
+        )
+        return per_example(layer)
+    layer, state = eqx.nn.make_with_state(nn.BatchNorm)(channels, "batch", eps=EPS, mode="batch")
 
     def batch_norm(a, x):
         over_batch = dict(axis_name="batch", in_axes=(0, None), out_axes=(0, None))
@@ -261,6 +278,42 @@ def eqx_build(problem: Problem) -> JaxCase:
     fn = _sequence(op, _eqx_norm(op.base or op.name, problem))
     layer = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm"}.get(op.base, "")
     note = _composed_note(op, f"vmap(eqx.nn.{layer})") if op.fused else _EQX_NOTES.get(op.name, "")
+    args, cts = _jax_arrays(problem)
+    return JaxCase(fn, args, cts, note)
+
+
+def module_build(problem: Problem) -> JaxCase:
+    """eqxnorm's layers as users call them: one example per call, `jax.vmap`ped over the batch
+    (the fused ops through `LayerNorm.add_and_norm` / `RMSNorm.add_and_norm`, adaLN through
+    `functional.adaptive_layer_norm` on one example, as `AdaptiveLayerNorm` calls it after
+    its projection), with `impl="auto"`. The targets on CPU are judged on these rows."""
+    import eqxnorm
+    import eqxnorm.functional as F
+
+    op = problem.op
+    _require_eqxnorm(op.name, kernel_name(op), "auto")
+    dim = problem.x.shape[-1]
+    if op.name in ("add_layer_norm", "add_rms_norm"):
+        layer_cls = eqxnorm.LayerNorm if op.base == "layer_norm" else eqxnorm.RMSNorm
+        layer = layer_cls(dim, eps=EPS, **({} if op.base == "layer_norm" else {"use_bias": False}))
+
+        def fn(a):
+            return _over_rows(_with_params(layer, a).add_and_norm, a["x"], a["residual"])
+
+        note = f"vmap({layer_cls.__name__}.add_and_norm)"
+    elif op.name == "adaptive_layer_norm":
+
+        def example(x, scale, shift):
+            return F.adaptive_layer_norm(x, scale, shift, eps=EPS)
+
+        def fn(a):
+            return (jax.vmap(example)(a["x"], a["scale"], a["shift"]),)
+
+        note = "vmap(functional.adaptive_layer_norm) per example"
+    else:
+        fn = _sequence(op, _eqx_norm(op.name, problem, eqxnorm))
+        note = _EQX_NOTES.get(op.name, "").replace("eqx.nn.GroupNorm(C, C)", "InstanceNorm")
+        note = note.replace("eqx.nn.", "")
     args, cts = _jax_arrays(problem)
     return JaxCase(fn, args, cts, note)
 
@@ -543,6 +596,12 @@ CONTENDERS: dict[str, Contender] = {
             "fused ops only: the add/modulation in XLA around eqxnorm's reference norm",
             eqxnorm_unfused("reference"),
             fused_only=True,
+        ),
+        Contender(
+            "module",
+            "jax",
+            "eqxnorm's layers, impl='auto', vmapped over the batch as users call them",
+            module_build,
         ),
         Contender("eqx", "jax", "equinox.nn layers, vmapped over the batch", eqx_build),
         Contender("flax", "jax", "Flax NNX layers (split/merge, jitted)", flax_build, _check_flax),

@@ -247,19 +247,33 @@ def _bfloat16() -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16)
 
 
+def case_arrays(
+    op: Op, shape: tuple[int, ...], direction: str
+) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """`(reads, writes)`: the shapes of the arrays `direction` of `op` ideally reads and
+    writes, each once (see the module docstring); `fwd+bwd` lists the forward's then the
+    backward's. The copy roofline moves exactly these."""
+    shapes = input_shapes(op, shape)
+
+    def of(names) -> list[tuple[int, ...]]:
+        # Outputs (y, h) and their cotangents have x's shape.
+        return [shapes.get(n, shapes["x"]) for n in names]
+
+    forward = (of(op.inputs), of(op.outputs))
+    backward = (of((*op.saved, *op.outputs)), of(op.grads))
+    if direction == "fwd":
+        return forward
+    if direction == "bwd":
+        return backward
+    return forward[0] + backward[0], forward[1] + backward[1]
+
+
 def case_bytes(op: Op, shape: tuple[int, ...], dtype: str, direction: str) -> int:
     """The bytes `direction` of `op` must move at `shape` and `dtype` (see the module
     docstring); computed from the shapes alone, before any array exists."""
     itemsize = _numpy_dtype(dtype).itemsize
-    shapes = input_shapes(op, shape)
-
-    def nbytes(name: str) -> int:
-        # Outputs (y, h) and their cotangents have x's shape and dtype.
-        return math.prod(shapes.get(name, shapes["x"])) * itemsize
-
-    forward = sum(nbytes(n) for n in (*op.inputs, *op.outputs))
-    backward = sum(nbytes(n) for n in (*op.saved, *op.outputs, *op.grads))
-    return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[direction]
+    reads, writes = case_arrays(op, shape, direction)
+    return sum(math.prod(s) for s in (*reads, *writes)) * itemsize
 
 
 def op_bytes(problem: Problem, direction: str) -> int:

@@ -24,7 +24,8 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "ok"]
+    # The training-step blocks have one shape each: no curve to draw.
+    ok = [r for r in rows if r["status"] == "ok" and r["direction"] != "step"]
     paths = []
     for op, dtype in dict.fromkeys((r["op"], r["dtype"]) for r in ok):
         mine = [r for r in ok if r["op"] == op and r["dtype"] == dtype]

@@ -2,7 +2,7 @@
 
 Each result row is a dict with the keys in [`COLUMNS`][]. `status` is `"ok"`, `"skipped"`
 (the contender cannot run that case here; `note` says why) or `"failed"` (it raised; `note`
-has the error). The targets of issues 5 and 6 are evaluated here, on the measured rows only.
+has the error). The targets of issues 5, 6 and 16 are evaluated here, on the measured rows only.
 """
 
 import csv
@@ -150,7 +150,8 @@ def write_json(document: dict, path: Path) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-    """One target's verdict: `status` is `"MET"`, `"MISSED"` or `"NOT MEASURED"`."""
+    """One target's verdict: `status` is `"MET"`, `"MISSED"`, `"TOO NOISY"` (the 95%
+    confidence interval of a ratio straddles the threshold) or `"NOT MEASURED"`."""
 
     platform: str
     target: str
@@ -195,18 +196,91 @@ def _worst(
     return ("MET" if ok else "MISSED"), summary
 
 
-def _geomean_ratio(pairs: list[tuple[dict, dict]], threshold: float) -> tuple[str, str]:
-    """The verdict on the geometric mean of `other.ms / impl.ms` over `pairs`."""
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond the table).
+_T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13)
+_T95_30 = 2.04
+
+
+def _t95(df: int) -> float:
+    if df <= len(_T95):
+        return _T95[df - 1]
+    return _T95_30 if df <= 30 else 1.96
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """The geometric mean of a speed-up ratio over cases, with its 95% confidence interval."""
+
+    mean: float
+    low: float
+    high: float
+    cases: int
+    rounds: int
+
+    def verdict(self, threshold: float) -> str:
+        """MET when the whole interval is at or above `threshold`, MISSED when it is below,
+        else TOO NOISY."""
+        if self.low >= threshold:
+            return "MET"
+        if self.high < threshold:
+            return "MISSED"
+        return "TOO NOISY"
+
+    def text(self) -> str:
+        return (
+            f"{self.mean:.2f}x (95% CI {self.low:.2f}-{self.high:.2f}; {self.cases} case(s), "
+            f"{self.rounds} paired rounds)"
+        )
+
+
+def ratio_interval(pairs: list[tuple[dict, dict]]) -> Interval | None:
+    """`other / impl` time ratios over `pairs` of rows, as a geometric mean with a 95%
+    confidence interval, from the samples of each round (`samples_ms`, taken in ABBA rounds, so
+    sample `i` of both ran side by side): per case the mean and variance of the per-round log
+    ratios; the geometric mean is the mean over cases, its standard error from the cases'
+    variances, the t quantile with the pooled degrees of freedom. `None` without at least two
+    rounds in every case."""
+    means, variances, rounds = [], [], 0
+    for r, o in pairs:
+        logs = [
+            math.log(b / a)
+            for a, b in zip(r.get("samples_ms") or (), o.get("samples_ms") or (), strict=False)
+        ]
+        if len(logs) < 2:
+            return None
+        means.append(statistics.fmean(logs))
+        variances.append(statistics.variance(logs) / len(logs))
+        rounds += len(logs)
+    if not means:
+        return None
+    k = len(means)
+    centre = statistics.fmean(means)
+    half = _t95(rounds - k) * math.sqrt(sum(variances)) / k
+    return Interval(math.exp(centre), math.exp(centre - half), math.exp(centre + half), k, rounds)
+
+
+def _ratio_target(pairs: list[tuple[dict, dict]], threshold: float) -> tuple[str, str]:
+    """The verdict on the geometric mean of `other.ms / impl.ms` over `pairs`, judged by its
+    confidence interval (see [`ratio_interval`][]), the worst case named."""
     if not pairs:
         return "NOT MEASURED", "no matching rows"
+    interval = ratio_interval(pairs)
     ratios = [o["ms"] / r["ms"] for r, o in pairs]
-    mean = math.exp(statistics.fmean(math.log(x) for x in ratios))
     worst = min(range(len(pairs)), key=lambda i: ratios[i])
-    summary = (
-        f"geometric mean {mean:.2f}x over {len(pairs)} cases; worst {ratios[worst]:.2f}x at "
-        f"{_at(pairs[worst][0])}"
-    )
-    return ("MET" if mean >= threshold else "MISSED"), summary
+    worst_text = f"worst {ratios[worst]:.2f}x at {_at(pairs[worst][0])}"
+    if interval is None:
+        mean = math.exp(statistics.fmean(math.log(x) for x in ratios))
+        return "TOO NOISY", f"{mean:.2f}x, fewer than 2 paired rounds for an interval; {worst_text}"
+    return interval.verdict(threshold), f"{interval.text()}; {worst_text}"
+
+
+def _beside(rows: list[dict], impl: str, other: str, **match) -> str:
+    """`; <other> is N.NNx faster/slower` (geometric mean of the medians) when measured."""
+    pairs = _paired(rows, impl, other, **match)
+    if not pairs:
+        return ""
+    mean = math.exp(statistics.fmean(math.log(r["ms"] / o["ms"]) for r, o in pairs))
+    return f"; {other} {mean:.2f}x faster" if mean >= 1 else f"; {other} {1 / mean:.2f}x slower"
 
 
 def _big_rows(r: dict) -> bool:
@@ -214,12 +288,14 @@ def _big_rows(r: dict) -> bool:
 
 
 def evaluate_targets(rows: list[dict], platform: str, auto: str) -> list[Result]:
-    """Every target of issues 5 and 6 with its verdict on `rows`.
+    """Every target of issues 5, 6 and 16 with its verdict on `rows`.
 
     `platform` is JAX's backend (`"cpu"`, `"gpu"`, `"tpu"`); `auto` the implementation
     `impl="auto"` resolves to there. The GPU targets are judged on bfloat16 rows with at least
-    4096 rows, worst case over the shapes; the CPU ones on the geometric mean over the measured
-    shapes and dtypes (single shapes are noisy on a shared CPU), residuals on the worst case.
+    4096 rows, worst case over the shapes; the CPU speed targets on the `module` rows (the
+    layers under `jax.vmap`, as users call them) and the training-step blocks, by the
+    confidence interval of the geometric mean over the measured shapes and dtypes (see
+    [`ratio_interval`][]); residuals on the worst case.
     """
     results: list[Result] = []
 
@@ -337,24 +413,28 @@ def evaluate_targets(rows: list[dict], platform: str, auto: str) -> list[Result]
             _worst(candidates, pct, 80, "%", True),
         )
 
-    ops_measured = list(dict.fromkeys(r["op"] for r in rows))
+    ops_measured = list(dict.fromkeys(r["op"] for r in rows if r["direction"] != "step"))
     for op in ops_measured:
-        add(
-            "cpu",
-            f"{op} fwd no slower than eqx.nn (impl='auto' = {auto})",
-            _geomean_ratio(_paired(rows, auto, "eqx", op=op, direction="fwd"), 1.0),
-        )
-        add(
-            "cpu",
-            f"{op} fwd+bwd >= 1.1x eqx.nn (impl='auto' = {auto})",
-            _geomean_ratio(_paired(rows, auto, "eqx", op=op, direction="fwd+bwd"), 1.1),
-        )
+        for direction, threshold in (("fwd", 1.0), ("fwd+bwd", 1.2)):
+            status, text = _ratio_target(
+                _paired(rows, "module", "eqx", op=op, direction=direction), threshold
+            )
+            text += _beside(rows, "module", "torch", op=op, direction=direction)
+            add(
+                "cpu",
+                f"{op} {direction} >= {threshold}x eqx.nn (module under vmap, impl='auto')",
+                (status, text),
+            )
         residuals = [r for r in _where(rows, op=op, impl=auto) if r["residual_ratio"] is not None]
         add(
             "cpu",
             f"{op} residuals kept for the backward <= 1.05x the input (impl='auto')",
             _worst(residuals, lambda r: r["residual_ratio"], 1.05, "x", False),
         )
+    for block in dict.fromkeys(r["op"] for r in rows if r["direction"] == "step"):
+        status, text = _ratio_target(_paired(rows, "eqxnorm", "eqx", op=block), 1.1)
+        text += _beside(rows, "eqxnorm", "flax", op=block)
+        add("cpu", f"{block} training step >= 1.1x eqx.nn", (status, text))
     # This platform's targets first.
     return sorted(results, key=lambda r: r.platform != platform)
 
@@ -369,7 +449,7 @@ def _nchw_target_shape(shape: str) -> bool:
 
 def targets_text(results: list[Result]) -> str:
     width = max(len(r.target) for r in results)
-    lines = ["Targets (issues 5 and 6), judged on this run's measurements:"]
+    lines = ["Targets (issues 5, 6 and 16), judged on this run's measurements:"]
     for r in results:
         lines.append(f"  {r.status:<12} {r.target:<{width}}  {r.measured}")
     return "\n".join(lines)
@@ -434,6 +514,21 @@ def summary_markdown(document: dict, results: list[Result], plots: list[Path]) -
             "dtypes (above 1: faster than the reference).",
             "",
             *table_lines,
+        ]
+    steps = [r for r in rows if r["status"] == "ok" and r["direction"] == "step"]
+    if steps:
+        lines += [
+            "",
+            "## Training steps",
+            "",
+            "One jitted step (forward, loss, gradients, SGD update) of each block, median ms.",
+            "",
+            "| block | shape | library | ms | note |",
+            "|---|---|---|---:|---|",
+        ]
+        lines += [
+            f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.2f} | {r['note']} |"
+            for r in steps
         ]
     skipped = not_run(rows)
     if skipped:

@@ -2,8 +2,11 @@
 
 For each problem and direction, the contenders of one library are set up together (compiled,
 warmed up, calibrated), then their samples are taken in rounds, one sample of each contender
-per round: on a shared machine a slow spell then hits them alike instead of whichever ran at
-the time. When their arrays together would not fit in a quarter of the device's memory, they
+per round, in the order of [`round_order`][] (A B, then B A: ABBA): on a shared machine a slow
+spell then hits them alike instead of whichever ran at the time, and neither always runs
+first. Each row keeps its samples (`samples_ms`, in round order), so that
+`benchmarks._report` can pair the samples of one round and give each ratio a confidence
+interval. When their arrays together would not fit in a quarter of the device's memory, they
 run one after the other instead.
 """
 
@@ -25,7 +28,7 @@ class _Copy:
     """The copy contender's "case": the roofline needs only the dtype."""
 
     dtype: str
-    note: str = "x * s over the same bytes"
+    note: str = "the op's arrays, each read or written once"
 
 
 def memory_budget() -> int:
@@ -35,6 +38,24 @@ def memory_budget() -> int:
     except (AttributeError, KeyError, TypeError, NotImplementedError):
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return limit // 4
+
+
+def round_order(names: list[str], round_index: int) -> list[str]:
+    """The order the contenders are sampled in, round `round_index`: as given in even rounds,
+    reversed in odd ones (ABBA), so that no contender always follows the same one."""
+    return list(names) if round_index % 2 == 0 else list(reversed(names))
+
+
+def take_samples(timers: dict, repeats: int, on_error) -> None:
+    """`repeats` rounds of one sample per timer, in [`round_order`][]; a timer that raises is
+    reported to `on_error(name, error)` and dropped."""
+    for index in range(repeats):
+        for name in round_order(list(timers), index):
+            try:
+                timers[name].sample()
+            except Exception as error:
+                on_error(name, error)
+                del timers[name]
 
 
 def row(problem: _ops.Problem, impl: str, direction: str, **fields) -> dict:
@@ -123,13 +144,11 @@ class Runner:
                     timers[name] = self._timer(problem, case, direction, copies)
                 except Exception as error:
                     rows.append(self._failure(problem, name, direction, error))
-            for _ in range(self.args.repeats):
-                for name, timer in list(timers.items()):
-                    try:
-                        timer.sample()
-                    except Exception as error:
-                        rows.append(self._failure(problem, name, direction, error))
-                        del timers[name]
+
+            def failed(name, error, direction=direction):
+                rows.append(self._failure(problem, name, direction, error))
+
+            take_samples(timers, self.args.repeats, failed)
             for name, timer in timers.items():
                 timing = timer.timing()
                 gbps = _ops.op_bytes(problem, direction) / (timing.ms * 1e-3) / 1e9
@@ -143,6 +162,7 @@ class Runner:
                         gbps=gbps,
                         compile_s=timing.compile_s,
                         note=cases[name].note,
+                        samples_ms=[1e3 * s for s in timer.samples],
                     )
                 )
             del timers
@@ -170,8 +190,8 @@ class Runner:
     def _timer(self, problem, case, direction: str, copies: int) -> _timing.Timer:
         warmup = self.args.warmup
         if isinstance(case, _Copy):
-            nbytes = _ops.op_bytes(problem, direction)
-            call = _timing.copy_callable(nbytes, case.dtype, copies)
+            reads, writes = _ops.case_arrays(problem.op, problem.shape, direction)
+            call = _timing.copy_callable(reads, writes, case.dtype, copies)
             return _timing.Timer(call, jax.block_until_ready, warmup)
         if isinstance(case, _contenders.JaxCase):
             call = _timing.jax_callable(case, direction, copies)

@@ -21,6 +21,7 @@ turn, so a slow spell of a shared machine hits them alike.
 """
 
 import dataclasses
+import functools
 import math
 import statistics
 import time
@@ -220,11 +221,37 @@ def torch_residual_bytes(case: TorchCase) -> int:
 # --- the roofline ------------------------------------------------------------------------------
 
 
-def copy_callable(nbytes: int, dtype: str, copies: int) -> Callable[[int], Any]:
-    """A device copy moving `nbytes` (half read, half written): `a * s` with `s` a runtime
-    scalar, which XLA can neither elide nor fold."""
-    n = max(1, nbytes // (2 * jnp.dtype(dtype).itemsize))
-    arrays = _copies(jnp.ones((n,), dtype), copies)
-    one = jnp.ones((), dtype)
-    scale = jax.jit(lambda a, s: a * s)
-    return lambda i: scale(arrays[i % copies], one)
+def copy_callable(
+    reads: list[tuple[int, ...]], writes: list[tuple[int, ...]], dtype: str, copies: int
+) -> Callable[[int], Any]:
+    """The roofline of an op: one jitted pass that reads arrays of the shapes `reads` and
+    writes arrays of the shapes `writes` (those of the op, from
+    `benchmarks._ops.case_arrays`), each once, so it moves exactly the op's ideal bytes in
+    arrays of the op's sizes (one array of the total size would pay for a larger fresh
+    allocation per call). Each written array is the sum of the read arrays of its shape (or
+    a broadcast, when none has it) times its own runtime scalar, which XLA can neither elide
+    nor fold; read arrays of a shape nothing is written in (the parameters of a forward) are
+    summed into the first output."""
+    arrays = _copies([jnp.ones(s, dtype) for s in reads], copies)
+    scales = jnp.ones((len(writes),), dtype)
+
+    def copy(inputs, scales):
+        by_shape: dict[tuple[int, ...], list] = {}
+        for a in inputs:
+            by_shape.setdefault(a.shape, []).append(a)
+        outputs = []
+        for j, shape in enumerate(writes):
+            sources = by_shape.get(tuple(shape))
+            if sources:
+                outputs.append(functools.reduce(jnp.add, sources) * scales[j])
+            else:
+                outputs.append(jnp.broadcast_to(scales[j], shape))
+        leftover = [
+            a for s, group in by_shape.items() if s not in map(tuple, writes) for a in group
+        ]
+        if leftover:
+            outputs[0] = outputs[0] + sum(jnp.sum(a) for a in leftover)
+        return outputs
+
+    run = jax.jit(copy)
+    return lambda i: run(arrays[i % copies], scales)

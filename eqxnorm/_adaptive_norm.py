@@ -333,14 +333,15 @@ class AdaptiveGroupNorm(eqx.Module):
         """
         with jax.named_scope("eqxnorm.AdaptiveGroupNorm"):
             scale, shift = jnp.split(self.modulation(self.activation(cond)), 2)
-            out = functional.adaptive_group_norm(
-                x[None],
+            out = functional._adaptive_group_norm(
+                x,
                 self.groups,
-                scale[None],
-                shift[None],
+                scale,
+                shift,
                 self.weight,
                 self.bias,
-                eps=self.eps,
-                impl=self.impl,
-            )[0]
+                self.eps,
+                self.impl,
+                example=True,
+            )
         return out if state is sentinel else (out, state)

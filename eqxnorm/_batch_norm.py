@@ -261,17 +261,9 @@ class BatchNorm(StatefulLayer):
         """`functional.batch_norm` on one example: `(y, mean, var)`, with the given
         statistics, or with the batch ones (pooled over `axis_name`) when they are `None`."""
         axis_name = self.axis_name if mean is None else None
-        y, mean, var = functional.batch_norm(
-            x[None],
-            self.weight,
-            self.bias,
-            mean=mean,
-            var=var,
-            eps=self.eps,
-            axis_name=axis_name,
-            impl=self.impl,
+        return functional._batch_norm(
+            x, self.weight, self.bias, mean, var, self.eps, axis_name, self.impl, example=True
         )
-        return y[0], mean, var
 
     @_checking.named_scope("eqxnorm.BatchNorm")
     @_checking.typechecked(_precheck)

@@ -206,7 +206,7 @@ class GroupNorm(eqx.Module):
         `x.shape[0] != channels` (a left-in batch axis is named, with the `jax.vmap` fix), or
         an inferred channel count that `groups` does not divide.
         """
-        out = functional.group_norm(
-            x[None], self.groups, self.weight, self.bias, eps=self.eps, impl=self.impl
-        )[0]
+        out = functional._group_norm(
+            x, self.groups, self.weight, self.bias, self.eps, self.impl, example=True
+        )
         return out if state is sentinel else (out, state)

@@ -152,7 +152,7 @@ class InstanceNorm(eqx.Module):
         axis, a single spatial element, an empty axis, or `x.shape[0] != channels` (a
         left-in batch axis is named, with the `jax.vmap` fix).
         """
-        out = functional.instance_norm(
-            x[None], self.weight, self.bias, eps=self.eps, impl=self.impl
-        )[0]
+        out = functional._group_norm(
+            x, x.shape[0], self.weight, self.bias, self.eps, self.impl, example=True
+        )
         return out if state is sentinel else (out, state)

@@ -6,6 +6,11 @@ row norms, `(batch, channels, spatial)` with the spatial axes flattened for the 
 norms) and has the same signature as the kernel entry point it checks. The public functions in
 `eqxnorm.functional` reshape user arrays to these layouts, validate them and dispatch here.
 
+The layouts' leading axes are any number of axes here, none included: a module's call on one
+example reaches the reference without the unit batch axis the kernels need, so that under
+`jax.vmap` XLA reduces `(batch, dim)` rather than `(batch, 1, dim)`, whose reductions its CPU
+backend runs several times slower (the kernels fold the vmapped axis with `custom_vmap`).
+
 Every norm takes its statistics from the one helper, [`moments`][], so the numerical
 guarantees listed there hold for all of them.
 """
@@ -109,13 +114,15 @@ def _mean(axis_name: AxisName | None, axis, *values: Array) -> tuple[Array, ...]
 
 def _first(x: Array, axis) -> Array:
     """The value of one element of every slice of `x` over `axis` (those axes kept with size
-    1): index 0 along each, except along axis 0, which may be a batch split across devices
-    (where a slice of one element has no sharding), the largest."""
+    1): index 0 along each, except along an axis named `0`, which may be a batch split across
+    devices (where a slice of one element has no sharding), the largest. An axis counted from
+    the end (negative) is an example's own: sliced, even when it is the first (a single
+    example, which `vmap` may batch but never splits along that axis)."""
     for a in (axis,) if isinstance(axis, int) else axis:
         if a == 0:
             x = jnp.max(x, axis=0, keepdims=True)
         else:
-            x = lax.slice_in_dim(x, 0, 1, axis=a)
+            x = lax.slice_in_dim(x, 0, 1, axis=a % x.ndim)
     return x
 
 
@@ -274,7 +281,10 @@ def _normalized_tangent(axis, center, axis_name, x, shift, offset, rstd, weight,
         if center:
             t_mean = _pmean(jnp.mean(t, axis=axis, keepdims=True), axis_name)
             p = p - t_mean
-        terms.append(p * rstd if weight is None else p * (rstd * weight.astype(cdt)))
+        # `(p · r) · γ`, not `p · (r · γ)`: with a constant γ (a closed-over layer) under
+        # `vmap`, the latter's fusion crashes XLA's CPU backend (jaxlib 0.10.2, YNNPACK) at
+        # 4096x1024 and above.
+        terms.append(p * rstd if weight is None else (p * rstd) * weight.astype(cdt))
     if tw is not None:
         terms.append(xhat * tw.astype(cdt))
     if tb is not None:
@@ -332,49 +342,58 @@ def normalize_slices(
     return pooled(x, weight, bias, axis, center, eps, axis_name)
 
 
-def _row_params(param: Array | None) -> Array | None:
-    return None if param is None else param[None, :]
+def _leading_ones(param: Array | None, ndim: int, trailing: int = 0) -> Array | None:
+    """`param` with unit axes in front (and `trailing` unit axes behind) up to rank `ndim`:
+    the shape that broadcasts it against an `x` of that rank without rank promotion."""
+    if param is None:
+        return None
+    return param.reshape((1,) * (ndim - param.ndim - trailing) + param.shape + (1,) * trailing)
 
 
-def _channel_params(param: Array | None) -> Array | None:
-    return None if param is None else param[None, :, None]
+def _channel_params(param: Array | None, ndim: int) -> Array | None:
+    """A `(channels,)` parameter against `(*batch, channels, spatial)` of rank `ndim`."""
+    return _leading_ones(param, ndim, trailing=1)
+
+
+def _rows_params(x: Array, *params: Array | None) -> tuple[Array | None, ...]:
+    """`(dim,)` parameters against rows `x` of shape `(*rows, dim)`."""
+    return tuple(_leading_ones(p, x.ndim) for p in params)
 
 
 def _group_normalized(x: Array, groups: int, weight, bias, eps: float) -> Array:
-    """GroupNorm of `x` `(batch, channels, spatial)` with per-channel parameters of shape
-    `(1 or batch, channels, 1)`, through [`normalized`][] on the `(batch, groups,
+    """GroupNorm of `x` `(*batch, channels, spatial)` with per-channel parameters of shape
+    `(*batch or ones, channels, 1)`, through [`normalized`][] on the `(*batch, groups,
     channels/groups, spatial)` view; returned in `x.dtype`."""
-    batch, channels, spatial = x.shape
+    *batch, channels, spatial = x.shape
     if groups == channels:
         # One channel per group (InstanceNorm): the (batch, channels, spatial) layout itself,
         # whose one-axis reductions XLA's CPU backend runs ~2.5x faster than the 4-D view's.
-        return normalize_slices(x, weight, bias, 2, True, eps, None)[0].astype(x.dtype)
-    view = (batch, groups, channels // groups, spatial)
+        return normalize_slices(x, weight, bias, -1, True, eps, None)[0].astype(x.dtype)
+    view = (*batch, groups, channels // groups, spatial)
 
     def grouped(p):
-        return None if p is None else p.reshape(p.shape[0], groups, channels // groups, 1)
+        return None if p is None else p.reshape(*p.shape[:-2], groups, channels // groups, 1)
 
-    y = normalize_slices(x.reshape(view), grouped(weight), grouped(bias), (2, 3), True, eps, None)[
-        0
-    ]
+    xg = x.reshape(view)
+    y = normalize_slices(xg, grouped(weight), grouped(bias), (-2, -1), True, eps, None)[0]
     return y.reshape(x.shape).astype(x.dtype)
 
 
 @typechecked()
 def layer_norm(
-    x: Float[Array, "rows dim"],
+    x: Float[Array, "*rows dim"],
     weight: Float[Array, " dim"] | None,
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
     axis_name: AxisName | None = None,
-) -> Float[Array, "rows dim"]:
+) -> Float[Array, "*rows dim"]:
     r"""LayerNorm of each row: $y = \frac{x - \mathbb{E}[x]}{\sqrt{\mathrm{Var}[x] + \varepsilon}}
     \gamma + \beta$, statistics over `dim`.
 
     **Arguments:**
 
-    - `x`: `(rows, dim)`.
+    - `x`: `(*rows, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the variance.
     - `axis_name`: a named axis (or names) whose members each hold a slice of the features
@@ -382,48 +401,48 @@ def layer_norm(
 
     **Returns:**
 
-    `(rows, dim)` in `x.dtype`.
+    `(*rows, dim)` in `x.dtype`.
     """
-    y = normalize_slices(x, _row_params(weight), _row_params(bias), 1, True, eps, axis_name)[0]
+    y = normalize_slices(x, *_rows_params(x, weight, bias), -1, True, eps, axis_name)[0]
     return y.astype(x.dtype)
 
 
 @typechecked()
 def rms_norm(
-    x: Float[Array, "rows dim"],
+    x: Float[Array, "*rows dim"],
     weight: Float[Array, " dim"] | None,
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
     axis_name: AxisName | None = None,
-) -> Float[Array, "rows dim"]:
+) -> Float[Array, "*rows dim"]:
     r"""RMSNorm of each row: $y = \frac{x}{\sqrt{\frac{1}{n}\sum_i x_i^2 + \varepsilon}}\gamma
     + \beta$, statistics over `dim`.
 
     **Arguments:**
 
-    - `x`: `(rows, dim)`.
+    - `x`: `(*rows, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
     - `axis_name`: as for [`layer_norm`][].
 
     **Returns:**
 
-    `(rows, dim)` in `x.dtype`.
+    `(*rows, dim)` in `x.dtype`.
     """
-    y = normalize_slices(x, _row_params(weight), _row_params(bias), 1, False, eps, axis_name)[0]
+    y = normalize_slices(x, *_rows_params(x, weight, bias), -1, False, eps, axis_name)[0]
     return y.astype(x.dtype)
 
 
 @typechecked()
 def group_norm(
-    x: Float[Array, "batch channels spatial"],
+    x: Float[Array, "*batch channels spatial"],
     weight: Float[Array, " channels"] | None,
     bias: Float[Array, " channels"] | None,
     *,
     groups: int,
     eps: float,
-) -> Float[Array, "batch channels spatial"]:
+) -> Float[Array, "*batch channels spatial"]:
     r"""GroupNorm: the channels are split into `groups` contiguous groups and each
     `(example, group)` slice of `channels/groups × spatial` elements is normalized with its
     own statistics; the affine parameters are per channel.
@@ -432,35 +451,36 @@ def group_norm(
 
     **Arguments:**
 
-    - `x`: `(batch, channels, spatial)`, the spatial axes flattened (`spatial` may be 1).
+    - `x`: `(*batch, channels, spatial)`, the spatial axes flattened (`spatial` may be 1).
     - `weight`, `bias`: `(channels,)` or `None`.
     - `groups`: divides `channels`.
     - `eps`: added to the variance.
 
     **Returns:**
 
-    `(batch, channels, spatial)` in `x.dtype`.
+    `(*batch, channels, spatial)` in `x.dtype`.
     """
-    return _group_normalized(x, groups, _channel_params(weight), _channel_params(bias), eps)
+    params = (_channel_params(p, x.ndim) for p in (weight, bias))
+    return _group_normalized(x, groups, *params, eps)
 
 
 @typechecked()
 def batch_norm(
-    x: Float[Array, "batch channels spatial"],
+    x: Float[Array, "*batch channels spatial"],
     weight: Float[Array, " channels"] | None,
     bias: Float[Array, " channels"] | None,
     *,
     eps: float,
     axis_name: AxisName | None = None,
 ) -> tuple[
-    Float[Array, "batch channels spatial"], Float[Array, " channels"], Float[Array, " channels"]
+    Float[Array, "*batch channels spatial"], Float[Array, " channels"], Float[Array, " channels"]
 ]:
     r"""BatchNorm with batch statistics: per channel over `batch × spatial` (and over every
     member of `axis_name`, when given).
 
     **Arguments:**
 
-    - `x`: `(batch, channels, spatial)`, the spatial axes flattened.
+    - `x`: `(*batch, channels, spatial)`, the spatial axes flattened.
     - `weight`, `bias`: `(channels,)` or `None`.
     - `eps`: added to the variance.
     - `axis_name`: a named axis (or names) whose members' batches are pooled into the
@@ -471,40 +491,43 @@ def batch_norm(
     `(y, mean, var)`: `y` of `x`'s shape and dtype; the batch `mean` and biased `var`,
     `(channels,)` in the statistics dtype (float32, or float64 for float64 input).
     """
-    y, mean, var = normalize_slices(
-        x, _channel_params(weight), _channel_params(bias), (0, 2), True, eps, axis_name
-    )
-    return y.astype(x.dtype), mean[0, :, 0], var[0, :, 0]
+    # Over the batch axis (named 0: it may be split across devices) and the spatial one.
+    axes = (*range(x.ndim - 2), x.ndim - 1)
+    params = (_channel_params(p, x.ndim) for p in (weight, bias))
+    y, mean, var = normalize_slices(x, *params, axes, True, eps, axis_name)
+    channels = x.shape[-2]
+    return y.astype(x.dtype), mean.reshape(channels), var.reshape(channels)
 
 
 @typechecked()
 def batch_norm_inference(
-    x: Float[Array, "batch channels spatial"],
+    x: Float[Array, "*batch channels spatial"],
     mean: Float[Array, " channels"],
     var: Float[Array, " channels"],
     weight: Float[Array, " channels"] | None,
     bias: Float[Array, " channels"] | None,
     *,
     eps: float,
-) -> Float[Array, "batch channels spatial"]:
+) -> Float[Array, "*batch channels spatial"]:
     r"""BatchNorm with given (running) statistics: $y = (x - \mu_c)/\sqrt{\sigma^2_c +
     \varepsilon}\,\gamma_c + \beta_c$.
 
     **Arguments:**
 
-    - `x`: `(batch, channels, spatial)`.
+    - `x`: `(*batch, channels, spatial)`.
     - `mean`, `var`: `(channels,)`, the statistics to normalize with.
     - `weight`, `bias`: `(channels,)` or `None`.
     - `eps`: added to the variance.
 
     **Returns:**
 
-    `(batch, channels, spatial)` in `x.dtype`.
+    `(*batch, channels, spatial)` in `x.dtype`.
     """
     cdt = compute_dtype(x.dtype)
-    mean, var = (_channel_params(s.astype(cdt)) for s in (mean, var))
+    mean, var = (_channel_params(s.astype(cdt), x.ndim) for s in (mean, var))
     stats = Moments(mean, jnp.zeros_like(mean), var)
-    return normalize(x, stats, _channel_params(weight), _channel_params(bias), eps=eps)
+    params = (_channel_params(p, x.ndim) for p in (weight, bias))
+    return normalize(x, stats, *params, eps=eps)
 
 
 def _added(x: Array, residual: Array) -> Array:
@@ -516,19 +539,19 @@ def _added(x: Array, residual: Array) -> Array:
 
 def _add_row_norm(x, residual, weight, bias, eps, center):
     h = _added(x, residual)
-    y = normalize_slices(h, _row_params(weight), _row_params(bias), 1, center, eps, None)[0]
+    y = normalize_slices(h, *_rows_params(h, weight, bias), -1, center, eps, None)[0]
     return y.astype(x.dtype), h
 
 
 @typechecked()
 def add_layer_norm(
-    x: Float[Array, "rows dim"],
-    residual: Float[Array, "rows dim"],
+    x: Float[Array, "*rows dim"],
+    residual: Float[Array, "*rows dim"],
     weight: Float[Array, " dim"] | None,
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
-) -> tuple[Float[Array, "rows dim"], Float[Array, "rows dim"]]:
+) -> tuple[Float[Array, "*rows dim"], Float[Array, "*rows dim"]]:
     r"""Residual add then LayerNorm, as in a pre-norm transformer block:
 
     $$h = x + r, \qquad y = \frac{h - \mathbb{E}[h]}{\sqrt{\mathrm{Var}[h] + \varepsilon}}
@@ -536,15 +559,15 @@ def add_layer_norm(
 
     **Arguments:**
 
-    - `x`: `(rows, dim)`, the block's output.
-    - `residual`: `(rows, dim)`, the residual stream $r$ (may have another floating dtype than
+    - `x`: `(*rows, dim)`, the block's output.
+    - `residual`: `(*rows, dim)`, the residual stream $r$ (may have another floating dtype than
         `x`, e.g. float32 under bfloat16 activations).
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the variance.
 
     **Returns:**
 
-    `(y, h)`: `y` `(rows, dim)` in `x.dtype`; `h` `(rows, dim)`, the new residual stream, summed
+    `(y, h)`: `y` `(*rows, dim)` in `x.dtype`; `h` `(*rows, dim)`, the new residual stream, summed
     in float32 and stored in `residual.dtype`. `y` is the norm of `h` as stored, so the pair
     equals the unfused sequence exactly.
     """
@@ -553,20 +576,20 @@ def add_layer_norm(
 
 @typechecked()
 def add_rms_norm(
-    x: Float[Array, "rows dim"],
-    residual: Float[Array, "rows dim"],
+    x: Float[Array, "*rows dim"],
+    residual: Float[Array, "*rows dim"],
     weight: Float[Array, " dim"] | None,
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
-) -> tuple[Float[Array, "rows dim"], Float[Array, "rows dim"]]:
+) -> tuple[Float[Array, "*rows dim"], Float[Array, "*rows dim"]]:
     r"""Residual add then RMSNorm: $h = x + r$, $y = h / \sqrt{\overline{h^2} + \varepsilon}
     \cdot \gamma + \beta$.
 
     **Arguments:**
 
-    - `x`: `(rows, dim)`.
-    - `residual`: `(rows, dim)`, the residual stream.
+    - `x`: `(*rows, dim)`.
+    - `residual`: `(*rows, dim)`, the residual stream.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
 
@@ -583,31 +606,34 @@ def modulation(
     r"""The per-example parameters of an adaptive (modulated) norm, in `dtype`:
     $W = \gamma\,(1 + s)$ and $B = \beta\,(1 + s) + t$, so that
     $(\hat{x}\gamma + \beta)(1 + s) + t = \hat{x} W + B$ (`weight`/`bias` `None`: $\gamma = 1$,
-    $\beta = 0$). `scale`/`shift` are `(examples, features)`, the parameters `(features,)`."""
+    $\beta = 0$). `scale`/`shift` are `(*examples, features)`, the parameters `(features,)`."""
     one_plus = 1 + scale.astype(dtype)
-    w = one_plus if weight is None else one_plus * weight.astype(dtype)[None, :]
+    weight, bias = (_leading_ones(p, scale.ndim) for p in (weight, bias))
+    w = one_plus if weight is None else one_plus * weight.astype(dtype)
     b = shift.astype(dtype)
     if bias is not None:
-        b = b + one_plus * bias.astype(dtype)[None, :]
+        b = b + one_plus * bias.astype(dtype)
     return w, b
 
 
 def _adaptive_row_norm(x, scale, shift, weight, bias, eps, center):
     w, b = modulation(scale, shift, weight, bias, compute_dtype(x.dtype))
-    y = normalize_slices(x, w[:, None, :], b[:, None, :], 2, center, eps, None)[0]
+    # The rows between the groups and the features share their group's parameters.
+    w, b = (p.reshape(*p.shape[:-1], *(1,) * (x.ndim - p.ndim), p.shape[-1]) for p in (w, b))
+    y = normalize_slices(x, w, b, -1, center, eps, None)[0]
     return y.astype(x.dtype)
 
 
 @typechecked()
 def adaptive_layer_norm(
-    x: Float[Array, "groups rows dim"],
-    scale: Float[Array, "groups dim"],
-    shift: Float[Array, "groups dim"],
+    x: Float[Array, "*groups_and_rows dim"],
+    scale: Float[Array, "*groups dim"],
+    shift: Float[Array, "*groups dim"],
     weight: Float[Array, " dim"] | None,
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
-) -> Float[Array, "groups rows dim"]:
+) -> Float[Array, "*groups_and_rows dim"]:
     r"""Adaptive LayerNorm (adaLN, FiLM): LayerNorm of each row, then a per-group modulation,
 
     $$y = \left(\hat{x}\gamma + \beta\right)(1 + s_g) + t_g, \qquad
@@ -618,74 +644,74 @@ def adaptive_layer_norm(
 
     **Arguments:**
 
-    - `x`: `(groups, rows, dim)`.
-    - `scale`, `shift`: `(groups, dim)`, $s$ and $t$.
+    - `x`: `(*groups, *rows, dim)`.
+    - `scale`, `shift`: `(*groups, dim)`, $s$ and $t$.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the variance.
 
     **Returns:**
 
-    `(groups, rows, dim)` in `x.dtype`.
+    `(*groups, *rows, dim)` in `x.dtype`.
     """
     return _adaptive_row_norm(x, scale, shift, weight, bias, eps, center=True)
 
 
 @typechecked()
 def adaptive_rms_norm(
-    x: Float[Array, "groups rows dim"],
-    scale: Float[Array, "groups dim"],
-    shift: Float[Array, "groups dim"],
+    x: Float[Array, "*groups_and_rows dim"],
+    scale: Float[Array, "*groups dim"],
+    shift: Float[Array, "*groups dim"],
     weight: Float[Array, " dim"] | None,
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
-) -> Float[Array, "groups rows dim"]:
+) -> Float[Array, "*groups_and_rows dim"]:
     r"""Adaptive RMSNorm: $y = (\hat{x}\gamma + \beta)(1 + s_g) + t_g$ with
     $\hat{x} = x / \sqrt{\overline{x^2} + \varepsilon}$.
 
     **Arguments:**
 
-    - `x`: `(groups, rows, dim)`.
-    - `scale`, `shift`: `(groups, dim)`.
+    - `x`: `(*groups, *rows, dim)`.
+    - `scale`, `shift`: `(*groups, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
 
     **Returns:**
 
-    `(groups, rows, dim)` in `x.dtype`.
+    `(*groups, *rows, dim)` in `x.dtype`.
     """
     return _adaptive_row_norm(x, scale, shift, weight, bias, eps, center=False)
 
 
 @typechecked()
 def adaptive_group_norm(
-    x: Float[Array, "batch channels spatial"],
-    scale: Float[Array, "batch channels"],
-    shift: Float[Array, "batch channels"],
+    x: Float[Array, "*batch channels spatial"],
+    scale: Float[Array, "*batch channels"],
+    shift: Float[Array, "*batch channels"],
     weight: Float[Array, " channels"] | None,
     bias: Float[Array, " channels"] | None,
     *,
     groups: int,
     eps: float,
-) -> Float[Array, "batch channels spatial"]:
+) -> Float[Array, "*batch channels spatial"]:
     r"""Adaptive GroupNorm (FiLM, the diffusion U-Net's conditioning):
     $y = (\hat{x}\gamma + \beta)(1 + s_{b,c}) + t_{b,c}$ with $\hat{x}$ the GroupNorm of
     [`group_norm`][], per example $b$ and channel $c$.
 
     **Arguments:**
 
-    - `x`: `(batch, channels, spatial)`.
-    - `scale`, `shift`: `(batch, channels)`.
+    - `x`: `(*batch, channels, spatial)`.
+    - `scale`, `shift`: `(*batch, channels)`.
     - `weight`, `bias`: `(channels,)` or `None`.
     - `groups`: divides `channels`.
     - `eps`: added to the variance.
 
     **Returns:**
 
-    `(batch, channels, spatial)` in `x.dtype`.
+    `(*batch, channels, spatial)` in `x.dtype`.
     """
     w, b = modulation(scale, shift, weight, bias, compute_dtype(x.dtype))
-    return _group_normalized(x, groups, w[:, :, None], b[:, :, None], eps)
+    return _group_normalized(x, groups, w[..., None], b[..., None], eps)
 
 
 __all__ = [

@@ -309,7 +309,7 @@ def test_annotation_checks_the_return(monkeypatch):
         return x[:, :-1]
 
     monkeypatch.setattr(
-        eqxnorm._group_norm, "functional", types.SimpleNamespace(group_norm=wrong_shape)
+        eqxnorm._group_norm, "functional", types.SimpleNamespace(_group_norm=wrong_shape)
     )
     with pytest.raises(TypeCheckError, match="return"):
         GroupNorm(2, 4)(jnp.ones((4, 3)))
@@ -479,3 +479,15 @@ def test_channels_last_input_is_named():
     norm = eqxnorm.GroupNorm(3, 3)
     with pytest.raises(ValueError, match=r"x.shape=\(12, 12, 3\).*channels-last.*moveaxis"):
         norm(jnp.ones((12, 12, 3)))
+
+
+def test_vmap_lowers_without_a_unit_batch_axis():
+    """One example reaches the reference as it is: `jax.vmap(GroupNorm)` lowers to the
+    batched view `(batch, groups, channels/groups, spatial)`, not `(batch, 1, ...)`, which
+    XLA's CPU backend reduces several times slower, and equals the batched call."""
+    norm = GroupNorm(2, 4)
+    x = _input(0, (5, 4, 6), jnp.float32)
+    text = jax.jit(jax.vmap(norm)).lower(x).as_text()
+    assert "5x2x2x6xf32" in text and "5x1x" not in text
+    expected = eqxnorm.functional.group_norm(x, 2, norm.weight, norm.bias)
+    np.testing.assert_allclose(jax.vmap(norm)(x), expected, rtol=1e-6, atol=1e-6)

@@ -275,7 +275,7 @@ def test_annotation_checks_the_return(monkeypatch):
         return x[:, :-1]
 
     monkeypatch.setattr(
-        eqxnorm._instance_norm, "functional", types.SimpleNamespace(instance_norm=wrong_shape)
+        eqxnorm._instance_norm, "functional", types.SimpleNamespace(_group_norm=wrong_shape)
     )
     with pytest.raises(TypeCheckError, match="return"):
         InstanceNorm(4)(jnp.ones((4, 3)))
