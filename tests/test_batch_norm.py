@@ -483,7 +483,7 @@ def test_matches_pytorch():
         (dict(momentum="0.9"), TypeError, r"`momentum` must be a Python float.*'0\.9'"),
         (dict(mode="legacy"), ValueError, r"`mode` must be one of \('batch', 'ema'\).*'legacy'"),
         (dict(mode="train"), ValueError, r"`mode` must be one of .*mode='train'"),
-        (dict(impl="triton"), ValueError, r"`impl` must be one of .*impl='triton'"),
+        (dict(impl="cuda"), ValueError, r"`impl` must be one of .*impl='cuda'"),
         (dict(dtype=jnp.int32), TypeError, r"`dtype` must be a floating-point dtype.*int32"),
         (dict(input_size=0), ValueError, r"`input_size` must be at least 1.*input_size=0"),
         (dict(input_size=2.0), TypeError, r"`input_size` must be a Python int"),

@@ -454,9 +454,10 @@ def test_bad_call(norm, x, error, match):
         ((jnp.ones((1, 6, 3)), 2), dict(eps=0.0), ValueError, r"`eps` must be a finite number"),
         (
             (jnp.ones((1, 6, 3)), 2),
-            dict(impl="triton"),
+            dict(impl="cuda"),
             ValueError,
-            r"`impl` must be one of \('auto', 'pallas', 'reference'\), but got impl='triton'",
+            r"`impl` must be one of \('auto', 'pallas', 'reference', 'triton', 'mosaic_gpu'\), "
+            r"but got impl='cuda'",
         ),
     ],
 )

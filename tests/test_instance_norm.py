@@ -312,7 +312,7 @@ def test_dtype_and_impl_fields():
         ),
         ((3,), dict(eps=-1.0), ValueError, r"greater than 0.*eps=-1\.0"),
         ((3,), dict(eps="1e-5"), TypeError, r"`eps` must be a real number"),
-        ((3,), dict(impl="triton"), ValueError, r"`impl` must be one of .*impl='triton'"),
+        ((3,), dict(impl="cuda"), ValueError, r"`impl` must be one of .*impl='cuda'"),
     ],
 )
 def test_bad_construction(args, kwargs, error, match):
@@ -380,9 +380,10 @@ def test_bad_call(x, error, match):
         ((jnp.ones((2, 4, 3)),), dict(eps=0.0), ValueError, r"`eps` must be a finite number"),
         (
             (jnp.ones((2, 4, 3)),),
-            dict(impl="triton"),
+            dict(impl="cuda"),
             ValueError,
-            r"`impl` must be one of \('auto', 'pallas', 'reference'\), but got impl='triton'",
+            r"`impl` must be one of \('auto', 'pallas', 'reference', 'triton', 'mosaic_gpu'\), "
+            r"but got impl='cuda'",
         ),
     ],
 )

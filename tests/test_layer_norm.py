@@ -136,7 +136,9 @@ def test_constructor_errors():
     with pytest.raises(TypeError, match="sequence of ints"):
         eqxnorm.LayerNorm("4")
     with pytest.raises(
-        ValueError, match=r"one of \('auto', 'pallas', 'reference'\), but got impl='cuda'"
+        ValueError,
+        match=r"one of \('auto', 'pallas', 'reference', 'triton', 'mosaic_gpu'\), "
+        r"but got impl='cuda'",
     ):
         eqxnorm.LayerNorm(4, impl="cuda")
     assert eqxnorm.LayerNorm(4, impl="pallas").impl == "pallas"
