@@ -109,29 +109,38 @@ def per_platform(
     On cuda, with a `mosaic_gpu` launch, `backend` chooses between it and `fn` on Triton:
     `"auto"` takes Mosaic GPU where the installed JAX has it (0.12+), the GPU compiled for has
     compute capability 9.0 or more, and `mosaic_gpu.supported(*operands)`, else Triton;
-    `"mosaic_gpu"` takes it or raises; `"triton"` takes Triton. On other platforms a pinned
-    `"mosaic_gpu"` runs it in Mosaic GPU's interpreter (the tests on CPU), whose ordered
-    effects `custom_partitioning` cannot carry: a pinned call runs on its operands gathered
-    whole (without the `sharding` rule)."""
+    `"mosaic_gpu"` takes it or raises; `"triton"` takes Triton. A call pinned to
+    `"mosaic_gpu"` is not staged per platform (see [`_pinned_mosaic_gpu`][]): off a GPU it
+    runs Mosaic GPU's interpreter (the tests on CPU)."""
     if backend not in GPU_BACKENDS:
         raise ValueError(f"backend must be one of {GPU_BACKENDS}, but got backend={backend!r}.")
 
     def staged(*operands):
-        cuda = _on_cuda(fn, mosaic_gpu, backend, operands)
-        default = functools.partial(fn, INTERPRET)
-        if backend == "mosaic_gpu":
-            default = functools.partial(mosaic_gpu.launch, MOSAIC_GPU_INTERPRET)
         return lax.platform_dependent(
             *operands,
-            cuda=cuda,
+            cuda=_on_cuda(fn, mosaic_gpu, backend, operands),
             rocm=functools.partial(fn, TRITON),
             tpu=functools.partial(_on_mosaic, fn),
-            default=default,
+            default=functools.partial(fn, INTERPRET),
         )
 
-    if sharding is None or backend == "mosaic_gpu":
+    if backend == "mosaic_gpu":
+        return gathered(functools.partial(_pinned_mosaic_gpu, mosaic_gpu))(*args)
+    if sharding is None:
         return gathered(staged)(*args)
     return partitioned(staged, sharding)(*args)
+
+
+def _pinned_mosaic_gpu(mosaic_gpu: MosaicGPU, *operands: Any) -> Any:
+    """A call pinned to Mosaic GPU: its kernels compiled when JAX's default backend is a GPU,
+    else run by Mosaic GPU's interpreter. Chosen when tracing, not per lowering platform: the
+    interpreter's ordered effects can be neither inside `lax.platform_dependent` under `vmap`
+    ("IO effect not supported in vmap-of-cond") nor inside `custom_partitioning`, so a pinned
+    call runs on its operands gathered whole, and exporting for cuda from a CPU machine takes
+    `impl="pallas"`."""
+    _on_cuda(None, mosaic_gpu, "mosaic_gpu", operands)  # raises where it cannot run
+    on_gpu = jax.default_backend() in ("gpu", "cuda")
+    return mosaic_gpu.launch(MOSAIC_GPU if on_gpu else MOSAIC_GPU_INTERPRET, *operands)
 
 
 def _on_cuda(fn, mosaic_gpu: MosaicGPU | None, backend: str, operands) -> Callable[..., Any]:

@@ -137,3 +137,11 @@ def run_mosaic_gpu(fn):
     with pytest.raises(ValueError, match="Mosaic GPU kernels need JAX 0.12"):
         fn()
     return None
+
+
+def assert_trees_match(actual, expected, dtype=None):
+    """[`assert_matches`][] leaf by leaf over two pytrees of the same structure."""
+    leaves = jax.tree.leaves(actual)
+    assert len(leaves) == len(jax.tree.leaves(expected))
+    for a, e in zip(leaves, jax.tree.leaves(expected), strict=True):
+        assert_matches(a, e, dtype)

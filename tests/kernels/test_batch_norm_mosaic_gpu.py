@@ -64,3 +64,20 @@ def test_pallas_chooses_mosaic_gpu_on_cuda_where_it_can():
     assert (mosaic > 0 and triton == 0) if _mosaic_gpu.usable() else (mosaic == 0 and triton > 0)
     # BatchNorm over (batch, features): one element a row, which TMA cannot stage: Triton.
     assert calls(1)[0] == 0
+
+
+def test_vmap_of_batches():
+    # Independent batch statistics per vmapped member (the moments kernel batched by Mosaic
+    # GPU's own grid axis).
+    x = ks.data((2, 4, 8, 64), jnp.float32, loc=3.0)
+
+    def run(module):
+        def loss(x):
+            norm = lambda xi: module.batch_norm(xi, None, None, eps=EPS)[0]  # noqa: E731
+            return jnp.sum(jax.vmap(norm)(x) ** 2)
+
+        return jax.jit(jax.value_and_grad(loss))(x)
+
+    out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
+    if out is not None:
+        ks.assert_trees_match(out, run(reference))

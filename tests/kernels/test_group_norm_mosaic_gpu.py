@@ -100,3 +100,19 @@ def test_pallas_chooses_mosaic_gpu_on_cuda_where_it_can():
     mosaic, triton = calls(64)
     assert (mosaic > 0 and triton == 0) if _mosaic_gpu.usable() else (mosaic == 0 and triton > 0)
     assert calls(63)[0] == 0  # rows TMA cannot stage: Triton
+
+
+def test_ensemble_of_parameters():
+    x = ks.data((3, 4, 8, 64), jnp.float32)
+    weights = jnp.ones((3, 8)) * jnp.arange(1.0, 4.0)[:, None]
+
+    def run(module):
+        def loss(x, weights):
+            norm = lambda xi, wi: module.group_norm(xi, wi, None, groups=2, eps=EPS)  # noqa: E731
+            return jnp.sum(jax.vmap(norm)(x, weights) ** 2)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, weights)
+
+    out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
+    if out is not None:
+        ks.assert_trees_match(out, run(reference))

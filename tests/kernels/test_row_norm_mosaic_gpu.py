@@ -191,3 +191,22 @@ def test_pinned_mosaic_gpu_refuses_what_it_cannot_run():
     message = "cannot run these operands" if USABLE else "Mosaic GPU kernels need JAX 0.12"
     with pytest.raises(ValueError, match=message):
         MOSAIC_GPU.layer_norm(x, None, None, eps=EPS)
+
+
+def test_ensemble_of_parameters():
+    # `vmap` over the weights as well (an ensemble): Mosaic GPU's kernel batching, one grid
+    # axis over the members.
+    x = ks.data((3, 37, 160), jnp.float32)
+    weight, bias = ks.params(160)
+    weights = jnp.stack([weight, 2 * weight, 0.5 * weight])
+
+    def run(module):
+        def loss(x, weights):
+            norm = lambda xi, wi: module.layer_norm(xi, wi, bias, eps=EPS)  # noqa: E731
+            return jnp.sum(jax.vmap(norm)(x, weights) ** 2)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, weights)
+
+    out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
+    if out is not None:
+        ks.assert_trees_match(out, run(reference))
