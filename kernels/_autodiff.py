@@ -33,28 +33,33 @@ there is no public `custom_transpose`. The primitive here is `linear_call` with 
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
+
+from . import reference
 
 
 @dataclasses.dataclass(frozen=True)
 class _Flat:
-    """`fn(residuals, linear)` on flat argument lists, returning a flat list. Compared by
-    value (the function and the trees), so equal calls give equal primitive parameters and
-    `jax.jit` caches hit."""
+    """`fn(residuals, linear, *extra)` on flat argument lists, returning a flat list. Compared
+    by value (the function, the trees and `extra`), so equal calls give equal primitive
+    parameters and `jax.jit` caches hit."""
 
     fn: Callable
     res_tree: Any
     lin_tree: Any
+    extra: tuple = ()
 
     def __call__(self, *args):
         n = self.res_tree.num_leaves
         res = jax.tree.unflatten(self.res_tree, args[:n])
         lin = jax.tree.unflatten(self.lin_tree, args[n:])
-        return jax.tree.leaves(self.fn(res, lin))
+        return jax.tree.leaves(self.fn(res, lin, *self.extra))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +93,36 @@ class _Vmapped:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Sparse:
+    """`fn` given only the linear inputs that are not symbolic zeros (`zero_avals` holds the
+    aval of each one that is, else `None`): each zero is `None`, or zeros when `fill`."""
+
+    fn: Callable
+    num_res: int
+    zero_avals: tuple
+    fill: bool
+
+    def __call__(self, *args):
+        given = iter(args[self.num_res :])
+        lin = [
+            next(given) if a is None else jnp.zeros(a.shape, a.dtype) if self.fill else None
+            for a in self.zero_avals
+        ]
+        return self.fn(*args[: self.num_res], *lin)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Select:
+    """`fn`'s outputs where `zero_avals` is `None`."""
+
+    fn: Callable
+    zero_avals: tuple
+
+    def __call__(self, *args):
+        return [o for o, a in zip(self.fn(*args), self.zero_avals, strict=True) if a is None]
+
+
+@dataclasses.dataclass(frozen=True)
 class _Map:
     """The functions of one [`linear`][] call, flat."""
 
@@ -97,9 +132,19 @@ class _Map:
     reference_transpose: Callable
     num_res: int
 
-    def transposed(self) -> "_Map":
+    def transposed(self, zero_avals: tuple) -> "_Map":
+        """The map of the transpose, for cotangents that are symbolic zeros where
+        `zero_avals` holds their aval (else `None`): those are not operands (a `None` to
+        `transpose`, zeros to the reference), and not outputs of its transpose."""
+        if all(a is None for a in zero_avals):
+            fns = (self.transpose, self.apply, self.reference_transpose, self.reference)
+            return _Map(*fns, self.num_res)
         return _Map(
-            self.transpose, self.apply, self.reference_transpose, self.reference, self.num_res
+            _Sparse(self.transpose, self.num_res, zero_avals, fill=False),
+            _Select(self.apply, zero_avals),
+            _Sparse(self.reference_transpose, self.num_res, zero_avals, fill=True),
+            _Select(self.reference, zero_avals),
+            self.num_res,
         )
 
     def vmapped(self, res_batched: tuple) -> "_Map":
@@ -115,9 +160,10 @@ def linear(
     apply: Callable, transpose: Callable, reference: Callable, residuals: Any, tangents: Any
 ) -> Any:
     """`apply(residuals, tangents)`, a map linear in `tangents`, whose transpose (reverse mode)
-    is `transpose(residuals, cotangents)` and whose derivative in `residuals` is that of
-    `reference(residuals, tangents)`, the same map in differentiable JAX (see the module
-    docstring). `transpose` returns a pytree like `tangents` (`None` where it is `None`)."""
+    is `transpose(residuals, cotangents, like)` and whose derivative in `residuals` is that
+    of `reference(residuals, tangents)`, the same map in differentiable JAX (see the module
+    docstring). `like` is `tangents` as `jax.ShapeDtypeStruct`s: `transpose` returns a pytree
+    of that structure and those shapes and dtypes (`None` stays `None`)."""
     res, res_tree = jax.tree.flatten(residuals)
     lin, lin_tree = jax.tree.flatten(tangents)
     out_tree = jax.tree.structure(jax.eval_shape(reference, residuals, tangents))
@@ -125,12 +171,16 @@ def linear(
     reference_flat = _Flat(reference, res_tree, lin_tree)
     fns = _Map(
         _Flat(apply, res_tree, lin_tree),
-        _Flat(transpose, res_tree, out_tree),
+        _Flat(transpose, res_tree, out_tree, (jax.tree.map(_struct, tangents),)),
         reference_flat,
         _ReferenceTranspose(reference_flat, len(res), lin_avals),
         len(res),
     )
     return jax.tree.unflatten(out_tree, linear_p.bind(*res, *lin, fns=fns))
+
+
+def _struct(a) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(a.shape, a.dtype)
 
 
 def _abstract_eval(*avals, fns: _Map):
@@ -161,9 +211,14 @@ def _transpose(cts, *args, fns: _Map):
     res, lin = args[: fns.num_res], args[fns.num_res :]
     if any(ad.is_undefined_primal(r) for r in res):
         raise NotImplementedError("eqxnorm_linear is not linear in its residuals.")
-    cts = [ad.instantiate_zeros(c) for c in cts]
-    lin_cts = linear_p.bind(*res, *cts, fns=fns.transposed())
-    return [None] * len(res) + [c if ad.is_undefined_primal(a) else None for c, a in zip(lin_cts, lin)]
+    zero_avals = tuple(c.aval if type(c) is ad.Zero else None for c in cts)
+    if all(a is not None for a in zero_avals):
+        return [None] * len(args)
+    given = [c for c in cts if type(c) is not ad.Zero]
+    lin_cts = linear_p.bind(*res, *given, fns=fns.transposed(zero_avals))
+    return [None] * len(res) + [
+        c if ad.is_undefined_primal(a) else None for c, a in zip(lin_cts, lin, strict=True)
+    ]
 
 
 def _batch(args, dims, *, fns: _Map):
@@ -172,9 +227,9 @@ def _batch(args, dims, *, fns: _Map):
     moved = []
     for i, (a, d) in enumerate(zip(args, dims)):
         if d is None:
-            moved.append(a if i < fns.num_res else jax.numpy.broadcast_to(a, (size, *a.shape)))
+            moved.append(a if i < fns.num_res else jnp.broadcast_to(a, (size, *a.shape)))
         else:
-            moved.append(jax.numpy.moveaxis(a, d, 0))
+            moved.append(jnp.moveaxis(a, d, 0))
     out = linear_p.bind(*moved, fns=fns.vmapped(res_batched))
     return out, [0] * len(out)
 
@@ -185,3 +240,102 @@ ad.primitive_jvps[linear_p] = _jvp
 ad.primitive_transposes[linear_p] = _transpose
 batching.primitive_batchers[linear_p] = _batch
 mlir.register_lowering(linear_p, mlir.lower_fun(_impl, multiple_results=True))
+
+
+# --- the normalizations ------------------------------------------------------------------------
+
+
+class Layout(NamedTuple):
+    """How a kernel family's arrays map onto the reference's view, whose tangent map
+    (`eqxnorm.kernels.reference.normalized`'s) is the one statement of the derivative maths.
+
+    - `axis`, `center`: the reduced axes of the view, and whether the mean is subtracted.
+    - `x(a)`: the view of `x` or its tangent (and `x`'s shape back from the view's, `unview`).
+    - `param(p)`: the view of a parameter (weight, bias or their tangents; `None` stays).
+    - `stat(s)`: the view of a per-row statistic, the reduced axes of size 1 (and back,
+      `unstat`).
+    """
+
+    axis: int | tuple[int, ...]
+    center: bool
+    x: Callable
+    unview: Callable
+    param: Callable
+    stat: Callable
+    unstat: Callable
+
+
+def tangent(layout: Layout, residuals, tangents):
+    """`(t_y, t_mean, t_var)` of the reference's tangent map for `residuals = (x, weight,
+    shift, offset, rstd)` and `tangents = (tx, tweight, tbias)` (each may be `None`), `t_y`
+    in the view's layout, the statistics' in its."""
+    x, weight, shift, offset, rstd = residuals
+    tx, tw, tb = tangents
+    view = (None if a is None else layout.x(a) for a in (x, tx))
+    stats = (layout.stat(s) for s in (shift, offset, rstd))
+    (vx, vtx), (vs, vo, vr) = view, stats
+    params = (layout.param(p) for p in (weight, tw, tb))
+    vw, vtw, vtb = params
+    return reference._normalized_tangent(
+        layout.axis, layout.center, None, vx, vs, vo, vr, vw, vtx, vtw, vtb
+    )
+
+
+def statistics_tangents(layout: Layout, residuals, tangents) -> tuple:
+    """The tangents of the kernel's `(shift, offset, rstd)` (see [`tangent`][]): the mean's
+    on `shift`, and $\dot{r} = -\tfrac{1}{2} r^3 \dot{\sigma}^2$."""
+    rstd = residuals[4]
+    _, t_mean, t_var = tangent(layout, residuals, tangents)
+    t_mean, t_var = layout.unstat(t_mean), layout.unstat(t_var)
+    return t_mean, jnp.zeros_like(t_mean), -0.5 * rstd * rstd * rstd * t_var
+
+
+def norm_with_jvp(
+    forward: Callable, backward: Callable, reduce_param_grad: Callable, layout: Layout
+) -> Callable:
+    """The differentiable function `(x, weight, bias) -> y` of a fused normalization.
+
+    - `forward(x, weight, bias) -> (y, shift, offset, rstd)`: the forward kernel, the
+      statistics float32 and per row.
+    - `backward(param_grads)(x, weight, dy, shift, offset, rstd) -> (dx, dweight, dbias)`:
+      the backward kernel, the parameter gradients float32 partial sums (`None` unless
+      `param_grads`), reduced to the parameters' shapes by `reduce_param_grad`.
+
+    A `jax.custom_jvp` of the kernel's `(y, shift, offset, rstd)`: the rule's primal is the
+    kernel again (so a derivative of any order evaluates its primal with the kernel), `y`'s
+    tangent a [`linear`][] map of the reference's maths whose transpose is `backward`, and
+    the statistics' tangents the reference's (XLA; unused, so removed, at first order).
+    Reverse mode so keeps `x`, the parameters and the statistics as residuals, and runs the
+    backward kernel at first order.
+    """
+
+    def apply(residuals, tangents):
+        x = residuals[0]
+        t_y = tangent(layout, residuals, tangents)[0]
+        return layout.unview(t_y, x.shape).astype(x.dtype)
+
+    def transpose(residuals, dy, like):
+        x, weight, shift, offset, rstd = residuals
+        like_x, *like_params = like
+        param_grads = any(p is not None for p in like_params)
+        dx, *grads = backward(param_grads)(x, weight, dy, shift, offset, rstd)
+        return None if like_x is None else dx, *(
+            None if p is None else reduce_param_grad(g).astype(p.dtype)
+            for p, g in zip(like_params, grads, strict=True)
+        )
+
+    @jax.custom_jvp
+    def outputs(x, weight, bias):
+        return tuple(forward(x, weight, bias))
+
+    def rule(primals, tangents):
+        x, weight, bias = primals
+        tangents = tuple(None if isinstance(t, SymbolicZero) else t for t in tangents)
+        y, shift, offset, rstd = outputs(x, weight, bias)
+        residuals = (x, weight, shift, offset, rstd)
+        t_y = linear(apply, transpose, apply, residuals, tangents)
+        t_stats = statistics_tangents(layout, residuals, tangents)
+        return (y, shift, offset, rstd), (t_y, *t_stats)
+
+    outputs.defjvp(rule, symbolic_zeros=True)
+    return lambda x, weight, bias: outputs(x, weight, bias)[0]

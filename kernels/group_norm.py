@@ -61,7 +61,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from .._checking import typechecked
-from . import _common as c, reference
+from . import _autodiff, _common as c, reference
 from ._common import F32, Target
 
 # --- launch geometry ---------------------------------------------------------------------------
@@ -457,12 +457,40 @@ def _backward(groups: int, per_example: bool, param_grads: bool):
 
 @functools.cache
 def _group_norm(groups: int, eps: float, per_example: bool = False):
-    """The `custom_vjp` function `(x, weight, bias) -> y`; the backward's parameter gradients
-    are per example, summed here unless the parameters are `per_example`."""
-    return c.norm_with_vjp(
+    """The differentiable function `(x, weight, bias) -> y` (see
+    `eqxnorm.kernels._autodiff.norm_with_jvp`); the backward's parameter gradients are per
+    example, summed here unless the parameters are `per_example`."""
+    return _autodiff.norm_with_jvp(
         _forward(groups, eps, per_example),
         functools.partial(_backward, groups, per_example),
         _identity if per_example else _sum_over_examples,
+        _layout_of_groups(groups),
+    )
+
+
+def _layout_of_groups(groups: int) -> _autodiff.Layout:
+    """`(batch, channels, spatial)` viewed as the reference's `(batch, groups,
+    channels/groups, spatial)`, reduced over its last two axes; parameters `(channels,)` or
+    per example `(batch, channels)`, statistics `(batch, groups)`."""
+
+    def view(a):
+        batch, channels, spatial = a.shape
+        return a.reshape(batch, groups, channels // groups, spatial)
+
+    def param(p):
+        if p is None:
+            return None
+        p = p if p.ndim == 2 else p[None]
+        return p.reshape(p.shape[0], groups, p.shape[1] // groups, 1)
+
+    return _autodiff.Layout(
+        axis=(2, 3),
+        center=True,
+        x=view,
+        unview=lambda t, shape: t.reshape(shape),
+        param=param,
+        stat=lambda s: s[:, :, None, None],
+        unstat=lambda s: s[:, :, 0, 0],
     )
 
 

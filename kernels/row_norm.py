@@ -60,12 +60,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
-from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from .._checking import typechecked
-from . import _common as c, reference
+from . import _autodiff, _common as c, reference
 from ._common import F32, Target
 
 _SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
@@ -488,54 +488,78 @@ def _grouped_norm(op: str, eps: float):
 
         return run
 
-    return c.norm_with_vjp(norm_forward, norm_backward, _same)
+    return _autodiff.norm_with_jvp(norm_forward, norm_backward, _same, _ROWS[_center(op)])
 
 
 def _same(grad):
     return grad
 
 
+def _row_layout(center: bool) -> _autodiff.Layout:
+    """`(groups, rows, dim)` is the reference's view itself, reduced over `dim`."""
+    return _autodiff.Layout(
+        axis=2,
+        center=center,
+        x=_same,
+        unview=lambda t, shape: t,
+        param=lambda p: None if p is None else p[:, None, :],
+        stat=lambda s: s[..., None],
+        unstat=lambda s: s[..., 0],
+    )
+
+
+_ROWS = {center: _row_layout(center) for center in (True, False)}
+
+
 @functools.cache
 def _add_norm(op: str, eps: float, x_dtype: jnp.dtype):
-    """The `custom_vjp` function `(x, residual, weight, bias) -> (y, h)` on `(1, rows, dim)`
-    with parameters `(1, dim)` (or `None`), for `x` of `x_dtype`. Its residuals are `h` (an
-    output), the parameters and the statistics; the backward skips reading the gradient of
-    `h` (or of `y`) when it is a symbolic zero."""
+    """The differentiable function `(x, residual, weight, bias) -> (y, h)` on `(1, rows, dim)`
+    with parameters `(1, dim)` (or `None`), for `x` of `x_dtype` (see
+    `eqxnorm.kernels._autodiff.norm_with_jvp`, which this extends by `h`). Its residuals are
+    `h` (an output), the parameters and the statistics; the backward kernel adds the gradient
+    of `h` in its pass, skips reading it when it is a symbolic zero, and does not run when
+    `y`'s is."""
     forward = _forward(op, eps)
+    layout = _ROWS[_center(op)]
 
-    @jax.custom_vjp
-    def add_norm(x, residual, weight, bias):
-        y, h, *_ = forward(x, residual, weight, bias)
-        return y, h
+    def apply(residuals, tangents):
+        h = residuals[0]
+        tx, tr, tw, tb = tangents
+        t_h = sum(t.astype(F32) for t in (tx, tr) if t is not None).astype(h.dtype)
+        t_y = _autodiff.tangent(layout, residuals, (t_h, tw, tb))[0]
+        return t_y.astype(x_dtype), t_h
 
-    def add_norm_fwd(*primals):
-        x, residual, weight, bias = custom_vjp_primal_tree_values(primals)
-        y, h, *stats = forward(x, residual, weight, bias)
-        return (y, h), (h, weight, bias, *stats)
-
-    def add_norm_bwd(residuals, cotangents):
-        h, weight, bias, *stats = residuals
-        dy, dh = (None if isinstance(ct, SymbolicZero) else ct for ct in cotangents)
-        params = (weight, bias)
+    def transpose(residuals, cotangents, like):
+        h, weight, shift, offset, rstd = residuals
+        dy, dh = cotangents
+        like_params = like[2:]
         if dy is None:
             # Only `h` is differentiated: y's branch contributes nothing.
-            dh = jnp.zeros(h.shape, h.dtype) if dh is None else dh
-            return (
-                dh.astype(x_dtype),
-                dh,
-                *(None if p is None else jnp.zeros_like(p) for p in params),
-            )
-        d_dtypes = (x_dtype,) if h.dtype == x_dtype else (x_dtype, jnp.dtype(h.dtype))
-        param_grads = weight is not None or bias is not None
-        dx, dres, *grads = _backward(op, param_grads, d_dtypes)(h, weight, dy, dh, *stats)
-        return (
-            dx,
-            dx if dres is None else dres,
-            *(None if p is None else g.astype(p.dtype) for p, g in zip(params, grads, strict=True)),
-        )
+            dx, dres = dh.astype(x_dtype), dh
+            grads = [None if p is None else jnp.zeros(p.shape, p.dtype) for p in like_params]
+        else:
+            d_dtypes = (x_dtype,) if h.dtype == x_dtype else (x_dtype, jnp.dtype(h.dtype))
+            param_grads = any(p is not None for p in like_params)
+            backward = _backward(op, param_grads, d_dtypes)
+            dx, dres, *grads = backward(h, weight, dy, dh, shift, offset, rstd)
+            dres = dx if dres is None else dres
+            grads = [None if p is None else g.astype(p.dtype) for p, g in zip(like_params, grads)]
+        return dx if like[0] is not None else None, dres if like[1] is not None else None, *grads
 
-    add_norm.defvjp(add_norm_fwd, add_norm_bwd, symbolic_zeros=True)
-    return add_norm
+    @jax.custom_jvp
+    def outputs(x, residual, weight, bias):
+        return tuple(forward(x, residual, weight, bias))
+
+    def rule(primals, tangents):
+        tangents = tuple(None if isinstance(t, SymbolicZero) else t for t in tangents)
+        y, h, shift, offset, rstd = outputs(*primals)
+        residuals = (h, primals[2], shift, offset, rstd)
+        t_y, t_h = _autodiff.linear(apply, transpose, apply, residuals, tangents)
+        t_stats = _autodiff.statistics_tangents(layout, residuals, (t_h, *tangents[2:]))
+        return (y, h, shift, offset, rstd), (t_y, t_h, *t_stats)
+
+    outputs.defjvp(rule, symbolic_zeros=True)
+    return lambda x, residual, weight, bias: outputs(x, residual, weight, bias)[:2]
 
 
 # --- entry points ------------------------------------------------------------------------------
