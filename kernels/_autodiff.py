@@ -204,7 +204,7 @@ def _jvp(primals, tangents, *, fns: _Map):
         terms.append(t)
     if not terms:
         return out, [ad.Zero(jax.typeof(o).to_tangent_aval()) for o in out]
-    return out, [sum(ts[1:], ts[0]) for ts in zip(*terms)]
+    return out, [sum(ts[1:], ts[0]) for ts in zip(*terms, strict=True)]
 
 
 def _transpose(cts, *args, fns: _Map):
@@ -222,10 +222,10 @@ def _transpose(cts, *args, fns: _Map):
 
 
 def _batch(args, dims, *, fns: _Map):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
     res_batched = tuple(d is not None for d in dims[: fns.num_res])
     moved = []
-    for i, (a, d) in enumerate(zip(args, dims)):
+    for i, (a, d) in enumerate(zip(args, dims, strict=True)):
         if d is None:
             moved.append(a if i < fns.num_res else jnp.broadcast_to(a, (size, *a.shape)))
         else:
@@ -282,7 +282,7 @@ def tangent(layout: Layout, residuals, tangents):
 
 
 def statistics_tangents(layout: Layout, residuals, tangents) -> tuple:
-    """The tangents of the kernel's `(shift, offset, rstd)` (see [`tangent`][]): the mean's
+    r"""The tangents of the kernel's `(shift, offset, rstd)` (see [`tangent`][]): the mean's
     on `shift`, and $\dot{r} = -\tfrac{1}{2} r^3 \dot{\sigma}^2$."""
     rstd = residuals[4]
     _, t_mean, t_var = tangent(layout, residuals, tangents)

@@ -98,11 +98,12 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from .._checking import typechecked
-from . import _common as c, reference
+from . import _autodiff, _common as c, reference
 from ._common import F32, Target
 from .reference import AxisName, compute_dtype
 
@@ -346,53 +347,73 @@ def _centred(x, shift, offset):
     return (x.astype(F32) - _per_channel(shift)) - _per_channel(offset)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _local_moments(xw, shift, d0, dtype):
     """`(offset, var)`: the per-channel mean of `(x - shift) - d0` and biased variance of
-    this array, given widened (`xw`) with its own dtype `dtype`."""
-    return _local_moments_fwd(xw, shift, d0, dtype)[0]
+    this array, given widened (`xw`) with its own dtype `dtype`: the statistics kernel."""
+    return c.per_platform(_moments_on, xw.astype(dtype), shift, d0, sharding=_MOMENTS)
 
 
-def _local_moments_fwd(xw, shift, d0, dtype):
-    x = xw.astype(dtype)
-    offset, var = c.per_platform(_moments_on, x, shift, d0, sharding=_MOMENTS)
-    return (offset, var), (x, shift, d0, offset)
+@functools.partial(_local_moments.defjvp, symbolic_zeros=True)
+def _local_moments_jvp(dtype, primals, tangents):
+    xw, shift, d0 = primals
+    offset, var = _local_moments(xw, shift, d0, dtype)
+    t_x, t_shift, t_d0 = (None if isinstance(t, SymbolicZero) else t for t in tangents)
+    count = xw.shape[0] * xw.shape[2]
+    t_offset = jnp.zeros_like(offset) if t_x is None else jnp.sum(t_x, axis=(0, 2)) / count
+    for t in (t_shift, t_d0):
+        t_offset = t_offset if t is None else t_offset - t
+    if t_x is None:
+        return (offset, var), (t_offset, jnp.zeros_like(var))
+    centred = _centred(xw.astype(dtype), shift, d0 + offset)
+    return (offset, var), (t_offset, jnp.sum(centred * t_x, axis=(0, 2)) * (2 / count))
 
 
-def _local_moments_bwd(dtype, residuals, cotangents):
-    del dtype
-    x, shift, d0, offset = residuals
-    doffset, dvar = cotangents
-    count = x.shape[0] * x.shape[2]
-    dx = _centred(x, shift, d0 + offset) * _per_channel(2 * dvar / count)
-    return dx + _per_channel(doffset / count), -doffset, -doffset
-
-
-_local_moments.defvjp(_local_moments_fwd, _local_moments_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _normalize(xw, shift, offset, scale, bias, dtype):
     """`((x - shift) - offset)·scale + bias` in `dtype`, `x` given widened (`xw`) with its
-    own dtype `dtype`; the per-channel arrays are float32."""
-    return _normalize_fwd(xw, shift, offset, scale, bias, dtype)[0]
-
-
-def _normalize_fwd(xw, shift, offset, scale, bias, dtype):
+    own dtype `dtype`; the per-channel arrays are float32: the normalization kernel."""
     x = xw.astype(dtype)
-    y = c.per_platform(_normalize_on, x, shift, offset, scale, bias, sharding=_NORMALIZE)
-    return y, (x, shift, offset, scale)
+    return c.per_platform(_normalize_on, x, shift, offset, scale, bias, sharding=_NORMALIZE)
 
 
-def _normalize_bwd(dtype, residuals, dy):
-    del dtype
+def _normalize_tangent(residuals, tangents):
+    """The tangent of [`_normalize`][] (XLA): `(t_x - t_shift - t_offset)·scale + c·t_scale +
+    t_bias`, `c = (x - shift) - offset`."""
+    x, shift, offset, scale = residuals
+    t_x, t_shift, t_offset, t_scale, t_bias = tangents
+    t_y = jnp.zeros(x.shape, F32)
+    if t_x is not None:
+        t_y = t_y + t_x.astype(F32) * _per_channel(scale)
+    for t in (t_shift, t_offset):
+        if t is not None:
+            t_y = t_y - _per_channel(t * scale)
+    if t_scale is not None:
+        t_y = t_y + _centred(x, shift, offset) * _per_channel(t_scale)
+    if t_bias is not None:
+        t_y = t_y + _per_channel(t_bias)
+    return t_y.astype(x.dtype)
+
+
+def _normalize_transpose(residuals, dy, like):
+    """The transpose of [`_normalize_tangent`][]: the sums kernel, and per-channel `jnp`."""
     x, shift, offset, scale = residuals
     sum_dy, sum_dyc = c.per_platform(_sums_on, x, dy, shift, offset, sharding=_SUMS)
     dshift = -scale * sum_dy
-    return dy.astype(F32) * _per_channel(scale), dshift, dshift, sum_dyc, sum_dy
+    grads = (dy.astype(F32) * _per_channel(scale), dshift, dshift, sum_dyc, sum_dy)
+    return tuple(None if a is None else g.astype(a.dtype) for a, g in zip(like, grads, strict=True))
 
 
-_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+@functools.partial(_normalize.defjvp, symbolic_zeros=True)
+def _normalize_jvp(dtype, primals, tangents):
+    xw, shift, offset, scale, bias = primals
+    y = _normalize(xw, shift, offset, scale, bias, dtype)
+    tangents = tuple(None if isinstance(t, SymbolicZero) else t for t in tangents)
+    residuals = (xw.astype(dtype), shift, offset, scale)
+    t_y = _autodiff.linear(
+        _normalize_tangent, _normalize_transpose, _normalize_tangent, residuals, tangents
+    )
+    return y, t_y
 
 
 def _scale_and_bias(rstd, weight, bias):

@@ -543,7 +543,10 @@ def _add_norm(op: str, eps: float, x_dtype: jnp.dtype):
             backward = _backward(op, param_grads, d_dtypes)
             dx, dres, *grads = backward(h, weight, dy, dh, shift, offset, rstd)
             dres = dx if dres is None else dres
-            grads = [None if p is None else g.astype(p.dtype) for p, g in zip(like_params, grads)]
+            grads = [
+                None if p is None else g.astype(p.dtype)
+                for p, g in zip(like_params, grads, strict=True)
+            ]
         return dx if like[0] is not None else None, dres if like[1] is not None else None, *grads
 
     @jax.custom_jvp
