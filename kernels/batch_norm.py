@@ -365,8 +365,15 @@ def _local_moments_jvp(dtype, primals, tangents):
         t_offset = t_offset if t is None else t_offset - t
     if t_x is None:
         return (offset, var), (t_offset, jnp.zeros_like(var))
-    centred = _centred(xw.astype(dtype), shift, d0 + offset)
-    return (offset, var), (t_offset, jnp.sum(centred * t_x, axis=(0, 2)) * (2 / count))
+    # Rematerialised, so that reverse mode keeps `x`, not the centred values.
+    t_var = jax.checkpoint(_local_var_tangent, policy=jax.checkpoint_policies.nothing_saveable)
+    return (offset, var), (t_offset, t_var(xw.astype(dtype), shift, d0 + offset, t_x))
+
+
+def _local_var_tangent(x, shift, offset, t_x):
+    r"""$\dot{\sigma}^2 = \frac{2}{n} \sum ((x - K) - \bar{d})\,\dot{x}$ per channel."""
+    count = x.shape[0] * x.shape[2]
+    return jnp.sum(_centred(x, shift, offset) * t_x, axis=(0, 2)) * (2 / count)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))

@@ -135,3 +135,73 @@ def test_every_derivative_matches_the_reference(op):
     expected = _battery(build("reference"), args)
     for name in expected:
         _assert_trees_match(kernel[name], expected[name])
+
+
+# --- finite differences ------------------------------------------------------------------------
+
+# `eqxnorm.kernels` modules and a call of each family on small arrays.
+_FAMILIES = {
+    "layer_norm": (lambda m: functools.partial(m.layer_norm, eps=1e-5), (3, 8), 8),
+    "group_norm": (lambda m: functools.partial(m.group_norm, groups=2, eps=1e-5), (2, 4, 3), 4),
+    "batch_norm": (lambda m: lambda *a: m.batch_norm(*a, eps=1e-5)[0], (4, 3, 2), 3),
+}
+
+
+def _family_args(family, dtype):
+    _, shape, width = _FAMILIES[family]
+    return tuple(a.astype(dtype) for a in (_data(shape, 0), *_params(width)))
+
+
+@pytest.mark.parametrize("family", _FAMILIES)
+def test_check_grads_to_second_order(family):
+    from eqxnorm.kernels import (
+        batch_norm as bn,
+        group_norm as gn,
+        reference,
+        row_norm,
+    )
+
+    kernels = {"layer_norm": row_norm, "group_norm": gn, "batch_norm": bn}[family]
+    make = _FAMILIES[family][0]
+
+    def on_arrays(fn):
+        # check_grads passes NumPy arrays; the functions are typed for JAX's.
+        return lambda *args: fn(*(jnp.asarray(a) for a in args))
+
+    with jax.enable_x64(True):
+        check_grads(on_arrays(make(reference)), _family_args(family, jnp.float64), 2)
+    # float32 finite differences: a step of 1e-2, tolerances of float32 second differences.
+    args = _family_args(family, jnp.float32)
+    check_grads(on_arrays(make(kernels)), args, 2, atol=5e-2, rtol=5e-2, eps=1e-2)
+
+
+# --- first order: the backward kernel, and what it keeps -------------------------------------
+
+
+def _residuals(fn, args):
+    """The arrays `jax.vjp(fn, *args)` keeps for the backward."""
+    closed = jax.make_jaxpr(lambda a: jax.vjp(fn, *a)[1])(args)
+    kept = [v for v in closed.jaxpr.outvars if not isinstance(v, jax.extend.core.Literal)]
+    return list({id(v): v.aval for v in kept}.values())
+
+
+@pytest.mark.parametrize(
+    ("op", "kernel"),
+    [
+        ("layer_norm", "eqxnorm_layer_norm_bwd"),
+        ("add_rms_norm", "eqxnorm_add_rms_norm_bwd"),
+        ("group_norm", "eqxnorm_group_norm_bwd"),
+        ("batch_norm", "eqxnorm_batch_norm_sums"),
+    ],
+)
+def test_first_order_runs_the_backward_kernel_and_keeps_x_and_statistics(op, kernel):
+    build, make_args = OPS[op]
+    fn, args = build("pallas"), make_args()
+    grad = jax.grad(_loss(fn), argnums=tuple(range(len(args))))
+    assert kernel in ks.lowered(grad, args, "cuda")
+    kept = _residuals(fn, args)
+    full = [a for a in kept if math.prod(a.shape) >= args[0].size]
+    # x (the fused add keeps its output h instead), and nothing else of its size.
+    assert [(math.prod(a.shape), a.dtype) for a in full] == [(args[0].size, args[0].dtype)]
+    small = [a for a in kept if math.prod(a.shape) < args[0].size]
+    assert all(a.dtype in (jnp.float32, jnp.bool_) for a in small)
