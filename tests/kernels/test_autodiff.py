@@ -152,6 +152,20 @@ def _family_args(family, dtype):
     return tuple(a.astype(dtype) for a in (_data(shape, 0), *_params(width)))
 
 
+def _check_grads_to_second_order(fn, args, **tolerances):
+    """`check_grads(fn, args, order=2, modes=["fwd", "rev"])`, with the derivatives jitted
+    (interpret mode compiles each eager call): the second order in reverse mode as the first
+    derivatives of the pullback. `jax.vjp` of a jitted kernel call, run eagerly, does not
+    lower (`custom_partitioning` without a device assignment), so the first is eager (on
+    JAX arrays: check_grads passes NumPy's)."""
+    check_grads(lambda *a: fn(*map(jnp.asarray, a)), args, 1, ["rev"], **tolerances)
+    fn = jax.jit(fn)
+    check_grads(fn, args, 2, ["fwd"], **tolerances)
+    cotangent = jnp.cos(fn(*args))
+    pullback = jax.jit(lambda *a: jax.vjp(fn, *a)[1](cotangent))
+    check_grads(pullback, args, 1, ["fwd", "rev"], **tolerances)
+
+
 @pytest.mark.parametrize("family", _FAMILIES)
 def test_check_grads_to_second_order(family):
     from eqxnorm.kernels import (
@@ -163,16 +177,11 @@ def test_check_grads_to_second_order(family):
 
     kernels = {"layer_norm": row_norm, "group_norm": gn, "batch_norm": bn}[family]
     make = _FAMILIES[family][0]
-
-    def on_arrays(fn):
-        # check_grads passes NumPy arrays; the functions are typed for JAX's.
-        return lambda *args: fn(*(jnp.asarray(a) for a in args))
-
     with jax.enable_x64(True):
-        check_grads(on_arrays(make(reference)), _family_args(family, jnp.float64), 2)
+        _check_grads_to_second_order(make(reference), _family_args(family, jnp.float64))
     # float32 finite differences: a step of 1e-2, tolerances of float32 second differences.
     args = _family_args(family, jnp.float32)
-    check_grads(on_arrays(make(kernels)), args, 2, atol=5e-2, rtol=5e-2, eps=1e-2)
+    _check_grads_to_second_order(make(kernels), args, atol=5e-2, rtol=5e-2, eps=1e-2)
 
 
 # --- first order: the backward kernel, and what it keeps -------------------------------------
