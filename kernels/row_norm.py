@@ -525,8 +525,10 @@ def _add_norm(op: str, eps: float, x_dtype: jnp.dtype):
     def apply(residuals, tangents):
         h = residuals[0]
         tx, tr, tw, tb = tangents
-        t_h = sum(t.astype(F32) for t in (tx, tr) if t is not None).astype(h.dtype)
+        added = [t.astype(F32) for t in (tx, tr) if t is not None]
+        t_h = sum(added[1:], added[0]).astype(h.dtype) if added else None
         t_y = _autodiff.tangent(layout, residuals, (t_h, tw, tb))[0]
+        t_h = jnp.zeros(h.shape, h.dtype) if t_h is None else t_h
         return t_y.astype(x_dtype), t_h
 
     def transpose(residuals, cotangents, like):
