@@ -37,7 +37,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
@@ -73,8 +72,8 @@ class _ReferenceTranspose:
 
     def __call__(self, *args):
         res, cts = args[: self.num_res], args[self.num_res :]
-        structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self.lin_avals]
-        transposed = jax.linear_transpose(lambda *lin: self.reference(*res, *lin), *structs)
+        # The avals themselves, shardings included (a batch split over an explicit mesh).
+        transposed = jax.linear_transpose(lambda *lin: self.reference(*res, *lin), *self.lin_avals)
         return list(transposed(list(cts)))
 
 
@@ -176,28 +175,38 @@ def linear(
         _ReferenceTranspose(reference_flat, len(res), lin_avals),
         len(res),
     )
-    return jax.tree.unflatten(out_tree, linear_p.bind(*res, *lin, fns=fns))
+    return jax.tree.unflatten(out_tree, _bind_linear(fns, *res, *lin))
 
 
 def _struct(a) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(a.shape, a.dtype)
 
 
-def _abstract_eval(*avals, fns: _Map):
-    return jax.make_jaxpr(fns.reference)(*avals).out_avals
+def _traced(fn: Callable, args) -> Any:
+    """`fn` traced for `args`' types: a primitive's parameter, so that JAX sees the kernels
+    in it (a `custom_partitioning` call needs the devices when lowered) and lowers it."""
+    return jax.make_jaxpr(fn)(*(jax.typeof(a) for a in args))
 
 
-def _impl(*args, fns: _Map):
-    return fns.apply(*args)
+def _bind_linear(fns: _Map, *args):
+    return linear_p.bind(*args, fns=fns, jaxpr=_traced(fns.apply, args))
 
 
-def _jvp(primals, tangents, *, fns: _Map):
-    out = linear_p.bind(*primals, fns=fns)
+def _abstract_eval(*avals, jaxpr, **_):
+    return jaxpr.out_avals
+
+
+def _impl(*args, jaxpr, **_):
+    return jex_core.jaxpr_as_fun(jaxpr)(*args)
+
+
+def _jvp(primals, tangents, *, fns: _Map, jaxpr):
+    out = _bind_linear(fns, *primals)
     res, lin = primals[: fns.num_res], primals[fns.num_res :]
     t_res, t_lin = tangents[: fns.num_res], tangents[fns.num_res :]
     terms = []
     if any(type(t) is not ad.Zero for t in t_lin):
-        terms.append(linear_p.bind(*res, *map(ad.instantiate_zeros, t_lin), fns=fns))
+        terms.append(_bind_linear(fns, *res, *map(ad.instantiate_zeros, t_lin)))
     if any(type(t) is not ad.Zero for t in t_res):
         t_res = [ad.instantiate_zeros(t) for t in t_res]
         _, t = jax.jvp(lambda *r: fns.reference(*r, *lin), tuple(res), tuple(t_res))
@@ -207,7 +216,7 @@ def _jvp(primals, tangents, *, fns: _Map):
     return out, [sum(ts[1:], ts[0]) for ts in zip(*terms, strict=True)]
 
 
-def _transpose(cts, *args, fns: _Map):
+def _transpose(cts, *args, fns: _Map, jaxpr):
     res, lin = args[: fns.num_res], args[fns.num_res :]
     if any(ad.is_undefined_primal(r) for r in res):
         raise NotImplementedError("eqxnorm_linear is not linear in its residuals.")
@@ -215,13 +224,13 @@ def _transpose(cts, *args, fns: _Map):
     if all(a is not None for a in zero_avals):
         return [None] * len(args)
     given = [c for c in cts if type(c) is not ad.Zero]
-    lin_cts = linear_p.bind(*res, *given, fns=fns.transposed(zero_avals))
+    lin_cts = _bind_linear(fns.transposed(zero_avals), *res, *given)
     return [None] * len(res) + [
         c if ad.is_undefined_primal(a) else None for c, a in zip(lin_cts, lin, strict=True)
     ]
 
 
-def _batch(args, dims, *, fns: _Map):
+def _batch(args, dims, *, fns: _Map, jaxpr):
     size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
     res_batched = tuple(d is not None for d in dims[: fns.num_res])
     moved = []
@@ -230,7 +239,7 @@ def _batch(args, dims, *, fns: _Map):
             moved.append(a if i < fns.num_res else jnp.broadcast_to(a, (size, *a.shape)))
         else:
             moved.append(jnp.moveaxis(a, d, 0))
-    out = linear_p.bind(*moved, fns=fns.vmapped(res_batched))
+    out = _bind_linear(fns.vmapped(res_batched), *moved)
     return out, [0] * len(out)
 
 
@@ -240,6 +249,106 @@ ad.primitive_jvps[linear_p] = _jvp
 ad.primitive_transposes[linear_p] = _transpose
 batching.primitive_batchers[linear_p] = _batch
 mlir.register_lowering(linear_p, mlir.lower_fun(_impl, multiple_results=True))
+
+
+# --- kernels with a JVP rule ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlatCall:
+    """`fn(*args)` on flat arguments, returning a flat list."""
+
+    fn: Callable
+    in_tree: Any
+
+    def __call__(self, *args):
+        return jax.tree.leaves(self.fn(*jax.tree.unflatten(self.in_tree, args)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlatJvp:
+    """`jvp(primals, tangents)` on flat lists (`None` for a zero tangent), returning the flat
+    outputs followed by their flat tangents."""
+
+    jvp: Callable
+    in_tree: Any
+
+    def __call__(self, primals, tangents):
+        unflat = (jax.tree.unflatten(self.in_tree, a) for a in (primals, tangents))
+        out, t_out = self.jvp(*(tuple(a) for a in unflat))
+        return jax.tree.leaves(out) + jax.tree.leaves(t_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _VmappedCall:
+    """`fn` vmapped with `in_axes`, every output along axis 0."""
+
+    fn: Callable
+    in_axes: tuple
+
+    def __call__(self, *args):
+        return list(jax.vmap(self.fn, in_axes=self.in_axes)(*args))
+
+
+@dataclasses.dataclass(frozen=True)
+class _VmappedJvp:
+    """A flat JVP rule vmapped over axes `in_axes` of the primals and of their tangents."""
+
+    jvp: Callable
+    in_axes: tuple
+
+    def __call__(self, primals, tangents):
+        axes = (
+            list(self.in_axes),
+            [a if t is not None else None for a, t in zip(self.in_axes, tangents, strict=True)],
+        )
+        return list(jax.vmap(self.jvp, in_axes=axes)(list(primals), list(tangents)))
+
+
+kernel_p = jex_core.Primitive("eqxnorm_kernel")
+kernel_p.multiple_results = True
+
+
+def with_jvp(fn: Callable, jvp: Callable) -> Callable:
+    """`fn` (a kernel call, arrays or `None` in, a pytree of arrays out) with the JVP rule
+    `jvp(primals, tangents) -> (outputs, output tangents)`, `None` for each zero tangent in.
+
+    A `jax.custom_jvp` would do, but JAX inlines a custom JVP function whose inputs are
+    partly unknown to a partial evaluation (as `lax.scan` does to hoist what does not
+    change across iterations), which a kernel does not survive: this is one primitive
+    instead, evaluated by `fn`, differentiated by `jvp`, batched by `jax.vmap` of both.
+    `fn` and `jvp` should be the same objects at every call (`jax.jit` caches on them)."""
+
+    def call(*args):
+        flat, in_tree = jax.tree.flatten(args)
+        out_tree = jax.tree.structure(jax.eval_shape(fn, *args))
+        outs = _bind_kernel(_FlatCall(fn, in_tree), _FlatJvp(jvp, in_tree), *flat)
+        return jax.tree.unflatten(out_tree, outs)
+
+    return call
+
+
+def _bind_kernel(fn: Callable, jvp: Callable, *args):
+    return kernel_p.bind(*args, fn=fn, jvp=jvp, jaxpr=_traced(fn, args))
+
+
+def _kernel_jvp(primals, tangents, *, fn, jvp, jaxpr):
+    tangents = [None if type(t) is ad.Zero else t for t in tangents]
+    outs = jvp(list(primals), tangents)
+    return outs[: len(outs) // 2], outs[len(outs) // 2 :]
+
+
+def _kernel_batch(args, dims, *, fn, jvp, jaxpr):
+    dims = tuple(dims)
+    outs = _bind_kernel(_VmappedCall(fn, dims), _VmappedJvp(jvp, dims), *args)
+    return outs, [0] * len(outs)
+
+
+kernel_p.def_impl(_impl)
+kernel_p.def_abstract_eval(_abstract_eval)
+ad.primitive_jvps[kernel_p] = _kernel_jvp
+batching.primitive_batchers[kernel_p] = _kernel_batch
+mlir.register_lowering(kernel_p, mlir.lower_fun(_impl, multiple_results=True))
 
 
 # --- the normalizations ------------------------------------------------------------------------
@@ -324,18 +433,13 @@ def norm_with_jvp(
             for p, g in zip(like_params, grads, strict=True)
         )
 
-    @jax.custom_jvp
-    def outputs(x, weight, bias):
-        return tuple(forward(x, weight, bias))
-
     def rule(primals, tangents):
         x, weight, bias = primals
-        tangents = tuple(None if isinstance(t, SymbolicZero) else t for t in tangents)
         y, shift, offset, rstd = outputs(x, weight, bias)
         residuals = (x, weight, shift, offset, rstd)
         t_y = linear(apply, transpose, apply, residuals, tangents)
         t_stats = statistics_tangents(layout, residuals, tangents)
         return (y, shift, offset, rstd), (t_y, *t_stats)
 
-    outputs.defjvp(rule, symbolic_zeros=True)
+    outputs = with_jvp(forward, rule)
     return lambda x, weight, bias: outputs(x, weight, bias)[0]

@@ -98,7 +98,6 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
@@ -347,27 +346,33 @@ def _centred(x, shift, offset):
     return (x.astype(F32) - _per_channel(shift)) - _per_channel(offset)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _local_moments(xw, shift, d0, dtype):
     """`(offset, var)`: the per-channel mean of `(x - shift) - d0` and biased variance of
     this array, given widened (`xw`) with its own dtype `dtype`: the statistics kernel."""
-    return c.per_platform(_moments_on, xw.astype(dtype), shift, d0, sharding=_MOMENTS)
+    return _local_moments_of(jnp.dtype(dtype))(xw, shift, d0)
 
 
-@functools.partial(_local_moments.defjvp, symbolic_zeros=True)
-def _local_moments_jvp(dtype, primals, tangents):
-    xw, shift, d0 = primals
-    offset, var = _local_moments(xw, shift, d0, dtype)
-    t_x, t_shift, t_d0 = (None if isinstance(t, SymbolicZero) else t for t in tangents)
-    count = xw.shape[0] * xw.shape[2]
-    t_offset = jnp.zeros_like(offset) if t_x is None else jnp.sum(t_x, axis=(0, 2)) / count
-    for t in (t_shift, t_d0):
-        t_offset = t_offset if t is None else t_offset - t
-    if t_x is None:
-        return (offset, var), (t_offset, jnp.zeros_like(var))
-    # Rematerialised, so that reverse mode keeps `x`, not the centred values.
-    t_var = jax.checkpoint(_local_var_tangent, policy=jax.checkpoint_policies.nothing_saveable)
-    return (offset, var), (t_offset, t_var(xw.astype(dtype), shift, d0 + offset, t_x))
+@functools.cache
+def _local_moments_of(dtype: jnp.dtype):
+    def moments(xw, shift, d0):
+        return c.per_platform(_moments_on, xw.astype(dtype), shift, d0, sharding=_MOMENTS)
+
+    def jvp(primals, tangents):
+        xw, shift, d0 = primals
+        offset, var = local_moments(xw, shift, d0)
+        t_x, t_shift, t_d0 = tangents
+        count = xw.shape[0] * xw.shape[2]
+        t_offset = jnp.zeros_like(offset) if t_x is None else jnp.sum(t_x, axis=(0, 2)) / count
+        for t in (t_shift, t_d0):
+            t_offset = t_offset if t is None else t_offset - t
+        if t_x is None:
+            return (offset, var), (t_offset, jnp.zeros_like(var))
+        # Rematerialised, so that reverse mode keeps `x`, not the centred values.
+        t_var = jax.checkpoint(_local_var_tangent, policy=jax.checkpoint_policies.nothing_saveable)
+        return (offset, var), (t_offset, t_var(xw.astype(dtype), shift, d0 + offset, t_x))
+
+    local_moments = _autodiff.with_jvp(moments, jvp)
+    return local_moments
 
 
 def _local_var_tangent(x, shift, offset, t_x):
@@ -376,12 +381,10 @@ def _local_var_tangent(x, shift, offset, t_x):
     return jnp.sum(_centred(x, shift, offset) * t_x, axis=(0, 2)) * (2 / count)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _normalize(xw, shift, offset, scale, bias, dtype):
     """`((x - shift) - offset)·scale + bias` in `dtype`, `x` given widened (`xw`) with its
     own dtype `dtype`; the per-channel arrays are float32: the normalization kernel."""
-    x = xw.astype(dtype)
-    return c.per_platform(_normalize_on, x, shift, offset, scale, bias, sharding=_NORMALIZE)
+    return _normalize_of(jnp.dtype(dtype))(xw, shift, offset, scale, bias)
 
 
 def _normalize_tangent(residuals, tangents):
@@ -411,16 +414,22 @@ def _normalize_transpose(residuals, dy, like):
     return tuple(None if a is None else g.astype(a.dtype) for a, g in zip(like, grads, strict=True))
 
 
-@functools.partial(_normalize.defjvp, symbolic_zeros=True)
-def _normalize_jvp(dtype, primals, tangents):
-    xw, shift, offset, scale, bias = primals
-    y = _normalize(xw, shift, offset, scale, bias, dtype)
-    tangents = tuple(None if isinstance(t, SymbolicZero) else t for t in tangents)
-    residuals = (xw.astype(dtype), shift, offset, scale)
-    t_y = _autodiff.linear(
-        _normalize_tangent, _normalize_transpose, _normalize_tangent, residuals, tangents
-    )
-    return y, t_y
+@functools.cache
+def _normalize_of(dtype: jnp.dtype):
+    def normalize(xw, shift, offset, scale, bias):
+        x = xw.astype(dtype)
+        return c.per_platform(_normalize_on, x, shift, offset, scale, bias, sharding=_NORMALIZE)
+
+    def jvp(primals, tangents):
+        xw, shift, offset, scale, bias = primals
+        residuals = (xw.astype(dtype), shift, offset, scale)
+        t_y = _autodiff.linear(
+            _normalize_tangent, _normalize_transpose, _normalize_tangent, residuals, tangents
+        )
+        return normalized(*primals), t_y
+
+    normalized = _autodiff.with_jvp(normalize, jvp)
+    return normalized
 
 
 def _scale_and_bias(rstd, weight, bias):

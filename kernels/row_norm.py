@@ -60,7 +60,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
-from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
@@ -551,19 +550,14 @@ def _add_norm(op: str, eps: float, x_dtype: jnp.dtype):
             ]
         return dx if like[0] is not None else None, dres if like[1] is not None else None, *grads
 
-    @jax.custom_jvp
-    def outputs(x, residual, weight, bias):
-        return tuple(forward(x, residual, weight, bias))
-
     def rule(primals, tangents):
-        tangents = tuple(None if isinstance(t, SymbolicZero) else t for t in tangents)
         y, h, shift, offset, rstd = outputs(*primals)
         residuals = (h, primals[2], shift, offset, rstd)
         t_y, t_h = _autodiff.linear(apply, transpose, apply, residuals, tangents)
         t_stats = _autodiff.statistics_tangents(layout, residuals, (t_h, *tangents[2:]))
         return (y, h, shift, offset, rstd), (t_y, t_h, *t_stats)
 
-    outputs.defjvp(rule, symbolic_zeros=True)
+    outputs = _autodiff.with_jvp(forward, rule)
     return lambda x, residual, weight, bias: outputs(x, residual, weight, bias)[:2]
 
 

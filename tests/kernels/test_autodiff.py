@@ -214,3 +214,101 @@ def test_first_order_runs_the_backward_kernel_and_keeps_x_and_statistics(op, ker
     assert [(math.prod(a.shape), a.dtype) for a in full] == [(args[0].size, args[0].dtype)]
     small = [a for a in kept if math.prod(a.shape) < args[0].size]
     assert all(a.dtype in (jnp.float32, jnp.bool_) for a in small)
+
+
+# --- under the other transformations ----------------------------------------------------------
+
+
+def _second_order(fn):
+    """`fn`'s JVP and the gradient of its gradient's squared norm, with respect to `x`."""
+    loss = _loss(fn)
+
+    def run(x, t):
+        jvp = jax.jvp(fn, (x,), (t,))[1]
+        return jvp, jax.grad(lambda x: _squared_norm(jax.grad(loss)(x)))(x)
+
+    return run
+
+
+def _both_impls(make, *args):
+    results = [jax.jit(_second_order(make(impl)))(*args) for impl in IMPLS]
+    _assert_trees_match(*results)
+
+
+def test_under_vmap_the_examples_fold_into_one_launch():
+    x = _data((4, 3, 8), 0)
+    weight, bias = _params(8)
+
+    def make(impl):
+        return jax.vmap(lambda x: F.layer_norm(x, weight, bias, impl=impl))
+
+    _both_impls(make, x, jnp.cos(x))
+    hvp = jax.vmap(_second_order(lambda x: F.layer_norm(x, weight, bias, impl="pallas")))
+    # The forward kernels of the examples run as one launch (folded into its rows).
+    assert ks.triton_grids(ks.lowered(hvp, (x, jnp.cos(x)), "cuda")).count((1, 1, 1)) >= 1
+
+
+def test_jit_with_the_batch_sharded():
+    mesh = jax.make_mesh((8,), ("batch",))
+    batch = NamedSharding(mesh, P("batch"))
+    x = jax.device_put(_data((16, 4, 3), 0), batch)
+    weight, bias = _params(4)
+    _both_impls(lambda impl: lambda x: F.group_norm(x, 2, weight, bias, impl=impl), x, x)
+    _both_impls(lambda impl: lambda x: F.batch_norm(x, weight, bias, impl=impl), x, x)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        jax.checkpoint_policies.nothing_saveable,
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.everything_saveable,
+    ],
+)
+def test_under_checkpoint(policy):
+    x = _data((3, 8), 0)
+    weight, bias = _params(8)
+
+    def make(impl):
+        return jax.checkpoint(lambda x: F.rms_norm(x, weight, bias, impl=impl), policy=policy)
+
+    _both_impls(make, x, jnp.cos(x))
+
+
+def test_scan_over_stacked_layers_and_an_ensemble():
+    x = _data((3, 8), 0)
+
+    def make(impl):
+        @eqx.filter_vmap
+        def layers(seed):
+            weight, bias = jax.random.uniform(jax.random.key(seed), (2, 8), minval=0.5)
+            return eqx.tree_at(
+                lambda m: (m.weight, m.bias), eqxnorm.LayerNorm(8, impl=impl), (weight, bias)
+            )
+
+        stacked = layers(jnp.arange(3))
+        params, static = eqx.partition(stacked, eqx.is_array)
+
+        def scanned(x):
+            def step(x, layer_params):
+                return jnp.sin(jax.vmap(eqx.combine(layer_params, static))(x)) + x, None
+
+            return jax.lax.scan(step, x, params)[0]
+
+        ensemble = eqx.filter_vmap(lambda layer, x: jax.vmap(layer)(x), in_axes=(0, None))
+        return lambda x: (scanned(x), ensemble(stacked, x))
+
+    _both_impls(make, x, jnp.cos(x))
+
+
+def test_batch_norm_pooled_over_a_named_axis():
+    x = _data((2, 4, 3, 2), 0)
+    weight, bias = _params(3)
+
+    def make(impl):
+        def one(x):
+            return F.batch_norm(x, weight, bias, axis_name="members", impl=impl)
+
+        return jax.vmap(one, axis_name="members")
+
+    _both_impls(make, x, jnp.cos(x))

@@ -296,10 +296,6 @@ def _pallas_calls(jaxpr):
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
             yield eqn
-        if eqn.primitive.name == "eqxnorm_linear":
-            # A linear map (`_autodiff.linear`) traces its function when lowered.
-            avals = [v.aval for v in eqn.invars]
-            yield from _pallas_calls(jax.make_jaxpr(eqn.params["fns"].apply)(*avals).jaxpr)
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
