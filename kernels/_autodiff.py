@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
+from jax.sharding import PartitionSpec as P
 
 from . import reference
 
@@ -231,16 +232,32 @@ def _transpose(cts, *args, fns: _Map, jaxpr):
 
 
 def _batch(args, dims, *, fns: _Map, jaxpr):
-    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+    # The linear inputs are all batched (so the transpose's outputs are), the residuals as
+    # they come.
     res_batched = tuple(d is not None for d in dims[: fns.num_res])
+    batched = next((a, d) for a, d in zip(args, dims, strict=True) if d is not None)
     moved = []
     for i, (a, d) in enumerate(zip(args, dims, strict=True)):
-        if d is None:
-            moved.append(a if i < fns.num_res else jnp.broadcast_to(a, (size, *a.shape)))
-        else:
+        if d is not None:
             moved.append(jnp.moveaxis(a, d, 0))
+        elif i < fns.num_res:
+            moved.append(a)
+        else:
+            moved.append(_broadcast_like(a, *batched))
     out = _bind_linear(fns.vmapped(res_batched), *moved)
     return out, [0] * len(out)
+
+
+def _broadcast_like(a, batched, dim: int):
+    """`a` with a leading axis of `batched`'s axis `dim`, sharded as that axis is (`vmap`
+    wants every mapped axis sharded alike)."""
+    shape = (batched.shape[dim], *a.shape)
+    sharding = jax.typeof(batched).sharding
+    spec = tuple(sharding.spec) + (None,) * batched.ndim
+    if spec[dim] is None:
+        return jnp.broadcast_to(a, shape)
+    out_sharding = jax.sharding.NamedSharding(sharding.mesh, P(spec[dim], *(None,) * a.ndim))
+    return jnp.broadcast_to(a, shape, out_sharding=out_sharding)
 
 
 linear_p.def_impl(_impl)
