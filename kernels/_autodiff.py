@@ -32,6 +32,7 @@ there is no public `custom_transpose`. The primitive here is `linear_call` with 
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -39,7 +40,6 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
-from jax.sharding import PartitionSpec as P
 
 from . import reference
 
@@ -80,16 +80,27 @@ class _ReferenceTranspose:
 
 @dataclasses.dataclass(frozen=True)
 class _Vmapped:
-    """`fn` vmapped over axis 0 of the residuals with `res_batched` and of every linear
-    input."""
+    """`fn(*residuals, *linear)` vmapped over axis 0 of the residuals where `res_batched`
+    and of the linear inputs where `lin_batched` (`None`: every one), each output along
+    axis 0 or, where `summed`, summed over it in at least float32: the gradient of a linear
+    input the examples share (a parameter's), accumulated like the reference's."""
 
     fn: Callable
     res_batched: tuple
+    lin_batched: tuple | None = None
+    summed: tuple | None = None
 
     def __call__(self, *args):
         n = len(self.res_batched)
-        axes = tuple(0 if b else None for b in self.res_batched) + (0,) * (len(args) - n)
-        return list(jax.vmap(self.fn, in_axes=axes)(*args))
+        lin_batched = self.lin_batched or (True,) * (len(args) - n)
+        axes = tuple(0 if b else None for b in self.res_batched + lin_batched)
+        outs = list(jax.vmap(self.fn, in_axes=axes)(*args))
+        if self.summed is None:
+            return outs
+        return [
+            jnp.sum(o.astype(jnp.promote_types(o.dtype, jnp.float32)), axis=0) if s else o
+            for o, s in zip(outs, self.summed, strict=True)
+        ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,9 +158,20 @@ class _Map:
             self.num_res,
         )
 
-    def vmapped(self, res_batched: tuple) -> "_Map":
-        fns = (self.apply, self.transpose, self.reference, self.reference_transpose)
-        return _Map(*(_Vmapped(f, res_batched) for f in fns), self.num_res)
+    def vmapped(self, res_batched: tuple, lin_batched: tuple) -> "_Map":
+        """The map `jax.vmap`ped: its transpose sums the gradients of the unbatched linear
+        inputs over the examples (it may return them in a wider dtype; the transpose rule
+        casts)."""
+        summed = tuple(not b for b in lin_batched)
+        forward = functools.partial(_Vmapped, res_batched=res_batched, lin_batched=lin_batched)
+        backward = functools.partial(_Vmapped, res_batched=res_batched, summed=summed)
+        return _Map(
+            forward(self.apply),
+            backward(self.transpose),
+            forward(self.reference),
+            backward(self.reference_transpose),
+            self.num_res,
+        )
 
 
 linear_p = jex_core.Primitive("eqxnorm_linear")
@@ -211,7 +233,7 @@ def _jvp(primals, tangents, *, fns: _Map, jaxpr):
     if any(type(t) is not ad.Zero for t in t_res):
         t_res = [ad.instantiate_zeros(t) for t in t_res]
         _, t = jax.jvp(lambda *r: fns.reference(*r, *lin), tuple(res), tuple(t_res))
-        terms.append(t)
+        terms.append([ti.astype(o.dtype) for ti, o in zip(t, out, strict=True)])
     if not terms:
         return out, [ad.Zero(jax.typeof(o).to_tangent_aval()) for o in out]
     return out, [sum(ts[1:], ts[0]) for ts in zip(*terms, strict=True)]
@@ -227,37 +249,17 @@ def _transpose(cts, *args, fns: _Map, jaxpr):
     given = [c for c in cts if type(c) is not ad.Zero]
     lin_cts = _bind_linear(fns.transposed(zero_avals), *res, *given)
     return [None] * len(res) + [
-        c if ad.is_undefined_primal(a) else None for c, a in zip(lin_cts, lin, strict=True)
+        c.astype(a.aval.dtype) if ad.is_undefined_primal(a) else None
+        for c, a in zip(lin_cts, lin, strict=True)
     ]
 
 
 def _batch(args, dims, *, fns: _Map, jaxpr):
-    # The linear inputs are all batched (so the transpose's outputs are), the residuals as
-    # they come.
-    res_batched = tuple(d is not None for d in dims[: fns.num_res])
-    batched = next((a, d) for a, d in zip(args, dims, strict=True) if d is not None)
-    moved = []
-    for i, (a, d) in enumerate(zip(args, dims, strict=True)):
-        if d is not None:
-            moved.append(jnp.moveaxis(a, d, 0))
-        elif i < fns.num_res:
-            moved.append(a)
-        else:
-            moved.append(_broadcast_like(a, *batched))
-    out = _bind_linear(fns.vmapped(res_batched), *moved)
+    moved = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims, strict=True)]
+    batched = tuple(d is not None for d in dims)
+    vmapped = fns.vmapped(batched[: fns.num_res], batched[fns.num_res :])
+    out = _bind_linear(vmapped, *moved)
     return out, [0] * len(out)
-
-
-def _broadcast_like(a, batched, dim: int):
-    """`a` with a leading axis of `batched`'s axis `dim`, sharded as that axis is (`vmap`
-    wants every mapped axis sharded alike)."""
-    shape = (batched.shape[dim], *a.shape)
-    sharding = jax.typeof(batched).sharding
-    spec = tuple(sharding.spec) + (None,) * batched.ndim
-    if spec[dim] is None:
-        return jnp.broadcast_to(a, shape)
-    out_sharding = jax.sharding.NamedSharding(sharding.mesh, P(spec[dim], *(None,) * a.ndim))
-    return jnp.broadcast_to(a, shape, out_sharding=out_sharding)
 
 
 linear_p.def_impl(_impl)
@@ -445,8 +447,10 @@ def norm_with_jvp(
         like_x, *like_params = like
         param_grads = any(p is not None for p in like_params)
         dx, *grads = backward(param_grads)(x, weight, dy, shift, offset, rstd)
+        # The parameters' gradients stay float32 (summed over the examples in float32 under
+        # `vmap`); the transpose rule casts them.
         return None if like_x is None else dx, *(
-            None if p is None else reduce_param_grad(g).astype(p.dtype)
+            None if p is None else reduce_param_grad(g)
             for p, g in zip(like_params, grads, strict=True)
         )
 

@@ -411,7 +411,7 @@ def _normalize_transpose(residuals, dy, like):
     sum_dy, sum_dyc = c.per_platform(_sums_on, x, dy, shift, offset, sharding=_SUMS)
     dshift = -scale * sum_dy
     grads = (dy.astype(F32) * _per_channel(scale), dshift, dshift, sum_dyc, sum_dy)
-    return tuple(None if a is None else g.astype(a.dtype) for a, g in zip(like, grads, strict=True))
+    return tuple(None if a is None else g for a, g in zip(like, grads, strict=True))
 
 
 @functools.cache

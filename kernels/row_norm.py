@@ -544,10 +544,7 @@ def _add_norm(op: str, eps: float, x_dtype: jnp.dtype):
             backward = _backward(op, param_grads, d_dtypes)
             dx, dres, *grads = backward(h, weight, dy, dh, shift, offset, rstd)
             dres = dx if dres is None else dres
-            grads = [
-                None if p is None else g.astype(p.dtype)
-                for p, g in zip(like_params, grads, strict=True)
-            ]
+            grads = [None if p is None else g for p, g in zip(like_params, grads, strict=True)]
         return dx if like[0] is not None else None, dres if like[1] is not None else None, *grads
 
     def rule(primals, tangents):
