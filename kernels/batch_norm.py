@@ -8,7 +8,9 @@ Layers, from the bottom up:
 2. `_moments_on`, `_normalize_on`, `_sums_on`: the `pallas_call` wrappers for one compilation
    target; the reductions end in a fixed-order `jnp` sum of the per-tile partials, so every
    target's branch returns the same shapes.
-3. `_local_moments`, `_normalize`: `jax.custom_vjp` functions, each with its exact VJP.
+3. `_local_moments`, `_normalize`: kernel calls with JVP rules (`eqxnorm.kernels._autodiff`),
+   each with its exact derivative; the normalization's tangent is a linear map transposed by
+   the sums kernel.
 4. `_batch_norm` (the shift, `_local_moments`, the pooling over `axis_name`, `_normalize`) and
    `_batch_norm_inference` (`_normalize` with the given statistics): per-channel `jnp` between
    the kernels, differentiated by JAX.
@@ -48,7 +50,7 @@ of 32 sublanes; their edge tiles are padded by the pipeline and masked out of ev
    the given mean and $\bar{d} = 0$.
 
 **Backward.** With $c = (x - K) - \bar{d}$ and the sums over this member's data, the two
-`custom_vjp` functions have the VJPs
+functions have the VJPs (the transposes of their tangent maps)
 
 $$\text{normalize:}\quad \frac{\partial L}{\partial x} \mathrel{+}= s\,\frac{\partial L}
 {\partial y}, \quad \frac{\partial L}{\partial \bar{d}} = \frac{\partial L}{\partial K} =
@@ -69,8 +71,9 @@ cotangents on. Together this is the usual $\partial L/\partial x = r(g - \overli
 over `batch × spatial` and every member) plus the mean's and variance's own terms. A sums
 kernel writes per-tile float32 partials of $\sum \partial L/\partial y$ and $\sum
 \partial L/\partial y \cdot c$, summed outside. The pooled coefficients exist only after the
-collectives, which must run between the two backward rules: a collective inside a
-`custom_vjp` backward fails under `jax.grad` of `jax.vmap` (jax-ml/jax#7047). Each rule
+collectives, which must run between the two backward rules: a collective inside one
+kernel's backward would fail under `jax.grad` of `jax.vmap` (as in a `custom_vjp`,
+jax-ml/jax#7047). Each rule
 contributes one elementwise part of $\partial L/\partial x$; they are written in `jnp`, so
 XLA fuses both and their sum into one pass over `x` and $\partial L/\partial y$ (as kernels
 they would be two passes and an add). Both functions take `x` widened to float32, as the
@@ -438,7 +441,7 @@ def _scale_and_bias(rstd, weight, bias):
 
 
 def _widen(x):
-    """`x` in float32 (float64 stays), converted once, as in the reference: both `custom_vjp`
+    """`x` in float32 (float64 stays), converted once, as in the reference: both differentiable
     functions take it, so their float32 cotangents are summed before the one cast back to
     `x.dtype` (two half-precision parts of `∂L/∂x` can cancel). Each converts it back to
     `x.dtype` for its kernels; XLA removes the lossless round trip, so the kernels read `x`

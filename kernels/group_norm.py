@@ -22,7 +22,8 @@ Layers, from the bottom up:
 3. `_forward`, `_backward`: staged per platform and `custom_vmap`ped, so a `jax.vmap` of a
    one-example module folds the vmapped axis into the kernel's batch instead of launching one
    program per example.
-4. `_group_norm`: the `jax.custom_vjp` function wiring forward and backward.
+4. `_group_norm`: the differentiable function (`eqxnorm.kernels._autodiff.norm_with_jvp`):
+   the forward kernel with a JVP rule whose tangent is transposed by the backward kernel.
 5. `group_norm`, `adaptive_group_norm`: the entry points, with the reference's signatures.
 
 **Forward.** One pass over HBM when the padded slice fits a block (see

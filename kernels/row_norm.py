@@ -17,8 +17,9 @@ Layers, from the bottom up:
 3. `_forward`, `_backward`: staged per platform and `custom_vmap`ped, so a `jax.vmap` of a
    one-example module folds the batch into the kernel's rows (shared parameters) or groups
    (per-example parameters) instead of launching one program per row.
-4. `_grouped_norm` (through `eqxnorm.kernels._common.norm_with_vjp`) and `_add_norm`: the
-   `jax.custom_vjp` functions wiring forward and backward.
+4. `_grouped_norm` (through `eqxnorm.kernels._autodiff.norm_with_jvp`) and `_add_norm`: the
+   differentiable functions, the forward kernel with a JVP rule whose tangent is a linear
+   map transposed by the backward kernel (see `eqxnorm.kernels._autodiff`).
 5. `layer_norm`, `rms_norm`, `add_layer_norm`, `add_rms_norm`, `adaptive_layer_norm`,
    `adaptive_rms_norm`: the entry points, with the reference's signatures.
 
@@ -471,7 +472,7 @@ def _backward(op: str, param_grads: bool, d_dtypes: tuple[jnp.dtype, ...]):
 
 @functools.cache
 def _grouped_norm(op: str, eps: float):
-    """The `custom_vjp` function `(x, weight, bias) -> y` on `(groups, rows, dim)` with
+    """The differentiable function `(x, weight, bias) -> y` on `(groups, rows, dim)` with
     parameters `(groups, dim)` (or `None`)."""
     forward = _forward(op, eps)
 
