@@ -1,34 +1,44 @@
 r"""Differentiation of the fused kernels, above the backends: every order, every mode.
 
-A fused normalization is differentiated like the reference: a `jax.custom_jvp` whose rule
-returns the kernel's output and a tangent that is a *linear map* of the input tangents, with
-the input and the per-row float32 statistics as residuals (the maths of
-`eqxnorm.kernels.reference.normalized`). That linear map is a [`linear`][] call: one JAX
-primitive that carries
+A fused normalization is differentiated like the reference, whose tangent map
+(`eqxnorm.kernels.reference.normalized`'s) is the one statement of the derivative maths:
 
-- `apply(residuals, tangents)`: the tangent map (XLA, the reference's maths), what
-  `jax.jvp`, `jax.linearize` and `jax.jacfwd` evaluate;
-- `transpose(residuals, cotangents)`: its transpose, the fused backward kernel, what reverse
-  mode (`jax.grad`, `jax.vjp`, `jax.jacrev`) runs: linearize, then transpose;
-- `reference`: `apply` in differentiable XLA maths, through which JAX differentiates the map
-  (and, by transposing it, the backward kernel) with respect to its residuals. So `jax.grad`
-  of `jax.grad`, `jax.jvp` of `jax.grad` and `jax.hessian` run the kernels where they can and
-  the reference's maths for the derivative of the backward kernel.
+1. [`with_jvp`][]: the forward kernel's call `(x, weight, bias) -> (y, *statistics)` with a
+   JVP rule, as one JAX primitive. The rule's primal is the kernel again, so a derivative of
+   any order evaluates its values with the kernel.
+2. Its rule's tangent of `y` is a [`linear`][] call, a second primitive that carries
+   - `apply(residuals, tangents)`: the tangent map in XLA (the reference's maths), what
+     `jax.jvp`, `jax.linearize` and `jax.jacfwd` evaluate;
+   - `transpose(residuals, cotangents, like)`: its transpose, the fused backward kernel,
+     what reverse mode (`jax.grad`, `jax.vjp`, `jax.jacrev`: linearize, then transpose) runs;
+   - `reference`: `apply` in differentiable XLA, through which JAX differentiates the map
+     (and, transposed, the backward kernel) in its residuals: `jax.grad` of `jax.grad`,
+     `jax.jvp` of `jax.grad` and `jax.hessian` run the kernels where they can and the
+     reference's maths for the derivative of the backward kernel.
 
-A backend plugs in below this: it gives a forward and a backward function; nothing here knows
-which kernels run them. JAX's own tools fall short of this on the JAX versions eqxnorm supports
+   The residuals are `x`, the parameters and the per-row float32 statistics, so they are
+   all first-order reverse mode keeps.
+3. The statistics' tangents are the reference's (XLA; unused at first order, so removed).
+
+A backend plugs in below: it gives the forward and backward functions, and nothing here knows
+which kernels run them. JAX's own tools fall short of this on the versions eqxnorm supports
 (0.10.2 to 0.12): a `jax.custom_vjp` refuses forward mode; `jax.custom_derivatives.linear_call`
-has no batching rule and cannot be differentiated in its residuals (so no second order); and
-there is no public `custom_transpose`. The primitive here is `linear_call` with those rules.
+has no batching rule and cannot be differentiated in its residuals (no second order); there is
+no public `custom_transpose`; and a `jax.custom_jvp` is inlined by the partial evaluation
+`lax.scan` runs to hoist loop invariants (it assumes the result is linear), after which a
+kernel cannot be differentiated. Each primitive carries its function traced as a jaxpr, so
+JAX sees the kernels inside (their `custom_partitioning` needs the devices when lowered) and
+lowers it.
 
-**Rules of the primitive.** With residuals $r$, linear inputs $t$ and $A(r)$ the map:
+**Rules of the linear primitive.** With residuals $r$, linear inputs $t$ and $A(r)$ the map:
 
 - JVP: $\dot{(A(r)t)} = A(r)\dot{t} + \partial_r(A_\text{ref}(r)t)[\dot{r}]$, the first
   term the primitive again, the second the JVP of `reference`;
 - transpose: $A(r)^\top c$, the primitive with `apply` and `transpose` swapped (the
-  reference's transpose from `jax.linear_transpose`);
-- batching: every function `jax.vmap`ped, so `custom_vmap` folding of the kernels applies;
-- lowering: `apply`, traced.
+  reference's transpose by `jax.linear_transpose`); symbolic-zero cotangents are not
+  operands (`transpose` gets `None`), and the result is cast to the linear inputs' dtypes;
+- batching: every function `jax.vmap`ped (so the kernels' `custom_vmap` folding applies),
+  the gradients of unbatched linear inputs (shared parameters) summed in float32.
 """
 
 import dataclasses
@@ -429,12 +439,9 @@ def norm_with_jvp(
       the backward kernel, the parameter gradients float32 partial sums (`None` unless
       `param_grads`), reduced to the parameters' shapes by `reduce_param_grad`.
 
-    A `jax.custom_jvp` of the kernel's `(y, shift, offset, rstd)`: the rule's primal is the
-    kernel again (so a derivative of any order evaluates its primal with the kernel), `y`'s
-    tangent a [`linear`][] map of the reference's maths whose transpose is `backward`, and
-    the statistics' tangents the reference's (XLA; unused, so removed, at first order).
-    Reverse mode so keeps `x`, the parameters and the statistics as residuals, and runs the
-    backward kernel at first order.
+    The kernel's `(y, shift, offset, rstd)` [`with_jvp`][]: `y`'s tangent a [`linear`][] map
+    of the reference's maths whose transpose is `backward`, the statistics' the reference's
+    (see the module docstring).
     """
 
     def apply(residuals, tangents):
