@@ -252,7 +252,11 @@ def _jvp(primals, tangents, *, fns: _Map, jaxpr):
 def _transpose(cts, *args, fns: _Map, jaxpr):
     res, lin = args[: fns.num_res], args[fns.num_res :]
     if any(ad.is_undefined_primal(r) for r in res):
-        raise NotImplementedError("eqxnorm_linear is not linear in its residuals.")
+        raise NotImplementedError(
+            "eqxnorm's linear map (eqxnorm_linear) was transposed with respect to its "
+            "residuals, in which it is not linear: this is a bug in eqxnorm; please report it "
+            "with the transformation that raised it."
+        )
     zero_avals = tuple(c.aval if type(c) is ad.Zero else None for c in cts)
     if all(a is not None for a in zero_avals):
         return [None] * len(args)
