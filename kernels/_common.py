@@ -496,37 +496,3 @@ def folding_forward(fn: Callable) -> Any:
         return out, jax.tree.map(lambda _: True, out)
 
     return forward
-
-
-# --- differentiation ---------------------------------------------------------------------------
-
-
-def norm_with_vjp(forward: Callable, backward: Callable, reduce_param_grad: Callable) -> Any:
-    """The `jax.custom_vjp` function `(x, weight, bias) -> y` of a fused normalization.
-
-    - `forward(x, weight, bias) -> (y, *stats)`: the forward kernel; `x`, the parameters and
-      the (float32, per-row) `stats` are the only residuals.
-    - `backward(param_grads)(x, weight, dy, *stats) -> (dx, dweight, dbias)`: the backward
-      kernel, the parameter gradients float32 partial sums (`None` unless `param_grads`),
-      reduced to the parameters' shapes by `reduce_param_grad` and cast to their dtypes.
-    """
-
-    @jax.custom_vjp
-    def norm(x, weight, bias):
-        return forward(x, weight, bias)[0]
-
-    def norm_fwd(x, weight, bias):
-        y, *stats = forward(x, weight, bias)
-        return y, (x, weight, bias, *stats)
-
-    def norm_bwd(residuals, dy):
-        x, weight, bias, *stats = residuals
-        param_grads = weight is not None or bias is not None
-        dx, *grads = backward(param_grads)(x, weight, dy, *stats)
-        return dx, *(
-            None if p is None else reduce_param_grad(g).astype(p.dtype)
-            for p, g in zip((weight, bias), grads, strict=True)
-        )
-
-    norm.defvjp(norm_fwd, norm_bwd)
-    return norm

@@ -8,7 +8,9 @@ Layers, from the bottom up:
 2. `_moments_on`, `_normalize_on`, `_sums_on`: the `pallas_call` wrappers for one compilation
    target; the reductions end in a fixed-order `jnp` sum of the per-tile partials, so every
    target's branch returns the same shapes.
-3. `_local_moments`, `_normalize`: `jax.custom_vjp` functions, each with its exact VJP.
+3. `_local_moments`, `_normalize`: kernel calls with JVP rules (`eqxnorm.kernels._autodiff`),
+   each with its exact derivative; the normalization's tangent is a linear map transposed by
+   the sums kernel.
 4. `_batch_norm` (the shift, `_local_moments`, the pooling over `axis_name`, `_normalize`) and
    `_batch_norm_inference` (`_normalize` with the given statistics): per-channel `jnp` between
    the kernels, differentiated by JAX.
@@ -48,7 +50,7 @@ of 32 sublanes; their edge tiles are padded by the pipeline and masked out of ev
    the given mean and $\bar{d} = 0$.
 
 **Backward.** With $c = (x - K) - \bar{d}$ and the sums over this member's data, the two
-`custom_vjp` functions have the VJPs
+functions have the VJPs (the transposes of their tangent maps)
 
 $$\text{normalize:}\quad \frac{\partial L}{\partial x} \mathrel{+}= s\,\frac{\partial L}
 {\partial y}, \quad \frac{\partial L}{\partial \bar{d}} = \frac{\partial L}{\partial K} =
@@ -69,8 +71,9 @@ cotangents on. Together this is the usual $\partial L/\partial x = r(g - \overli
 over `batch × spatial` and every member) plus the mean's and variance's own terms. A sums
 kernel writes per-tile float32 partials of $\sum \partial L/\partial y$ and $\sum
 \partial L/\partial y \cdot c$, summed outside. The pooled coefficients exist only after the
-collectives, which must run between the two backward rules: a collective inside a
-`custom_vjp` backward fails under `jax.grad` of `jax.vmap` (jax-ml/jax#7047). Each rule
+collectives, which must run between the two backward rules: a collective inside one
+kernel's backward would fail under `jax.grad` of `jax.vmap` (as in a `custom_vjp`,
+jax-ml/jax#7047). Each rule
 contributes one elementwise part of $\partial L/\partial x$; they are written in `jnp`, so
 XLA fuses both and their sum into one pass over `x` and $\partial L/\partial y$ (as kernels
 they would be two passes and an add). Both functions take `x` widened to float32, as the
@@ -102,7 +105,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from .._checking import typechecked
-from . import _batch_norm_mosaic_gpu as _mgpu, _common as c, reference
+from . import _autodiff, _batch_norm_mosaic_gpu as _mgpu, _common as c, reference
 from ._common import F32, Target
 from .reference import AxisName, compute_dtype
 
@@ -358,58 +361,103 @@ def _launch(fn, mosaic_gpu_fn, *args, tiled: int = 1, sharding, backend):
     return c.per_platform(fn, *args, sharding=sharding, mosaic_gpu=mosaic_gpu, backend=backend)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _local_moments(xw, shift, d0, dtype, backend):
+def _local_moments(xw, shift, d0, dtype, backend: str):
     """`(offset, var)`: the per-channel mean of `(x - shift) - d0` and biased variance of
-    this array, given widened (`xw`) with its own dtype `dtype`, on the GPU `backend`."""
-    return _local_moments_fwd(xw, shift, d0, dtype, backend)[0]
+    this array, given widened (`xw`) with its own dtype `dtype`: the statistics kernel, on
+    the GPU `backend`."""
+    return _local_moments_of(jnp.dtype(dtype), backend)(xw, shift, d0)
 
 
-def _local_moments_fwd(xw, shift, d0, dtype, backend):
-    x = xw.astype(dtype)
-    offset, var = _launch(
-        _moments_on, _mgpu.moments_on, x, shift, d0, sharding=_MOMENTS, backend=backend
-    )
-    return (offset, var), (x, shift, d0, offset)
+@functools.cache
+def _local_moments_of(dtype: jnp.dtype, backend: str):
+    def moments(xw, shift, d0):
+        x = xw.astype(dtype)
+        return _launch(
+            _moments_on, _mgpu.moments_on, x, shift, d0, sharding=_MOMENTS, backend=backend
+        )
+
+    def jvp(primals, tangents):
+        xw, shift, d0 = primals
+        offset, var = local_moments(xw, shift, d0)
+        t_x, t_shift, t_d0 = tangents
+        count = xw.shape[0] * xw.shape[2]
+        t_offset = jnp.zeros_like(offset) if t_x is None else jnp.sum(t_x, axis=(0, 2)) / count
+        for t in (t_shift, t_d0):
+            t_offset = t_offset if t is None else t_offset - t
+        if t_x is None:
+            return (offset, var), (t_offset, jnp.zeros_like(var))
+        # Rematerialised, so that reverse mode keeps `x`, not the centred values.
+        t_var = jax.checkpoint(_local_var_tangent, policy=jax.checkpoint_policies.nothing_saveable)
+        return (offset, var), (t_offset, t_var(xw.astype(dtype), shift, d0 + offset, t_x))
+
+    local_moments = _autodiff.with_jvp(moments, jvp)
+    return local_moments
 
 
-def _local_moments_bwd(dtype, backend, residuals, cotangents):
-    del dtype, backend
-    x, shift, d0, offset = residuals
-    doffset, dvar = cotangents
+def _local_var_tangent(x, shift, offset, t_x):
+    r"""$\dot{\sigma}^2 = \frac{2}{n} \sum ((x - K) - \bar{d})\,\dot{x}$ per channel."""
     count = x.shape[0] * x.shape[2]
-    dx = _centred(x, shift, d0 + offset) * _per_channel(2 * dvar / count)
-    return dx + _per_channel(doffset / count), -doffset, -doffset
+    return jnp.sum(_centred(x, shift, offset) * t_x, axis=(0, 2)) * (2 / count)
 
 
-_local_moments.defvjp(_local_moments_fwd, _local_moments_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _normalize(xw, shift, offset, scale, bias, dtype, backend):
+def _normalize(xw, shift, offset, scale, bias, dtype, backend: str):
     """`((x - shift) - offset)·scale + bias` in `dtype`, `x` given widened (`xw`) with its
-    own dtype `dtype`; the per-channel arrays are float32."""
-    return _normalize_fwd(xw, shift, offset, scale, bias, dtype, backend)[0]
+    own dtype `dtype`; the per-channel arrays are float32: the normalization kernel, on the
+    GPU `backend`."""
+    return _normalize_of(jnp.dtype(dtype), backend)(xw, shift, offset, scale, bias)
 
 
-def _normalize_fwd(xw, shift, offset, scale, bias, dtype, backend):
-    x = xw.astype(dtype)
-    args = (x, shift, offset, scale, bias)
-    y = _launch(_normalize_on, _mgpu.normalize_on, *args, sharding=_NORMALIZE, backend=backend)
-    return y, (x, shift, offset, scale)
+def _normalize_tangent(residuals, tangents):
+    """The tangent of [`_normalize`][] (XLA): `(t_x - t_shift - t_offset)·scale + c·t_scale +
+    t_bias`, `c = (x - shift) - offset`."""
+    x, shift, offset, scale = residuals
+    t_x, t_shift, t_offset, t_scale, t_bias = tangents
+    t_y = jnp.zeros(x.shape, F32)
+    if t_x is not None:
+        t_y = t_y + t_x.astype(F32) * _per_channel(scale)
+    for t in (t_shift, t_offset):
+        if t is not None:
+            t_y = t_y - _per_channel(t * scale)
+    if t_scale is not None:
+        t_y = t_y + _centred(x, shift, offset) * _per_channel(t_scale)
+    if t_bias is not None:
+        t_y = t_y + _per_channel(t_bias)
+    return t_y.astype(x.dtype)
 
 
-def _normalize_bwd(dtype, backend, residuals, dy):
-    del dtype
+def _normalize_transpose(backend: str, residuals, dy, like):
+    """The transpose of [`_normalize_tangent`][]: the sums kernel (on the GPU `backend`), and
+    per-channel `jnp`."""
     x, shift, offset, scale = residuals
     sum_dy, sum_dyc = _launch(
         _sums_on, _mgpu.sums_on, x, dy, shift, offset, tiled=2, sharding=_SUMS, backend=backend
     )
     dshift = -scale * sum_dy
-    return dy.astype(F32) * _per_channel(scale), dshift, dshift, sum_dyc, sum_dy
+    grads = (dy.astype(F32) * _per_channel(scale), dshift, dshift, sum_dyc, sum_dy)
+    return tuple(None if a is None else g for a, g in zip(like, grads, strict=True))
 
 
-_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+@functools.cache
+def _normalize_of(dtype: jnp.dtype, backend: str):
+    transpose = functools.partial(_normalize_transpose, backend)
+
+    def normalize(xw, shift, offset, scale, bias):
+        x = xw.astype(dtype)
+        args = (x, shift, offset, scale, bias)
+        return _launch(
+            _normalize_on, _mgpu.normalize_on, *args, sharding=_NORMALIZE, backend=backend
+        )
+
+    def jvp(primals, tangents):
+        xw, shift, offset, scale, bias = primals
+        residuals = (xw.astype(dtype), shift, offset, scale)
+        t_y = _autodiff.linear(
+            _normalize_tangent, transpose, _normalize_tangent, residuals, tangents
+        )
+        return normalized(*primals), t_y
+
+    normalized = _autodiff.with_jvp(normalize, jvp)
+    return normalized
 
 
 def _scale_and_bias(rstd, weight, bias):
@@ -418,7 +466,7 @@ def _scale_and_bias(rstd, weight, bias):
 
 
 def _widen(x):
-    """`x` in float32 (float64 stays), converted once, as in the reference: both `custom_vjp`
+    """`x` in float32 (float64 stays), converted once, as in the reference: both differentiable
     functions take it, so their float32 cotangents are summed before the one cast back to
     `x.dtype` (two half-precision parts of `∂L/∂x` can cancel). Each converts it back to
     `x.dtype` for its kernels; XLA removes the lossless round trip, so the kernels read `x`

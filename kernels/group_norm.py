@@ -22,7 +22,8 @@ Layers, from the bottom up:
 3. `_forward`, `_backward`: staged per platform and `custom_vmap`ped, so a `jax.vmap` of a
    one-example module folds the vmapped axis into the kernel's batch instead of launching one
    program per example.
-4. `_group_norm`: the `jax.custom_vjp` function wiring forward and backward.
+4. `_group_norm`: the differentiable function (`eqxnorm.kernels._autodiff.norm_with_jvp`):
+   the forward kernel with a JVP rule whose tangent is transposed by the backward kernel.
 5. `group_norm`, `adaptive_group_norm`: the entry points, with the reference's signatures.
 
 **Forward.** One pass over HBM when the padded slice fits a block (see
@@ -61,7 +62,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from .._checking import typechecked
-from . import _common as c, _group_norm_mosaic_gpu as _mgpu, reference
+from . import _autodiff, _common as c, _group_norm_mosaic_gpu as _mgpu, reference
 from ._common import F32, Target
 
 # --- launch geometry ---------------------------------------------------------------------------
@@ -469,12 +470,40 @@ def _backward(groups: int, per_example: bool, backend: str, param_grads: bool):
 
 @functools.cache
 def _group_norm(groups: int, eps: float, per_example: bool, backend: str):
-    """The `custom_vjp` function `(x, weight, bias) -> y`; the backward's parameter gradients
-    are per example, summed here unless the parameters are `per_example`."""
-    return c.norm_with_vjp(
+    """The differentiable function `(x, weight, bias) -> y` (see
+    `eqxnorm.kernels._autodiff.norm_with_jvp`) on the GPU `backend`; the backward's parameter
+    gradients are per example, summed here unless the parameters are `per_example`."""
+    return _autodiff.norm_with_jvp(
         _forward(groups, eps, per_example, backend),
         functools.partial(_backward, groups, per_example, backend),
         _identity if per_example else _sum_over_examples,
+        _layout_of_groups(groups),
+    )
+
+
+def _layout_of_groups(groups: int) -> _autodiff.Layout:
+    """`(batch, channels, spatial)` viewed as the reference's `(batch, groups,
+    channels/groups, spatial)`, reduced over its last two axes; parameters `(channels,)` or
+    per example `(batch, channels)`, statistics `(batch, groups)`."""
+
+    def view(a):
+        batch, channels, spatial = a.shape
+        return a.reshape(batch, groups, channels // groups, spatial)
+
+    def param(p):
+        if p is None:
+            return None
+        p = p if p.ndim == 2 else p[None]
+        return p.reshape(p.shape[0], groups, p.shape[1] // groups, 1)
+
+    return _autodiff.Layout(
+        axis=(2, 3),
+        center=True,
+        x=view,
+        unview=lambda t, shape: t.reshape(shape),
+        param=param,
+        stat=lambda s: s[:, :, None, None],
+        unstat=lambda s: s[:, :, 0, 0],
     )
 
 

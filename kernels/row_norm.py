@@ -17,8 +17,9 @@ Layers, from the bottom up:
 3. `_forward`, `_backward`: staged per platform and `custom_vmap`ped, so a `jax.vmap` of a
    one-example module folds the batch into the kernel's rows (shared parameters) or groups
    (per-example parameters) instead of launching one program per row.
-4. `_grouped_norm` (through `eqxnorm.kernels._common.norm_with_vjp`) and `_add_norm`: the
-   `jax.custom_vjp` functions wiring forward and backward.
+4. `_grouped_norm` (through `eqxnorm.kernels._autodiff.norm_with_jvp`) and `_add_norm`: the
+   differentiable functions, the forward kernel with a JVP rule whose tangent is a linear
+   map transposed by the backward kernel (see `eqxnorm.kernels._autodiff`).
 5. `layer_norm`, `rms_norm`, `add_layer_norm`, `add_rms_norm`, `adaptive_layer_norm`,
    `adaptive_rms_norm`: the entry points, with the reference's signatures.
 
@@ -60,12 +61,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
-from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from .._checking import typechecked
-from . import _common as c, _row_norm_mosaic_gpu as _mgpu, reference
+from . import _autodiff, _common as c, _row_norm_mosaic_gpu as _mgpu, reference
 from ._common import F32, Target
 
 _SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
@@ -483,7 +483,7 @@ def _backward(op: str, param_grads: bool, d_dtypes: tuple[jnp.dtype, ...], backe
 
 @functools.cache
 def _grouped_norm(op: str, eps: float, backend: str):
-    """The `custom_vjp` function `(x, weight, bias) -> y` on `(groups, rows, dim)` with
+    """The differentiable function `(x, weight, bias) -> y` on `(groups, rows, dim)` with
     parameters `(groups, dim)` (or `None`), on the GPU `backend` (`c.GPU_BACKENDS`)."""
     forward = _forward(op, eps, backend)
 
@@ -499,55 +499,75 @@ def _grouped_norm(op: str, eps: float, backend: str):
 
         return run
 
-    return c.norm_with_vjp(norm_forward, norm_backward, _same)
+    return _autodiff.norm_with_jvp(norm_forward, norm_backward, _same, _ROWS[_center(op)])
 
 
 def _same(grad):
     return grad
 
 
+def _row_layout(center: bool) -> _autodiff.Layout:
+    """`(groups, rows, dim)` is the reference's view itself, reduced over `dim`."""
+    return _autodiff.Layout(
+        axis=2,
+        center=center,
+        x=_same,
+        unview=lambda t, shape: t,
+        param=lambda p: None if p is None else p[:, None, :],
+        stat=lambda s: s[..., None],
+        unstat=lambda s: s[..., 0],
+    )
+
+
+_ROWS = {center: _row_layout(center) for center in (True, False)}
+
+
 @functools.cache
 def _add_norm(op: str, eps: float, x_dtype: jnp.dtype, backend: str):
-    """The `custom_vjp` function `(x, residual, weight, bias) -> (y, h)` on `(1, rows, dim)`
-    with parameters `(1, dim)` (or `None`), for `x` of `x_dtype`. Its residuals are `h` (an
-    output), the parameters and the statistics; the backward skips reading the gradient of
-    `h` (or of `y`) when it is a symbolic zero."""
+    """The differentiable function `(x, residual, weight, bias) -> (y, h)` on `(1, rows, dim)`
+    with parameters `(1, dim)` (or `None`), for `x` of `x_dtype` (see
+    `eqxnorm.kernels._autodiff.norm_with_jvp`, which this extends by `h`). Its residuals are
+    `h` (an output), the parameters and the statistics; the backward kernel adds the gradient
+    of `h` in its pass, skips reading it when it is a symbolic zero, and does not run when
+    `y`'s is."""
     forward = _forward(op, eps, backend)
+    layout = _ROWS[_center(op)]
 
-    @jax.custom_vjp
-    def add_norm(x, residual, weight, bias):
-        y, h, *_ = forward(x, residual, weight, bias)
-        return y, h
+    def apply(residuals, tangents):
+        h = residuals[0]
+        tx, tr, tw, tb = tangents
+        added = [t.astype(F32) for t in (tx, tr) if t is not None]
+        t_h = sum(added[1:], added[0]).astype(h.dtype) if added else None
+        t_y = _autodiff.tangent(layout, residuals, (t_h, tw, tb))[0]
+        t_h = jnp.zeros(h.shape, h.dtype) if t_h is None else t_h
+        return t_y.astype(x_dtype), t_h
 
-    def add_norm_fwd(*primals):
-        x, residual, weight, bias = custom_vjp_primal_tree_values(primals)
-        y, h, *stats = forward(x, residual, weight, bias)
-        return (y, h), (h, weight, bias, *stats)
-
-    def add_norm_bwd(residuals, cotangents):
-        h, weight, bias, *stats = residuals
-        dy, dh = (None if isinstance(ct, SymbolicZero) else ct for ct in cotangents)
-        params = (weight, bias)
+    def transpose(residuals, cotangents, like):
+        h, weight, shift, offset, rstd = residuals
+        dy, dh = cotangents
+        like_params = like[2:]
         if dy is None:
             # Only `h` is differentiated: y's branch contributes nothing.
-            dh = jnp.zeros(h.shape, h.dtype) if dh is None else dh
-            return (
-                dh.astype(x_dtype),
-                dh,
-                *(None if p is None else jnp.zeros_like(p) for p in params),
-            )
-        d_dtypes = (x_dtype,) if h.dtype == x_dtype else (x_dtype, jnp.dtype(h.dtype))
-        param_grads = weight is not None or bias is not None
-        backward = _backward(op, param_grads, d_dtypes, backend)
-        dx, dres, *grads = backward(h, weight, dy, dh, *stats)
-        return (
-            dx,
-            dx if dres is None else dres,
-            *(None if p is None else g.astype(p.dtype) for p, g in zip(params, grads, strict=True)),
-        )
+            dx, dres = dh.astype(x_dtype), dh
+            grads = [None if p is None else jnp.zeros(p.shape, p.dtype) for p in like_params]
+        else:
+            d_dtypes = (x_dtype,) if h.dtype == x_dtype else (x_dtype, jnp.dtype(h.dtype))
+            param_grads = any(p is not None for p in like_params)
+            backward = _backward(op, param_grads, d_dtypes, backend)
+            dx, dres, *grads = backward(h, weight, dy, dh, shift, offset, rstd)
+            dres = dx if dres is None else dres
+            grads = [None if p is None else g for p, g in zip(like_params, grads, strict=True)]
+        return dx if like[0] is not None else None, dres if like[1] is not None else None, *grads
 
-    add_norm.defvjp(add_norm_fwd, add_norm_bwd, symbolic_zeros=True)
-    return add_norm
+    def rule(primals, tangents):
+        y, h, shift, offset, rstd = outputs(*primals)
+        residuals = (h, primals[2], shift, offset, rstd)
+        t_y, t_h = _autodiff.linear(apply, transpose, apply, residuals, tangents)
+        t_stats = _autodiff.statistics_tangents(layout, residuals, (t_h, *tangents[2:]))
+        return (y, h, shift, offset, rstd), (t_y, t_h, *t_stats)
+
+    outputs = _autodiff.with_jvp(forward, rule)
+    return lambda x, residual, weight, bias: outputs(x, residual, weight, bias)[:2]
 
 
 # --- entry points ------------------------------------------------------------------------------
