@@ -154,6 +154,23 @@ def test_derivatives_match_the_reference(op):
     _assert_derivatives_match(op, every=op in _EVERY)
 
 
+# The Mosaic GPU kernels (in Mosaic GPU's interpreter here) under the same rules: one op per
+# family at shapes TMA can stage (rows of a multiple of 16 bytes).
+_MOSAIC_GPU_ARGS = {
+    "layer_norm": lambda: (_data((3, 8), 0), *_params(8)),
+    "group_norm": lambda: (_data((2, 4, 8), 0), *_params(4)),
+    "batch_norm": lambda: (_data((4, 3, 8), 0), *_params(3)),
+}
+
+
+@pytest.mark.parametrize("op", _MOSAIC_GPU_ARGS)
+def test_derivatives_of_the_mosaic_gpu_kernels_match_the_reference(op):
+    build, args = OPS[op][0], _MOSAIC_GPU_ARGS[op]()
+    actual = ks.run_mosaic_gpu(lambda: _derivatives(build("mosaic_gpu"), args, every=False))
+    if actual is not None:
+        _assert_trees_match(actual, _derivatives(build("reference"), args, every=False))
+
+
 # --- finite differences ------------------------------------------------------------------------
 
 # `eqxnorm.kernels` modules and a call of each family on small arrays.
