@@ -35,7 +35,7 @@ def _staging(x, *row_arrays) -> m.Boxes:
     batch, channels, spatial = x.shape
     dtypes = tuple(a.dtype for a in (x, *row_arrays))
     staged = sum(jnp.dtype(d).itemsize for d in dtypes)
-    return m.boxes((*dtypes, F32), batch * channels, spatial, staged, 0)
+    return m.boxes((*dtypes, F32), batch * channels, spatial, staged)
 
 
 def supported(x, *row_arrays) -> bool:

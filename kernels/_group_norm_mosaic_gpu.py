@@ -24,9 +24,7 @@ def _staging(x, groups: int, staged_bytes: int, layout_dtypes=()) -> m.Boxes:
     """The staging of `x` `(batch, channels, spatial)` as `batch·groups` rows."""
     batch, channels, spatial = x.shape
     width = channels // groups * spatial
-    return m.boxes(
-        (x.dtype, *layout_dtypes), batch * groups, width, staged_bytes, 0, segment=spatial
-    )
+    return m.boxes((x.dtype, *layout_dtypes), batch * groups, width, staged_bytes, segment=spatial)
 
 
 def _tables(param, batch: int, groups: int, spatial: int, boxes: m.Boxes):

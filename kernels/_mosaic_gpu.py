@@ -105,14 +105,12 @@ def boxes(
     rows: int,
     width: int,
     staged_bytes_per_element: int,
-    fixed_bytes_per_column: int,
     segment: int | None = None,
 ) -> Boxes:
     r"""The staging of `rows` rows of `width` elements by a kernel that loads arrays of
-    `dtypes` into registers and keeps
-    `staged_bytes_per_element` bytes on chip per element of its rows (the summed itemsizes of
-    the row arrays it stages) and `fixed_bytes_per_column` bytes per column of a row whatever
-    the rows (the parameters it stages):
+    `dtypes` into registers and keeps `staged_bytes_per_element` bytes on chip per element
+    of its rows (the summed itemsizes of the row arrays it stages; per-row and per-column
+    parameters are read from HBM):
 
     - a lane holds 16 contiguous bytes of the widest of `dtypes` (`vector` elements; every
       array shares the layout, so that they combine elementwise); a row's box is `cols = lanes ×
@@ -135,8 +133,7 @@ def boxes(
     n_chunks = -(-width // cols)
     tile_rows = WARPS * (32 // lanes)
     per_row = n_chunks * cols * staged_bytes_per_element
-    room = SMEM_BYTES - n_chunks * cols * fixed_bytes_per_column
-    fit = max(room, 0) // per_row // tile_rows * tile_rows
+    fit = SMEM_BYTES // per_row // tile_rows * tile_rows
     want = max(tile_rows, min(MAX_BLOCK_ROWS, -(-rows // tile_rows) * tile_rows))
     lane_rows = 32 // lanes
     if lane_rows == 1:

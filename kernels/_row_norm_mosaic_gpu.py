@@ -104,13 +104,6 @@ def _copy_in(src, dst, barrier, rows, boxes, tools, group):
         plgpu.copy_gmem_to_smem(src.at[group, rows, cols(j)], dst.at[j], barrier)
 
 
-def _copy_params(src, dst, barrier, boxes, tools, group):
-    """Start the TMA copies of `src[group]` `(groups, width)` into `dst` `(chunks, cols)`."""
-    cols = tools[0]
-    for j in range(boxes.chunks):
-        plgpu.copy_gmem_to_smem(src.at[group, cols(j)], dst.at[j], barrier)
-
-
 def _barrier(boxes: m.Boxes):
     """The barrier of one staged array: one arrival per box."""
     return plgpu.Barrier(num_arrivals=boxes.chunks)
@@ -122,15 +115,19 @@ def _copy_out(src, dst, rows, boxes, tools, group):
         plgpu.copy_smem_to_gmem(src.at[j], dst.at[group, rows, cols(j)])
 
 
-def _param(ref, smem, k, rows, group, per_box, tools, layout):
-    """Box `k`'s parameter as a box: a row of the staged parameter broadcast over the rows,
-    or with `per_box` tables (`(groups, rows, chunks)`, read from HBM, where the rows are
-    padded to whole programs) each row's value broadcast over the box's columns."""
-    bcast = tools[1]
+def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
+    """Box `k`'s parameter as a box, read straight from HBM (the parameters are small, and
+    a TMA load of under 128 bytes, a narrow row's, is refused under this lowering): with
+    columns padded to whole boxes, a row of the group's parameter `(groups, chunks · cols)`
+    broadcast over the rows; with `per_box` tables (`(groups, rows padded to whole programs,
+    chunks)`), each row's value broadcast over the box's columns."""
+    bcast, layout = tools[1], boxes.layout
     if per_box:
         value = plgpu.load(ref.at[group, rows, k], layout=layout.reduce(1), optimized=False)
         return bcast(value.astype(F32), [0])
-    return bcast(_load(smem, k, layout.reduce(0)), [1])
+    columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
+    value = plgpu.load(ref.at[group, columns], layout=layout.reduce(0), optimized=False)
+    return bcast(value.astype(F32), [1])
 
 
 def _forward_body(*refs, boxes, width, eps, center, has_residual, has_weight, has_bias, per_box):
@@ -145,10 +142,8 @@ def _forward_body(*refs, boxes, width, eps, center, has_residual, has_weight, ha
     stat_refs = outs
     x_smem, *scratch = scratch
     r_smem = scratch.pop(0) if has_residual else None
-    p_smem = scratch.pop(0) if n_params and not per_box else None
     st_smem, x_bars, *bars = scratch
-    r_bars = bars.pop(0) if has_residual else None
-    p_bars = bars
+    r_bars = bars[0] if has_residual else None
 
     i, group = lax.axis_index("rows"), lax.axis_index("groups")
     rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
@@ -157,9 +152,6 @@ def _forward_body(*refs, boxes, width, eps, center, has_residual, has_weight, ha
     _copy_in(x_ref, x_smem, x_bars, rows, boxes, tools, group)
     if r_ref is not None:
         _copy_in(r_ref, r_smem, r_bars, rows, boxes, tools, group)
-    if not per_box:
-        for p, ref in enumerate(param_refs):
-            _copy_params(ref, p_smem.at[p], p_bars[p], boxes, tools, group)
     plgpu.barrier_wait(x_bars)
     layout = boxes.layout
 
@@ -180,12 +172,9 @@ def _forward_body(*refs, boxes, width, eps, center, has_residual, has_weight, ha
 
     shift, offset, var = _row_stats(load_h, boxes, width, center, tools)
     rstd = reference.inverse_std(var, eps)
-    for bar in p_bars:
-        plgpu.barrier_wait(bar)
 
     def param(p, k):
-        smem = None if p_smem is None else p_smem.at[p]
-        return _param(param_refs[p], smem, k, rows, group, per_box, tools, layout)
+        return _param(param_refs[p], k, rows, group, per_box, boxes, tools)
 
     @pl.loop(0, boxes.chunks)
     def _(k):
@@ -221,6 +210,13 @@ def _rows_kernel(body, target: Target, out_type, scratch, programs: int, groups:
     )
 
 
+def _pad_columns(p, boxes: m.Boxes):
+    """A parameter `(groups, width)` with zero columns appended up to whole boxes, so that
+    every box's read is in bounds (free when the boxes divide the width)."""
+    padded = boxes.chunks * boxes.cols
+    return p if p.shape[1] == padded else jnp.pad(p, ((0, 0), (0, padded - p.shape[1])))
+
+
 def _pad_rows(a, rows: int):
     """`a` `(groups, r, ...)` with zero rows appended up to `rows` (a TMA box may not be taller
     than the array; only inputs shorter than one program's rows are padded)."""
@@ -231,25 +227,23 @@ def _pad_rows(a, rows: int):
     return jnp.pad(a, pad)
 
 
-def _boxes(rows_in, params, shape, more_rows=(), more_columns=0, layout_dtype=None) -> m.Boxes:
+def _boxes(rows_in, params, shape, more_rows=(), layout_dtype=None) -> m.Boxes:
     """The staging of a kernel over `shape` `(groups, rows, width)` that keeps the row
-    arrays `rows_in` (plus row buffers of dtypes `more_rows`) and the parameters `params` (one
-    array, their common dtype; plus `more_columns` bytes per column) on chip."""
+    arrays `rows_in` (plus row buffers of dtypes `more_rows`) on chip and reads the
+    parameters `params` (their common dtype) from HBM in the same layout."""
     rows_in = [a.dtype for a in rows_in if a is not None] + list(more_rows)
     params = [p for p in params if p is not None]
     param_dtype = [jnp.result_type(*params)] if params else []
-    per_column = len(params) * param_dtype[0].itemsize if params else 0
     return m.boxes(
         tuple(rows_in) + tuple(param_dtype) + ((layout_dtype,) if layout_dtype else ()),
         shape[1],
         shape[2],
         sum(jnp.dtype(d).itemsize for d in rows_in),
-        per_column + more_columns,
     )
 
 
 def forward_boxes(x, residual, weight, bias) -> m.Boxes:
-    """The staging of the forward: `x` (and `residual`) per row, the parameters once."""
+    """The staging of the forward: `x` (and `residual`) per row."""
     return _boxes((x, residual), (weight, bias), x.shape)
 
 
@@ -267,8 +261,7 @@ def _out_buffers(dy, dh, d_dtypes) -> tuple:
 
 
 def backward_boxes(x, weight, dy, dh, d_dtypes) -> m.Boxes:
-    """The staging of the backward: `x`, `dy` (and `dh`, and output buffers) per row; the
-    weight per column."""
+    """The staging of the backward: `x`, `dy` (and `dh`, and output buffers) per row."""
     more = [d for d, r in zip(d_dtypes, _out_buffers(dy, dh, d_dtypes), strict=True) if r is None]
     # The partial sums over a box's rows reduce float32 across warps, which Mosaic GPU does
     # for vectors of up to 4: the layout of a float32 box.
@@ -278,7 +271,7 @@ def backward_boxes(x, weight, dy, dh, d_dtypes) -> m.Boxes:
 def forward_on(target: Target, x, residual, weight, bias, *, op: str, eps: float):
     """`(y, h, shift, offset, rstd)` as `row_norm._forward_on`, with one Mosaic GPU kernel."""
     params = [p for p in (weight, bias) if p is not None]
-    # One shared-memory array for the parameters, in their common dtype.
+    # The parameters in their common dtype, read in one layout.
     params = [p.astype(jnp.result_type(*params)) for p in params]
     boxes = forward_boxes(x, residual, weight, bias)
     flags = dict(has_weight=weight is not None, has_bias=bias is not None)
@@ -328,11 +321,9 @@ def forward_call(
     scratch = [plgpu.SMEM(box, x.dtype)]
     if residual is not None:
         scratch.append(plgpu.SMEM(box, residual.dtype))
-    staged_params = [] if per_box else params
-    if staged_params:
-        shape = (len(params), boxes.chunks, boxes.cols)
-        scratch.append(plgpu.SMEM(shape, params[0].dtype))
-    n_barriers = 1 + (residual is not None) + len(staged_params)
+    if not per_box:
+        params = [_pad_columns(p, boxes) for p in params]
+    n_barriers = 1 + (residual is not None)
     scratch += [plgpu.SMEM((3, boxes.block_rows), F32)]
     scratch += [_barrier(boxes)] * n_barriers
     body = functools.partial(
@@ -367,7 +358,6 @@ def _backward_body(
     d_refs, partial_refs = outs[:n_outs], outs[n_outs:]
     x_smem, dy_smem = scratch.pop(0), scratch.pop(0)
     dh_smem = scratch.pop(0) if has_dh else None
-    w_smem = scratch.pop(0) if has_weight and not per_box else None
     extra = [scratch.pop(0) for reuse in out_reuse if reuse is None]
     bars = scratch
 
@@ -379,8 +369,6 @@ def _backward_body(
     staged = [(x_ref, x_smem), (dy_ref, dy_smem)] + ([(dh_ref, dh_smem)] if has_dh else [])
     for (src, dst), bar in zip(staged, bars, strict=False):
         _copy_in(src, dst, bar, rows, boxes, tools, group)
-    if w_smem is not None:
-        _copy_params(w_ref, w_smem, bars[len(staged)], boxes, tools, group)
     for bar in bars:
         plgpu.barrier_wait(bar)
     # The statistics are padded to whole programs: read straight from HBM, in bounds.
@@ -395,7 +383,7 @@ def _backward_body(
         dy = _load(dy_smem, k, layout)
         if w_ref is None:
             return xhat, dy, dy
-        return xhat, dy, dy * _param(w_ref, w_smem, k, rows, group, per_box, tools, layout)
+        return xhat, dy, dy * _param(w_ref, k, rows, group, per_box, boxes, tools)
 
     def sums(k, acc):
         xhat, _, g = values(k)
@@ -494,11 +482,10 @@ def backward_call(
     scratch = [plgpu.SMEM(box, x.dtype), plgpu.SMEM(box, dy.dtype)]
     if dh is not None:
         scratch.append(plgpu.SMEM(box, dh.dtype))
-    staged_weight = weight is not None and not per_box
-    if staged_weight:
-        scratch.append(plgpu.SMEM((boxes.chunks, boxes.cols), weight.dtype))
+    if weight is not None and not per_box:
+        weight = _pad_columns(weight, boxes)
     scratch += [plgpu.SMEM(box, d) for d, r in zip(d_dtypes, out_reuse, strict=True) if r is None]
-    n_staged = 2 + (dh is not None) + staged_weight
+    n_staged = 2 + (dh is not None)
     scratch += [_barrier(boxes)] * n_staged
     out_type = [jax.ShapeDtypeStruct(x_p.shape, d) for d in d_dtypes]
     if param_grads:

@@ -319,8 +319,10 @@ def test_deterministic():
 
 
 def test_wrong_rank_is_rejected():
-    x = jnp.ones((4, 3), jnp.float32)
+    # The kernel takes `(batch, channels, spatial)`; the reference any leading axes, so a
+    # rank-1 array is what both reject.
     with pytest.raises(TypeCheckError, match="batch channels spatial"):
-        bn.batch_norm(x, None, None, eps=EPS)
-    with pytest.raises(TypeCheckError, match="batch channels spatial"):
-        reference.batch_norm(x, None, None, eps=EPS)
+        bn.batch_norm(jnp.ones((4, 3), jnp.float32), None, None, eps=EPS)
+    for fn in (bn.batch_norm, reference.batch_norm):
+        with pytest.raises(TypeCheckError, match="batch channels spatial"):
+            fn(jnp.ones((3,), jnp.float32), None, None, eps=EPS)

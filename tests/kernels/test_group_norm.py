@@ -188,10 +188,13 @@ def test_deterministic():
 
 
 def test_wrong_rank_is_rejected_like_the_reference():
-    x = jnp.ones((4, 6), jnp.float32)
+    # The kernel takes `(batch, channels, spatial)`; the reference also takes one example
+    # `(channels, spatial)` (any leading axes), so rank 1 is what both reject.
+    with pytest.raises(TypeCheckError, match="parameter 'x'"):
+        group_norm(jnp.ones((4, 6), jnp.float32), None, None, groups=3, eps=EPS)
     for fn in (group_norm, reference.group_norm):
         with pytest.raises(TypeCheckError, match="parameter 'x'"):
-            fn(x, None, None, groups=3, eps=EPS)
+            fn(jnp.ones((6,), jnp.float32), None, None, groups=3, eps=EPS)
 
 
 # --- adaptive modulation (adaLN, FiLM): per-example parameters ---------------------------------

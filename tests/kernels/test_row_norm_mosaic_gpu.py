@@ -144,17 +144,17 @@ def test_staging_heuristic():
         assert _mosaic_gpu.usable() is False
         return
     # 16 rows of 256-column boxes of bfloat16; a 4-wide vector when float32 is loaded too.
-    boxes = _mosaic_gpu.boxes((jnp.bfloat16,), 4096, 1024, 2, 0)
+    boxes = _mosaic_gpu.boxes((jnp.bfloat16,), 4096, 1024, 2)
     assert (boxes.block_rows, boxes.cols, boxes.chunks) == (16, 256, 4)
-    boxes = _mosaic_gpu.boxes((jnp.bfloat16, jnp.float32), 4096, 1024, 2, 8)
+    boxes = _mosaic_gpu.boxes((jnp.bfloat16, jnp.float32), 4096, 1024, 2)
     assert (boxes.block_rows, boxes.cols, boxes.chunks) == (16, 128, 8)
     # Narrow rows: fewer lanes along a row, more rows per warp.
-    boxes = _mosaic_gpu.boxes((jnp.float32,), 4096, 24, 4, 0)
+    boxes = _mosaic_gpu.boxes((jnp.float32,), 4096, 24, 4)
     assert (boxes.cols, boxes.chunks, boxes.tile_rows) == (16, 2, 32)
     # Rows that do not fit in shared memory: none (they run the Triton kernel).
-    assert _mosaic_gpu.boxes((jnp.float32,), 64, 70000, 8, 4).block_rows == 0
+    assert _mosaic_gpu.boxes((jnp.float32,), 64, 70000, 8).block_rows == 0
     # Fewer rows than a program holds: one tile.
-    assert _mosaic_gpu.boxes((jnp.float32,), 1, 760, 4, 0).block_rows == 4
+    assert _mosaic_gpu.boxes((jnp.float32,), 1, 760, 4).block_rows == 4
     # TMA needs rows of a multiple of 16 bytes.
     assert _mosaic_gpu.supports(jnp.bfloat16, 760) and not _mosaic_gpu.supports(jnp.bfloat16, 37)
     assert not _mosaic_gpu.supports(jnp.float64, 760)
