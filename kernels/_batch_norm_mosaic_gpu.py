@@ -139,11 +139,7 @@ def _moments(load, tables, tools, *, boxes, width):
     def d(k):
         return r._masked((load(0, k) - bcast(shift, [0])) - bcast(d0, [0]), valid(k))
 
-    def total(fn):
-        def body(k, acc):
-            return acc + jnp.sum(fn(k), axis=1)
-
-        return lax.fori_loop(1, boxes.chunks, body, jnp.sum(fn(0), axis=1))
+    total = functools.partial(r.row_total, boxes=boxes)
 
     mean = total(d) * (1.0 / width)
     m2 = total(lambda k: jnp.square(r._masked(d(k) - bcast(mean, [0]), valid(k))))
@@ -199,11 +195,7 @@ def _sums(load, tables, tools, *, boxes, width):
     shift, offset = tables
     bcast = tools[1]
 
-    def total(fn):
-        def body(k, acc):
-            return acc + jnp.sum(fn(k), axis=1)
-
-        return lax.fori_loop(1, boxes.chunks, body, jnp.sum(fn(0), axis=1))
+    total = functools.partial(r.row_total, boxes=boxes)
 
     def dyc(k):
         # Past the row's end dy is zero (TMA fills zeros), so no mask is needed.

@@ -138,31 +138,41 @@ def _pinned_mosaic_gpu(mosaic_gpu: MosaicGPU, *operands: Any) -> Any:
     ("IO effect not supported in vmap-of-cond") nor inside `custom_partitioning`, so a pinned
     call runs on its operands gathered whole, and exporting for cuda from a CPU machine takes
     `impl="pallas"`."""
-    _on_cuda(None, mosaic_gpu, "mosaic_gpu", operands)  # raises where it cannot run
+    _check_mosaic_gpu(mosaic_gpu, operands)
     on_gpu = jax.default_backend() in ("gpu", "cuda")
     return mosaic_gpu.launch(MOSAIC_GPU if on_gpu else MOSAIC_GPU_INTERPRET, *operands)
+
+
+def _mosaic_gpu_runs(mosaic_gpu: MosaicGPU | None, operands) -> bool:
+    """Whether the installed JAX has Mosaic GPU's API and `mosaic_gpu` takes `operands`."""
+    from . import _mosaic_gpu
+
+    return mosaic_gpu is not None and _mosaic_gpu.usable() and mosaic_gpu.supported(*operands)
+
+
+def _check_mosaic_gpu(mosaic_gpu: MosaicGPU | None, operands) -> None:
+    """`ValueError` unless a call pinned to Mosaic GPU can run `operands`."""
+    if mosaic_gpu is None:
+        raise ValueError("this kernel has no Mosaic GPU version; use impl='pallas'.")
+    if not _mosaic_gpu_runs(mosaic_gpu, operands):
+        raise ValueError(
+            f"impl='mosaic_gpu' cannot run these operands on JAX {jax.__version__}: "
+            "Mosaic GPU kernels need JAX 0.12 or newer, float16/bfloat16/float32 rows of "
+            "a multiple of 16 bytes that fit on chip. Use impl='pallas' to let eqxnorm "
+            "choose the backend."
+        )
 
 
 def _on_cuda(fn, mosaic_gpu: MosaicGPU | None, backend: str, operands) -> Callable[..., Any]:
     """The cuda branch of [`per_platform`][]: Mosaic GPU or Triton, as `backend` says."""
     from . import _mosaic_gpu
 
-    if backend == "triton" or mosaic_gpu is None:
-        if backend == "mosaic_gpu":
-            raise ValueError("this kernel has no Mosaic GPU version; use impl='pallas'.")
-        return functools.partial(fn, TRITON)
-    usable = _mosaic_gpu.usable() and mosaic_gpu.supported(*operands)
     if backend == "mosaic_gpu":
-        if not usable:
-            raise ValueError(
-                f"impl='mosaic_gpu' cannot run these operands on JAX {jax.__version__}: "
-                "Mosaic GPU kernels need JAX 0.12 or newer, float16/bfloat16/float32 rows of "
-                "a multiple of 16 bytes that fit on chip. Use impl='pallas' to let eqxnorm "
-                "choose the backend."
-            )
+        _check_mosaic_gpu(mosaic_gpu, operands)
         return functools.partial(mosaic_gpu.launch, MOSAIC_GPU)
-    if usable and _mosaic_gpu.target_supported():
-        return functools.partial(mosaic_gpu.launch, MOSAIC_GPU)
+    if backend == "auto" and _mosaic_gpu_runs(mosaic_gpu, operands):
+        if _mosaic_gpu.target_supported():
+            return functools.partial(mosaic_gpu.launch, MOSAIC_GPU)
     return functools.partial(fn, TRITON)
 
 

@@ -64,21 +64,24 @@ def _masked(v, mask):
     return v if mask is None else jnp.where(mask, v, 0.0)
 
 
+def row_total(fn, boxes: m.Boxes):
+    """The per-row sum of `fn(k)` (a box, float32) over a row's boxes, box by box."""
+
+    def body(k, acc):
+        return acc + jnp.sum(fn(k), axis=1)
+
+    return lax.fori_loop(1, boxes.chunks, body, jnp.sum(fn(0), axis=1))
+
+
 def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools):
     """`(shift, offset, var)` per row of the staged boxes (`load_h(k)`: box `k` as float32,
     zero past the row's end), as `_common.block_moments` defines them."""
     _, bcast, valid = tools
     scale = 1.0 / width
-
-    def total(fn):
-        def body(k, acc):
-            return acc + jnp.sum(fn(k), axis=1)
-
-        first = jnp.sum(fn(0), axis=1)
-        return lax.fori_loop(1, boxes.chunks, body, first)
+    total = functools.partial(row_total, boxes=boxes)
 
     if not center:
-        mean_square = total(lambda k: load_h(k) * load_h(k) * scale)
+        mean_square = total(lambda k: jnp.square(load_h(k)) * scale)
         zeros = mean_square * 0.0
         return zeros, zeros, mean_square
     shift = total(lambda k: load_h(k) * scale)
@@ -91,7 +94,7 @@ def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools):
     )
     d0 = jnp.sum(jnp.where(first_col == 0, centred(0), 0.0), axis=1)
     offset = d0 + total(lambda k: _masked(centred(k) - bcast(d0, [0]), valid(k)) * scale)
-    mean_square = total(lambda k: centred(k) * centred(k) * scale)
+    mean_square = total(lambda k: jnp.square(centred(k)) * scale)
     return shift, offset, jnp.maximum(mean_square - offset * offset, 0.0)
 
 
