@@ -221,6 +221,61 @@ def _check_channels_first(x: Any, where: str) -> tuple[int, int, int]:
     return x.shape[0], x.shape[1], spatial
 
 
+def _channels_last(x: Any, channel_axis: Any, where: str, example: bool = False) -> bool:
+    """Whether `channel_axis` puts the channels of `x` last (`(batch, *spatial, channels)`,
+    or one example `(*spatial, channels)` with `example`) rather than first after the batch
+    (`(batch, channels, *spatial)`, `(channels, *spatial)`); the layouts the kernels read in
+    place. Any other axis is refused with the transpose it needs."""
+    first = 0 if example else 1
+    if isinstance(channel_axis, bool) or not isinstance(channel_axis, int):
+        raise TypeError(
+            f"{where}: channel_axis must be an int, but got {channel_axis!r} of type "
+            f"{type(channel_axis).__name__}. Pass channel_axis={first} (channels first) or "
+            f"channel_axis=-1 (channels last)."
+        )
+    ndim = getattr(x, "ndim", 0)
+    if ndim > first and channel_axis in (first, first - ndim):
+        return False
+    if ndim > first and channel_axis in (-1, ndim - 1):
+        return True
+    layout = "(channels, *spatial)" if example else "(batch, channels, *spatial)"
+    raise ValueError(
+        f"{where}: channel_axis={channel_axis} must name the channels axis first "
+        f"({first}, {layout}) or last (-1) of x, but x.shape={getattr(x, 'shape', ())} has "
+        f"{ndim} axes. Pass channel_axis={first} or channel_axis=-1; a channels axis in the "
+        f"middle needs `jnp.moveaxis(x, {channel_axis}, -1)` first."
+    )
+
+
+def _check_channels(x: Any, where: str, channel_axis: Any) -> tuple[int, int, int]:
+    """`(batch, channels, spatial size)` of a channels-first `(batch, channels, *spatial)` or,
+    with `channel_axis=-1`, channels-last `(batch, *spatial, channels)` input."""
+    _checking.check_floating(x, "x", where)
+    if x.ndim < 2:
+        raise ValueError(
+            f"{where} expects x of shape (batch, channels, *spatial), or (batch, *spatial, "
+            f"channels) with channel_axis=-1, but got x.shape={x.shape}. Add the missing batch "
+            f"axis, e.g. `x[None]`."
+        )
+    if not _channels_last(x, channel_axis, where):
+        return _check_channels_first(x, where)
+    spatial = math.prod(x.shape[1:-1])
+    if x.shape[-1] == 0 or spatial == 0:
+        raise ValueError(
+            f"{where}: x.shape={x.shape} has an empty channel or spatial axis, so the "
+            f"statistics are undefined."
+        )
+    return x.shape[0], x.shape[-1], spatial
+
+
+def _flatten_spatial_last(x: Array, example: bool = False) -> Array:
+    """`(batch, *spatial, channels)` → `(batch, spatial, channels)`, the channels-last kernels'
+    layout (a reshape: the channels stay the contiguous axis); one example `(*spatial,
+    channels)` → `(spatial, channels)`."""
+    lead = x.shape[:0] if example else x.shape[:1]
+    return x.reshape(*lead, math.prod(x.shape[len(lead) : -1]), x.shape[-1])
+
+
 def _flatten_spatial(x: Array, example: bool = False) -> Array:
     """`(batch, channels, *spatial)` → `(batch, channels, spatial)`, the kernels' layout; one
     example `(channels, *spatial)` → `(channels, spatial)`."""
@@ -244,12 +299,15 @@ def _check_channel_params(channels: int, where: str, **params: Any) -> None:
         _checking.check_param(param, (channels,), name, where, "one value per channel")
 
 
-def _check_group_norm(x, groups, weight=None, bias=None, *, eps=1e-5, impl="auto"):
-    _check_group_args(x, groups, weight, bias, eps, impl, "eqxnorm.functional.group_norm")
+def _check_group_norm(
+    x, groups, weight=None, bias=None, *, eps=1e-5, channel_axis=1, impl="auto"
+):
+    where = "eqxnorm.functional.group_norm"
+    _check_group_args(x, groups, weight, bias, eps, impl, where, channel_axis)
 
 
-def _check_group_args(x, groups, weight, bias, eps, impl, where: str) -> None:
-    _, channels, _ = _check_channels_first(x, where)
+def _check_group_args(x, groups, weight, bias, eps, impl, where: str, channel_axis=1) -> None:
+    _, channels, _ = _check_channels(x, where, channel_axis)
     _checking.check_positive_int(groups, "groups", where)
     if channels % groups != 0:
         raise ValueError(
@@ -263,29 +321,33 @@ def _check_group_args(x, groups, weight, bias, eps, impl, where: str) -> None:
     check_impl(impl, where)
 
 
-def _group_norm(x, groups, weight, bias, eps, impl, example=False):
+def _group_norm(x, groups, weight, bias, eps, impl, example=False, channels_last=False):
     """GroupNorm of `x` `(batch, channels, *spatial)`, or with `example` of one example
-    `(channels, *spatial)`, the modules' call."""
+    `(channels, *spatial)`, the modules' call; with `channels_last`, of `(batch, *spatial,
+    channels)` or `(*spatial, channels)`, read in place (no transpose)."""
     x, weight, bias = _as_arrays(x, weight, bias)
+    op = "group_norm_channels_last" if channels_last else "group_norm"
 
     def norm(x3):
-        return (implementation(impl).group_norm(x3, weight, bias, groups=groups, eps=float(eps)),)
+        fn = getattr(implementation(impl), op)
+        return (fn(x3, weight, bias, groups=groups, eps=float(eps)),)
 
-    x3 = _flatten_spatial(x, example)
+    x3 = (_flatten_spatial_last if channels_last else _flatten_spatial)(x, example)
     (y,) = _on_example(norm, impl, x3) if example else norm(x3)
     return y.reshape(x.shape)
 
 
 @_checking.typechecked(_check_group_norm)
 def group_norm(
-    x: Float[AnyArray, "batch channels *spatial"],
+    x: Float[AnyArray, "batch *example"],
     groups: int,
     weight: Float[AnyArray, " channels"] | None = None,
     bias: Float[AnyArray, " channels"] | None = None,
     *,
     eps: _checking.Number = 1e-5,
+    channel_axis: int = 1,
     impl: Impl = "auto",
-) -> Float[Array, "batch channels *spatial"]:
+) -> Float[Array, "batch *example"]:
     r"""Group normalization: the channels split into `groups` contiguous groups, each
     `(example, group)` normalized over its `channels/groups × spatial` elements, then a
     per-channel affine:
@@ -298,10 +360,14 @@ def group_norm(
 
     **Arguments:**
 
-    - `x`: `(batch, channels, *spatial)`, any number of spatial axes (including none).
+    - `x`: `(batch, channels, *spatial)`, any number of spatial axes (including none); or
+        channels-last `(batch, *spatial, channels)` with `channel_axis=-1`.
     - `groups`: the number of groups; must divide `channels`.
     - `weight`, `bias`: `(channels,)` or `None`.
     - `eps`: added to the variance; must be positive.
+    - `channel_axis`: where the channels are: `1` (after the batch, the default) or `-1`
+        (last, as in NHWC images). Both layouts are read in place: no transposed copy is
+        made, by the reference or by the kernels.
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
 
     **Returns:**
@@ -310,16 +376,17 @@ def group_norm(
 
     **Raises:**
 
-    `TypeError` for non-floating input; `ValueError` for a rank below 2, an empty axis,
-    `groups` not dividing `channels`, parameters of the wrong shape, `eps <= 0`, or an unknown
-    `impl`.
+    `TypeError` for non-floating input or a non-int `channel_axis`; `ValueError` for a rank
+    below 2, an empty axis, a `channel_axis` other than first or last, `groups` not dividing
+    `channels`, parameters of the wrong shape, `eps <= 0`, or an unknown `impl`.
     """
-    return _group_norm(x, groups, weight, bias, eps, impl)
+    channels_last = _channels_last(x, channel_axis, "eqxnorm.functional.group_norm")
+    return _group_norm(x, groups, weight, bias, eps, impl, channels_last=channels_last)
 
 
-def _check_instance_norm(x, weight=None, bias=None, *, eps=1e-5, impl="auto"):
+def _check_instance_norm(x, weight=None, bias=None, *, eps=1e-5, channel_axis=1, impl="auto"):
     where = "eqxnorm.functional.instance_norm"
-    _, channels, spatial = _check_channels_first(x, where)
+    _, channels, spatial = _check_channels(x, where, channel_axis)
     if spatial < 2:
         raise ValueError(
             f"{where} normalizes each channel over its spatial axes, but x.shape={x.shape} "
@@ -334,13 +401,14 @@ def _check_instance_norm(x, weight=None, bias=None, *, eps=1e-5, impl="auto"):
 
 @_checking.typechecked(_check_instance_norm)
 def instance_norm(
-    x: Float[AnyArray, "batch channels *spatial"],
+    x: Float[AnyArray, "batch *example"],
     weight: Float[AnyArray, " channels"] | None = None,
     bias: Float[AnyArray, " channels"] | None = None,
     *,
     eps: _checking.Number = 1e-5,
+    channel_axis: int = 1,
     impl: Impl = "auto",
-) -> Float[Array, "batch channels *spatial"]:
+) -> Float[Array, "batch *example"]:
     r"""Instance normalization: each `(example, channel)` normalized over its spatial axes,
     then a per-channel affine. Equal to `group_norm(x, channels, ...)`.
 
@@ -352,9 +420,11 @@ def instance_norm(
 
     **Arguments:**
 
-    - `x`: `(batch, channels, *spatial)` with at least two spatial elements.
+    - `x`: `(batch, channels, *spatial)` with at least two spatial elements; or
+        `(batch, *spatial, channels)` with `channel_axis=-1`.
     - `weight`, `bias`: `(channels,)` or `None`.
     - `eps`: added to the variance; must be positive.
+    - `channel_axis`: `1` or `-1`, as in [`eqxnorm.functional.group_norm`][].
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
 
     **Returns:**
@@ -366,7 +436,9 @@ def instance_norm(
     As [`eqxnorm.functional.group_norm`][], and `ValueError` for fewer than two spatial
     elements.
     """
-    return _group_norm(x, x.shape[1], weight, bias, eps, impl)
+    channels_last = _channels_last(x, channel_axis, "eqxnorm.functional.instance_norm")
+    channels = x.shape[-1 if channels_last else 1]
+    return _group_norm(x, channels, weight, bias, eps, impl, channels_last=channels_last)
 
 
 # --- BatchNorm -------------------------------------------------------------------------------
@@ -381,10 +453,11 @@ def _check_batch_norm(
     var=None,
     eps=1e-5,
     axis_name=None,
+    channel_axis=1,
     impl="auto",
 ):
     where = "eqxnorm.functional.batch_norm"
-    batch, channels, spatial = _check_channels_first(x, where)
+    batch, channels, spatial = _check_channels(x, where, channel_axis)
     _check_channel_params(channels, where, weight=weight, bias=bias, mean=mean, var=var)
     if (mean is None) != (var is None):
         raise ValueError(
@@ -407,7 +480,7 @@ def _check_batch_norm(
 
 @_checking.typechecked(_check_batch_norm)
 def batch_norm(
-    x: Float[AnyArray, "batch channels *spatial"],
+    x: Float[AnyArray, "batch *example"],
     weight: Float[AnyArray, " channels"] | None = None,
     bias: Float[AnyArray, " channels"] | None = None,
     *,
@@ -415,10 +488,9 @@ def batch_norm(
     var: Float[AnyArray, " channels"] | None = None,
     eps: _checking.Number = 1e-5,
     axis_name: AxisName | None = None,
+    channel_axis: int = 1,
     impl: Impl = "auto",
-) -> tuple[
-    Float[Array, "batch channels *spatial"], Float[Array, " channels"], Float[Array, " channels"]
-]:
+) -> tuple[Float[Array, "batch *example"], Float[Array, " channels"], Float[Array, " channels"]]:
     r"""Batch normalization, per channel over the batch and spatial axes:
 
     $$y_{c} = \frac{x_{c} - \mu_c}{\sqrt{\sigma^2_c + \varepsilon}} \gamma_c + \beta_c$$
@@ -438,6 +510,9 @@ def batch_norm(
     - `mean`, `var`: `(channels,)` statistics to normalize with, or both `None`.
     - `eps`: added to the variance; must be positive.
     - `axis_name`: a named axis (or sequence of names) whose members' batches are pooled.
+    - `channel_axis`: `1` (channels first, the default) or `-1`: `x` channels-last, `(batch,
+        *spatial, channels)`, normalized as the `(batch·spatial, channels)` matrix it is in
+        memory, per column (a reshape, no transposed copy).
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
 
     **Returns:**
@@ -448,16 +523,23 @@ def batch_norm(
 
     **Raises:**
 
-    `TypeError` for non-floating input; `ValueError` for a rank below 2, an empty axis,
-    parameters of the wrong shape, only one of `mean`/`var`, an unbound `axis_name`, a single
-    value per channel in training, `eps <= 0`, or an unknown `impl`.
+    `TypeError` for non-floating input or a non-int `channel_axis`; `ValueError` for a rank
+    below 2, an empty axis, a `channel_axis` other than first or last, parameters of the wrong
+    shape, only one of `mean`/`var`, an unbound `axis_name`, a single value per channel in
+    training, `eps <= 0`, or an unknown `impl`.
     """
-    return _batch_norm(x, weight, bias, mean, var, eps, axis_name, impl)
+    channels_last = _channels_last(x, channel_axis, "eqxnorm.functional.batch_norm")
+    return _batch_norm(x, weight, bias, mean, var, eps, axis_name, impl, False, channels_last)
 
 
-def _batch_norm(x, weight, bias, mean, var, eps, axis_name, impl, example=False):
+def _batch_norm(
+    x, weight, bias, mean, var, eps, axis_name, impl, example=False, channels_last=False
+):
     """BatchNorm of `x` `(batch, channels, *spatial)`, or with `example` of one example
-    `(channels, *spatial)` (the modules' call, the batch being the members of `axis_name`)."""
+    `(channels, *spatial)` (the modules' call, the batch being the members of `axis_name`).
+    With `channels_last`, `x` is `(batch, *spatial, channels)` or `(*spatial, channels)`:
+    the `(rows, channels, 1)` reshape of that matrix, per-column statistics over its rows,
+    is BatchNorm of the same values (the kernels' `(batch, features)` case)."""
     x, weight, bias, mean, var = _as_arrays(x, weight, bias, mean, var)
     impl_module = implementation(impl)
 
@@ -467,6 +549,9 @@ def _batch_norm(x, weight, bias, mean, var, eps, axis_name, impl, example=False)
         y = impl_module.batch_norm_inference(x3, mean, var, weight, bias, eps=float(eps))
         return y, mean, var
 
+    if channels_last:
+        y, mean, var = norm(x.reshape(math.prod(x.shape[:-1]), x.shape[-1], 1))
+        return y.reshape(x.shape), mean, var
     x3 = _flatten_spatial(x, example)
     y, mean, var = _on_example(norm, impl, x3) if example else norm(x3)
     return y.reshape(x.shape), mean, var
@@ -925,11 +1010,11 @@ def adaptive_rms_norm(
 
 
 def _check_adaptive_group_norm(
-    x, groups, scale, shift, weight=None, bias=None, *, eps=1e-5, impl="auto"
+    x, groups, scale, shift, weight=None, bias=None, *, eps=1e-5, channel_axis=1, impl="auto"
 ):
     where = "eqxnorm.functional.adaptive_group_norm"
-    _check_group_args(x, groups, weight, bias, eps, impl, where)
-    expected = tuple(x.shape[:2])
+    _check_group_args(x, groups, weight, bias, eps, impl, where, channel_axis)
+    expected = (x.shape[0], x.shape[-1 if _channels_last(x, channel_axis, where) else 1])
     for name, value in (("scale", scale), ("shift", shift)):
         _checking.check_floating(value, name, where)
         if tuple(value.shape) != expected:
@@ -941,7 +1026,7 @@ def _check_adaptive_group_norm(
 
 @_checking.typechecked(_check_adaptive_group_norm)
 def adaptive_group_norm(
-    x: Float[AnyArray, "batch channels *spatial"],
+    x: Float[AnyArray, "batch *example"],
     groups: int,
     scale: Float[AnyArray, "batch channels"],
     shift: Float[AnyArray, "batch channels"],
@@ -949,8 +1034,9 @@ def adaptive_group_norm(
     bias: Float[AnyArray, " channels"] | None = None,
     *,
     eps: _checking.Number = 1e-5,
+    channel_axis: int = 1,
     impl: Impl = "auto",
-) -> Float[Array, "batch channels *spatial"]:
+) -> Float[Array, "batch *example"]:
     r"""Adaptive GroupNorm (the FiLM conditioning of diffusion U-Nets): GroupNorm, then a
     scale and shift per example and channel,
 
@@ -962,11 +1048,13 @@ def adaptive_group_norm(
 
     **Arguments:**
 
-    - `x`: `(batch, channels, *spatial)`, floating point.
+    - `x`: `(batch, channels, *spatial)`, floating point; or `(batch, *spatial, channels)`
+        with `channel_axis=-1`.
     - `groups`: the number of groups; must divide `channels`.
     - `scale`, `shift`: `(batch, channels)`.
     - `weight`, `bias`: `(channels,)` or `None`.
     - `eps`: added to the variance; must be positive.
+    - `channel_axis`: `1` or `-1`, as in [`eqxnorm.functional.group_norm`][].
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
 
     **Returns:**
@@ -978,20 +1066,25 @@ def adaptive_group_norm(
     As [`eqxnorm.functional.group_norm`][]; also `ValueError` when `scale`/`shift` are not
     `(batch, channels)`.
     """
-    return _adaptive_group_norm(x, groups, scale, shift, weight, bias, eps, impl)
+    channels_last = _channels_last(x, channel_axis, "eqxnorm.functional.adaptive_group_norm")
+    args = (x, groups, scale, shift, weight, bias, eps, impl)
+    return _adaptive_group_norm(*args, channels_last=channels_last)
 
 
-def _adaptive_group_norm(x, groups, scale, shift, weight, bias, eps, impl, example=False):
+def _adaptive_group_norm(
+    x, groups, scale, shift, weight, bias, eps, impl, example=False, channels_last=False
+):
     """Adaptive GroupNorm of `x` `(batch, channels, *spatial)` with `scale`/`shift`
     `(batch, channels)`, or with `example` of one example `(channels, *spatial)` with
-    `(channels,)` ones, the modules' call."""
+    `(channels,)` ones, the modules' call; `channels_last` as in `_group_norm`."""
     x, scale, shift, weight, bias = _as_arrays(x, scale, shift, weight, bias)
+    op = "adaptive_group_norm_channels_last" if channels_last else "adaptive_group_norm"
 
     def norm(x3, scale, shift):
-        fn = implementation(impl).adaptive_group_norm
+        fn = getattr(implementation(impl), op)
         return (fn(x3, scale, shift, weight, bias, groups=groups, eps=float(eps)),)
 
-    x3 = _flatten_spatial(x, example)
+    x3 = (_flatten_spatial_last if channels_last else _flatten_spatial)(x, example)
     (y,) = _on_example(norm, impl, x3, scale, shift) if example else norm(x3, scale, shift)
     return y.reshape(x.shape)
 
