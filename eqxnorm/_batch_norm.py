@@ -12,6 +12,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from . import _checking, functional
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
+from ._group_norm import check_channel_axis, check_example_channels
 from ._misc import default_floating_dtype
 from .kernels.reference import compute_dtype
 
@@ -114,6 +115,7 @@ class BatchNorm(StatefulLayer):
     momentum: float = eqx.field(static=True)
     mode: Literal["batch", "ema"] = eqx.field(static=True)
     impl: Impl = eqx.field(static=True)
+    channel_axis: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -127,6 +129,7 @@ class BatchNorm(StatefulLayer):
         mode: Literal["batch", "ema"] = "batch",
         *,
         impl: Impl = "auto",
+        channel_axis: int = 0,
     ):
         """**Arguments:**
 
@@ -145,11 +148,15 @@ class BatchNorm(StatefulLayer):
             mode). The running statistics use it promoted to at least float32.
         - `mode`: `"batch"` or `"ema"`; see above.
         - `impl`: `"auto"`, `"pallas"` or `"reference"`; see `eqxnorm.functional`.
+        - `channel_axis`: `0` (the default, as `equinox.nn.BatchNorm`): each example is
+            `(input_size, *spatial)`; `-1`: `(*spatial, input_size)`, normalized per column
+            of the `(batch·spatial, input_size)` matrix it is in memory (no transposed copy).
 
         **Raises:**
 
         `TypeError`/`ValueError` for a non-positive or non-integer `input_size`, `eps <= 0`,
-        `momentum` outside [0, 1), an unknown `mode` or `impl`, or a non-floating `dtype`.
+        `momentum` outside [0, 1), an unknown `mode` or `impl`, a non-floating `dtype`, or a
+        `channel_axis` other than 0 and -1.
         """
         where = "BatchNorm"
         _checking.check_positive_int(input_size, "input_size", where)
@@ -188,6 +195,7 @@ class BatchNorm(StatefulLayer):
         self.momentum = momentum
         self.mode = mode
         self.impl = impl
+        self.channel_axis = check_channel_axis(channel_axis, "BatchNorm")
 
     def _where(self) -> str:
         return f"BatchNorm(input_size={self.input_size}, axis_name={self.axis_name!r})"
@@ -201,6 +209,25 @@ class BatchNorm(StatefulLayer):
                 f"state together with `norm, state = eqx.nn.make_with_state(eqxnorm.BatchNorm)"
                 f"(...)` and call `norm(x, state)`."
             )
+        if self.channel_axis == -1:
+            check_example_channels(x, self.input_size, where, channel_axis=-1)
+        else:
+            self._check_channels_first(x, where)
+        if not (self.inference if inference is None else inference):
+            members = _checking.axis_size(self.axis_name, where)
+            values = x.size // self.input_size * members
+            if values < 2:
+                raise ValueError(
+                    f"{where}: training needs more than one value per channel for the batch "
+                    f"statistics, but x.shape={x.shape} (spatial size "
+                    f"{x.size // self.input_size}) across {members} member(s) of the named "
+                    f"axis gives {values}. Use a larger batch, or call with "
+                    f"`inference=True` to normalize with the running statistics."
+                )
+
+    def _check_channels_first(self, x, where: str) -> None:
+        """The channels-first `x` checked, a left-in batch axis and channels-last input
+        named."""
         _checking.check_floating(x, "x", where)
         if x.ndim == 0 or x.shape[0] != self.input_size:
             expected = f"(channels={self.input_size}, *spatial), the channels on axis 0"
@@ -218,23 +245,15 @@ class BatchNorm(StatefulLayer):
                     f"{self.axis_name!r}, in_axes=(0, None), out_axes=(0, None))(x, state)`."
                 )
             if x.shape[-1] == self.input_size:
-                fixes.append("If the channels are last, move them first: `jnp.moveaxis(x, -1, 0)`.")
+                fixes.append(
+                    "If the channels are last, construct the layer with `channel_axis=-1`, "
+                    "which reads that layout in place (no transposed copy)."
+                )
             fix = " ".join(fixes) or "Construct the layer with the channels of your data."
             raise ValueError(
                 f"{where} expects one example of shape {expected}, but got x.shape={x.shape}, "
                 f"whose axis 0 has size {x.shape[0]} instead of {self.input_size}. {fix}"
             )
-        if not (self.inference if inference is None else inference):
-            members = _checking.axis_size(self.axis_name, where)
-            values = math.prod(x.shape[1:]) * members
-            if values < 2:
-                raise ValueError(
-                    f"{where}: training needs more than one value per channel for the batch "
-                    f"statistics, but x.shape={x.shape} (spatial size "
-                    f"{math.prod(x.shape[1:])}) across {members} member(s) of the named "
-                    f"axis gives {values}. Use a larger batch, or call with "
-                    f"`inference=True` to normalize with the running statistics."
-                )
 
     def _update(self, state: State, x: Array, batch_mean: Array, batch_var: Array):
         """The new `(count, mean, var)`: the debiased EMA step, gradient flowing through the
@@ -242,7 +261,7 @@ class BatchNorm(StatefulLayer):
         count = state.get(self.count_index)
         running_mean, running_var = state.get(self.running_index)
         dtype = running_mean.dtype
-        n = math.prod(x.shape[1:]) * _checking.axis_size(self.axis_name, self._where())
+        n = x.size // self.input_size * _checking.axis_size(self.axis_name, self._where())
         unbiased_var = batch_var.astype(dtype) * (n / (n - 1))
         if self.momentum == 0:
             a = jnp.ones((), dtype)
@@ -262,23 +281,33 @@ class BatchNorm(StatefulLayer):
         statistics, or with the batch ones (pooled over `axis_name`) when they are `None`."""
         axis_name = self.axis_name if mean is None else None
         return functional._batch_norm(
-            x, self.weight, self.bias, mean, var, self.eps, axis_name, self.impl, example=True
+            x,
+            self.weight,
+            self.bias,
+            mean,
+            var,
+            self.eps,
+            axis_name,
+            self.impl,
+            example=True,
+            channels_last=self.channel_axis == -1,
         )
 
     @_checking.named_scope("eqxnorm.BatchNorm")
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[AnyArray, " {self.input_size} *spatial"],
+        x: Float[AnyArray, "*example"],
         state: State,
         *,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
-    ) -> tuple[Float[Array, " {self.input_size} *spatial"], State]:
+    ) -> tuple[Float[Array, "*example"], State]:
         """**Arguments:**
 
         - `x`: one example, `(input_size, *spatial)` with any number of spatial axes
-            (including none); floating point. Call the layer under a transformation that
+            (including none), or `(*spatial, input_size)` with `channel_axis=-1`; floating
+            point. Call the layer under a transformation that
             binds `axis_name`, e.g. `jax.vmap(norm, axis_name="batch", in_axes=(0, None),
             out_axes=(0, None))(xs, state)`.
         - `state`: the [`equinox.nn.State`][] holding the running statistics (from
@@ -293,8 +322,8 @@ class BatchNorm(StatefulLayer):
 
         **Raises:**
 
-        `TypeError` for non-floating `x`; `ValueError` when axis 0 of `x` is not
-        `input_size` (naming a left-in batch axis), and in training when no enclosing
+        `TypeError` for non-floating `x`; `ValueError` when the channel axis of `x` is not
+        `input_size` (naming a left-in batch axis or the other layout), and in training when no enclosing
         transformation binds `axis_name` or there is only one value per channel.
         """
         del key

@@ -1,5 +1,3 @@
-import math
-
 import equinox as eqx
 import jax.numpy as jnp
 from equinox.nn import State
@@ -8,7 +6,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from . import _checking, functional
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
-from ._group_norm import check_example_channels
+from ._group_norm import check_channel_axis, check_example_channels
 from ._misc import sentinel
 
 
@@ -64,6 +62,7 @@ class InstanceNorm(eqx.Module):
     eps: float = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
     impl: Impl = eqx.field(static=True)
+    channel_axis: int = eqx.field(static=True)
     weight: Float[Array, " channels"] | None
     bias: Float[Array, " channels"] | None
 
@@ -75,6 +74,7 @@ class InstanceNorm(eqx.Module):
         dtype=None,
         *,
         impl: Impl = "auto",
+        channel_axis: int = 0,
     ):
         """**Arguments:**
 
@@ -85,16 +85,19 @@ class InstanceNorm(eqx.Module):
             default, as in PyTorch.
         - `dtype`: dtype of the parameters; defaults to float32 (float64 in 64-bit mode).
         - `impl`: `"auto"`, `"pallas"` or `"reference"`; see `eqxnorm.functional`.
+        - `channel_axis`: `0` (the default): each example is `(channels, *spatial)`; `-1`:
+            `(*spatial, channels)`, read in place (see [`eqxnorm.GroupNorm`][]).
 
         **Raises:**
 
-        `TypeError` for a non-int `channels`; `ValueError` for `channels < 1`, `eps <= 0` or
-        an unknown `impl`.
+        `TypeError` for a non-int `channels`; `ValueError` for `channels < 1`, `eps <= 0`,
+        an unknown `impl`, or a `channel_axis` other than 0 and -1.
         """
         where = "InstanceNorm"
         _checking.check_positive_int(channels, "channels", where)
         _checking.check_eps(eps, where)
         check_impl(impl, where)
+        self.channel_axis = check_channel_axis(channel_axis, where)
         self.channels = channels
         self.eps = float(eps)
         self.channelwise_affine = channelwise_affine
@@ -104,7 +107,7 @@ class InstanceNorm(eqx.Module):
 
     def _precheck(self, x, state=sentinel, *, key=None):
         where = f"InstanceNorm(channels={self.channels})"
-        check_example_channels(x, self.channels, where)
+        check_example_channels(x, self.channels, where, self.channel_axis)
         if x.ndim == 1:
             raise ValueError(
                 f"{where} normalizes each channel over its spatial axes, so x needs shape "
@@ -112,7 +115,7 @@ class InstanceNorm(eqx.Module):
                 f"got x.shape={x.shape}. To normalize a vector across its channels use "
                 f"eqxnorm.LayerNorm or eqxnorm.GroupNorm."
             )
-        spatial = math.prod(x.shape[1:])
+        spatial = x.size // self.channels
         if spatial < 2:
             raise ValueError(
                 f"{where} normalizes each channel over its spatial elements, but "
@@ -125,18 +128,16 @@ class InstanceNorm(eqx.Module):
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[AnyArray, " {self.channels} *spatial"],
+        x: Float[AnyArray, "*example"],
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> (
-        Float[Array, " {self.channels} *spatial"]
-        | tuple[Float[Array, " {self.channels} *spatial"], State]
-    ):
+    ) -> Float[Array, "*example"] | tuple[Float[Array, "*example"], State]:
         """**Arguments:**
 
-        - `x`: one example, `(channels, *spatial)` with at least one spatial axis and more
-            than one spatial element; a floating-point JAX or NumPy array.
+        - `x`: one example, `(channels, *spatial)` (`(*spatial, channels)` with
+            `channel_axis=-1`) with at least one spatial axis and more than one spatial
+            element; a floating-point JAX or NumPy array.
         - `state`: optional; passed through unchanged, for interchangeability with
             `BatchNorm`.
         - `key`: ignored; for compatibility with the rest of the Equinox API.
@@ -153,6 +154,13 @@ class InstanceNorm(eqx.Module):
         left-in batch axis is named, with the `jax.vmap` fix).
         """
         out = functional._group_norm(
-            x, x.shape[0], self.weight, self.bias, self.eps, self.impl, example=True
+            x,
+            self.channels,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.impl,
+            example=True,
+            channels_last=self.channel_axis == -1,
         )
         return out if state is sentinel else (out, state)

@@ -299,9 +299,7 @@ def _check_channel_params(channels: int, where: str, **params: Any) -> None:
         _checking.check_param(param, (channels,), name, where, "one value per channel")
 
 
-def _check_group_norm(
-    x, groups, weight=None, bias=None, *, eps=1e-5, channel_axis=1, impl="auto"
-):
+def _check_group_norm(x, groups, weight=None, bias=None, *, eps=1e-5, channel_axis=1, impl="auto"):
     where = "eqxnorm.functional.group_norm"
     _check_group_args(x, groups, weight, bias, eps, impl, where, channel_axis)
 

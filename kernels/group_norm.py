@@ -549,9 +549,7 @@ def _forward(groups: int, eps: float, per_example: bool, backend: str, channels_
 
 
 @functools.cache
-def _backward(
-    groups: int, per_example: bool, backend: str, channels_last: bool, param_grads: bool
-):
+def _backward(groups: int, per_example: bool, backend: str, channels_last: bool, param_grads: bool):
     """`(x, weight, dy, shift, offset, rstd) -> (dx, dweight, dbias)` (per-example float32
     parameter gradients, `None` unless `param_grads`), batching by folding into the batch."""
 
