@@ -323,8 +323,8 @@ class BatchNorm(StatefulLayer):
         **Raises:**
 
         `TypeError` for non-floating `x`; `ValueError` when the channel axis of `x` is not
-        `input_size` (naming a left-in batch axis or the other layout), and in training when no enclosing
-        transformation binds `axis_name` or there is only one value per channel.
+        `input_size` (naming a left-in batch axis or the other layout), and in training when
+        no enclosing transformation binds `axis_name` or there is only one value per channel.
         """
         del key
         if inference is None:

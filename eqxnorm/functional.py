@@ -337,7 +337,7 @@ def _group_norm(x, groups, weight, bias, eps, impl, example=False, channels_last
 
 @_checking.typechecked(_check_group_norm)
 def group_norm(
-    x: Float[AnyArray, "batch *example"],
+    x: Float[AnyArray, "*batch_and_example"],
     groups: int,
     weight: Float[AnyArray, " channels"] | None = None,
     bias: Float[AnyArray, " channels"] | None = None,
@@ -345,7 +345,7 @@ def group_norm(
     eps: _checking.Number = 1e-5,
     channel_axis: int = 1,
     impl: Impl = "auto",
-) -> Float[Array, "batch *example"]:
+) -> Float[Array, "*batch_and_example"]:
     r"""Group normalization: the channels split into `groups` contiguous groups, each
     `(example, group)` normalized over its `channels/groups × spatial` elements, then a
     per-channel affine:
@@ -399,14 +399,14 @@ def _check_instance_norm(x, weight=None, bias=None, *, eps=1e-5, channel_axis=1,
 
 @_checking.typechecked(_check_instance_norm)
 def instance_norm(
-    x: Float[AnyArray, "batch *example"],
+    x: Float[AnyArray, "*batch_and_example"],
     weight: Float[AnyArray, " channels"] | None = None,
     bias: Float[AnyArray, " channels"] | None = None,
     *,
     eps: _checking.Number = 1e-5,
     channel_axis: int = 1,
     impl: Impl = "auto",
-) -> Float[Array, "batch *example"]:
+) -> Float[Array, "*batch_and_example"]:
     r"""Instance normalization: each `(example, channel)` normalized over its spatial axes,
     then a per-channel affine. Equal to `group_norm(x, channels, ...)`.
 
@@ -478,7 +478,7 @@ def _check_batch_norm(
 
 @_checking.typechecked(_check_batch_norm)
 def batch_norm(
-    x: Float[AnyArray, "batch *example"],
+    x: Float[AnyArray, "*batch_and_example"],
     weight: Float[AnyArray, " channels"] | None = None,
     bias: Float[AnyArray, " channels"] | None = None,
     *,
@@ -488,7 +488,9 @@ def batch_norm(
     axis_name: AxisName | None = None,
     channel_axis: int = 1,
     impl: Impl = "auto",
-) -> tuple[Float[Array, "batch *example"], Float[Array, " channels"], Float[Array, " channels"]]:
+) -> tuple[
+    Float[Array, "*batch_and_example"], Float[Array, " channels"], Float[Array, " channels"]
+]:
     r"""Batch normalization, per channel over the batch and spatial axes:
 
     $$y_{c} = \frac{x_{c} - \mu_c}{\sqrt{\sigma^2_c + \varepsilon}} \gamma_c + \beta_c$$
@@ -1024,7 +1026,7 @@ def _check_adaptive_group_norm(
 
 @_checking.typechecked(_check_adaptive_group_norm)
 def adaptive_group_norm(
-    x: Float[AnyArray, "batch *example"],
+    x: Float[AnyArray, "*batch_and_example"],
     groups: int,
     scale: Float[AnyArray, "batch channels"],
     shift: Float[AnyArray, "batch channels"],
@@ -1034,7 +1036,7 @@ def adaptive_group_norm(
     eps: _checking.Number = 1e-5,
     channel_axis: int = 1,
     impl: Impl = "auto",
-) -> Float[Array, "batch *example"]:
+) -> Float[Array, "*batch_and_example"]:
     r"""Adaptive GroupNorm (the FiLM conditioning of diffusion U-Nets): GroupNorm, then a
     scale and shift per example and channel,
 
