@@ -301,6 +301,11 @@ class AdaptiveGroupNorm(eqx.Module):
         self.modulation = _projection(cond_size, channels, zero_init, dtype, key)
         self.activation = activation
 
+    def _channels_in(self, channel_axis: int) -> int:
+        """`channels` in the layout of `channel_axis`, -1 (no axis's size) in the other: the
+        annotations' two layouts, of which exactly one can match."""
+        return self.channels if channel_axis == self.channel_axis else -1
+
     def _precheck(self, x, cond, state=sentinel, *, key=None):
         where = f"{type(self).__name__}(groups={self.groups}, channels={self.channels})"
         check_example_channels(x, self.channels, where, self.channel_axis)
@@ -309,12 +314,21 @@ class AdaptiveGroupNorm(eqx.Module):
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[AnyArray, "*example"],
+        x: Float[AnyArray, " {self._channels_in(0)} *spatial"]
+        | Float[AnyArray, "*spatial {self._channels_in(-1)}"],
         cond: Float[AnyArray, " {self.cond_size}"],
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "*example"] | tuple[Float[Array, "*example"], State]:
+    ) -> (
+        Float[Array, " {self._channels_in(0)} *spatial"]
+        | Float[Array, "*spatial {self._channels_in(-1)}"]
+        | tuple[
+            Float[Array, " {self._channels_in(0)} *spatial"]
+            | Float[Array, "*spatial {self._channels_in(-1)}"],
+            State,
+        ]
+    ):
         """**Arguments:**
 
         - `x`: one example, `(channels, *spatial)`, or `(*spatial, channels)` with

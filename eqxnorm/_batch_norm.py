@@ -200,6 +200,11 @@ class BatchNorm(StatefulLayer):
     def _where(self) -> str:
         return f"BatchNorm(input_size={self.input_size}, axis_name={self.axis_name!r})"
 
+    def _channels_in(self, channel_axis: int) -> int:
+        """`input_size` in the layout of `channel_axis`, -1 (no axis's size) in the other: the
+        annotations' two layouts, of which exactly one can match."""
+        return self.input_size if channel_axis == self.channel_axis else -1
+
     def _precheck(self, x, state, *, key=None, inference=None):
         where = self._where()
         if not isinstance(state, State):
@@ -297,12 +302,17 @@ class BatchNorm(StatefulLayer):
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[AnyArray, "*example"],
+        x: Float[AnyArray, " {self._channels_in(0)} *spatial"]
+        | Float[AnyArray, "*spatial {self._channels_in(-1)}"],
         state: State,
         *,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
-    ) -> tuple[Float[Array, "*example"], State]:
+    ) -> tuple[
+        Float[Array, " {self._channels_in(0)} *spatial"]
+        | Float[Array, "*spatial {self._channels_in(-1)}"],
+        State,
+    ]:
         """**Arguments:**
 
         - `x`: one example, `(input_size, *spatial)` with any number of spatial axes

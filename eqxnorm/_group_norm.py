@@ -178,6 +178,14 @@ class GroupNorm(eqx.Module):
         self.weight = jnp.ones(channels, dtype=dtype) if channelwise_affine else None
         self.bias = jnp.zeros(channels, dtype=dtype) if channelwise_affine else None
 
+    def _channels_of(self, x: Array, channel_axis: int) -> int:
+        """The channel count the annotations hold `x` to in the layout of `channel_axis`:
+        `channels` (when left `None`, `x`'s own), or -1, which no axis has, in the other
+        layout, so exactly one of the annotation's two layouts can match."""
+        if channel_axis != self.channel_axis:
+            return -1
+        return x.shape[channel_axis] if self.channels is None else self.channels
+
     def _precheck(self, x, state=sentinel, *, key=None):
         where = f"GroupNorm(groups={self.groups}, channels={self.channels})"
         channels = check_example_channels(x, self.channels, where, self.channel_axis)
@@ -199,11 +207,20 @@ class GroupNorm(eqx.Module):
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[AnyArray, "*example"],
+        x: Float[AnyArray, " {self._channels_of(x,0)} *spatial"]
+        | Float[AnyArray, "*spatial {self._channels_of(x,-1)}"],
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "*example"] | tuple[Float[Array, "*example"], State]:
+    ) -> (
+        Float[Array, " {self._channels_of(x,0)} *spatial"]
+        | Float[Array, "*spatial {self._channels_of(x,-1)}"]
+        | tuple[
+            Float[Array, " {self._channels_of(x,0)} *spatial"]
+            | Float[Array, "*spatial {self._channels_of(x,-1)}"],
+            State,
+        ]
+    ):
         """**Arguments:**
 
         - `x`: one example, `(channels, *spatial)` with any number of spatial axes

@@ -339,8 +339,8 @@ def _group_norm(x, groups, weight, bias, eps, impl, example=False, channels_last
 def group_norm(
     x: Float[AnyArray, "*batch_and_example"],
     groups: int,
-    weight: Float[AnyArray, " channels"] | None = None,
-    bias: Float[AnyArray, " channels"] | None = None,
+    weight: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
+    bias: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
     *,
     eps: _checking.Number = 1e-5,
     channel_axis: int = 1,
@@ -400,8 +400,8 @@ def _check_instance_norm(x, weight=None, bias=None, *, eps=1e-5, channel_axis=1,
 @_checking.typechecked(_check_instance_norm)
 def instance_norm(
     x: Float[AnyArray, "*batch_and_example"],
-    weight: Float[AnyArray, " channels"] | None = None,
-    bias: Float[AnyArray, " channels"] | None = None,
+    weight: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
+    bias: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
     *,
     eps: _checking.Number = 1e-5,
     channel_axis: int = 1,
@@ -479,17 +479,19 @@ def _check_batch_norm(
 @_checking.typechecked(_check_batch_norm)
 def batch_norm(
     x: Float[AnyArray, "*batch_and_example"],
-    weight: Float[AnyArray, " channels"] | None = None,
-    bias: Float[AnyArray, " channels"] | None = None,
+    weight: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
+    bias: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
     *,
-    mean: Float[AnyArray, " channels"] | None = None,
-    var: Float[AnyArray, " channels"] | None = None,
+    mean: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
+    var: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
     eps: _checking.Number = 1e-5,
     axis_name: AxisName | None = None,
     channel_axis: int = 1,
     impl: Impl = "auto",
 ) -> tuple[
-    Float[Array, "*batch_and_example"], Float[Array, " channels"], Float[Array, " channels"]
+    Float[Array, "*batch_and_example"],
+    Float[Array, " {x.shape[channel_axis]}"],
+    Float[Array, " {x.shape[channel_axis]}"],
 ]:
     r"""Batch normalization, per channel over the batch and spatial axes:
 
@@ -1028,10 +1030,10 @@ def _check_adaptive_group_norm(
 def adaptive_group_norm(
     x: Float[AnyArray, "*batch_and_example"],
     groups: int,
-    scale: Float[AnyArray, "batch channels"],
-    shift: Float[AnyArray, "batch channels"],
-    weight: Float[AnyArray, " channels"] | None = None,
-    bias: Float[AnyArray, " channels"] | None = None,
+    scale: Float[AnyArray, "batch {x.shape[channel_axis]}"],
+    shift: Float[AnyArray, "batch {x.shape[channel_axis]}"],
+    weight: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
+    bias: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
     *,
     eps: _checking.Number = 1e-5,
     channel_axis: int = 1,
