@@ -57,11 +57,17 @@ def check_example_channels(x: Any, channels: int | None, where: str, channel_axi
             )
         if x.ndim >= 2 and x.shape[0 if last else -1] == channels:
             seen, other, fix = ("first", "last", 0) if last else ("last", "first", -1)
+            move = (
+                ""
+                if last
+                else " (or, where the layers around it need the channels first, move them with "
+                "`jnp.moveaxis(x, -1, 0)`, a transposed copy)"
+            )
             raise ValueError(
                 f"{where} expects x of shape {layout.replace('channels', f'channels={channels}')}, "
                 f"channels {other}, but got x.shape={x.shape}, whose {seen} axis holds the "
                 f"{channels} channels: it looks channels-{seen}. Construct the layer with "
-                f"`channel_axis={fix}`, which reads that layout in place (no transposed copy)."
+                f"`channel_axis={fix}`, which reads that layout in place{move}."
             )
         raise ValueError(
             f"{where} expects x of shape {layout.replace('channels', f'channels={channels}')}, "

@@ -2,6 +2,8 @@
 the errors shared by every function; and empty batches through every layer, which reach the
 same functions. (Each family's maths is tested in its module's file.)"""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -210,3 +212,94 @@ def test_constant_slices_normalize_to_exactly_their_bias(value, dtype, impl):
                 y = np.asarray(run(x))
                 expected = y.flat[0] if name == "rms_norm" else 0
                 assert (y == expected).all(), (name, width, run)
+
+
+# --- channels-last layouts (`channel_axis=-1`) -----------------------------------------------
+
+
+def _channels_last_ops():
+    """`name -> fn(x, channel_axis, impl)` for the ops with a channel axis, on `(batch, 6,
+    *spatial)` or `(batch, *spatial, 6)` input, each with its affine parameters."""
+    weight, bias = jnp.linspace(0.5, 1.5, 6), jnp.linspace(-1.0, 1.0, 6)
+    scale = jnp.linspace(-0.3, 0.3, 12).reshape(2, 6)
+    return {
+        "group_norm": lambda x, a, impl: F.group_norm(
+            x, 3, weight, bias, channel_axis=a, impl=impl
+        ),
+        "instance_norm": lambda x, a, impl: F.instance_norm(
+            x, weight, bias, channel_axis=a, impl=impl
+        ),
+        "batch_norm": lambda x, a, impl: F.batch_norm(x, weight, bias, channel_axis=a, impl=impl)[
+            0
+        ],
+        "adaptive_group_norm": lambda x, a, impl: F.adaptive_group_norm(
+            x, 2, scale, scale[::-1], weight, bias, channel_axis=a, impl=impl
+        ),
+    }
+
+
+@pytest.mark.parametrize("op", list(_channels_last_ops()))
+def test_channels_last_equals_channels_first_on_moved_input(op):
+    """Output and input gradient of `channel_axis=-1` are those of the channels-first call on
+    the moved input, moved back, under `jit`, with the kernels (which read the layout in
+    place; in Pallas' interpreter here). The reference's channels-last path is checked
+    against the float64 oracle below and against the kernels in `tests/kernels`."""
+    fn = _channels_last_ops()[op]
+    x = jax.random.normal(jax.random.key(0), (2, 6, 5, 3)) * 2 + 3
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def run(x, axis):
+        loss = lambda x: (jnp.sum(jnp.sin(fn(x, axis, "pallas"))), fn(x, axis, "pallas"))  # noqa: E731
+        return jax.value_and_grad(loss, has_aux=True)(x)
+
+    (value, y), grad = run(jnp.moveaxis(x, 1, -1), -1)
+    (value_first, y_first), grad_first = run(x, 1)
+    np.testing.assert_allclose(y, jnp.moveaxis(y_first, 1, -1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value, value_first, rtol=1e-5)
+    np.testing.assert_allclose(grad, jnp.moveaxis(grad_first, 1, -1), rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_against_the_float64_oracle():
+    x = jax.random.normal(jax.random.key(1), (2, 5, 3, 6)) + 1
+    weight, bias = jnp.linspace(0.5, 1.5, 6), jnp.linspace(-1.0, 1.0, 6)
+    first = np.moveaxis(np.asarray(x), -1, 1)
+    cases = [
+        (
+            F.group_norm(x, 3, weight, bias, channel_axis=-1),
+            oracle.group_norm(first, 3, weight, bias, 1e-5),
+        ),
+        (
+            F.instance_norm(x, weight, bias, channel_axis=-1),
+            oracle.instance_norm(first, weight, bias, 1e-5),
+        ),
+        (
+            F.batch_norm(x, weight, bias, channel_axis=-1)[0],
+            oracle.batch_norm(first, weight, bias, 1e-5)[0],
+        ),
+    ]
+    for actual, expected in cases:
+        oracle.assert_close(actual, np.moveaxis(expected, 1, -1))
+
+
+def test_channels_last_vmap_of_one_example_and_statistics():
+    """`vmap` over examples of a channels-last call; BatchNorm's statistics are per column of
+    the `(batch·spatial, channels)` matrix."""
+    x = jax.random.normal(jax.random.key(2), (4, 7, 6)) + 2
+    y = jax.vmap(lambda e: F.group_norm(e[None], 2, channel_axis=-1)[0])(x)
+    np.testing.assert_allclose(y, F.group_norm(x, 2, channel_axis=-1), rtol=1e-6, atol=1e-6)
+    _, mean, var = F.batch_norm(x, channel_axis=-1)
+    rows = np.asarray(x, np.float64).reshape(-1, 6)
+    np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(var, rows.var(0), rtol=1e-5)
+
+
+def test_channel_axis_errors():
+    x = jnp.ones((2, 5, 4, 6))
+    with pytest.raises(ValueError, match=r"channel_axis=2 must name.*jnp.moveaxis\(x, 2, -1\)"):
+        F.group_norm(x, 3, channel_axis=2)
+    with pytest.raises(TypeError, match="channel_axis must be an int"):
+        F.batch_norm(x, channel_axis=None)
+    with pytest.raises(ValueError, match=r"`weight` must have shape \(6,\)"):
+        F.instance_norm(x, jnp.ones(5), channel_axis=-1)
+    with pytest.raises(ValueError, match=r"scale must be \(batch, channels\) = \(2, 6\)"):
+        F.adaptive_group_norm(x, 3, jnp.ones((2, 5)), jnp.ones((2, 5)), channel_axis=-1)

@@ -255,8 +255,10 @@ def test_signature():
         ("channelwise_affine", False),
         ("dtype", None),
         ("impl", "auto"),
+        ("channel_axis", 0),
     ]
     assert params["impl"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert params["channel_axis"].kind is inspect.Parameter.KEYWORD_ONLY
     call = inspect.signature(InstanceNorm.__call__).parameters
     assert list(call) == ["self", "x", "state", "key"]
     assert call["key"].kind is inspect.Parameter.KEYWORD_ONLY
@@ -390,6 +392,17 @@ def test_bad_call(x, error, match):
 def test_bad_functional_call(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         functional.instance_norm(*args, **kwargs)
+
+
+def test_channels_last_kernel_equals_channels_first_reference():
+    x = jax.random.normal(jax.random.key(1), (3, 4, 5, 6)) + 2
+
+    def build(**kwargs):
+        return InstanceNorm(4, channelwise_affine=True, **kwargs)
+
+    ks.assert_layouts_agree(build, lambda layer, x: jax.vmap(layer)(x), x)
+    with pytest.raises(ValueError, match=r"channels-first.*`channel_axis=0`"):
+        InstanceNorm(4, channel_axis=-1)(jnp.ones((4, 5, 6)))
 
 
 def test_pallas_matches_reference():
