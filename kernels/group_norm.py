@@ -15,6 +15,16 @@ s) + t$ (`eqxnorm.kernels.reference.modulation`, float32 in XLA; `batch × chann
 The kernels take $W, B$; autodiff through `modulation` turns their per-example gradients
 (below, without the sum over examples) into those of `scale`, `shift`, $\gamma$ and $\beta$.
 
+**Channels-last input** `(batch, spatial, channels)` is read in place, never transposed: the
+launch blocks the `(batch, spatial, groups, channels/groups)` view of `x` (a reshape) with
+the group axis squeezed out, on a grid over (groups, example blocks), so a program holds
+`(block_rows, spatial, channels/groups)`: the same slices with their two axes swapped (the
+layout's `channels_last`; masks, pieces and the parameter gradients' spatial sums follow
+it), the same kernel bodies. A group is then a strided set of `channels/groups`-element runs,
+which Triton loads with masks; Mosaic GPU's TMA row staging and Mosaic TPU's (8, 128) tiling
+cannot block it, so on cuda the channels-last kernels are Triton's, and on TPU the entry
+points run the reference (which XLA reduces where it lies).
+
 Layers, from the bottom up:
 
 1. `_group_norm_fwd_kernel`, `_group_norm_bwd_kernel`: kernel bodies on refs.
@@ -24,7 +34,8 @@ Layers, from the bottom up:
    program per example.
 4. `_group_norm`: the differentiable function (`eqxnorm.kernels._autodiff.norm_with_jvp`):
    the forward kernel with a JVP rule whose tangent is transposed by the backward kernel.
-5. `group_norm`, `adaptive_group_norm`: the entry points, with the reference's signatures.
+5. `group_norm`, `adaptive_group_norm` and their `_channels_last` twins: the entry points,
+   with the reference's signatures.
 
 **Forward.** One pass over HBM when the padded slice fits a block (see
 `eqxnorm.kernels._common.block_config`): read `x` once, write `y` once, and save the mean (as
@@ -97,6 +108,12 @@ class _Layout(NamedTuple):
         """The slice's extents along the block's axes 1 and 2."""
         dims = (self.channels, self.spatial)
         return dims[::-1] if self.channels_last else dims
+
+    @property
+    def row_axis(self) -> int:
+        """The grid axis over row blocks: 0, or 1 channels-last, whose grid is (groups,
+        example blocks) so that consecutive programs read neighbouring column runs."""
+        return int(self.channels_last)
 
     @property
     def channel_index(self) -> int:
@@ -221,7 +238,7 @@ def _group_norm_fwd_kernel(x_ref, *refs, target, layout, eps, has_weight, has_bi
     rows, saving shift, offset and $r = (\sigma^2 + \varepsilon)^{-1/2}$ per row."""
     w_ref, b_ref, y_ref, shift_ref, offset_ref, rstd_ref = c.split_refs(refs, has_weight, has_bias)
     # The program id is read here, outside the loops, where every target supports it.
-    first_row = pl.program_id(0) * layout.config.block_rows
+    first_row = pl.program_id(layout.row_axis) * layout.config.block_rows
 
     def write(start, stats, rstd, x=None):
         masks = _masks(layout, first_row, start)
@@ -271,12 +288,14 @@ def _specs(layout: _Layout):
 
 
 def _specs_channels_last(layout: _Layout):
-    """`_specs` of the channels-last launch: on a grid over (example blocks, groups), blocks
+    """`_specs` of the channels-last launch: on a grid over (groups, example blocks), blocks
     of the `(batch, spatial, groups, channels/groups)` view of `x` with the group squeezed
     out, so a program reads its groups' `(spatial, channels/groups)` slices in place (strided
-    rows of `channels/groups` elements), never a transposed copy."""
+    runs of `channels/groups` elements), never a transposed copy. The groups vary fastest:
+    programs launched together read neighbouring runs of the same rows, which share memory
+    sectors."""
     br, (ps, pc) = layout.config.block_rows, layout.block
-    index = lambda i, g: (i, 0, g, 0)  # noqa: E731
+    index = lambda g, i: (i, 0, g, 0)  # noqa: E731
     return (
         pl.BlockSpec((br, ps, None, pc), index),
         pl.BlockSpec((br, 1, None, pc), index),
@@ -312,11 +331,11 @@ class _Launch(NamedTuple):
 def _launch(target: Target, shape: tuple[int, int, int], groups: int, channels_last: bool):
     """The [`_Launch`][] over `x` of `shape`, `(batch, channels, spatial)` or channels-last
     `(batch, spatial, channels)`: one row per `(example, group)` and a 1-D grid over row
-    blocks; channels-last, blocks of examples on a grid over (example blocks, groups)."""
+    blocks; channels-last, blocks of examples on a grid over (groups, example blocks)."""
     if channels_last:
         batch, spatial, channels = shape
         layout = _layout(target, batch, channels // groups, spatial, channels_last=True)
-        grid = (c.ceil_div(batch, layout.config.block_rows), groups)
+        grid = (groups, c.ceil_div(batch, layout.config.block_rows))
         per_group = layout.channels
         shapes = (
             (batch, spatial, groups, per_group),
@@ -375,7 +394,7 @@ def _group_norm_bwd_kernel(x_ref, *refs, target, layout, has_weight, param_grads
     w_ref, dy_ref, shift_ref, offset_ref, rstd_ref, dx_ref, *partial_refs = c.split_refs(
         refs, has_weight
     )
-    first_row = pl.program_id(0) * layout.config.block_rows
+    first_row = pl.program_id(layout.row_axis) * layout.config.block_rows
     row_mask = _masks(layout, first_row).rows
     stats = c.Stats(*(c.load(r, row_mask, target) for r in (shift_ref, offset_ref)), None)
     rstd = c.load(rstd_ref, row_mask, target)
@@ -775,7 +794,7 @@ def group_norm_channels_last(
     as `eqxnorm.kernels.reference.group_norm_channels_last`.
 
     The kernels block the `(batch, spatial, groups, channels/groups)` view of `x` (a reshape)
-    on a grid over (example blocks, groups): each program reads its `(spatial,
+    on a grid over (groups, example blocks): each program reads its `(spatial,
     channels/groups)` slices as strided runs of `channels/groups` elements, and writes `y`
     and `dx` the same way, so no transposed copy of `x` or `dy` is made. On cuda this is the
     Triton kernel (Mosaic GPU has none: `backend="mosaic_gpu"` raises), on TPU Mosaic's.
