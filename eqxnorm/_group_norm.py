@@ -71,8 +71,9 @@ def check_example_channels(x: Any, channels: int | None, where: str, channel_axi
             )
         raise ValueError(
             f"{where} expects x of shape {layout.replace('channels', f'channels={channels}')}, "
-            f"but got x.shape={x.shape}, whose channel axis has size {found}. Construct the "
-            f"layer with channels={found}, or pass an input with {channels} channels there."
+            f"but got x.shape={x.shape}, whose {'last axis' if last else 'axis 0'} has size "
+            f"{found}. Construct the layer with channels={found}, or pass an input with "
+            f"{channels} channels on {'the last axis' if last else 'axis 0'}."
         )
     if math.prod(x.shape) == 0:
         raise ValueError(
