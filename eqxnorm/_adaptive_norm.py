@@ -10,7 +10,14 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from . import _checking, functional
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
-from ._group_norm import _divisors, check_channel_axis, check_example_channels
+from ._group_norm import (
+    Example,
+    ExampleIn,
+    _divisors,
+    annotated_channels,
+    check_channel_axis,
+    check_example_channels,
+)
 from ._misc import sentinel
 
 
@@ -301,10 +308,10 @@ class AdaptiveGroupNorm(eqx.Module):
         self.modulation = _projection(cond_size, channels, zero_init, dtype, key)
         self.activation = activation
 
-    def _channels_in(self, channel_axis: int) -> int:
-        """`channels` in the layout of `channel_axis`, -1 (no axis's size) in the other: the
-        annotations' two layouts, of which exactly one can match."""
-        return self.channels if channel_axis == self.channel_axis else -1
+    def _channels_of(self, x: Array, axis: int) -> int:
+        """The channel count `eqxnorm._group_norm.ExampleIn` holds `x` to in the layout
+        of `axis`."""
+        return annotated_channels(self.channels, self.channel_axis, axis)
 
     def _precheck(self, x, cond, state=sentinel, *, key=None):
         where = f"{type(self).__name__}(groups={self.groups}, channels={self.channels})"
@@ -314,21 +321,12 @@ class AdaptiveGroupNorm(eqx.Module):
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[AnyArray, " {self._channels_in(0)} *spatial"]
-        | Float[AnyArray, "*spatial {self._channels_in(-1)}"],
+        x: ExampleIn,
         cond: Float[AnyArray, " {self.cond_size}"],
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> (
-        Float[Array, " {self._channels_in(0)} *spatial"]
-        | Float[Array, "*spatial {self._channels_in(-1)}"]
-        | tuple[
-            Float[Array, " {self._channels_in(0)} *spatial"]
-            | Float[Array, "*spatial {self._channels_in(-1)}"],
-            State,
-        ]
-    ):
+    ) -> Example | tuple[Example, State]:
         """**Arguments:**
 
         - `x`: one example, `(channels, *spatial)`, or `(*spatial, channels)` with

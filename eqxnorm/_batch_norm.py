@@ -10,9 +10,14 @@ from equinox.nn import State, StatefulLayer, StateIndex
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from . import _checking, functional
-from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
-from ._group_norm import check_channel_axis, check_example_channels
+from ._group_norm import (
+    Example,
+    ExampleIn,
+    annotated_channels,
+    check_channel_axis,
+    check_example_channels,
+)
 from ._misc import default_floating_dtype
 from .kernels.reference import compute_dtype
 
@@ -200,10 +205,10 @@ class BatchNorm(StatefulLayer):
     def _where(self) -> str:
         return f"BatchNorm(input_size={self.input_size}, axis_name={self.axis_name!r})"
 
-    def _channels_in(self, channel_axis: int) -> int:
-        """`input_size` in the layout of `channel_axis`, -1 (no axis's size) in the other: the
-        annotations' two layouts, of which exactly one can match."""
-        return self.input_size if channel_axis == self.channel_axis else -1
+    def _channels_of(self, x: Array, axis: int) -> int:
+        """The channel count `eqxnorm._group_norm.ExampleIn` holds `x` to in the layout
+        of `axis`."""
+        return annotated_channels(self.input_size, self.channel_axis, axis)
 
     def _precheck(self, x, state, *, key=None, inference=None):
         where = self._where()
@@ -302,17 +307,12 @@ class BatchNorm(StatefulLayer):
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[AnyArray, " {self._channels_in(0)} *spatial"]
-        | Float[AnyArray, "*spatial {self._channels_in(-1)}"],
+        x: ExampleIn,
         state: State,
         *,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
-    ) -> tuple[
-        Float[Array, " {self._channels_in(0)} *spatial"]
-        | Float[Array, "*spatial {self._channels_in(-1)}"],
-        State,
-    ]:
+    ) -> tuple[Example, State]:
         """**Arguments:**
 
         - `x`: one example, `(input_size, *spatial)` with any number of spatial axes

@@ -16,6 +16,26 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
+# One example in either layout, tied to the layer's channels: `self._channels_of(x,axis)` is
+# the channel count in the layout of `axis` (0 or -1) and -1, no axis's size, in the other
+# (see `annotated_channels`), so exactly one of the two can match. (No spaces inside the
+# braces: jaxtyping splits the dimensions at spaces.)
+ExampleIn = (
+    Float[AnyArray, " {self._channels_of(x,0)} *spatial"]
+    | Float[AnyArray, "*spatial {self._channels_of(x,-1)}"]
+)
+Example = (
+    Float[Array, " {self._channels_of(x,0)} *spatial"]
+    | Float[Array, "*spatial {self._channels_of(x,-1)}"]
+)
+
+
+def annotated_channels(channels: int, channel_axis: int, axis: int) -> int:
+    """What a layer of `channels` on `channel_axis` gives `ExampleIn`'s layout of
+    `axis`: `channels` when the layouts agree, -1 (no axis's size) when they do not."""
+    return channels if axis == channel_axis else -1
+
+
 def check_channel_axis(channel_axis: Any, where: str) -> int:
     """`channel_axis` of a layer, checked: `0` (channels first, `(channels, *spatial)`) or
     `-1` (channels last, `(*spatial, channels)`)."""
@@ -185,13 +205,12 @@ class GroupNorm(eqx.Module):
         self.weight = jnp.ones(channels, dtype=dtype) if channelwise_affine else None
         self.bias = jnp.zeros(channels, dtype=dtype) if channelwise_affine else None
 
-    def _channels_of(self, x: Array, channel_axis: int) -> int:
-        """The channel count the annotations hold `x` to in the layout of `channel_axis`:
-        `channels` (when left `None`, `x`'s own), or -1, which no axis has, in the other
-        layout, so exactly one of the annotation's two layouts can match."""
-        if channel_axis != self.channel_axis:
-            return -1
-        return x.shape[channel_axis] if self.channels is None else self.channels
+    def _channels_of(self, x: Array, axis: int) -> int:
+        """The channel count `ExampleIn` holds `x` to in the layout of `axis`:
+        `channels`, or when that was left `None`, `x`'s own (so the check reduces to the
+        layout)."""
+        channels = x.shape[self.channel_axis] if self.channels is None else self.channels
+        return annotated_channels(channels, self.channel_axis, axis)
 
     def _precheck(self, x, state=sentinel, *, key=None):
         where = f"GroupNorm(groups={self.groups}, channels={self.channels})"
@@ -214,20 +233,11 @@ class GroupNorm(eqx.Module):
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[AnyArray, " {self._channels_of(x,0)} *spatial"]
-        | Float[AnyArray, "*spatial {self._channels_of(x,-1)}"],
+        x: ExampleIn,
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> (
-        Float[Array, " {self._channels_of(x,0)} *spatial"]
-        | Float[Array, "*spatial {self._channels_of(x,-1)}"]
-        | tuple[
-            Float[Array, " {self._channels_of(x,0)} *spatial"]
-            | Float[Array, "*spatial {self._channels_of(x,-1)}"],
-            State,
-        ]
-    ):
+    ) -> Example | tuple[Example, State]:
         """**Arguments:**
 
         - `x`: one example, `(channels, *spatial)` with any number of spatial axes

@@ -4,9 +4,14 @@ from equinox.nn import State
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from . import _checking, functional
-from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
-from ._group_norm import check_channel_axis, check_example_channels
+from ._group_norm import (
+    Example,
+    ExampleIn,
+    annotated_channels,
+    check_channel_axis,
+    check_example_channels,
+)
 from ._misc import sentinel
 
 
@@ -105,10 +110,10 @@ class InstanceNorm(eqx.Module):
         self.weight = jnp.ones(channels, dtype=dtype) if channelwise_affine else None
         self.bias = jnp.zeros(channels, dtype=dtype) if channelwise_affine else None
 
-    def _channels_in(self, channel_axis: int) -> int:
-        """`channels` in the layout of `channel_axis`, -1 (no axis's size) in the other: the
-        annotations' two layouts, of which exactly one can match."""
-        return self.channels if channel_axis == self.channel_axis else -1
+    def _channels_of(self, x: Array, axis: int) -> int:
+        """The channel count `eqxnorm._group_norm.ExampleIn` holds `x` to in the layout
+        of `axis`."""
+        return annotated_channels(self.channels, self.channel_axis, axis)
 
     def _precheck(self, x, state=sentinel, *, key=None):
         where = f"InstanceNorm(channels={self.channels})"
@@ -133,20 +138,11 @@ class InstanceNorm(eqx.Module):
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[AnyArray, " {self._channels_in(0)} *spatial"]
-        | Float[AnyArray, "*spatial {self._channels_in(-1)}"],
+        x: ExampleIn,
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> (
-        Float[Array, " {self._channels_in(0)} *spatial"]
-        | Float[Array, "*spatial {self._channels_in(-1)}"]
-        | tuple[
-            Float[Array, " {self._channels_in(0)} *spatial"]
-            | Float[Array, "*spatial {self._channels_in(-1)}"],
-            State,
-        ]
-    ):
+    ) -> Example | tuple[Example, State]:
         """**Arguments:**
 
         - `x`: one example, `(channels, *spatial)` (`(*spatial, channels)` with
