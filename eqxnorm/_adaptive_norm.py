@@ -232,7 +232,8 @@ class AdaptiveGroupNorm(eqx.Module):
     y_c = \left(\frac{x_c - \mathbb{E}[x_{g(c)}]}{\sqrt{\mathrm{Var}[x_{g(c)}] +
     \varepsilon}}\gamma_c + \beta_c\right)(1 + s_c) + t_c$$
 
-    for one example `x` of shape `(channels, *spatial)` and its conditioning vector $c$ of
+    for one example `x` of shape `(channels, *spatial)` (`(*spatial, channels)` with
+    `channel_axis=-1`) and its conditioning vector $c$ of
     shape `(cond_size,)`. The `modulation` `Linear` has `2 × channels` outputs ($s$ first),
     zero-initialised by default. $\gamma$, $\beta$ (`channelwise_affine`) are off by default.
     Batch with `jax.vmap(norm)(x, cond)`. Calls

@@ -41,7 +41,8 @@ def _check_momentum(momentum: object, where: str) -> None:
 class BatchNorm(StatefulLayer):
     r"""Batch normalization: each channel normalized with statistics over the batch (pooled
     across every member of `axis_name`) and the spatial axes, with running statistics kept
-    in an [`equinox.nn.State`][] for inference.
+    in an [`equinox.nn.State`][] for inference. Each example is `(input_size, *spatial)`, or
+    channels-last `(*spatial, input_size)` with `channel_axis=-1`, read in place.
 
     $$y_c = \frac{x_c - \mu_c}{\sqrt{\sigma^2_c + \varepsilon}} \gamma_c + \beta_c$$
 

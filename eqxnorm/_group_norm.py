@@ -119,7 +119,8 @@ class GroupNorm(eqx.Module):
 
     A drop-in replacement for `equinox.nn.GroupNorm`: same arguments, defaults, field names
     (`groups`, `channels`, `eps`, `channelwise_affine`, `weight`, `bias`) and call (optional
-    `state` passed through, `key` ignored); plus a static `impl`. Any number of spatial
+    `state` passed through, `key` ignored); plus static `impl` and `channel_axis` (`-1`:
+    channels-last examples `(*spatial, channels)`, read in place). Any number of spatial
     axes is accepted, including none. Statistics are computed in float32 (float64 for float64
     input) and the output keeps `x`'s dtype. Calls [`eqxnorm.functional.group_norm`][].
 

@@ -26,7 +26,8 @@ class InstanceNorm(eqx.Module):
 
     with the mean and biased variance over the spatial elements of channel $c$, and
     $\gamma$, $\beta$ of shape `(channels,)` (or $1$, $0$ when `channelwise_affine=False`).
-    This is [`eqxnorm.GroupNorm`][] with `groups=channels`. Statistics are computed in
+    This is [`eqxnorm.GroupNorm`][] with `groups=channels`; `channel_axis=-1` takes
+    channels-last examples `(*spatial, channels)`, read in place. Statistics are computed in
     float32 (float64 for float64 input) and the output keeps `x`'s dtype. Calls
     [`eqxnorm.functional.instance_norm`][].
 

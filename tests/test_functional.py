@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import eqxnorm
+import kernel_support as ks
 import oracle
 from eqxnorm import functional as F
 
@@ -303,3 +304,19 @@ def test_channel_axis_errors():
         F.instance_norm(x, jnp.ones(5), channel_axis=-1)
     with pytest.raises(ValueError, match=r"scale must be \(batch, channels\) = \(2, 6\)"):
         F.adaptive_group_norm(x, 3, jnp.ones((2, 5)), jnp.ones((2, 5)), channel_axis=-1)
+
+
+def test_channels_last_training_steps_lower_for_cuda_without_a_transpose():
+    """The functional ops' channels-last path is reshapes around the kernels: a training step
+    on `(batch, h, w, channels)` lowered for cuda launches the kernels and no transpose."""
+    x = jnp.ones((4, 6, 5, 16), jnp.bfloat16)
+    weight, bias = jnp.ones(16, jnp.bfloat16), jnp.zeros(16, jnp.bfloat16)
+    norms = {
+        "group_norm": lambda x, w, b: F.group_norm(x, 4, w, b, channel_axis=-1, impl="pallas"),
+        "batch_norm": lambda x, w, b: F.batch_norm(x, w, b, channel_axis=-1, impl="pallas")[0],
+    }
+    for name, norm in norms.items():
+        loss = lambda *a, norm=norm: jnp.sum(norm(*a).astype(jnp.float32) ** 2)  # noqa: E731
+        text = ks.lowered(jax.value_and_grad(loss, argnums=(0, 1, 2)), (x, weight, bias), "cuda")
+        assert ks.kernel_count(text, "cuda") >= 2, name
+        assert "stablehlo.transpose" not in text, name
