@@ -2,8 +2,6 @@
 the errors shared by every function; and empty batches through every layer, which reach the
 same functions. (Each family's maths is tested in its module's file.)"""
 
-import functools
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -216,48 +214,6 @@ def test_constant_slices_normalize_to_exactly_their_bias(value, dtype, impl):
 
 
 # --- channels-last layouts (`channel_axis=-1`) -----------------------------------------------
-
-
-def _channels_last_ops():
-    """`name -> fn(x, channel_axis, impl)` for the ops with a channel axis, on `(batch, 6,
-    *spatial)` or `(batch, *spatial, 6)` input, each with its affine parameters."""
-    weight, bias = jnp.linspace(0.5, 1.5, 6), jnp.linspace(-1.0, 1.0, 6)
-    scale = jnp.linspace(-0.3, 0.3, 12).reshape(2, 6)
-    return {
-        "group_norm": lambda x, a, impl: F.group_norm(
-            x, 3, weight, bias, channel_axis=a, impl=impl
-        ),
-        "instance_norm": lambda x, a, impl: F.instance_norm(
-            x, weight, bias, channel_axis=a, impl=impl
-        ),
-        "batch_norm": lambda x, a, impl: F.batch_norm(x, weight, bias, channel_axis=a, impl=impl)[
-            0
-        ],
-        "adaptive_group_norm": lambda x, a, impl: F.adaptive_group_norm(
-            x, 2, scale, scale[::-1], weight, bias, channel_axis=a, impl=impl
-        ),
-    }
-
-
-@pytest.mark.parametrize("op", list(_channels_last_ops()))
-def test_channels_last_equals_channels_first_on_moved_input(op):
-    """Output and input gradient of `channel_axis=-1` are those of the channels-first call on
-    the moved input, moved back, under `jit`, with the kernels (which read the layout in
-    place; in Pallas' interpreter here). The reference's channels-last path is checked
-    against the float64 oracle below and against the kernels in `tests/kernels`."""
-    fn = _channels_last_ops()[op]
-    x = jax.random.normal(jax.random.key(0), (2, 6, 5, 3)) * 2 + 3
-
-    @functools.partial(jax.jit, static_argnums=1)
-    def run(x, axis):
-        loss = lambda x: (jnp.sum(jnp.sin(fn(x, axis, "pallas"))), fn(x, axis, "pallas"))  # noqa: E731
-        return jax.value_and_grad(loss, has_aux=True)(x)
-
-    (value, y), grad = run(jnp.moveaxis(x, 1, -1), -1)
-    (value_first, y_first), grad_first = run(x, 1)
-    np.testing.assert_allclose(y, jnp.moveaxis(y_first, 1, -1), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(value, value_first, rtol=1e-5)
-    np.testing.assert_allclose(grad, jnp.moveaxis(grad_first, 1, -1), rtol=1e-4, atol=1e-4)
 
 
 def test_channels_last_against_the_float64_oracle():

@@ -394,15 +394,17 @@ def test_bad_functional_call(args, kwargs, error, match):
         functional.instance_norm(*args, **kwargs)
 
 
-def test_channels_last_kernel_equals_channels_first_reference():
-    x = jax.random.normal(jax.random.key(1), (3, 4, 5, 6)) + 2
-
-    def build(**kwargs):
-        return InstanceNorm(4, channelwise_affine=True, **kwargs)
-
-    ks.assert_layouts_agree(build, lambda layer, x: jax.vmap(layer)(x), x)
+def test_channels_last_layout_and_its_errors():
+    """(The channels-last kernel is GroupNorm's, tested with one channel per group in
+    tests/kernels/test_group_norm.py and through `GroupNorm(channel_axis=-1)`.)"""
+    x = jax.random.normal(jax.random.key(1), (2, 5, 6, 4)) + 2
+    y = jax.vmap(InstanceNorm(4, channel_axis=-1))(x)
+    expected = jax.vmap(InstanceNorm(4))(jnp.moveaxis(x, -1, 1))
+    np.testing.assert_allclose(y, jnp.moveaxis(expected, 1, -1), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"channels-first.*`channel_axis=0`"):
         InstanceNorm(4, channel_axis=-1)(jnp.ones((4, 5, 6)))
+    with pytest.raises(ValueError, match=r"channels-last.*`channel_axis=-1`"):
+        InstanceNorm(4)(jnp.ones((5, 6, 4)))
 
 
 def test_pallas_matches_reference():
