@@ -27,6 +27,7 @@ LLVM can abort the process on a bad kernel: run each case in a subprocess
 (`benchmarks.deviceless` does).
 """
 
+import contextlib
 import dataclasses
 import glob
 import math
@@ -981,12 +982,35 @@ def _ptxas_info(text: str) -> list[dict[str, Any]]:
     return out
 
 
+@contextlib.contextmanager
+def _mosaic_gpu_launches(record: dict[str, dict]):
+    """Record, for each Mosaic GPU kernel lowered meanwhile, its launch by kernel name: `grid`
+    and `smem_bytes`, the dynamic shared memory of a block (its scratch buffers and barriers,
+    which ptxas does not see), from Mosaic GPU's own lowering (`_lower_as_gpu_kernel`, the
+    function that builds the launch, whose arguments are as of jax 0.12)."""
+    from jax.experimental.mosaic.gpu import core
+
+    original = core._lower_as_gpu_kernel
+
+    def lower(*args, **kwargs):
+        smem = core._smem_tree_size(kwargs["smem_scratch_shape"])
+        grid = [int(g) for g in kwargs["grid"]]
+        record[kwargs["kernel_name"]] = {"grid": grid, "smem_bytes": int(smem)}
+        return original(*args, **kwargs)
+
+    core._lower_as_gpu_kernel = lower
+    try:
+        yield
+    finally:
+        core._lower_as_gpu_kernel = original
+
+
 def mosaic_gpu_compile(fn, *args, workdir: str | None = None):
     """`(xla_compile(fn, *args), kernels)`: the whole program compiled deviceless for an H200,
     and ptxas's statistics of each Mosaic GPU kernel in it (name, registers, spill and stack
-    bytes, and `register_occupancy`: the share of an SM's warps its one-warpgroup blocks may
-    hold as far as registers allow; shared memory, which ptxas does not see, may allow
-    fewer). Mosaic GPU
+    bytes, `register_occupancy`: the share of an SM's warps its one-warpgroup blocks may
+    hold as far as registers allow, and from the kernel's launch, [`_mosaic_gpu_launches`][],
+    `grid`, `smem_bytes` and `occupancy` as registers and shared memory allow). Mosaic GPU
     compiles its kernels inside XLA's compile and prints ptxas's report when
     `MOSAIC_GPU_DUMP_PTXAS` is set: it is captured from file descriptors 1 and 2."""
     import sys
@@ -998,8 +1022,9 @@ def mosaic_gpu_compile(fn, *args, workdir: str | None = None):
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
+    launches: dict[str, dict] = {}
     try:
-        with open(log, "w") as f:
+        with open(log, "w") as f, _mosaic_gpu_launches(launches):
             os.dup2(f.fileno(), 1)
             os.dup2(f.fileno(), 2)
             try:
@@ -1017,6 +1042,10 @@ def mosaic_gpu_compile(fn, *args, workdir: str | None = None):
     kernels = _ptxas_info(open(log).read())
     for k in kernels:
         k["register_occupancy"] = occupancy(k["registers"], 4, 0)["occupancy"]
+        launch = next((v for name, v in launches.items() if k["name"].startswith(name)), None)
+        if launch is not None:
+            k.update(launch)
+            k["occupancy"] = occupancy(k["registers"], 4, launch["smem_bytes"])["occupancy"]
         if k["spill_bytes"] or k["stack_bytes"]:
             program.problems.append(
                 f"{k['name']}: spills {k['spill_bytes']} B, stack {k['stack_bytes']} B"

@@ -148,6 +148,40 @@ def boxes(
     return Boxes(min(fit, want) if in_segments else 0, cols, n_chunks, tile_rows, layout)
 
 
+# What one SM offers the programs resident on it: shared memory (228 KiB on sm_90 and sm_100),
+# and the SMs of the GPU assumed when none is attached (an H100/H200 has 132).
+SMEM_PER_SM = 228 * 1024
+DEFAULT_SM_COUNT = 132
+# At most this many programs of one kernel resident per SM (one warpgroup each): the registers
+# of the heaviest kernel (the backward, about 96 per thread) allow 5.
+MAX_RESIDENT = 4
+
+
+@functools.cache
+def _sm_count() -> int:
+    try:
+        gpus = jax.devices("cuda")
+    except RuntimeError:
+        return DEFAULT_SM_COUNT
+    return getattr(gpus[0], "core_count", None) or DEFAULT_SM_COUNT
+
+
+def persistent_programs(blocks: int, program_smem_bytes: int, groups: int = 1) -> tuple[int, int]:
+    r"""`(programs, iterations)` per group of a persistent grid over `groups × blocks` row
+    blocks: as many programs as the GPU keeps resident at once, `SMs × resident / groups`
+    (at least 1) with `resident = min(MAX_RESIDENT, SMEM_PER_SM // program_smem_bytes)` (at
+    least 1), each looping over `iterations = ceil(blocks / that)` blocks, and then as few
+    programs as give every one `iterations` blocks (`programs × iterations - blocks <
+    programs` blocks past the end, which read TMA's zeros and store nothing). A larger grid
+    would not run more programs at once: it would only write more per-program partial sums
+    (the row norms' backward, whose parameter-gradient partials are `programs × width`
+    float32 instead of `blocks × width`)."""
+    resident = max(1, min(MAX_RESIDENT, SMEM_PER_SM // max(program_smem_bytes, 1)))
+    most = max(1, _sm_count() * resident // groups)
+    iterations = -(-blocks // most)
+    return -(-blocks // iterations), iterations
+
+
 # Shared memory for reductions across the warps (a box's column sums: 4 warps × 256 float32).
 REDUCTION_SCRATCH_BYTES = 8 * 1024
 
