@@ -106,12 +106,14 @@ def test_fused_add_with_a_float32_residual(op):
 
 @pytest.mark.parametrize("op", ["layer_norm", "add_rms_norm"])
 def test_persistent_backward_loops_over_blocks(op, monkeypatch):
-    # One SM: 4 programs (MAX_RESIDENT) over 199 rows' 13 blocks of 16, 4 blocks each (3 past
-    # the end): the parameter gradients accumulate over a program's blocks.
+    # One SM: programs enough to stage 72 KiB at once, within MAX_RESIDENT: 4 of 8 KiB over 13
+    # blocks, 4 each (3 past the end), 3 of 32 KiB, 1 of 100 KiB.
     monkeypatch.setattr(_mosaic_gpu, "_sm_count", lambda: 1)
-    assert _mosaic_gpu.persistent_programs(13, 32 * 1024) == (4, 4)
-    # Fewer resident where a program stages more: 2 of 100 KiB in 228 KiB.
-    assert _mosaic_gpu.persistent_programs(13, 100 * 1024) == (2, 7)
+    assert _mosaic_gpu.persistent_programs(13, 8 * 1024) == (4, 4)
+    assert _mosaic_gpu.persistent_programs(13, 32 * 1024) == (3, 5)
+    assert _mosaic_gpu.persistent_programs(13, 100 * 1024) == (1, 13)
+    # 199 rows of 160 are 13 blocks of 16 staged in two slots (a program computes a block while
+    # the next is staged), the parameter gradients accumulated over a program's blocks.
     x = ks.data((199, 160), jnp.bfloat16)
     residual = ks.data((199, 160), jnp.float32, seed=4)
     weight, bias = ks.params(160)
