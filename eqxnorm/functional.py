@@ -670,6 +670,106 @@ def spectral_norm(weight: Float[AnyArray, " out *rest"]) -> Scalar:
     return jnp.linalg.svd(matrix, compute_uv=False)[0]
 
 
+# --- Weight normalization --------------------------------------------------------------------
+
+
+def _weight_norm_axes(ndim: int, axis: Any, where: str) -> tuple[int, ...]:
+    """The axes a weight of rank `ndim` is reduced over for the norm kept per index of `axis`
+    (all of them for `axis=None`)."""
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(
+            f"{where}: `axis` must be a Python int or None, but got {axis!r} of type "
+            f"{type(axis).__name__}. Pass e.g. `axis=0` (one norm per output unit)."
+        )
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{where}: axis={axis} is out of range for a weight of rank {ndim}. Pass an axis "
+            f"in [{-ndim}, {ndim}), e.g. `axis=0` (one norm per output unit), or `axis=None` "
+            f"(one norm for the whole weight)."
+        )
+    kept = axis % ndim
+    return tuple(a for a in range(ndim) if a != kept)
+
+
+def _weight_norm_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+    """The shape of the magnitude `g` of a weight of shape `shape`: `shape` with every axis
+    reduced over (all but `axis`) set to 1, as `eqx.nn.WeightNorm` keeps it."""
+    reduced = _weight_norm_axes(len(shape), axis, "eqxnorm.functional.weight_normalize")
+    return tuple(1 if a in reduced else s for a, s in enumerate(shape))
+
+
+def _check_weight_normalize(weight, g, *, axis=0, impl="auto"):
+    where = "eqxnorm.functional.weight_normalize"
+    _checking.check_floating(weight, "weight", where)
+    _checking.check_floating(g, "g", where)
+    if weight.ndim == 0:
+        raise ValueError(
+            f"{where} needs a weight with at least one axis, but got a scalar weight. Wrap "
+            f"only layers whose weight is an array (a matrix, a convolution kernel)."
+        )
+    expected = _weight_norm_shape(tuple(weight.shape), axis)
+    if tuple(g.shape) != expected:
+        raise ValueError(
+            f"{where}: `g` must have shape {expected} (weight.shape={tuple(weight.shape)} "
+            f"with the axes other than axis={axis} set to 1), but got g.shape="
+            f"{tuple(g.shape)}. Initialise it as `eqxnorm.WeightNorm` does: the norm of the "
+            f"weight over those axes, with `keepdims=True`."
+        )
+    check_impl(impl, where)
+
+
+@_checking.typechecked(_check_weight_normalize)
+def weight_normalize(
+    weight: Float[AnyArray, "*shape"],
+    g: Float[AnyArray, "*g_shape"],
+    *,
+    axis: int | None = 0,
+    impl: Impl = "auto",
+) -> Float[Array, "*shape"]:
+    r"""Weight normalization: the weight $v$ rescaled to the magnitude $g$,
+
+    $$W = g \, \frac{v}{\lVert v \rVert},$$
+
+    with one Euclidean norm $\lVert v \rVert$ per index of `axis`, over every other axis
+    (for `(out, in)` and `axis=0`: one per output unit, over its row; `axis=None`: one
+    for the whole weight). Gradients flow to both $v$ and $g$. Computed in float32 (float64
+    for float64), returned in the weight's dtype; an all-zero slice of $v$ gives NaN, as in
+    `eqx.nn.WeightNorm` and PyTorch.
+
+    ??? cite
+        [Weight Normalization: A Simple Reparameterization to Accelerate Training of Deep
+        Neural Networks](https://arxiv.org/abs/1602.07868)
+
+    **Arguments:**
+
+    - `weight`: $v$, any shape with at least one axis, e.g. `(out, in)` or
+        `(out, in, *kernel)`.
+    - `g`: the magnitude, of `weight`'s shape with every axis but `axis` set to 1 (the
+        `g` of [`eqxnorm.WeightNorm`][] and `eqx.nn.WeightNorm`).
+    - `axis`: the axis keeping one norm per index, or `None` for one norm in all.
+    - `impl`: `"auto"` or `"reference"` (a sum of squares and a scale, which XLA fuses;
+        there is no kernel).
+
+    **Returns:**
+
+    The weight $W$, of `weight`'s shape and dtype.
+
+    **Raises:**
+
+    `TypeError` for non-floating arrays or a non-int `axis`; `ValueError` for a scalar
+    weight, an `axis` out of range, a `g` of the wrong shape, or an unknown `impl`.
+    """
+    weight, g = _as_arrays(weight, g)
+    axes = _weight_norm_axes(weight.ndim, axis, "eqxnorm.functional.weight_normalize")
+    cdt = compute_dtype(weight.dtype)
+    v = weight.astype(cdt)
+    # The order of `eqx.nn.WeightNorm`, `v * g / norm`, so that the two agree.
+    norm = jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True))
+    return (v * g.astype(cdt) / norm).astype(weight.dtype)
+
+
 # --- Fused residual add + norm ---------------------------------------------------------------
 
 
@@ -1005,6 +1105,7 @@ __all__ = [
     "weight_standardize",
     "spectral_normalize",
     "spectral_norm",
+    "weight_normalize",
     "add_layer_norm",
     "add_rms_norm",
     "adaptive_layer_norm",
