@@ -1,12 +1,13 @@
 r"""Flax NNX twins of the norm layers: `eqxnorm.nnx.LayerNorm`, `RMSNorm`, `GroupNorm`,
-`InstanceNorm`, `BatchNorm` and `WeightNorm`, running on eqxnorm's functional API (and so on
-its kernels where the functional API has them).
+`InstanceNorm`, `BatchNorm`, `SpectralNorm` and `WeightNorm`, running on eqxnorm's
+functional API (and so on its kernels where the functional API has them).
 
 Each is a subclass of its `flax.nnx` namesake with the same constructor arguments and
 defaults (plus a keyword-only `impl`), the same attributes, parameter names (`scale`,
-`bias`) and collections (`nnx.Param`; `nnx.BatchStat` for BatchNorm's `mean` and `var`), so
-the state of a Flax model loads into the twin unchanged (`nnx.update(model, state)`) and
-back. Only `__call__` differs: the statistics and the normalization are eqxnorm's.
+`bias`) and collections (`nnx.Param`; `nnx.BatchStat` for BatchNorm's `mean` and `var`
+and SpectralNorm's `u` and `sigma`), so the state of a Flax model loads into the twin
+unchanged (`nnx.update(model, state)`) and back. Only the computation differs: the
+statistics and the normalization are eqxnorm's.
 
 ```python
 from flax import nnx
@@ -54,7 +55,15 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess wit
 from . import _checking, functional
 from ._dispatch import Impl, check_impl
 
-__all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "BatchNorm", "WeightNorm"]
+__all__ = [
+    "LayerNorm",
+    "RMSNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "BatchNorm",
+    "SpectralNorm",
+    "WeightNorm",
+]
 
 
 def _canonical(ndim: int, axes: Any) -> tuple[int, ...]:
@@ -433,3 +442,55 @@ class WeightNorm(_flax_nnx.WeightNorm):
             dtype = v.dtype if self.dtype is None else self.dtype
         w = functional.weight_normalize(v, g, axis=axis, impl=self.impl)
         param.set_value(w.astype(dtype))
+
+
+class SpectralNorm(_flax_nnx.SpectralNorm):
+    r"""`flax.nnx.SpectralNorm` on eqxnorm's functional API: before each call, every
+    parameter of the wrapped layer with at least two axes, reshaped to a matrix $M$ of
+    shape `(-1, last axis)` as Flax does, is divided by $\sigma \approx v^\top M u$, with
+    `n_steps` power iteration steps refining the stored `u` (`nnx.BatchStat`, `(1, last)`)
+    and `sigma` (stored when `update_stats`, i.e. in `model.train()` mode).
+
+    Flax's constructor (`layer_instance`, `n_steps=1`, `epsilon=1e-12`, `dtype`,
+    `param_dtype`, `error_on_non_matrix`, `update_stats=True`, `rngs`), plus a keyword-only
+    `impl`; the same `batch_stats` paths. Computed by
+    [`eqxnorm.functional.spectral_normalize`][] on $M$, whose power iteration starting from
+    Flax's `u` is Flax's (its `u`, `v` are Flax's `v`, `u`), in float32 whatever the
+    parameter dtype. It bounds the norms below by $\epsilon$ where Flax adds $\epsilon$ to
+    their squares, a relative difference of $\epsilon/2$ on unit vectors; and an all-zero
+    parameter gives NaN, where Flax leaves it unchanged.
+    """
+
+    def __init__(self, *args, impl: Impl = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        _setup(self, impl)
+
+    def _spectral_normalize_inplace(self, path, orig_param, update_stats):
+        param = orig_param[...]
+        if param.ndim <= 1 or self.n_steps < 1:
+            return
+        if param.ndim > 2 and self.error_on_non_matrix:
+            raise ValueError(
+                f"eqxnorm.nnx.SpectralNorm: the parameter {path} has {param.ndim} axes but "
+                f"error_on_non_matrix=True. Pass error_on_non_matrix=False to normalize it "
+                f"as a matrix of shape (-1, {param.shape[-1]})."
+            )
+        matrix = param.reshape(-1, param.shape[-1])
+        u_stat = self.batch_stats[path + ("u",)]
+        sigma_stat = self.batch_stats[path + ("sigma",)]
+        u = u_stat[...]
+        normalized, v, u_new, sigma = functional.spectral_normalize(
+            matrix,
+            jnp.zeros(matrix.shape[0], u.dtype),
+            u[0],
+            num_power_iterations=self.n_steps,
+            eps=self.epsilon,
+            impl=self.impl,
+        )
+        if update_stats:
+            u_stat[...] = u_new[None].astype(u.dtype)
+            sigma_stat[...] = sigma.astype(sigma_stat[...].dtype)
+        dtype = self.dtype
+        if dtype is None:
+            dtype = jnp.result_type(param, u)
+        orig_param[...] = normalized.reshape(param.shape).astype(dtype)

@@ -85,19 +85,39 @@ def test_matches_flax(case, impl):
         _close(s, e)
 
 
-def test_weight_norm_matches_flax():
-    ours = eqxnorm.nnx.WeightNorm(nnx.Linear(5, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
-    theirs = nnx.WeightNorm(nnx.Linear(5, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+@pytest.mark.parametrize(
+    "name, layer",
+    [
+        ("WeightNorm", lambda: nnx.Linear(5, 4, rngs=nnx.Rngs(0))),
+        ("SpectralNorm", lambda: nnx.Linear(5, 4, rngs=nnx.Rngs(0))),
+        ("SpectralNorm", lambda: nnx.Conv(5, 4, (3,), rngs=nnx.Rngs(0))),
+    ],
+)
+def test_wrappers_match_flax(name, layer):
+    # The twins override Flax's per-parameter hook, so it must still exist under that name.
+    hook = {"WeightNorm": "_weightnorm_inplace", "SpectralNorm": "_spectral_normalize_inplace"}
+    assert getattr(getattr(nnx, name), hook[name]) is not getattr(
+        getattr(eqxnorm.nnx, name), hook[name]
+    )
+    ours = getattr(eqxnorm.nnx, name)(layer(), rngs=nnx.Rngs(1))
+    theirs = getattr(nnx, name)(layer(), rngs=nnx.Rngs(1))
     state = _random_state(theirs, seed=3)
     nnx.update(theirs, state)
     nnx.update(ours, state)
-    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 5)), jnp.float32)
-    _close(ours(x), theirs(x), 1e-5)
-    _close(
-        nnx.state(ours)["layer_instance"]["kernel"][...],
-        nnx.state(theirs)["layer_instance"]["kernel"][...],
-        1e-6,
-    )
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 7, 5)), jnp.float32)
+
+    def loss(model, x):
+        return jnp.sum(jnp.sin(model(x)))
+
+    grad = nnx.jit(nnx.grad(loss))
+    grads, expected_grads = grad(ours, x), grad(theirs, x)
+    for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+        _close(g, e, 1e-4)
+    # The normalized weights (and SpectralNorm's `u` and `sigma`) the calls left behind.
+    for s, e in zip(
+        jax.tree.leaves(nnx.state(ours)), jax.tree.leaves(nnx.state(theirs)), strict=True
+    ):
+        _close(s, e, 1e-5)
 
 
 def test_vmap_and_scan_over_layers():
