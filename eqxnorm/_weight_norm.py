@@ -8,7 +8,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 from . import _checking, functional
 from ._dispatch import Impl, check_impl
 from ._misc import sentinel
-from ._weight_standardization import wrapped_weight
+from ._weight_standardization import call_with_weight, wrapped_weight
 from .kernels.reference import compute_dtype
 
 _Layer = TypeVar("_Layer")
@@ -125,8 +125,5 @@ class WeightNorm(eqx.Module, Generic[_Layer]):
         The wrapped layer's output with the normalized weight; or `(output, state)` when
         `state` is passed.
         """
-        layer = eqx.tree_at(
-            lambda m: getattr(m, self.weight_name), self.layer, self.normalized_weight()
-        )
-        out = layer(x, key=key)  # pyright: ignore
-        return out if state is sentinel else (out, state)
+        weight = self.normalized_weight()
+        return call_with_weight(self.layer, self.weight_name, weight, x, state, key)
