@@ -164,6 +164,20 @@ def test_batch_norm_axis_name_and_groups_under_vmap():
             _close(ours[np.array(group)], theirs)
 
 
+def test_layer_norm_features_split_over_members_in_groups():
+    # Tensor parallelism: each of 4 members holds 3 of a token's features; the groups
+    # {0, 1} and {2, 3} each normalize their 6 features together.
+    x = jnp.asarray(np.random.default_rng(8).normal(1.0, 2.0, (4, 5, 3)), jnp.float32)
+    norm = eqxnorm.nnx.LayerNorm(
+        3, axis_name="model", axis_index_groups=[[0, 1], [2, 3]], rngs=nnx.Rngs(0)
+    )
+    y = jax.vmap(norm, axis_name="model")(x)
+    for group in (slice(0, 2), slice(2, 4)):
+        tokens = jnp.moveaxis(x[group], 0, 1).reshape(5, 6)
+        expected = eqxnorm.functional.layer_norm(tokens, eps=norm.epsilon)
+        _close(jnp.moveaxis(y[group], 0, 1).reshape(5, 6), expected)
+
+
 def test_errors():
     with pytest.raises(ValueError, match=r"`impl` must be one of.*impl='cuda'"):
         eqxnorm.nnx.LayerNorm(4, rngs=nnx.Rngs(0), impl="cuda")

@@ -13,8 +13,7 @@ import eqxnorm
 # name: (layer factory, one example's shape)
 LAYERS = {
     "linear": (lambda key: eqx.nn.Linear(5, 4, key=key), (5,)),
-    "conv2d": (lambda key: eqx.nn.Conv2d(2, 3, (3, 2), key=key), (2, 5, 4)),
-    "conv1d_no_bias": (lambda key: eqx.nn.Conv1d(3, 4, 3, use_bias=False, key=key), (3, 7)),
+    "conv2d": (lambda key: eqx.nn.Conv2d(2, 3, (3, 2), use_bias=False, key=key), (2, 5, 4)),
 }
 
 
@@ -25,9 +24,7 @@ def _pair(name, axis):
     return eqxnorm.WeightNorm(layer, axis=axis), eqx.nn.WeightNorm(layer, axis=axis), x
 
 
-@pytest.mark.parametrize(
-    "name, axis", [("linear", 0), ("linear", None), ("conv2d", 0), ("conv1d_no_bias", 1)]
-)
+@pytest.mark.parametrize("name, axis", [("linear", 0), ("linear", None), ("conv2d", 1)])
 def test_matches_equinox(name, axis):
     ours, theirs, x = _pair(name, axis)
     np.testing.assert_allclose(ours.g, theirs.g, rtol=1e-6)
