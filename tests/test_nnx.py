@@ -154,7 +154,7 @@ def test_batch_norm_axis_name_and_groups_under_vmap():
             bn = nnx.merge(graphdef, state)
             return bn(x), nnx.state(bn, nnx.BatchStat)
 
-        return jax.vmap(member, in_axes=(None, 0), axis_name="batch")(state, x)
+        return jax.jit(jax.vmap(member, in_axes=(None, 0), axis_name="batch"))(state, x)
 
     grouped = run(eqxnorm.nnx.BatchNorm, x, axis_index_groups=[[0, 3], [1, 2]])
     for group in ([0, 3], [1, 2]):
@@ -171,7 +171,7 @@ def test_layer_norm_features_split_over_members_in_groups():
     norm = eqxnorm.nnx.LayerNorm(
         3, axis_name="model", axis_index_groups=[[0, 1], [2, 3]], rngs=nnx.Rngs(0)
     )
-    y = jax.vmap(norm, axis_name="model")(x)
+    y = nnx.jit(lambda norm, x: jax.vmap(norm, axis_name="model")(x))(norm, x)
     for group in (slice(0, 2), slice(2, 4)):
         tokens = jnp.moveaxis(x[group], 0, 1).reshape(5, 6)
         expected = eqxnorm.functional.layer_norm(tokens, eps=norm.epsilon)
