@@ -13,6 +13,7 @@ from . import _checking, functional
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
 from ._misc import default_floating_dtype
+from .kernels import reference
 from .kernels.reference import compute_dtype
 
 MODES: tuple[str, ...] = ("batch", "ema")
@@ -114,6 +115,7 @@ class BatchNorm(StatefulLayer):
     momentum: float = eqx.field(static=True)
     mode: Literal["batch", "ema"] = eqx.field(static=True)
     impl: Impl = eqx.field(static=True)
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -127,6 +129,7 @@ class BatchNorm(StatefulLayer):
         mode: Literal["batch", "ema"] = "batch",
         *,
         impl: Impl = "auto",
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
     ):
         """**Arguments:**
 
@@ -145,6 +148,9 @@ class BatchNorm(StatefulLayer):
             mode). The running statistics use it promoted to at least float32.
         - `mode`: `"batch"` or `"ema"`; see above.
         - `impl`: `"auto"`, `"pallas"` or `"reference"`; see `eqxnorm.functional`.
+        - `axis_index_groups`: pool the statistics only within groups of the members of
+            `axis_name` (Flax's and Haiku's argument), e.g. `[[0, 1], [2, 3]]`; see
+            [`eqxnorm.functional.batch_norm`][]. Checked against the axis size at the call.
 
         **Raises:**
 
@@ -188,6 +194,7 @@ class BatchNorm(StatefulLayer):
         self.momentum = momentum
         self.mode = mode
         self.impl = impl
+        self.axis_index_groups = functional._static_groups(axis_index_groups, where)
 
     def _where(self) -> str:
         return f"BatchNorm(input_size={self.input_size}, axis_name={self.axis_name!r})"
@@ -225,7 +232,7 @@ class BatchNorm(StatefulLayer):
                 f"whose axis 0 has size {x.shape[0]} instead of {self.input_size}. {fix}"
             )
         if not (self.inference if inference is None else inference):
-            members = _checking.axis_size(self.axis_name, where)
+            members = reference.axis_count(self._pooled_axis())
             values = math.prod(x.shape[1:]) * members
             if values < 2:
                 raise ValueError(
@@ -236,13 +243,20 @@ class BatchNorm(StatefulLayer):
                     f"`inference=True` to normalize with the running statistics."
                 )
 
+    def _pooled_axis(self):
+        """What the statistics are pooled over: `axis_name`, or its groups (validated against
+        its size, which `_checking.axis_size` checks is bound)."""
+        where = self._where()
+        _checking.axis_size(self.axis_name, where)
+        return functional._axis_groups(self.axis_name, self.axis_index_groups, where)
+
     def _update(self, state: State, x: Array, batch_mean: Array, batch_var: Array):
         """The new `(count, mean, var)`: the debiased EMA step, gradient flowing through the
         batch part (the caller stores them stop-gradient-ed)."""
         count = state.get(self.count_index)
         running_mean, running_var = state.get(self.running_index)
         dtype = running_mean.dtype
-        n = math.prod(x.shape[1:]) * _checking.axis_size(self.axis_name, self._where())
+        n = math.prod(x.shape[1:]) * reference.axis_count(self._pooled_axis())
         unbiased_var = batch_var.astype(dtype) * (n / (n - 1))
         if self.momentum == 0:
             a = jnp.ones((), dtype)
@@ -260,7 +274,7 @@ class BatchNorm(StatefulLayer):
     def _normalize(self, x: Array, mean: Array | None = None, var: Array | None = None):
         """`functional.batch_norm` on one example: `(y, mean, var)`, with the given
         statistics, or with the batch ones (pooled over `axis_name`) when they are `None`."""
-        axis_name = self.axis_name if mean is None else None
+        axis_name = self._pooled_axis() if mean is None else None
         return functional._batch_norm(
             x, self.weight, self.bias, mean, var, self.eps, axis_name, self.impl, example=True
         )

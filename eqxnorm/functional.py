@@ -9,6 +9,7 @@ input's dtype. NaN or Inf in the input propagate to the outputs that depend on i
 """
 
 import math
+import operator
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from jaxtyping import Array, Float, Scalar
 from . import _checking
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl, implementation, resolve_impl
-from .kernels.reference import compute_dtype
+from .kernels.reference import AxisGroups, compute_dtype
 
 AxisName = Hashable | Sequence[Hashable]
 
@@ -372,6 +373,46 @@ def instance_norm(
 # --- BatchNorm -------------------------------------------------------------------------------
 
 
+def _static_groups(axis_index_groups: Any, where: str) -> tuple[tuple[int, ...], ...] | None:
+    """`axis_index_groups` as a tuple of tuples of ints (hashable, for a static field), or
+    `None`."""
+    if axis_index_groups is None:
+        return None
+    try:
+        return tuple(tuple(operator.index(i) for i in group) for group in axis_index_groups)
+    except TypeError:
+        raise TypeError(
+            f"{where}: `axis_index_groups` must be a sequence of sequences of member "
+            f"indices (ints), e.g. [[0, 1], [2, 3]], but got {axis_index_groups!r}."
+        ) from None
+
+
+def _axis_groups(axis_name: Any, axis_index_groups: Any, where: str) -> Any:
+    """`axis_name`, or with `axis_index_groups` the `reference.AxisGroups` pooling within
+    them, validated: a partition of the members of `axis_name` into groups of one size (as
+    `lax.psum` requires). Call inside the transformation binding the name."""
+    if axis_index_groups is None:
+        return axis_name
+    if axis_name is None:
+        raise ValueError(
+            f"{where}: `axis_index_groups` groups the members of a named axis, but "
+            f"axis_name=None. Pass the `axis_name` the groups index, e.g. `axis_name='batch'`."
+        )
+    groups = _static_groups(axis_index_groups, where)
+    members = _checking.axis_size(axis_name, where)
+    flat = sorted(i for group in groups for i in group)
+    if flat != list(range(members)) or len({len(g) for g in groups}) != 1:
+        raise ValueError(
+            f"{where}: `axis_index_groups` must split the {members} members of "
+            f"axis_name={axis_name!r} (indices 0 to {members - 1}) into groups of one size, "
+            f"each index in exactly one group, but got {axis_index_groups!r}. For example "
+            f"[[0, 1], [2, 3]] pools members 0 and 1, and 2 and 3, of 4."
+        )
+    # Hashable, as static arguments must be.
+    axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
+    return AxisGroups(axis_name, groups)
+
+
 def _check_batch_norm(
     x,
     weight=None,
@@ -381,6 +422,7 @@ def _check_batch_norm(
     var=None,
     eps=1e-5,
     axis_name=None,
+    axis_index_groups=None,
     impl="auto",
 ):
     where = "eqxnorm.functional.batch_norm"
@@ -394,6 +436,9 @@ def _check_batch_norm(
         )
     if mean is None:
         members = 1 if axis_name is None else _checking.axis_size(axis_name, where)
+        grouped = _axis_groups(axis_name, axis_index_groups, where)
+        if isinstance(grouped, AxisGroups):
+            members = grouped.group_size
         if batch * spatial * members < 2:
             raise ValueError(
                 f"{where}: batch statistics need more than one value per channel, but "
@@ -415,6 +460,7 @@ def batch_norm(
     var: Float[AnyArray, " channels"] | None = None,
     eps: _checking.Number = 1e-5,
     axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
     impl: Impl = "auto",
 ) -> tuple[
     Float[Array, "batch channels *spatial"], Float[Array, " channels"], Float[Array, " channels"]
@@ -438,6 +484,11 @@ def batch_norm(
     - `mean`, `var`: `(channels,)` statistics to normalize with, or both `None`.
     - `eps`: added to the variance; must be positive.
     - `axis_name`: a named axis (or sequence of names) whose members' batches are pooled.
+    - `axis_index_groups`: pool only within groups of the members of `axis_name`, as in
+        Flax and Haiku: e.g. `[[0, 1], [2, 3]]` normalizes members 0 and 1 with their
+        pooled statistics, and 2 and 3 with theirs. The groups partition the member
+        indices (for a sequence of names, the linear index, the last name varying
+        fastest) into groups of one size. Under `vmap`, `pmap` and `shard_map` alike.
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
 
     **Returns:**
@@ -450,8 +501,11 @@ def batch_norm(
 
     `TypeError` for non-floating input; `ValueError` for a rank below 2, an empty axis,
     parameters of the wrong shape, only one of `mean`/`var`, an unbound `axis_name`, a single
-    value per channel in training, `eps <= 0`, or an unknown `impl`.
+    value per channel in training, `eps <= 0`, an unknown `impl`, or `axis_index_groups`
+    without `axis_name` or not splitting its members into groups of one size.
     """
+    if mean is None:
+        axis_name = _axis_groups(axis_name, axis_index_groups, "eqxnorm.functional.batch_norm")
     return _batch_norm(x, weight, bias, mean, var, eps, axis_name, impl)
 
 
@@ -668,6 +722,106 @@ def spectral_norm(weight: Float[AnyArray, " out *rest"]) -> Scalar:
     (weight,) = _as_arrays(weight)
     matrix = weight.reshape(weight.shape[0], -1).astype(compute_dtype(weight.dtype))
     return jnp.linalg.svd(matrix, compute_uv=False)[0]
+
+
+# --- Weight normalization --------------------------------------------------------------------
+
+
+def _weight_norm_axes(ndim: int, axis: Any, where: str) -> tuple[int, ...]:
+    """The axes a weight of rank `ndim` is reduced over for the norm kept per index of `axis`
+    (all of them for `axis=None`)."""
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(
+            f"{where}: `axis` must be a Python int or None, but got {axis!r} of type "
+            f"{type(axis).__name__}. Pass e.g. `axis=0` (one norm per output unit)."
+        )
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{where}: axis={axis} is out of range for a weight of rank {ndim}. Pass an axis "
+            f"in [{-ndim}, {ndim}), e.g. `axis=0` (one norm per output unit), or `axis=None` "
+            f"(one norm for the whole weight)."
+        )
+    kept = axis % ndim
+    return tuple(a for a in range(ndim) if a != kept)
+
+
+def _weight_norm_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+    """The shape of the magnitude `g` of a weight of shape `shape`: `shape` with every axis
+    reduced over (all but `axis`) set to 1, as `eqx.nn.WeightNorm` keeps it."""
+    reduced = _weight_norm_axes(len(shape), axis, "eqxnorm.functional.weight_normalize")
+    return tuple(1 if a in reduced else s for a, s in enumerate(shape))
+
+
+def _check_weight_normalize(weight, g, *, axis=0, impl="auto"):
+    where = "eqxnorm.functional.weight_normalize"
+    _checking.check_floating(weight, "weight", where)
+    _checking.check_floating(g, "g", where)
+    if weight.ndim == 0:
+        raise ValueError(
+            f"{where} needs a weight with at least one axis, but got a scalar weight. Wrap "
+            f"only layers whose weight is an array (a matrix, a convolution kernel)."
+        )
+    expected = _weight_norm_shape(tuple(weight.shape), axis)
+    if tuple(g.shape) != expected:
+        raise ValueError(
+            f"{where}: `g` must have shape {expected} (weight.shape={tuple(weight.shape)} "
+            f"with the axes other than axis={axis} set to 1), but got g.shape="
+            f"{tuple(g.shape)}. Initialise it as `eqxnorm.WeightNorm` does: the norm of the "
+            f"weight over those axes, with `keepdims=True`."
+        )
+    check_impl(impl, where)
+
+
+@_checking.typechecked(_check_weight_normalize)
+def weight_normalize(
+    weight: Float[AnyArray, "*shape"],
+    g: Float[AnyArray, "*g_shape"],
+    *,
+    axis: int | None = 0,
+    impl: Impl = "auto",
+) -> Float[Array, "*shape"]:
+    r"""Weight normalization: the weight $v$ rescaled to the magnitude $g$,
+
+    $$W = g \, \frac{v}{\lVert v \rVert},$$
+
+    with one Euclidean norm $\lVert v \rVert$ per index of `axis`, over every other axis
+    (for `(out, in)` and `axis=0`: one per output unit, over its row; `axis=None`: one
+    for the whole weight). Gradients flow to both $v$ and $g$. Computed in float32 (float64
+    for float64), returned in the weight's dtype; an all-zero slice of $v$ gives NaN, as in
+    `eqx.nn.WeightNorm` and PyTorch.
+
+    ??? cite
+        [Weight Normalization: A Simple Reparameterization to Accelerate Training of Deep
+        Neural Networks](https://arxiv.org/abs/1602.07868)
+
+    **Arguments:**
+
+    - `weight`: $v$, any shape with at least one axis, e.g. `(out, in)` or
+        `(out, in, *kernel)`.
+    - `g`: the magnitude, of `weight`'s shape with every axis but `axis` set to 1 (the
+        `g` of [`eqxnorm.WeightNorm`][] and `eqx.nn.WeightNorm`).
+    - `axis`: the axis keeping one norm per index, or `None` for one norm in all.
+    - `impl`: `"auto"` or `"reference"` (a sum of squares and a scale, which XLA fuses;
+        there is no kernel).
+
+    **Returns:**
+
+    The weight $W$, of `weight`'s shape and dtype.
+
+    **Raises:**
+
+    `TypeError` for non-floating arrays or a non-int `axis`; `ValueError` for a scalar
+    weight, an `axis` out of range, a `g` of the wrong shape, or an unknown `impl`.
+    """
+    weight, g = _as_arrays(weight, g)
+    axes = _weight_norm_axes(weight.ndim, axis, "eqxnorm.functional.weight_normalize")
+    cdt = compute_dtype(weight.dtype)
+    v = weight.astype(cdt)
+    # The order of `eqx.nn.WeightNorm`, `v * g / norm`, so that the two agree.
+    norm = jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True))
+    return (v * g.astype(cdt) / norm).astype(weight.dtype)
 
 
 # --- Fused residual add + norm ---------------------------------------------------------------
@@ -1005,6 +1159,7 @@ __all__ = [
     "weight_standardize",
     "spectral_normalize",
     "spectral_norm",
+    "weight_normalize",
     "add_layer_norm",
     "add_rms_norm",
     "adaptive_layer_norm",

@@ -15,6 +15,7 @@ Every norm takes its statistics from the one helper, [`moments`][], so the numer
 guarantees listed there hold for all of them.
 """
 
+import dataclasses
 import functools
 import math
 from collections.abc import Hashable, Sequence
@@ -57,9 +58,49 @@ class Moments(NamedTuple):
         return self.shift + self.offset
 
 
+@dataclasses.dataclass(frozen=True)
+class AxisGroups:
+    """A named axis (or sequence of names) whose members are pooled in groups: the
+    `axis_index_groups` of Flax and Haiku (and of `lax.psum` under `pmap`). Where an
+    `axis_name` is accepted, this pools each member's values with those of the members in
+    its group only. `groups` partitions the member indices (in the order of the names, the
+    last varying fastest) into groups of one size."""
+
+    axis_name: AxisName
+    groups: tuple[tuple[int, ...], ...]
+
+    @property
+    def group_size(self) -> int:
+        return len(self.groups[0])
+
+
+def _pool_groups(kind: str, value: Array, grouped: AxisGroups) -> Array:
+    """`pool_members` within each member's group: every member puts its value in its group's
+    slot of a `(groups, *value.shape)` array (the identity of the reduction elsewhere), the
+    slots are pooled over all members, and each member takes its group's. One collective of
+    `groups` times the values (per-channel statistics), and one code path for `vmap`, `pmap`
+    and `shard_map` (`lax.psum`'s own `axis_index_groups` is `pmap`'s only)."""
+    names = _names(grouped.axis_name)
+    index = 0
+    for name in names:
+        index = index * lax.axis_size(name) + lax.axis_index(name)
+    group_of = [0] * sum(len(g) for g in grouped.groups)
+    for g, members in enumerate(grouped.groups):
+        for member in members:
+            group_of[member] = g
+    group = jnp.asarray(group_of, jnp.int32)[index]
+    mine = (jnp.arange(len(grouped.groups)) == group).reshape(-1, *(1,) * value.ndim)
+    identity = -jnp.inf if kind == "max" else 0
+    slots = jnp.where(mine, value[None], jnp.asarray(identity, value.dtype))
+    pooled = pool_members("max" if kind == "max" else "sum", slots, grouped.axis_name)[group]
+    return pooled / grouped.group_size if kind == "mean" else pooled
+
+
 def axis_count(axis_name: AxisName | None) -> int:
     """The number of members of a named axis (the product over a sequence of names; 1 for
-    `None`)."""
+    `None`), or of one group of an [`AxisGroups`][]."""
+    if isinstance(axis_name, AxisGroups):
+        return axis_name.group_size
     return 1 if axis_name is None else math.prod(lax.axis_size(n) for n in _names(axis_name))
 
 
@@ -77,7 +118,8 @@ _COLLECTIVES = {
 
 def pool_members(kind: str, value: Array, axis_name: AxisName) -> Array:
     """`value` reduced across the members of `axis_name`: `lax.psum`, `lax.pmean` or
-    `lax.pmax` for `kind` `"sum"`, `"mean"` or `"max"`.
+    `lax.pmax` for `kind` `"sum"`, `"mean"` or `"max"` (within each group for an
+    [`AxisGroups`][]).
 
     Over a `vmap`ped axis, through `lax.all_gather` and a reduction over the gathered axis:
     JAX 0.10.2 lowers a collective over a `vmap`ped axis to a reduction typed with its
@@ -85,6 +127,8 @@ def pool_members(kind: str, value: Array, axis_name: AxisName) -> Array:
     an Explicit mesh, as in a batch-sharded `jit(vmap(norm, axis_name=...))`. The values
     pooled are per-channel or per-row statistics, so gathering them costs little. Over the
     manual axes of a `shard_map` (the kernels' own partitioning included), the collective."""
+    if isinstance(axis_name, AxisGroups):
+        return _pool_groups(kind, value, axis_name)
     collective, reduce = _COLLECTIVES[kind]
     manual = jax.sharding.get_abstract_mesh().manual_axes
     # One name at a time (a sum, mean or max over equal members nests), as `all_gather`
