@@ -796,16 +796,10 @@ def _masked(x, mask, weight, bias, axis, center, eps, axis_name):
     xf = x.astype(compute_dtype(x.dtype))
     stats, count = masked_moments(xf, mask, axis, center=center, axis_name=axis_name)
     stats = Moments(*(checkpoint_name(s, "eqxnorm_statistics") for s in stats))
-    cdt = stats.var.dtype
     # An empty slice (statistics 0) is normalized as zeros, whatever its elements hold: its
     # x̂ is 0, its outputs the bias, and no NaN of its reaches a derivative.
     xf = jnp.where(count > 0, xf, 0)
-    xhat = ((xf - stats.shift) - stats.offset) * inverse_std(stats.var, eps)
-    if weight is not None:
-        xhat = xhat * weight.astype(cdt)
-    if bias is not None:
-        xhat = xhat + bias.astype(cdt)
-    return xhat, stats.mean, stats.var
+    return normalize(xf, stats, weight, bias, eps=eps), stats.mean, stats.var
 
 
 def normalize_masked(
