@@ -123,7 +123,7 @@ def test_masked_positions_get_the_direct_gradient_only():
     mask = jnp.arange(8) < 5
     w, b = _params(8)
     rstd = 1 / np.sqrt(np.var(np.asarray(x[0, :5], np.float64)) + 1e-5)
-    g = jax.grad(lambda x: F.layer_norm(x, w, b, mask=mask)[0, 6])(x)
+    g = jax.jit(jax.grad(lambda x: F.layer_norm(x, w, b, mask=mask)[0, 6]))(x)
     np.testing.assert_allclose(g[0, 6], rstd * w[6], rtol=1e-5)
     np.testing.assert_array_equal(g[0, 5:][np.arange(3) != 1], 0)
 
@@ -153,7 +153,8 @@ def test_kernel_impls_give_the_reference(impl):
             F.group_norm(x, 2, mask=mask, impl=impl),
         )
 
-    for a, e in zip(jax.jit(norms, static_argnums=0)(impl), norms("reference"), strict=True):
+    run = jax.jit(norms, static_argnums=0)
+    for a, e in zip(run(impl), run("reference"), strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
 
 
@@ -163,41 +164,53 @@ def test_layers_match_flax_nnx():
     rngs = nnx.Rngs(0)
     x, mask = _data((4, 6, 5))
     mask = mask.at[:, 0, 0].set(True)
-    ln = eqxnorm.LayerNorm((6, 5))
-    flax_ln = nnx.LayerNorm(
-        5,
-        reduction_axes=(-2, -1),
-        feature_axes=-1,
-        use_fast_variance=False,
-        epsilon=1e-5,
-        rngs=rngs,
-    )
-    ours = jax.vmap(lambda x, m: ln(x, mask=m))(x, mask)
-    oracle.assert_close(ours, flax_ln(x, mask=mask), scale=2)
-    rms = eqxnorm.RMSNorm(5, use_bias=False)
-    oracle.assert_close(
-        jax.vmap(jax.vmap(lambda x, m: rms(x, mask=m)))(x, mask),
-        nnx.RMSNorm(5, epsilon=1e-5, rngs=rngs)(x, mask=mask),
-        scale=2,
-    )
-    gn = eqxnorm.GroupNorm(3, 6)
-    theirs = nnx.GroupNorm(6, num_groups=3, use_fast_variance=False, epsilon=1e-5, rngs=rngs)
     xt, mt = jnp.swapaxes(x, 1, 2), jnp.swapaxes(mask, 1, 2)
-    oracle.assert_close(
-        jax.vmap(lambda x, m: gn(x, mask=m))(x, mask),
-        jnp.swapaxes(theirs(xt, mask=mt), 1, 2),
-        scale=2,
+    flax_layers = (
+        nnx.LayerNorm(
+            5,
+            reduction_axes=(-2, -1),
+            feature_axes=-1,
+            use_fast_variance=False,
+            epsilon=1e-5,
+            rngs=rngs,
+        ),
+        nnx.RMSNorm(5, epsilon=1e-5, rngs=rngs),
+        nnx.GroupNorm(6, num_groups=3, use_fast_variance=False, epsilon=1e-5, rngs=rngs),
+        nnx.BatchNorm(6, use_fast_variance=False, momentum=0.0, epsilon=1e-5, rngs=rngs),
     )
+
+    @nnx.jit
+    def theirs(layers):
+        ln, rms, gn, bn = layers
+        y_bn = jnp.swapaxes(bn(xt, mask=mt), 1, 2)
+        return ln(x, mask=mask), rms(x, mask=mask), jnp.swapaxes(gn(xt, mask=mt), 1, 2), y_bn
+
     bn, state = eqx.nn.make_with_state(eqxnorm.BatchNorm)(6, "batch")
-    flax_bn = nnx.BatchNorm(6, use_fast_variance=False, momentum=0.0, epsilon=1e-5, rngs=rngs)
-    y, state = jax.vmap(
-        lambda x, m, s: bn(x, s, mask=m),
-        axis_name="batch",
-        in_axes=(0, 0, None),
-        out_axes=(0, None),
-    )(x, mask, state)
-    oracle.assert_close(y, jnp.swapaxes(flax_bn(xt, mask=mt), 1, 2), scale=2)
-    oracle.assert_close(state.get(bn.running_index)[0], flax_bn.mean[...], scale=2)
+    ln, rms, gn = (
+        eqxnorm.LayerNorm((6, 5)),
+        eqxnorm.RMSNorm(5, use_bias=False),
+        eqxnorm.GroupNorm(3, 6),
+    )
+
+    @jax.jit
+    def ours(state):
+        y, state = jax.vmap(
+            lambda x, m, s: bn(x, s, mask=m),
+            axis_name="batch",
+            in_axes=(0, 0, None),
+            out_axes=(0, None),
+        )(x, mask, state)
+        return (
+            jax.vmap(lambda x, m: ln(x, mask=m))(x, mask),
+            jax.vmap(jax.vmap(lambda x, m: rms(x, mask=m)))(x, mask),
+            jax.vmap(lambda x, m: gn(x, mask=m))(x, mask),
+            y,
+        ), state.get(bn.running_index)[0]
+
+    outputs, running_mean = ours(state)
+    for a, e in zip(outputs, theirs(flax_layers), strict=True):
+        oracle.assert_close(a, e, scale=2)
+    oracle.assert_close(running_mean, flax_layers[3].mean[...], scale=2)
 
 
 def test_batch_norm_running_statistics_skip_padded_examples():
@@ -232,19 +245,23 @@ def test_batch_norm_running_statistics_skip_padded_examples():
 
 def test_layers_under_jit_and_vmap():
     x, mask = _data((3, 4, 6))
-    layers = [
-        eqxnorm.LayerNorm((4, 6)),
-        eqxnorm.GroupNorm(2, 4),
-        eqxnorm.InstanceNorm(4, channelwise_affine=True),
-    ]
-    for layer in layers:
-        call = jax.jit(jax.vmap(lambda x, m, layer=layer: layer(x, mask=m)))
-        np.testing.assert_allclose(
-            call(x, mask)[1], layer(x[1], mask=mask[1]), rtol=1e-6, atol=1e-6
+    ln, gn, inorm = eqxnorm.LayerNorm((4, 6)), eqxnorm.GroupNorm(2, 4), eqxnorm.InstanceNorm(4)
+    frames = mask[:, :1, :]  # one mask for every channel, broadcast
+
+    @jax.jit
+    def run(x, mask, frames):
+        return (
+            jax.vmap(lambda x, m: ln(x, mask=m))(x, mask),
+            jax.vmap(lambda x, m: gn(x, mask=m))(x, frames),
+            jax.vmap(lambda x, m: inorm(x, mask=m))(x, mask),
         )
-        np.testing.assert_allclose(
-            call(x, mask[:, :1, :])[0], layer(x[0], mask=mask[0, :1, :]), rtol=1e-6, atol=1e-6
-        )
+
+    layer, group, instance = run(x, mask, frames)
+    oracle.assert_close(layer, oracle.masked_norm(x, mask, (1, 2), None, None, 1e-5))
+    grouped = np.broadcast_to(frames, x.shape).reshape(3, 2, 12)
+    expected = oracle.masked_norm(x.reshape(3, 2, 12), grouped, (2,), None, None, 1e-5)
+    oracle.assert_close(group, expected.reshape(x.shape))
+    oracle.assert_close(instance, oracle.masked_norm(x, mask, (2,), None, None, 1e-5))
 
 
 def test_mask_errors():
