@@ -37,6 +37,22 @@ def test_row_norms_match_the_masked_oracle(center):
     np.testing.assert_array_equal(y[1], b)
 
 
+def test_row_norm_statistics_pooled_over_feature_shards():
+    """With `axis_name` (features split across members), the counts and sums of every member
+    are pooled: the members' numbers of valid elements may differ."""
+    x, mask = _data((3, 8))
+    mask = mask.at[0, :4].set(False)  # row 0: member 0 holds no valid element
+    w, b = _params(8)
+
+    def split(a):
+        return jnp.moveaxis(a.reshape(*a.shape[:-1], 2, 4), -2, 0)
+
+    norm = jax.vmap(lambda *a: F.layer_norm(*a[:3], mask=a[3], axis_name="f"), axis_name="f")
+    y = jax.jit(norm)(split(x), split(w), split(b), split(mask))
+    y = jnp.moveaxis(y, 0, -2).reshape(x.shape)
+    oracle.assert_close(y, oracle.masked_norm(x, mask, (1,), w, b, 1e-5))
+
+
 def test_channel_norms_match_the_masked_oracle():
     x, mask = _data((3, 6, 4, 5))
     w, b = _params(6)
