@@ -175,11 +175,12 @@ def test_kernel_impls_give_the_reference(impl):
 
 
 def test_layers_match_flax_nnx():
-    """LayerNorm, RMSNorm, GroupNorm (features last in Flax, first here) and BatchNorm's
-    batch statistics, on the same data and mask (no slice empty: there Flax divides 0/0)."""
+    """LayerNorm, RMSNorm, GroupNorm, InstanceNorm (features last in Flax, first here) and
+    BatchNorm's batch statistics, on the same data and mask (no slice empty: there Flax
+    divides 0 by 0)."""
     rngs = nnx.Rngs(0)
     x, mask = _data((4, 6, 5))
-    mask = mask.at[:, 0, 0].set(True)
+    mask = mask.at[:, :, 0].set(True)  # no slice empty
     xt, mt = jnp.swapaxes(x, 1, 2), jnp.swapaxes(mask, 1, 2)
     flax_layers = (
         nnx.LayerNorm(
@@ -192,20 +193,25 @@ def test_layers_match_flax_nnx():
         ),
         nnx.RMSNorm(5, epsilon=1e-5, rngs=rngs),
         nnx.GroupNorm(6, num_groups=3, use_fast_variance=False, epsilon=1e-5, rngs=rngs),
+        nnx.InstanceNorm(6, use_fast_variance=False, epsilon=1e-5, rngs=rngs),
         nnx.BatchNorm(6, use_fast_variance=False, momentum=0.0, epsilon=1e-5, rngs=rngs),
     )
 
     @nnx.jit
     def theirs(layers):
-        ln, rms, gn, bn = layers
-        y_bn = jnp.swapaxes(bn(xt, mask=mt), 1, 2)
-        return ln(x, mask=mask), rms(x, mask=mask), jnp.swapaxes(gn(xt, mask=mt), 1, 2), y_bn
+        ln, rms, *channels_last = layers
+        return (
+            ln(x, mask=mask),
+            rms(x, mask=mask),
+            *(jnp.swapaxes(layer(xt, mask=mt), 1, 2) for layer in channels_last),
+        )
 
     bn, state = eqx.nn.make_with_state(eqxnorm.BatchNorm)(6, "batch")
-    ln, rms, gn = (
+    ln, rms, gn, inorm = (
         eqxnorm.LayerNorm((6, 5)),
         eqxnorm.RMSNorm(5, use_bias=False),
         eqxnorm.GroupNorm(3, 6),
+        eqxnorm.InstanceNorm(6, channelwise_affine=True),
     )
 
     @jax.jit
@@ -220,13 +226,14 @@ def test_layers_match_flax_nnx():
             jax.vmap(lambda x, m: ln(x, mask=m))(x, mask),
             jax.vmap(jax.vmap(lambda x, m: rms(x, mask=m)))(x, mask),
             jax.vmap(lambda x, m: gn(x, mask=m))(x, mask),
+            jax.vmap(lambda x, m: inorm(x, mask=m))(x, mask),
             y,
         ), state.get(bn.running_index)[0]
 
     outputs, running_mean = ours(state)
     for a, e in zip(outputs, theirs(flax_layers), strict=True):
         oracle.assert_close(a, e, scale=2)
-    oracle.assert_close(running_mean, flax_layers[3].mean[...], scale=2)
+    oracle.assert_close(running_mean, flax_layers[-1].mean[...], scale=2)
 
 
 def test_batch_norm_running_statistics_skip_padded_examples():
