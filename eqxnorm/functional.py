@@ -15,7 +15,7 @@ from typing import Any
 
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Scalar
+from jaxtyping import Array, Bool, Float, Int, Scalar
 
 from . import _checking
 from ._checking import AnyArray
@@ -28,6 +28,28 @@ AxisName = Hashable | Sequence[Hashable]
 def _as_arrays(*arrays: Any) -> tuple[Any, ...]:
     """JAX arrays from the JAX or NumPy arrays the entry points accept (`None` stays)."""
     return tuple(None if a is None else jnp.asarray(a) for a in arrays)
+
+
+def _valid(x: Array, mask: Any, lengths: Any, batch_ndim: int, first_counted: int):
+    """The padding mask of `x`'s shape: `mask` broadcast, or from `lengths` (of shape
+    `x.shape[:batch_ndim]`) the first `lengths` of the flattened axes `x.shape[first_counted:]`,
+    the same for every index of the axes between; `None` when both are `None`.
+
+    Built from an iota compare, which XLA fuses into the reductions that read it: `lengths`
+    costs no pass over an array of `x`'s size."""
+    if mask is not None:
+        return jnp.broadcast_to(jnp.asarray(mask), x.shape)
+    if lengths is None:
+        return None
+    counted = math.prod(x.shape[first_counted:])
+    between = (1,) * (first_counted - batch_ndim)
+    batch = x.shape[:batch_ndim]
+    position = lax.broadcasted_iota(
+        jnp.int32, (*batch, *between, counted), batch_ndim + len(between)
+    )
+    bound = jnp.asarray(lengths).astype(jnp.int32).reshape(*batch, *between, 1)
+    valid = jnp.broadcast_to(position < bound, (*x.shape[:first_counted], counted))
+    return valid.reshape(x.shape)
 
 
 # --- LayerNorm / RMSNorm ---------------------------------------------------------------------
@@ -65,12 +87,31 @@ def _resolve_row_shape(x: Any, weight: Any, bias: Any, shape: Any, where: str) -
 
 
 def _check_row_norm(where: str):
-    def precheck(x, weight=None, bias=None, *, shape=None, eps=1e-5, axis_name=None, impl="auto"):
-        _resolve_row_shape(x, weight, bias, shape, where)
+    def precheck(
+        x,
+        weight=None,
+        bias=None,
+        *,
+        shape=None,
+        eps=1e-5,
+        axis_name=None,
+        impl="auto",
+        mask=None,
+        lengths=None,
+    ):
+        shape = _resolve_row_shape(x, weight, bias, shape, where)
         _checking.check_eps(eps, where, x)
         if axis_name is not None:
             _checking.axis_size(axis_name, where)
         check_impl(impl, where)
+        _checking.check_mask(mask, x, where)
+        _checking.check_lengths(lengths, mask, x.shape[: x.ndim - len(shape)], where)
+        if lengths is not None and axis_name is not None:
+            raise ValueError(
+                f"{where}: `lengths` counts the elements of the whole example, but with "
+                f"axis_name={axis_name!r} each member holds a slice of its features. Pass "
+                f"each member's own slice of the padding `mask=` instead."
+            )
 
     return precheck
 
@@ -110,13 +151,17 @@ def _from_rows(rows: Array, like: Array, shape: tuple[int, ...]) -> Array:
     return (rows[0] if added else rows).reshape(like.shape)
 
 
-def _row_norm(op: str, x, weight, bias, shape, eps, impl, axis_name=None):
+def _row_norm(op: str, x, weight, bias, shape, eps, impl, axis_name=None, mask=None, lengths=None):
     shape = _resolve_row_shape(x, weight, bias, shape, f"eqxnorm.functional.{op}")
     dim = math.prod(shape)
     x, weight, bias = _as_arrays(x, weight, bias)
     flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
     rows = _to_rows(x, shape, impl)
-    y = getattr(implementation(impl), op)(rows, *flat, eps=float(eps), axis_name=axis_name)
+    lead = x.ndim - len(shape)
+    valid = _valid(x, mask, lengths, lead, lead)
+    valid = None if valid is None else _to_rows(valid, shape, impl)
+    fn = getattr(implementation(impl), op)
+    y = fn(rows, *flat, eps=float(eps), axis_name=axis_name, mask=valid)
     return _from_rows(y, x, shape)
 
 
@@ -130,6 +175,8 @@ def layer_norm(
     eps: _checking.Number = 1e-5,
     axis_name: AxisName | None = None,
     impl: Impl = "auto",
+    mask: Bool[AnyArray, "*mask_shape"] | None = None,
+    lengths: Int[AnyArray, "*lengths_shape"] | None = None,
 ) -> Float[Array, "*batch_and_shape"]:
     r"""Layer normalization over the trailing `shape` axes of `x`:
 
@@ -155,6 +202,17 @@ def layer_norm(
         local one) and the statistics are over all of them, pooled with `lax.pmean`. With
         `impl="pallas"` this runs the reference, which XLA fuses around the collective.
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
+    - `mask`: booleans broadcastable to `x`'s shape, `True` where an element counts in
+        the statistics (Flax's `mask=`, for padding): each slice's mean and variance are over
+        its `True` elements only. Every element is normalized with its slice's statistics,
+        masked ones included (give padding finite values, e.g. zeros, if its outputs reach
+        a loss); the masked elements' gradients with respect to the statistics are exactly
+        zero; a slice with no `True` element gives its bias (0 without one), never NaN.
+        With `impl="pallas"` this runs the reference.
+    - `lengths`: integers of shape `batch`, the shorthand for the mask of each slice's
+        first `lengths` elements (of its normalized axes flattened in row-major order): the
+        padding of variable-length data. Built in the compiled program by an iota compare,
+        no mask array is read. Not with `mask` or `axis_name`.
 
     **Returns:**
 
@@ -162,11 +220,12 @@ def layer_norm(
 
     **Raises:**
 
-    `TypeError` for non-floating input; `ValueError` when the trailing axes of `x` do not
-    match `shape`/the parameters, `shape` is empty, `eps <= 0`, `axis_name` is not bound by
-    an enclosing transformation, or `impl` is unknown.
+    `TypeError` for non-floating input, a non-boolean `mask` or non-integer `lengths`;
+    `ValueError` when the trailing axes of `x` do not match `shape`/the parameters, `shape`
+    is empty, `eps <= 0`, `axis_name` is not bound by an enclosing transformation, `impl` is
+    unknown, `mask` does not broadcast to `x`, or `lengths` is not of the batch shape.
     """
-    return _row_norm("layer_norm", x, weight, bias, shape, eps, impl, axis_name)
+    return _row_norm("layer_norm", x, weight, bias, shape, eps, impl, axis_name, mask, lengths)
 
 
 @_checking.typechecked(_check_row_norm("eqxnorm.functional.rms_norm"))
@@ -179,6 +238,8 @@ def rms_norm(
     eps: _checking.Number = 1e-5,
     axis_name: AxisName | None = None,
     impl: Impl = "auto",
+    mask: Bool[AnyArray, "*mask_shape"] | None = None,
+    lengths: Int[AnyArray, "*lengths_shape"] | None = None,
 ) -> Float[Array, "*batch_and_shape"]:
     r"""Root-mean-square normalization over the trailing `shape` axes of `x`:
 
@@ -199,7 +260,7 @@ def rms_norm(
 
     As [`eqxnorm.functional.layer_norm`][].
     """
-    return _row_norm("rms_norm", x, weight, bias, shape, eps, impl, axis_name)
+    return _row_norm("rms_norm", x, weight, bias, shape, eps, impl, axis_name, mask, lengths)
 
 
 # --- GroupNorm / InstanceNorm ----------------------------------------------------------------
@@ -245,8 +306,17 @@ def _check_channel_params(channels: int, where: str, **params: Any) -> None:
         _checking.check_param(param, (channels,), name, where, "one value per channel")
 
 
-def _check_group_norm(x, groups, weight=None, bias=None, *, eps=1e-5, impl="auto"):
-    _check_group_args(x, groups, weight, bias, eps, impl, "eqxnorm.functional.group_norm")
+def _check_group_norm(
+    x, groups, weight=None, bias=None, *, eps=1e-5, impl="auto", mask=None, lengths=None
+):
+    where = "eqxnorm.functional.group_norm"
+    _check_group_args(x, groups, weight, bias, eps, impl, where)
+    _check_channels_mask(x, mask, lengths, where)
+
+
+def _check_channels_mask(x, mask, lengths, where: str) -> None:
+    _checking.check_mask(mask, x, where)
+    _checking.check_lengths(lengths, mask, x.shape[:1], where)
 
 
 def _check_group_args(x, groups, weight, bias, eps, impl, where: str) -> None:
@@ -264,16 +334,19 @@ def _check_group_args(x, groups, weight, bias, eps, impl, where: str) -> None:
     check_impl(impl, where)
 
 
-def _group_norm(x, groups, weight, bias, eps, impl, example=False):
+def _group_norm(x, groups, weight, bias, eps, impl, example=False, mask=None, lengths=None):
     """GroupNorm of `x` `(batch, channels, *spatial)`, or with `example` of one example
-    `(channels, *spatial)`, the modules' call."""
+    `(channels, *spatial)`, the modules' call; `mask`/`lengths` as `group_norm` takes them."""
     x, weight, bias = _as_arrays(x, weight, bias)
+    valid = _valid(x, mask, lengths, 1, 2)
 
-    def norm(x3):
-        return (implementation(impl).group_norm(x3, weight, bias, groups=groups, eps=float(eps)),)
+    def norm(x3, *m3):
+        fn = implementation(impl).group_norm
+        return (fn(x3, weight, bias, groups=groups, eps=float(eps), mask=(*m3, None)[0]),)
 
     x3 = _flatten_spatial(x, example)
-    (y,) = _on_example(norm, impl, x3) if example else norm(x3)
+    m3 = () if valid is None else (_flatten_spatial(valid, example),)
+    (y,) = _on_example(norm, impl, x3, *m3) if example else norm(x3, *m3)
     return y.reshape(x.shape)
 
 
@@ -286,6 +359,8 @@ def group_norm(
     *,
     eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
+    mask: Bool[AnyArray, "*mask_shape"] | None = None,
+    lengths: Int[AnyArray, "*lengths_shape"] | None = None,
 ) -> Float[Array, "batch channels *spatial"]:
     r"""Group normalization: the channels split into `groups` contiguous groups, each
     `(example, group)` normalized over its `channels/groups × spatial` elements, then a
@@ -304,6 +379,14 @@ def group_norm(
     - `weight`, `bias`: `(channels,)` or `None`.
     - `eps`: added to the variance; must be positive.
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
+    - `mask`: booleans broadcastable to `x`'s shape, `True` where an element counts in
+        the statistics (Flax's `mask=`, for padded images or sequences); see
+        [`eqxnorm.functional.layer_norm`][] for the outputs at masked positions and for an
+        empty slice.
+    - `lengths`: integers of shape `(batch,)`, the shorthand for the mask of each example's
+        first `lengths` positions of its spatial axes flattened in row-major order (e.g. the
+        valid frames of padded audio `(batch, channels, time)`), the same for every channel.
+        Not with `mask`.
 
     **Returns:**
 
@@ -311,14 +394,17 @@ def group_norm(
 
     **Raises:**
 
-    `TypeError` for non-floating input; `ValueError` for a rank below 2, an empty axis,
-    `groups` not dividing `channels`, parameters of the wrong shape, `eps <= 0`, or an unknown
-    `impl`.
+    `TypeError` for non-floating input, a non-boolean `mask` or non-integer `lengths`;
+    `ValueError` for a rank below 2, an empty axis, `groups` not dividing `channels`,
+    parameters of the wrong shape, `eps <= 0`, an unknown `impl`, a `mask` that does not
+    broadcast to `x`, or `lengths` not of shape `(batch,)`.
     """
-    return _group_norm(x, groups, weight, bias, eps, impl)
+    return _group_norm(x, groups, weight, bias, eps, impl, mask=mask, lengths=lengths)
 
 
-def _check_instance_norm(x, weight=None, bias=None, *, eps=1e-5, impl="auto"):
+def _check_instance_norm(
+    x, weight=None, bias=None, *, eps=1e-5, impl="auto", mask=None, lengths=None
+):
     where = "eqxnorm.functional.instance_norm"
     _, channels, spatial = _check_channels_first(x, where)
     if spatial < 2:
@@ -331,6 +417,7 @@ def _check_instance_norm(x, weight=None, bias=None, *, eps=1e-5, impl="auto"):
     _check_channel_params(channels, where, weight=weight, bias=bias)
     _checking.check_eps(eps, where, x)
     check_impl(impl, where)
+    _check_channels_mask(x, mask, lengths, where)
 
 
 @_checking.typechecked(_check_instance_norm)
@@ -341,6 +428,8 @@ def instance_norm(
     *,
     eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
+    mask: Bool[AnyArray, "*mask_shape"] | None = None,
+    lengths: Int[AnyArray, "*lengths_shape"] | None = None,
 ) -> Float[Array, "batch channels *spatial"]:
     r"""Instance normalization: each `(example, channel)` normalized over its spatial axes,
     then a per-channel affine. Equal to `group_norm(x, channels, ...)`.
@@ -357,6 +446,7 @@ def instance_norm(
     - `weight`, `bias`: `(channels,)` or `None`.
     - `eps`: added to the variance; must be positive.
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
+    - `mask`, `lengths`: as [`eqxnorm.functional.group_norm`][].
 
     **Returns:**
 
@@ -367,7 +457,7 @@ def instance_norm(
     As [`eqxnorm.functional.group_norm`][], and `ValueError` for fewer than two spatial
     elements.
     """
-    return _group_norm(x, x.shape[1], weight, bias, eps, impl)
+    return _group_norm(x, x.shape[1], weight, bias, eps, impl, mask=mask, lengths=lengths)
 
 
 # --- BatchNorm -------------------------------------------------------------------------------
@@ -424,6 +514,8 @@ def _check_batch_norm(
     axis_name=None,
     axis_index_groups=None,
     impl="auto",
+    mask=None,
+    lengths=None,
 ):
     where = "eqxnorm.functional.batch_norm"
     batch, channels, spatial = _check_channels_first(x, where)
@@ -448,6 +540,7 @@ def _check_batch_norm(
             )
     _checking.check_eps(eps, where, x)
     check_impl(impl, where)
+    _check_channels_mask(x, mask, lengths, where)
 
 
 @_checking.typechecked(_check_batch_norm)
@@ -462,6 +555,8 @@ def batch_norm(
     axis_name: AxisName | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     impl: Impl = "auto",
+    mask: Bool[AnyArray, "*mask_shape"] | None = None,
+    lengths: Int[AnyArray, "*lengths_shape"] | None = None,
 ) -> tuple[
     Float[Array, "batch channels *spatial"], Float[Array, " channels"], Float[Array, " channels"]
 ]:
@@ -490,6 +585,10 @@ def batch_norm(
         indices (for a sequence of names, the linear index, the last name varying
         fastest) into groups of one size. Under `vmap`, `pmap` and `shard_map` alike.
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
+    - `mask`, `lengths`: as [`eqxnorm.functional.group_norm`][]: the batch statistics are
+        over the `True` elements only (padded examples and positions excluded), pooled over
+        `axis_name` (members may hold different numbers of them). Not used with `mean` and
+        `var` given.
 
     **Returns:**
 
@@ -506,23 +605,29 @@ def batch_norm(
     """
     if mean is None:
         axis_name = _axis_groups(axis_name, axis_index_groups, "eqxnorm.functional.batch_norm")
-    return _batch_norm(x, weight, bias, mean, var, eps, axis_name, impl)
+    return _batch_norm(x, weight, bias, mean, var, eps, axis_name, impl, mask=mask, lengths=lengths)
 
 
-def _batch_norm(x, weight, bias, mean, var, eps, axis_name, impl, example=False):
+def _batch_norm(
+    x, weight, bias, mean, var, eps, axis_name, impl, example=False, mask=None, lengths=None
+):
     """BatchNorm of `x` `(batch, channels, *spatial)`, or with `example` of one example
-    `(channels, *spatial)` (the modules' call, the batch being the members of `axis_name`)."""
+    `(channels, *spatial)` (the modules' call, the batch being the members of `axis_name`);
+    `mask`/`lengths` as `batch_norm` takes them."""
     x, weight, bias, mean, var = _as_arrays(x, weight, bias, mean, var)
     impl_module = implementation(impl)
+    valid = None if mean is not None else _valid(x, mask, lengths, 1, 2)
 
-    def norm(x3):
+    def norm(x3, *m3):
         if mean is None:
-            return impl_module.batch_norm(x3, weight, bias, eps=float(eps), axis_name=axis_name)
+            fn = impl_module.batch_norm
+            return fn(x3, weight, bias, eps=float(eps), axis_name=axis_name, mask=(*m3, None)[0])
         y = impl_module.batch_norm_inference(x3, mean, var, weight, bias, eps=float(eps))
         return y, mean, var
 
     x3 = _flatten_spatial(x, example)
-    y, mean, var = _on_example(norm, impl, x3) if example else norm(x3)
+    m3 = () if valid is None else (_flatten_spatial(valid, example),)
+    y, mean, var = _on_example(norm, impl, x3, *m3) if example else norm(x3, *m3)
     return y.reshape(x.shape), mean, var
 
 

@@ -315,9 +315,14 @@ def test_signature_and_fields_match_equinox():
     assert ours["mode"].default == "batch" and ours["impl"].kind is inspect.Parameter.KEYWORD_ONLY
     call_ours = inspect.signature(eqxnorm.BatchNorm.__call__).parameters
     call_theirs = inspect.signature(eqx.nn.BatchNorm.__call__).parameters
-    assert [(p.name, p.kind, p.default) for p in call_ours.values()] == [
+    assert [(p.name, p.kind, p.default) for p in call_ours.values() if p.name != "mask"] == [
         (p.name, p.kind, p.default) for p in call_theirs.values()
     ]
+    # Plus Flax's padding mask, keyword-only.
+    assert (call_ours["mask"].kind, call_ours["mask"].default) == (
+        inspect.Parameter.KEYWORD_ONLY,
+        None,
+    )
 
     ours_bn = eqxnorm.BatchNorm(5, "batch", dtype=jnp.bfloat16)
     theirs_bn = eqx.nn.BatchNorm(5, "batch", dtype=jnp.bfloat16, mode="batch")
