@@ -4,7 +4,7 @@ from typing import Any
 import equinox as eqx
 import jax.numpy as jnp
 from equinox.nn import State
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from . import _checking, functional
 from ._checking import AnyArray
@@ -213,7 +213,7 @@ class GroupNorm(eqx.Module):
         channels = x.shape[self.channel_axis] if self.channels is None else self.channels
         return annotated_channels(channels, self.channel_axis, axis)
 
-    def _precheck(self, x, state=sentinel, *, key=None):
+    def _precheck(self, x, state=sentinel, *, key=None, mask=None):
         where = f"GroupNorm(groups={self.groups}, channels={self.channels})"
         channels = check_example_channels(x, self.channels, where, self.channel_axis)
         if channels % self.groups != 0:
@@ -229,6 +229,7 @@ class GroupNorm(eqx.Module):
                 f"channels={channels}, which groups={self.groups} does not divide. Valid "
                 f"values of groups for {channels} channels: {_divisors(channels)}.{hint}"
             )
+        _checking.check_mask(mask, x, where)
 
     @_checking.named_scope("eqxnorm.GroupNorm")
     @_checking.typechecked(_precheck)
@@ -238,6 +239,7 @@ class GroupNorm(eqx.Module):
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
+        mask: Bool[AnyArray, "*mask_shape"] | None = None,
     ) -> Example | tuple[Example, State]:
         """**Arguments:**
 
@@ -247,6 +249,9 @@ class GroupNorm(eqx.Module):
         - `state`: optional; passed through unchanged, for interchangeability with
             `BatchNorm`.
         - `key`: ignored; for compatibility with the rest of the Equinox API.
+        - `mask`: optional booleans broadcastable to `x`'s shape, `True` where an element
+            counts in the statistics (Flax's `mask=`, for padded images or sequences); see
+            [`eqxnorm.functional.group_norm`][].
 
         **Returns:**
 
@@ -268,6 +273,7 @@ class GroupNorm(eqx.Module):
             self.eps,
             self.impl,
             example=True,
+            mask=mask,
             channels_last=self.channel_axis == -1,
         )
         return out if state is sentinel else (out, state)

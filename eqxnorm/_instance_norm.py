@@ -1,9 +1,10 @@
 import equinox as eqx
 import jax.numpy as jnp
 from equinox.nn import State
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from . import _checking, functional
+from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
 from ._group_norm import (
     Example,
@@ -116,7 +117,7 @@ class InstanceNorm(eqx.Module):
         of `axis`."""
         return annotated_channels(self.channels, self.channel_axis, axis)
 
-    def _precheck(self, x, state=sentinel, *, key=None):
+    def _precheck(self, x, state=sentinel, *, key=None, mask=None):
         where = f"InstanceNorm(channels={self.channels})"
         check_example_channels(x, self.channels, where, self.channel_axis)
         if x.ndim == 1:
@@ -134,6 +135,7 @@ class InstanceNorm(eqx.Module):
                 f"the bias. Pass x of shape (channels={self.channels}, *spatial) with more "
                 f"than one spatial element (PyTorch's InstanceNorm refuses this input too)."
             )
+        _checking.check_mask(mask, x, where)
 
     @_checking.named_scope("eqxnorm.InstanceNorm")
     @_checking.typechecked(_precheck)
@@ -143,6 +145,7 @@ class InstanceNorm(eqx.Module):
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
+        mask: Bool[AnyArray, "*mask_shape"] | None = None,
     ) -> Example | tuple[Example, State]:
         """**Arguments:**
 
@@ -152,6 +155,9 @@ class InstanceNorm(eqx.Module):
         - `state`: optional; passed through unchanged, for interchangeability with
             `BatchNorm`.
         - `key`: ignored; for compatibility with the rest of the Equinox API.
+        - `mask`: optional booleans broadcastable to `x`'s shape, `True` where an element
+            counts in the statistics (Flax's `mask=`, for padded images or sequences); see
+            [`eqxnorm.functional.group_norm`][].
 
         **Returns:**
 
@@ -172,6 +178,7 @@ class InstanceNorm(eqx.Module):
             self.eps,
             self.impl,
             example=True,
+            mask=mask,
             channels_last=self.channel_axis == -1,
         )
         return out if state is sentinel else (out, state)
