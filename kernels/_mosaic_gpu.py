@@ -43,6 +43,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import _tuning
+
 try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -121,7 +123,9 @@ def boxes(
       channel (no such `cols`: `block_rows` is 0);
     - `chunks = ceil(width / cols)` boxes per row; a warp holds `32 / lanes` rows;
     - `block_rows`: up to `MAX_BLOCK_ROWS` rows (a multiple of the tile's rows, no more than
-      the input has rounded up), as many as fit in `SMEM_BYTES`; 0 if a tile's rows do not.
+      the input has rounded up), as many as fit in `SMEM_BYTES`; 0 if a tile's rows do not;
+    - a `block_rows` measured faster on this device (`python -m eqxnorm.tune`) replaces it,
+      halved or doubled within what fits (`eqxnorm.kernels._tuning.tuned`).
     """
     vector = 16 // max(jnp.dtype(d).itemsize for d in dtypes)
     lanes = 32
@@ -145,7 +149,8 @@ def boxes(
         plgpu.Tiling(tiling), warp_dims=warp_dims, lane_dims=lane_dims, vector_dim=-1
     )
     in_segments = segment is None or segment % cols == 0
-    return Boxes(min(fit, want) if in_segments else 0, cols, n_chunks, tile_rows, layout)
+    chosen = Boxes(min(fit, want) if in_segments else 0, cols, n_chunks, tile_rows, layout)
+    return _tuning.tuned(chosen, "mosaic_gpu", rows, width, most_rows=fit)
 
 
 # Shared memory for reductions across the warps (a box's column sums: 4 warps × 256 float32).
