@@ -2,7 +2,10 @@
 
 Each result row is a dict with the keys in [`COLUMNS`][]. `status` is `"ok"`, `"skipped"`
 (the contender cannot run that case here; `note` says why) or `"failed"` (it raised; `note`
-has the error). The targets of issues 5, 6 and 16 are evaluated here, on the measured rows only.
+has the error). The targets of issues 5, 6 and 16 are evaluated here, on the measured rows only;
+issue 17's on the measured rows (the time against each peer) and on the deviceless table
+(`python -m benchmarks.deviceless`: bytes per training step, occupancy, spills, barriers,
+launches; [`static_targets`][]).
 """
 
 import csv
@@ -413,6 +416,9 @@ def evaluate_targets(rows: list[dict], platform: str, auto: str) -> list[Result]
             _worst(candidates, pct, 80, "%", True),
         )
 
+    for r in peer_targets(rows, auto):
+        add(r.platform, r.target, (r.status, r.measured))
+
     ops_measured = list(dict.fromkeys(r["op"] for r in rows if r["direction"] != "step"))
     for op in ops_measured:
         for direction, threshold in (("fwd", 1.0), ("fwd+bwd", 1.2)):
@@ -439,6 +445,171 @@ def evaluate_targets(rows: list[dict], platform: str, auto: str) -> list[Result]
     return sorted(results, key=lambda r: r.platform != platform)
 
 
+# --- issue 17: the peers, and the deviceless table ------------------------------------------
+
+# Issue 17's peers, by contender name, as the summary names them.
+PEERS = {
+    "reference": "XLA",
+    "eqx": "eqx.nn",
+    "flax": "Flax",
+    "torch": "PyTorch eager",
+    "torch.compile": "torch.compile",
+    "liger": "Liger-Kernel",
+    "tokamax": "tokamax",
+}
+PEER_OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "group_norm", "batch_norm")
+
+
+def peer_targets(rows: list[dict], auto: str) -> list[Result]:
+    """Issue 17: each op's training step (fwd+bwd, bf16, at least 4096 rows or any channel
+    shape) with `impl=auto` no slower than each peer that measured it: the geometric mean of
+    `peer ms / eqxnorm ms` >= 1, judged by its confidence interval. A peer that measured none
+    of an op's cases gives no line (the "Not run" list says why)."""
+    out = []
+    for op in PEER_OPS:
+        for peer, name in PEERS.items():
+            pairs = [
+                (r, o)
+                for r, o in _paired(rows, auto, peer, op=op, dtype="bfloat16", direction="fwd+bwd")
+                if op in ("group_norm", "batch_norm") or _big_rows(r)
+            ]
+            if pairs:
+                verdict = _ratio_target(pairs, 1.0)
+                out.append(
+                    Result("gpu", f"{op} training step no slower than {name} (bf16)", *verdict)
+                )
+    return out
+
+
+# The deviceless targets: (what, threshold, the rows' value, worst is the highest).
+STEP_BYTES_OPS = (
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "adaptive_layer_norm",
+    "group_norm",
+    "instance_norm",
+)
+STEP_BYTES_TARGET = 1.05
+BATCH_NORM_PASSES = 8
+WIDE_ONE_READ = 65536
+OCCUPANCY_TARGET = 0.5
+FWD_BARRIERS = 5
+STEP_LAUNCHES = 3
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _case_text(d: dict) -> str:
+    c = d["case"]
+    return f"{c['op']} {c['shape']} {c['dtype']} {c['direction']}"
+
+
+def _judge(
+    name: str, items: list[tuple[float, str]], threshold: float, unit: str, low: bool = False
+) -> Result:
+    """MET when the worst of `items`' values (the highest; the lowest when `low`) is at most
+    (at least) `threshold`."""
+    if not items:
+        return Result("deviceless", name, "NOT MEASURED", "no matching rows in the table")
+    value, where = (min if low else max)(items, key=lambda item: item[0])
+    ok = value >= threshold if low else value <= threshold
+    measured = f"worst {value:.2f}{unit} at {where} ({len(items)} rows)"
+    return Result("deviceless", name, "MET" if ok else "MISSED", measured)
+
+
+def static_targets(table: list[dict]) -> list[Result]:
+    """Issue 17's targets judged on the rows of deviceless tables (`results.json` of
+    `python -m benchmarks.deviceless`, Triton's or Mosaic GPU's): per op, the training
+    step's bytes over the ideal (<= 1.05x; BatchNorm: at most 8 passes over `x`), the launches
+    of a training step (<= 3: forward, backward, one small reduction), and over every
+    kernel: one read of rows up to 65536 wide (every access over the unique bytes <= 1.01x),
+    occupancy >= 50 %, no spills, LayerNorm's forward at most 5 barriers."""
+    steps = [d for d in table if d["case"]["direction"] == "fwd+bwd" and d.get("program")]
+    out = []
+    for op in STEP_BYTES_OPS:
+        items = [
+            (d["program"]["bytes"] / d["ideal_bytes"], _case_text(d))
+            for d in steps
+            if d["case"]["op"] == op and d.get("ideal_bytes")
+        ]
+        out.append(
+            _judge(
+                f"{op} training step bytes / ideal <= {STEP_BYTES_TARGET}x",
+                items,
+                STEP_BYTES_TARGET,
+                "x",
+            )
+        )
+    passes = []
+    for d in steps:
+        if d["case"]["op"] == "batch_norm":
+            size = math.prod(int(n) for n in d["case"]["shape"].split("x"))
+            passes.append(
+                (d["program"]["bytes"] / (size * _ITEMSIZE[d["case"]["dtype"]]), _case_text(d))
+            )
+    out.append(
+        _judge(
+            f"batch_norm training step <= {BATCH_NORM_PASSES} passes over x",
+            passes,
+            BATCH_NORM_PASSES + 0.05,
+            "",
+        )
+    )
+    launches = [(float(len(d["program"].get("launches", ()))), _case_text(d)) for d in steps]
+    out.append(
+        _judge(f"launches per training step <= {STEP_LAUNCHES}", launches, STEP_LAUNCHES, "")
+    )
+    kernels = [(k, d) for d in table for k in d.get("kernels", ())]
+
+    def width(d):
+        return int(d["case"]["shape"].split("x")[-1])
+
+    reads = [
+        (k["access_bytes"] / k["ideal_bytes"], f"{k['name']}, {_case_text(d)}")
+        for k, d in kernels
+        if k.get("ideal_bytes") and k.get("access_bytes") is not None and width(d) <= WIDE_ONE_READ
+    ]
+    out.append(
+        _judge(
+            f"one read of rows up to {WIDE_ONE_READ} (every access / unique bytes)",
+            reads,
+            1.01,
+            "x",
+        )
+    )
+    occupancy = [
+        (100 * k["occupancy"], f"{k['name']}, {_case_text(d)}")
+        for k, d in kernels
+        if k.get("occupancy") is not None
+    ]
+    name = f"occupancy >= {OCCUPANCY_TARGET:.0%} in every kernel"
+    out.append(_judge(name, occupancy, 100 * OCCUPANCY_TARGET, "%", low=True))
+    spills = [
+        (float(k.get("spill_bytes") or 0), f"{k['name']}, {_case_text(d)}") for k, d in kernels
+    ]
+    out.append(_judge("no spills in any kernel (bytes)", spills, 0, " B"))
+    barriers = [
+        (float(k["barriers"]), _case_text(d))
+        for k, d in kernels
+        if k["name"] == "eqxnorm_layer_norm_fwd" and k.get("barriers") is not None
+    ]
+    out.append(_judge(f"layer_norm forward barriers <= {FWD_BARRIERS}", barriers, FWD_BARRIERS, ""))
+    return out
+
+
+def load_deviceless(paths: Iterable[Path]) -> list[dict]:
+    """The rows of the deviceless tables at `paths` (their folders or `results.json` files);
+    a missing table contributes none."""
+    rows = []
+    for path in paths:
+        path = Path(path)
+        path = path / "results.json" if path.is_dir() else path
+        if path.exists():
+            rows += json.loads(path.read_text())
+    return rows
+
+
 def _nchw_target_shape(shape: str) -> bool:
     sizes = [int(s) for s in shape.split("x")]
     if len(sizes) != 4:
@@ -449,7 +620,7 @@ def _nchw_target_shape(shape: str) -> bool:
 
 def targets_text(results: list[Result]) -> str:
     width = max(len(r.target) for r in results)
-    lines = ["Targets (issues 5, 6 and 16), judged on this run's measurements:"]
+    lines = ["Targets (issues 5, 6, 16 and 17), judged on this run's measurements:"]
     for r in results:
         lines.append(f"  {r.status:<12} {r.target:<{width}}  {r.measured}")
     return "\n".join(lines)

@@ -261,8 +261,9 @@ def tune(
     for op in ops:
         for shape in shapes:
             for dtype in dtypes:
-                found |= tune_one(op, shape, dtype, timer=timer, impls=impls)
-    write(found, path)
+                entries = tune_one(op, shape, dtype, timer=timer, impls=impls)
+                write(entries, path)  # each as it is measured: a run cut short keeps them
+                found |= entries
     jax.clear_caches()  # what this process traces from now on reads the new entries
     return found
 

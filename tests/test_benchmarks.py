@@ -415,3 +415,81 @@ def test_defaults_and_several_directions():
     assert _contenders.default_contenders("gpu") == tuple(_contenders.CONTENDERS)
     full = _cli.parse_args(["--full"])
     assert "4096x262144" in map(_ops.format_shape, full.shapes) and "bfloat16" in full.dtypes
+
+
+# --- issue 17: the peers and the deviceless table ---------------------------------------------
+
+
+def test_peer_targets_judge_each_peer_by_its_interval():
+    ours = [1.0, 1.02, 1.0, 1.02]
+    rows = [_timed("pallas", "fwd+bwd", ours, shape="4096x1024")]
+    rows += [_timed("torch.compile", "fwd+bwd", [1.5, 1.52, 1.5, 1.52], shape="4096x1024")]
+    rows += [_timed("tokamax", "fwd+bwd", [0.8, 0.81, 0.8, 0.81], shape="4096x1024")]
+    small = dict(shape="64x1024", rows=64, samples_ms=[9.0, 9.0])
+    rows += [_rows("pallas", "fwd+bwd", 9.0, **small), _rows("eqx", "fwd+bwd", 9.0, **small)]
+    gpu = {r.target: r for r in _report.evaluate_targets(rows, "gpu", "pallas")}
+    compiled = gpu["layer_norm training step no slower than torch.compile (bf16)"]
+    assert compiled.status == "MET" and compiled.measured.startswith("1.50x (95% CI")
+    assert gpu["layer_norm training step no slower than tokamax (bf16)"].status == "MISSED"
+    # 64 rows are no GPU-sized case: no eqx.nn line.
+    assert not any("eqx.nn (bf16)" in t for t in gpu)
+    cpu = {r.target: r for r in _report.evaluate_targets(rows, "cpu", "pallas")}
+    assert cpu["layer_norm training step no slower than tokamax (bf16)"].status == "NOT MEASURED"
+
+
+def _deviceless(op, shape, program_bytes, ideal, launches=2, **kernel):
+    kernel = {"name": f"eqxnorm_{op}_fwd", "occupancy": 0.5, "spill_bytes": 0} | kernel
+    return {
+        "case": {"op": op, "shape": shape, "dtype": "bfloat16", "direction": "fwd+bwd"},
+        "ideal_bytes": ideal,
+        "program": {"bytes": program_bytes, "launches": [{}] * launches},
+        "kernels": [kernel],
+    }
+
+
+def test_static_targets_from_a_deviceless_table(tmp_path):
+    table = [
+        _deviceless("layer_norm", "4096x1024", 104, 100, barriers=5),
+        _deviceless("rms_norm", "4096x1024", 140, 100, occupancy=0.375, spill_bytes=8),
+        _deviceless("batch_norm", "2x4x8x8", 2 * 4 * 64 * 2 * 9, 1, launches=9),
+        _deviceless("layer_norm", "64x65536", 100, 100, access_bytes=150, ideal_bytes=100),
+    ]
+    (tmp_path / "results.json").write_text(json.dumps(table))
+    loaded = _report.load_deviceless([tmp_path, tmp_path / "absent"])
+    results = {r.target: r for r in _report.static_targets(loaded)}
+    verdicts = {target.split(" <=")[0].split(" >=")[0]: r.status for target, r in results.items()}
+    assert verdicts == {
+        "layer_norm training step bytes / ideal": "MET",
+        "rms_norm training step bytes / ideal": "MISSED",
+        "add_layer_norm training step bytes / ideal": "NOT MEASURED",
+        "add_rms_norm training step bytes / ideal": "NOT MEASURED",
+        "adaptive_layer_norm training step bytes / ideal": "NOT MEASURED",
+        "group_norm training step bytes / ideal": "NOT MEASURED",
+        "instance_norm training step bytes / ideal": "NOT MEASURED",
+        "batch_norm training step": "MISSED",
+        "launches per training step": "MISSED",
+        "one read of rows up to 65536 (every access / unique bytes)": "MISSED",
+        "occupancy": "MISSED",
+        "no spills in any kernel (bytes)": "MISSED",
+        "layer_norm forward barriers": "MET",
+    }
+    rms = results["rms_norm training step bytes / ideal <= 1.05x"].measured
+    assert rms == "worst 1.40x at rms_norm 4096x1024 bfloat16 fwd+bwd (1 rows)"
+    assert (
+        "worst 37.50% at eqxnorm_rms_norm_fwd"
+        in results["occupancy >= 50% in every kernel"].measured
+    )
+    assert (
+        "worst 9.00 at batch_norm"
+        in results["batch_norm training step <= 8 passes over x"].measured
+    )
+    text = _report.targets_text(list(results.values()))
+    assert "issues 5, 6, 16 and 17" in text and "\n  MISSED       rms_norm training" in text
+
+
+def test_tokamax_is_skipped_off_a_gpu_with_the_reason():
+    assert _contenders.CONTENDERS["tokamax"].check() == (
+        "tokamax's normalization kernel is Triton: GPU only"
+    )
+    assert "tokamax" in _contenders.CPU_OPT_IN
+    assert "torch.compile" in _contenders.CONTENDERS
