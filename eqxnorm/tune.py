@@ -47,12 +47,13 @@ EPS = 1e-5
 
 class Candidate(NamedTuple):
     """What one timing runs: `impl` (`"reference"` for XLA, else a kernel implementation),
-    the kernel `backend` whose launches it configures (`None` for XLA), the configurations
-    pinned per launch key (`configs`, empty for XLA) and a readable `label`."""
+    the kernel `backend` whose launches it configures (`None` for XLA), the configuration
+    fields pinned per launch key (`configs`, empty for XLA; see `_tuning.pinned`) and a
+    readable `label`."""
 
     impl: str
     backend: str | None
-    configs: dict[str, Any]
+    configs: dict[str, dict[str, int]]
     label: str
 
 
@@ -152,8 +153,8 @@ def _time(step: Callable[..., Any], args: tuple, candidate: Candidate, timer: Ti
 
 
 def _variants(launches: dict[str, _tuning.Recorded]) -> dict[tuple, dict[str, Any]]:
-    """Every scale of [`_tuning.variants`][] that changes some launch, as the configuration
-    of each launch (its default where that scale is not allowed)."""
+    """Every scale of `_tuning.variants` allowed for some launch, as the configuration of
+    each launch (its default where that scale is not allowed)."""
     per_launch = {
         k: _tuning.variants(r.backend, r.default, r.most_rows) for k, r in launches.items()
     }
@@ -193,13 +194,11 @@ def tune_one(
         times = {}
         for scale, configs in variants.items():
             label = f"{impl} rows×{scale[0]} warps×{scale[1]}"
-            times[scale] = _time(step, args, Candidate(impl, backend, configs, label), timer)
-        best = min(times, key=times.__getitem__)
-        print(
-            f"{tuned_call} {backend}: heuristic {times[(1, 1)] * 1e3:.4f} ms, best "
-            f"{times[best] * 1e3:.4f} ms (block_rows×{best[0]}, num_warps×{best[1]}), "
-            f"XLA {xla * 1e3:.4f} ms: {'XLA' if xla < times[best] else 'kernel'} faster"
-        )
+            fields = {k: _tuning.config_fields(c) for k, c in configs.items()}
+            times[scale] = _time(step, args, Candidate(impl, backend, fields, label), timer)
+        best = min(times, key=times.__getitem__, default=None)
+        if best is None or math.isinf(times[best]):
+            continue  # no launch of this backend for these operands, or none compiled
         for k, config in variants[best].items():
             found[k] = {
                 "config": _tuning.config_fields(config),
@@ -216,6 +215,11 @@ def write(found: dict[str, dict], path: os.PathLike | str | None = None) -> path
     """Merge `found` into the cache file at `path` (default `_tuning.cache_path()`), whose
     other entries are kept when it is readable, and write it atomically."""
     path = pathlib.Path(_tuning.cache_path() if path is None else path)
+    if str(path) == "off":
+        raise ValueError(
+            f"{_tuning.ENV}=off turns the tuning cache off, so there is no file to write; "
+            f"pass a path (`--out`) or unset {_tuning.ENV}."
+        )
     kept = {}
     try:
         data = json.loads(path.read_text())
@@ -286,6 +290,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         return wall_clock(run, candidate, args.repeats)
 
     found = tune(args.ops, shapes, args.dtypes, path=args.out, timer=timer)
+    for k, e in found.items():
+        faster = "XLA" if e["xla_ms"] < e["kernel_ms"] else "the kernel"
+        print(
+            f"{k}: heuristic {e['default_ms']:.4f} ms, tuned {e['kernel_ms']:.4f} ms with "
+            f"{e['config']}, XLA {e['xla_ms']:.4f} ms: {faster} is faster ({e['tuned']})"
+        )
     path = args.out or _tuning.cache_path()
     print(f"wrote {len(found)} entries for {_tuning.device_kind()} to {path}")
 

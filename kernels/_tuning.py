@@ -129,9 +129,10 @@ def recording() -> Iterator[dict[str, Recorded]]:
 
 
 @contextlib.contextmanager
-def pinned(configs: dict[str, Any]) -> Iterator[None]:
-    """Within: the launches of `configs`' keys use those configurations (the tuner's
-    candidates), ahead of the cache file and without its checks."""
+def pinned(configs: dict[str, dict[str, int]]) -> Iterator[None]:
+    """Within: the launches of `configs`' keys take those fields of their configuration
+    (the tuner's candidates, as [`config_fields`][] gives them) ahead of the cache file,
+    where they are [`variants`][] of the launch's default."""
     token = _PINNED.set(configs)
     try:
         yield
@@ -191,8 +192,10 @@ def config_fields(config: Any) -> dict[str, int]:
 
 def tuned(default: Any, backend: str, rows: int, width: int, most_rows: int | None = None) -> Any:
     """The configuration of a launch over `(rows, width)` on `backend` whose heuristic
-    choice is `default`: the tuner's pinned candidate, else the cache's entry when it is
-    valid (see the module docstring), else `default`. `most_rows` bounds a block's rows
+    choice is `default`: with the fields the tuner pins or the cache's entry gives when they
+    make one of `default`'s [`variants`][] (see the module docstring), else `default`. Two
+    launches of one key (a forward and a backward staging differently) each check the
+    fields against their own default. `most_rows` bounds a block's rows
     (default: the rows rounded up to a power of two, or the heuristic's choice if more);
     Mosaic GPU passes what fits in shared memory."""
     launch = _LAUNCH.get()
@@ -205,14 +208,12 @@ def tuned(default: Any, backend: str, rows: int, width: int, most_rows: int | No
     if seen is not None:
         seen.setdefault(k, Recorded(default, backend, most_rows))
     pins = _PINNED.get()
-    if pins is not None and k in pins:
-        return pins[k]
-    entry = entries().get(k)
-    if entry is None:
+    fields = pins.get(k) if pins is not None and k in pins else entries().get(k, {}).get("config")
+    if not isinstance(fields, dict):
         return default
     try:
-        candidate = default._replace(**entry["config"])
-    except (TypeError, ValueError, KeyError):
+        candidate = default._replace(**fields)
+    except (TypeError, ValueError):
         return default
     return candidate if candidate in variants(backend, default, most_rows).values() else default
 

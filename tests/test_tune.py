@@ -23,7 +23,7 @@ def _timer(xla_seconds):
         seen.append(candidate.label)
         if candidate.impl == "reference":
             return xla_seconds
-        rows = [config.block_rows for config in candidate.configs.values()] or [16]
+        rows = [fields["block_rows"] for fields in candidate.configs.values()] or [16]
         return 1.0 - 1e-3 * max(rows)
 
     return timer, seen
