@@ -291,7 +291,9 @@ def _big_rows(r: dict) -> bool:
 
 
 def evaluate_targets(rows: list[dict], platform: str, auto: str) -> list[Result]:
-    """Every target of issues 5, 6 and 16 with its verdict on `rows`.
+    """Every target of issues 5, 6 and 16, and issue 17's against the peers
+    ([`peer_targets`][]), with its verdict on `rows` (issue 17's static targets come from
+    the deviceless tables: [`static_targets`][]).
 
     `platform` is JAX's backend (`"cpu"`, `"gpu"`, `"tpu"`); `auto` the implementation
     `impl="auto"` resolves to there. The GPU targets are judged on bfloat16 rows with at least

@@ -146,8 +146,6 @@ def variants(backend: str, default: Any, most_rows: int | None = None) -> dict[t
     doubled, within what the backend allows and at most `most_rows` rows. These are both the
     tuner's candidates and the only overrides the cache may give; `(1, 1)`, the default,
     comes first."""
-    from . import _common as c
-
     out = {(1, 1): default}
     if default.block_rows == 0:  # rows that do not fit on chip: nothing to choose
         return out
@@ -158,14 +156,17 @@ def variants(backend: str, default: Any, most_rows: int | None = None) -> dict[t
             if warp_scale != 1:
                 fields["num_warps"] = int(default.num_warps * warp_scale)
             candidate = default._replace(**fields)
-            if candidate not in out.values() and _allowed(
-                c, backend, default, candidate, most_rows
-            ):
+            if candidate not in out.values() and _allowed(backend, default, candidate, most_rows):
                 out[rows_scale, warp_scale] = candidate
     return out
 
 
-def _allowed(c, backend: str, default: Any, candidate: Any, most_rows: int | None) -> bool:
+def _allowed(backend: str, default: Any, candidate: Any, most_rows: int | None) -> bool:
+    """Whether `backend` can launch `candidate`: Mosaic GPU whole tiles of rows, Mosaic TPU
+    whole sublane groups within the VMEM asked for, Triton blocks within the elements and
+    warps the heuristic allows (or its own choice's elements, if more)."""
+    from . import _common as c  # which imports this module
+
     rows = candidate.block_rows
     if rows < 1 or (most_rows is not None and rows > most_rows):
         return False

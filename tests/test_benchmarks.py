@@ -61,7 +61,7 @@ def smoke(tmp_path_factory):
 def test_cli_runs_every_cpu_contender(smoke):
     done, _, rows = smoke
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Targets (issues 5, 6 and 16)" in done.stdout
+    assert "Targets (issues 5, 6, 16 and 17)" in done.stdout
     assert "done" in done.stderr  # the progress bar finished
     expected = {"reference", "module", "eqx", "flax", "torch", "torch.compile", "copy"}
     for op in OPS:

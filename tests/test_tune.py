@@ -84,3 +84,20 @@ def test_the_shape_and_device_arguments():
     assert tune.kernel_impls("tpu") == {"pallas": "mosaic"}
     assert tune.kernel_impls("rocm") == {"triton": "triton"}
     assert "triton" in tune.kernel_impls("cuda")
+
+
+def test_the_command_line(tmp_path, monkeypatch, capsys):
+    timer = _timer(xla_seconds=0.5)[0]
+    monkeypatch.setattr(tune, "wall_clock", lambda run, candidate, repeats: timer(run, candidate))
+    out = tmp_path / "tuning.json"
+    tune.main(["--ops", "rms_norm", "--shapes", "37x160", "--dtypes", "float32", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert (
+        "cpu|interpret|rms_norm|float32|64x256: heuristic 984.0000 ms, tuned 968.0000 ms" in printed
+    )
+    assert "XLA 500.0000 ms: XLA is faster (rms_norm 37x160 float32)" in printed
+    assert f"wrote 1 entries for cpu to {out}" in printed
+    assert list(json.loads(out.read_text())["entries"]) == ["cpu|interpret|rms_norm|float32|64x256"]
+    monkeypatch.setenv(_tuning.ENV, "off")
+    with pytest.raises(ValueError, match="EQXNORM_TUNING_CACHE=off turns the tuning cache off"):
+        tune.write({})
