@@ -18,6 +18,7 @@
 """
 
 import functools
+import math
 from collections.abc import Callable
 from types import ModuleType
 from typing import Literal
@@ -71,17 +72,36 @@ def resolve_impl(impl: Impl, backend: str | None = None) -> str:
 def _measured(name: str) -> Callable:
     """`pallas.<name>`, or `reference.<name>` for a call whose launches the tuning cache
     measured slower than XLA on this device (`eqxnorm.kernels._tuning.prefers_xla`, which
-    traces the kernel call abstractly to learn its launches)."""
+    traces the kernel call abstractly, on `_vmapped_shape(x)`, to learn its launches)."""
     kernel, reference_fn = getattr(pallas, name), getattr(reference, name)
 
     @functools.wraps(kernel)
     def dispatch(x, *args, **kwargs):
         def trace():
-            return jax.eval_shape(functools.partial(kernel, **kwargs), x, *args)
+            folded = jax.ShapeDtypeStruct(_vmapped_shape(x), x.dtype)
+            return jax.eval_shape(functools.partial(kernel, **kwargs), folded, *args)
 
         return (reference_fn if _tuning.prefers_xla(trace) else kernel)(x, *args, **kwargs)
 
     return dispatch
+
+
+def _vmapped_shape(x) -> tuple[int, ...]:
+    """`x`'s shape with the axes `jax.vmap` maps it over folded into its leading one, as the
+    kernels' batching rules fold them: a layer called on one example under `vmap` is judged
+    on the batch its kernels launch over. (JAX has no public way to ask a value's batch
+    axes; without its private `BatchTracer`, the example's own shape.)"""
+    try:
+        from jax._src.interpreters.batching import BatchTracer
+    except ImportError:  # pragma: no cover - a JAX that moved it
+        return x.shape
+    full = x
+    while isinstance(full, BatchTracer):
+        full = full.val
+    if not x.shape:
+        return x.shape
+    factor = math.prod(full.shape) // max(math.prod(x.shape), 1)
+    return (x.shape[0] * factor, *x.shape[1:])
 
 
 # What `impl="auto"` runs on a GPU or TPU: the kernels, or XLA where the tuning cache says.

@@ -60,16 +60,21 @@ def test_auto_takes_xla_where_the_cache_measured_it_faster(tmp_path, monkeypatch
     assert _dispatch.implementation("auto") is _dispatch.MEASURED
     x, w = jnp.ones((37, 160)), jnp.ones(160)
 
-    def kernels_traced():
-        jax.clear_caches()
-        jaxpr = jax.make_jaxpr(lambda x: _dispatch.MEASURED.layer_norm(x, w, w, eps=1e-5))(x)
-        return "pallas_call" in str(jaxpr)
+    def layer_norm(x):
+        return _dispatch.MEASURED.layer_norm(x, w, w, eps=1e-5)
 
-    assert kernels_traced()  # no cache: the kernels
+    def kernels_traced(fn):
+        jax.clear_caches()
+        return "pallas_call" in str(jax.make_jaxpr(fn)(x))
+
+    # A layer under vmap, one example per call, is judged on the 37 rows it launches over.
+    per_example = jax.vmap(lambda row: layer_norm(row[None])[0])
+    assert kernels_traced(layer_norm) and kernels_traced(per_example)  # no cache: the kernels
     for xla_seconds, kernels in ((0.5, False), (2.0, True)):
         timer = _timer(xla_seconds)[0]
         tune.tune(["layer_norm"], [(37, 160)], ["float32"], timer=timer, impls=INTERPRET)
-        assert kernels_traced() is kernels
+        assert kernels_traced(layer_norm) is kernels
+        assert kernels_traced(per_example) is kernels
 
 
 def test_the_shape_and_device_arguments():
