@@ -165,8 +165,8 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         default=[],
         help="deviceless tables (python -m benchmarks.deviceless --out DIR) on which the "
-        "summary judges issue 17's static targets: bytes per training step, occupancy, "
-        "spills, barriers, launches",
+        "summary judges issue 17's static targets by the deviceless check's verdicts: "
+        "bytes per training step, launches, spills, single reads, occupancy",
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument(

@@ -3,9 +3,8 @@
 Each result row is a dict with the keys in [`COLUMNS`][]. `status` is `"ok"`, `"skipped"`
 (the contender cannot run that case here; `note` says why) or `"failed"` (it raised; `note`
 has the error). The targets of issues 5, 6 and 16 are evaluated here, on the measured rows only;
-issue 17's on the measured rows (the time against each peer) and on the deviceless table
-(`python -m benchmarks.deviceless`: bytes per training step, occupancy, spills, barriers,
-launches; [`static_targets`][]).
+issue 17's on the measured rows (the time against each peer) and on deviceless tables
+(`python -m benchmarks.deviceless`, whose own verdicts they summarize: [`static_targets`][]).
 """
 
 import csv
@@ -15,6 +14,7 @@ import math
 import statistics
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 COLUMNS = (
     "op",
@@ -483,128 +483,36 @@ def peer_targets(rows: list[dict], auto: str) -> list[Result]:
     return out
 
 
-# The deviceless targets: (what, threshold, the rows' value, worst is the highest).
-STEP_BYTES_OPS = (
-    "layer_norm",
-    "rms_norm",
-    "add_layer_norm",
-    "add_rms_norm",
-    "adaptive_layer_norm",
-    "group_norm",
-    "instance_norm",
-)
-STEP_BYTES_TARGET = 1.05
-BATCH_NORM_PASSES = 8
-WIDE_ONE_READ = 65536
-OCCUPANCY_TARGET = 0.5
-FWD_BARRIERS = 5
-STEP_LAUNCHES = 3
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def _case_text(d: dict) -> str:
-    c = d["case"]
-    return f"{c['op']} {c['shape']} {c['dtype']} {c['direction']}"
-
-
-def _judge(
-    name: str, items: list[tuple[float, str]], threshold: float, unit: str, low: bool = False
-) -> Result:
-    """MET when the worst of `items`' values (the highest; the lowest when `low`) is at most
-    (at least) `threshold`."""
-    if not items:
-        return Result("deviceless", name, "NOT MEASURED", "no matching rows in the table")
-    value, where = (min if low else max)(items, key=lambda item: item[0])
-    ok = value >= threshold if low else value <= threshold
-    digits = 3 if unit == "x" else 2  # ratios near their 1.05x threshold need the third
-    measured = f"worst {value:.{digits}f}{unit} at {where} ({len(items)} rows)"
-    return Result("deviceless", name, "MET" if ok else "MISSED", measured)
-
-
 def static_targets(table: list[dict]) -> list[Result]:
-    """Issue 17's targets judged on the rows of deviceless tables (`results.json` of
-    `python -m benchmarks.deviceless`, Triton's or Mosaic GPU's): per op, the training
-    step's bytes over the ideal (<= 1.05x; BatchNorm: at most 8 passes over `x`), the launches
-    of a training step (<= 3: forward, backward, one small reduction), and over every
-    kernel: one read of rows up to 65536 wide (every access over the unique bytes <= 1.01x),
-    occupancy >= 50 %, no spills, LayerNorm's forward at most 5 barriers (the Mosaic GPU
-    kernels' rows give their registers' occupancy and spills only)."""
-    steps = [d for d in table if d["case"]["direction"] == "fwd+bwd" and d.get("program")]
+    """Issue 17's static targets judged on the H200 cases of deviceless tables (the rows of
+    `python -m benchmarks.deviceless`'s `results.json`, Triton's or Mosaic GPU's) by the
+    deviceless check's own verdicts (`benchmarks.deviceless.verdicts`: bytes over the ideal,
+    XLA launches beside the kernels, and per kernel spills, one read of each byte, occupancy
+    or Mosaic GPU's bytes in flight): one line per target (a kernel's name left out), MET
+    when every case meets it, else MISSED with the cases that do not."""
+    from .deviceless import verdicts
+
+    grouped: dict[str, list[tuple[str, Any]]] = {}
+    for d in table:
+        if "program" not in d:  # a TPU case: compiled or not, no target of issue 17
+            continue
+        c = d["case"]
+        case = f"{c['op']} {c['shape']} {c['dtype']} {c['direction']}"
+        for v in verdicts(d):
+            kernel, _, target = v.target.rpartition(": ")
+            grouped.setdefault(target, []).append((f"{case} {kernel}".strip(), v))
     out = []
-    for op in STEP_BYTES_OPS:
-        items = [
-            (d["program"]["bytes"] / d["ideal_bytes"], _case_text(d))
-            for d in steps
-            if d["case"]["op"] == op and d.get("ideal_bytes")
-        ]
-        out.append(
-            _judge(
-                f"{op} training step bytes / ideal <= {STEP_BYTES_TARGET}x",
-                items,
-                STEP_BYTES_TARGET,
-                "x",
+    for target, items in grouped.items():
+        misses = [f"{where}: {v.value}" for where, v in items if not v.met]
+        if misses:
+            shown = "; ".join(misses[:3]) + ("; ..." if len(misses) > 3 else "")
+            out.append(
+                Result(
+                    "deviceless", target, "MISSED", f"{len(misses)} of {len(items)} miss: {shown}"
+                )
             )
-        )
-    passes = []
-    for d in steps:
-        if d["case"]["op"] == "batch_norm":
-            size = math.prod(int(n) for n in d["case"]["shape"].split("x"))
-            passes.append(
-                (d["program"]["bytes"] / (size * _ITEMSIZE[d["case"]["dtype"]]), _case_text(d))
-            )
-    out.append(
-        _judge(
-            f"batch_norm training step <= {BATCH_NORM_PASSES} passes over x",
-            passes,
-            BATCH_NORM_PASSES + 0.05,
-            "",
-        )
-    )
-    # XLA's thunks list its own and Triton's kernels; Mosaic GPU's custom calls are apart.
-    launches = [
-        (float(len(d["program"].get("launches", ())) + len(d.get("mosaic_gpu", ()))), _case_text(d))
-        for d in steps
-    ]
-    out.append(
-        _judge(f"launches per training step <= {STEP_LAUNCHES}", launches, STEP_LAUNCHES, "")
-    )
-    kernels = [(k, d) for d in table for k in d.get("kernels", ())]
-    mosaic_gpu = [(k, d) for d in table for k in d.get("mosaic_gpu", ())]
-
-    def width(d):
-        return int(d["case"]["shape"].split("x")[-1])
-
-    reads = [
-        (k["access_bytes"] / k["ideal_bytes"], f"{k['name']}, {_case_text(d)}")
-        for k, d in kernels
-        if k.get("ideal_bytes") and k.get("access_bytes") is not None and width(d) <= WIDE_ONE_READ
-    ]
-    out.append(
-        _judge(
-            f"one read of rows up to {WIDE_ONE_READ} (every access / unique bytes)",
-            reads,
-            1.01,
-            "x",
-        )
-    )
-    occupancy = [
-        (100 * k.get("occupancy", k.get("register_occupancy")), f"{k['name']}, {_case_text(d)}")
-        for k, d in kernels + mosaic_gpu
-        if k.get("occupancy", k.get("register_occupancy")) is not None
-    ]
-    name = f"occupancy >= {OCCUPANCY_TARGET:.0%} in every kernel"
-    out.append(_judge(name, occupancy, 100 * OCCUPANCY_TARGET, "%", low=True))
-    spills = [
-        (float(k.get("spill_bytes") or 0), f"{k['name']}, {_case_text(d)}")
-        for k, d in kernels + mosaic_gpu
-    ]
-    out.append(_judge("no spills in any kernel (bytes)", spills, 0, " B"))
-    barriers = [
-        (float(k["barriers"]), _case_text(d))
-        for k, d in kernels
-        if k["name"] == "eqxnorm_layer_norm_fwd" and k.get("barriers") is not None
-    ]
-    out.append(_judge(f"layer_norm forward barriers <= {FWD_BARRIERS}", barriers, FWD_BARRIERS, ""))
+        else:
+            out.append(Result("deviceless", target, "MET", f"all {len(items)} met"))
     return out
 
 

@@ -21,8 +21,9 @@
 #    shapes, bf16, against XLA, eqx.nn, Flax, PyTorch eager and torch.compile, Liger and
 #    tokamax where installed, and a device copy) with the tuning cache of step 3, 4 minutes at
 #    most, its results (CSV, JSON, plots, and `summary.md` with the target verdicts: issue 17's
-#    as MET/MISSED lines, the peers' time ratios from this run and the bytes, occupancy, spills,
-#    barriers and launches from the deviceless tables of step 4) under RESULTS_DIR (default
+#    as MET/MISSED lines, the peers' time ratios from this run and the deviceless check's
+#    verdicts on the tables of step 4: bytes, launches, spills, single reads, occupancy)
+#    under RESULTS_DIR (default
 #    `benchmarks/results/<gpu name>/`, the folder to commit).
 #
 # Each step is bounded by `timeout`, and a failed step does not stop the next; the exit status
