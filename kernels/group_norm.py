@@ -849,7 +849,7 @@ def _reference_modulated(x, w, b, *, groups: int, eps: float):
     """The reference's channels-last GroupNorm with per-example parameters `w`, `b`
     `(batch, channels)` (the modulation already applied)."""
     w, b = (p[:, None, :] for p in (w, b))
-    return reference._group_normalized_channels_last(x, groups, w, b, eps)
+    return reference._group_normalized(x, groups, w, b, eps, channels_last=True)
 
 
 __all__ = [
