@@ -61,6 +61,9 @@ _FUNCTIONS = {
     "adaptive_group_norm": _group_norm.adaptive_group_norm,
     "batch_norm": _batch_norm.batch_norm,
     "batch_norm_inference": _batch_norm.batch_norm_inference,
+    "qk_norm": row_norm.qk_norm,
+    "gated_rms_norm": row_norm.gated_rms_norm,
+    "dyt": row_norm.dyt,
 }
 
 
@@ -87,6 +90,9 @@ group_norm = _kernel_or_reference(_group_norm.group_norm)
 adaptive_group_norm = _kernel_or_reference(_group_norm.adaptive_group_norm)
 batch_norm = _kernel_or_reference(_batch_norm.batch_norm)
 batch_norm_inference = _kernel_or_reference(_batch_norm.batch_norm_inference)
+qk_norm = _kernel_or_reference(row_norm.qk_norm)
+gated_rms_norm = _kernel_or_reference(row_norm.gated_rms_norm)
+dyt = _kernel_or_reference(row_norm.dyt)
 
 __all__ = [
     "layer_norm",
@@ -99,4 +105,7 @@ __all__ = [
     "adaptive_group_norm",
     "batch_norm",
     "batch_norm_inference",
+    "qk_norm",
+    "gated_rms_norm",
+    "dyt",
 ]
