@@ -55,7 +55,8 @@ def test_convert_layer_norms_to_dyt():
     assert converted[3].weight is model[3].weight
     x = jnp.linspace(-3, 3, 8)
     assert jnp.allclose(first(x), jnp.tanh(0.3 * x))
-    assert eqxnorm.convert_layer_norms_to_dyt(model[2:]) is model[2:]
+    without = model[2:]
+    assert eqxnorm.convert_layer_norms_to_dyt(without) is without
     with_rms = eqxnorm.convert_layer_norms_to_dyt(model, types=(eqxnorm.RMSNorm,))
     assert isinstance(with_rms[2], eqxnorm.DyT) and isinstance(with_rms[0], eqx.nn.LayerNorm)
 
