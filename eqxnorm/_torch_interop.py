@@ -13,10 +13,13 @@ anything `np.asarray` accepts (PyTorch tensors included, converted with
 | `RMSNorm(shape, use_bias=False)` | `RMSNorm(shape, eps=1e-5)`         | `weight` (never a bias) |
 | `GroupNorm(groups, channels)`    | `GroupNorm(groups, channels)`      | `weight`, `bias`     |
 | `InstanceNorm(C, channelwise_affine=True)` | `InstanceNorm2d(C, affine=True)` | `weight`, `bias` |
+| `GatedRMSNorm(dim)`              | `Qwen3NextRMSNormGated(dim)`       | `weight`             |
 
 `BatchNorm(C, axis_name)` and its state map to `BatchNorm2d(C)`: `weight`, `bias`, and
 `running_mean`, `running_var`, `num_batches_tracked` from and to the state. The 1d and 3d
 PyTorch classes have the same keys; without the affine there is no `weight` and no `bias`.
+`GatedRMSNorm`'s twins are Hugging Face's `Qwen3NextRMSNormGated` and `mamba_ssm`'s
+`RMSNormGated` (give `norm_before_gate=False` for Mamba-2's), which have no bias.
 
 A state dict holds no hyperparameters: construct the eqxnorm layer with the PyTorch layer's
 shape, `eps` (PyTorch's `RMSNorm` defaults to `eps=None`, the input dtype's machine epsilon,
@@ -49,6 +52,7 @@ import numpy as np
 from equinox.nn import State
 
 from ._batch_norm import BatchNorm
+from ._gated_rms_norm import GatedRMSNorm
 from ._group_norm import GroupNorm
 from ._instance_norm import InstanceNorm
 from ._layer_norm import LayerNorm, _RowNorm
@@ -60,10 +64,11 @@ _TORCH_TWINS: dict[type, str] = {
     GroupNorm: "torch.nn.GroupNorm",
     InstanceNorm: "torch.nn.InstanceNorm1d/2d/3d",
     BatchNorm: "torch.nn.BatchNorm1d/2d/3d",
+    GatedRMSNorm: "Qwen3NextRMSNormGated (Hugging Face) / RMSNormGated (mamba_ssm)",
 }
 _SUPPORTED = (
-    "eqxnorm.LayerNorm, eqxnorm.RMSNorm, eqxnorm.GroupNorm, eqxnorm.InstanceNorm and "
-    "eqxnorm.BatchNorm"
+    "eqxnorm.LayerNorm, eqxnorm.RMSNorm, eqxnorm.GroupNorm, eqxnorm.InstanceNorm, "
+    "eqxnorm.BatchNorm and eqxnorm.GatedRMSNorm"
 )
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 _MAX_COUNT = int(np.iinfo(np.int32).max)
@@ -83,6 +88,11 @@ def _kind(layer: Any, where: str) -> type:
 
 
 def _describe(layer: Any) -> str:
+    if isinstance(layer, GatedRMSNorm):
+        return (
+            f"eqxnorm.GatedRMSNorm({layer.shape}, use_weight={layer.use_weight}, "
+            f"norm_before_gate={layer.norm_before_gate})"
+        )
     if isinstance(layer, _RowNorm):
         shape = layer.shape[0] if len(layer.shape) == 1 else layer.shape
         return (
@@ -117,7 +127,8 @@ def _params(layer: Any) -> dict[str, jax.Array]:
     params = {}
     if layer.weight is not None:
         params["weight"] = layer.weight
-    if layer.bias is not None and not _dropped_bias(layer):
+    # A gated RMSNorm, like its twins, has no bias.
+    if getattr(layer, "bias", None) is not None and not _dropped_bias(layer):
         params["bias"] = layer.bias
     return params
 
@@ -194,6 +205,7 @@ def _missing_hint(layer: Any, missing: set[str], names: list[str], candidates: l
         flag = {
             LayerNorm: "`use_weight=False, use_bias=False` (PyTorch's elementwise_affine=False)",
             RMSNorm: "`use_weight=False` (PyTorch's elementwise_affine=False)",
+            GatedRMSNorm: "`use_weight=False`",
         }.get(type(layer), "`channelwise_affine=False` (PyTorch's affine=False)")
         return (
             f"If the PyTorch layer has no affine parameters, construct this layer without "
@@ -312,7 +324,7 @@ def _to_numpy(value: Any, key: str, where: str) -> np.ndarray:
 def _shape_fix(layer: Any, name: str, got: tuple[int, ...]) -> str:
     if name == "num_batches_tracked":
         return "PyTorch stores it as a scalar: pass e.g. `np.asarray(n)`."
-    if isinstance(layer, _RowNorm):
+    if isinstance(layer, (_RowNorm, GatedRMSNorm)):
         if not got:
             return "Pass the PyTorch layer's tensor as saved."
         shape = got[0] if len(got) == 1 else got
@@ -359,13 +371,13 @@ def _read(
 
 
 def load_torch_state_dict(
-    layer: LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm,
+    layer: LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm | GatedRMSNorm,
     state_dict: Mapping[str, Any],
     state: State | None = None,
     *,
     prefix: str = "",
     strict: bool = True,
-) -> LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm | tuple[Any, State]:
+) -> LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm | GatedRMSNorm | tuple[Any, State]:
     """Load the state dict of a PyTorch norm layer into an eqxnorm layer.
 
     The layer's parameters (and, for `BatchNorm`, the running statistics in `state`) are
@@ -450,7 +462,7 @@ def load_torch_state_dict(
 
 
 def torch_state_dict(
-    layer: LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm,
+    layer: LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm | GatedRMSNorm,
     state: State | None = None,
     *,
     prefix: str = "",
