@@ -11,7 +11,7 @@ from . import _checking, functional
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
 from ._layer_norm import LayerNorm
-from ._misc import sentinel
+from ._misc import example_axis_names, sentinel
 
 
 class DyT(eqx.Module):
@@ -89,7 +89,7 @@ class DyT(eqx.Module):
     def _precheck(self, x, state=sentinel, *, key=None):
         where = f"DyT(shape={self.shape})"
         _checking.check_floating(x, "x", where)
-        names = ["dim"] if len(self.shape) == 1 else [f"shape[{i}]" for i in range(len(self.shape))]
+        names = example_axis_names(self.shape)
         _checking.check_example_shape(x, self.shape, where, names)
 
     @_checking.typechecked(_precheck)

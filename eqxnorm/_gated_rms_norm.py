@@ -8,6 +8,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from . import _checking, functional
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
+from ._misc import example_axis_names
 
 
 class GatedRMSNorm(eqx.Module):
@@ -81,7 +82,7 @@ class GatedRMSNorm(eqx.Module):
 
     def _precheck(self, x, z, *, key=None):
         where = f"GatedRMSNorm(shape={self.shape})"
-        names = ["dim"] if len(self.shape) == 1 else [f"shape[{i}]" for i in range(len(self.shape))]
+        names = example_axis_names(self.shape)
         for name, value in (("x", x), ("z", z)):
             _checking.check_floating(value, name, where)
         _checking.check_example_shape(x, self.shape, where, names)

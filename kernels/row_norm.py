@@ -1257,18 +1257,30 @@ def _gated_launch(target: Target, x, weight):
     return launch, ([] if weight is None else [weight.reshape(1, 1, -1)])
 
 
-def _gated_rms_norm_fwd_on(target: Target, x, z, weight, *, eps, norm_before_gate):
-    """`y` of `x`, `z` `(rows, dim)` with one `pallas_call` on `target`."""
-    launch, params = _gated_launch(target, x, weight)
-    kernel = functools.partial(
-        _gated_rms_norm_fwd_kernel,
+def _one_group_kernel(body, target: Target, launch: _Launch, x, weight, **settings):
+    """`body` with the settings of a launch over the rows of `x` `(rows, dim)`."""
+    return functools.partial(
+        body,
         target=target,
         config=launch.config,
         rows=x.shape[0],
         width=x.shape[1],
+        has_weight=weight is not None,
+        **settings,
+    )
+
+
+def _gated_rms_norm_fwd_on(target: Target, x, z, weight, *, eps, norm_before_gate):
+    """`y` of `x`, `z` `(rows, dim)` with one `pallas_call` on `target`."""
+    launch, params = _gated_launch(target, x, weight)
+    kernel = _one_group_kernel(
+        _gated_rms_norm_fwd_kernel,
+        target,
+        launch,
+        x,
+        weight,
         eps=eps,
         norm_before_gate=norm_before_gate,
-        has_weight=weight is not None,
     )
     y = c.pallas_call(
         kernel,
@@ -1289,15 +1301,14 @@ def _gated_rms_norm_bwd_on(target: Target, x, z, weight, dy, *, eps, norm_before
     launch, params = _gated_launch(target, x, weight)
     rows_shape = [jax.ShapeDtypeStruct((1, *x.shape), a.dtype) for a in (x, z)]
     partial = jax.ShapeDtypeStruct((1, launch.grid[0], 1, x.shape[1]), F32)
-    kernel = functools.partial(
+    kernel = _one_group_kernel(
         _gated_rms_norm_bwd_kernel,
-        target=target,
-        config=launch.config,
-        rows=x.shape[0],
-        width=x.shape[1],
+        target,
+        launch,
+        x,
+        weight,
         eps=eps,
         norm_before_gate=norm_before_gate,
-        has_weight=weight is not None,
     )
     outs = c.pallas_call(
         kernel,
@@ -1423,14 +1434,8 @@ def _dyt_fwd_on(target: Target, x, alpha, weight, bias):
     """`y` of `x` `(rows, dim)` with one `pallas_call` on `target`."""
     launch, params = _gated_launch(target, x, weight)
     params += [] if bias is None else [bias.reshape(1, 1, -1)]
-    kernel = functools.partial(
-        _dyt_fwd_kernel,
-        target=target,
-        config=launch.config,
-        rows=x.shape[0],
-        width=x.shape[1],
-        has_weight=weight is not None,
-        has_bias=bias is not None,
+    kernel = _one_group_kernel(
+        _dyt_fwd_kernel, target, launch, x, weight, has_bias=bias is not None
     )
     y = c.pallas_call(
         kernel,
@@ -1455,14 +1460,7 @@ def _dyt_bwd_on(target: Target, x, alpha, weight, dy):
     float32 sums over the rows."""
     launch, params = _gated_launch(target, x, weight)
     blocks, width = launch.grid[0], x.shape[1]
-    kernel = functools.partial(
-        _dyt_bwd_kernel,
-        target=target,
-        config=launch.config,
-        rows=x.shape[0],
-        width=width,
-        has_weight=weight is not None,
-    )
+    kernel = _one_group_kernel(_dyt_bwd_kernel, target, launch, x, weight)
     dx, dalpha, dw, db = c.pallas_call(
         kernel,
         target,
