@@ -1331,13 +1331,22 @@ def _gated_rms_norm(eps: float, norm_before_gate: bool, backend: str):
 
     def forward(x, z, weight):
         fn = functools.partial(_gated_rms_norm_fwd_on, **settings)
-        return c.per_platform(fn, x, z, weight, backend=backend), ()
+        mosaic_gpu = c.MosaicGPU(
+            functools.partial(_mgpu.gated_rms_norm_forward_on, **settings),
+            _mgpu.gated_rms_norm_forward_supported,
+        )
+        return c.per_platform(fn, x, z, weight, mosaic_gpu=mosaic_gpu, backend=backend), ()
 
     def backward(primals, saved, dy, like):
         x, z, weight = primals
-        param_grads = like[2] is not None
-        fn = functools.partial(_gated_rms_norm_bwd_on, param_grads=param_grads, **settings)
-        grads = c.per_platform(fn, x, z, weight, dy, backend=backend)
+        kwargs = dict(param_grads=like[2] is not None, **settings)
+        fn = functools.partial(_gated_rms_norm_bwd_on, **kwargs)
+        mosaic_gpu = c.MosaicGPU(
+            functools.partial(_mgpu.gated_rms_norm_backward_on, **kwargs),
+            _mgpu.gated_rms_norm_backward_supported,
+        )
+        args = (x, z, weight, dy)
+        grads = c.per_platform(fn, *args, mosaic_gpu=mosaic_gpu, backend=backend)
         return tuple(None if lk is None else g for lk, g in zip(like, grads, strict=True))
 
     ref = functools.partial(reference.gated_rms_norm, **settings)
@@ -1488,11 +1497,15 @@ def _dyt(backend: str):
     """The differentiable `(x, alpha, weight, bias) -> y` (rows `(rows, dim)`)."""
 
     def forward(x, alpha, weight, bias):
-        return c.per_platform(_dyt_fwd_on, x, alpha, weight, bias, backend=backend), ()
+        mosaic_gpu = c.MosaicGPU(_mgpu.dyt_forward_on, _mgpu.dyt_supported)
+        args = (x, alpha, weight, bias)
+        return c.per_platform(_dyt_fwd_on, *args, mosaic_gpu=mosaic_gpu, backend=backend), ()
 
     def backward(primals, saved, dy, like):
         x, alpha, weight, _ = primals
-        grads = c.per_platform(_dyt_bwd_on, x, alpha, weight, dy, backend=backend)
+        mosaic_gpu = c.MosaicGPU(_mgpu.dyt_backward_on, _mgpu.dyt_supported)
+        args = (x, alpha, weight, dy)
+        grads = c.per_platform(_dyt_bwd_on, *args, mosaic_gpu=mosaic_gpu, backend=backend)
         return tuple(None if lk is None else g for lk, g in zip(like, grads, strict=True))
 
     return _autodiff.fused_with_jvp(forward, backward, reference.dyt)
