@@ -66,7 +66,8 @@ class DyT(eqx.Module):
         - `use_weight`: whether to learn the scale $\\gamma$ (initialised to ones).
         - `use_bias`: whether to learn the shift $\\beta$ (initialised to zeros).
         - `dtype`: dtype of the parameters; defaults to float32 (float64 in 64-bit mode).
-        - `impl`: `"auto"`, `"pallas"`, `"triton"` or `"reference"`; see `eqxnorm.functional`.
+        - `impl`: `"auto"`, `"pallas"`, `"triton"`, `"mosaic_gpu"` or `"reference"`; see
+            `eqxnorm.functional`.
 
         **Raises:**
 

@@ -66,7 +66,8 @@ class GatedRMSNorm(eqx.Module):
         - `use_weight`: whether to learn the scale $\\gamma$ (initialised to ones).
         - `dtype`: dtype of the weight; defaults to float32 (float64 in 64-bit mode).
         - `norm_before_gate`: see above.
-        - `impl`: `"auto"`, `"pallas"`, `"triton"` or `"reference"`; see `eqxnorm.functional`.
+        - `impl`: `"auto"`, `"pallas"`, `"triton"`, `"mosaic_gpu"` or `"reference"`; see
+            `eqxnorm.functional`.
 
         **Raises:**
 

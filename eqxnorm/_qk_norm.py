@@ -68,7 +68,8 @@ class QKNorm(eqx.Module):
         - `per_head`: one weight per head, `(heads, head_dim)` and `(kv_heads, head_dim)`,
             rather than one `(head_dim,)` each shared by the heads.
         - `norm`: `"rms_norm"` or `"layer_norm"`.
-        - `impl`: `"auto"`, `"pallas"`, `"triton"` or `"reference"`; see `eqxnorm.functional`.
+        - `impl`: `"auto"`, `"pallas"`, `"triton"` or `"reference"` (no Mosaic GPU kernel:
+            on a GPU the QK-norm runs Triton); see `eqxnorm.functional`.
 
         **Raises:**
 

@@ -1144,7 +1144,7 @@ def gated_rms_norm(
     - `shape`: the normalized trailing shape (default: the weight's, else `x`'s last axis).
     - `eps`: added to the mean square; must be positive. (Qwen3-Next: 1e-6; Mamba-2: 1e-5.)
     - `norm_before_gate`: see above.
-    - `impl`: `"auto"`, `"pallas"`, `"triton"` or `"reference"`.
+    - `impl`: `"auto"`, `"pallas"`, `"triton"`, `"mosaic_gpu"` or `"reference"`.
 
     **Returns:**
 
@@ -1208,7 +1208,7 @@ def dyt(
     - `alpha`: $\alpha$, a scalar array `()`.
     - `weight`, `bias`: $\gamma$, $\beta$ of shape `shape`, or `None`.
     - `shape`: the trailing shape of the parameters (default: theirs, else `x`'s last axis).
-    - `impl`: `"auto"`, `"pallas"`, `"triton"` or `"reference"`.
+    - `impl`: `"auto"`, `"pallas"`, `"triton"`, `"mosaic_gpu"` or `"reference"`.
 
     **Returns:**
 

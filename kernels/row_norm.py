@@ -1376,7 +1376,8 @@ def gated_rms_norm(
     - `weight`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
     - `norm_before_gate`: as the reference's.
-    - `backend`: the GPU kernels, `"auto"` or `"triton"`.
+    - `backend`: the GPU kernels, `"auto"`, `"triton"` or `"mosaic_gpu"` (see
+      `eqxnorm.kernels._common.per_platform`).
 
     **Returns:**
 
@@ -1530,7 +1531,8 @@ def dyt(
     - `x`: `(rows, dim)`.
     - `alpha`: a scalar `()`.
     - `weight`, `bias`: `(dim,)` or `None`.
-    - `backend`: the GPU kernels, `"auto"` or `"triton"`.
+    - `backend`: the GPU kernels, `"auto"`, `"triton"` or `"mosaic_gpu"` (see
+      `eqxnorm.kernels._common.per_platform`).
 
     **Returns:**
 
