@@ -1144,6 +1144,39 @@ def qk_norm(
 # --- gated RMSNorm ---------------------------------------------------------------------------
 
 
+def _rows_folded(call, n_rows: int, example_param_grads=None):
+    """`call(*rows, *params)`, a launch over `(rows, dim)` arrays (its outputs: arrays of the
+    rows' shape, then any parameter gradients), as a `custom_vmap` function: a `jax.vmap`
+    whose parameters the examples share folds the examples into the rows, one launch over
+    all of them (as the row norms' `_forward` does), else runs Pallas' own batching. The
+    parameters' gradients are then per example, as `vmap` means them, from XLA:
+    `example_param_grads(*rows, *params)` on each example (the launch's partial sums mix
+    the examples); the caller sums them."""
+    folded = custom_vmap(call)
+
+    @folded.def_vmap
+    def _(axis_size, in_batched, *args):
+        if axis_size == 0:
+            return c.empty_batch(folded, in_batched, args)
+        if any(in_batched[n_rows:]):
+            axes = tuple(0 if b else None for b in in_batched)
+            out = jax.vmap(call, in_axes=axes)(*args)
+            return out, _all_batched(out)
+        rows = [
+            c.fold(axis_size, b, a) for b, a in zip(in_batched[:n_rows], args[:n_rows], strict=True)
+        ]
+        out = folded(*rows, *args[n_rows:])
+        if example_param_grads is None:
+            out = c.unfold(axis_size, out)
+            return out, _all_batched(out)
+        axes = tuple(0 if b else None for b in in_batched)
+        grads = jax.vmap(example_param_grads, in_axes=axes)(*args)
+        out = (*(c.unfold(axis_size, o) for o in out[: len(out) - len(grads)]), *grads)
+        return out, _all_batched(out)
+
+    return folded
+
+
 def _gate(z):
     r"""$(\mathrm{silu}(z), \mathrm{silu}'(z))$, $\mathrm{silu}' = \sigma(1 + z(1 - \sigma))$."""
     sigmoid = 1 / (1 + jnp.exp(-z))
@@ -1329,28 +1362,44 @@ def _gated_rms_norm(eps: float, norm_before_gate: bool, backend: str):
     """The differentiable `(x, z, weight) -> y` (rows `(rows, dim)`)."""
     settings = dict(eps=eps, norm_before_gate=norm_before_gate)
 
-    def forward(x, z, weight):
+    ref = functools.partial(reference.gated_rms_norm, **settings)
+
+    def launch_forward(x, z, weight):
         fn = functools.partial(_gated_rms_norm_fwd_on, **settings)
         mosaic_gpu = c.MosaicGPU(
             functools.partial(_mgpu.gated_rms_norm_forward_on, **settings),
             _mgpu.gated_rms_norm_forward_supported,
         )
-        return c.per_platform(fn, x, z, weight, mosaic_gpu=mosaic_gpu, backend=backend), ()
+        return c.per_platform(fn, x, z, weight, mosaic_gpu=mosaic_gpu, backend=backend)
 
-    def backward(primals, saved, dy, like):
-        x, z, weight = primals
-        kwargs = dict(param_grads=like[2] is not None, **settings)
+    def launch_backward(param_grads, x, z, dy, weight):
+        kwargs = dict(param_grads=param_grads, **settings)
         fn = functools.partial(_gated_rms_norm_bwd_on, **kwargs)
         mosaic_gpu = c.MosaicGPU(
             functools.partial(_mgpu.gated_rms_norm_backward_on, **kwargs),
             _mgpu.gated_rms_norm_backward_supported,
         )
         args = (x, z, weight, dy)
-        grads = c.per_platform(fn, *args, mosaic_gpu=mosaic_gpu, backend=backend)
+        return c.per_platform(fn, *args, mosaic_gpu=mosaic_gpu, backend=backend)
+
+    def example_weight_grad(x, z, dy, weight):
+        _, vjp = jax.vjp(lambda w: ref(x, z, w), weight.astype(F32))
+        return vjp(dy)
+
+    forward = _rows_folded(launch_forward, 2)
+    backwards = {
+        grads: _rows_folded(
+            functools.partial(launch_backward, grads), 3, example_weight_grad if grads else None
+        )
+        for grads in (False, True)
+    }
+
+    def backward(primals, saved, dy, like):
+        x, z, weight = primals
+        grads = backwards[like[2] is not None](x, z, dy, weight)
         return tuple(None if lk is None else g for lk, g in zip(like, grads, strict=True))
 
-    ref = functools.partial(reference.gated_rms_norm, **settings)
-    return _autodiff.fused_with_jvp(forward, backward, ref)
+    return _autodiff.fused_with_jvp(lambda *a: (forward(*a), ()), backward, ref)
 
 
 @typechecked()
@@ -1497,19 +1546,32 @@ def _dyt_bwd_on(target: Target, x, alpha, weight, dy):
 def _dyt(backend: str):
     """The differentiable `(x, alpha, weight, bias) -> y` (rows `(rows, dim)`)."""
 
-    def forward(x, alpha, weight, bias):
+    def launch_forward(x, alpha, weight, bias):
         mosaic_gpu = c.MosaicGPU(_mgpu.dyt_forward_on, _mgpu.dyt_supported)
         args = (x, alpha, weight, bias)
-        return c.per_platform(_dyt_fwd_on, *args, mosaic_gpu=mosaic_gpu, backend=backend), ()
+        return c.per_platform(_dyt_fwd_on, *args, mosaic_gpu=mosaic_gpu, backend=backend)
+
+    def launch_backward(x, dy, alpha, weight):
+        mosaic_gpu = c.MosaicGPU(_mgpu.dyt_backward_on, _mgpu.dyt_supported)
+        args = (x, alpha, weight, dy)
+        return c.per_platform(_dyt_bwd_on, *args, mosaic_gpu=mosaic_gpu, backend=backend)
+
+    def example_param_grads(x, dy, alpha, weight):
+        # The weight's gradient is the kernel's even without a weight (the sums of dy·t).
+        weight = jnp.ones(x.shape[-1], F32) if weight is None else weight.astype(F32)
+        params = (alpha.astype(F32), weight, jnp.zeros(x.shape[-1], F32))
+        _, vjp = jax.vjp(lambda *p: reference.dyt(x, *p), *params)
+        return vjp(dy)
+
+    forward = _rows_folded(launch_forward, 1)
+    backward_rows = _rows_folded(launch_backward, 2, example_param_grads)
 
     def backward(primals, saved, dy, like):
         x, alpha, weight, _ = primals
-        mosaic_gpu = c.MosaicGPU(_mgpu.dyt_backward_on, _mgpu.dyt_supported)
-        args = (x, alpha, weight, dy)
-        grads = c.per_platform(_dyt_bwd_on, *args, mosaic_gpu=mosaic_gpu, backend=backend)
+        grads = backward_rows(x, dy, alpha, weight)
         return tuple(None if lk is None else g for lk, g in zip(like, grads, strict=True))
 
-    return _autodiff.fused_with_jvp(forward, backward, reference.dyt)
+    return _autodiff.fused_with_jvp(lambda *a: (forward(*a), ()), backward, reference.dyt)
 
 
 @typechecked()

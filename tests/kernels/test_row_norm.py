@@ -730,3 +730,45 @@ def test_fused_gate_and_dyt_forward_mode_and_vmap():
     expected = run(reference, x, z, weight, bias)
     for got, want in zip(run(row_norm, x, z, weight, bias), expected, strict=True):
         ks.assert_matches(got, want)
+
+
+def _vmapped_per_row(module, x, z, weight, bias, alpha):
+    """Gradients through a `vmap` of the one-example calls with shared parameters (how the
+    modules run), of every input and parameter."""
+
+    def loss(x, z, weight, bias, alpha):
+        def gated(xi, zi):
+            return module.gated_rms_norm(xi[None], zi[None], weight, eps=1e-6)[0]
+
+        def dyt(xi):
+            return module.dyt(xi.reshape(2, -1), alpha, weight[:80], bias[:80])
+
+        y = jax.vmap(gated)(x, z)
+        return jnp.sum(y * jnp.cos(x)) + jnp.sum(jax.vmap(dyt)(x) ** 2)
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, z, weight, bias, alpha)
+
+
+def test_gated_and_dyt_vmap_folds_examples_into_the_rows():
+    # 64 one-row examples of width 160: one launch of 4 programs each way (16 rows each), not
+    # Pallas' own batching (a program per example); the shared parameters' gradients per
+    # example from XLA, summed.
+    bf16 = jnp.bfloat16
+    rows, vector = jax.ShapeDtypeStruct((64, 160), bf16), jax.ShapeDtypeStruct((160,), bf16)
+
+    def gated_step(x, z, weight):
+        def loss(x, weight):
+            y = jax.vmap(
+                lambda xi, zi: row_norm.gated_rms_norm(xi[None], zi[None], weight, eps=1e-6)
+            )(x, z)
+            return jnp.sum(y.astype(jnp.float32) ** 2)
+
+        return jax.grad(loss, argnums=(0, 1))(x, weight)
+
+    text = ks.lowered(gated_step, [rows, rows, vector], "cuda")
+    assert ks.triton_grids(text) == [(4, 1, 1)] * 2
+    x, z = ks.data((12, 160), jnp.float32), ks.data((12, 160), jnp.float32, seed=1)
+    args = (x, z, *ks.params(160), jnp.asarray(0.6, jnp.float32))
+    run = jax.jit(_vmapped_per_row, static_argnums=0)
+    for got, want in zip(run(row_norm, *args), run(reference, *args), strict=True):
+        ks.assert_matches(got, want)
