@@ -801,8 +801,10 @@ def adaptive_rms_norm(
 #
 # Every program sees both operands' blocks, so the index maps send the blocks a program does
 # not work on to the block that operand's previous program held: a pipeline that writes an
-# output block back when its index changes (Mosaic) then writes each block once, after the
-# program that computed it. The launch's axes are sequential ("arbitrary") for that reason.
+# output block back when its index changes then writes each block once, after the program
+# that computed it (Triton stores only what a body stores, and the interpreter writes back
+# what it loaded); the axes are sequential ("arbitrary") for such a pipeline. On TPU the
+# QK-norm is XLA (`_qk_norm_xla`): Mosaic cannot block one head's strided rows.
 
 
 class _QKLaunch(NamedTuple):
