@@ -752,14 +752,14 @@ def _vmapped_per_row(module, x, z, weight, bias, alpha):
 def test_gated_and_dyt_vmap_folds_examples_into_the_rows():
     # 64 one-row examples of width 160: one launch of 4 programs each way (16 rows each), not
     # Pallas' own batching (a program per example); the shared parameters' gradients per
-    # example from XLA, summed.
+    # example from XLA, summed. The Triton launch (the Mosaic GPU one folds the same way).
     bf16 = jnp.bfloat16
     rows, vector = jax.ShapeDtypeStruct((64, 160), bf16), jax.ShapeDtypeStruct((160,), bf16)
 
     def gated_step(x, z, weight):
         def loss(x, weight):
             y = jax.vmap(
-                lambda xi, zi: row_norm.gated_rms_norm(xi[None], zi[None], weight, eps=1e-6)
+                lambda xi, zi: _TRITON.gated_rms_norm(xi[None], zi[None], weight, eps=1e-6)
             )(x, z)
             return jnp.sum(y.astype(jnp.float32) ** 2)
 
