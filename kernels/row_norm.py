@@ -1372,7 +1372,9 @@ def _gated_rms_norm(eps: float, norm_before_gate: bool, backend: str):
             functools.partial(_mgpu.gated_rms_norm_forward_on, **settings),
             _mgpu.gated_rms_norm_forward_supported,
         )
-        return c.per_platform(fn, x, z, weight, mosaic_gpu=mosaic_gpu, backend=backend)
+        rule = c.Rule("r d, r d, d -> r d", split="r")
+        args = (x, z, weight)
+        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
 
     def launch_backward(param_grads, x, z, dy, weight):
         kwargs = dict(param_grads=param_grads, **settings)
@@ -1382,7 +1384,9 @@ def _gated_rms_norm(eps: float, norm_before_gate: bool, backend: str):
             _mgpu.gated_rms_norm_backward_supported,
         )
         args = (x, z, weight, dy)
-        return c.per_platform(fn, *args, mosaic_gpu=mosaic_gpu, backend=backend)
+        # The weight's gradient is a sum over the rows: added across the devices.
+        rule = c.Rule("r d, r d, d, r d -> r d, r d, d", split="r")
+        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
 
     def example_weight_grad(x, z, dy, weight):
         _, vjp = jax.vjp(lambda w: ref(x, z, w), weight.astype(F32))
@@ -1551,12 +1555,18 @@ def _dyt(backend: str):
     def launch_forward(x, alpha, weight, bias):
         mosaic_gpu = c.MosaicGPU(_mgpu.dyt_forward_on, _mgpu.dyt_supported)
         args = (x, alpha, weight, bias)
-        return c.per_platform(_dyt_fwd_on, *args, mosaic_gpu=mosaic_gpu, backend=backend)
+        rule = c.Rule("r d, , d, d -> r d", split="r")
+        return c.per_platform(
+            _dyt_fwd_on, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend
+        )
 
     def launch_backward(x, dy, alpha, weight):
         mosaic_gpu = c.MosaicGPU(_mgpu.dyt_backward_on, _mgpu.dyt_supported)
         args = (x, alpha, weight, dy)
-        return c.per_platform(_dyt_bwd_on, *args, mosaic_gpu=mosaic_gpu, backend=backend)
+        rule = c.Rule("r d, , d, r d -> r d, , d, d", split="r")
+        return c.per_platform(
+            _dyt_bwd_on, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend
+        )
 
     def example_param_grads(x, dy, alpha, weight):
         # The weight's gradient is the kernel's even without a weight (the sums of dy·t).

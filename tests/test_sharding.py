@@ -114,6 +114,17 @@ def _batch_norm_module(impl):
     return fn, params, (_data((BATCH, 4, 3, 5), seed=0),)
 
 
+def _gated_rms_norm(impl):
+    layer = eqxnorm.GatedRMSNorm(24, norm_before_gate=False, impl=impl)
+    layer = eqx.tree_at(lambda m: m.weight, layer, ks.params(24, seed=1)[0])
+    params, static = eqx.partition(layer, eqx.is_inexact_array)
+
+    def fn(params, x, z):
+        return jax.vmap(eqx.combine(params, static))(x, z)
+
+    return fn, params, (_data((BATCH, 24), 0), _data((BATCH, 24), 2))
+
+
 LAYERS = {
     "layer_norm": _module_case(lambda impl: eqxnorm.LayerNorm(24, impl=impl), (24,)),
     "rms_norm": _module_case(lambda impl: eqxnorm.RMSNorm(24, impl=impl), (24,)),
@@ -128,6 +139,8 @@ LAYERS = {
     "weight_standardization": _weight_standardization,
     "add_layer_norm": _add_layer_norm,
     "adaptive_layer_norm": _adaptive_layer_norm,
+    "gated_rms_norm": _gated_rms_norm,
+    "dyt": _module_case(lambda impl: eqxnorm.DyT(24, impl=impl), (24,)),
 }
 
 
