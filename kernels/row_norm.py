@@ -1075,7 +1075,10 @@ def _qk_norm(eps: float, norm: str, backend: str):
     def forward(q, k, q_weight, k_weight):
         fn = functools.partial(_qk_norm_fwd_on, eps=eps, center=center)
         # No `sharding` rule: a sharded call runs on its operands gathered (`c.per_platform`).
-        qy, ky, *stats = c.per_platform(fn, q, k, q_weight, k_weight, backend=backend)
+        spec = "t h d, t j d, h? d, j? d -> t h d, t j d, " + ", ".join([_QK_STATS] * 3)
+        rule = _qk_rule(spec, q, k)
+        args = (q, k, q_weight, k_weight)
+        qy, ky, *stats = c.per_platform(fn, *args, sharding=rule, backend=backend)
         return (qy, ky), tuple(stats)
 
     def backward(primals, stats, cotangents, like):
@@ -1087,7 +1090,11 @@ def _qk_norm(eps: float, norm: str, backend: str):
         param_grads = like[2] is not None or like[3] is not None
         fn = functools.partial(_qk_norm_bwd_on, center=center, param_grads=param_grads)
         args = (q, k, q_weight, k_weight, q_dy, k_dy, *stats)
-        dq, dk, q_dw, k_dw = c.per_platform(fn, *args, backend=backend)
+        # The weights' per-head gradients are sums over the tokens: added across the devices.
+        stats = ", ".join([_QK_STATS] * 3)
+        spec = f"t h d, t j d, h? d, j? d, t h d, t j d, {stats} -> t h d, t j d, h d, j d"
+        rule = _qk_rule(spec, q, k)
+        dq, dk, q_dw, k_dw = c.per_platform(fn, *args, sharding=rule, backend=backend)
         grads = (dq, dk, _head_grad(q_dw, q_weight), _head_grad(k_dw, k_weight))
         return tuple(None if lk is None else g for lk, g in zip(like, grads, strict=True))
 
@@ -1102,6 +1109,18 @@ def _qk_norm(eps: float, norm: str, backend: str):
 
     ref = functools.partial(reference.qk_norm, eps=eps, norm=norm)
     return _autodiff.fused_with_jvp(forward, backward, ref, saved_tangents)
+
+
+# A statistic of q `(tokens t, heads h)` and of k `(tokens t, heads j)`.
+_QK_STATS = "t h, t j"
+
+
+def _qk_rule(spec: str, q, k) -> c.Rule | None:
+    """The sharding rule of a QK-norm launch: split along the tokens when q and k share
+    them (self-attention; a batch-sharded call then runs on each device's tokens). Two
+    token factors split along one mesh axis are not partitioned together, so with other
+    token counts (cross-attention) the call runs on its operands gathered."""
+    return c.Rule(spec, split="t") if q.shape[0] == k.shape[0] else None
 
 
 def _head_grad(partial, weight):
