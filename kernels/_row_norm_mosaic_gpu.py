@@ -643,39 +643,40 @@ def _gated_backward_body(*refs, boxes, width, eps, norm_before_gate, has_weight,
     plgpu.wait_smem_to_gmem(0)
 
 
-def _gated_call(body, target, arrays, weight, boxes, out_dtypes, extra_out, name, **settings):
-    """The launch of `body` over the rows of `arrays` (each `(rows, dim)`, staged whole) as
-    one group: outputs of `out_dtypes` in the rows' shape, then `extra_out`."""
-    rows, width = arrays[0].shape
-    padded = [_pad_rows(a[None], boxes.block_rows) for a in arrays]
+def _one_group_call(body, target, staged, params, boxes, out_dtypes, partials, name, **settings):
+    """The launch of `body` over the rows of `staged` (each `(rows, dim)`, staged whole) as
+    one group, with `params` per column (each `(dim,)`, read from HBM): outputs of
+    `out_dtypes` in the rows' shape, and `partials` float32 partial sums per program and
+    column. `body` takes the staged arrays, then the parameters."""
+    rows, width = staged[0].shape
+    padded = [_pad_rows(a[None], boxes.block_rows) for a in staged]
     programs = -(-padded[0].shape[1] // boxes.block_rows)
     box = (boxes.chunks, boxes.block_rows, boxes.cols)
-    scratch = [plgpu.SMEM(box, a.dtype) for a in arrays] + [_barrier(boxes)] * len(arrays)
-    params = [] if weight is None else [_pad_columns(weight[None], boxes)]
+    scratch = [plgpu.SMEM(box, a.dtype) for a in staged] + [_barrier(boxes)] * len(staged)
     out_type = [jax.ShapeDtypeStruct(padded[0].shape, d) for d in out_dtypes]
-    out_type += [s(programs) for s in extra_out]
-    kernel = functools.partial(body, boxes=boxes, width=width, has_weight=weight is not None)
-    run = _rows_kernel(
-        functools.partial(kernel, **settings), target, out_type, scratch, programs, 1, name
-    )
-    outs = run(*padded, *params)
-    return [o[0, :rows] for o in outs[: len(out_dtypes)]], outs[len(out_dtypes) :]
+    out_type += [jax.ShapeDtypeStruct((1, programs, boxes.chunks * boxes.cols), F32)] * partials
+    kernel = functools.partial(body, boxes=boxes, width=width, **settings)
+    run = _rows_kernel(kernel, target, out_type, scratch, programs, 1, name)
+    outs = run(*padded, *(_pad_columns(p[None], boxes) for p in params))
+    rows_out = [o[0, :rows] for o in outs[: len(out_dtypes)]]
+    return rows_out, [p.sum(axis=(0, 1))[:width] for p in outs[len(out_dtypes) :]]
 
 
 def gated_rms_norm_forward_on(target: Target, x, z, weight, *, eps, norm_before_gate):
     """`y` as `row_norm._gated_rms_norm_fwd_on`, with one Mosaic GPU kernel."""
     boxes = _boxes((x, z), (weight,), (1, *x.shape))
-    (y,), _ = _gated_call(
+    (y,), _ = _one_group_call(
         _gated_forward_body,
         target,
         (x, z),
-        weight,
+        [] if weight is None else [weight],
         boxes,
         (x.dtype,),
-        (),
+        0,
         "eqxnorm_gated_rms_norm_fwd",
         eps=eps,
         norm_before_gate=norm_before_gate,
+        has_weight=weight is not None,
     )
     return y
 
@@ -686,23 +687,21 @@ def gated_rms_norm_backward_on(
     """`(dx, dz, dweight)` as `row_norm._gated_rms_norm_bwd_on`, with one Mosaic GPU kernel;
     `dweight` the sum of the programs' float32 partial sums."""
     boxes = _boxes((x, z, dy), (weight,), (1, *x.shape), layout_dtype=F32)
-    width = boxes.chunks * boxes.cols
-    extra = [lambda programs: jax.ShapeDtypeStruct((1, programs, width), F32)] * param_grads
-    (dx, dz), partials = _gated_call(
+    (dx, dz), partials = _one_group_call(
         _gated_backward_body,
         target,
         (x, z, dy),
-        weight,
+        [] if weight is None else [weight],
         boxes,
         (x.dtype, z.dtype),
-        extra,
+        int(param_grads),
         "eqxnorm_gated_rms_norm_bwd",
         eps=eps,
         norm_before_gate=norm_before_gate,
+        has_weight=weight is not None,
         param_grads=param_grads,
     )
-    dweight = partials[0].sum(axis=(0, 1))[: x.shape[1]] if param_grads else None
-    return dx, dz, dweight
+    return dx, dz, (partials[0] if param_grads else None)
 
 
 def gated_rms_norm_forward_supported(x, z, weight) -> bool:
@@ -751,7 +750,7 @@ def _dyt_forward_body(*refs, boxes, width, has_weight, has_bias):
 
 
 def _dyt_backward_body(*refs, boxes, width, has_weight):
-    x_ref, alpha_ref, dy_ref = refs[:3]
+    x_ref, dy_ref, alpha_ref = refs[:3]
     w_ref = refs[3] if has_weight else None
     dx_ref, *partial_refs = refs[3 + has_weight : 7 + has_weight]
     x_smem, dy_smem, *bars = refs[7 + has_weight :]
@@ -784,30 +783,12 @@ def _alpha_row(alpha, x):
     return jnp.broadcast_to(alpha.astype(F32), (x.shape[1],))
 
 
-def _dyt_call(body, target, arrays, params, boxes, out_dtypes, extra_out, name, **settings):
-    """The launch of `body` over `arrays` as one group, parameters `params` per column (α's
-    row first)."""
-    rows, width = arrays[0].shape
-    padded = [_pad_rows(a[None], boxes.block_rows) for a in arrays]
-    programs = -(-padded[0].shape[1] // boxes.block_rows)
-    box = (boxes.chunks, boxes.block_rows, boxes.cols)
-    scratch = [plgpu.SMEM(box, a.dtype) for a in arrays] + [_barrier(boxes)] * len(arrays)
-    params = [_pad_columns(p[None].astype(F32), boxes) for p in params]
-    out_type = [jax.ShapeDtypeStruct(padded[0].shape, d) for d in out_dtypes]
-    out_type += [jax.ShapeDtypeStruct((1, programs, boxes.chunks * boxes.cols), F32)] * extra_out
-    kernel = functools.partial(body, boxes=boxes, width=width, **settings)
-    run = _rows_kernel(kernel, target, out_type, scratch, programs, 1, name)
-    # The staged arrays, then α's row, then the parameters, as the bodies take them.
-    outs = run(padded[0], params[0], *padded[1:], *params[1:])
-    return outs[0][0, :rows], outs[1:]
-
-
 def dyt_forward_on(target: Target, x, alpha, weight, bias):
     """`y` as `row_norm._dyt_fwd_on`, with one Mosaic GPU kernel."""
-    params = [_alpha_row(alpha, x)] + [p for p in (weight, bias) if p is not None]
+    params = [_alpha_row(alpha, x)] + [p.astype(F32) for p in (weight, bias) if p is not None]
     boxes = _boxes((x,), [F32], (1, *x.shape), layout_dtype=F32)
     flags = dict(has_weight=weight is not None, has_bias=bias is not None)
-    y, _ = _dyt_call(
+    (y,), _ = _one_group_call(
         _dyt_forward_body, target, (x,), params, boxes, (x.dtype,), 0, "eqxnorm_dyt_fwd", **flags
     )
     return y
@@ -815,9 +796,9 @@ def dyt_forward_on(target: Target, x, alpha, weight, bias):
 
 def dyt_backward_on(target: Target, x, alpha, weight, dy):
     """`(dx, dalpha, dweight, dbias)` as `row_norm._dyt_bwd_on`, with one Mosaic GPU kernel."""
-    params = [_alpha_row(alpha, x)] + ([] if weight is None else [weight])
+    params = [_alpha_row(alpha, x)] + ([] if weight is None else [weight.astype(F32)])
     boxes = _boxes((x, dy), [F32], (1, *x.shape), layout_dtype=F32)
-    dx, partials = _dyt_call(
+    (dx,), (dalpha, dw, db) = _one_group_call(
         _dyt_backward_body,
         target,
         (x, dy),
@@ -828,7 +809,6 @@ def dyt_backward_on(target: Target, x, alpha, weight, dy):
         "eqxnorm_dyt_bwd",
         has_weight=weight is not None,
     )
-    dalpha, dw, db = (p.sum(axis=(0, 1))[: x.shape[1]] for p in partials)
     return dx, dalpha.sum(), dw, db
 
 
