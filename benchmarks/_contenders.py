@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._ops import EPS, Op, Problem, kernel_name
+from ._ops import EPS, EQXNORM_ONLY, Op, Problem, kernel_name
 
 
 class Skip(Exception):
@@ -88,6 +88,16 @@ def _sequence(op: Op, norm: Callable) -> Callable:
         def fn(a):
             return (_modulate(norm(a, a["x"]), a["scale"], a["shift"]),)
 
+    elif op.name == "qk_norm":
+
+        def fn(a):
+            return norm(a, a["x"]), norm({"weight": a["k_weight"]}, a["k"])
+
+    elif op.name == "gated_rms_norm":
+
+        def fn(a):
+            return (norm(a, a["x"]) * jax.nn.silu(a["z"]),)
+
     elif op.fused:
 
         def fn(a):
@@ -105,6 +115,10 @@ def _sequence(op: Op, norm: Callable) -> Callable:
 def _composed_note(op: Op, norm: str) -> str:
     if op.name == "adaptive_layer_norm":
         return f"{norm}, then the modulation"
+    if op.name == "qk_norm":
+        return f"{norm} of q, then of k: two launches"
+    if op.name == "gated_rms_norm":
+        return f"{norm}, then · silu(z)"
     return f"x + residual, then {norm}" if op.fused else ""
 
 
@@ -172,6 +186,21 @@ def eqxnorm_fused(impl: str) -> Callable[[Problem], JaxCase]:
 
             def fn(a):
                 return (F.adaptive_layer_norm(a["x"], a["scale"], a["shift"], **kw),)
+
+        elif op.name == "qk_norm":
+
+            def fn(a):
+                return F.qk_norm(a["x"], a["k"], a["weight"], a["k_weight"], **kw)
+
+        elif op.name == "gated_rms_norm":
+
+            def fn(a):
+                return (F.gated_rms_norm(a["x"], a["z"], a["weight"], **kw),)
+
+        elif op.name == "dyt":
+
+            def fn(a):
+                return (F.dyt(a["x"], a["alpha"], a["weight"], a["bias"], impl=impl),)
 
         else:
             fn = _sequence(op, _eqxnorm_norm(op.name, problem, impl))
@@ -273,8 +302,14 @@ _EQX_NOTES = {
 }
 
 
+def _eqxnorm_only(op: Op, library: str) -> None:
+    if op.name in EQXNORM_ONLY:
+        raise Skip(f"{library} has no {op.title}")
+
+
 def eqx_build(problem: Problem) -> JaxCase:
     op = problem.op
+    _eqxnorm_only(op, "Equinox")
     fn = _sequence(op, _eqx_norm(op.base or op.name, problem))
     layer = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm"}.get(op.base, "")
     note = _composed_note(op, f"vmap(eqx.nn.{layer})") if op.fused else _EQX_NOTES.get(op.name, "")
@@ -292,6 +327,8 @@ def module_build(problem: Problem) -> JaxCase:
 
     op = problem.op
     _require_eqxnorm(op.name, kernel_name(op), "auto")
+    # Their modules call the functional timed by `reference`/`pallas` on each example.
+    _eqxnorm_only(op, "this contender's module set")
     dim = problem.x.shape[-1]
     if op.name in ("add_layer_norm", "add_rms_norm"):
         layer_cls = eqxnorm.LayerNorm if op.base == "layer_norm" else eqxnorm.RMSNorm
@@ -353,6 +390,7 @@ def flax_build(problem: Problem) -> JaxCase:
     from flax import nnx
 
     op = problem.op
+    _eqxnorm_only(op, "Flax NNX")
     layer = _flax_layer(problem)
     for param, source in (("scale", "weight"), ("bias", "bias")):
         if source in problem.arrays and getattr(layer, param, None) is not None:
@@ -432,6 +470,7 @@ def _torch_norm(name: str, problem: Problem, device) -> Callable:
 
 def _torch_fn(problem: Problem, device) -> tuple[Callable, str]:
     op = problem.op
+    _eqxnorm_only(op, "torch.nn")
     name = op.base or op.name
     fn = _sequence(op, _torch_norm(name, problem, device))
     plain = "F.batch_norm(training=True)" if op.name == "batch_norm" else ""
@@ -512,6 +551,8 @@ def _first_line(error: BaseException) -> str:
 def liger_build(problem: Problem) -> TorchCase:
     """Liger-Kernel's Triton modules (GPU only), with the problem's weights."""
     import torch
+
+    _eqxnorm_only(problem.op, "this contender (Liger's DyT is not wired in)")
 
     device = torch_device()
     if device.type != "cuda":

@@ -133,8 +133,44 @@ OPS: dict[str, Op] = {
             ("x", "scale", "shift"),
             base="layer_norm",
         ),
+        # q and k normalized in one launch, against two launches of the plain RMSNorm; `x` is
+        # q, `(tokens, heads, head_dim)`, and k has its shape (see `input_shapes`).
+        Op(
+            "qk_norm",
+            "row",
+            "per-head QK-norm (RMSNorm over head_dim) of q and k",
+            ("x", "k", "weight", "k_weight"),
+            ("y", "k_y"),
+            ("x", "k", "weight", "k_weight"),
+            ("x", "k", "weight", "k_weight"),
+            base="rms_norm",
+        ),
+        Op(
+            "gated_rms_norm",
+            "row",
+            "gated RMSNorm: rms_norm(x)·γ·silu(z)",
+            ("x", "z", "weight"),
+            ("y",),
+            ("x", "z", "weight"),
+            ("x", "z", "weight"),
+            base="rms_norm",
+        ),
+        Op(
+            "dyt",
+            "row",
+            "DyT: γ·tanh(αx) + β",
+            ("x", "alpha", "weight", "bias"),
+            ("y",),
+            ("x", "weight"),
+            ("x", "alpha", "weight", "bias"),
+        ),
     )
 }
+
+# The ops only eqxnorm has (no Equinox, Flax or PyTorch layer to time them against).
+EQXNORM_ONLY = ("qk_norm", "gated_rms_norm", "dyt")
+# QK-norm's head_dim when a 2-axis shape `(tokens, heads · head_dim)` is given.
+HEAD_DIM = 128
 
 
 def kernel_name(op: Op) -> str:
@@ -205,6 +241,10 @@ def input_shapes(op: Op, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         rows, dim = shape
         tokens = math.gcd(rows, ADALN_TOKENS)
         x_shape = (rows // tokens, tokens, dim)
+    if op.name == "qk_norm" and len(shape) == 2:
+        rows, dim = shape
+        head_dim = HEAD_DIM if dim % HEAD_DIM == 0 else dim
+        x_shape = (rows, dim // head_dim, head_dim)
     feature = (x_shape[-1],) if op.family == "row" else (x_shape[1],)
     shapes = {
         "x": x_shape,
@@ -213,6 +253,10 @@ def input_shapes(op: Op, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         "bias": feature,
         "scale": (x_shape[0], x_shape[-1]),
         "shift": (x_shape[0], x_shape[-1]),
+        "k": x_shape,
+        "k_weight": feature,
+        "z": x_shape,
+        "alpha": (),
     }
     return {name: shapes[name] for name in op.inputs}
 
@@ -232,6 +276,7 @@ def make_problem(op: Op, shape: tuple[int, ...], dtype: str, seed: int = 0) -> P
         return (mean + scale * rng.standard_normal(size, dtype=np.float32)).astype(np_dtype)
 
     spread = {"x": (1.0, 0.0), "residual": (1.0, 0.0), "weight": (0.1, 1.0)}
+    spread |= {"k": (1.0, 0.0), "z": (1.0, 0.0), "k_weight": (0.1, 1.0), "alpha": (0.0, 0.5)}
     arrays = {
         name: normal(size, *spread.get(name, (0.1, 0.0)))
         for name, size in input_shapes(op, shape).items()

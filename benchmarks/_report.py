@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ._ops import EQXNORM_ONLY
+
 COLUMNS = (
     "op",
     "impl",
@@ -421,7 +423,12 @@ def evaluate_targets(rows: list[dict], platform: str, auto: str) -> list[Result]
     for r in peer_targets(rows, auto):
         add(r.platform, r.target, (r.status, r.measured))
 
-    ops_measured = list(dict.fromkeys(r["op"] for r in rows if r["direction"] != "step"))
+    # The targets of issues 5, 6 and 16, set for the ops Equinox has too.
+    ops_measured = list(
+        dict.fromkeys(
+            r["op"] for r in rows if r["direction"] != "step" and r["op"] not in EQXNORM_ONLY
+        )
+    )
     for op in ops_measured:
         for direction, threshold in (("fwd", 1.0), ("fwd+bwd", 1.2)):
             status, text = _ratio_target(

@@ -7,9 +7,12 @@ from ._adaptive_norm import (
     AdaptiveRMSNorm as AdaptiveRMSNorm,
 )
 from ._batch_norm import BatchNorm as BatchNorm
+from ._dyt import DyT as DyT, convert_layer_norms_to_dyt as convert_layer_norms_to_dyt
+from ._gated_rms_norm import GatedRMSNorm as GatedRMSNorm, RMSNormGated as RMSNormGated
 from ._group_norm import GroupNorm as GroupNorm
 from ._instance_norm import InstanceNorm as InstanceNorm
 from ._layer_norm import LayerNorm as LayerNorm
+from ._qk_norm import QKNorm as QKNorm
 from ._rms_norm import RMSNorm as RMSNorm
 from ._spectral_norm import SpectralNorm as SpectralNorm
 from ._torch_interop import (

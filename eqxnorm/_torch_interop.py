@@ -13,6 +13,7 @@ anything `np.asarray` accepts (PyTorch tensors included, converted with
 | `RMSNorm(shape, use_bias=False)` | `RMSNorm(shape, eps=1e-5)`         | `weight` (never a bias) |
 | `GroupNorm(groups, channels)`    | `GroupNorm(groups, channels)`      | `weight`, `bias`     |
 | `InstanceNorm(C, channelwise_affine=True)` | `InstanceNorm2d(C, affine=True)` | `weight`, `bias` |
+| `GatedRMSNorm(dim)`              | `Qwen3NextRMSNormGated(dim)`       | `weight`             |
 | `WeightNorm(layer, "weight", axis)` | `weight_norm(layer, "weight", dim=axis)` | see below |
 
 `WeightNorm` of a `Linear` or `Conv*` maps to `torch.nn.utils.parametrizations.weight_norm`
@@ -25,6 +26,8 @@ one axis of size 1 per weight axis) and its `(out,)` convolution bias (Equinox's
 `BatchNorm(C, axis_name)` and its state map to `BatchNorm2d(C)`: `weight`, `bias`, and
 `running_mean`, `running_var`, `num_batches_tracked` from and to the state. The 1d and 3d
 PyTorch classes have the same keys; without the affine there is no `weight` and no `bias`.
+`GatedRMSNorm`'s twins are Hugging Face's `Qwen3NextRMSNormGated` and `mamba_ssm`'s
+`RMSNormGated` (give `norm_before_gate=False` for Mamba-2's), which have no bias.
 
 A state dict holds no hyperparameters: construct the eqxnorm layer with the PyTorch layer's
 shape, `eps` (PyTorch's `RMSNorm` defaults to `eps=None`, the input dtype's machine epsilon,
@@ -57,6 +60,7 @@ import numpy as np
 from equinox.nn import State
 
 from ._batch_norm import BatchNorm
+from ._gated_rms_norm import GatedRMSNorm
 from ._group_norm import GroupNorm
 from ._instance_norm import InstanceNorm
 from ._layer_norm import LayerNorm, _RowNorm
@@ -69,11 +73,12 @@ _TORCH_TWINS: dict[type, str] = {
     GroupNorm: "torch.nn.GroupNorm",
     InstanceNorm: "torch.nn.InstanceNorm1d/2d/3d",
     BatchNorm: "torch.nn.BatchNorm1d/2d/3d",
+    GatedRMSNorm: "Qwen3NextRMSNormGated (Hugging Face) / RMSNormGated (mamba_ssm)",
     WeightNorm: "torch.nn.utils.parametrizations.weight_norm",
 }
 _SUPPORTED = (
     "eqxnorm.LayerNorm, eqxnorm.RMSNorm, eqxnorm.GroupNorm, eqxnorm.InstanceNorm, "
-    "eqxnorm.BatchNorm and eqxnorm.WeightNorm"
+    "eqxnorm.BatchNorm, eqxnorm.GatedRMSNorm and eqxnorm.WeightNorm"
 )
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 _MAX_COUNT = int(np.iinfo(np.int32).max)
@@ -93,6 +98,11 @@ def _kind(layer: Any, where: str) -> type:
 
 
 def _describe(layer: Any) -> str:
+    if isinstance(layer, GatedRMSNorm):
+        return (
+            f"eqxnorm.GatedRMSNorm({layer.shape}, use_weight={layer.use_weight}, "
+            f"norm_before_gate={layer.norm_before_gate})"
+        )
     if isinstance(layer, WeightNorm):
         return (
             f"eqxnorm.WeightNorm({type(layer.layer).__name__}, weight_name="
@@ -158,7 +168,8 @@ def _params(layer: Any) -> dict[str, jax.Array]:
     params = {}
     if layer.weight is not None:
         params["weight"] = layer.weight
-    if layer.bias is not None and not _dropped_bias(layer):
+    # A gated RMSNorm, like its twins, has no bias.
+    if getattr(layer, "bias", None) is not None and not _dropped_bias(layer):
         params["bias"] = layer.bias
     return params
 
@@ -243,6 +254,7 @@ def _missing_hint(layer: Any, missing: set[str], names: list[str], candidates: l
         flag = {
             LayerNorm: "`use_weight=False, use_bias=False` (PyTorch's elementwise_affine=False)",
             RMSNorm: "`use_weight=False` (PyTorch's elementwise_affine=False)",
+            GatedRMSNorm: "`use_weight=False`",
         }.get(type(layer), "`channelwise_affine=False` (PyTorch's affine=False)")
         return (
             f"If the PyTorch layer has no affine parameters, construct this layer without "
@@ -372,7 +384,7 @@ def _shape_fix(layer: Any, name: str, got: tuple[int, ...]) -> str:
             "Wrap a layer of the PyTorch layer's sizes, with `axis=` the PyTorch layer's "
             "`dim` (`axis=None` for `dim=None`)."
         )
-    if isinstance(layer, _RowNorm):
+    if isinstance(layer, (_RowNorm, GatedRMSNorm)):
         if not got:
             return "Pass the PyTorch layer's tensor as saved."
         shape = got[0] if len(got) == 1 else got
@@ -421,13 +433,22 @@ def _read(
 
 
 def load_torch_state_dict(
-    layer: LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm | WeightNorm,
+    layer: LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm | GatedRMSNorm | WeightNorm,
     state_dict: Mapping[str, Any],
     state: State | None = None,
     *,
     prefix: str = "",
     strict: bool = True,
-) -> LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm | WeightNorm | tuple[Any, State]:
+) -> (
+    LayerNorm
+    | RMSNorm
+    | GroupNorm
+    | InstanceNorm
+    | BatchNorm
+    | GatedRMSNorm
+    | WeightNorm
+    | tuple[Any, State]
+):
     """Load the state dict of a PyTorch norm layer into an eqxnorm layer.
 
     The layer's parameters (and, for `BatchNorm`, the running statistics in `state`) are
@@ -521,7 +542,7 @@ def load_torch_state_dict(
 
 
 def torch_state_dict(
-    layer: LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm | WeightNorm,
+    layer: LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm | GatedRMSNorm | WeightNorm,
     state: State | None = None,
     *,
     prefix: str = "",

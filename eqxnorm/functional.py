@@ -1414,6 +1414,237 @@ def _adaptive_group_norm(
     return y.reshape(x.shape)
 
 
+# --- Per-head QK-norm, gated RMSNorm, Dynamic Tanh ---------------------------------------------
+
+
+def _check_heads(x: Any, name: str, where: str) -> None:
+    _checking.check_floating(x, name, where)
+    if x.ndim < 2 or 0 in x.shape[-2:]:
+        raise ValueError(
+            f"{where}: `{name}` must be (*tokens, heads, head_dim) with heads and head_dim at "
+            f"least 1, but got {name}.shape={x.shape}. Split the heads off the features "
+            f"first, e.g. `{name}.reshape(tokens, heads, head_dim)`."
+        )
+
+
+def _check_head_weight(weight: Any, x: Any, name: str, where: str) -> None:
+    if weight is None:
+        return
+    _checking.check_floating(weight, name, where)
+    shared, per_head = (x.shape[-1],), tuple(x.shape[-2:])
+    if tuple(weight.shape) not in (shared, per_head):
+        raise ValueError(
+            f"{where}: `{name}` must have shape {shared} (shared by the heads) or {per_head} "
+            f"(one per head), but got {name}.shape={tuple(weight.shape)}."
+        )
+
+
+def _check_qk_norm(q, k, q_weight=None, k_weight=None, *, eps=1e-6, norm="rms_norm", impl="auto"):
+    where = "eqxnorm.functional.qk_norm"
+    _check_heads(q, "q", where)
+    _check_heads(k, "k", where)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"{where}: q and k must share head_dim (their last axis), but got q.shape={q.shape} "
+            f"and k.shape={k.shape}."
+        )
+    _check_head_weight(q_weight, q, "q_weight", where)
+    _check_head_weight(k_weight, k, "k_weight", where)
+    if norm not in ("rms_norm", "layer_norm"):
+        raise ValueError(
+            f"{where}: norm must be 'rms_norm' or 'layer_norm', but got norm={norm!r}."
+        )
+    _checking.check_eps(eps, where, q)
+    check_impl(impl, where)
+
+
+def _as_heads(x: Array, impl: Impl) -> Array:
+    """`(*tokens, heads, head_dim)` as the kernels' `(tokens, heads, head_dim)`."""
+    return x if not _unit_batch(impl) else x.reshape(-1, *x.shape[-2:])
+
+
+@_checking.typechecked(_check_qk_norm)
+def qk_norm(
+    q: Float[AnyArray, "*q_tokens q_heads head_dim"],
+    k: Float[AnyArray, "*k_tokens k_heads head_dim"],
+    q_weight: Float[AnyArray, "*q_per_head head_dim"] | None = None,
+    k_weight: Float[AnyArray, "*k_per_head head_dim"] | None = None,
+    *,
+    eps: _checking.Number = 1e-6,
+    norm: str = "rms_norm",
+    impl: Impl = "auto",
+) -> tuple[Float[Array, "*q_tokens q_heads head_dim"], Float[Array, "*k_tokens k_heads head_dim"]]:
+    r"""Per-head QK-norm: every head's query and key vectors normalized over `head_dim`
+    before the attention scores, as Qwen3, OLMo 2, Gemma 3 and ViT-22B do,
+
+    $$\hat{q}_{t,h} = \frac{q_{t,h}}{\sqrt{\frac{1}{d}\sum_i q_{t,h,i}^2 + \varepsilon}}
+    \gamma^q_{(h)}, \qquad \hat{k}_{t,h} \text{ likewise with } \gamma^k,$$
+
+    (`norm="layer_norm"`: the mean subtracted too; no bias). With `impl="pallas"`, `q` and
+    `k` are normalized in ONE kernel launch forward and one backward (Quack's, vLLM's and
+    Megatron's fused QK-norm), each head's rows read in place (no transpose).
+
+    ??? cite
+        [Scaling Vision Transformers to 22 Billion Parameters](https://arxiv.org/abs/2302.05442);
+        [Qwen3 Technical Report](https://arxiv.org/abs/2505.09388)
+
+    **Arguments:**
+
+    - `q`: `(*tokens, q_heads, head_dim)`, floating point.
+    - `k`: `(*tokens', k_heads, head_dim)` (grouped-query attention: `k_heads` may differ;
+        cross-attention: the tokens may differ).
+    - `q_weight`, `k_weight`: `(head_dim,)` shared by the heads (Qwen3's `q_norm`/`k_norm`),
+        `(heads, head_dim)` one per head, or `None`.
+    - `eps`: added to the mean square (variance); must be positive. Qwen3's is 1e-6.
+    - `norm`: `"rms_norm"` or `"layer_norm"`.
+    - `impl`: `"auto"`, `"pallas"`, `"triton"` or `"reference"` (no Mosaic GPU kernel yet).
+
+    **Returns:**
+
+    `(q, k)` normalized, each of its input's shape and dtype.
+
+    **Raises:**
+
+    `TypeError` for non-floating input; `ValueError` when `q`/`k` have fewer than two axes or
+    different `head_dim`, a weight is neither `(head_dim,)` nor `(heads, head_dim)`,
+    `eps <= 0`, `norm` or `impl` is unknown.
+    """
+    q, k, q_weight, k_weight = _as_arrays(q, k, q_weight, k_weight)
+    qy, ky = implementation(impl).qk_norm(
+        _as_heads(q, impl), _as_heads(k, impl), q_weight, k_weight, eps=float(eps), norm=norm
+    )
+    return qy.reshape(q.shape), ky.reshape(k.shape)
+
+
+def _check_gated_rms_norm(
+    x, z, weight=None, *, shape=None, eps=1e-6, norm_before_gate=True, impl="auto"
+):
+    where = "eqxnorm.functional.gated_rms_norm"
+    _resolve_row_shape(x, weight, None, shape, where)
+    _check_same_shape(x, z, "z", where)
+    _checking.check_eps(eps, where, x)
+    check_impl(impl, where)
+
+
+@_checking.typechecked(_check_gated_rms_norm)
+def gated_rms_norm(
+    x: Float[AnyArray, "*batch_and_shape"],
+    z: Float[AnyArray, "*batch_and_shape"],
+    weight: Float[AnyArray, "*shape"] | None = None,
+    *,
+    shape: int | Sequence[int] | None = None,
+    eps: _checking.Number = 1e-6,
+    norm_before_gate: bool = True,
+    impl: Impl = "auto",
+) -> Float[Array, "*batch_and_shape"]:
+    r"""Gated RMSNorm: an RMSNorm over the trailing `shape` axes gated by $\mathrm{silu}(z)$,
+
+    $$y = \frac{x}{\sqrt{\overline{x^2} + \varepsilon}}\,\gamma\,\mathrm{silu}(z)
+    \text{ (norm\_before\_gate=True)}, \qquad
+    y = \frac{u}{\sqrt{\overline{u^2} + \varepsilon}}\,\gamma,\ u = x\,\mathrm{silu}(z)
+    \text{ (False)},$$
+
+    as `norm_before_gate` is defined by Mamba-2's `RMSNormGated` (`mamba_ssm`, whose Mamba-2
+    layer uses `False`) and Qwen3-Next's `Qwen3NextRMSNormGated` (the order `True`). With
+    `impl="pallas"` the gate is fused into the norm, forward and backward: one kernel reads
+    `x` and `z` once and writes `y`; the backward writes `dx` and `dz` in one pass. Computed
+    in float32 and rounded once (Qwen3-Next rounds the normalized value to `x.dtype` before
+    the weight; in float32 the two agree).
+
+    ??? cite
+        [Transformers are SSMs (Mamba-2)](https://arxiv.org/abs/2405.21060)
+
+    **Arguments:**
+
+    - `x`: `(*batch, *shape)`, floating point.
+    - `z`: the gate, of `x`'s shape.
+    - `weight`: $\gamma$, of shape `shape`, or `None`.
+    - `shape`: the normalized trailing shape (default: the weight's, else `x`'s last axis).
+    - `eps`: added to the mean square; must be positive. (Qwen3-Next: 1e-6; Mamba-2: 1e-5.)
+    - `norm_before_gate`: see above.
+    - `impl`: `"auto"`, `"pallas"`, `"triton"`, `"mosaic_gpu"` or `"reference"`.
+
+    **Returns:**
+
+    An array of `x`'s shape and dtype.
+
+    **Raises:**
+
+    As [`eqxnorm.functional.rms_norm`][]; also `ValueError` when `z.shape != x.shape`.
+    """
+    shape = _resolve_row_shape(x, weight, None, shape, "eqxnorm.functional.gated_rms_norm")
+    x, z, weight = _as_arrays(x, z, weight)
+    flat = None if weight is None else weight.reshape(math.prod(shape))
+    y = implementation(impl).gated_rms_norm(
+        _to_rows(x, shape, impl),
+        _to_rows(z, shape, impl),
+        flat,
+        eps=float(eps),
+        norm_before_gate=bool(norm_before_gate),
+    )
+    return _from_rows(y, x, shape)
+
+
+def _check_dyt(x, alpha, weight=None, bias=None, *, shape=None, impl="auto"):
+    where = "eqxnorm.functional.dyt"
+    _resolve_row_shape(x, weight, bias, shape, where)
+    _checking.check_floating(alpha, "alpha", where)
+    if alpha.ndim != 0:
+        raise ValueError(
+            f"{where}: alpha must be a scalar (shape ()), but got alpha.shape={alpha.shape}. "
+            f"Pass `alpha.reshape(())` for a one-element array."
+        )
+    check_impl(impl, where)
+
+
+@_checking.typechecked(_check_dyt)
+def dyt(
+    x: Float[AnyArray, "*batch_and_shape"],
+    alpha: Float[AnyArray, ""],
+    weight: Float[AnyArray, "*shape"] | None = None,
+    bias: Float[AnyArray, "*shape"] | None = None,
+    *,
+    shape: int | Sequence[int] | None = None,
+    impl: Impl = "auto",
+) -> Float[Array, "*batch_and_shape"]:
+    r"""Dynamic Tanh, the normalization-free replacement for LayerNorm of "Transformers
+    without Normalization":
+
+    $$y = \gamma \tanh(\alpha x) + \beta$$
+
+    with a learnable scalar $\alpha$ and $\gamma$, $\beta$ of shape `shape`. With
+    `impl="pallas"` one kernel each way (Liger's `LigerDyT`): the backward reads `x` and
+    $\partial y$ once and reduces the gradients of $\alpha$, $\gamma$, $\beta$ in the same
+    pass. Computed in float32 and rounded once.
+
+    ??? cite
+        [Transformers without Normalization](https://arxiv.org/abs/2503.10622)
+
+    **Arguments:**
+
+    - `x`: `(*batch, *shape)`, floating point.
+    - `alpha`: $\alpha$, a scalar array `()`.
+    - `weight`, `bias`: $\gamma$, $\beta$ of shape `shape`, or `None`.
+    - `shape`: the trailing shape of the parameters (default: theirs, else `x`'s last axis).
+    - `impl`: `"auto"`, `"pallas"`, `"triton"`, `"mosaic_gpu"` or `"reference"`.
+
+    **Returns:**
+
+    An array of `x`'s shape and dtype.
+
+    **Raises:**
+
+    `TypeError` for non-floating input; `ValueError` when `alpha` is not a scalar or the
+    trailing axes of `x` do not match `shape`/the parameters.
+    """
+    shape = _resolve_row_shape(x, weight, bias, shape, "eqxnorm.functional.dyt")
+    dim = math.prod(shape)
+    x, alpha, weight, bias = _as_arrays(x, alpha, weight, bias)
+    flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
+    y = implementation(impl).dyt(_to_rows(x, shape, impl), alpha, *flat)
+    return _from_rows(y, x, shape)
+
+
 __all__ = [
     "layer_norm",
     "rms_norm",
@@ -1429,4 +1660,7 @@ __all__ = [
     "adaptive_layer_norm",
     "adaptive_rms_norm",
     "adaptive_group_norm",
+    "qk_norm",
+    "gated_rms_norm",
+    "dyt",
 ]

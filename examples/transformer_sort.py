@@ -6,15 +6,18 @@ trained with a hand-written Adam under `eqx.filter_jit`; saves a loss and accura
 The task: a random sequence of `seq_len` tokens from a vocabulary of `vocab_size` goes in, and
 at every position the model must output the token the sorted sequence holds there (a
 per-position classification; the encoder is non-causal). The model is a 2-layer pre-norm
-transformer: token and learned position embeddings, 4-head `eqx.nn.MultiheadAttention`, a GELU
-MLP, a bias-free `eqxnorm.RMSNorm` in front of each sublayer and a final one before the output
-head. The full run takes about 40 s on a 2-core CPU and writes
+transformer: token and learned position embeddings, 4-head `eqx.nn.MultiheadAttention` with
+per-head QK-norm (`eqxnorm.QKNorm`, as Qwen3 and OLMo 2 normalize each head's queries and keys
+before the scores), a GELU MLP, a bias-free `eqxnorm.RMSNorm` in front of each sublayer and a
+final one before the output head. The full run takes about 40 s on a 2-core CPU and writes
 `examples/out/transformer_sort.png` (or to the path given as the only argument).
 
 The residual add and the norm that follows it are one fused op, `RMSNorm.add_and_norm`, which
 takes a sublayer's output and the residual stream and returns the normalized input of the next
 sublayer and the new residual stream (as vLLM's and Liger's fused add+RMSNorm do): one pass over
-the residual stream instead of two, and one kernel with `impl="pallas"`.
+the residual stream instead of two, and one kernel with `impl="pallas"`. The QK-norm reaches
+the attention through `eqx.nn.MultiheadAttention`'s `process_heads` hook; with
+`impl="pallas"` it normalizes the queries and the keys in one kernel launch.
 """
 
 import sys
@@ -53,6 +56,7 @@ class Block(eqx.Module):
 
     attention_norm: eqxnorm.RMSNorm
     attention: eqx.nn.MultiheadAttention
+    qk_norm: eqxnorm.QKNorm
     mlp_norm: eqxnorm.RMSNorm
     mlp_in: eqx.nn.Linear
     mlp_out: eqx.nn.Linear
@@ -61,9 +65,18 @@ class Block(eqx.Module):
         attention_key, in_key, out_key = jr.split(key, 3)
         self.attention_norm = eqxnorm.RMSNorm(dim, use_bias=False)
         self.attention = eqx.nn.MultiheadAttention(heads, dim, key=attention_key)
+        self.qk_norm = eqxnorm.QKNorm(heads, dim // heads)
         self.mlp_norm = eqxnorm.RMSNorm(dim, use_bias=False)
         self.mlp_in = eqx.nn.Linear(dim, hidden, key=in_key)
         self.mlp_out = eqx.nn.Linear(hidden, dim, key=out_key)
+
+    def attend(self, h: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
+        """Self-attention with each head's queries and keys RMS-normalized first."""
+
+        def process_heads(q, k, v):
+            return *self.qk_norm(q, k), v
+
+        return self.attention(h, h, h, process_heads=process_heads)
 
     def mlp(self, h: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
         return jax.vmap(lambda v: self.mlp_out(jax.nn.gelu(self.mlp_in(v))))(h)
@@ -102,7 +115,7 @@ class Sorter(eqx.Module):
         # (the first adds the position embeddings): one fused add+norm per sublayer.
         for block in self.blocks:
             residual, h = add_and_norm(block.attention_norm, residual, delta)
-            delta = block.attention(h, h, h)
+            delta = block.attend(h)
             residual, h = add_and_norm(block.mlp_norm, residual, delta)
             delta = block.mlp(h)
         _, h = add_and_norm(self.final_norm, residual, delta)
@@ -152,7 +165,7 @@ def plot(losses, eval_steps, token_accs, sequence_accs, path: Path) -> None:
     ax_acc.plot(eval_steps, sequence_accs, marker=".", label="whole sequence")
     ax_acc.set(xlabel="step", ylabel="held-out accuracy", ylim=(0, 1.02))
     ax_acc.legend(loc="lower right")
-    fig.suptitle("Pre-norm transformer (eqxnorm.RMSNorm) learning to sort")
+    fig.suptitle("Pre-norm transformer (eqxnorm.RMSNorm, QKNorm) learning to sort")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -180,7 +193,7 @@ def main(
 
     print(
         f"Sorting {seq_len} tokens from a vocabulary of {vocab_size}: {layers}-layer pre-norm "
-        f"transformer (dim {dim}, {heads} heads, RMSNorm), Adam, peak lr {peak_lr}, "
+        f"transformer (dim {dim}, {heads} heads, RMSNorm, QK-norm), Adam, peak lr {peak_lr}, "
         f"batch {batch_size}, {steps} steps"
     )
     losses, eval_steps, token_accs, sequence_accs = [], [], [], []

@@ -478,3 +478,61 @@ def norm_with_jvp(
 
     outputs = with_jvp(forward, rule)
     return lambda x, weight, bias: outputs(x, weight, bias)[0]
+
+
+# --- fused ops differentiated through their reference ----------------------------------------
+
+
+def _filled(primals, tangents) -> tuple:
+    """`tangents` with zeros for the `None` ones of array primals (`None` primals stay)."""
+    return tuple(
+        t if t is not None or p is None else jnp.zeros(p.shape, p.dtype)
+        for p, t in zip(primals, tangents, strict=True)
+    )
+
+
+def reference_jvp(reference: Callable, primals: tuple, tangents: tuple):
+    """The tangents of `reference(*primals)` (`None` tangents are zeros): the derivative
+    maths of a fused op stated once, by its XLA reference."""
+    return jax.jvp(reference, tuple(primals), _filled(primals, tangents))[1]
+
+
+def fused_with_jvp(
+    forward: Callable,
+    backward: Callable,
+    reference: Callable,
+    saved_tangents: Callable | None = None,
+) -> Callable:
+    """The differentiable function `(*primals) -> outputs` of a fused op whose derivative is
+    its reference's: [`with_jvp`][] of the forward kernel, whose outputs' tangent is a
+    [`linear`][] map evaluated by `jax.jvp` of `reference` and transposed by the backward
+    kernel.
+
+    - `forward(*primals) -> (outputs, saved)`: the forward kernel; `saved` (a tuple, may be
+      empty) are per-row statistics the backward reads.
+    - `backward(primals, saved, cotangents, like) -> gradients`: the backward kernel, one
+      gradient per primal (`None` where `like`, the tangents' structs, is `None`);
+      `cotangents` has `None` for each output whose cotangent is a symbolic zero.
+    - `reference(*primals) -> outputs`: the same maths in differentiable XLA.
+    - `saved_tangents(primals, saved, tangents)`: the tangents of `saved` (needed only when
+      `saved` is not empty; unused at first order, so removed).
+
+    The residuals are the primals and `saved`, so reverse mode keeps nothing else.
+    """
+
+    def apply(residuals, tangents):
+        return reference_jvp(reference, residuals[0], tangents)
+
+    def transpose(residuals, cotangents, like):
+        primals, saved = residuals
+        return tuple(backward(primals, saved, cotangents, like))
+
+    def rule(primals, tangents):
+        outs, saved = outputs(*primals)
+        residuals = (tuple(primals), saved)
+        t_outs = linear(apply, transpose, apply, residuals, tuple(tangents))
+        t_saved = saved_tangents(primals, saved, tangents) if saved else ()
+        return (outs, saved), (t_outs, t_saved)
+
+    outputs = with_jvp(forward, rule)
+    return lambda *primals: outputs(*primals)[0]

@@ -620,3 +620,282 @@ def backward_supported(d_dtypes, x, weight, dy, dh, shift, offset, rstd) -> bool
     if not all(m.supports(d, x.shape[-1]) for d in d_dtypes):
         return False
     return _all_supported(x, (x, weight, dy, dh), backward_boxes(x, weight, dy, dh, d_dtypes))
+
+
+# --- gated RMSNorm ---------------------------------------------------------------------------
+#
+# `row_norm._gated_rms_norm_fwd_on` / `_bwd_on`'s contracts on `(rows, dim)` as one group: the
+# forward stages `x` and `z` and writes `y` over `x`'s boxes; the backward stages `x`, `z`,
+# `dy`, recomputes the row's statistic there and writes `dx` and `dz` over `x`'s and `z`'s.
+
+
+def _gated_values(x_smem, z_smem, k, layout, norm_before_gate: bool):
+    """`(x, n, silu(z), silu'(z))` of box `k`: `n` the normalized value (`x`, or `x·silu(z)`
+    when the gate comes first)."""
+    x = _load(x_smem, k, layout)
+    z = _load(z_smem, k, layout)
+    sigmoid = 1 / (1 + jnp.exp(-z))
+    gate = z * sigmoid
+    n = x if norm_before_gate else x * gate
+    return x, n, gate, sigmoid * (1 + z * (1 - sigmoid))
+
+
+def _stage(refs_and_smems, bars, rows, boxes, tools, group):
+    for (src, dst), bar in zip(refs_and_smems, bars, strict=True):
+        _copy_in(src, dst, bar, rows, boxes, tools, group)
+    for bar in bars:
+        plgpu.barrier_wait(bar)
+
+
+def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight):
+    x_ref, z_ref = refs[:2]
+    w_ref = refs[2] if has_weight else None
+    y_ref, x_smem, z_smem, *bars = refs[2 + has_weight :]
+    i, group = lax.axis_index("rows"), lax.axis_index("groups")
+    rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
+    tools = _box_tools(boxes, width, i * 0)
+    bcast, layout = tools[1], boxes.layout
+    _stage(((x_ref, x_smem), (z_ref, z_smem)), bars, rows, boxes, tools, group)
+
+    def values(k):
+        return _gated_values(x_smem, z_smem, k, layout, norm_before_gate)
+
+    mean_square = row_total(lambda k: jnp.square(values(k)[1]) * (1.0 / width), boxes)
+    rstd = reference.inverse_std(mean_square, eps)
+
+    @pl.loop(0, boxes.chunks)
+    def _(k):
+        _, n, gate, _ = values(k)
+        y = n * bcast(rstd, [0])
+        if w_ref is not None:
+            y = y * _param(w_ref, k, rows, group, False, boxes, tools)
+        x_smem[k] = (y * gate if norm_before_gate else y).astype(x_smem.dtype)
+
+    plgpu.commit_smem()
+    _copy_out(x_smem, y_ref, rows, boxes, tools, group)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _gated_backward_body(*refs, boxes, width, eps, norm_before_gate, has_weight, param_grads):
+    x_ref, z_ref, dy_ref = refs[:3]
+    w_ref = refs[3] if has_weight else None
+    dx_ref, dz_ref, *rest = refs[3 + has_weight :]
+    partial_ref = rest.pop(0) if param_grads else None
+    x_smem, z_smem, dy_smem, *bars = rest
+    i, group = lax.axis_index("rows"), lax.axis_index("groups")
+    rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
+    tools = _box_tools(boxes, width, i * 0)
+    bcast, layout = tools[1], boxes.layout
+    staged = ((x_ref, x_smem), (z_ref, z_smem), (dy_ref, dy_smem))
+    _stage(staged, bars, rows, boxes, tools, group)
+
+    def values(k):
+        x, n, gate, dgate = _gated_values(x_smem, z_smem, k, layout, norm_before_gate)
+        dy = _load(dy_smem, k, layout)
+        w = None if w_ref is None else _param(w_ref, k, rows, group, False, boxes, tools)
+        post = gate if norm_before_gate else 1.0
+        g = dy * post if w is None else dy * post * w
+        return x, n, gate, dgate, dy, w, g, post
+
+    mean_square = row_total(lambda k: jnp.square(values(k)[1]) * (1.0 / width), boxes)
+    rstd = reference.inverse_std(mean_square, eps)
+    # mean(g n̂) = r · mean(g n), as in the Triton kernel.
+    mean_gn = row_total(lambda k: values(k)[6] * values(k)[1], boxes) * rstd * (1.0 / width)
+
+    @pl.loop(0, boxes.chunks)
+    def _(k):
+        x, n, gate, dgate, dy, w, g, post = values(k)
+        nhat = n * bcast(rstd, [0])
+        dn = (g - nhat * bcast(mean_gn, [0])) * bcast(rstd, [0])
+        if norm_before_gate:
+            dx, dz = dn, dy * (nhat if w is None else nhat * w) * dgate
+        else:
+            dx, dz = dn * gate, dn * x * dgate
+        if partial_ref is not None:
+            columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
+            partial = jnp.sum(dy * nhat * post, axis=0)
+            plgpu.store(partial_ref.at[group, i, columns], partial, optimized=False)
+        x_smem[k] = dx.astype(x_smem.dtype)
+        z_smem[k] = dz.astype(z_smem.dtype)
+
+    plgpu.commit_smem()
+    _copy_out(x_smem, dx_ref, rows, boxes, tools, group)
+    _copy_out(z_smem, dz_ref, rows, boxes, tools, group)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _one_group_call(body, target, staged, params, boxes, out_dtypes, partials, name, **settings):
+    """The launch of `body` over the rows of `staged` (each `(rows, dim)`, staged whole) as
+    one group, with `params` per column (each `(dim,)`, read from HBM): outputs of
+    `out_dtypes` in the rows' shape, and `partials` float32 partial sums per program and
+    column. `body` takes the staged arrays, then the parameters."""
+    rows, width = staged[0].shape
+    padded = [_pad_rows(a[None], boxes.block_rows) for a in staged]
+    programs = -(-padded[0].shape[1] // boxes.block_rows)
+    box = (boxes.chunks, boxes.block_rows, boxes.cols)
+    scratch = [plgpu.SMEM(box, a.dtype) for a in staged] + [_barrier(boxes)] * len(staged)
+    out_type = [jax.ShapeDtypeStruct(padded[0].shape, d) for d in out_dtypes]
+    out_type += [jax.ShapeDtypeStruct((1, programs, boxes.chunks * boxes.cols), F32)] * partials
+    kernel = functools.partial(body, boxes=boxes, width=width, **settings)
+    run = _rows_kernel(kernel, target, out_type, scratch, programs, 1, name)
+    outs = run(*padded, *(_pad_columns(p[None], boxes) for p in params))
+    rows_out = [o[0, :rows] for o in outs[: len(out_dtypes)]]
+    return rows_out, [p.sum(axis=(0, 1))[:width] for p in outs[len(out_dtypes) :]]
+
+
+def gated_rms_norm_forward_on(target: Target, x, z, weight, *, eps, norm_before_gate):
+    """`y` as `row_norm._gated_rms_norm_fwd_on`, with one Mosaic GPU kernel."""
+    boxes = _boxes((x, z), (weight,), (1, *x.shape))
+    (y,), _ = _one_group_call(
+        _gated_forward_body,
+        target,
+        (x, z),
+        [] if weight is None else [weight],
+        boxes,
+        (x.dtype,),
+        0,
+        "eqxnorm_gated_rms_norm_fwd",
+        eps=eps,
+        norm_before_gate=norm_before_gate,
+        has_weight=weight is not None,
+    )
+    return y
+
+
+def gated_rms_norm_backward_on(
+    target: Target, x, z, weight, dy, *, eps, norm_before_gate, param_grads
+):
+    """`(dx, dz, dweight)` as `row_norm._gated_rms_norm_bwd_on`, with one Mosaic GPU kernel;
+    `dweight` the sum of the programs' float32 partial sums."""
+    boxes = _boxes((x, z, dy), (weight,), (1, *x.shape), layout_dtype=F32)
+    (dx, dz), partials = _one_group_call(
+        _gated_backward_body,
+        target,
+        (x, z, dy),
+        [] if weight is None else [weight],
+        boxes,
+        (x.dtype, z.dtype),
+        int(param_grads),
+        "eqxnorm_gated_rms_norm_bwd",
+        eps=eps,
+        norm_before_gate=norm_before_gate,
+        has_weight=weight is not None,
+        param_grads=param_grads,
+    )
+    return dx, dz, (partials[0] if param_grads else None)
+
+
+def gated_rms_norm_forward_supported(x, z, weight) -> bool:
+    """Whether [`gated_rms_norm_forward_on`][] runs these operands."""
+    boxes = _boxes((x, z), (weight,), (1, *x.shape))
+    return _all_supported(x[None], (x, z, weight), boxes)
+
+
+def gated_rms_norm_backward_supported(x, z, weight, dy) -> bool:
+    """Whether [`gated_rms_norm_backward_on`][] runs these operands."""
+    boxes = _boxes((x, z, dy), (weight,), (1, *x.shape), layout_dtype=F32)
+    return _all_supported(x[None], (x, z, weight, dy), boxes)
+
+
+# --- Dynamic Tanh ----------------------------------------------------------------------------
+#
+# `row_norm._dyt_fwd_on` / `_dyt_bwd_on`'s contracts; the scalar α is read like a parameter, a
+# row of α's (broadcast by XLA, `dim` values), so that every value a box needs comes in one
+# layout.
+
+
+def _dyt_forward_body(*refs, boxes, width, has_weight, has_bias):
+    x_ref, alpha_ref = refs[:2]
+    param_refs = refs[2 : 2 + has_weight + has_bias]
+    y_ref, x_smem, bar = refs[2 + has_weight + has_bias :]
+    i, group = lax.axis_index("rows"), lax.axis_index("groups")
+    rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
+    tools = _box_tools(boxes, width, i * 0)
+    _stage(((x_ref, x_smem),), (bar,), rows, boxes, tools, group)
+
+    def param(ref, k):
+        return _param(ref, k, rows, group, False, boxes, tools)
+
+    @pl.loop(0, boxes.chunks)
+    def _(k):
+        y = jnp.tanh(param(alpha_ref, k) * _load(x_smem, k, boxes.layout))
+        if has_weight:
+            y = y * param(param_refs[0], k)
+        if has_bias:
+            y = y + param(param_refs[has_weight], k)
+        x_smem[k] = y.astype(x_smem.dtype)
+
+    plgpu.commit_smem()
+    _copy_out(x_smem, y_ref, rows, boxes, tools, group)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dyt_backward_body(*refs, boxes, width, has_weight):
+    x_ref, dy_ref, alpha_ref = refs[:3]
+    w_ref = refs[3] if has_weight else None
+    dx_ref, *partial_refs = refs[3 + has_weight : 7 + has_weight]
+    x_smem, dy_smem, *bars = refs[7 + has_weight :]
+    i, group = lax.axis_index("rows"), lax.axis_index("groups")
+    rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
+    tools = _box_tools(boxes, width, i * 0)
+    _stage(((x_ref, x_smem), (dy_ref, dy_smem)), bars, rows, boxes, tools, group)
+
+    @pl.loop(0, boxes.chunks)
+    def _(k):
+        alpha = _param(alpha_ref, k, rows, group, False, boxes, tools)
+        x, dy = _load(x_smem, k, boxes.layout), _load(dy_smem, k, boxes.layout)
+        t = jnp.tanh(alpha * x)
+        e = dy * (1 - t * t)
+        if w_ref is not None:
+            e = e * _param(w_ref, k, rows, group, False, boxes, tools)
+        # Per program and column, straight to HBM: α's (summed over the columns too), γ's, β's.
+        columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
+        for ref, value in zip(partial_refs, (e * x, dy * t, dy), strict=True):
+            plgpu.store(ref.at[group, i, columns], jnp.sum(value, axis=0), optimized=False)
+        x_smem[k] = (alpha * e).astype(x_smem.dtype)
+
+    plgpu.commit_smem()
+    _copy_out(x_smem, dx_ref, rows, boxes, tools, group)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _alpha_row(alpha, x):
+    """α as a row of `x.shape[1]` values (read like a parameter)."""
+    return jnp.broadcast_to(alpha.astype(F32), (x.shape[1],))
+
+
+def dyt_forward_on(target: Target, x, alpha, weight, bias):
+    """`y` as `row_norm._dyt_fwd_on`, with one Mosaic GPU kernel."""
+    params = [_alpha_row(alpha, x)] + [p.astype(F32) for p in (weight, bias) if p is not None]
+    boxes = _boxes((x,), [F32], (1, *x.shape), layout_dtype=F32)
+    flags = dict(has_weight=weight is not None, has_bias=bias is not None)
+    (y,), _ = _one_group_call(
+        _dyt_forward_body, target, (x,), params, boxes, (x.dtype,), 0, "eqxnorm_dyt_fwd", **flags
+    )
+    return y
+
+
+def dyt_backward_on(target: Target, x, alpha, weight, dy):
+    """`(dx, dalpha, dweight, dbias)` as `row_norm._dyt_bwd_on`, with one Mosaic GPU kernel."""
+    params = [_alpha_row(alpha, x)] + ([] if weight is None else [weight.astype(F32)])
+    boxes = _boxes((x, dy), [F32], (1, *x.shape), layout_dtype=F32)
+    (dx,), (dalpha, dw, db) = _one_group_call(
+        _dyt_backward_body,
+        target,
+        (x, dy),
+        params,
+        boxes,
+        (x.dtype,),
+        3,
+        "eqxnorm_dyt_bwd",
+        has_weight=weight is not None,
+    )
+    return dx, dalpha.sum(), dw, db
+
+
+def dyt_supported(x, *operands) -> bool:
+    """Whether [`dyt_forward_on`][]/[`dyt_backward_on`][] run these operands (`x`'s rows
+    staged, with `dy`'s in the backward)."""
+    rows = [a for a in operands if a is not None and a.shape == x.shape]
+    boxes = _boxes((x, *rows), [F32], (1, *x.shape), layout_dtype=F32)
+    return _all_supported(x[None], (x, *rows), boxes)

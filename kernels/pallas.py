@@ -70,6 +70,9 @@ _FUNCTIONS = {
     "adaptive_group_norm_channels_last": _group_norm.adaptive_group_norm_channels_last,
     "batch_norm": _batch_norm.batch_norm,
     "batch_norm_inference": _batch_norm.batch_norm_inference,
+    "qk_norm": row_norm.qk_norm,
+    "gated_rms_norm": row_norm.gated_rms_norm,
+    "dyt": row_norm.dyt,
 }
 
 
@@ -100,6 +103,9 @@ adaptive_group_norm_channels_last = _kernel_or_reference(
 )
 batch_norm = _kernel_or_reference(_batch_norm.batch_norm)
 batch_norm_inference = _kernel_or_reference(_batch_norm.batch_norm_inference)
+qk_norm = _kernel_or_reference(row_norm.qk_norm)
+gated_rms_norm = _kernel_or_reference(row_norm.gated_rms_norm)
+dyt = _kernel_or_reference(row_norm.dyt)
 
 __all__ = [
     "layer_norm",
@@ -114,4 +120,7 @@ __all__ = [
     "adaptive_group_norm_channels_last",
     "batch_norm",
     "batch_norm_inference",
+    "qk_norm",
+    "gated_rms_norm",
+    "dyt",
 ]

@@ -843,6 +843,130 @@ def adaptive_group_norm_channels_last(
     return _group_normalized(x, groups, w[..., None, :], b[..., None, :], eps, channels_last=True)
 
 
+# --- per-head QK-norm, gated RMSNorm, Dynamic Tanh -------------------------------------------
+
+
+def _qk_center(norm: str) -> bool:
+    """Whether the QK-norm `norm` (`"rms_norm"` or `"layer_norm"`) subtracts the mean."""
+    if norm not in ("rms_norm", "layer_norm"):
+        raise ValueError(
+            f"norm must be 'rms_norm' or 'layer_norm', but got norm={norm!r}. Use "
+            f"norm='rms_norm' for the QK-norm of Qwen3, OLMo 2 and Gemma 3."
+        )
+    return norm == "layer_norm"
+
+
+def _head_norm(x: Array, weight: Array | None, eps: float, center: bool) -> Array:
+    """`x` `(*tokens, heads, head_dim)` normalized over `head_dim`, `weight` `(head_dim,)` or
+    `(heads, head_dim)` (or `None`)."""
+    y = normalize_slices(x, _leading_ones(weight, x.ndim), None, -1, center, eps, None)[0]
+    return y.astype(x.dtype)
+
+
+@typechecked()
+def qk_norm(
+    q: Float[Array, "*q_tokens q_heads head_dim"],
+    k: Float[Array, "*k_tokens k_heads head_dim"],
+    q_weight: Float[Array, "*q_per_head head_dim"] | None,
+    k_weight: Float[Array, "*k_per_head head_dim"] | None,
+    *,
+    eps: float,
+    norm: str = "rms_norm",
+) -> tuple[Float[Array, "*q_tokens q_heads head_dim"], Float[Array, "*k_tokens k_heads head_dim"]]:
+    r"""Per-head QK-norm: each head's query and key vectors normalized over `head_dim`,
+    $\hat{q}_{t,h} = \mathrm{norm}(q_{t,h})\,\gamma^q_{(h)}$, likewise for $k$, with the
+    RMSNorm (`norm="rms_norm"`) or LayerNorm (`"layer_norm"`, no bias) statistic.
+
+    **Arguments:**
+
+    - `q`: `(*tokens, q_heads, head_dim)`; `k`: `(*tokens', k_heads, head_dim)` (grouped-query
+        attention: `k_heads` may differ from `q_heads`, and the tokens from `q`'s).
+    - `q_weight`, `k_weight`: `(head_dim,)` shared by the heads, `(heads, head_dim)` one per
+        head, or `None`.
+    - `eps`: added to the mean square (variance).
+    - `norm`: `"rms_norm"` or `"layer_norm"`.
+
+    **Returns:**
+
+    `(q, k)` normalized, each in its input's shape and dtype.
+    """
+    center = _qk_center(norm)
+    return _head_norm(q, q_weight, eps, center), _head_norm(k, k_weight, eps, center)
+
+
+def silu(z: Array) -> Array:
+    r"""$\mathrm{silu}(z) = z\,\sigma(z) = z / (1 + e^{-z})$, the one formula the gated norms'
+    reference and kernels evaluate (in float32)."""
+    return z / (1 + jnp.exp(-z))
+
+
+@typechecked()
+def gated_rms_norm(
+    x: Float[Array, "*rows dim"],
+    z: Float[Array, "*rows dim"],
+    weight: Float[Array, " dim"] | None,
+    *,
+    eps: float,
+    norm_before_gate: bool = True,
+) -> Float[Array, "*rows dim"]:
+    r"""Gated RMSNorm (Mamba-2's `RMSNormGated`, Qwen3-Next's `Qwen3NextRMSNormGated`):
+
+    $$y = \mathrm{rms\_norm}(x)\,\gamma\,\mathrm{silu}(z) \text{ (norm\_before\_gate)},
+    \qquad y = \mathrm{rms\_norm}(x\,\mathrm{silu}(z))\,\gamma \text{ (otherwise)},$$
+
+    computed in float32 (float64 for float64 input) and rounded once.
+
+    **Arguments:**
+
+    - `x`: `(*rows, dim)`; `z`: `(*rows, dim)`, the gate.
+    - `weight`: `(dim,)` or `None`.
+    - `eps`: added to the mean square.
+    - `norm_before_gate`: `True` for Qwen3-Next's order, `False` for Mamba-2's.
+
+    **Returns:**
+
+    `(*rows, dim)` in `x.dtype`.
+    """
+    cdt = compute_dtype(x.dtype)
+    gate = silu(z.astype(cdt))
+    w = _leading_ones(weight, x.ndim)
+    if norm_before_gate:
+        y = normalize_slices(x.astype(cdt), w, None, -1, False, eps, None)[0] * gate
+    else:
+        y = normalize_slices(x.astype(cdt) * gate, w, None, -1, False, eps, None)[0]
+    return y.astype(x.dtype)
+
+
+@typechecked()
+def dyt(
+    x: Float[Array, "*rows dim"],
+    alpha: Float[Array, ""],
+    weight: Float[Array, " dim"] | None,
+    bias: Float[Array, " dim"] | None,
+) -> Float[Array, "*rows dim"]:
+    r"""Dynamic Tanh: $y = \gamma \tanh(\alpha x) + \beta$ with a scalar $\alpha$, computed in
+    float32 (float64 for float64 input) and rounded once.
+
+    **Arguments:**
+
+    - `x`: `(*rows, dim)`.
+    - `alpha`: a scalar `()`.
+    - `weight`, `bias`: `(dim,)` or `None`.
+
+    **Returns:**
+
+    `(*rows, dim)` in `x.dtype`.
+    """
+    cdt = compute_dtype(x.dtype)
+    w, b = _rows_params(x, weight, bias)
+    y = jnp.tanh(alpha.astype(cdt) * x.astype(cdt))
+    if w is not None:
+        y = y * w.astype(cdt)
+    if b is not None:
+        y = y + b.astype(cdt)
+    return y.astype(x.dtype)
+
+
 # --- Padding masks ---------------------------------------------------------------------------
 
 
@@ -961,4 +1085,8 @@ __all__ = [
     "adaptive_group_norm",
     "group_norm_channels_last",
     "adaptive_group_norm_channels_last",
+    "qk_norm",
+    "silu",
+    "gated_rms_norm",
+    "dyt",
 ]

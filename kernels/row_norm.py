@@ -98,7 +98,18 @@ def _view(config: c.BlockConfig, k: Any):
 
 
 def _row_norm_fwd_kernel(
-    x_ref, *refs, target, config, rows, width, eps, center, has_residual, has_weight, has_bias
+    x_ref,
+    *refs,
+    target,
+    config,
+    rows,
+    width,
+    eps,
+    center,
+    has_residual,
+    has_weight,
+    has_bias,
+    row_block=None,
 ):
     r"""$y = ((h - \text{shift}) - \text{offset})\, r\, \gamma + \beta$ for a block of rows,
     saving shift, offset and $r = (\sigma^2 + \varepsilon)^{-1/2}$ per row. $h = x$, or with
@@ -107,8 +118,10 @@ def _row_norm_fwd_kernel(
     r_ref, w_ref, b_ref, h_ref, y_ref, shift_ref, offset_ref, rstd_ref = c.split_refs(
         refs, has_residual, has_weight, has_bias, has_residual
     )
-    # The program id is read here, outside the loops, where every target supports it.
-    rows = (pl.program_id(0) * config.block_rows, rows)
+    # The program id is read here, outside the loops, where every target supports it (or
+    # given, `row_block`, by a caller that runs this body under a condition).
+    row_block = pl.program_id(0) if row_block is None else row_block
+    rows = (row_block * config.block_rows, rows)
     row_mask = _masks(config, rows, width)[0]
 
     def chunk_input(k):
@@ -251,6 +264,7 @@ def _row_norm_bwd_kernel(
     has_dh,
     has_dresidual,
     param_grads,
+    row_block=None,
 ):
     r"""$\partial x = r(g - \overline{g} - \hat{x}\,\overline{g\hat{x}}) + \partial h$
     (without $\overline{g}$ for RMSNorm; $\partial h$, the gradient of the fused add's `h`,
@@ -259,7 +273,8 @@ def _row_norm_bwd_kernel(
     $\partial y \odot \hat{x}$ and $\partial y$."""
     w_ref, dh_ref, dx_ref, *refs = c.split_refs(refs, has_weight, has_dh)
     dres_ref, *partial_refs = c.split_refs(refs, has_dresidual)
-    rows = (pl.program_id(0) * config.block_rows, rows)
+    row_block = pl.program_id(0) if row_block is None else row_block
+    rows = (row_block * config.block_rows, rows)
     row_mask, _, _ = _masks(config, rows, width)
     stats = c.Stats(*(c.load(r, row_mask, target) for r in (shift_ref, offset_ref)), None)
     rstd = c.load(rstd_ref, row_mask, target)
@@ -776,6 +791,849 @@ def adaptive_rms_norm(
     return _adaptive_row_norm("adaptive_rms_norm", x, scale, shift, weight, bias, eps, backend)
 
 
+# --- per-head QK-norm: q and k in one launch ---------------------------------------------------
+#
+# `q` `(tokens, q_heads, head_dim)` and `k` `(tokens', k_heads, head_dim)` are normalized over
+# `head_dim` by the row-norm kernel bodies above, unchanged: a block is `block_rows` tokens of
+# one head (a strided view, so no transpose), and the grid `(token blocks, q_heads + k_heads)`
+# covers q's heads, then k's, each program running the body on q's refs or on k's. A weight
+# `(heads, head_dim)` is one group's parameters per head; `(head_dim,)` one shared by all.
+#
+# Every program sees both operands' blocks, so the index maps send the blocks a program does
+# not work on to the block that operand's previous program held: a pipeline that writes an
+# output block back when its index changes then writes each block once, after the program
+# that computed it (Triton stores only what a body stores, and the interpreter writes back
+# what it loaded); the axes are sequential ("arbitrary") for such a pipeline. On TPU the
+# QK-norm is XLA (`_qk_norm_xla`): Mosaic cannot block one head's strided rows.
+
+
+class _QKLaunch(NamedTuple):
+    """The one launch of [`_qk_norm_fwd_on`][]/[`_qk_norm_bwd_on`][]: its block config and
+    grid, and per operand (`q`, then `k`) its row specs, statistic specs, parameter spec and
+    partial-sum spec."""
+
+    config: c.BlockConfig
+    grid: tuple[int, int]
+    rows: tuple[pl.BlockSpec, pl.BlockSpec]
+    stats: tuple[pl.BlockSpec, pl.BlockSpec]
+    params: tuple[pl.BlockSpec, pl.BlockSpec]
+    partials: tuple[pl.BlockSpec, pl.BlockSpec]
+    blocks: tuple[int, int]
+
+
+def _qk_index(which: int, blocks: tuple[int, int], heads: tuple[int, int]):
+    """`(i, g) -> (token block, head)` of operand `which` (0: q, 1: k) for program `(i, g)`:
+    its own block where `g` is one of its heads, else the block its previous program held."""
+    nq, nk = heads
+    n_blocks = blocks[which]
+
+    def index(i, g):
+        if which == 0:
+            row, head = i, jnp.minimum(g, nq - 1)
+        else:
+            before = g < nq
+            row = jnp.where(before, i - 1, i)
+            head = jnp.where(before, nk - 1, g - nq)
+            head = jnp.where(row < 0, 0, head)
+            row = jnp.maximum(row, 0)
+        past = row >= n_blocks
+        return jnp.where(past, n_blocks - 1, row), jnp.where(past, heads[which] - 1, head)
+
+    return index
+
+
+def _qk_launch(target: Target, q_shape, k_shape, per_head: tuple[bool, bool]) -> _QKLaunch:
+    width = q_shape[-1]
+    config = c.block_config(target, max(q_shape[0], k_shape[0]), width)
+    cols, br = c.padded(target, width), config.block_rows
+    blocks = (c.ceil_div(q_shape[0], br), c.ceil_div(k_shape[0], br))
+    heads = (q_shape[1], k_shape[1])
+    indices = [_qk_index(w, blocks, heads) for w in (0, 1)]
+
+    def spec(block, at):
+        return tuple(pl.BlockSpec(block, functools.partial(at, ix)) for ix in indices)
+
+    def param_at(ix, i, g, per_head):
+        return (ix(i, g)[1] if per_head else 0, 0, 0)
+
+    return _QKLaunch(
+        config,
+        (max(blocks), sum(heads)),
+        spec((br, _SQUEEZED, cols), lambda ix, i, g: (*ix(i, g), 0)),
+        spec((br, _SQUEEZED, 1), lambda ix, i, g: (*ix(i, g), 0)),
+        tuple(
+            pl.BlockSpec((_SQUEEZED, 1, cols), functools.partial(param_at, ix, per_head=p))
+            for ix, p in zip(indices, per_head, strict=True)
+        ),
+        spec((_SQUEEZED, _SQUEEZED, 1, cols), lambda ix, i, g: (ix(i, g)[1], ix(i, g)[0], 0, 0)),
+        blocks,
+    )
+
+
+def _qk_branches(body, nq: int, blocks: tuple[int, int], refs_q, refs_k, rows):
+    """Run `body(refs, rows, row_block)` on q's refs in q's programs and on k's in k's (the
+    program ids read outside the conditions, where the interpreter supports them)."""
+    i, g = pl.program_id(0), pl.program_id(1)
+
+    @pl.when((g < nq) & (i < blocks[0]))
+    def _():
+        body(refs_q, rows[0], i)
+
+    @pl.when((g >= nq) & (i < blocks[1]))
+    def _():
+        body(refs_k, rows[1], i)
+
+
+def _qk_norm_fwd_kernel(*refs, target, config, heads, blocks, rows, width, eps, center, has_weight):
+    """[`_row_norm_fwd_kernel`][] on q's block of rows or on k's: refs `q, k, (q_weight,
+    k_weight), q_y, k_y, q_shift, k_shift, q_offset, k_offset, q_rstd, k_rstd`."""
+    ins = 4 if has_weight else 2
+    inputs, outputs = refs[:ins], refs[ins:]
+    per = [[inputs[w], *inputs[2 + w : 3 + w] * has_weight, *outputs[w::2]] for w in (0, 1)]
+    kernel = functools.partial(
+        _row_norm_fwd_kernel,
+        target=target,
+        config=config,
+        width=width,
+        eps=eps,
+        center=center,
+        has_residual=False,
+        has_weight=has_weight,
+        has_bias=False,
+    )
+    _qk_branches(lambda r, n, i: kernel(*r, rows=n, row_block=i), heads[0], blocks, *per, rows)
+
+
+def _qk_params(weight, width: int):
+    """A weight `(head_dim,)` or `(heads, head_dim)` as the launch's `(n, 1, head_dim)`."""
+    return None if weight is None else weight.reshape(-1, 1, width)
+
+
+def _qk_compiler_params(target: Target, config: c.BlockConfig):
+    return c.compiler_params(target, config, ("arbitrary", "arbitrary"))
+
+
+def _qk_norm_fwd_on(target: Target, q, k, q_weight, k_weight, *, eps: float, center: bool):
+    """`(q_y, k_y, q_shift, k_shift, q_offset, k_offset, q_rstd, k_rstd)` of `q`, `k`
+    `(tokens, heads, head_dim)` with one `pallas_call` on `target`; statistics `(tokens,
+    heads)` float32."""
+    if target is c.MOSAIC:
+        return _qk_norm_xla(q, k, q_weight, k_weight, eps=eps, center=center)
+    width = q.shape[-1]
+    weights = [w for w in (q_weight, k_weight) if w is not None]
+    per_head = tuple(w is not None and w.ndim == 2 for w in (q_weight, k_weight))
+    launch = _qk_launch(target, q.shape, k.shape, per_head)
+    params = [_qk_params(w, width) for w in weights]
+    stats = [jax.ShapeDtypeStruct((*a.shape[:2], 1), F32) for a in (q, k)] * 3
+    kernel = functools.partial(
+        _qk_norm_fwd_kernel,
+        target=target,
+        config=launch.config,
+        heads=(q.shape[1], k.shape[1]),
+        blocks=launch.blocks,
+        rows=(q.shape[0], k.shape[0]),
+        width=width,
+        eps=eps,
+        center=center,
+        has_weight=bool(weights),
+    )
+    outs = pl.pallas_call(
+        kernel,
+        grid=launch.grid,
+        in_specs=[*launch.rows, *launch.params[: len(params)]],
+        out_specs=[*launch.rows, *launch.stats * 3],
+        out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k)] + stats,
+        compiler_params=_qk_compiler_params(target, launch.config),
+        interpret=target.interpret,
+        name="eqxnorm_qk_norm_fwd",
+    )(q, k, *params)
+    return outs[0], outs[1], *(s[..., 0] for s in outs[2:])
+
+
+def _qk_norm_bwd_kernel(
+    *refs, target, config, heads, blocks, rows, width, center, has_weight, param_grads
+):
+    """[`_row_norm_bwd_kernel`][] on q's block of rows or on k's: refs `q, k, q_dy, k_dy,
+    q_shift, k_shift, q_offset, k_offset, q_rstd, k_rstd, (q_weight, k_weight), dq, dk,
+    (q_dweight, k_dweight, q_dbias, k_dbias)` (the bias sums are the body's, unused)."""
+    ins = 12 if has_weight else 10
+    inputs, outputs = refs[:ins], refs[ins:]
+    per = [[*inputs[w:10:2], *inputs[10 + w : 11 + w] * has_weight, *outputs[w::2]] for w in (0, 1)]
+    kernel = functools.partial(
+        _row_norm_bwd_kernel,
+        target=target,
+        config=config,
+        width=width,
+        center=center,
+        has_weight=has_weight,
+        has_dh=False,
+        has_dresidual=False,
+        param_grads=param_grads,
+    )
+    _qk_branches(lambda r, n, i: kernel(*r, rows=n, row_block=i), heads[0], blocks, *per, rows)
+
+
+def _qk_norm_bwd_on(
+    target: Target, q, k, q_weight, k_weight, q_dy, k_dy, *stats, center, param_grads
+):
+    """`(dq, dk, q_dweight, k_dweight)` with one `pallas_call` on `target`: the weights'
+    gradients float32 sums over the token blocks, `(heads, head_dim)` (`None` unless
+    `param_grads`)."""
+    if target is c.MOSAIC:
+        dq, dk, *dw = _qk_norm_bwd_xla((q, k), (q_weight, k_weight), (q_dy, k_dy), stats, center)
+        return (dq, dk, *dw) if param_grads else (dq, dk, None, None)
+    width = q.shape[-1]
+    has_weight = q_weight is not None
+    per_head = tuple(w is not None and w.ndim == 2 for w in (q_weight, k_weight))
+    launch = _qk_launch(target, q.shape, k.shape, per_head)
+    params = [_qk_params(w, width) for w in (q_weight, k_weight)] if has_weight else []
+    out_specs = list(launch.rows)
+    out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k)]
+    if param_grads:
+        # Each operand's own token blocks: the programs past them write nothing.
+        partials = [
+            jax.ShapeDtypeStruct((a.shape[1], n, 1, width), F32)
+            for a, n in zip((q, k), launch.blocks, strict=True)
+        ]
+        out_specs += [*launch.partials] * 2
+        out_shape += partials * 2
+    kernel = functools.partial(
+        _qk_norm_bwd_kernel,
+        target=target,
+        config=launch.config,
+        heads=(q.shape[1], k.shape[1]),
+        blocks=launch.blocks,
+        rows=(q.shape[0], k.shape[0]),
+        width=width,
+        center=center,
+        has_weight=has_weight,
+        param_grads=param_grads,
+    )
+    outs = pl.pallas_call(
+        kernel,
+        grid=launch.grid,
+        in_specs=[*launch.rows * 2, *launch.stats * 3, *launch.params[: len(params)]],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_qk_compiler_params(target, launch.config),
+        interpret=target.interpret,
+        name="eqxnorm_qk_norm_bwd",
+    )(q, k, q_dy, k_dy, *(s[..., None] for s in stats), *params)
+    if not param_grads:
+        return outs[0], outs[1], None, None
+    return outs[0], outs[1], *(p.sum(axis=(1, 2)) for p in outs[2:4])
+
+
+def _qk_norm_xla(q, k, q_weight, k_weight, *, eps: float, center: bool):
+    """[`_qk_norm_fwd_on`][]'s outputs by XLA: on TPU, where Mosaic's blocks cannot be one
+    head's strided rows (a block's last two axes must be whole or tiles of 8 × 128)."""
+    outs = []
+    for x, weight in ((q, q_weight), (k, k_weight)):
+        stats = reference.moments(x, -1, center=center)
+        rstd = reference.inverse_std(stats.var, eps)
+        y = reference.normalize(x, stats, reference._leading_ones(weight, 3), None, eps=eps)
+        outs.append((y, stats.shift[..., 0], stats.offset[..., 0], rstd[..., 0]))
+    return tuple(o for pair in zip(*outs, strict=True) for o in pair)
+
+
+def _qk_norm_bwd_xla(xs, weights, dys, stats, center: bool):
+    """`(dq, dk, q_dweight, k_dweight)` of [`_qk_norm_bwd_on`][] by XLA (see
+    [`_qk_norm_xla`][]), from the saved statistics: the row kernels' backward maths."""
+    outs = []
+    for w, (x, weight, dy) in enumerate(zip(xs, weights, dys, strict=True)):
+        shift, offset, rstd = (s[..., None] for s in stats[w::2])
+        xhat = ((x.astype(F32) - shift) - offset) * rstd
+        dy = dy.astype(F32)
+        g = dy if weight is None else dy * reference._leading_ones(weight, 3).astype(F32)
+        d = g - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)
+        if center:
+            d = d - jnp.mean(g, axis=-1, keepdims=True)
+        outs.append(((d * rstd).astype(x.dtype), jnp.sum(dy * xhat, axis=0)))
+    return tuple(o for pair in zip(*outs, strict=True) for o in pair)
+
+
+def _qk_layout(center: bool) -> _autodiff.Layout:
+    """`(tokens, heads, head_dim)` is the reference's view itself, reduced over `head_dim`;
+    a weight `(head_dim,)` or `(heads, head_dim)` gets its leading unit axes."""
+    return _autodiff.Layout(
+        axis=2,
+        center=center,
+        x=_same,
+        unview=lambda t, shape: t,
+        param=lambda p: None if p is None else p.reshape((1,) * (3 - p.ndim) + p.shape),
+        stat=lambda s: s[..., None],
+        unstat=lambda s: s[..., 0],
+    )
+
+
+@functools.cache
+def _qk_norm(eps: float, norm: str, backend: str):
+    """The differentiable `(q, k, q_weight, k_weight) -> (q_y, k_y)` of one launch each way."""
+    center = reference._qk_center(norm)
+    layout = _qk_layout(center)
+
+    def forward(q, k, q_weight, k_weight):
+        fn = functools.partial(_qk_norm_fwd_on, eps=eps, center=center)
+        # No `sharding` rule: a sharded call runs on its operands gathered (`c.per_platform`).
+        spec = "t h d, t j d, h? d, j? d -> t h d, t j d, " + ", ".join([_QK_STATS] * 3)
+        rule = _qk_rule(spec, q, k)
+        args = (q, k, q_weight, k_weight)
+        qy, ky, *stats = c.per_platform(fn, *args, sharding=rule, backend=backend)
+        return (qy, ky), tuple(stats)
+
+    def backward(primals, stats, cotangents, like):
+        q, k, q_weight, k_weight = primals
+        q_dy, k_dy = (
+            jnp.zeros(a.shape, a.dtype) if d is None else d
+            for a, d in zip((q, k), cotangents, strict=True)
+        )
+        param_grads = like[2] is not None or like[3] is not None
+        fn = functools.partial(_qk_norm_bwd_on, center=center, param_grads=param_grads)
+        args = (q, k, q_weight, k_weight, q_dy, k_dy, *stats)
+        # The weights' per-head gradients are sums over the tokens: added across the devices.
+        stats = ", ".join([_QK_STATS] * 3)
+        spec = f"t h d, t j d, h? d, j? d, t h d, t j d, {stats} -> t h d, t j d, h d, j d"
+        rule = _qk_rule(spec, q, k)
+        dq, dk, q_dw, k_dw = c.per_platform(fn, *args, sharding=rule, backend=backend)
+        grads = (dq, dk, _head_grad(q_dw, q_weight), _head_grad(k_dw, k_weight))
+        return tuple(None if lk is None else g for lk, g in zip(like, grads, strict=True))
+
+    def saved_tangents(primals, stats, tangents):
+        q, k, q_weight, k_weight = primals
+        out = []
+        for w, (x, weight) in enumerate(((q, q_weight), (k, k_weight))):
+            residuals = (x, weight, *stats[w::2])
+            t_in = (tangents[w], tangents[2 + w], None)
+            out.append(_autodiff.statistics_tangents(layout, residuals, t_in))
+        return tuple(t for pair in zip(*out, strict=True) for t in pair)
+
+    ref = functools.partial(reference.qk_norm, eps=eps, norm=norm)
+    return _autodiff.fused_with_jvp(forward, backward, ref, saved_tangents)
+
+
+# A statistic of q `(tokens t, heads h)` and of k `(tokens t, heads j)`.
+_QK_STATS = "t h, t j"
+
+
+def _qk_rule(spec: str, q, k) -> c.Rule | None:
+    """The sharding rule of a QK-norm launch: split along the tokens when q and k share
+    them (self-attention; a batch-sharded call then runs on each device's tokens). Two
+    token factors split along one mesh axis are not partitioned together, so with other
+    token counts (cross-attention) the call runs on its operands gathered."""
+    return c.Rule(spec, split="t") if q.shape[0] == k.shape[0] else None
+
+
+def _head_grad(partial, weight):
+    """The weight's gradient from the launch's per-head float32 sums: summed over the heads
+    for a weight they share."""
+    if weight is None or partial is None:
+        return None
+    return partial if weight.ndim == 2 else partial.sum(axis=0)
+
+
+@typechecked()
+def qk_norm(
+    q: Float[Array, "q_tokens q_heads head_dim"],
+    k: Float[Array, "k_tokens k_heads head_dim"],
+    q_weight: Float[Array, "*q_per_head head_dim"] | None,
+    k_weight: Float[Array, "*k_per_head head_dim"] | None,
+    *,
+    eps: float,
+    norm: str = "rms_norm",
+    backend: str = "auto",
+) -> tuple[Float[Array, "q_tokens q_heads head_dim"], Float[Array, "k_tokens k_heads head_dim"]]:
+    r"""Per-head QK-norm of `q` and `k` in one fused Pallas launch each way (forward,
+    backward); the same maths and signature as `eqxnorm.kernels.reference.qk_norm`.
+
+    **Arguments:**
+
+    - `q`: `(tokens, q_heads, head_dim)`; `k`: `(tokens', k_heads, head_dim)`.
+    - `q_weight`, `k_weight`: `(head_dim,)`, `(heads, head_dim)` or `None` (both or neither).
+    - `eps`: added to the mean square (variance).
+    - `norm`: `"rms_norm"` or `"layer_norm"`.
+    - `backend`: the GPU kernels, `"auto"` or `"triton"`.
+
+    **Returns:**
+
+    `(q, k)` normalized, in their shapes and dtypes.
+    """
+    if (q_weight is None) != (k_weight is None) or q.size == 0 or k.size == 0:
+        return reference.qk_norm(q, k, q_weight, k_weight, eps=eps, norm=norm)
+    return _qk_norm(float(eps), norm, backend)(q, k, q_weight, k_weight)
+
+
+# --- gated RMSNorm ---------------------------------------------------------------------------
+
+
+def _rows_folded(call, n_rows: int, example_param_grads=None):
+    """`call(*rows, *params)`, a launch over `(rows, dim)` arrays (its outputs: arrays of the
+    rows' shape, then any parameter gradients), as a `custom_vmap` function: a `jax.vmap`
+    whose parameters the examples share folds the examples into the rows, one launch over
+    all of them (as the row norms' `_forward` does), else runs Pallas' own batching. The
+    parameters' gradients are then per example, as `vmap` means them, from XLA:
+    `example_param_grads(*rows, *params)` on each example (the launch's partial sums mix
+    the examples); the caller sums them."""
+    folded = custom_vmap(call)
+
+    @folded.def_vmap
+    def _(axis_size, in_batched, *args):
+        if axis_size == 0:
+            return c.empty_batch(folded, in_batched, args)
+        if any(in_batched[n_rows:]):
+            axes = tuple(0 if b else None for b in in_batched)
+            out = jax.vmap(call, in_axes=axes)(*args)
+            return out, _all_batched(out)
+        rows = [
+            c.fold(axis_size, b, a) for b, a in zip(in_batched[:n_rows], args[:n_rows], strict=True)
+        ]
+        out = folded(*rows, *args[n_rows:])
+        if example_param_grads is None:
+            out = c.unfold(axis_size, out)
+            return out, _all_batched(out)
+        axes = tuple(0 if b else None for b in in_batched)
+        grads = jax.vmap(example_param_grads, in_axes=axes)(*args)
+        out = (*(c.unfold(axis_size, o) for o in out[: len(out) - len(grads)]), *grads)
+        return out, _all_batched(out)
+
+    return folded
+
+
+def _gate(z):
+    r"""$(\mathrm{silu}(z), \mathrm{silu}'(z))$, $\mathrm{silu}' = \sigma(1 + z(1 - \sigma))$."""
+    sigmoid = 1 / (1 + jnp.exp(-z))
+    return reference.silu(z), sigmoid * (1 + z * (1 - sigmoid))
+
+
+def _gated_rms_norm_fwd_kernel(
+    x_ref, z_ref, *refs, target, config, rows, width, eps, norm_before_gate, has_weight
+):
+    r"""$y = n\,r\,\gamma\,\mathrm{silu}(z)$ with $n = x$ (norm before gate), else
+    $y = n\,r\,\gamma$ with $n = x\,\mathrm{silu}(z)$, $r = (\overline{n^2} +
+    \varepsilon)^{-1/2}$, for a block of rows."""
+    w_ref, y_ref = c.split_refs(refs, has_weight)
+    rows = (pl.program_id(0) * config.block_rows, rows)
+
+    def chunk_input(k):
+        _, col_mask, mask = _masks(config, rows, width, k * config.block_cols)
+        view = _view(config, k)
+        x = c.load(view(x_ref), mask, target)
+        gate = reference.silu(c.load(view(z_ref), mask, target))
+        return (x if norm_before_gate else x * gate), mask, gate, col_mask, view
+
+    def write(rstd, n, mask, gate, col_mask, view):
+        w = None if w_ref is None else c.load(view(w_ref), col_mask, target)
+        y = c.affine(n * rstd, w, None)
+        c.store(view(y_ref), y * gate if norm_before_gate else y, mask, target)
+
+    if config.chunks == 1:
+        values = chunk_input(0)
+        stats = c.block_moments(values[0], values[1], width, center=False)
+        write(reference.inverse_std(stats.var, eps), *values)
+    else:
+        stats = _chunked_moments(lambda k: chunk_input(k)[:2], config, width, False)
+        rstd = reference.inverse_std(stats.var, eps)
+
+        @pl.loop(0, config.chunks)
+        def _(k):
+            write(rstd, *chunk_input(k))
+
+
+def _gated_rms_norm_bwd_kernel(
+    x_ref, z_ref, dy_ref, *refs, target, config, rows, width, eps, norm_before_gate, has_weight
+):
+    r"""With $n$, $r$ as in the forward (recomputed from the `x` read anyway),
+    $\hat{n} = n r$, $p = \mathrm{silu}(z)$ after the norm (else 1) and
+    $g = \partial y\,\gamma\,p$: $\partial n = r(g - \hat{n}\,\overline{g\hat{n}})$;
+    then $\partial x = \partial n$, $\partial z = \partial y\,\hat{n}\gamma\,
+    \mathrm{silu}'(z)$ (norm before gate), else $\partial x = \partial n\,\mathrm{silu}(z)$,
+    $\partial z = \partial n\,x\,\mathrm{silu}'(z)$; and the block's float32 column sums of
+    $\partial y\,\hat{n}\,p$ (the weight's gradient)."""
+    w_ref, dx_ref, dz_ref, *partial_refs = c.split_refs(refs, has_weight)
+    rows = (pl.program_id(0) * config.block_rows, rows)
+    bc = config.block_cols
+
+    def chunk_values(k):
+        _, col_mask, mask = _masks(config, rows, width, k * bc)
+        view = _view(config, k)
+        x = c.load(view(x_ref), mask, target)
+        gate, dgate = _gate(c.load(view(z_ref), mask, target))
+        dy = c.load(view(dy_ref), mask, target)
+        w = None if w_ref is None else c.load(view(w_ref), col_mask, target)
+        n = x if norm_before_gate else x * gate
+        post = gate if norm_before_gate else 1.0
+        g = dy * post if w is None else dy * post * w
+        return x, n, gate, dgate, dy, w, g, post, mask, view
+
+    def write(k, rstd, mean_gn, x, n, gate, dgate, dy, w, g, post, mask, view):
+        nhat = n * rstd
+        dn = (g - nhat * mean_gn) * rstd
+        if norm_before_gate:
+            dx, dz = dn, dy * (nhat if w is None else nhat * w) * dgate
+        else:
+            dx, dz = dn * gate, dn * x * dgate
+        c.store(view(dx_ref), dx, mask, target)
+        c.store(view(dz_ref), dz, mask, target)
+        if partial_refs:
+            col_mask = c.iota((1, bc), 1, k * bc) < width
+            partial = jnp.sum(dy * nhat * post, axis=0, keepdims=True)
+            c.store(view(partial_refs[0]), partial, col_mask, target)
+
+    def sums(values):
+        n, g = values[1], values[6]
+        return c.row_sum(n * n * (1.0 / width)), c.row_sum(g * n)
+
+    if config.chunks == 1:
+        values = chunk_values(0)
+        square, gn = sums(values)
+    else:
+
+        def reduce_body(k, acc):
+            return tuple(a + b for a, b in zip(acc, sums(chunk_values(k)), strict=True))
+
+        zero = jnp.zeros((config.block_rows, 1), F32)
+        square, gn = jax.lax.fori_loop(0, config.chunks, reduce_body, (zero, zero))
+    rstd = reference.inverse_std(square, eps)
+    # mean(g n̂) = r · mean(g n): one reduction pass, before r is known.
+    mean_gn = gn * rstd / width
+    if config.chunks == 1:
+        write(0, rstd, mean_gn, *values)
+    else:
+
+        @pl.loop(0, config.chunks)
+        def _(k):
+            write(k, rstd, mean_gn, *chunk_values(k))
+
+
+def _gated_launch(target: Target, x, weight):
+    """`_launch` of `x` `(rows, dim)` as one group, and the weight as that group's
+    parameters."""
+    launch = _launch(target, (1, *x.shape))
+    return launch, ([] if weight is None else [weight.reshape(1, 1, -1)])
+
+
+def _one_group_kernel(body, target: Target, launch: _Launch, x, weight, **settings):
+    """`body` with the settings of a launch over the rows of `x` `(rows, dim)`."""
+    return functools.partial(
+        body,
+        target=target,
+        config=launch.config,
+        rows=x.shape[0],
+        width=x.shape[1],
+        has_weight=weight is not None,
+        **settings,
+    )
+
+
+def _gated_rms_norm_fwd_on(target: Target, x, z, weight, *, eps, norm_before_gate):
+    """`y` of `x`, `z` `(rows, dim)` with one `pallas_call` on `target`."""
+    launch, params = _gated_launch(target, x, weight)
+    kernel = _one_group_kernel(
+        _gated_rms_norm_fwd_kernel,
+        target,
+        launch,
+        x,
+        weight,
+        eps=eps,
+        norm_before_gate=norm_before_gate,
+    )
+    y = c.pallas_call(
+        kernel,
+        target,
+        launch.config,
+        grid=launch.grid,
+        in_specs=[launch.rows] * 2 + [launch.params] * len(params),
+        out_specs=launch.rows,
+        out_shape=jax.ShapeDtypeStruct((1, *x.shape), x.dtype),
+        name="eqxnorm_gated_rms_norm_fwd",
+    )(x[None], z[None], *params)
+    return y[0]
+
+
+def _gated_rms_norm_bwd_on(target: Target, x, z, weight, dy, *, eps, norm_before_gate, param_grads):
+    """`(dx, dz, dweight)` with one `pallas_call` on `target`; `dweight` the float32 sum over
+    the rows (`None` unless `param_grads`)."""
+    launch, params = _gated_launch(target, x, weight)
+    rows_shape = [jax.ShapeDtypeStruct((1, *x.shape), a.dtype) for a in (x, z)]
+    partial = jax.ShapeDtypeStruct((1, launch.grid[0], 1, x.shape[1]), F32)
+    kernel = _one_group_kernel(
+        _gated_rms_norm_bwd_kernel,
+        target,
+        launch,
+        x,
+        weight,
+        eps=eps,
+        norm_before_gate=norm_before_gate,
+    )
+    outs = c.pallas_call(
+        kernel,
+        target,
+        launch.config,
+        grid=launch.grid,
+        in_specs=[launch.rows] * 3 + [launch.params] * len(params),
+        out_specs=[launch.rows] * 2 + [launch.partials] * param_grads,
+        out_shape=rows_shape + [partial] * param_grads,
+        name="eqxnorm_gated_rms_norm_bwd",
+    )(x[None], z[None], dy[None], *params)
+    dweight = outs[2].sum(axis=(0, 1, 2)) if param_grads else None
+    return outs[0][0], outs[1][0], dweight
+
+
+@functools.cache
+def _gated_rms_norm(eps: float, norm_before_gate: bool, backend: str):
+    """The differentiable `(x, z, weight) -> y` (rows `(rows, dim)`)."""
+    settings = dict(eps=eps, norm_before_gate=norm_before_gate)
+
+    ref = functools.partial(reference.gated_rms_norm, **settings)
+
+    def launch_forward(x, z, weight):
+        fn = functools.partial(_gated_rms_norm_fwd_on, **settings)
+        mosaic_gpu = c.MosaicGPU(
+            functools.partial(_mgpu.gated_rms_norm_forward_on, **settings),
+            _mgpu.gated_rms_norm_forward_supported,
+        )
+        rule = c.Rule("r d, r d, d -> r d", split="r")
+        args = (x, z, weight)
+        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
+
+    def launch_backward(param_grads, x, z, dy, weight):
+        kwargs = dict(param_grads=param_grads, **settings)
+        fn = functools.partial(_gated_rms_norm_bwd_on, **kwargs)
+        mosaic_gpu = c.MosaicGPU(
+            functools.partial(_mgpu.gated_rms_norm_backward_on, **kwargs),
+            _mgpu.gated_rms_norm_backward_supported,
+        )
+        args = (x, z, weight, dy)
+        # The weight's gradient is a sum over the rows: added across the devices.
+        rule = c.Rule("r d, r d, d, r d -> r d, r d, d", split="r")
+        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
+
+    def example_weight_grad(x, z, dy, weight):
+        _, vjp = jax.vjp(lambda w: ref(x, z, w), weight.astype(F32))
+        return vjp(dy)
+
+    forward = _rows_folded(launch_forward, 2)
+    backwards = {
+        grads: _rows_folded(
+            functools.partial(launch_backward, grads), 3, example_weight_grad if grads else None
+        )
+        for grads in (False, True)
+    }
+
+    def backward(primals, saved, dy, like):
+        x, z, weight = primals
+        grads = backwards[like[2] is not None](x, z, dy, weight)
+        return tuple(None if lk is None else g for lk, g in zip(like, grads, strict=True))
+
+    return _autodiff.fused_with_jvp(lambda *a: (forward(*a), ()), backward, ref)
+
+
+@typechecked()
+def gated_rms_norm(
+    x: Float[Array, "rows dim"],
+    z: Float[Array, "rows dim"],
+    weight: Float[Array, " dim"] | None,
+    *,
+    eps: float,
+    norm_before_gate: bool = True,
+    backend: str = "auto",
+) -> Float[Array, "rows dim"]:
+    r"""Gated RMSNorm as one fused Pallas kernel each way; the same maths and signature as
+    `eqxnorm.kernels.reference.gated_rms_norm`: $y = \mathrm{rms\_norm}(x)\gamma\,
+    \mathrm{silu}(z)$, or $\mathrm{rms\_norm}(x\,\mathrm{silu}(z))\gamma$ when not
+    `norm_before_gate`. The forward reads `x` and `z` once and writes `y`; the backward
+    reads `x`, `z`, `dy` once and writes `dx`, `dz` (it recomputes the row's statistic from
+    the `x` it reads, so nothing but the inputs is saved).
+
+    **Arguments:**
+
+    - `x`, `z`: `(rows, dim)`.
+    - `weight`: `(dim,)` or `None`.
+    - `eps`: added to the mean square.
+    - `norm_before_gate`: as the reference's.
+    - `backend`: the GPU kernels, `"auto"`, `"triton"` or `"mosaic_gpu"` (see
+      `eqxnorm.kernels._common.per_platform`).
+
+    **Returns:**
+
+    `(rows, dim)` in `x.dtype`.
+    """
+    return _gated_rms_norm(float(eps), bool(norm_before_gate), backend)(x, z, weight)
+
+
+# --- Dynamic Tanh ----------------------------------------------------------------------------
+
+
+def _dyt_fwd_kernel(x_ref, alpha_ref, *refs, target, config, rows, width, has_weight, has_bias):
+    r"""$y = \gamma\tanh(\alpha x) + \beta$ for a block of rows."""
+    w_ref, b_ref, y_ref = c.split_refs(refs, has_weight, has_bias)
+    rows = (pl.program_id(0) * config.block_rows, rows)
+    alpha = c.load(alpha_ref, jnp.ones((1, 1), bool), target)
+
+    def chunk(k):
+        _, col_mask, mask = _masks(config, rows, width, k * config.block_cols)
+        view = _view(config, k)
+        w, b = _params(view(w_ref), view(b_ref), col_mask, target)
+        y = c.affine(jnp.tanh(alpha * c.load(view(x_ref), mask, target)), w, b)
+        c.store(view(y_ref), y, mask, target)
+
+    if config.chunks == 1:
+        chunk(0)
+    else:
+        pl.loop(0, config.chunks)(chunk)
+
+
+def _dyt_bwd_kernel(x_ref, alpha_ref, dy_ref, *refs, target, config, rows, width, has_weight):
+    r"""With $t = \tanh(\alpha x)$ and $e = \partial y\,\gamma\,(1 - t^2)$:
+    $\partial x = \alpha e$, and the block's float32 sums of $e x$ (the scalar's gradient),
+    and per column of $\partial y\,t$ and $\partial y$ (the weight's and bias')."""
+    w_ref, dx_ref, dalpha_ref, dw_ref, db_ref = c.split_refs(refs, has_weight)
+    rows = (pl.program_id(0) * config.block_rows, rows)
+    alpha = c.load(alpha_ref, jnp.ones((1, 1), bool), target)
+    bc = config.block_cols
+
+    def chunk(k, dalpha):
+        _, col_mask, mask = _masks(config, rows, width, k * bc)
+        view = _view(config, k)
+        x = c.load(view(x_ref), mask, target)
+        dy = c.load(view(dy_ref), mask, target)
+        t = jnp.tanh(alpha * x)
+        e = dy * (1 - t * t)
+        if w_ref is not None:
+            e = e * c.load(view(w_ref), col_mask, target)
+        c.store(view(dx_ref), alpha * e, mask, target)
+        col_mask = c.iota((1, bc), 1, k * bc) < width
+        c.store(view(dw_ref), jnp.sum(dy * t, axis=0, keepdims=True), col_mask, target)
+        c.store(view(db_ref), jnp.sum(dy, axis=0, keepdims=True), col_mask, target)
+        return dalpha + jnp.sum(c.row_sum(e * x), axis=0, keepdims=True)
+
+    zero = jnp.zeros((1, 1), F32)
+    if config.chunks == 1:
+        dalpha = chunk(0, zero)
+    else:
+        dalpha = jax.lax.fori_loop(0, config.chunks, chunk, zero)
+    c.store(dalpha_ref, dalpha, jnp.ones((1, 1), bool), target)
+
+
+def _dyt_fwd_on(target: Target, x, alpha, weight, bias):
+    """`y` of `x` `(rows, dim)` with one `pallas_call` on `target`."""
+    launch, params = _gated_launch(target, x, weight)
+    params += [] if bias is None else [bias.reshape(1, 1, -1)]
+    kernel = _one_group_kernel(
+        _dyt_fwd_kernel, target, launch, x, weight, has_bias=bias is not None
+    )
+    y = c.pallas_call(
+        kernel,
+        target,
+        launch.config,
+        grid=launch.grid,
+        in_specs=[launch.rows, _scalar_spec()] + [launch.params] * len(params),
+        out_specs=launch.rows,
+        out_shape=jax.ShapeDtypeStruct((1, *x.shape), x.dtype),
+        name="eqxnorm_dyt_fwd",
+    )(x[None], alpha.reshape(1, 1, 1), *params)
+    return y[0]
+
+
+def _scalar_spec():
+    """The block of a `(1, 1, 1)` scalar every program reads."""
+    return pl.BlockSpec((_SQUEEZED, 1, 1), lambda i, g: (0, 0, 0))
+
+
+def _dyt_bwd_on(target: Target, x, alpha, weight, dy):
+    """`(dx, dalpha, dweight, dbias)` with one `pallas_call` on `target`, the parameters'
+    float32 sums over the rows."""
+    launch, params = _gated_launch(target, x, weight)
+    blocks, width = launch.grid[0], x.shape[1]
+    kernel = _one_group_kernel(_dyt_bwd_kernel, target, launch, x, weight)
+    dx, dalpha, dw, db = c.pallas_call(
+        kernel,
+        target,
+        launch.config,
+        grid=launch.grid,
+        in_specs=[launch.rows, _scalar_spec(), launch.rows] + [launch.params] * len(params),
+        out_specs=[
+            launch.rows,
+            pl.BlockSpec((_SQUEEZED, _SQUEEZED, 1, 1), lambda i, g: (g, i, 0, 0)),
+            launch.partials,
+            launch.partials,
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((1, *x.shape), x.dtype),
+            jax.ShapeDtypeStruct((1, blocks, 1, 1), F32),
+            *[jax.ShapeDtypeStruct((1, blocks, 1, width), F32)] * 2,
+        ],
+        name="eqxnorm_dyt_bwd",
+    )(x[None], alpha.reshape(1, 1, 1), dy[None], *params)
+    return dx[0], dalpha.sum(), dw.sum(axis=(0, 1, 2)), db.sum(axis=(0, 1, 2))
+
+
+@functools.cache
+def _dyt(backend: str):
+    """The differentiable `(x, alpha, weight, bias) -> y` (rows `(rows, dim)`)."""
+
+    def launch_forward(x, alpha, weight, bias):
+        mosaic_gpu = c.MosaicGPU(_mgpu.dyt_forward_on, _mgpu.dyt_supported)
+        args = (x, alpha, weight, bias)
+        rule = c.Rule("r d, , d, d -> r d", split="r")
+        return c.per_platform(
+            _dyt_fwd_on, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend
+        )
+
+    def launch_backward(x, dy, alpha, weight):
+        mosaic_gpu = c.MosaicGPU(_mgpu.dyt_backward_on, _mgpu.dyt_supported)
+        args = (x, alpha, weight, dy)
+        rule = c.Rule("r d, , d, r d -> r d, , d, d", split="r")
+        return c.per_platform(
+            _dyt_bwd_on, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend
+        )
+
+    def example_param_grads(x, dy, alpha, weight):
+        # The weight's gradient is the kernel's even without a weight (the sums of dy·t).
+        weight = jnp.ones(x.shape[-1], F32) if weight is None else weight.astype(F32)
+        params = (alpha.astype(F32), weight, jnp.zeros(x.shape[-1], F32))
+        _, vjp = jax.vjp(lambda *p: reference.dyt(x, *p), *params)
+        return vjp(dy)
+
+    forward = _rows_folded(launch_forward, 1)
+    backward_rows = _rows_folded(launch_backward, 2, example_param_grads)
+
+    def backward(primals, saved, dy, like):
+        x, alpha, weight, _ = primals
+        grads = backward_rows(x, dy, alpha, weight)
+        return tuple(None if lk is None else g for lk, g in zip(like, grads, strict=True))
+
+    return _autodiff.fused_with_jvp(lambda *a: (forward(*a), ()), backward, reference.dyt)
+
+
+@typechecked()
+def dyt(
+    x: Float[Array, "rows dim"],
+    alpha: Float[Array, ""],
+    weight: Float[Array, " dim"] | None,
+    bias: Float[Array, " dim"] | None,
+    *,
+    backend: str = "auto",
+) -> Float[Array, "rows dim"]:
+    r"""Dynamic Tanh as one fused Pallas kernel each way; the same maths and signature as
+    `eqxnorm.kernels.reference.dyt`: $y = \gamma\tanh(\alpha x) + \beta$. The backward reads
+    `x` and `dy` once, writes `dx`, and the float32 partial sums of the gradients of
+    $\alpha$, $\gamma$ and $\beta$.
+
+    **Arguments:**
+
+    - `x`: `(rows, dim)`.
+    - `alpha`: a scalar `()`.
+    - `weight`, `bias`: `(dim,)` or `None`.
+    - `backend`: the GPU kernels, `"auto"`, `"triton"` or `"mosaic_gpu"` (see
+      `eqxnorm.kernels._common.per_platform`).
+
+    **Returns:**
+
+    `(rows, dim)` in `x.dtype`.
+    """
+    return _dyt(backend)(x, alpha, weight, bias)
+
+
 __all__ = [
     "layer_norm",
     "rms_norm",
@@ -783,4 +1641,7 @@ __all__ = [
     "add_rms_norm",
     "adaptive_layer_norm",
     "adaptive_rms_norm",
+    "qk_norm",
+    "gated_rms_norm",
+    "dyt",
 ]

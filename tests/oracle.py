@@ -121,6 +121,36 @@ def modulate(y, scale, shift):
     return y * (1 + scale[index]) + shift[index]
 
 
+def qk_norm(q, k, q_weight, k_weight, eps, norm="rms_norm"):
+    """Each head's vector `(..., heads, head_dim)` normalized over `head_dim`, the weight
+    `(head_dim,)` or `(heads, head_dim)`."""
+    fn = rms_norm if norm == "rms_norm" else layer_norm
+
+    def one(x, weight):
+        y = fn(x, None, None, eps)
+        return y if weight is None else y * f64(weight)
+
+    return one(q, q_weight), one(k, k_weight)
+
+
+def _silu(z):
+    z = f64(z)
+    return z / (1 + np.exp(-z))
+
+
+def gated_rms_norm(x, z, weight, eps, norm_before_gate=True):
+    """Mamba-2's / Qwen3-Next's gated RMSNorm over the last axis."""
+    gate = _silu(z)
+    if norm_before_gate:
+        return rms_norm(x, weight, None, eps) * gate
+    return rms_norm(f64(x) * gate, weight, None, eps)
+
+
+def dyt(x, alpha, weight, bias):
+    """Dynamic Tanh over the last axis."""
+    return _affine(np.tanh(float(alpha) * f64(x)), weight, bias, f64(x).shape[-1:])
+
+
 def masked_norm(x, mask, axes, weight, bias, eps, center=True):
     """Normalize over `axes` with statistics over the `True` elements of `mask` (broadcast to
     `x`) only; every element normalized; a slice with no `True` element gives its bias.

@@ -114,6 +114,33 @@ def _batch_norm_module(impl):
     return fn, params, (_data((BATCH, 4, 3, 5), seed=0),)
 
 
+def _gated_rms_norm(impl):
+    layer = eqxnorm.GatedRMSNorm(24, norm_before_gate=False, impl=impl)
+    layer = eqx.tree_at(lambda m: m.weight, layer, ks.params(24, seed=1)[0])
+    params, static = eqx.partition(layer, eqx.is_inexact_array)
+
+    def fn(params, x, z):
+        return jax.vmap(eqx.combine(params, static))(x, z)
+
+    return fn, params, (_data((BATCH, 24), 0), _data((BATCH, 24), 2))
+
+
+def _qk_norm(impl):
+    layer = eqxnorm.QKNorm(3, 16, kv_heads=2, per_head=True, impl=impl)
+    weights = (ks.params(16, seed=s)[0] for s in (1, 2))
+    weights = (
+        jnp.broadcast_to(w, s.shape)
+        for w, s in zip(weights, (layer.q_weight, layer.k_weight), strict=True)
+    )
+    layer = eqx.tree_at(lambda m: (m.q_weight, m.k_weight), layer, tuple(weights))
+    params, static = eqx.partition(layer, eqx.is_inexact_array)
+
+    def fn(params, q, k):
+        return eqx.combine(params, static)(q, k)
+
+    return fn, params, (_data((BATCH, 5, 3, 16), 0), _data((BATCH, 5, 2, 16), 2))
+
+
 LAYERS = {
     "layer_norm": _module_case(lambda impl: eqxnorm.LayerNorm(24, impl=impl), (24,)),
     "rms_norm": _module_case(lambda impl: eqxnorm.RMSNorm(24, impl=impl), (24,)),
@@ -128,6 +155,9 @@ LAYERS = {
     "weight_standardization": _weight_standardization,
     "add_layer_norm": _add_layer_norm,
     "adaptive_layer_norm": _adaptive_layer_norm,
+    "gated_rms_norm": _gated_rms_norm,
+    "dyt": _module_case(lambda impl: eqxnorm.DyT(24, impl=impl), (24,)),
+    "qk_norm": _qk_norm,
 }
 
 

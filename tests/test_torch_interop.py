@@ -562,3 +562,41 @@ def test_accepts_torch_tensors():
     fresh = torch.nn.GroupNorm(2, 4).to(torch.bfloat16)
     fresh.load_state_dict(_to_torch(torch, export(ours)))
     assert torch.equal(fresh.weight, half.weight)
+
+
+def _qwen3_next_gated_norm(torch, dim):
+    """Hugging Face's `Qwen3NextRMSNormGated` (transformers 4.57), written out: its `weight`
+    of ones, float32 statistics, the weight applied to the normalized value rounded to the
+    input dtype, then the float32 silu gate."""
+
+    class Qwen3NextRMSNormGated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(dim))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, hidden_states, gate):
+            input_dtype = hidden_states.dtype
+            hidden_states = hidden_states.to(torch.float32)
+            variance = hidden_states.pow(2).mean(-1, keepdim=True)
+            hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+            hidden_states = self.weight * hidden_states.to(input_dtype)
+            hidden_states = hidden_states * torch.nn.functional.silu(gate.to(torch.float32))
+            return hidden_states.to(input_dtype)
+
+    return Qwen3NextRMSNormGated()
+
+
+def test_gated_rms_norm_matches_qwen3_next():
+    torch = pytest.importorskip("torch")
+    theirs = _qwen3_next_gated_norm(torch, 16)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.linspace(0.5, 1.5, 16))
+    x, z = _input(10, (4, 16)), _input(11, (4, 16))
+    ours = load(eqxnorm.GatedRMSNorm(16), {k: v.numpy() for k, v in theirs.state_dict().items()})
+    with torch.no_grad():
+        expected = theirs(torch.from_numpy(x), torch.from_numpy(z)).numpy()
+    np.testing.assert_allclose(jax.vmap(ours)(x, z), expected, rtol=1e-5, atol=1e-5)
+    assert list(export(ours)) == ["weight"]
+    with pytest.raises(ValueError, match=r"GatedRMSNorm\(\(16,\).*expects shape \(16,\)"):
+        load(eqxnorm.GatedRMSNorm(16), {"weight": np.ones(8, np.float32)})

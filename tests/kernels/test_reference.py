@@ -406,3 +406,54 @@ def test_batch_norm_derivatives_include_the_statistics():
     x = _data((32, 16, 64), jnp.float32)
     _, vjp = jax.vjp(lambda x: reference.batch_norm(x, None, None, eps=1e-5), x)
     assert sum(leaf.nbytes for leaf in jax.tree.leaves(vjp)) <= x.nbytes + 3 * 4 * 16
+
+
+# --- per-head QK-norm, gated RMSNorm, Dynamic Tanh --------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", oracle.DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
+def test_qk_norm_matches_oracle(norm, dtype):
+    # Grouped-query attention (4 query heads, 2 key heads), per-head q weight, shared k weight.
+    q, k = _data((2, 5, 4, 64), dtype), _data((2, 7, 2, 64), dtype, seed=1, loc=0.5)
+    q_weight = _data((4, 64), jnp.float32, seed=2, loc=1.0, scale=0.2)
+    k_weight = _affine(64)[0]
+    qy, ky = reference.qk_norm(q, k, q_weight, k_weight, eps=1e-6, norm=norm)
+    q_ref, k_ref = oracle.qk_norm(q, k, q_weight, k_weight, 1e-6, norm)
+    assert (qy.dtype, ky.dtype, qy.shape, ky.shape) == (dtype, dtype, q.shape, k.shape)
+    oracle.assert_close(qy, q_ref)
+    oracle.assert_close(ky, k_ref)
+
+
+@pytest.mark.parametrize("dtype", oracle.DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+def test_gated_rms_norm_matches_oracle(norm_before_gate, dtype):
+    x, z = _data((37, 160), dtype), _data((37, 160), dtype, seed=1)
+    weight = _affine(160)[0]
+    y = reference.gated_rms_norm(x, z, weight, eps=1e-6, norm_before_gate=norm_before_gate)
+    assert y.dtype == dtype
+    oracle.assert_close(y, oracle.gated_rms_norm(x, z, weight, 1e-6, norm_before_gate))
+
+
+@pytest.mark.parametrize("dtype", oracle.DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_dyt_matches_oracle(dtype):
+    x = _data((37, 160), dtype, scale=3.0)
+    weight, bias = _affine(160)
+    y = reference.dyt(x, jnp.asarray(0.7), weight, bias)
+    assert y.dtype == dtype
+    oracle.assert_close(y, oracle.dyt(x, 0.7, weight, bias))
+    oracle.assert_close(
+        reference.dyt(x, jnp.asarray(0.7), None, None), oracle.dyt(x, 0.7, None, None)
+    )
+
+
+def test_gated_and_dyt_gradients_float64():
+    with jax.enable_x64(True):
+        x, z = (_data((3, 8), jnp.float64, seed=s) for s in (0, 1))
+        weight = _affine(8)[0].astype(jnp.float64)
+        # The gate inside the norm: its derivative has every term of the other order's.
+        gated = _on_arrays(reference.gated_rms_norm, eps=1e-6, norm_before_gate=False)
+        check_grads(gated, (x, z, weight), order=1, modes=["fwd", "rev"])
+        alpha = jnp.asarray(0.7, jnp.float64)
+        dyt = _on_arrays(reference.dyt)
+        check_grads(dyt, (x, alpha, weight, weight - 1), order=1, modes=["fwd", "rev"])

@@ -595,3 +595,180 @@ def test_fused_ops_reject_bad_input_like_the_reference():
             module.adaptive_layer_norm(
                 x[None], jnp.ones((2, 160)), jnp.ones((2, 160)), None, None, eps=EPS
             )
+
+
+# --- per-head QK-norm, gated RMSNorm, Dynamic Tanh --------------------------------------------
+
+
+def _loss_and_grads(fn, argnums):
+    """`(outputs, grads)` of `sum(y · sin(y))` over every output of `fn`, jitted."""
+
+    def loss(*args):
+        outs = fn(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        total = sum(jnp.sum(y.astype(jnp.float32) * jnp.sin(y.astype(jnp.float32))) for y in outs)
+        return total, outs
+
+    return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))
+
+
+def _assert_same_outputs_and_grads(kernel, ref, args, argnums):
+    (_, outs), grads = _loss_and_grads(kernel, argnums)(*args)
+    (_, outs_ref), grads_ref = _loss_and_grads(ref, argnums)(*args)
+    for got, want in zip((*outs, *grads), (*outs_ref, *grads_ref), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        ks.assert_matches(got, want)
+
+
+# The shared weight's path (its per-head sums added) runs in tests/test_qk_norm.py.
+QK_CASES = [("rms_norm", "per_head", jnp.float32), ("layer_norm", None, jnp.bfloat16)]
+
+
+@pytest.mark.parametrize("case", QK_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{jnp.dtype(c[2]).name}")
+def test_qk_norm_matches_reference(case):
+    # Grouped-query heads (3 and 2) and different token counts (cross-attention): the launch
+    # covers q's blocks and k's, the programs past the shorter operand's doing nothing.
+    norm, weights, dtype = case
+    q, k = ks.data((37, 3, 16), dtype), ks.data((21, 2, 16), dtype, seed=1)
+    shapes = {"per_head": ((3, 16), (2, 16)), "shared": ((16,), (16,)), None: (None, None)}
+    qw, kw = (
+        None if s is None else ks.data(s, dtype, seed=2, loc=1.0, scale=0.2)
+        for s in shapes[weights]
+    )
+    args = (q, k, qw, kw)
+
+    def fns(module):
+        return lambda *a: module.qk_norm(*a, eps=1e-6, norm=norm)
+
+    argnums = (0, 1) if weights is None else (0, 1, 2, 3)
+    _assert_same_outputs_and_grads(fns(row_norm), fns(reference), args, argnums)
+
+
+def test_qk_norm_on_tpu_is_xla_with_the_kernels_contract():
+    # Mosaic cannot block one head's strided rows: on TPU the launch's outputs come from XLA.
+    q, k = ks.data((9, 3, 16), jnp.float32), ks.data((9, 2, 16), jnp.float32, seed=1)
+    qw, kw = ks.data((3, 16), jnp.float32, seed=2), ks.data((16,), jnp.float32, seed=3)
+    dys = (ks.data(q.shape, jnp.float32, seed=4), ks.data(k.shape, jnp.float32, seed=5))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def launches(target):
+        fwd = row_norm._qk_norm_fwd_on(target, q, k, qw, kw, eps=1e-6, center=True)
+        bwd = row_norm._qk_norm_bwd_on(
+            target, q, k, qw, kw, *dys, *fwd[2:], center=True, param_grads=True
+        )
+        return (*fwd, *bwd)
+
+    for got, want in zip(launches(_common.MOSAIC), launches(_common.INTERPRET), strict=True):
+        ks.assert_matches(got, want)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_new_ops_lower_in_one_launch_each_way(platform):
+    bf16 = jnp.bfloat16
+    shapes = {
+        "qk_norm": [(256, 8, 128), (256, 2, 128), (8, 128), (128,)],
+        "gated_rms_norm": [(64, ks.WIDE), (64, ks.WIDE), (ks.WIDE,)],
+        "dyt": [(64, 4096), (), (4096,), (4096,)],
+    }
+    kwargs = {"qk_norm": dict(eps=1e-6), "gated_rms_norm": dict(eps=1e-6), "dyt": {}}
+    for op, arg_shapes in shapes.items():
+        args = [jax.ShapeDtypeStruct(s, bf16 if s else jnp.float32) for s in arg_shapes]
+        fn = functools.partial(getattr(row_norm, op), **kwargs[op])
+        text = ks.lowered(_loss_and_grads(fn, tuple(range(len(args)))), args, platform)
+        # QK-norm on TPU is XLA (see the test above); everything else one kernel each way.
+        expected = 0 if (op, platform) == ("qk_norm", "tpu") else 2
+        assert ks.kernel_count(text, platform) == expected, op
+        if platform == "cuda" and op == "qk_norm":
+            # (token blocks, q heads + k heads): q and k in one launch each way.
+            assert ks.triton_grids(text) == [(8, 10, 1)] * 2
+
+
+GATED_CASES = [
+    ((37, 160), True, jnp.bfloat16, True),
+    ((37, 160), False, jnp.float32, False),
+    ((2, 17000), False, jnp.float32, True),  # chunked: wider than one block
+]
+
+
+@pytest.mark.parametrize("case", GATED_CASES, ids=["before-bf16", "after-no-weight", "chunked"])
+def test_gated_rms_norm_matches_reference(case):
+    shape, norm_before_gate, dtype, use_weight = case
+    x, z = ks.data(shape, dtype), ks.data(shape, dtype, seed=1, loc=0.0)
+    weight = ks.params(shape[1], dtype)[0] if use_weight else None
+
+    def fns(module):
+        return lambda *a: module.gated_rms_norm(*a, eps=1e-6, norm_before_gate=norm_before_gate)
+
+    argnums = (0, 1, 2) if use_weight else (0, 1)
+    _assert_same_outputs_and_grads(fns(row_norm), fns(reference), (x, z, weight), argnums)
+
+
+@pytest.mark.parametrize("shape", [(37, 160), (2, 17000)], ids=["one-block", "chunked"])
+def test_dyt_matches_reference(shape):
+    x = ks.data(shape, jnp.float32, scale=1.0)
+    weight, bias = ks.params(shape[1]) if shape[1] < 1000 else (None, None)
+    args = (x, jnp.asarray(0.7, jnp.float32), weight, bias)
+    argnums = (0, 1, 2, 3) if weight is not None else (0, 1)
+    _assert_same_outputs_and_grads(row_norm.dyt, reference.dyt, args, argnums)
+
+
+def _tangent_and_vmapped_grad(module, x, z, weight, bias):
+    """Forward mode through the gated norm; reverse mode through a `vmap` of DyT over rows
+    with per-row weights (Pallas' own batching of the launch)."""
+    alpha = jnp.asarray(0.5, jnp.float32)
+    gated = functools.partial(module.gated_rms_norm, eps=1e-6, norm_before_gate=False)
+    tangent = jax.jvp(lambda x: gated(x, z, weight), (x,), (z,))[1]
+    per_row = jax.vmap(lambda xi, wi: module.dyt(xi[None], alpha, wi, bias)[0])
+    grad = jax.grad(lambda w: jnp.sum(per_row(x, w) ** 2))(jnp.stack([weight] * x.shape[0]))
+    return tangent, grad
+
+
+def test_fused_gate_and_dyt_forward_mode_and_vmap():
+    x, z = ks.data((4, 160), jnp.float32), ks.data((4, 160), jnp.float32, seed=1)
+    weight, bias = ks.params(160)
+    run = jax.jit(_tangent_and_vmapped_grad, static_argnums=0)
+    expected = run(reference, x, z, weight, bias)
+    for got, want in zip(run(row_norm, x, z, weight, bias), expected, strict=True):
+        ks.assert_matches(got, want)
+
+
+def _vmapped_per_row(module, x, z, weight, bias, alpha):
+    """Gradients through a `vmap` of the one-example calls with shared parameters (how the
+    modules run), of every input and parameter."""
+
+    def loss(x, z, weight, bias, alpha):
+        def gated(xi, zi):
+            return module.gated_rms_norm(xi[None], zi[None], weight, eps=1e-6)[0]
+
+        def dyt(xi):
+            return module.dyt(xi.reshape(2, -1), alpha, weight[:80], bias[:80])
+
+        y = jax.vmap(gated)(x, z)
+        return jnp.sum(y * jnp.cos(x)) + jnp.sum(jax.vmap(dyt)(x) ** 2)
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, z, weight, bias, alpha)
+
+
+def test_gated_and_dyt_vmap_folds_examples_into_the_rows():
+    # 64 one-row examples of width 160: one launch of 4 programs each way (16 rows each), not
+    # Pallas' own batching (a program per example); the shared parameters' gradients per
+    # example from XLA, summed. The Triton launch (the Mosaic GPU one folds the same way).
+    bf16 = jnp.bfloat16
+    rows, vector = jax.ShapeDtypeStruct((64, 160), bf16), jax.ShapeDtypeStruct((160,), bf16)
+
+    def gated_step(x, z, weight):
+        def loss(x, weight):
+            y = jax.vmap(
+                lambda xi, zi: _TRITON.gated_rms_norm(xi[None], zi[None], weight, eps=1e-6)
+            )(x, z)
+            return jnp.sum(y.astype(jnp.float32) ** 2)
+
+        return jax.grad(loss, argnums=(0, 1))(x, weight)
+
+    text = ks.lowered(gated_step, [rows, rows, vector], "cuda")
+    assert ks.triton_grids(text) == [(4, 1, 1)] * 2
+    x, z = ks.data((12, 160), jnp.float32), ks.data((12, 160), jnp.float32, seed=1)
+    args = (x, z, *ks.params(160), jnp.asarray(0.6, jnp.float32))
+    run = jax.jit(_vmapped_per_row, static_argnums=0)
+    for got, want in zip(run(row_norm, *args), run(reference, *args), strict=True):
+        ks.assert_matches(got, want)

@@ -242,3 +242,36 @@ def test_ensemble_of_parameters():
     out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
     if out is not None:
         ks.assert_trees_match(out, run(reference))
+
+
+# --- gated RMSNorm and DyT (QK-norm has no Mosaic GPU kernel: it runs Triton on a GPU) ------
+
+
+def _gated_and_dyt(module, x, z, weight, bias, norm_before_gate):
+    """The outputs and every gradient of the gated norm and of DyT, jitted."""
+
+    def loss(x, z, weight, bias, alpha):
+        gated = module.gated_rms_norm(x, z, weight, eps=EPS, norm_before_gate=norm_before_gate)
+        dyt = module.dyt(x, alpha, weight, bias)
+        total = jnp.sum(gated.astype(jnp.float32) * jnp.cos(z.astype(jnp.float32)))
+        return total + jnp.sum(dyt.astype(jnp.float32) ** 2), (gated, dyt)
+
+    alpha = jnp.asarray(0.7, jnp.float32)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
+        x, z, weight, bias, alpha
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    [(37, 160, jnp.float32, True), (19, 512, jnp.bfloat16, False)],
+    ids=["37x160-float32-before", "19x512-bfloat16-after"],
+)
+def test_gated_rms_norm_and_dyt_match_reference(case):
+    rows, width, dtype, norm_before_gate = case
+    x, z = ks.data((rows, width), dtype), ks.data((rows, width), dtype, seed=1, loc=0.0)
+    weight, bias = ks.params(width, dtype)
+    args = (x, z, weight, bias, norm_before_gate)
+    out = ks.run_mosaic_gpu(lambda: _gated_and_dyt(MOSAIC_GPU, *args))
+    if out is not None:
+        ks.assert_trees_match(out, _gated_and_dyt(reference, *args))
