@@ -23,9 +23,9 @@ These run the reference instead:
   the mask fused into both.
 
 Per-row valid lengths, `lengths=` (an int per row: its first `lengths` columns counted), run
-the LayerNorm and RMSNorm kernels (`row_norm.layer_norm_lengths`, Triton and TPU; no extra
-pass over `x`). The other functions, the float64/empty/`axis_name` cases above and calls
-pinned to Mosaic GPU run the reference with the mask `col < lengths[row]` instead.
+the LayerNorm and RMSNorm kernels (`row_norm.layer_norm_lengths`: Triton, Mosaic GPU, TPU;
+no extra pass over `x`). The other functions and the float64/empty/`axis_name` cases above
+run the reference with the mask `col < lengths[row]` instead.
 """
 
 import functools
@@ -46,7 +46,7 @@ def _kernel_or_reference(kernel: Callable, backend: str = "auto") -> Callable:
     # to the reference; the dispatcher keeps the reference's signature either way.
     pools = "axis_name" in inspect.signature(kernel).parameters
 
-    lengths_kernel = _LENGTHS_KERNELS.get(kernel.__name__) if backend != "mosaic_gpu" else None
+    lengths_kernel = _LENGTHS_KERNELS.get(kernel.__name__)
 
     @functools.wraps(kernel)
     def dispatch(x, *args, **kwargs):

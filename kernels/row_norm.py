@@ -1022,8 +1022,13 @@ def _lengths_forward(op: str, eps: float, backend: str):
     @custom_vmap
     def forward(x, lengths, weight, bias):
         fn = functools.partial(_lengths_forward_on, op=op, eps=eps)
+        mosaic_gpu = c.MosaicGPU(
+            functools.partial(_mgpu.lengths_forward_on, op=op, eps=eps),
+            _mgpu.lengths_forward_supported,
+        )
         rule = c.Rule("g r d, g r, g d, g d -> g r d, g r, g r, g r", split="g r")
-        return c.per_platform(fn, x, lengths, weight, bias, sharding=rule, backend=backend)
+        args = (x, lengths, weight, bias)
+        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
 
     @forward.def_vmap
     def _(axis_size, in_batched, x, lengths, weight, bias):
@@ -1051,9 +1056,13 @@ def _lengths_backward(op: str, param_grads: bool, backend: str):
     @custom_vmap
     def backward(x, lengths, weight, dy, shift, offset, rstd):
         fn = functools.partial(_lengths_backward_on, op=op, param_grads=param_grads)
+        mosaic_gpu = c.MosaicGPU(
+            functools.partial(_mgpu.lengths_backward_on, op=op, param_grads=param_grads),
+            _mgpu.lengths_backward_supported,
+        )
         rule = c.Rule("g r d, g r, g d, g r d, g r, g r, g r -> g r d, g d, g d", "g r")
         args = (x, lengths, weight, dy, shift, offset, rstd)
-        return c.per_platform(fn, *args, sharding=rule, backend=backend)
+        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
 
     @backward.def_vmap
     def _(axis_size, in_batched, *args):

@@ -1,6 +1,7 @@
 """The row-norm kernels with per-row valid lengths (`row_norm.layer_norm_lengths`,
-`rms_norm_lengths`, what `lengths=` runs on the kernel path) in interpret mode against the
-reference's masked normalization, and their lowering for GPU and TPU."""
+`rms_norm_lengths`, what `lengths=` runs on the kernel path) in interpret mode (Triton's,
+and Mosaic GPU's interpreter on JAX 0.12+) against the reference's masked normalization,
+and their lowering for GPU and TPU."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 
 import kernel_support as ks
 from eqxnorm import functional
-from eqxnorm.kernels import _common, pallas, reference, row_norm
+from eqxnorm.kernels import _common, _mosaic_gpu, pallas, reference, row_norm
 
 OPS = ("layer_norm", "rms_norm")
 EPS = 1e-5
@@ -46,11 +47,12 @@ def _value_and_grads(fn):
     return run
 
 
-def _pair(op, lengths):
+def _pair(op, lengths, backend="auto"):
     """The kernel with `lengths`, and the reference with the mask `col < lengths`."""
 
     def kernel(x, weight, bias):
-        return getattr(row_norm, f"{op}_lengths")(x, lengths, weight, bias, eps=EPS)
+        fn = getattr(row_norm, f"{op}_lengths")
+        return fn(x, lengths, weight, bias, eps=EPS, backend=backend)
 
     def masked(x, weight, bias):
         mask = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
@@ -59,13 +61,20 @@ def _pair(op, lengths):
     return kernel, masked
 
 
-def _check(op, rows, width, dtype, seed=0):
+def _check(op, rows, width, dtype, seed=0, backend="auto"):
     x = ks.data((rows, width), dtype, seed=seed)
     weight, bias = ks.params(width, dtype)
     cotangent = ks.data((rows, width), jnp.float32, seed=seed + 1, loc=0.0, scale=1.0)
     lengths = _lengths(rows, width, seed)
-    kernel, masked = _pair(op, lengths)
-    y, grads = _value_and_grads(kernel)(x, weight, bias, cotangent)
+    kernel, masked = _pair(op, lengths, backend)
+
+    def run():
+        return _value_and_grads(kernel)(x, weight, bias, cotangent)
+
+    out = ks.run_mosaic_gpu(run) if backend == "mosaic_gpu" else run()
+    if out is None:
+        return
+    y, grads = out
     y_ref, grads_ref = _value_and_grads(masked)(x, weight, bias, cotangent)
     assert y.dtype == dtype
     ks.assert_matches(y, y_ref)
@@ -125,8 +134,8 @@ def test_functional_lengths_over_several_axes_run_the_kernels():
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_lowers_to_the_kernels_with_gradient(platform):
-    # On a GPU (Triton) or TPU, `lengths=` runs the two kernels and nothing else: no mask
-    # array, no reference.
+    # On a GPU or TPU, `lengths=` runs the two kernels and nothing else: no mask array, no
+    # reference.
     def value_and_grads(x, lengths, weight, bias):
         def loss(x, weight, bias):
             y = functional.layer_norm(x, weight, bias, lengths=lengths, impl="pallas")
@@ -139,15 +148,24 @@ def test_lowers_to_the_kernels_with_gradient(platform):
     text = ks.lowered(value_and_grads, args, platform)
     assert ks.kernel_count(text, platform) == 2
     assert "eqxnorm_layer_norm_lengths_fwd" in text and "eqxnorm_layer_norm_lengths_bwd" in text
+    if platform == "cuda":  # Mosaic GPU's where JAX has it (0.12+), else Triton's
+        assert text.count(ks.MOSAIC_GPU_CALL) == (2 if _mosaic_gpu.usable() else 0)
 
 
-def test_mosaic_gpu_runs_the_reference_with_the_mask():
-    # A call pinned to Mosaic GPU (no lengths kernel there yet) takes the mask path.
-    x = ks.data((5, 16), jnp.float32)
-    lengths = jnp.asarray([0, 3, 16, 9, 1], jnp.int32)
-    mask = jnp.arange(16)[None, :] < lengths[:, None]
-    pinned = pallas.backend("mosaic_gpu").layer_norm
-    y = jax.jit(lambda x: pinned(x, None, None, eps=EPS, lengths=lengths))(x)
-    ks.assert_matches(
-        y, jax.jit(lambda x: reference.layer_norm(x, None, None, eps=EPS, mask=mask))(x)
-    )
+@pytest.mark.parametrize(
+    "op, case", [("layer_norm", (37, 160, jnp.float32)), ("rms_norm", (37, 760, jnp.bfloat16))]
+)
+def test_mosaic_gpu_kernels(op, case):
+    # The Mosaic GPU kernels (`_row_norm_mosaic_gpu.lengths_forward_on`/`_backward_on`) in
+    # its interpreter on JAX 0.12+; on older JAX the pinned call raises, naming the JAX needed.
+    _check(op, *case, backend="mosaic_gpu")
+
+
+def test_float64_runs_the_reference_with_the_mask():
+    with jax.enable_x64(True):
+        x = ks.data((5, 16), jnp.float64)
+        lengths = jnp.asarray([0, 3, 16, 9, 1], jnp.int32)
+        mask = jnp.arange(16, dtype=jnp.int32)[None, :] < lengths[:, None]
+        y = pallas.layer_norm(x, None, None, eps=EPS, lengths=lengths)
+        assert y.dtype == jnp.float64
+        np.testing.assert_array_equal(y, reference.layer_norm(x, None, None, eps=EPS, mask=mask))
