@@ -420,20 +420,24 @@ def _forward(op: str, eps: float, backend: str):
 
     @forward.def_vmap
     def _(axis_size, in_batched, x, residual, weight, bias):
-        args = (x, residual, weight, bias)
-        if axis_size == 0:
-            return c.empty_batch(forward, in_batched, args)
-        if any(in_batched[2:]):
-            folded = (_into_groups(axis_size, b, a) for b, a in zip(in_batched, args, strict=True))
-            out = tuple(c.unfold(axis_size, o) for o in forward(*folded))
-        else:
-            x, residual = (
-                _into_rows(axis_size, b, a) for b, a in zip(in_batched[:2], args[:2], strict=True)
-            )
-            out = tuple(_from_rows(axis_size, o) for o in forward(x, residual, weight, bias))
-        return out, _all_batched(out)
+        return _fold_forward(forward, axis_size, in_batched, (x, residual, weight, bias))
 
     return forward
+
+
+def _fold_forward(forward, axis_size: int, in_batched, args):
+    """The `custom_vmap` rule of a forward `(x, per_row, weight, bias)` (`per_row` the
+    residual, or the valid lengths): the examples folded into the rows of every group
+    (`x` and `per_row`, as rows) when the parameters are shared, else into the groups."""
+    if axis_size == 0:
+        return c.empty_batch(forward, in_batched, args)
+    if any(in_batched[2:]):
+        folded = (_into_groups(axis_size, b, a) for b, a in zip(in_batched, args, strict=True))
+        out = tuple(c.unfold(axis_size, o) for o in forward(*folded))
+    else:
+        rows = (_into_rows(axis_size, b, a) for b, a in zip(in_batched[:2], args[:2], strict=True))
+        out = tuple(_from_rows(axis_size, o) for o in forward(*rows, *args[2:]))
+    return out, _all_batched(out)
 
 
 @functools.cache
@@ -1032,18 +1036,7 @@ def _lengths_forward(op: str, eps: float, backend: str):
 
     @forward.def_vmap
     def _(axis_size, in_batched, x, lengths, weight, bias):
-        args = (x, lengths, weight, bias)
-        if axis_size == 0:
-            return c.empty_batch(forward, in_batched, args)
-        if any(in_batched[2:]):
-            folded = (_into_groups(axis_size, b, a) for b, a in zip(in_batched, args, strict=True))
-            out = tuple(c.unfold(axis_size, o) for o in forward(*folded))
-        else:
-            x, lengths = (
-                _into_rows(axis_size, b, a) for b, a in zip(in_batched[:2], args[:2], strict=True)
-            )
-            out = tuple(_from_rows(axis_size, o) for o in forward(x, lengths, weight, bias))
-        return out, _all_batched(out)
+        return _fold_forward(forward, axis_size, in_batched, (x, lengths, weight, bias))
 
     return forward
 
