@@ -223,8 +223,10 @@ def layer_norm(
         With `impl="pallas"` this runs the reference.
     - `lengths`: integers of shape `batch`, the shorthand for the mask of each slice's
         first `lengths` elements (of its normalized axes flattened in row-major order): the
-        padding of variable-length data. Built in the compiled program by an iota compare,
-        no mask array is read. Not with `mask` or `axis_name`.
+        padding of variable-length data. No mask array is read: the kernels (`impl` other
+        than `"reference"`) read one length per row beside its statistics, the reference
+        builds the mask by an iota compare in the compiled program. Not with `mask` or
+        `axis_name`.
 
     **Returns:**
 
