@@ -153,7 +153,7 @@ def test_lowers_to_the_kernels_with_gradient(platform):
 
 
 @pytest.mark.parametrize(
-    "op, case", [("layer_norm", (37, 160, jnp.float32)), ("rms_norm", (37, 760, jnp.bfloat16))]
+    "op, case", [("layer_norm", (199, 160, jnp.float32)), ("rms_norm", (1, 760, jnp.bfloat16))]
 )
 def test_mosaic_gpu_kernels(op, case):
     # The Mosaic GPU kernels (`_row_norm_mosaic_gpu.lengths_forward_on`/`_backward_on`) in
@@ -166,9 +166,10 @@ def test_float64_runs_the_reference_with_the_mask():
         x = ks.data((5, 16), jnp.float64)
         lengths = jnp.asarray([0, 3, 16, 9, 1], jnp.int32)
         mask = jnp.arange(16, dtype=jnp.int32)[None, :] < lengths[:, None]
-        y = pallas.layer_norm(x, None, None, eps=EPS, lengths=lengths)
+        y = jax.jit(lambda x: pallas.layer_norm(x, None, None, eps=EPS, lengths=lengths))(x)
         assert y.dtype == jnp.float64
-        np.testing.assert_array_equal(y, reference.layer_norm(x, None, None, eps=EPS, mask=mask))
+        expected = jax.jit(lambda x: reference.layer_norm(x, None, None, eps=EPS, mask=mask))(x)
+        np.testing.assert_array_equal(y, expected)
 
 
 def test_sharded_rows_stay_local():
