@@ -10,7 +10,14 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from . import _checking, functional
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
-from ._group_norm import _divisors, check_example_channels
+from ._group_norm import (
+    Example,
+    ExampleIn,
+    _divisors,
+    annotated_channels,
+    check_channel_axis,
+    check_example_channels,
+)
 from ._misc import sentinel
 
 
@@ -225,7 +232,8 @@ class AdaptiveGroupNorm(eqx.Module):
     y_c = \left(\frac{x_c - \mathbb{E}[x_{g(c)}]}{\sqrt{\mathrm{Var}[x_{g(c)}] +
     \varepsilon}}\gamma_c + \beta_c\right)(1 + s_c) + t_c$$
 
-    for one example `x` of shape `(channels, *spatial)` and its conditioning vector $c$ of
+    for one example `x` of shape `(channels, *spatial)` (`(*spatial, channels)` with
+    `channel_axis=-1`) and its conditioning vector $c$ of
     shape `(cond_size,)`. The `modulation` `Linear` has `2 × channels` outputs ($s$ first),
     zero-initialised by default. $\gamma$, $\beta$ (`channelwise_affine`) are off by default.
     Batch with `jax.vmap(norm)(x, cond)`. Calls
@@ -241,6 +249,7 @@ class AdaptiveGroupNorm(eqx.Module):
     eps: float = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
     impl: Impl = eqx.field(static=True)
+    channel_axis: int = eqx.field(static=True)
     weight: Float[Array, " channels"] | None
     bias: Float[Array, " channels"] | None
     modulation: eqx.nn.Linear
@@ -258,6 +267,7 @@ class AdaptiveGroupNorm(eqx.Module):
         activation: Callable[[Array], Array] = jax.nn.silu,
         zero_init: bool = True,
         impl: Impl = "auto",
+        channel_axis: int = 0,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -269,11 +279,13 @@ class AdaptiveGroupNorm(eqx.Module):
         - `channelwise_affine`: whether to learn a per-channel $\\gamma$, $\\beta$ as well.
         - `dtype`: dtype of the parameters; defaults to float32 (float64 in 64-bit mode).
         - `activation`, `zero_init`, `impl`, `key`: as [`eqxnorm.AdaptiveLayerNorm`][].
+        - `channel_axis`: `0` (the default): each example is `(channels, *spatial)`; `-1`:
+            `(*spatial, channels)`, read in place (see [`eqxnorm.GroupNorm`][]).
 
         **Raises:**
 
         `ValueError` when `groups` does not divide `channels`, for non-positive sizes,
-        `eps <= 0` or an unknown `impl`.
+        `eps <= 0`, an unknown `impl` or a `channel_axis` other than 0 and -1.
         """
         where = type(self).__name__
         for name, value in (("groups", groups), ("channels", channels), ("cond_size", cond_size)):
@@ -285,6 +297,7 @@ class AdaptiveGroupNorm(eqx.Module):
             )
         _checking.check_eps(eps, where)
         check_impl(impl, where)
+        self.channel_axis = check_channel_axis(channel_axis, where)
         self.groups = groups
         self.channels = channels
         self.cond_size = cond_size
@@ -296,26 +309,29 @@ class AdaptiveGroupNorm(eqx.Module):
         self.modulation = _projection(cond_size, channels, zero_init, dtype, key)
         self.activation = activation
 
+    def _channels_of(self, x: Array, axis: int) -> int:
+        """The channel count `eqxnorm._group_norm.ExampleIn` holds `x` to in the layout
+        of `axis`."""
+        return annotated_channels(self.channels, self.channel_axis, axis)
+
     def _precheck(self, x, cond, state=sentinel, *, key=None):
         where = f"{type(self).__name__}(groups={self.groups}, channels={self.channels})"
-        check_example_channels(x, self.channels, where)
+        check_example_channels(x, self.channels, where, self.channel_axis)
         _check_cond(cond, self.cond_size, where)
 
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[AnyArray, " {self.channels} *spatial"],
+        x: ExampleIn,
         cond: Float[AnyArray, " {self.cond_size}"],
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> (
-        Float[Array, " {self.channels} *spatial"]
-        | tuple[Float[Array, " {self.channels} *spatial"], State]
-    ):
+    ) -> Example | tuple[Example, State]:
         """**Arguments:**
 
-        - `x`: one example, `(channels, *spatial)`.
+        - `x`: one example, `(channels, *spatial)`, or `(*spatial, channels)` with
+            `channel_axis=-1`.
         - `cond`: the example's conditioning vector, `(cond_size,)`.
         - `state`: optional; passed through unchanged.
         - `key`: ignored; for compatibility with the rest of the Equinox API.
@@ -343,5 +359,6 @@ class AdaptiveGroupNorm(eqx.Module):
                 self.eps,
                 self.impl,
                 example=True,
+                channels_last=self.channel_axis == -1,
             )
         return out if state is sentinel else (out, state)

@@ -12,6 +12,13 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from . import _checking, functional
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
+from ._group_norm import (
+    Example,
+    ExampleIn,
+    annotated_channels,
+    check_channel_axis,
+    check_example_channels,
+)
 from ._misc import default_floating_dtype
 from .kernels import reference
 from .kernels.reference import compute_dtype, pool_members
@@ -36,7 +43,8 @@ def _check_momentum(momentum: object, where: str) -> None:
 class BatchNorm(StatefulLayer):
     r"""Batch normalization: each channel normalized with statistics over the batch (pooled
     across every member of `axis_name`) and the spatial axes, with running statistics kept
-    in an [`equinox.nn.State`][] for inference.
+    in an [`equinox.nn.State`][] for inference. Each example is `(input_size, *spatial)`, or
+    channels-last `(*spatial, input_size)` with `channel_axis=-1`, read in place.
 
     $$y_c = \frac{x_c - \mu_c}{\sqrt{\sigma^2_c + \varepsilon}} \gamma_c + \beta_c$$
 
@@ -116,6 +124,7 @@ class BatchNorm(StatefulLayer):
     mode: Literal["batch", "ema"] = eqx.field(static=True)
     impl: Impl = eqx.field(static=True)
     axis_index_groups: tuple[tuple[int, ...], ...] | None = eqx.field(static=True)
+    channel_axis: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -130,6 +139,7 @@ class BatchNorm(StatefulLayer):
         *,
         impl: Impl = "auto",
         axis_index_groups: Sequence[Sequence[int]] | None = None,
+        channel_axis: int = 0,
     ):
         """**Arguments:**
 
@@ -151,11 +161,15 @@ class BatchNorm(StatefulLayer):
         - `axis_index_groups`: pool the statistics only within groups of the members of
             `axis_name` (Flax's and Haiku's argument), e.g. `[[0, 1], [2, 3]]`; see
             [`eqxnorm.functional.batch_norm`][]. Checked against the axis size at the call.
+        - `channel_axis`: `0` (the default, as `equinox.nn.BatchNorm`): each example is
+            `(input_size, *spatial)`; `-1`: `(*spatial, input_size)`, normalized per column
+            of the `(batch·spatial, input_size)` matrix it is in memory (no transposed copy).
 
         **Raises:**
 
         `TypeError`/`ValueError` for a non-positive or non-integer `input_size`, `eps <= 0`,
-        `momentum` outside [0, 1), an unknown `mode` or `impl`, or a non-floating `dtype`.
+        `momentum` outside [0, 1), an unknown `mode` or `impl`, a non-floating `dtype`, or a
+        `channel_axis` other than 0 and -1.
         """
         where = "BatchNorm"
         _checking.check_positive_int(input_size, "input_size", where)
@@ -195,9 +209,15 @@ class BatchNorm(StatefulLayer):
         self.mode = mode
         self.impl = impl
         self.axis_index_groups = functional._static_groups(axis_index_groups, where)
+        self.channel_axis = check_channel_axis(channel_axis, "BatchNorm")
 
     def _where(self) -> str:
         return f"BatchNorm(input_size={self.input_size}, axis_name={self.axis_name!r})"
+
+    def _channels_of(self, x: Array, axis: int) -> int:
+        """The channel count `eqxnorm._group_norm.ExampleIn` holds `x` to in the layout
+        of `axis`."""
+        return annotated_channels(self.input_size, self.channel_axis, axis)
 
     def _precheck(self, x, state, *, key=None, inference=None, mask=None):
         where = self._where()
@@ -208,6 +228,26 @@ class BatchNorm(StatefulLayer):
                 f"state together with `norm, state = eqx.nn.make_with_state(eqxnorm.BatchNorm)"
                 f"(...)` and call `norm(x, state)`."
             )
+        if self.channel_axis == -1:
+            check_example_channels(x, self.input_size, where, channel_axis=-1)
+        else:
+            self._check_channels_first(x, where)
+        _checking.check_mask(mask, x, where)
+        if not (self.inference if inference is None else inference):
+            members = reference.axis_count(self._pooled_axis())
+            values = x.size // self.input_size * members
+            if values < 2:
+                raise ValueError(
+                    f"{where}: training needs more than one value per channel for the batch "
+                    f"statistics, but x.shape={x.shape} (spatial size "
+                    f"{x.size // self.input_size}) across {members} member(s) of the named "
+                    f"axis gives {values}. Use a larger batch, or call with "
+                    f"`inference=True` to normalize with the running statistics."
+                )
+
+    def _check_channels_first(self, x, where: str) -> None:
+        """The channels-first `x` checked, a left-in batch axis and channels-last input
+        named."""
         _checking.check_floating(x, "x", where)
         if x.ndim == 0 or x.shape[0] != self.input_size:
             expected = f"(channels={self.input_size}, *spatial), the channels on axis 0"
@@ -225,24 +265,15 @@ class BatchNorm(StatefulLayer):
                     f"{self.axis_name!r}, in_axes=(0, None), out_axes=(0, None))(x, state)`."
                 )
             if x.shape[-1] == self.input_size:
-                fixes.append("If the channels are last, move them first: `jnp.moveaxis(x, -1, 0)`.")
+                fixes.append(
+                    "If the channels are last, construct the layer with `channel_axis=-1`, "
+                    "which reads that layout in place (no transposed copy)."
+                )
             fix = " ".join(fixes) or "Construct the layer with the channels of your data."
             raise ValueError(
                 f"{where} expects one example of shape {expected}, but got x.shape={x.shape}, "
                 f"whose axis 0 has size {x.shape[0]} instead of {self.input_size}. {fix}"
             )
-        _checking.check_mask(mask, x, where)
-        if not (self.inference if inference is None else inference):
-            members = reference.axis_count(self._pooled_axis())
-            values = math.prod(x.shape[1:]) * members
-            if values < 2:
-                raise ValueError(
-                    f"{where}: training needs more than one value per channel for the batch "
-                    f"statistics, but x.shape={x.shape} (spatial size "
-                    f"{math.prod(x.shape[1:])}) across {members} member(s) of the named "
-                    f"axis gives {values}. Use a larger batch, or call with "
-                    f"`inference=True` to normalize with the running statistics."
-                )
 
     def _pooled_axis(self):
         """What the statistics are pooled over: `axis_name`, or its groups (validated against
@@ -260,11 +291,15 @@ class BatchNorm(StatefulLayer):
         running_mean, running_var = state.get(self.running_index)
         dtype = running_mean.dtype
         if mask is None:
-            n = math.prod(x.shape[1:]) * reference.axis_count(self._pooled_axis())
+            n = x.size // self.input_size * reference.axis_count(self._pooled_axis())
             unbiased_var = batch_var.astype(dtype) * (n / (n - 1))
         else:
-            valid = jnp.broadcast_to(jnp.asarray(mask), x.shape).reshape(x.shape[0], -1)
-            n = pool_members("sum", jnp.sum(valid, axis=1, dtype=jnp.int32), self._pooled_axis())
+            valid = jnp.broadcast_to(jnp.asarray(mask), x.shape)
+            if self.channel_axis == -1:
+                per_channel = jnp.sum(valid.reshape(-1, self.input_size), axis=0, dtype=jnp.int32)
+            else:
+                per_channel = jnp.sum(valid.reshape(self.input_size, -1), axis=1, dtype=jnp.int32)
+            n = pool_members("sum", per_channel, self._pooled_axis())
             nf = n.astype(dtype)
             unbiased_var = batch_var.astype(dtype) * (nf / jnp.maximum(nf - 1, 1))
         if self.momentum == 0:
@@ -298,23 +333,25 @@ class BatchNorm(StatefulLayer):
             self.impl,
             example=True,
             mask=mask,
+            channels_last=self.channel_axis == -1,
         )
 
     @_checking.named_scope("eqxnorm.BatchNorm")
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[AnyArray, " {self.input_size} *spatial"],
+        x: ExampleIn,
         state: State,
         *,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
         mask: Bool[AnyArray, "*mask_shape"] | None = None,
-    ) -> tuple[Float[Array, " {self.input_size} *spatial"], State]:
+    ) -> tuple[Example, State]:
         """**Arguments:**
 
         - `x`: one example, `(input_size, *spatial)` with any number of spatial axes
-            (including none); floating point. Call the layer under a transformation that
+            (including none), or `(*spatial, input_size)` with `channel_axis=-1`; floating
+            point. Call the layer under a transformation that
             binds `axis_name`, e.g. `jax.vmap(norm, axis_name="batch", in_axes=(0, None),
             out_axes=(0, None))(xs, state)`.
         - `state`: the [`equinox.nn.State`][] holding the running statistics (from
@@ -335,9 +372,9 @@ class BatchNorm(StatefulLayer):
 
         **Raises:**
 
-        `TypeError` for non-floating `x`; `ValueError` when axis 0 of `x` is not
-        `input_size` (naming a left-in batch axis), and in training when no enclosing
-        transformation binds `axis_name` or there is only one value per channel.
+        `TypeError` for non-floating `x`; `ValueError` when the channel axis of `x` is not
+        `input_size` (naming a left-in batch axis or the other layout), and in training when
+        no enclosing transformation binds `axis_name` or there is only one value per channel.
         """
         del key
         if inference is None:

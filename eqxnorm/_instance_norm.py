@@ -1,5 +1,3 @@
-import math
-
 import equinox as eqx
 import jax.numpy as jnp
 from equinox.nn import State
@@ -8,7 +6,13 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 from . import _checking, functional
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
-from ._group_norm import check_example_channels
+from ._group_norm import (
+    Example,
+    ExampleIn,
+    annotated_channels,
+    check_channel_axis,
+    check_example_channels,
+)
 from ._misc import sentinel
 
 
@@ -23,7 +27,8 @@ class InstanceNorm(eqx.Module):
 
     with the mean and biased variance over the spatial elements of channel $c$, and
     $\gamma$, $\beta$ of shape `(channels,)` (or $1$, $0$ when `channelwise_affine=False`).
-    This is [`eqxnorm.GroupNorm`][] with `groups=channels`. Statistics are computed in
+    This is [`eqxnorm.GroupNorm`][] with `groups=channels`; `channel_axis=-1` takes
+    channels-last examples `(*spatial, channels)`, read in place. Statistics are computed in
     float32 (float64 for float64 input) and the output keeps `x`'s dtype. Calls
     [`eqxnorm.functional.instance_norm`][].
 
@@ -64,6 +69,7 @@ class InstanceNorm(eqx.Module):
     eps: float = eqx.field(static=True)
     channelwise_affine: bool = eqx.field(static=True)
     impl: Impl = eqx.field(static=True)
+    channel_axis: int = eqx.field(static=True)
     weight: Float[Array, " channels"] | None
     bias: Float[Array, " channels"] | None
 
@@ -75,6 +81,7 @@ class InstanceNorm(eqx.Module):
         dtype=None,
         *,
         impl: Impl = "auto",
+        channel_axis: int = 0,
     ):
         """**Arguments:**
 
@@ -85,16 +92,19 @@ class InstanceNorm(eqx.Module):
             default, as in PyTorch.
         - `dtype`: dtype of the parameters; defaults to float32 (float64 in 64-bit mode).
         - `impl`: `"auto"`, `"pallas"` or `"reference"`; see `eqxnorm.functional`.
+        - `channel_axis`: `0` (the default): each example is `(channels, *spatial)`; `-1`:
+            `(*spatial, channels)`, read in place (see [`eqxnorm.GroupNorm`][]).
 
         **Raises:**
 
-        `TypeError` for a non-int `channels`; `ValueError` for `channels < 1`, `eps <= 0` or
-        an unknown `impl`.
+        `TypeError` for a non-int `channels`; `ValueError` for `channels < 1`, `eps <= 0`,
+        an unknown `impl`, or a `channel_axis` other than 0 and -1.
         """
         where = "InstanceNorm"
         _checking.check_positive_int(channels, "channels", where)
         _checking.check_eps(eps, where)
         check_impl(impl, where)
+        self.channel_axis = check_channel_axis(channel_axis, where)
         self.channels = channels
         self.eps = float(eps)
         self.channelwise_affine = channelwise_affine
@@ -102,9 +112,14 @@ class InstanceNorm(eqx.Module):
         self.weight = jnp.ones(channels, dtype=dtype) if channelwise_affine else None
         self.bias = jnp.zeros(channels, dtype=dtype) if channelwise_affine else None
 
+    def _channels_of(self, x: Array, axis: int) -> int:
+        """The channel count `eqxnorm._group_norm.ExampleIn` holds `x` to in the layout
+        of `axis`."""
+        return annotated_channels(self.channels, self.channel_axis, axis)
+
     def _precheck(self, x, state=sentinel, *, key=None, mask=None):
         where = f"InstanceNorm(channels={self.channels})"
-        check_example_channels(x, self.channels, where)
+        check_example_channels(x, self.channels, where, self.channel_axis)
         if x.ndim == 1:
             raise ValueError(
                 f"{where} normalizes each channel over its spatial axes, so x needs shape "
@@ -112,7 +127,7 @@ class InstanceNorm(eqx.Module):
                 f"got x.shape={x.shape}. To normalize a vector across its channels use "
                 f"eqxnorm.LayerNorm or eqxnorm.GroupNorm."
             )
-        spatial = math.prod(x.shape[1:])
+        spatial = x.size // self.channels
         if spatial < 2:
             raise ValueError(
                 f"{where} normalizes each channel over its spatial elements, but "
@@ -126,19 +141,17 @@ class InstanceNorm(eqx.Module):
     @_checking.typechecked(_precheck)
     def __call__(
         self,
-        x: Float[AnyArray, " {self.channels} *spatial"],
+        x: ExampleIn,
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
         mask: Bool[AnyArray, "*mask_shape"] | None = None,
-    ) -> (
-        Float[Array, " {self.channels} *spatial"]
-        | tuple[Float[Array, " {self.channels} *spatial"], State]
-    ):
+    ) -> Example | tuple[Example, State]:
         """**Arguments:**
 
-        - `x`: one example, `(channels, *spatial)` with at least one spatial axis and more
-            than one spatial element; a floating-point JAX or NumPy array.
+        - `x`: one example, `(channels, *spatial)` (`(*spatial, channels)` with
+            `channel_axis=-1`) with at least one spatial axis and more than one spatial
+            element; a floating-point JAX or NumPy array.
         - `state`: optional; passed through unchanged, for interchangeability with
             `BatchNorm`.
         - `key`: ignored; for compatibility with the rest of the Equinox API.
@@ -158,6 +171,14 @@ class InstanceNorm(eqx.Module):
         left-in batch axis is named, with the `jax.vmap` fix).
         """
         out = functional._group_norm(
-            x, x.shape[0], self.weight, self.bias, self.eps, self.impl, example=True, mask=mask
+            x,
+            self.channels,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.impl,
+            example=True,
+            mask=mask,
+            channels_last=self.channel_axis == -1,
         )
         return out if state is sentinel else (out, state)

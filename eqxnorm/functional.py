@@ -297,6 +297,70 @@ def _check_channels_first(x: Any, where: str) -> tuple[int, int, int]:
     return x.shape[0], x.shape[1], spatial
 
 
+def _channels_last(x: Any, channel_axis: Any, where: str, example: bool = False) -> bool:
+    """Whether `channel_axis` puts the channels of `x` last (`(batch, *spatial, channels)`,
+    or one example `(*spatial, channels)` with `example`) rather than first after the batch
+    (`(batch, channels, *spatial)`, `(channels, *spatial)`); the layouts the kernels read in
+    place. Any other axis is refused with the transpose it needs."""
+    first = 0 if example else 1
+    if isinstance(channel_axis, bool) or not isinstance(channel_axis, int):
+        raise TypeError(
+            f"{where}: channel_axis must be an int, but got {channel_axis!r} of type "
+            f"{type(channel_axis).__name__}. Pass channel_axis={first} (channels first) or "
+            f"channel_axis=-1 (channels last)."
+        )
+    ndim = getattr(x, "ndim", 0)
+    if ndim > first and channel_axis in (first, first - ndim):
+        return False
+    if ndim > first and channel_axis in (-1, ndim - 1):
+        return True
+    layout = "(channels, *spatial)" if example else "(batch, channels, *spatial)"
+    raise ValueError(
+        f"{where}: channel_axis={channel_axis} must name the channels axis first "
+        f"({first}, {layout}) or last (-1) of x, but x.shape={getattr(x, 'shape', ())} has "
+        f"{ndim} axes. Pass channel_axis={first} or channel_axis=-1; a channels axis in the "
+        f"middle needs `jnp.moveaxis(x, {channel_axis}, -1)` first."
+    )
+
+
+def _check_channels(x: Any, where: str, channel_axis: Any) -> tuple[int, int, int]:
+    """`(batch, channels, spatial size)` of a channels-first `(batch, channels, *spatial)` or,
+    with `channel_axis=-1`, channels-last `(batch, *spatial, channels)` input."""
+    _checking.check_floating(x, "x", where)
+    if x.ndim < 2:
+        raise ValueError(
+            f"{where} expects x of shape (batch, channels, *spatial), or (batch, *spatial, "
+            f"channels) with channel_axis=-1, but got x.shape={x.shape}. Add the missing batch "
+            f"axis, e.g. `x[None]`."
+        )
+    if not _channels_last(x, channel_axis, where):
+        return _check_channels_first(x, where)
+    spatial = math.prod(x.shape[1:-1])
+    if x.shape[-1] == 0 or spatial == 0:
+        raise ValueError(
+            f"{where}: x.shape={x.shape} has an empty channel or spatial axis, so the "
+            f"statistics are undefined."
+        )
+    return x.shape[0], x.shape[-1], spatial
+
+
+def _valid_channels(x: Array, mask: Any, lengths: Any, channels_last: bool):
+    """`_valid` for the channel norms: `lengths` count positions of the spatial axes
+    flattened, the same for every channel, whichever end the channels are at."""
+    if not channels_last or lengths is None:
+        return _valid(x, mask, lengths, 1, 2)
+    spatial = _valid(x[..., 0], None, lengths, 1, 1)
+    return jnp.broadcast_to(spatial[..., None], x.shape)
+
+
+def _flatten_spatial_last(x: Array, example: bool = False) -> Array:
+    """`(batch, *spatial, channels)` → `(batch, spatial, channels)`, the channels-last kernels'
+    layout (a reshape: the channels stay the contiguous axis); one example `(*spatial,
+    channels)` → `(spatial, channels)`."""
+    lead = x.shape[:0] if example else x.shape[:1]
+    return x.reshape(*lead, math.prod(x.shape[len(lead) : -1]), x.shape[-1])
+
+
 def _flatten_spatial(x: Array, example: bool = False) -> Array:
     """`(batch, channels, *spatial)` → `(batch, channels, spatial)`, the kernels' layout; one
     example `(channels, *spatial)` → `(channels, spatial)`."""
@@ -321,10 +385,19 @@ def _check_channel_params(channels: int, where: str, **params: Any) -> None:
 
 
 def _check_group_norm(
-    x, groups, weight=None, bias=None, *, eps=1e-5, impl="auto", mask=None, lengths=None
+    x,
+    groups,
+    weight=None,
+    bias=None,
+    *,
+    eps=1e-5,
+    channel_axis=1,
+    impl="auto",
+    mask=None,
+    lengths=None,
 ):
     where = "eqxnorm.functional.group_norm"
-    _check_group_args(x, groups, weight, bias, eps, impl, where)
+    _check_group_args(x, groups, weight, bias, eps, impl, where, channel_axis)
     _check_channels_mask(x, mask, lengths, where)
 
 
@@ -333,8 +406,8 @@ def _check_channels_mask(x, mask, lengths, where: str) -> None:
     _checking.check_lengths(lengths, mask, x.shape[:1], where)
 
 
-def _check_group_args(x, groups, weight, bias, eps, impl, where: str) -> None:
-    _, channels, _ = _check_channels_first(x, where)
+def _check_group_args(x, groups, weight, bias, eps, impl, where: str, channel_axis=1) -> None:
+    _, channels, _ = _check_channels(x, where, channel_axis)
     _checking.check_positive_int(groups, "groups", where)
     if channels % groups != 0:
         raise ValueError(
@@ -348,34 +421,50 @@ def _check_group_args(x, groups, weight, bias, eps, impl, where: str) -> None:
     check_impl(impl, where)
 
 
-def _group_norm(x, groups, weight, bias, eps, impl, example=False, mask=None, lengths=None):
+def _group_norm(
+    x,
+    groups,
+    weight,
+    bias,
+    eps,
+    impl,
+    example=False,
+    mask=None,
+    lengths=None,
+    channels_last=False,
+):
     """GroupNorm of `x` `(batch, channels, *spatial)`, or with `example` of one example
-    `(channels, *spatial)`, the modules' call; `mask`/`lengths` as `group_norm` takes them."""
+    `(channels, *spatial)`, the modules' call; `mask`/`lengths` as `group_norm` takes them.
+    With `channels_last`, of `(batch, *spatial, channels)` or `(*spatial, channels)`, read
+    in place (no transpose)."""
     x, weight, bias = _as_arrays(x, weight, bias)
-    valid = _valid(x, mask, lengths, 1, 2)
+    op = "group_norm_channels_last" if channels_last else "group_norm"
+    flatten = _flatten_spatial_last if channels_last else _flatten_spatial
+    valid = _valid_channels(x, mask, lengths, channels_last)
 
     def norm(x3, *m3):
-        fn = implementation(impl).group_norm
+        fn = getattr(implementation(impl), op)
         return (fn(x3, weight, bias, groups=groups, eps=float(eps), mask=(*m3, None)[0]),)
 
-    x3 = _flatten_spatial(x, example)
-    m3 = () if valid is None else (_flatten_spatial(valid, example),)
+    x3 = flatten(x, example)
+    m3 = () if valid is None else (flatten(valid, example),)
     (y,) = _on_example(norm, impl, x3, *m3) if example else norm(x3, *m3)
     return y.reshape(x.shape)
 
 
 @_checking.typechecked(_check_group_norm)
 def group_norm(
-    x: Float[AnyArray, "batch channels *spatial"],
+    x: Float[AnyArray, "*batch_and_example"],
     groups: int,
-    weight: Float[AnyArray, " channels"] | None = None,
-    bias: Float[AnyArray, " channels"] | None = None,
+    weight: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
+    bias: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
     *,
     eps: _checking.Number = 1e-5,
+    channel_axis: int = 1,
     impl: Impl = "auto",
     mask: Bool[AnyArray, "*mask_shape"] | None = None,
     lengths: Int[AnyArray, "*lengths_shape"] | None = None,
-) -> Float[Array, "batch channels *spatial"]:
+) -> Float[Array, "*batch_and_example"]:
     r"""Group normalization: the channels split into `groups` contiguous groups, each
     `(example, group)` normalized over its `channels/groups × spatial` elements, then a
     per-channel affine:
@@ -388,10 +477,14 @@ def group_norm(
 
     **Arguments:**
 
-    - `x`: `(batch, channels, *spatial)`, any number of spatial axes (including none).
+    - `x`: `(batch, channels, *spatial)`, any number of spatial axes (including none); or
+        channels-last `(batch, *spatial, channels)` with `channel_axis=-1`.
     - `groups`: the number of groups; must divide `channels`.
     - `weight`, `bias`: `(channels,)` or `None`.
     - `eps`: added to the variance; must be positive.
+    - `channel_axis`: where the channels are: `1` (after the batch, the default) or `-1`
+        (last, as in NHWC images). Both layouts are read in place: no transposed copy is
+        made, by the reference or by the kernels.
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
     - `mask`: booleans broadcastable to `x`'s shape, `True` where an element counts in
         the statistics (Flax's `mask=`, for padded images or sequences); see
@@ -408,19 +501,23 @@ def group_norm(
 
     **Raises:**
 
-    `TypeError` for non-floating input, a non-boolean `mask` or non-integer `lengths`;
-    `ValueError` for a rank below 2, an empty axis, `groups` not dividing `channels`,
-    parameters of the wrong shape, `eps <= 0`, an unknown `impl`, a `mask` that does not
-    broadcast to `x`, or `lengths` not of shape `(batch,)`.
+    `TypeError` for non-floating input, a non-int `channel_axis`, a non-boolean `mask` or
+    non-integer `lengths`; `ValueError` for a rank below 2, an empty axis, a `channel_axis`
+    other than first or last, `groups` not dividing `channels`, parameters of the wrong shape,
+    `eps <= 0`, an unknown `impl`, a `mask` that does not broadcast to `x`, or `lengths` not
+    of shape `(batch,)`.
     """
-    return _group_norm(x, groups, weight, bias, eps, impl, mask=mask, lengths=lengths)
+    channels_last = _channels_last(x, channel_axis, "eqxnorm.functional.group_norm")
+    return _group_norm(
+        x, groups, weight, bias, eps, impl, mask=mask, lengths=lengths, channels_last=channels_last
+    )
 
 
 def _check_instance_norm(
-    x, weight=None, bias=None, *, eps=1e-5, impl="auto", mask=None, lengths=None
+    x, weight=None, bias=None, *, eps=1e-5, channel_axis=1, impl="auto", mask=None, lengths=None
 ):
     where = "eqxnorm.functional.instance_norm"
-    _, channels, spatial = _check_channels_first(x, where)
+    _, channels, spatial = _check_channels(x, where, channel_axis)
     if spatial < 2:
         raise ValueError(
             f"{where} normalizes each channel over its spatial axes, but x.shape={x.shape} "
@@ -436,15 +533,16 @@ def _check_instance_norm(
 
 @_checking.typechecked(_check_instance_norm)
 def instance_norm(
-    x: Float[AnyArray, "batch channels *spatial"],
-    weight: Float[AnyArray, " channels"] | None = None,
-    bias: Float[AnyArray, " channels"] | None = None,
+    x: Float[AnyArray, "*batch_and_example"],
+    weight: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
+    bias: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
     *,
     eps: _checking.Number = 1e-5,
+    channel_axis: int = 1,
     impl: Impl = "auto",
     mask: Bool[AnyArray, "*mask_shape"] | None = None,
     lengths: Int[AnyArray, "*lengths_shape"] | None = None,
-) -> Float[Array, "batch channels *spatial"]:
+) -> Float[Array, "*batch_and_example"]:
     r"""Instance normalization: each `(example, channel)` normalized over its spatial axes,
     then a per-channel affine. Equal to `group_norm(x, channels, ...)`.
 
@@ -456,9 +554,11 @@ def instance_norm(
 
     **Arguments:**
 
-    - `x`: `(batch, channels, *spatial)` with at least two spatial elements.
+    - `x`: `(batch, channels, *spatial)` with at least two spatial elements; or
+        `(batch, *spatial, channels)` with `channel_axis=-1`.
     - `weight`, `bias`: `(channels,)` or `None`.
     - `eps`: added to the variance; must be positive.
+    - `channel_axis`: `1` or `-1`, as in [`eqxnorm.functional.group_norm`][].
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
     - `mask`, `lengths`: as [`eqxnorm.functional.group_norm`][].
 
@@ -471,7 +571,19 @@ def instance_norm(
     As [`eqxnorm.functional.group_norm`][], and `ValueError` for fewer than two spatial
     elements.
     """
-    return _group_norm(x, x.shape[1], weight, bias, eps, impl, mask=mask, lengths=lengths)
+    channels_last = _channels_last(x, channel_axis, "eqxnorm.functional.instance_norm")
+    channels = x.shape[-1 if channels_last else 1]
+    return _group_norm(
+        x,
+        channels,
+        weight,
+        bias,
+        eps,
+        impl,
+        mask=mask,
+        lengths=lengths,
+        channels_last=channels_last,
+    )
 
 
 # --- BatchNorm -------------------------------------------------------------------------------
@@ -527,12 +639,13 @@ def _check_batch_norm(
     eps=1e-5,
     axis_name=None,
     axis_index_groups=None,
+    channel_axis=1,
     impl="auto",
     mask=None,
     lengths=None,
 ):
     where = "eqxnorm.functional.batch_norm"
-    batch, channels, spatial = _check_channels_first(x, where)
+    batch, channels, spatial = _check_channels(x, where, channel_axis)
     _check_channel_params(channels, where, weight=weight, bias=bias, mean=mean, var=var)
     if (mean is None) != (var is None):
         raise ValueError(
@@ -559,20 +672,23 @@ def _check_batch_norm(
 
 @_checking.typechecked(_check_batch_norm)
 def batch_norm(
-    x: Float[AnyArray, "batch channels *spatial"],
-    weight: Float[AnyArray, " channels"] | None = None,
-    bias: Float[AnyArray, " channels"] | None = None,
+    x: Float[AnyArray, "*batch_and_example"],
+    weight: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
+    bias: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
     *,
-    mean: Float[AnyArray, " channels"] | None = None,
-    var: Float[AnyArray, " channels"] | None = None,
+    mean: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
+    var: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
     eps: _checking.Number = 1e-5,
     axis_name: AxisName | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
+    channel_axis: int = 1,
     impl: Impl = "auto",
     mask: Bool[AnyArray, "*mask_shape"] | None = None,
     lengths: Int[AnyArray, "*lengths_shape"] | None = None,
 ) -> tuple[
-    Float[Array, "batch channels *spatial"], Float[Array, " channels"], Float[Array, " channels"]
+    Float[Array, "*batch_and_example"],
+    Float[Array, " {x.shape[channel_axis]}"],
+    Float[Array, " {x.shape[channel_axis]}"],
 ]:
     r"""Batch normalization, per channel over the batch and spatial axes:
 
@@ -598,6 +714,9 @@ def batch_norm(
         pooled statistics, and 2 and 3 with theirs. The groups partition the member
         indices (for a sequence of names, the linear index, the last name varying
         fastest) into groups of one size. Under `vmap`, `pmap` and `shard_map` alike.
+    - `channel_axis`: `1` (channels first, the default) or `-1`: `x` channels-last, `(batch,
+        *spatial, channels)`, normalized as the `(batch·spatial, channels)` matrix it is in
+        memory, per column (a reshape, no transposed copy).
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
     - `mask`, `lengths`: as [`eqxnorm.functional.group_norm`][]: the batch statistics are
         over the `True` elements only (padded examples and positions excluded), pooled over
@@ -612,25 +731,53 @@ def batch_norm(
 
     **Raises:**
 
-    `TypeError` for non-floating input; `ValueError` for a rank below 2, an empty axis,
-    parameters of the wrong shape, only one of `mean`/`var`, an unbound `axis_name`, a single
-    value per channel in training, `eps <= 0`, an unknown `impl`, or `axis_index_groups`
-    without `axis_name` or not splitting its members into groups of one size.
+    `TypeError` for non-floating input or a non-int `channel_axis`; `ValueError` for a rank
+    below 2, an empty axis, a `channel_axis` other than first or last, parameters of the wrong
+    shape, only one of `mean`/`var`, an unbound `axis_name`, a single value per channel in
+    training, `eps <= 0`, an unknown `impl`, or `axis_index_groups` without `axis_name` or
+    not splitting its members into groups of one size.
     """
     if mean is None:
         axis_name = _axis_groups(axis_name, axis_index_groups, "eqxnorm.functional.batch_norm")
-    return _batch_norm(x, weight, bias, mean, var, eps, axis_name, impl, mask=mask, lengths=lengths)
+    channels_last = _channels_last(x, channel_axis, "eqxnorm.functional.batch_norm")
+    return _batch_norm(
+        x,
+        weight,
+        bias,
+        mean,
+        var,
+        eps,
+        axis_name,
+        impl,
+        mask=mask,
+        lengths=lengths,
+        channels_last=channels_last,
+    )
 
 
 def _batch_norm(
-    x, weight, bias, mean, var, eps, axis_name, impl, example=False, mask=None, lengths=None
+    x,
+    weight,
+    bias,
+    mean,
+    var,
+    eps,
+    axis_name,
+    impl,
+    example=False,
+    mask=None,
+    lengths=None,
+    channels_last=False,
 ):
     """BatchNorm of `x` `(batch, channels, *spatial)`, or with `example` of one example
     `(channels, *spatial)` (the modules' call, the batch being the members of `axis_name`);
-    `mask`/`lengths` as `batch_norm` takes them."""
+    `mask`/`lengths` as `batch_norm` takes them. With `channels_last`, `x` is `(batch,
+    *spatial, channels)` or `(*spatial, channels)`: the `(rows, channels, 1)` reshape of
+    that matrix, per-column statistics over its rows, is BatchNorm of the same values (the
+    kernels' `(batch, features)` case)."""
     x, weight, bias, mean, var = _as_arrays(x, weight, bias, mean, var)
     impl_module = implementation(impl)
-    valid = None if mean is not None else _valid(x, mask, lengths, 1, 2)
+    valid = None if mean is not None else _valid_channels(x, mask, lengths, channels_last)
 
     def norm(x3, *m3):
         if mean is None:
@@ -639,6 +786,10 @@ def _batch_norm(
         y = impl_module.batch_norm_inference(x3, mean, var, weight, bias, eps=float(eps))
         return y, mean, var
 
+    if channels_last:
+        rows = (math.prod(x.shape[:-1]), x.shape[-1], 1)
+        y, mean, var = norm(x.reshape(rows), *(() if valid is None else (valid.reshape(rows),)))
+        return y.reshape(x.shape), mean, var
     x3 = _flatten_spatial(x, example)
     m3 = () if valid is None else (_flatten_spatial(valid, example),)
     y, mean, var = _on_example(norm, impl, x3, *m3) if example else norm(x3, *m3)
@@ -1198,11 +1349,11 @@ def adaptive_rms_norm(
 
 
 def _check_adaptive_group_norm(
-    x, groups, scale, shift, weight=None, bias=None, *, eps=1e-5, impl="auto"
+    x, groups, scale, shift, weight=None, bias=None, *, eps=1e-5, channel_axis=1, impl="auto"
 ):
     where = "eqxnorm.functional.adaptive_group_norm"
-    _check_group_args(x, groups, weight, bias, eps, impl, where)
-    expected = tuple(x.shape[:2])
+    _check_group_args(x, groups, weight, bias, eps, impl, where, channel_axis)
+    expected = (x.shape[0], x.shape[-1 if _channels_last(x, channel_axis, where) else 1])
     for name, value in (("scale", scale), ("shift", shift)):
         _checking.check_floating(value, name, where)
         if tuple(value.shape) != expected:
@@ -1214,16 +1365,17 @@ def _check_adaptive_group_norm(
 
 @_checking.typechecked(_check_adaptive_group_norm)
 def adaptive_group_norm(
-    x: Float[AnyArray, "batch channels *spatial"],
+    x: Float[AnyArray, "*batch_and_example"],
     groups: int,
-    scale: Float[AnyArray, "batch channels"],
-    shift: Float[AnyArray, "batch channels"],
-    weight: Float[AnyArray, " channels"] | None = None,
-    bias: Float[AnyArray, " channels"] | None = None,
+    scale: Float[AnyArray, "batch {x.shape[channel_axis]}"],
+    shift: Float[AnyArray, "batch {x.shape[channel_axis]}"],
+    weight: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
+    bias: Float[AnyArray, " {x.shape[channel_axis]}"] | None = None,
     *,
     eps: _checking.Number = 1e-5,
+    channel_axis: int = 1,
     impl: Impl = "auto",
-) -> Float[Array, "batch channels *spatial"]:
+) -> Float[Array, "*batch_and_example"]:
     r"""Adaptive GroupNorm (the FiLM conditioning of diffusion U-Nets): GroupNorm, then a
     scale and shift per example and channel,
 
@@ -1235,11 +1387,13 @@ def adaptive_group_norm(
 
     **Arguments:**
 
-    - `x`: `(batch, channels, *spatial)`, floating point.
+    - `x`: `(batch, channels, *spatial)`, floating point; or `(batch, *spatial, channels)`
+        with `channel_axis=-1`.
     - `groups`: the number of groups; must divide `channels`.
     - `scale`, `shift`: `(batch, channels)`.
     - `weight`, `bias`: `(channels,)` or `None`.
     - `eps`: added to the variance; must be positive.
+    - `channel_axis`: `1` or `-1`, as in [`eqxnorm.functional.group_norm`][].
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
 
     **Returns:**
@@ -1251,20 +1405,25 @@ def adaptive_group_norm(
     As [`eqxnorm.functional.group_norm`][]; also `ValueError` when `scale`/`shift` are not
     `(batch, channels)`.
     """
-    return _adaptive_group_norm(x, groups, scale, shift, weight, bias, eps, impl)
+    channels_last = _channels_last(x, channel_axis, "eqxnorm.functional.adaptive_group_norm")
+    args = (x, groups, scale, shift, weight, bias, eps, impl)
+    return _adaptive_group_norm(*args, channels_last=channels_last)
 
 
-def _adaptive_group_norm(x, groups, scale, shift, weight, bias, eps, impl, example=False):
+def _adaptive_group_norm(
+    x, groups, scale, shift, weight, bias, eps, impl, example=False, channels_last=False
+):
     """Adaptive GroupNorm of `x` `(batch, channels, *spatial)` with `scale`/`shift`
     `(batch, channels)`, or with `example` of one example `(channels, *spatial)` with
-    `(channels,)` ones, the modules' call."""
+    `(channels,)` ones, the modules' call; `channels_last` as in `_group_norm`."""
     x, scale, shift, weight, bias = _as_arrays(x, scale, shift, weight, bias)
+    op = "adaptive_group_norm_channels_last" if channels_last else "adaptive_group_norm"
 
     def norm(x3, scale, shift):
-        fn = implementation(impl).adaptive_group_norm
+        fn = getattr(implementation(impl), op)
         return (fn(x3, scale, shift, weight, bias, groups=groups, eps=float(eps)),)
 
-    x3 = _flatten_spatial(x, example)
+    x3 = (_flatten_spatial_last if channels_last else _flatten_spatial)(x, example)
     (y,) = _on_example(norm, impl, x3, scale, shift) if example else norm(x3, scale, shift)
     return y.reshape(x.shape)
 

@@ -24,10 +24,10 @@ well-scaled data the two agree to float32 rounding; on data with a large mean th
 variance cancels and eqxnorm's does not.
 
 **Layouts.** The Flax layouts are features-last; the reduction and feature axes are those
-of Flax. The row norms (`LayerNorm`, `RMSNorm`) with trailing reduction axes and the
-features-last `BatchNorm` reach the kernels without a copy; other axes are transposed to
-that layout and back (GroupNorm and InstanceNorm today: eqxnorm's functional ops are
-channels-first).
+of Flax. The row norms (`LayerNorm`, `RMSNorm`) with trailing reduction axes, and
+`GroupNorm`, `InstanceNorm` and `BatchNorm` with features last (eqxnorm's channel norms take
+`channel_axis=-1`), reach the kernels without a copy; other axes are transposed to that
+layout and back.
 
 **Not supported** (a clear error rather than a silent difference): `axis_name` on `GroupNorm`
 and `InstanceNorm` (eqxnorm pools their statistics over no named axis).
@@ -253,6 +253,17 @@ def _channels_first(x: Any, batch: list[int], channels: list[int]):
     return xt.reshape(sizes), lambda y: back(y.reshape(xt.shape))
 
 
+def _channels_last(x: Any, batch: list[int], channels: list[int]):
+    """`x` as `(batch, spatial, channels)` (each the product of its axes, the rest spatial),
+    the layout eqxnorm's channel norms read in place with `channel_axis=-1`, and the function
+    putting such an array back in `x`'s layout: a reshape for Flax's default layout (batch
+    leading, features last), a transpose only for other axes."""
+    spatial = [a for a in range(x.ndim) if a not in batch and a not in channels]
+    xt, back = _transposed(x, batch + spatial + channels)
+    sizes = [math.prod(x.shape[a] for a in axes) for axes in (batch, spatial, channels)]
+    return xt.reshape(sizes), lambda y: back(y.reshape(xt.shape))
+
+
 def _check_no_axis_name(module: Any, where: str) -> None:
     if module.axis_name is not None or module.axis_index_groups is not None:
         raise NotImplementedError(
@@ -272,7 +283,7 @@ class GroupNorm(_flax_nnx.GroupNorm):
 
     The constructor is Flax's (`num_features`, `num_groups=32`, `group_size`,
     `epsilon=1e-6`, ...), plus a keyword-only `impl`. Computed by
-    [`eqxnorm.functional.group_norm`][] on the channels-first transpose of `x`.
+    [`eqxnorm.functional.group_norm`][] with `channel_axis=-1`, on `x` as it is.
     `axis_name` is not supported.
     """
 
@@ -302,10 +313,17 @@ class GroupNorm(_flax_nnx.GroupNorm):
         _check_features(self, x, (channels,), where)
         batch = [a for a in range(x.ndim) if a not in reduced and a != channels]
         x, scale, bias = _params(self, x, "scale", "bias")
-        x3, back = _channels_first(x, batch, [channels])
-        m3 = None if mask is None else _channels_first(mask, batch, [channels])[0]
+        x3, back = _channels_last(x, batch, [channels])
+        m3 = None if mask is None else _channels_last(mask, batch, [channels])[0]
         y = functional.group_norm(
-            x3, self.num_groups, scale, bias, eps=self.epsilon, impl=self.impl, mask=m3
+            x3,
+            self.num_groups,
+            scale,
+            bias,
+            eps=self.epsilon,
+            channel_axis=-1,
+            impl=self.impl,
+            mask=m3,
         )
         return back(y)
 
@@ -318,8 +336,9 @@ class InstanceNorm(_flax_nnx.InstanceNorm):
     \mathrm{scale}_c + \mathrm{bias}_c.$$
 
     The constructor is Flax's (`num_features`, `epsilon=1e-6`, `feature_axes=-1`, ...),
-    plus a keyword-only `impl`. Computed by [`eqxnorm.functional.instance_norm`][] on the
-    channels-first transpose of `x`. `axis_name` is not supported.
+    plus a keyword-only `impl`. Computed by [`eqxnorm.functional.instance_norm`][] with
+    `channel_axis=-1` (a transpose only for features not last). `axis_name` is not
+    supported.
     """
 
     def __init__(self, *args, impl: Impl = "auto", **kwargs):
@@ -349,9 +368,11 @@ class InstanceNorm(_flax_nnx.InstanceNorm):
                 f"Pass `feature_axes` among the axes after the first, e.g. -1."
             )
         x, scale, bias = _params(self, x, "scale", "bias")
-        x3, back = _channels_first(x, [0], features)
-        m3 = None if mask is None else _channels_first(mask, [0], features)[0]
-        y = functional.instance_norm(x3, scale, bias, eps=self.epsilon, impl=self.impl, mask=m3)
+        x3, back = _channels_last(x, [0], features)
+        m3 = None if mask is None else _channels_last(mask, [0], features)[0]
+        y = functional.instance_norm(
+            x3, scale, bias, eps=self.epsilon, channel_axis=-1, impl=self.impl, mask=m3
+        )
         return back(y)
 
 

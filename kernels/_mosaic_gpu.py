@@ -43,6 +43,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import _tuning
+
 try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -150,6 +152,8 @@ def boxes(
       grids of `rows` rows each). Larger blocks leave SMs idle or alone with one program
       that waits for its staging (GroupNorm's 512 rows of 4096 elements in blocks of 16 rows
       would run on 32 of an H200's 132 SMs).
+    - a `block_rows` measured faster on this device (`python -m eqxnorm.tune`) replaces it,
+      halved or doubled within what fits (`eqxnorm.kernels._tuning.tuned`).
     """
     vector = 16 // max(jnp.dtype(d).itemsize for d in dtypes)
     lanes = 32
@@ -174,7 +178,8 @@ def boxes(
         plgpu.Tiling(tiling), warp_dims=warp_dims, lane_dims=lane_dims, vector_dim=-1
     )
     in_segments = segment is None or segment % cols == 0
-    return Boxes(min(fit, want) if in_segments else 0, cols, n_chunks, tile_rows, layout)
+    chosen = Boxes(min(fit, want) if in_segments else 0, cols, n_chunks, tile_rows, layout)
+    return _tuning.tuned(chosen, "mosaic_gpu", rows, width, most_rows=fit)
 
 
 def persistent_programs(blocks: int, program_smem_bytes: int, groups: int = 1) -> tuple[int, int]:

@@ -15,6 +15,16 @@ s) + t$ (`eqxnorm.kernels.reference.modulation`, float32 in XLA; `batch × chann
 The kernels take $W, B$; autodiff through `modulation` turns their per-example gradients
 (below, without the sum over examples) into those of `scale`, `shift`, $\gamma$ and $\beta$.
 
+**Channels-last input** `(batch, spatial, channels)` is read in place, never transposed: the
+launch blocks the `(batch, spatial, groups, channels/groups)` view of `x` (a reshape) with
+the group axis squeezed out, on a grid over (groups, example blocks), so a program holds
+`(block_rows, spatial, channels/groups)`: the same slices with their two axes swapped (the
+layout's `channels_last`; masks, pieces and the parameter gradients' spatial sums follow
+it), the same kernel bodies. A group is then a strided set of `channels/groups`-element runs,
+which Triton loads with masks; Mosaic GPU's TMA row staging and Mosaic TPU's (8, 128) tiling
+cannot block it, so on cuda the channels-last kernels are Triton's, and on TPU the entry
+points run the reference (which XLA reduces where it lies).
+
 Layers, from the bottom up:
 
 1. `_group_norm_fwd_kernel`, `_group_norm_bwd_kernel`: kernel bodies on refs.
@@ -24,7 +34,8 @@ Layers, from the bottom up:
    program per example.
 4. `_group_norm`: the differentiable function (`eqxnorm.kernels._autodiff.norm_with_jvp`):
    the forward kernel with a JVP rule whose tangent is transposed by the backward kernel.
-5. `group_norm`, `adaptive_group_norm`: the entry points, with the reference's signatures.
+5. `group_norm`, `adaptive_group_norm` and their `_channels_last` twins: the entry points,
+   with the reference's signatures.
 
 **Forward.** One pass over HBM when the padded slice fits a block (see
 `eqxnorm.kernels._common.block_config`): read `x` once, write `y` once, and save the mean (as
@@ -53,6 +64,7 @@ statistics as residuals.
 """
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -72,8 +84,10 @@ class _Layout(NamedTuple):
     """A launch over `rows` slices of `(channels, spatial)` elements.
 
     The block is `(config.block_rows, *block)`: the padded slice. A program reads it in
-    pieces of `piece = (channels, spatial)` elements, `counts` of them along each axis (one
-    piece covering the block when the slice fits on chip, `config.chunks == 1`)."""
+    pieces of `piece` elements, `counts` of them along each axis (one piece covering the block
+    when the slice fits on chip, `config.chunks == 1`). `block`, `piece` and `counts` follow
+    the block's axes: `(channels, spatial)`, or `(spatial, channels)` when `channels_last`
+    (the slice read in place from a `(batch, spatial, channels)` array)."""
 
     config: c.BlockConfig
     rows: int
@@ -82,31 +96,52 @@ class _Layout(NamedTuple):
     block: tuple[int, int]
     piece: tuple[int, int]
     counts: tuple[int, int]
+    channels_last: bool = False
 
     @property
     def size(self) -> int:
         """The number of elements of a slice."""
         return self.channels * self.spatial
 
+    @property
+    def extents(self) -> tuple[int, int]:
+        """The slice's extents along the block's axes 1 and 2."""
+        dims = (self.channels, self.spatial)
+        return dims[::-1] if self.channels_last else dims
 
-def _layout(target: Target, rows: int, channels: int, spatial: int) -> _Layout:
-    block = (c.padded(target, channels), c.padded(target, spatial))
+    @property
+    def row_axis(self) -> int:
+        """The grid axis over row blocks: 0, or 1 channels-last, whose grid is (groups,
+        example blocks) so that consecutive programs read neighbouring column runs."""
+        return int(self.channels_last)
+
+    @property
+    def channel_index(self) -> int:
+        """Which of the block's axes 1 and 2 holds the channels, as 0 or 1."""
+        return int(self.channels_last)
+
+
+def _layout(
+    target: Target, rows: int, channels: int, spatial: int, channels_last: bool = False
+) -> _Layout:
+    extents = (spatial, channels) if channels_last else (channels, spatial)
+    block = (c.padded(target, extents[0]), c.padded(target, extents[1]))
     config = c.block_config(target, rows, block[0] * block[1])
     if config.chunks == 1:
         piece = block
     elif target.masked:
-        # Chunks of `block_cols` elements: spatial runs of up to `block_cols`, several
-        # channels per piece when the spatial axis is shorter. Powers of two, so the pieces
-        # tile the padded block exactly.
-        spatial_piece = min(block[1], config.block_cols)
-        piece = (min(block[0], config.block_cols // spatial_piece), spatial_piece)
-    elif spatial % config.block_cols == 0:
-        # Mosaic slices the lane (spatial) axis at aligned offsets only, keeping the channels.
-        piece = (channels, config.block_cols)
+        # Chunks of `block_cols` elements: runs of up to `block_cols` along the block's last
+        # axis, several of them per piece when that axis is shorter. Powers of two, so the
+        # pieces tile the padded block exactly.
+        lane_piece = min(block[1], config.block_cols)
+        piece = (min(block[0], config.block_cols // lane_piece), lane_piece)
+    elif extents[1] % config.block_cols == 0:
+        # Mosaic slices the lane axis at aligned offsets only, keeping the sublane one whole.
+        piece = (extents[0], config.block_cols)
     else:
-        piece = (channels, spatial)
-    counts = (c.ceil_div(channels, piece[0]), c.ceil_div(spatial, piece[1]))
-    return _Layout(config, rows, channels, spatial, block, piece, counts)
+        piece = extents
+    counts = (c.ceil_div(extents[0], piece[0]), c.ceil_div(extents[1], piece[1]))
+    return _Layout(config, rows, channels, spatial, block, piece, counts, channels_last)
 
 
 class _Masks(NamedTuple):
@@ -119,14 +154,16 @@ class _Masks(NamedTuple):
 
 
 def _masks(layout: _Layout, first_row: Any, start: tuple[Any, Any] = (0, 0)) -> _Masks:
-    """The masks of the piece starting at `start = (channel, spatial)` in the block of rows
-    from `first_row`."""
-    br, (pc, ps) = layout.config.block_rows, layout.piece
+    """The masks of the piece starting at `start` (along the block's axes 1 and 2) in the
+    block of rows from `first_row`."""
+    br, (p1, p2) = layout.config.block_rows, layout.piece
     rows = c.iota((br, 1, 1), 0, first_row) < layout.rows
-    channels = c.iota((1, pc, 1), 1, start[0]) < layout.channels
-    spatial = c.iota((1, 1, ps), 2, start[1]) < layout.spatial
-    params = rows & channels
-    return _Masks(rows, params, params & spatial)
+    axes = (
+        c.iota((1, p1, 1), 1, start[0]) < layout.extents[0],
+        c.iota((1, 1, p2), 2, start[1]) < layout.extents[1],
+    )
+    params = rows & axes[layout.channel_index]
+    return _Masks(rows, params, params & axes[1 - layout.channel_index])
 
 
 def _start(index: Any, size: int, count: int) -> Any:
@@ -140,18 +177,19 @@ def _start(index: Any, size: int, count: int) -> Any:
 
 
 def _piece(ref: Any, layout: _Layout, start: tuple[Any, Any], params: bool = False) -> Any:
-    """The view of the piece at `start` of a block ref (of a `(rows, channels, 1)` parameter
-    block when `params`)."""
+    """The view of the piece at `start` of a block ref (of a parameter block, `(rows,
+    channels, 1)` or channels-last `(rows, 1, channels)`, when `params`)."""
     if layout.config.chunks == 1:
         return ref
-    channels = pl.ds(start[0], layout.piece[0])
-    return (
-        ref.at[:, channels, :] if params else ref.at[:, channels, pl.ds(start[1], layout.piece[1])]
-    )
+    axes = [pl.ds(s, p) for s, p in zip(start, layout.piece, strict=True)]
+    if params:
+        axes[1 - layout.channel_index] = slice(None)
+    return ref.at[:, axes[0], axes[1]]
 
 
 def _piece_starts(layout: _Layout, k: Any) -> tuple[Any, Any]:
-    """The `(channel, spatial)` start of the `k`-th piece, spatial pieces innermost."""
+    """The start of the `k`-th piece along the block's axes 1 and 2, the pieces along axis 2
+    innermost."""
     (nc, ns), (pc, ps) = layout.counts, layout.piece
     if isinstance(k, int):
         return _start(k // ns, pc, nc), _start(k % ns, ps, ns)
@@ -172,7 +210,7 @@ def _chunked_moments(x_ref, layout: _Layout, first_row, target: Target) -> c.Sta
         return c.load(_piece(x_ref, layout, start), mask, target), mask
 
     x0, mask0 = piece_values(0)
-    first_count = min(layout.piece[0], layout.channels) * min(layout.piece[1], layout.spatial)
+    first_count = math.prod(map(min, layout.piece, layout.extents))
     shift, d0 = c.chunked_shift(x0, mask0, first_count)
 
     def body(k, part):
@@ -200,7 +238,7 @@ def _group_norm_fwd_kernel(x_ref, *refs, target, layout, eps, has_weight, has_bi
     rows, saving shift, offset and $r = (\sigma^2 + \varepsilon)^{-1/2}$ per row."""
     w_ref, b_ref, y_ref, shift_ref, offset_ref, rstd_ref = c.split_refs(refs, has_weight, has_bias)
     # The program id is read here, outside the loops, where every target supports it.
-    first_row = pl.program_id(0) * layout.config.block_rows
+    first_row = pl.program_id(layout.row_axis) * layout.config.block_rows
 
     def write(start, stats, rstd, x=None):
         masks = _masks(layout, first_row, start)
@@ -249,35 +287,101 @@ def _specs(layout: _Layout):
     )
 
 
-def _forward_on(target: Target, x, weight, bias, *, groups: int, eps: float):
-    """`(y, shift, offset, rstd)` of `x` with one `pallas_call` on `target`; the statistics
-    are `(batch, groups)` float32. The parameters are `(channels,)` or `(batch, channels)`."""
-    batch, channels, spatial = x.shape
+def _specs_channels_last(layout: _Layout):
+    """`_specs` of the channels-last launch: on a grid over (groups, example blocks), blocks
+    of the `(batch, spatial, groups, channels/groups)` view of `x` with the group squeezed
+    out, so a program reads its groups' `(spatial, channels/groups)` slices in place (strided
+    runs of `channels/groups` elements), never a transposed copy. The groups vary fastest:
+    programs launched together read neighbouring runs of the same rows, which share memory
+    sectors."""
+    br, (ps, pc) = layout.config.block_rows, layout.block
+    index = lambda g, i: (i, 0, g, 0)  # noqa: E731
+    return (
+        pl.BlockSpec((br, ps, None, pc), index),
+        pl.BlockSpec((br, 1, None, pc), index),
+        pl.BlockSpec((br, 1, None, 1), index),
+    )
+
+
+class _Launch(NamedTuple):
+    """A launch over `batch` examples `(channels, spatial)` in `groups` groups, or
+    `(spatial, channels)` when `layout.channels_last`: its layout, grid, BlockSpecs (values,
+    parameters, statistics) and the shapes of the arrays they block (`x`'s view, the expanded
+    parameters' and per-channel partials', the statistics')."""
+
+    layout: _Layout
+    grid: tuple[int, ...]
+    specs: tuple[Any, Any, Any]
+    shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+    batch: int
+    groups: int
+
+    def params(self, param):
+        """A `(channels,)` or `(batch, channels)` parameter expanded to `shapes[1]`."""
+        if not self.layout.channels_last:
+            return _row_params(param, self.batch, self.groups)
+        per_group = param.reshape(-1, 1, self.groups, self.layout.channels)
+        return jnp.broadcast_to(per_group, self.shapes[1])
+
+    def gradients(self, partials):
+        """The per-channel partials as per-example `(batch, channels)` gradients."""
+        return partials.reshape(self.batch, self.groups * self.layout.channels)
+
+
+def _launch(target: Target, shape: tuple[int, int, int], groups: int, channels_last: bool):
+    """The [`_Launch`][] over `x` of `shape`, `(batch, channels, spatial)` or channels-last
+    `(batch, spatial, channels)`: one row per `(example, group)` and a 1-D grid over row
+    blocks; channels-last, blocks of examples on a grid over (groups, example blocks)."""
+    if channels_last:
+        batch, spatial, channels = shape
+        layout = _layout(target, batch, channels // groups, spatial, channels_last=True)
+        grid = (groups, c.ceil_div(batch, layout.config.block_rows))
+        per_group = layout.channels
+        shapes = (
+            (batch, spatial, groups, per_group),
+            (batch, 1, groups, per_group),
+            (batch, 1, groups, 1),
+        )
+        return _Launch(layout, grid, _specs_channels_last(layout), shapes, batch, groups)
+    batch, channels, spatial = shape
     rows = batch * groups
     layout = _layout(target, rows, channels // groups, spatial)
-    params = [_row_params(p, batch, groups) for p in (weight, bias) if p is not None]
-    value_block, param_block, stat_block = _specs(layout)
-    stat_shape = jax.ShapeDtypeStruct((rows, 1, 1), F32)
+    grid = (c.ceil_div(rows, layout.config.block_rows),)
+    shapes = ((rows, layout.channels, spatial), (rows, layout.channels, 1), (rows, 1, 1))
+    return _Launch(layout, grid, _specs(layout), shapes, batch, groups)
+
+
+def _forward_on(
+    target: Target, x, weight, bias, *, groups: int, eps: float, channels_last: bool = False
+):
+    """`(y, shift, offset, rstd)` of `x` with one `pallas_call` on `target`; the statistics
+    are `(batch, groups)` float32. The parameters are `(channels,)` or `(batch, channels)`;
+    `x` is `(batch, channels, spatial)`, or `(batch, spatial, channels)` when
+    `channels_last`."""
+    launch = _launch(target, x.shape, groups, channels_last)
+    params = [launch.params(p) for p in (weight, bias) if p is not None]
+    value_block, param_block, stat_block = launch.specs
+    stat_shape = jax.ShapeDtypeStruct(launch.shapes[2], F32)
     kernel = functools.partial(
         _group_norm_fwd_kernel,
         target=target,
-        layout=layout,
+        layout=launch.layout,
         eps=eps,
         has_weight=weight is not None,
         has_bias=bias is not None,
     )
-    xr = x.reshape(rows, layout.channels, spatial)
+    xr = x.reshape(launch.shapes[0])
     y, *stats = c.pallas_call(
         kernel,
         target,
-        layout.config,
-        grid=(c.ceil_div(rows, layout.config.block_rows),),
+        launch.layout.config,
+        grid=launch.grid,
         in_specs=[value_block] + [param_block] * len(params),
         out_specs=[value_block, stat_block, stat_block, stat_block],
         out_shape=[jax.ShapeDtypeStruct(xr.shape, x.dtype), stat_shape, stat_shape, stat_shape],
         name="eqxnorm_group_norm_fwd",
     )(xr, *params)
-    return (y.reshape(x.shape), *(s.reshape(batch, groups) for s in stats))
+    return (y.reshape(x.shape), *(s.reshape(x.shape[0], groups) for s in stats))
 
 
 # --- backward ----------------------------------------------------------------------------------
@@ -290,7 +394,7 @@ def _group_norm_bwd_kernel(x_ref, *refs, target, layout, has_weight, param_grads
     w_ref, dy_ref, shift_ref, offset_ref, rstd_ref, dx_ref, *partial_refs = c.split_refs(
         refs, has_weight
     )
-    first_row = pl.program_id(0) * layout.config.block_rows
+    first_row = pl.program_id(layout.row_axis) * layout.config.block_rows
     row_mask = _masks(layout, first_row).rows
     stats = c.Stats(*(c.load(r, row_mask, target) for r in (shift_ref, offset_ref)), None)
     rstd = c.load(rstd_ref, row_mask, target)
@@ -307,7 +411,11 @@ def _group_norm_bwd_kernel(x_ref, *refs, target, layout, has_weight, param_grads
         xhat, dy, g, masks = values
         dx = (g - means[1] - xhat * means[0]) * rstd
         c.store(_piece(dx_ref, layout, start), dx, masks.values, target)
-        return jnp.sum(dy * xhat, axis=2, keepdims=True), jnp.sum(dy, axis=2, keepdims=True)
+        spatial = 1 if layout.channels_last else 2
+        return (
+            jnp.sum(dy * xhat, axis=spatial, keepdims=True),
+            jnp.sum(dy, axis=spatial, keepdims=True),
+        )
 
     def write_partials(start, partials):
         if param_grads:
@@ -327,63 +435,79 @@ def _group_norm_bwd_kernel(x_ref, *refs, target, layout, has_weight, param_grads
         return sums[0] + c.row_sum(g * xhat), sums[1] + c.row_sum(g)
 
     zero = jnp.zeros((layout.config.block_rows, 1, 1), F32)
-    (nc, ns), (pc, ps) = layout.counts, layout.piece
-    sums = jax.lax.fori_loop(0, nc * ns, reduce_body, (zero, zero))
+    sums = jax.lax.fori_loop(0, math.prod(layout.counts), reduce_body, (zero, zero))
     means = tuple(s / layout.size for s in sums)
 
     # Channels outermost: a channel piece's partials are summed over its spatial pieces in
     # the loop carry and stored once.
+    ci = layout.channel_index
+    nc, ns = layout.counts[ci], layout.counts[1 - ci]
+    pc, ps = layout.piece[ci], layout.piece[1 - ci]
+
+    def starts(channel, spatial):
+        return (spatial, channel) if layout.channels_last else (channel, spatial)
+
     @pl.loop(0, nc)
     def _(i):
         start_channel = _start(i, pc, nc)
 
         def spatial_body(j, partials):
-            start = (start_channel, _start(j, ps, ns))
+            start = starts(start_channel, _start(j, ps, ns))
             piece_sums = write_dx(start, piece_values(start), means)
             return tuple(p + s for p, s in zip(partials, piece_sums, strict=True))
 
-        zeros = jnp.zeros((layout.config.block_rows, pc, 1), F32)
-        write_partials((start_channel, 0), jax.lax.fori_loop(0, ns, spatial_body, (zeros, zeros)))
+        zeros = jnp.zeros((layout.config.block_rows, *starts(pc, 1)), F32)
+        partials = jax.lax.fori_loop(0, ns, spatial_body, (zeros, zeros))
+        write_partials(starts(start_channel, 0), partials)
 
 
-def _backward_on(target: Target, x, weight, dy, shift, offset, rstd, *, groups, param_grads):
+def _backward_on(
+    target: Target,
+    x,
+    weight,
+    dy,
+    shift,
+    offset,
+    rstd,
+    *,
+    groups,
+    param_grads,
+    channels_last: bool = False,
+):
     """`(dx, dweight, dbias)` with one `pallas_call` on `target`; `dweight`/`dbias` are the
     float32 per-example gradients, `(batch, channels)` (`None` unless `param_grads`), whether
     `weight` is `(channels,)` or `(batch, channels)`."""
-    batch, channels, spatial = x.shape
-    rows = batch * groups
-    layout = _layout(target, rows, channels // groups, spatial)
-    value_block, param_block, stat_block = _specs(layout)
-    params = [] if weight is None else [_row_params(weight, batch, groups)]
+    launch = _launch(target, x.shape, groups, channels_last)
+    value_block, param_block, stat_block = launch.specs
+    params = [] if weight is None else [launch.params(weight)]
     out_specs = [value_block]
-    partial_shape = jax.ShapeDtypeStruct((rows, layout.channels, 1), F32)
-    out_shape = [jax.ShapeDtypeStruct((rows, layout.channels, spatial), x.dtype)]
+    out_shape = [jax.ShapeDtypeStruct(launch.shapes[0], x.dtype)]
     if param_grads:
         out_specs += [param_block] * 2
-        out_shape += [partial_shape] * 2
+        out_shape += [jax.ShapeDtypeStruct(launch.shapes[1], F32)] * 2
     kernel = functools.partial(
         _group_norm_bwd_kernel,
         target=target,
-        layout=layout,
+        layout=launch.layout,
         has_weight=weight is not None,
         param_grads=param_grads,
     )
     dx, *partials = c.pallas_call(
         kernel,
         target,
-        layout.config,
-        grid=(c.ceil_div(rows, layout.config.block_rows),),
+        launch.layout.config,
+        grid=launch.grid,
         in_specs=[value_block] + [param_block] * len(params) + [value_block] + [stat_block] * 3,
         out_specs=out_specs,
         out_shape=out_shape,
         name="eqxnorm_group_norm_bwd",
     )(
-        x.reshape(rows, layout.channels, spatial),
+        x.reshape(launch.shapes[0]),
         *params,
-        dy.reshape(rows, layout.channels, spatial),
-        *(s.reshape(rows, 1, 1) for s in (shift, offset, rstd)),
+        dy.reshape(launch.shapes[0]),
+        *(s.reshape(launch.shapes[2]) for s in (shift, offset, rstd)),
     )
-    dw, db = (p.reshape(batch, channels) for p in partials) if param_grads else (None, None)
+    dw, db = (launch.gradients(p) for p in partials) if param_grads else (None, None)
     return dx.reshape(x.shape), dw, db
 
 
@@ -411,18 +535,31 @@ def _folding_per_example(fn):
     return forward
 
 
+def _mosaic_gpu_or_none(channels_last: bool, launch, supported) -> c.MosaicGPU | None:
+    """The Mosaic GPU launch for channels-first input; none for channels-last, whose groups
+    are strided column runs rather than the contiguous rows the Mosaic GPU row kernel stages
+    with TMA: on cuda those run the Triton kernel (see [`group_norm_channels_last`][])."""
+    return None if channels_last else c.MosaicGPU(launch, supported)
+
+
+def _rule(channels_last: bool, spec: str) -> c.Rule:
+    """The sharding rule `spec` (written channels-first), for channels-last `x` too."""
+    return c.Rule(spec.replace("c s", "s c") if channels_last else spec, split="b")
+
+
 @functools.cache
-def _forward(groups: int, eps: float, per_example: bool, backend: str):
+def _forward(groups: int, eps: float, per_example: bool, backend: str, channels_last=False):
     """`(x, weight, bias) -> (y, shift, offset, rstd)`, batching by folding into the batch
     (parameters per channel, or `per_example`), on the GPU `backend` (`c.GPU_BACKENDS`)."""
 
     def forward(x, weight, bias):
-        fn = functools.partial(_forward_on, groups=groups, eps=eps)
-        mosaic_gpu = c.MosaicGPU(
+        fn = functools.partial(_forward_on, groups=groups, eps=eps, channels_last=channels_last)
+        mosaic_gpu = _mosaic_gpu_or_none(
+            channels_last,
             functools.partial(_mgpu.forward_on, groups=groups, eps=eps),
             functools.partial(_mgpu.forward_supported, groups),
         )
-        rule = c.Rule("b c s, b? c, b? c -> b c s, b g, b g, b g", split="b")
+        rule = _rule(channels_last, "b c s, b? c, b? c -> b c s, b g, b g, b g")
         return c.per_platform(
             fn, x, weight, bias, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend
         )
@@ -431,19 +568,20 @@ def _forward(groups: int, eps: float, per_example: bool, backend: str):
 
 
 @functools.cache
-def _backward(groups: int, per_example: bool, backend: str, param_grads: bool):
+def _backward(groups: int, per_example: bool, backend: str, channels_last: bool, param_grads: bool):
     """`(x, weight, dy, shift, offset, rstd) -> (dx, dweight, dbias)` (per-example float32
     parameter gradients, `None` unless `param_grads`), batching by folding into the batch."""
 
     @custom_vmap
     def backward(x, weight, dy, shift, offset, rstd):
         kwargs = dict(groups=groups, param_grads=param_grads)
-        fn = functools.partial(_backward_on, **kwargs)
-        mosaic_gpu = c.MosaicGPU(
+        fn = functools.partial(_backward_on, **kwargs, channels_last=channels_last)
+        mosaic_gpu = _mosaic_gpu_or_none(
+            channels_last,
             functools.partial(_mgpu.backward_on, **kwargs),
             functools.partial(_mgpu.backward_supported, groups),
         )
-        rule = c.Rule("b c s, b? c, b c s, b g, b g, b g -> b c s, b c, b c", split="b")
+        rule = _rule(channels_last, "b c s, b? c, b c s, b g, b g, b g -> b c s, b c, b c")
         args = (x, weight, dy, shift, offset, rstd)
         return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
 
@@ -469,15 +607,16 @@ def _backward(groups: int, per_example: bool, backend: str, param_grads: bool):
 
 
 @functools.cache
-def _group_norm(groups: int, eps: float, per_example: bool, backend: str):
+def _group_norm(groups: int, eps: float, per_example: bool, backend: str, channels_last=False):
     """The differentiable function `(x, weight, bias) -> y` (see
     `eqxnorm.kernels._autodiff.norm_with_jvp`) on the GPU `backend`; the backward's parameter
     gradients are per example, summed here unless the parameters are `per_example`."""
+    layout = _layout_of_groups_channels_last if channels_last else _layout_of_groups
     return _autodiff.norm_with_jvp(
-        _forward(groups, eps, per_example, backend),
-        functools.partial(_backward, groups, per_example, backend),
+        _forward(groups, eps, per_example, backend, channels_last),
+        functools.partial(_backward, groups, per_example, backend, channels_last),
         _identity if per_example else _sum_over_examples,
-        _layout_of_groups(groups),
+        layout(groups),
     )
 
 
@@ -504,6 +643,32 @@ def _layout_of_groups(groups: int) -> _autodiff.Layout:
         param=param,
         stat=lambda s: s[:, :, None, None],
         unstat=lambda s: s[:, :, 0, 0],
+    )
+
+
+def _layout_of_groups_channels_last(groups: int) -> _autodiff.Layout:
+    """`(batch, spatial, channels)` viewed as `(batch, spatial, groups, channels/groups)`,
+    reduced over axes 1 and 3 (a reshape, no transpose); parameters and statistics as in
+    [`_layout_of_groups`][]."""
+
+    def view(a):
+        batch, spatial, channels = a.shape
+        return a.reshape(batch, spatial, groups, channels // groups)
+
+    def param(p):
+        if p is None:
+            return None
+        p = p if p.ndim == 2 else p[None]
+        return p.reshape(p.shape[0], 1, groups, p.shape[1] // groups)
+
+    return _autodiff.Layout(
+        axis=(1, 3),
+        center=True,
+        x=view,
+        unview=lambda t, shape: t.reshape(shape),
+        param=param,
+        stat=lambda s: s[:, None, :, None],
+        unstat=lambda s: s[:, 0, :, 0],
     )
 
 
@@ -591,4 +756,105 @@ def adaptive_group_norm(
     return _group_norm(int(groups), float(eps), True, backend)(x, w, b)
 
 
-__all__ = ["group_norm", "adaptive_group_norm"]
+def _off_tpu(kernel, reference_fn, groups: int, eps: float):
+    """`kernel(x, weight, bias)`, except on TPU, where the reference runs: Mosaic TPU tiles a
+    block's last two axes by (8, 128) or whole, and a channels-last group is a strided
+    `(spatial, channels/groups)` slice of the `(spatial, groups, channels/groups)` view,
+    which neither tiling reads in place. XLA reduces the reference's view where it lies, so
+    TPU gets no transposed copy either; it gets no fused kernel."""
+    reference_fn = functools.partial(reference_fn, groups=int(groups), eps=float(eps))
+
+    def run(x, weight, bias):
+        return jax.lax.platform_dependent(x, weight, bias, tpu=reference_fn, default=kernel)
+
+    return run
+
+
+def _check_backend_channels_last(backend: str) -> None:
+    if backend == "mosaic_gpu":
+        raise ValueError(
+            "impl='mosaic_gpu' has no channels-last GroupNorm kernel: its row kernel stages "
+            "contiguous (example, group) rows, and a channels-last group is a strided run of "
+            "columns. Use impl='pallas' (the Triton kernel reads channels-last input in place "
+            "on cuda), or channel_axis=1 for channels-first input."
+        )
+
+
+@typechecked()
+def group_norm_channels_last(
+    x: Float[Array, "batch spatial channels"],
+    weight: Float[Array, " channels"] | None,
+    bias: Float[Array, " channels"] | None,
+    *,
+    groups: int,
+    eps: float,
+    backend: str = "auto",
+) -> Float[Array, "batch spatial channels"]:
+    r"""[`group_norm`][] of channels-last input, read in place: the same maths and signature
+    as `eqxnorm.kernels.reference.group_norm_channels_last`.
+
+    The kernels block the `(batch, spatial, groups, channels/groups)` view of `x` (a reshape)
+    on a grid over (groups, example blocks): each program reads its `(spatial,
+    channels/groups)` slices as strided runs of `channels/groups` elements, and writes `y`
+    and `dx` the same way, so no transposed copy of `x` or `dy` is made. On cuda this is the
+    Triton kernel (Mosaic GPU has none: `backend="mosaic_gpu"` raises), on TPU Mosaic's.
+
+    **Arguments:**
+
+    - `x`: `(batch, spatial, channels)`, the spatial axes flattened (`spatial` may be 1).
+    - `weight`, `bias`, `groups`, `eps`, `backend`: as [`group_norm`][].
+
+    **Returns:**
+
+    `(batch, spatial, channels)` in `x.dtype`.
+    """
+    _check_backend_channels_last(backend)
+    kernel = _group_norm(int(groups), float(eps), False, backend, True)
+    return _off_tpu(kernel, reference.group_norm_channels_last, groups, eps)(x, weight, bias)
+
+
+@typechecked()
+def adaptive_group_norm_channels_last(
+    x: Float[Array, "batch spatial channels"],
+    scale: Float[Array, "batch channels"],
+    shift: Float[Array, "batch channels"],
+    weight: Float[Array, " channels"] | None,
+    bias: Float[Array, " channels"] | None,
+    *,
+    groups: int,
+    eps: float,
+    backend: str = "auto",
+) -> Float[Array, "batch spatial channels"]:
+    r"""[`adaptive_group_norm`][] of channels-last input, read in place as in
+    [`group_norm_channels_last`][]; the same maths and signature as
+    `eqxnorm.kernels.reference.adaptive_group_norm_channels_last`.
+
+    **Arguments:**
+
+    - `x`: `(batch, spatial, channels)`, the spatial axes flattened.
+    - `scale`, `shift`, `weight`, `bias`, `groups`, `eps`, `backend`: as
+      [`adaptive_group_norm`][].
+
+    **Returns:**
+
+    `(batch, spatial, channels)` in `x.dtype`.
+    """
+    _check_backend_channels_last(backend)
+    w, b = reference.modulation(scale, shift, weight, bias, F32)
+    kernel = _group_norm(int(groups), float(eps), True, backend, True)
+    return _off_tpu(kernel, _reference_modulated, groups, eps)(x, w, b)
+
+
+def _reference_modulated(x, w, b, *, groups: int, eps: float):
+    """The reference's channels-last GroupNorm with per-example parameters `w`, `b`
+    `(batch, channels)` (the modulation already applied)."""
+    w, b = (p[:, None, :] for p in (w, b))
+    return reference._group_normalized_channels_last(x, groups, w, b, eps)
+
+
+__all__ = [
+    "group_norm",
+    "adaptive_group_norm",
+    "group_norm_channels_last",
+    "adaptive_group_norm_channels_last",
+]

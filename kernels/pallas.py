@@ -93,6 +93,8 @@ _FUNCTIONS = {
     "adaptive_rms_norm": row_norm.adaptive_rms_norm,
     "group_norm": _group_norm.group_norm,
     "adaptive_group_norm": _group_norm.adaptive_group_norm,
+    "group_norm_channels_last": _group_norm.group_norm_channels_last,
+    "adaptive_group_norm_channels_last": _group_norm.adaptive_group_norm_channels_last,
     "batch_norm": _batch_norm.batch_norm,
     "batch_norm_inference": _batch_norm.batch_norm_inference,
 }
@@ -119,6 +121,10 @@ adaptive_layer_norm = _kernel_or_reference(row_norm.adaptive_layer_norm)
 adaptive_rms_norm = _kernel_or_reference(row_norm.adaptive_rms_norm)
 group_norm = _kernel_or_reference(_group_norm.group_norm)
 adaptive_group_norm = _kernel_or_reference(_group_norm.adaptive_group_norm)
+group_norm_channels_last = _kernel_or_reference(_group_norm.group_norm_channels_last)
+adaptive_group_norm_channels_last = _kernel_or_reference(
+    _group_norm.adaptive_group_norm_channels_last
+)
 batch_norm = _kernel_or_reference(_batch_norm.batch_norm)
 batch_norm_inference = _kernel_or_reference(_batch_norm.batch_norm_inference)
 
@@ -131,6 +137,8 @@ __all__ = [
     "adaptive_rms_norm",
     "group_norm",
     "adaptive_group_norm",
+    "group_norm_channels_last",
+    "adaptive_group_norm_channels_last",
     "batch_norm",
     "batch_norm_inference",
 ]

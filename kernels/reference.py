@@ -775,6 +775,80 @@ def adaptive_group_norm(
     return _group_normalized(x, groups, w[..., None], b[..., None], eps)
 
 
+def _group_normalized_channels_last(
+    x: Array, groups: int, weight, bias, eps: float, mask=None
+) -> Array:
+    """[`_group_normalized`][] of channels-last `x` `(*batch, spatial, channels)`, parameters
+    `(*batch or ones, 1, channels)`: [`normalized`][] on the `(*batch, spatial, groups,
+    channels/groups)` view, reduced over its spatial and channels-in-group axes (a reshape,
+    never a transpose). `mask`: `x`'s shape, or `None`."""
+    *batch, spatial, channels = x.shape
+    if groups == channels:
+        return normalize_slices(x, weight, bias, -2, True, eps, None, mask)[0].astype(x.dtype)
+    view = (*batch, spatial, groups, channels // groups)
+
+    def grouped(p):
+        return None if p is None else p.reshape(*p.shape[:-1], groups, channels // groups)
+
+    xg = x.reshape(view)
+    mg = None if mask is None else mask.reshape(view)
+    y = normalize_slices(xg, grouped(weight), grouped(bias), (-3, -1), True, eps, None, mg)[0]
+    return y.reshape(x.shape).astype(x.dtype)
+
+
+@typechecked()
+def group_norm_channels_last(
+    x: Float[Array, "*batch spatial channels"],
+    weight: Float[Array, " channels"] | None,
+    bias: Float[Array, " channels"] | None,
+    *,
+    groups: int,
+    eps: float,
+    mask: Bool[Array, "*batch spatial channels"] | None = None,
+) -> Float[Array, "*batch spatial channels"]:
+    r"""[`group_norm`][] of channels-last input: each `(example, group)` slice of `spatial ×
+    channels/groups` elements normalized with its own statistics, reduced where it lies.
+
+    **Arguments:**
+
+    - `x`: `(*batch, spatial, channels)`, the spatial axes flattened (`spatial` may be 1).
+    - `weight`, `bias`, `groups`, `eps`, `mask`: as [`group_norm`][] (`mask` of `x`'s
+        shape).
+
+    **Returns:**
+
+    `(*batch, spatial, channels)` in `x.dtype`.
+    """
+    params = (_leading_ones(p, x.ndim) for p in (weight, bias))
+    return _group_normalized_channels_last(x, groups, *params, eps, mask)
+
+
+@typechecked()
+def adaptive_group_norm_channels_last(
+    x: Float[Array, "*batch spatial channels"],
+    scale: Float[Array, "*batch channels"],
+    shift: Float[Array, "*batch channels"],
+    weight: Float[Array, " channels"] | None,
+    bias: Float[Array, " channels"] | None,
+    *,
+    groups: int,
+    eps: float,
+) -> Float[Array, "*batch spatial channels"]:
+    r"""[`adaptive_group_norm`][] of channels-last input.
+
+    **Arguments:**
+
+    - `x`: `(*batch, spatial, channels)`.
+    - `scale`, `shift`, `weight`, `bias`, `groups`, `eps`: as [`adaptive_group_norm`][].
+
+    **Returns:**
+
+    `(*batch, spatial, channels)` in `x.dtype`.
+    """
+    w, b = modulation(scale, shift, weight, bias, compute_dtype(x.dtype))
+    return _group_normalized_channels_last(x, groups, w[..., None, :], b[..., None, :], eps)
+
+
 # --- Padding masks ---------------------------------------------------------------------------
 
 
@@ -891,4 +965,6 @@ __all__ = [
     "adaptive_layer_norm",
     "adaptive_rms_norm",
     "adaptive_group_norm",
+    "group_norm_channels_last",
+    "adaptive_group_norm_channels_last",
 ]

@@ -145,3 +145,35 @@ def assert_trees_match(actual, expected, dtype=None):
     assert len(leaves) == len(jax.tree.leaves(expected))
     for a, e in zip(leaves, jax.tree.leaves(expected), strict=True):
         assert_matches(a, e, dtype)
+
+
+def assert_layouts_agree(build, run, x, seed=2):
+    """A layer built channels-last by `build(channel_axis=-1, impl="pallas")` and applied by
+    `run(layer, x)` to the channels-last batch gives the output, and the gradients of
+    `sum(output * cotangent)` with respect to its parameters and `x`, of the channels-first
+    reference layer `build(channel_axis=0, impl="reference")` on the channels-first batch `x`
+    `(batch, channels, *spatial)`, moved: the kernels read the layout in place."""
+    import equinox as eqx
+
+    def outputs_and_grads(channel_axis, impl):
+        move = (lambda a: jnp.moveaxis(a, 1, -1)) if channel_axis == -1 else (lambda a: a)
+        back = (lambda a: jnp.moveaxis(a, -1, 1)) if channel_axis == -1 else (lambda a: a)
+
+        def loss(layer_and_x):
+            y = run(*layer_and_x)
+            shape = y.shape if channel_axis == 0 else (y.shape[0], y.shape[-1], *y.shape[1:-1])
+            cotangent = data(shape, jnp.float32, seed=seed, loc=0.0, scale=1.0)
+            return jnp.sum(y.astype(jnp.float32) * move(cotangent)), y
+
+        grad_fn = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))
+        layer = build(channel_axis=channel_axis, impl=impl)
+        (_, y), (grads, dx) = grad_fn((layer, move(x)))
+        return back(y), back(dx), jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
+
+    y, dx, grads = outputs_and_grads(-1, "pallas")
+    y_ref, dx_ref, grads_ref = outputs_and_grads(0, "reference")
+    assert_matches(y, y_ref)
+    assert_matches(dx, dx_ref)
+    assert len(grads) == len(grads_ref) >= 2
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        assert_matches(grad, grad_ref)

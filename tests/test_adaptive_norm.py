@@ -110,6 +110,18 @@ def test_group_pallas_matches_reference():
     )
 
 
+def test_group_channels_last_kernel_equals_channels_first_reference():
+    x = jax.random.normal(jax.random.key(1), (3, 8, 5, 4)) + 1
+    cond = jax.random.normal(jax.random.key(2), (3, 6))
+
+    def build(**kwargs):
+        return eqxnorm.AdaptiveGroupNorm(
+            4, 8, 6, channelwise_affine=True, zero_init=False, key=jax.random.key(3), **kwargs
+        )
+
+    ks.assert_layouts_agree(build, lambda layer, x: jax.vmap(layer)(x, cond), x)
+
+
 def test_errors_name_the_fix():
     layer = eqxnorm.AdaptiveLayerNorm(8, 3, key=jr.key(0))
     x = jnp.ones((5, 8))

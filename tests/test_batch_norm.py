@@ -576,6 +576,29 @@ def test_bad_call_arguments():
     np.testing.assert_allclose(y, 1.0 / np.sqrt(1.0 + EPS), rtol=1e-6)
 
 
+def test_channels_last_kernel_equals_channels_first_reference():
+    """Training outputs, the running statistics after a step, and the inference outputs
+    with them, channels-last (the kernels on the `(batch·spatial, channels)` matrix) as
+    channels-first."""
+    x = jax.random.normal(jax.random.key(1), (6, 5, 7)) + 2
+    _, state = _make(5)
+
+    def run(bn, x):
+        y, new_state = _vmapped(bn, x, state)
+        y_inference, _ = _vmapped(bn, x, new_state, inference=True)
+        return jnp.concatenate([y, y_inference])
+
+    ks.assert_layouts_agree(lambda **kwargs: _make(5, **kwargs)[0], run, x)
+    bn, state = _make(5, channel_axis=-1)
+    _, after = _run(bn, jnp.moveaxis(x, 1, -1), state)
+    bn_first, state_first = _make(5)
+    _, after_first = _run(bn_first, x, state_first)
+    for a, b in zip(_running(bn, after), _running(bn_first, after_first), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    with pytest.raises(ValueError, match="channels are last.*`channel_axis=-1`"):
+        _run(bn_first, jnp.moveaxis(x, 1, -1), state_first)
+
+
 @pytest.mark.parametrize("mode", ["batch", "ema"])
 def test_pallas_matches_reference(mode):
     x = jax.random.normal(jax.random.key(1), (6, 5, 7)) + 2

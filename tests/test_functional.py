@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import eqxnorm
+import kernel_support as ks
 import oracle
 from eqxnorm import functional as F
 
@@ -210,3 +211,68 @@ def test_constant_slices_normalize_to_exactly_their_bias(value, dtype, impl):
                 y = np.asarray(run(x))
                 expected = y.flat[0] if name == "rms_norm" else 0
                 assert (y == expected).all(), (name, width, run)
+
+
+# --- channels-last layouts (`channel_axis=-1`) -----------------------------------------------
+
+
+def test_channels_last_against_the_float64_oracle():
+    x = jax.random.normal(jax.random.key(1), (2, 5, 3, 6)) + 1
+    weight, bias = jnp.linspace(0.5, 1.5, 6), jnp.linspace(-1.0, 1.0, 6)
+    first = np.moveaxis(np.asarray(x), -1, 1)
+    cases = [
+        (
+            F.group_norm(x, 3, weight, bias, channel_axis=-1),
+            oracle.group_norm(first, 3, weight, bias, 1e-5),
+        ),
+        (
+            F.instance_norm(x, weight, bias, channel_axis=-1),
+            oracle.instance_norm(first, weight, bias, 1e-5),
+        ),
+        (
+            F.batch_norm(x, weight, bias, channel_axis=-1)[0],
+            oracle.batch_norm(first, weight, bias, 1e-5)[0],
+        ),
+    ]
+    for actual, expected in cases:
+        oracle.assert_close(actual, np.moveaxis(expected, 1, -1))
+
+
+def test_channels_last_vmap_of_one_example_and_statistics():
+    """`vmap` over examples of a channels-last call; BatchNorm's statistics are per column of
+    the `(batch·spatial, channels)` matrix."""
+    x = jax.random.normal(jax.random.key(2), (4, 7, 6)) + 2
+    y = jax.vmap(lambda e: F.group_norm(e[None], 2, channel_axis=-1)[0])(x)
+    np.testing.assert_allclose(y, F.group_norm(x, 2, channel_axis=-1), rtol=1e-6, atol=1e-6)
+    _, mean, var = F.batch_norm(x, channel_axis=-1)
+    rows = np.asarray(x, np.float64).reshape(-1, 6)
+    np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(var, rows.var(0), rtol=1e-5)
+
+
+def test_channel_axis_errors():
+    x = jnp.ones((2, 5, 4, 6))
+    with pytest.raises(ValueError, match=r"channel_axis=2 must name.*jnp.moveaxis\(x, 2, -1\)"):
+        F.group_norm(x, 3, channel_axis=2)
+    with pytest.raises(TypeError, match="channel_axis must be an int"):
+        F.batch_norm(x, channel_axis=None)
+    with pytest.raises(ValueError, match=r"`weight` must have shape \(6,\)"):
+        F.instance_norm(x, jnp.ones(5), channel_axis=-1)
+    with pytest.raises(ValueError, match=r"scale must be \(batch, channels\) = \(2, 6\)"):
+        F.adaptive_group_norm(x, 3, jnp.ones((2, 5)), jnp.ones((2, 5)), channel_axis=-1)
+
+
+def test_channels_last_training_steps_lower_for_cuda_without_a_transpose():
+    """The functional ops' channels-last path is reshapes around the kernels: a training step
+    on `(batch, h, w, channels)` lowered for cuda launches the kernels and no transpose."""
+    x = jnp.ones((4, 6, 5, 16), jnp.bfloat16)
+    weight, bias = jnp.ones(16, jnp.bfloat16), jnp.zeros(16, jnp.bfloat16)
+    norms = {
+        "group_norm": lambda x, w, b: F.group_norm(x, 4, w, b, channel_axis=-1, impl="pallas"),
+        "batch_norm": lambda x, w, b: F.batch_norm(x, w, b, channel_axis=-1, impl="pallas")[0],
+    }
+    for name, norm in norms.items():
+        loss = lambda *a, norm=norm: jnp.sum(norm(*a).astype(jnp.float32) ** 2)  # noqa: E731
+        text = ks.lowered(jax.value_and_grad(loss, argnums=(0, 1, 2)), (x, weight, bias), "cuda")
+        assert ks.kernel_count(text, "cuda") >= 2, name
+        assert "stablehlo.transpose" not in text, name

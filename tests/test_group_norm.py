@@ -231,7 +231,8 @@ def test_drop_in_signatures():
         sig = inspect.signature(fn)
         return [(p.name, p.kind, p.default) for p in sig.parameters.values() if p.name not in drop]
 
-    assert params(GroupNorm.__init__, drop=("impl",)) == params(eqx.nn.GroupNorm.__init__)
+    extras = ("impl", "channel_axis")
+    assert params(GroupNorm.__init__, drop=extras) == params(eqx.nn.GroupNorm.__init__)
     assert [(n, k) for n, k, _ in params(GroupNorm.__call__, drop=("mask",))] == [
         (n, k) for n, k, _ in params(eqx.nn.GroupNorm.__call__)
     ]
@@ -476,10 +477,24 @@ def test_pallas_matches_reference():
     ks.assert_impls_agree(build, lambda layer, x: jax.vmap(layer)(x), x)
 
 
+def test_channels_last_kernel_equals_channels_first_reference():
+    x = jax.random.normal(jax.random.key(1), (4, 6, 5, 7)) + 2
+
+    def build(**kwargs):
+        layer = eqxnorm.GroupNorm(3, 6, **kwargs)
+        return eqx.tree_at(lambda m: m.weight, layer, jnp.linspace(0.5, 1.5, 6))
+
+    ks.assert_layouts_agree(build, lambda layer, x: jax.vmap(layer)(x), x)
+    with pytest.raises(ValueError, match="channel_axis must be 0 .* or -1"):
+        eqxnorm.GroupNorm(3, 6, channel_axis=1)
+
+
 def test_channels_last_input_is_named():
     norm = eqxnorm.GroupNorm(3, 3)
-    with pytest.raises(ValueError, match=r"x.shape=\(12, 12, 3\).*channels-last.*moveaxis"):
+    with pytest.raises(ValueError, match=r"x.shape=\(12, 12, 3\).*channels-last.*channel_axis=-1"):
         norm(jnp.ones((12, 12, 3)))
+    with pytest.raises(ValueError, match=r"x.shape=\(3, 12, 12\).*channels-first.*channel_axis=0"):
+        eqxnorm.GroupNorm(3, 3, channel_axis=-1)(jnp.ones((3, 12, 12)))
 
 
 def test_vmap_lowers_without_a_unit_batch_axis():

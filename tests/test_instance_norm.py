@@ -255,8 +255,10 @@ def test_signature():
         ("channelwise_affine", False),
         ("dtype", None),
         ("impl", "auto"),
+        ("channel_axis", 0),
     ]
     assert params["impl"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert params["channel_axis"].kind is inspect.Parameter.KEYWORD_ONLY
     call = inspect.signature(InstanceNorm.__call__).parameters
     assert list(call) == ["self", "x", "state", "key", "mask"]
     assert call["key"].kind is call["mask"].kind is inspect.Parameter.KEYWORD_ONLY
@@ -390,6 +392,19 @@ def test_bad_call(x, error, match):
 def test_bad_functional_call(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         functional.instance_norm(*args, **kwargs)
+
+
+def test_channels_last_layout_and_its_errors():
+    """(The channels-last kernel is GroupNorm's, tested with one channel per group in
+    tests/kernels/test_group_norm.py and through `GroupNorm(channel_axis=-1)`.)"""
+    x = jax.random.normal(jax.random.key(1), (2, 5, 6, 4)) + 2
+    y = jax.vmap(InstanceNorm(4, channel_axis=-1))(x)
+    expected = jax.vmap(InstanceNorm(4))(jnp.moveaxis(x, -1, 1))
+    np.testing.assert_allclose(y, jnp.moveaxis(expected, 1, -1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"channels-first.*`channel_axis=0`"):
+        InstanceNorm(4, channel_axis=-1)(jnp.ones((4, 5, 6)))
+    with pytest.raises(ValueError, match=r"channels-last.*`channel_axis=-1`"):
+        InstanceNorm(4)(jnp.ones((5, 6, 4)))
 
 
 def test_pallas_matches_reference():

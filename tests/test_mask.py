@@ -301,3 +301,39 @@ def test_mask_errors():
         F.batch_norm(jnp.ones((2, 4, 3)), lengths=jnp.ones(2))
     with pytest.raises(ValueError, match="broadcast"):
         eqxnorm.GroupNorm(2, 4)(jnp.ones((4, 3)), mask=jnp.ones((4, 2), bool))
+
+
+def test_masks_in_channels_last_layouts():
+    """`mask=` and `lengths=` with `channel_axis=-1` give the channels-first results on the
+    moved input and mask (`lengths` count spatial positions, for every channel alike), and
+    `BatchNorm(channel_axis=-1)`'s running variance counts the same valid elements."""
+    x, mask = _data((3, 6, 4, 5))
+    w, b = _params(6)
+    last = lambda a: jnp.moveaxis(a, 1, -1)  # noqa: E731
+    lengths = jnp.array([20, 7, 0])
+
+    @jax.jit
+    def both(x, mask):
+        first = (
+            F.group_norm(x, 3, w, b, mask=mask),
+            F.instance_norm(x, w, b, lengths=lengths),
+        )
+        moved = (
+            F.group_norm(last(x), 3, w, b, mask=last(mask), channel_axis=-1),
+            F.instance_norm(last(x), w, b, lengths=lengths, channel_axis=-1),
+        )
+        return first, moved
+
+    for first, moved in zip(*both(x, mask), strict=True):
+        np.testing.assert_allclose(moved, last(first), rtol=1e-5, atol=1e-5)
+
+    def batch_norm(channel_axis, x, mask):
+        """The output and the running variance after a step."""
+        bn, state = eqx.nn.make_with_state(eqxnorm.BatchNorm)(6, "b", channel_axis=channel_axis)
+        call = lambda x, m: bn(x, state, mask=m)  # noqa: E731
+        y, state = eqx.filter_jit(jax.vmap(call, axis_name="b", out_axes=(0, None)))(x, mask)
+        return y, state.get(bn.running_index)[1]
+
+    (y, var), (y_first, var_first) = batch_norm(-1, last(x), last(mask)), batch_norm(0, x, mask)
+    np.testing.assert_allclose(y, last(y_first), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(var, var_first, rtol=1e-5)

@@ -10,7 +10,12 @@ from jaxtyping import TypeCheckError
 import kernel_support as ks
 import oracle
 from eqxnorm.kernels import _common as c, reference
-from eqxnorm.kernels.group_norm import adaptive_group_norm, group_norm
+from eqxnorm.kernels.group_norm import (
+    adaptive_group_norm,
+    adaptive_group_norm_channels_last,
+    group_norm,
+    group_norm_channels_last,
+)
 
 EPS = 1e-5
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -383,3 +388,103 @@ def test_adaptive_wrong_scale_shape_is_rejected_like_the_reference():
     for fn in (adaptive_group_norm, reference.adaptive_group_norm):
         with pytest.raises(TypeCheckError, match="parameter 'scale'"):
             fn(x, scale, scale, None, None, groups=3, eps=EPS)
+
+
+# --- channels-last input, read in place --------------------------------------------------------
+
+# (batch, channels, spatial, groups): non-powers of two, InstanceNorm (one channel per group,
+# a stride-`channels` column per slice), and a slice larger than one block: many short
+# channel runs, read in (spatial, channel) pieces.
+LAST_SHAPES = [(3, 6, 37, 3), (5, 4, 9, 4), CHUNKED[1]]
+
+
+def _last(*arrays):
+    """Channels-first `(batch, channels, spatial)` arrays moved channels-last."""
+    return tuple(jnp.moveaxis(a, 1, -1) for a in arrays)
+
+
+@pytest.mark.parametrize("batch,channels,spatial,groups", LAST_SHAPES)
+def test_channels_last_matches_channels_first_on_moved_input(batch, channels, spatial, groups):
+    """Outputs and gradients of the channels-last kernel are the channels-first reference's,
+    moved: the same statistics, whichever axis holds the channels."""
+    x, weight, bias, cotangent = _inputs(batch, channels, spatial, jnp.float32, loc=20.0)
+    y, dx, dw, db = _output_and_grads(group_norm_channels_last, groups)(
+        *_last(x), weight, bias, *_last(cotangent)
+    )
+    expected = _output_and_grads(reference.group_norm, groups)(x, weight, bias, cotangent)
+    _assert_all_match((*_last(y, dx), dw, db), expected)
+    assert [a.dtype for a in (y, dx, dw, db)] == [jnp.float32] * 4
+
+
+def test_channels_last_half_precision_and_oracle():
+    x, weight, bias, cotangent = _inputs(3, 6, 37, jnp.bfloat16)
+    args = (*_last(x), weight, bias, *_last(cotangent))
+    _assert_matches_reference(group_norm_channels_last, reference.group_norm_channels_last, 3, args)
+    x, weight, bias, _ = _inputs(3, 6, 37, jnp.float32)
+    y = group_norm_channels_last(*_last(x), weight, bias, groups=3, eps=EPS)
+    oracle.assert_close(y, np.moveaxis(oracle.group_norm(x, 3, weight, bias, EPS), 1, -1))
+    y = reference.group_norm_channels_last(*_last(x), weight, bias, groups=3, eps=EPS)
+    oracle.assert_close(y, np.moveaxis(oracle.group_norm(x, 3, weight, bias, EPS), 1, -1))
+
+
+def test_channels_last_vmap_and_grad_of_vmap():
+    x, weight, bias, cotangent = _inputs(B, CHANNELS, SPATIAL, jnp.float32)
+    x, cotangent = _last(x, cotangent)
+
+    def one(fn):
+        return lambda x, w, b: fn(x[None], w, b, groups=GROUPS, eps=EPS)[0]
+
+    def grads(fn):
+        loss = lambda x, w, b, ct: jnp.sum(one(fn)(x, w, b) * ct)  # noqa: E731
+        batched = lambda *a: jnp.sum(jax.vmap(loss, in_axes=(0, None, None, 0))(*a))  # noqa: E731
+        return jax.jit(jax.grad(batched, argnums=(0, 1, 2)))(x, weight, bias, cotangent)
+
+    vmapped = jax.jit(jax.vmap(one(group_norm_channels_last), in_axes=(0, None, None)))
+    expected = reference.group_norm_channels_last(x, weight, bias, groups=GROUPS, eps=EPS)
+    ks.assert_matches(vmapped(x, weight, bias), expected)
+    _assert_all_match(grads(group_norm_channels_last), grads(reference.group_norm_channels_last))
+
+
+def test_adaptive_channels_last_matches_channels_first_on_moved_input():
+    x, scale, shift, weight, bias, cotangent = _adaptive_inputs(3, 32, 49, jnp.float32)
+    args = (*_last(x), scale, shift, weight, bias, *_last(cotangent))
+    y, dx, *grads = _output_and_grads(adaptive_group_norm_channels_last, 4)(*args)
+    expected = _output_and_grads(reference.adaptive_group_norm, 4)(
+        x, scale, shift, weight, bias, cotangent
+    )
+    _assert_all_match((*_last(y, dx), *grads), expected)
+
+
+def _transposes(text):
+    return text.count("stablehlo.transpose")
+
+
+def test_channels_last_lowers_without_a_transpose():
+    """A training step on channels-last input lowers for cuda to the two Triton kernels and
+    no transpose (moving the channels first, the alternative, is one: the control); on TPU,
+    whose tiling cannot read a strided group in place, to the reference's reductions, again
+    without a transpose."""
+    x, weight, bias, _ = _inputs(4, 32, 64, jnp.bfloat16)
+    (x,) = _last(x)
+
+    def step(norm):
+        loss = lambda *a: jnp.sum(norm(*a).astype(jnp.float32) ** 2)  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))
+
+    in_place = step(lambda x, w, b: group_norm_channels_last(x, w, b, groups=8, eps=EPS))
+    moved = step(
+        lambda x, w, b: jnp.moveaxis(
+            group_norm(jnp.moveaxis(x, -1, 1), w, b, groups=8, eps=EPS), 1, -1
+        )
+    )
+    cuda = ks.lowered(in_place, (x, weight, bias), "cuda")
+    assert ks.kernel_count(cuda, "cuda") == 2 and _transposes(cuda) == 0
+    assert _transposes(ks.lowered(moved, (x, weight, bias), "cuda")) > 0
+    tpu = ks.lowered(in_place, (x, weight, bias), "tpu")
+    assert ks.kernel_count(tpu, "tpu") == 0 and _transposes(tpu) == 0
+
+
+def test_channels_last_has_no_mosaic_gpu_kernel():
+    x = jnp.ones((2, 9, 4), jnp.float32)
+    with pytest.raises(ValueError, match="no channels-last GroupNorm kernel"):
+        group_norm_channels_last(x, None, None, groups=2, eps=EPS, backend="mosaic_gpu")
