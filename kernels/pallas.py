@@ -58,7 +58,7 @@ def _kernel_or_reference(kernel: Callable, backend: str = "auto") -> Callable:
                 kwargs.pop("axis_name", None)
                 kwargs.pop("mask", None)
                 return lengths_kernel(x, lengths, *args, backend=backend, **kwargs)
-            kwargs["mask"] = _lengths_mask(x, lengths)
+            kwargs["mask"] = lengths_mask(x, lengths)
         # No kernel takes a padding mask yet: masked statistics run the reference.
         use_reference |= kwargs.get("mask") is not None
         if not use_reference:
@@ -73,8 +73,9 @@ def _kernel_or_reference(kernel: Callable, backend: str = "auto") -> Callable:
     return dispatch
 
 
-def _lengths_mask(x, lengths):
-    """The mask `col < lengths[row]` of `x` `(rows, dim)`."""
+def lengths_mask(x, lengths):
+    """The mask `col < lengths[row]` of `x` `(rows, dim)`: what the reference takes for the
+    valid lengths `(rows,)` that the row norm kernels read."""
     col = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     return col < jnp.asarray(lengths).astype(jnp.int32)[..., None]
 

@@ -193,3 +193,22 @@ def test_sharded_rows_stay_local():
     assert " all-gather(" not in compiled.as_text()
     for a, e in zip(compiled(*args), loss("reference")(x, lengths), strict=True):
         ks.assert_matches(a, e)
+
+
+@pytest.mark.parametrize("xla", [True, False], ids=["xla", "kernels"])
+def test_auto_with_the_tuning_cache_takes_lengths(xla, monkeypatch):
+    # impl="auto" on a GPU/TPU asks the tuning cache (traced on the folded rows, lengths
+    # included); where it prefers XLA, the reference gets the lengths as their mask.
+    from eqxnorm import _dispatch
+    from eqxnorm.kernels import _tuning
+
+    monkeypatch.setattr(_tuning, "prefers_xla", lambda trace: trace() is not None and xla)
+    x = ks.data((6, 32), jnp.float32)
+    lengths = jnp.asarray([0, 32, 5, 1, 17, 9], jnp.int32)
+    mask = jnp.arange(32)[None, :] < lengths[:, None]
+
+    def one(xi, li):
+        return _dispatch.MEASURED.layer_norm(xi[None], None, None, eps=EPS, lengths=li[None])[0]
+
+    y = jax.jit(jax.vmap(one))(x, lengths)
+    ks.assert_matches(y, reference.layer_norm(x, None, None, eps=EPS, mask=mask))
