@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from .kernels import _tuning, pallas, reference
 
@@ -79,9 +80,23 @@ def _measured(name: str) -> Callable:
     def dispatch(x, *args, **kwargs):
         def trace():
             folded = jax.ShapeDtypeStruct(_vmapped_shape(x), x.dtype)
-            return jax.eval_shape(functools.partial(kernel, **kwargs), folded, *args)
+            rows = {}
+            if kwargs.get("lengths") is not None:
+                # One valid length per row of the folded rows.
+                rows["lengths"] = jax.ShapeDtypeStruct(folded.shape[:1], jnp.int32)
 
-        return (reference_fn if _tuning.prefers_xla(trace) else kernel)(x, *args, **kwargs)
+            def call(x, rows, *args):
+                return kernel(x, *args, **(kwargs | rows))
+
+            return jax.eval_shape(call, folded, rows, *args)
+
+        if not _tuning.prefers_xla(trace):
+            return kernel(x, *args, **kwargs)
+        if kwargs.get("lengths") is not None:
+            # The reference takes the valid lengths as their mask.
+            kwargs["mask"] = pallas.lengths_mask(x, kwargs.pop("lengths"))
+        kwargs.pop("lengths", None)
+        return reference_fn(x, *args, **kwargs)
 
     return dispatch
 

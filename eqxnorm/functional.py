@@ -158,11 +158,23 @@ def _row_norm(op: str, x, weight, bias, shape, eps, impl, axis_name=None, mask=N
     flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
     rows = _to_rows(x, shape, impl)
     lead = x.ndim - len(shape)
+    fn = getattr(implementation(impl), op)
+    if lengths is not None and _unit_batch(impl):
+        # The kernels read one length per row (see `_row_lengths`), not a mask.
+        y = fn(
+            rows, *flat, eps=float(eps), axis_name=axis_name, lengths=_row_lengths(lengths, rows)
+        )
+        return _from_rows(y, x, shape)
     valid = _valid(x, mask, lengths, lead, lead)
     valid = None if valid is None else _to_rows(valid, shape, impl)
-    fn = getattr(implementation(impl), op)
     y = fn(rows, *flat, eps=float(eps), axis_name=axis_name, mask=valid)
     return _from_rows(y, x, shape)
+
+
+def _row_lengths(lengths: Any, rows: Array) -> Array:
+    """`lengths` (of `x`'s batch shape) as one int32 per row of `rows` `(rows, dim)`: what
+    the kernels (`impl` other than `"reference"`) take for `lengths=` instead of a mask."""
+    return jnp.asarray(lengths).astype(jnp.int32).reshape(rows.shape[0])
 
 
 @_checking.typechecked(_check_row_norm("eqxnorm.functional.layer_norm"))
@@ -211,8 +223,10 @@ def layer_norm(
         With `impl="pallas"` this runs the reference.
     - `lengths`: integers of shape `batch`, the shorthand for the mask of each slice's
         first `lengths` elements (of its normalized axes flattened in row-major order): the
-        padding of variable-length data. Built in the compiled program by an iota compare,
-        no mask array is read. Not with `mask` or `axis_name`.
+        padding of variable-length data. No mask array is read: the kernels (`impl` other
+        than `"reference"`) read one length per row beside its statistics, the reference
+        builds the mask by an iota compare in the compiled program. Not with `mask` or
+        `axis_name`.
 
     **Returns:**
 

@@ -30,8 +30,12 @@ of Flax. The row norms (`LayerNorm`, `RMSNorm`) with trailing reduction axes, an
 layout and back.
 
 **Not supported** (a clear error rather than a silent difference): `axis_name` on `GroupNorm`
-and `InstanceNorm` (eqxnorm pools their statistics over no named axis), and `mask=` until the
-functional ops take it.
+and `InstanceNorm` (eqxnorm pools their statistics over no named axis).
+
+**Masks.** `mask=` (booleans broadcastable to `x`, True = counted) is Flax's: it is broadcast
+to `x`'s shape, laid out as `x` is and passed to the functional op, so the statistics are over
+the counted elements only (see `eqxnorm.functional.layer_norm`); in evaluation BatchNorm uses
+its running statistics and, as Flax, ignores the mask.
 
 Flax is an optional dependency, `pip install eqxnorm[flax]`; `import eqxnorm` never imports
 it, only `import eqxnorm.nnx` does.
@@ -72,13 +76,19 @@ def _canonical(ndim: int, axes: Any) -> tuple[int, ...]:
     return tuple(sorted({a % ndim if -ndim <= a < ndim else a for a in axes}))
 
 
-def _check_mask(mask: Any, where: str) -> None:
-    if mask is not None:
-        raise NotImplementedError(
-            f"{where}: `mask=` is not supported by this version of eqxnorm.nnx (eqxnorm's "
-            f"functional ops do not take a mask yet). Use the flax.nnx layer for masked "
-            f"statistics, or call without `mask`."
-        )
+def _broadcast_mask(mask: Any, x: Any, where: str) -> Any:
+    """`mask` broadcast to `x`'s shape (None stays), to be laid out as `x` is; a
+    `ValueError` naming both shapes when it does not broadcast."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    try:
+        return jnp.broadcast_to(mask, x.shape)
+    except ValueError:
+        raise ValueError(
+            f"{where}: mask.shape={mask.shape} does not broadcast to x.shape={x.shape}. Pass "
+            f"a boolean mask broadcastable to x (True where an element is counted)."
+        ) from None
 
 
 def _check_features(module: Any, x: Any, features: tuple[int, ...], where: str) -> None:
@@ -128,16 +138,19 @@ def _transposed(x: Any, perm: list[int]):
     return jnp.transpose(x, perm), lambda y: jnp.transpose(y, inverse)
 
 
-def _row_norm(module: Any, op: str, x: Any, scale: Any, bias: Any) -> Any:
+def _row_norm(module: Any, op: str, x: Any, scale: Any, bias: Any, mask: Any = None) -> Any:
     """LayerNorm (`op="layer_norm"`) or RMSNorm of `x` over `module.reduction_axes` with
     `scale`/`bias` over `module.feature_axes`, by `eqxnorm.functional`: the reduced axes are
-    moved last (a no-op for Flax's default `-1`) and are the kernels' rows."""
+    moved last (a no-op for Flax's default `-1`) and are the kernels' rows; `mask` (of `x`'s
+    shape, or None) is moved with them."""
     where = f"eqxnorm.nnx.{type(module).__name__}"
     reduced = _canonical(x.ndim, module.reduction_axes)
     features = _canonical(x.ndim, module.feature_axes)
     _check_features(module, x, features, where)
     kept = [a for a in range(x.ndim) if a not in reduced]
     xt, back = _transposed(x, kept + list(reduced))
+    if mask is not None:
+        mask, _ = _transposed(mask, kept + list(reduced))
     shape = tuple(x.shape[a] for a in reduced)
     inside = set(features) <= set(reduced)
     weight, shift = (
@@ -155,10 +168,13 @@ def _row_norm(module: Any, op: str, x: Any, scale: Any, bias: Any) -> Any:
             eps=module.epsilon,
             axis_name=axis_name,
             impl=module.impl,
+            mask=mask,
         )
     else:
         grouped = functional._axis_groups(axis_name, module.axis_index_groups, where)
-        y = functional._row_norm(op, xt, weight, shift, shape, module.epsilon, module.impl, grouped)
+        y = functional._row_norm(
+            op, xt, weight, shift, shape, module.epsilon, module.impl, grouped, mask=mask
+        )
     y = back(y)
     if not inside:
         everything = tuple(range(x.ndim))
@@ -193,16 +209,18 @@ class LayerNorm(_flax_nnx.LayerNorm):
         """**Arguments:**
 
         - `x`: any shape, floating point; the reduction and feature axes as configured.
-        - `mask`: not supported yet (see the module documentation); must be `None`.
+        - `mask`: None, or booleans broadcastable to `x`, True where an element counts in
+            the statistics (Flax's `mask=`); the outputs at masked positions are normalized
+            with their slice's statistics.
 
         **Returns:**
 
         An array of `x`'s shape in the dtype Flax gives (`dtype`, else the promotion of
         `x` and the parameters).
         """
-        _check_mask(mask, "eqxnorm.nnx.LayerNorm")
+        mask = _broadcast_mask(mask, x, "eqxnorm.nnx.LayerNorm")
         x, scale, bias = _params(self, x, "scale", "bias")
-        return _row_norm(self, "layer_norm", x, scale, bias)
+        return _row_norm(self, "layer_norm", x, scale, bias, mask)
 
 
 class RMSNorm(_flax_nnx.RMSNorm):
@@ -221,9 +239,9 @@ class RMSNorm(_flax_nnx.RMSNorm):
 
     def __call__(self, x, mask=None):
         """As [`eqxnorm.nnx.LayerNorm.__call__`][] (`mask` positional, as in Flax)."""
-        _check_mask(mask, "eqxnorm.nnx.RMSNorm")
+        mask = _broadcast_mask(mask, x, "eqxnorm.nnx.RMSNorm")
         x, scale = _params(self, x, "scale")
-        return _row_norm(self, "rms_norm", x, scale, None)
+        return _row_norm(self, "rms_norm", x, scale, None, mask)
 
 
 def _channels_first(x: Any, batch: list[int], channels: list[int]):
@@ -277,14 +295,15 @@ class GroupNorm(_flax_nnx.GroupNorm):
         """**Arguments:**
 
         - `x`: `(batch, *spatial, num_features)`, floating point.
-        - `mask`: not supported yet; must be `None`.
+        - `mask`: None, or booleans broadcastable to `x`, True where an element counts in
+            the statistics (as [`eqxnorm.nnx.LayerNorm.__call__`][]).
 
         **Returns:**
 
         An array of `x`'s shape in the dtype Flax gives.
         """
         where = "eqxnorm.nnx.GroupNorm"
-        _check_mask(mask, where)
+        mask = _broadcast_mask(mask, x, where)
         _check_no_axis_name(self, where)
         if self.reduction_axes is None:
             reduced = (*range(1, x.ndim - 1), x.ndim - 1)
@@ -295,8 +314,16 @@ class GroupNorm(_flax_nnx.GroupNorm):
         batch = [a for a in range(x.ndim) if a not in reduced and a != channels]
         x, scale, bias = _params(self, x, "scale", "bias")
         x3, back = _channels_last(x, batch, [channels])
+        m3 = None if mask is None else _channels_last(mask, batch, [channels])[0]
         y = functional.group_norm(
-            x3, self.num_groups, scale, bias, eps=self.epsilon, channel_axis=-1, impl=self.impl
+            x3,
+            self.num_groups,
+            scale,
+            bias,
+            eps=self.epsilon,
+            channel_axis=-1,
+            impl=self.impl,
+            mask=m3,
         )
         return back(y)
 
@@ -323,14 +350,15 @@ class InstanceNorm(_flax_nnx.InstanceNorm):
 
         - `x`: `(batch, *spatial, num_features)` (features on `feature_axes`), floating
             point, with at least two spatial elements.
-        - `mask`: not supported yet; must be `None`.
+        - `mask`: None, or booleans broadcastable to `x`, True where an element counts in
+            the statistics (as [`eqxnorm.nnx.LayerNorm.__call__`][]).
 
         **Returns:**
 
         An array of `x`'s shape in the dtype Flax gives.
         """
         where = "eqxnorm.nnx.InstanceNorm"
-        _check_mask(mask, where)
+        mask = _broadcast_mask(mask, x, where)
         _check_no_axis_name(self, where)
         features = list(_canonical(x.ndim, self.feature_axes))
         _check_features(self, x, tuple(features), where)
@@ -341,8 +369,9 @@ class InstanceNorm(_flax_nnx.InstanceNorm):
             )
         x, scale, bias = _params(self, x, "scale", "bias")
         x3, back = _channels_last(x, [0], features)
+        m3 = None if mask is None else _channels_last(mask, [0], features)[0]
         y = functional.instance_norm(
-            x3, scale, bias, eps=self.epsilon, channel_axis=-1, impl=self.impl
+            x3, scale, bias, eps=self.epsilon, channel_axis=-1, impl=self.impl, mask=m3
         )
         return back(y)
 
@@ -374,7 +403,8 @@ class BatchNorm(_flax_nnx.BatchNorm):
 
         - `x`: any shape, floating point, the features on `axis`.
         - `use_running_average`: overrides the constructor's when not `None`.
-        - `mask`: not supported yet; must be `None`.
+        - `mask`: None, or booleans broadcastable to `x`, True where an element counts in
+            the statistics (as [`eqxnorm.nnx.LayerNorm.__call__`][]).
 
         **Returns:**
 
@@ -382,7 +412,7 @@ class BatchNorm(_flax_nnx.BatchNorm):
         updated in place.
         """
         where = "eqxnorm.nnx.BatchNorm"
-        _check_mask(mask, where)
+        mask = _broadcast_mask(mask, x, where)
         use_running_average = _first_from(
             use_running_average,
             self.use_running_average,
@@ -394,7 +424,8 @@ class BatchNorm(_flax_nnx.BatchNorm):
         axis = _canonical(x.ndim, self.axis)
         _check_features(self, x, axis, where)
         x, mean, var, scale, bias = _params(self, x, "mean", "var", "scale", "bias")
-        rows, back = _channels_first(x, [a for a in range(x.ndim) if a not in axis], list(axis))
+        batch = [a for a in range(x.ndim) if a not in axis]
+        rows, back = _channels_first(x, batch, list(axis))
         rows = rows.reshape(rows.shape[:2])
         if use_running_average:
             y, _, _ = functional.batch_norm(
@@ -409,6 +440,7 @@ class BatchNorm(_flax_nnx.BatchNorm):
                 axis_name=self.axis_name,
                 axis_index_groups=self.axis_index_groups,
                 impl=self.impl,
+                mask=None if mask is None else _channels_first(mask, batch, list(axis))[0][..., 0],
             )
             m = self.momentum
             stats = self.mean[...].dtype

@@ -899,3 +899,240 @@ def dyt_supported(x, *operands) -> bool:
     rows = [a for a in operands if a is not None and a.shape == x.shape]
     boxes = _boxes((x, *rows), [F32], (1, *x.shape), layout_dtype=F32)
     return _all_supported(x[None], (x, *rows), boxes)
+
+
+# --- per-row valid lengths (padding) ------------------------------------------------------------
+#
+# `row_norm.layer_norm_lengths`' kernels on Mosaic GPU: each row's statistics over its first
+# `lengths` columns (a float32 per row, read from HBM beside the statistics), every column
+# normalized, a row of length 0 its bias; the backward the transpose of the masked tangent.
+# One block per program, one staging slot.
+
+
+def _counted(boxes: m.Boxes, tools, n):
+    """`counted(k)`: the mask of box `k`'s columns inside their row's valid length `n`
+    (float32 per row), and `nonempty()`: the mask of the rows with `n > 0`."""
+    bcast = tools[1]
+    shape = (boxes.block_rows, boxes.cols)
+
+    def counted(k):
+        col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=boxes.layout)
+        return (col + k * boxes.cols).astype(F32) < bcast(n, [0])
+
+    return counted, lambda: bcast(n, [0]) > 0.0
+
+
+def _lengths_stats(load_h, boxes: m.Boxes, center: bool, tools, n):
+    """`(shift, offset, var)` per row over its valid columns: `reference.masked_moments`
+    (each mean a sum of `v / n`, 0 for an empty row)."""
+    bcast = tools[1]
+    counted, _ = _counted(boxes, tools, n)
+    inv = jnp.where(n > 0.0, 1.0 / jnp.maximum(n, 1.0), 0.0)
+    total = functools.partial(row_total, boxes=boxes)
+
+    def valid_h(k):
+        return jnp.where(counted(k), load_h(k), 0.0) * bcast(inv, [0])
+
+    if not center:
+        mean_square = total(lambda k: jnp.square(jnp.where(counted(k), load_h(k), 0.0)))
+        mean_square = mean_square * inv
+        zeros = mean_square * 0.0
+        return zeros, zeros, mean_square
+    shift = total(valid_h)
+
+    def centred(k):
+        return jnp.where(counted(k), load_h(k) - bcast(shift, [0]), 0.0)
+
+    offset = total(lambda k: centred(k) * bcast(inv, [0]))
+    mean_square = total(lambda k: jnp.square(centred(k)) * bcast(inv, [0]))
+    return shift, offset, jnp.maximum(mean_square - offset * offset, 0.0)
+
+
+def _load_rows(ref, group, rows, layout):
+    """A per-row float32 vector of a program's rows, read straight from HBM (padded to whole
+    programs, so in bounds)."""
+    return plgpu.load(ref.at[group, rows], layout=layout.reduce(1), optimized=False)
+
+
+def _lengths_forward_body(*refs, boxes, width, eps, center, has_weight, has_bias):
+    n_params = has_weight + has_bias
+    x_ref, len_ref, *refs = refs
+    param_refs, (y_ref, *stat_refs) = refs[:n_params], refs[n_params : n_params + 4]
+    x_smem, st_smem, x_bars = refs[n_params + 4 :]
+
+    i, group = lax.axis_index("rows"), lax.axis_index("groups")
+    rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
+    tools = _box_tools(boxes, width, i * 0)
+    bcast, layout = tools[1], boxes.layout
+    _copy_in(x_ref, x_smem, x_bars, rows, boxes, tools, group)
+    n = _load_rows(len_ref, group, rows, layout)
+    _, nonempty = _counted(boxes, tools, n)
+    plgpu.barrier_wait(x_bars)
+
+    def load_h(k):
+        return _load(x_smem, k, layout)
+
+    shift, offset, var = _lengths_stats(load_h, boxes, center, tools, n)
+    rstd = reference.inverse_std(var, eps)
+
+    @pl.loop(0, boxes.chunks)
+    def _(k):
+        xhat = ((load_h(k) - bcast(shift, [0])) - bcast(offset, [0])) * bcast(rstd, [0])
+        y = jnp.where(nonempty(), xhat, 0.0)
+        if has_weight:
+            y = y * _param(param_refs[0], k, rows, group, False, boxes, tools)
+        if has_bias:
+            y = y + _param(param_refs[int(has_weight)], k, rows, group, False, boxes, tools)
+        x_smem[k] = y.astype(x_smem.dtype)
+
+    for s, value in enumerate((shift, offset, rstd)):
+        st_smem[s] = value
+    plgpu.commit_smem()
+    _copy_out(x_smem, y_ref, rows, boxes, tools, group)
+    for s, ref in enumerate(stat_refs):
+        plgpu.copy_smem_to_gmem(st_smem.at[s], ref.at[group, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _whole_programs(a, boxes: m.Boxes, rows: int):
+    """Per-row `a` `(groups, rows)` as float32 padded with zeros to whole programs."""
+    programs = -(-max(rows, boxes.block_rows) // boxes.block_rows)
+    return jnp.pad(a.astype(F32), ((0, 0), (0, programs * boxes.block_rows - rows)))
+
+
+def lengths_forward_on(target: Target, x, lengths, weight, bias, *, op: str, eps: float):
+    """`(y, shift, offset, rstd)` as `row_norm._lengths_forward_on`, one Mosaic GPU kernel."""
+    groups, rows, width = x.shape
+    params = [p for p in (weight, bias) if p is not None]
+    params = [p.astype(jnp.result_type(*params)) for p in params]
+    boxes = forward_boxes(x, None, weight, bias)
+    x_p = _pad_rows(x, boxes.block_rows)
+    n = _whole_programs(lengths, boxes, rows)
+    stat = jax.ShapeDtypeStruct(n.shape, F32)
+    box = (boxes.chunks, boxes.block_rows, boxes.cols)
+    scratch = [plgpu.SMEM(box, x.dtype), plgpu.SMEM((3, boxes.block_rows), F32), _barrier(boxes)]
+    body = functools.partial(
+        _lengths_forward_body,
+        boxes=boxes,
+        width=width,
+        eps=eps,
+        center=op.endswith("layer_norm"),
+        has_weight=weight is not None,
+        has_bias=bias is not None,
+    )
+    out_type = [jax.ShapeDtypeStruct(x_p.shape, x.dtype)] + [stat] * 3
+    programs = n.shape[1] // boxes.block_rows
+    name = f"eqxnorm_{op}_lengths_fwd"
+    run = _rows_kernel(body, target, out_type, scratch, programs, groups, name)
+    y, *stats = run(x_p, n, *(_pad_columns(p, boxes) for p in params))
+    return y[:, :rows], *(s[:, :rows] for s in stats)
+
+
+def _lengths_backward_body(*refs, boxes, width, center, has_weight, param_grads, own_dx):
+    x_ref, dy_ref, len_ref, shift_ref, offset_ref, rstd_ref, *refs = refs
+    w_ref = refs.pop(0) if has_weight else None
+    dx_ref = refs.pop(0)
+    partial_ref = refs.pop(0) if param_grads else None
+    x_smem, dy_smem, *refs = refs
+    dx_smem = refs.pop(0) if own_dx else dy_smem
+    x_bars, dy_bars = refs
+
+    i, group = lax.axis_index("rows"), lax.axis_index("groups")
+    rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
+    tools = _box_tools(boxes, width, i * 0)
+    bcast, layout = tools[1], boxes.layout
+    _copy_in(x_ref, x_smem, x_bars, rows, boxes, tools, group)
+    _copy_in(dy_ref, dy_smem, dy_bars, rows, boxes, tools, group)
+    n, shift, offset, rstd = (
+        _load_rows(r, group, rows, layout) for r in (len_ref, shift_ref, offset_ref, rstd_ref)
+    )
+    counted, nonempty = _counted(boxes, tools, n)
+    plgpu.barrier_wait(x_bars)
+    plgpu.barrier_wait(dy_bars)
+
+    def values(k):
+        xhat = ((_load(x_smem, k, layout) - bcast(shift, [0])) - bcast(offset, [0])) * bcast(
+            rstd, [0]
+        )
+        xhat = jnp.where(nonempty(), xhat, 0.0)
+        dy = _load(dy_smem, k, layout)
+        if w_ref is None:
+            return xhat, dy, dy
+        return xhat, dy, dy * _param(w_ref, k, rows, group, False, boxes, tools)
+
+    def sums(k, acc):
+        xhat, _, g = values(k)
+        gx = acc[0] + jnp.sum(g * xhat, axis=1)
+        return (gx, acc[1] + jnp.sum(g, axis=1)) if center else (gx, acc[1])
+
+    zero = shift * 0.0
+    sum_gx, sum_g = lax.fori_loop(0, boxes.chunks, sums, (zero, zero))
+    inv = jnp.where(n > 0.0, 1.0 / jnp.maximum(n, 1.0), 0.0)
+    mean_gx, mean_g = sum_gx * inv, sum_g * inv
+
+    @pl.loop(0, boxes.chunks)
+    def _(k):
+        xhat, dy, g = values(k)
+        correction = bcast(mean_g, [0]) + xhat * bcast(mean_gx, [0])
+        dx = jnp.where(nonempty(), g - jnp.where(counted(k), correction, 0.0), 0.0)
+        dx = dx * bcast(rstd, [0])
+        if param_grads:
+            columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
+            for s, value in enumerate((dy * xhat, dy)):
+                total = jnp.sum(value, axis=0)
+                plgpu.store(partial_ref.at[group, s, i, columns], total, optimized=False)
+        dx_smem[k] = dx.astype(dx_smem.dtype)
+
+    plgpu.commit_smem()
+    _copy_out(dx_smem, dx_ref, rows, boxes, tools, group)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def lengths_backward_on(
+    target: Target, x, lengths, weight, dy, shift, offset, rstd, *, op: str, param_grads: bool
+):
+    """`(dx, dweight, dbias)` as `row_norm._lengths_backward_on`, one Mosaic GPU kernel."""
+    groups, rows, width = x.shape
+    d_dtypes = (jnp.dtype(x.dtype),)
+    boxes = backward_boxes(x, weight, dy, None, d_dtypes)
+    own_dx = _out_buffers(dy, None, d_dtypes)[0] is None
+    x_p, dy_p = (_pad_rows(a, boxes.block_rows) for a in (x, dy))
+    per_row = [_whole_programs(a, boxes, rows) for a in (lengths, shift, offset, rstd)]
+    programs = per_row[0].shape[1] // boxes.block_rows
+    box = (boxes.chunks, boxes.block_rows, boxes.cols)
+    scratch = [plgpu.SMEM(box, x.dtype), plgpu.SMEM(box, dy.dtype)]
+    scratch += [plgpu.SMEM(box, x.dtype)] if own_dx else []
+    scratch += [_barrier(boxes)] * 2
+    out_type = [jax.ShapeDtypeStruct(x_p.shape, x.dtype)]
+    if param_grads:
+        shape = (groups, 2, programs, boxes.chunks * boxes.cols)
+        out_type.append(jax.ShapeDtypeStruct(shape, F32))
+    body = functools.partial(
+        _lengths_backward_body,
+        boxes=boxes,
+        width=width,
+        center=op.endswith("layer_norm"),
+        has_weight=weight is not None,
+        param_grads=param_grads,
+        own_dx=own_dx,
+    )
+    name = f"eqxnorm_{op}_lengths_bwd"
+    run = _rows_kernel(body, target, out_type, scratch, programs, groups, name)
+    weights = [] if weight is None else [_pad_columns(weight, boxes)]
+    dx, *partials = run(x_p, dy_p, *per_row, *weights)
+    if not param_grads:
+        return dx[:, :rows], None, None
+    dw, db = jnp.moveaxis(partials[0].sum(axis=2)[..., :width], 1, 0)
+    return dx[:, :rows], dw, db
+
+
+def lengths_forward_supported(x, lengths, weight, bias) -> bool:
+    """Whether [`lengths_forward_on`][] runs these operands."""
+    del lengths
+    return forward_supported(x, None, weight, bias)
+
+
+def lengths_backward_supported(x, lengths, weight, dy, shift, offset, rstd) -> bool:
+    """Whether [`lengths_backward_on`][] runs these operands."""
+    del lengths
+    return backward_supported((jnp.dtype(x.dtype),), x, weight, dy, None, shift, offset, rstd)

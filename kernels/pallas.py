@@ -18,9 +18,14 @@ These run the reference instead:
 - LayerNorm and RMSNorm with an `axis_name` (features split across devices): their
   statistics need a collective between the reduction and the normalization, which XLA fuses
   around in the reference (one fused reduction, the `pmean`, one fused normalization).
-- a padding `mask` (statistics over some elements only): the kernels do not take one yet;
-  the reference's masked statistics are one fused reduction and one fused normalization,
-  with the mask (or the iota compare of `lengths=`) fused into both.
+- a padding `mask` (statistics over some elements only): the kernels do not take one; the
+  reference's masked statistics are one fused reduction and one fused normalization, with
+  the mask fused into both.
+
+Per-row valid lengths, `lengths=` (an int per row: its first `lengths` columns counted), run
+the LayerNorm and RMSNorm kernels (`row_norm.layer_norm_lengths`: Triton, Mosaic GPU, TPU;
+no extra pass over `x`). The other functions and the float64/empty/`axis_name` cases above
+run the reference with the mask `col < lengths[row]` instead.
 """
 
 import functools
@@ -28,6 +33,7 @@ import inspect
 import types
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 
 from . import batch_norm as _batch_norm, group_norm as _group_norm, reference, row_norm
@@ -40,9 +46,19 @@ def _kernel_or_reference(kernel: Callable, backend: str = "auto") -> Callable:
     # to the reference; the dispatcher keeps the reference's signature either way.
     pools = "axis_name" in inspect.signature(kernel).parameters
 
+    lengths_kernel = _LENGTHS_KERNELS.get(kernel.__name__)
+
     @functools.wraps(kernel)
     def dispatch(x, *args, **kwargs):
         use_reference = jnp.dtype(x.dtype) == jnp.float64 or x.size == 0
+        lengths = kwargs.pop("lengths", None)
+        if lengths is not None:
+            use_reference |= lengths_kernel is None or kwargs.get("axis_name") is not None
+            if not use_reference:
+                kwargs.pop("axis_name", None)
+                kwargs.pop("mask", None)
+                return lengths_kernel(x, lengths, *args, backend=backend, **kwargs)
+            kwargs["mask"] = lengths_mask(x, lengths)
         # No kernel takes a padding mask yet: masked statistics run the reference.
         use_reference |= kwargs.get("mask") is not None
         if not use_reference:
@@ -56,6 +72,18 @@ def _kernel_or_reference(kernel: Callable, backend: str = "auto") -> Callable:
     dispatch.__signature__ = inspect.signature(reference_fn)
     return dispatch
 
+
+def lengths_mask(x, lengths):
+    """The mask `col < lengths[row]` of `x` `(rows, dim)`: what the reference takes for the
+    valid lengths `(rows,)` that the row norm kernels read."""
+    col = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return col < jnp.asarray(lengths).astype(jnp.int32)[..., None]
+
+
+_LENGTHS_KERNELS = {
+    "layer_norm": row_norm.layer_norm_lengths,
+    "rms_norm": row_norm.rms_norm_lengths,
+}
 
 _FUNCTIONS = {
     "layer_norm": row_norm.layer_norm,

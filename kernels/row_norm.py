@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 from jax.experimental import pallas as pl
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from .._checking import typechecked
 from . import _autodiff, _common as c, _row_norm_mosaic_gpu as _mgpu, reference
@@ -435,20 +435,24 @@ def _forward(op: str, eps: float, backend: str):
 
     @forward.def_vmap
     def _(axis_size, in_batched, x, residual, weight, bias):
-        args = (x, residual, weight, bias)
-        if axis_size == 0:
-            return c.empty_batch(forward, in_batched, args)
-        if any(in_batched[2:]):
-            folded = (_into_groups(axis_size, b, a) for b, a in zip(in_batched, args, strict=True))
-            out = tuple(c.unfold(axis_size, o) for o in forward(*folded))
-        else:
-            x, residual = (
-                _into_rows(axis_size, b, a) for b, a in zip(in_batched[:2], args[:2], strict=True)
-            )
-            out = tuple(_from_rows(axis_size, o) for o in forward(x, residual, weight, bias))
-        return out, _all_batched(out)
+        return _fold_forward(forward, axis_size, in_batched, (x, residual, weight, bias))
 
     return forward
+
+
+def _fold_forward(forward, axis_size: int, in_batched, args):
+    """The `custom_vmap` rule of a forward `(x, per_row, weight, bias)` (`per_row` the
+    residual, or the valid lengths): the examples folded into the rows of every group
+    (`x` and `per_row`, as rows) when the parameters are shared, else into the groups."""
+    if axis_size == 0:
+        return c.empty_batch(forward, in_batched, args)
+    if any(in_batched[2:]):
+        folded = (_into_groups(axis_size, b, a) for b, a in zip(in_batched, args, strict=True))
+        out = tuple(c.unfold(axis_size, o) for o in forward(*folded))
+    else:
+        rows = (_into_rows(axis_size, b, a) for b, a in zip(in_batched[:2], args[:2], strict=True))
+        out = tuple(_from_rows(axis_size, o) for o in forward(*rows, *args[2:]))
+    return out, _all_batched(out)
 
 
 @functools.cache
@@ -1645,3 +1649,423 @@ __all__ = [
     "gated_rms_norm",
     "dyt",
 ]
+
+
+# --- per-row valid lengths (padding) ------------------------------------------------------------
+#
+# `lengths` (int32, one per row) counts the first `lengths[r]` columns of row r in its
+# statistics: the reference's masked normalization (`reference.normalize_masked`) for the
+# mask `col < lengths[row]`, read from one int per row instead of a mask array. Every column
+# is normalized (the padding with its row's statistics); a row of length 0 has statistics 0
+# and outputs its bias. The statistics are Chan's combination of the chunks' valid columns
+# (the shift 0: each chunk's partial is centred on its own mean), one chunk for a row that
+# fits a block.
+
+
+def _valid_lengths(config: c.BlockConfig, n: Any, start_col: Any = 0):
+    """The valid-column mask `(block_rows, block_cols)` of rows of valid lengths `n`
+    `(block_rows, 1)` (float32), columns starting at `start_col`."""
+    return c.iota((config.block_rows, config.block_cols), 1, start_col).astype(F32) < n
+
+
+def _lengths_moments(chunk_values, config: c.BlockConfig, center: bool) -> c.Stats:
+    """Row statistics over the valid columns of `config.chunks` chunks, `chunk_values(k) ->
+    (values, valid)` (padding and invalid columns zeroed): the mean as `offset` (`shift`
+    0) and the variance, 0 for a row with no valid column."""
+    zero = jnp.zeros((config.block_rows, 1), F32)
+
+    def partial(k):
+        x, valid = chunk_values(k)
+        if not center:
+            return c.Partial(c.row_sum(valid.astype(F32)), zero, c.row_sum(x * x))
+        return c.chunk_partial(x, valid)
+
+    def combine(a, b):
+        if not center:
+            return c.Partial(a.n + b.n, zero, a.m2 + b.m2)
+        return c.chan_combine(a, b)
+
+    if config.chunks == 1:
+        part = partial(0)
+    else:
+        part = jax.lax.fori_loop(
+            0, config.chunks, lambda k, p: combine(p, partial(k)), c.Partial(zero, zero, zero)
+        )
+    var = part.m2 / jnp.maximum(part.n, 1.0)
+    return c.Stats(zero, part.mean, jnp.maximum(var, 0.0))
+
+
+def _lengths_xhat(h, mask, stats, rstd, n):
+    """`x̂` of a chunk: centred by the row's statistics on the in-bounds `mask`, 0 for a row
+    of no valid column (as the reference normalizes an empty slice)."""
+    return jnp.where(n > 0, c.centred(h, mask, stats) * rstd, 0.0)
+
+
+def _lengths_fwd_kernel(
+    x_ref, len_ref, *refs, target, config, rows, width, eps, center, has_weight, has_bias
+):
+    r"""$y = (x - \mu)\, r\, \gamma + \beta$ for a block of rows, $\mu$ and
+    $r = (\sigma^2 + \varepsilon)^{-1/2}$ over each row's first `lengths` columns; saves
+    shift (0), offset ($\mu$) and $r$ per row."""
+    w_ref, b_ref, y_ref, shift_ref, offset_ref, rstd_ref = c.split_refs(refs, has_weight, has_bias)
+    rows = (pl.program_id(0) * config.block_rows, rows)
+    row_mask = _masks(config, rows, width)[0]
+    n = jnp.minimum(c.load(len_ref, row_mask, target), float(width))
+
+    def chunk_input(k):
+        start = k * config.block_cols
+        _, col_mask, mask = _masks(config, rows, width, start)
+        h = c.load(_view(config, k)(x_ref), mask, target)
+        return h, col_mask, mask, mask & _valid_lengths(config, n, start)
+
+    # One chunk is loaded once, for the statistics and the output.
+    first = chunk_input(0) if config.chunks == 1 else None
+
+    def statistics(k):
+        h, _, _, valid = first or chunk_input(k)
+        return jnp.where(valid, h, 0.0), valid
+
+    stats = _lengths_moments(statistics, config, center)
+    rstd = reference.inverse_std(stats.var, eps)
+
+    def write(k):
+        h, col_mask, mask, _ = first or chunk_input(k)
+        view = _view(config, k)
+        w, b = _params(view(w_ref), view(b_ref), col_mask, target)
+        c.store(view(y_ref), c.affine(_lengths_xhat(h, mask, stats, rstd, n), w, b), mask, target)
+
+    if first is not None:
+        write(0)
+    else:
+        pl.loop(0, config.chunks)(write)
+    for ref, value in ((shift_ref, stats.shift), (offset_ref, stats.offset), (rstd_ref, rstd)):
+        c.store(ref, value, row_mask, target)
+
+
+def _lengths_bwd_kernel(
+    x_ref,
+    dy_ref,
+    len_ref,
+    shift_ref,
+    offset_ref,
+    rstd_ref,
+    *refs,
+    target,
+    config,
+    rows,
+    width,
+    center,
+    has_weight,
+    param_grads,
+):
+    r"""The transpose of the masked tangent: with $g = \partial y \odot \gamma$ and sums
+    over every column (each output depends on the statistics),
+    $\partial x_j = r\left(g_j - [j < n]\,(\sum g + \hat{x}_j \sum g\hat{x})/n\right)$
+    (without $\sum g$ for RMSNorm), 0 for a row with $n = 0$; and the block's float32
+    column sums of $\partial y \odot \hat{x}$ and $\partial y$."""
+    w_ref, dx_ref, *partial_refs = c.split_refs(refs, has_weight)
+    rows = (pl.program_id(0) * config.block_rows, rows)
+    row_mask = _masks(config, rows, width)[0]
+    stats = c.Stats(*(c.load(r, row_mask, target) for r in (shift_ref, offset_ref)), None)
+    rstd = c.load(rstd_ref, row_mask, target)
+    n = jnp.minimum(c.load(len_ref, row_mask, target), float(width))
+    inv_n = jnp.where(n > 0, 1.0 / jnp.maximum(n, 1.0), 0.0)
+    bc = config.block_cols
+
+    def chunk_values(k):
+        _, col_mask, mask = _masks(config, rows, width, k * bc)
+        view = _view(config, k)
+        xhat = _lengths_xhat(c.load(view(x_ref), mask, target), mask, stats, rstd, n)
+        dy = c.load(view(dy_ref), mask, target)
+        g = dy if w_ref is None else dy * c.load(view(w_ref), col_mask, target)
+        return xhat, dy, g, mask, view
+
+    def write(k, sum_gx, sum_g, values=None):
+        xhat, dy, g, mask, view = values or chunk_values(k)
+        valid = mask & _valid_lengths(config, n, k * bc)
+        correction = jnp.where(valid, (sum_g + xhat * sum_gx) * inv_n, 0.0)
+        dx = jnp.where(n > 0, g - correction, 0.0) * rstd
+        c.store(view(dx_ref), dx, mask, target)
+        if param_grads:
+            col_mask = c.iota((1, bc), 1, k * bc) < width
+            dw_ref, db_ref = partial_refs
+            c.store(view(dw_ref), jnp.sum(dy * xhat, axis=0, keepdims=True), col_mask, target)
+            c.store(view(db_ref), jnp.sum(dy, axis=0, keepdims=True), col_mask, target)
+
+    zero = jnp.zeros((config.block_rows, 1), F32)
+
+    def reduce(k, sums, values=None):
+        xhat, _, g, _, _ = values or chunk_values(k)
+        return sums[0] + c.row_sum(g * xhat), sums[1] + (c.row_sum(g) if center else zero)
+
+    if config.chunks == 1:
+        values = chunk_values(0)
+        write(0, *reduce(0, (zero, zero), values), values)
+    else:
+        sums = jax.lax.fori_loop(0, config.chunks, reduce, (zero, zero))
+
+        @pl.loop(0, config.chunks)
+        def _(k):
+            write(k, *sums)
+
+
+def _lengths_forward_on(target: Target, x, lengths, weight, bias, *, op: str, eps: float):
+    """`(y, shift, offset, rstd)` of `x` `(groups, rows, dim)` with valid lengths `(groups,
+    rows)` int32 and per-group parameters `(groups, dim)`, one `pallas_call` on `target`."""
+    groups, rows, width = x.shape
+    launch = _launch(target, x.shape)
+    params = [p.reshape(groups, 1, width) for p in (weight, bias) if p is not None]
+    stat_shape = jax.ShapeDtypeStruct((groups, rows, 1), F32)
+    kernel = functools.partial(
+        _lengths_fwd_kernel,
+        target=target,
+        config=launch.config,
+        rows=rows,
+        width=width,
+        eps=eps,
+        center=_center(op),
+        has_weight=weight is not None,
+        has_bias=bias is not None,
+    )
+    y, shift, offset, rstd = c.pallas_call(
+        kernel,
+        target,
+        launch.config,
+        grid=launch.grid,
+        in_specs=[launch.rows, launch.stats] + [launch.params] * len(params),
+        out_specs=[launch.rows] + [launch.stats] * 3,
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)] + [stat_shape] * 3,
+        name=f"eqxnorm_{op}_lengths_fwd",
+    )(x, lengths[..., None], *params)
+    return y, shift[..., 0], offset[..., 0], rstd[..., 0]
+
+
+def _lengths_backward_on(
+    target: Target, x, lengths, weight, dy, shift, offset, rstd, *, op: str, param_grads: bool
+):
+    """`(dx, dweight, dbias)` of [`_lengths_forward_on`][]'s rows, one `pallas_call` on
+    `target`; `dweight`/`dbias` float32 sums over each group's rows (`None` unless
+    `param_grads`)."""
+    groups, rows, width = x.shape
+    launch = _launch(target, x.shape)
+    optional = [weight.reshape(groups, 1, width)] if weight is not None else []
+    out_specs = [launch.rows]
+    out_shape = [jax.ShapeDtypeStruct(x.shape, c.stored_dtype(target, x.dtype))]
+    if param_grads:
+        out_specs += [launch.partials] * 2
+        out_shape += [jax.ShapeDtypeStruct((groups, launch.grid[0], 1, width), F32)] * 2
+    kernel = functools.partial(
+        _lengths_bwd_kernel,
+        target=target,
+        config=launch.config,
+        rows=rows,
+        width=width,
+        center=_center(op),
+        has_weight=weight is not None,
+        param_grads=param_grads,
+    )
+    stats = (a.reshape(groups, rows, 1) for a in (lengths, shift, offset, rstd))
+    dx, *outs = c.pallas_call(
+        kernel,
+        target,
+        launch.config,
+        grid=launch.grid,
+        in_specs=[launch.rows] * 2 + [launch.stats] * 4 + [launch.params] * len(optional),
+        out_specs=out_specs,
+        out_shape=out_shape,
+        name=f"eqxnorm_{op}_lengths_bwd",
+    )(x, dy, *stats, *optional)
+    dw, db = (p.sum(axis=(1, 2)) for p in outs) if param_grads else (None, None)
+    return dx.astype(x.dtype), dw, db
+
+
+@functools.cache
+def _lengths_forward(op: str, eps: float, backend: str):
+    """`(x, lengths, weight, bias) -> (y, shift, offset, rstd)` on `(groups, rows, dim)`,
+    `lengths` `(groups, rows)` batched like the rows (see [`_forward`][])."""
+
+    @custom_vmap
+    def forward(x, lengths, weight, bias):
+        fn = functools.partial(_lengths_forward_on, op=op, eps=eps)
+        mosaic_gpu = c.MosaicGPU(
+            functools.partial(_mgpu.lengths_forward_on, op=op, eps=eps),
+            _mgpu.lengths_forward_supported,
+        )
+        rule = c.Rule("g r d, g r, g d, g d -> g r d, g r, g r, g r", split="g r")
+        args = (x, lengths, weight, bias)
+        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
+
+    @forward.def_vmap
+    def _(axis_size, in_batched, x, lengths, weight, bias):
+        return _fold_forward(forward, axis_size, in_batched, (x, lengths, weight, bias))
+
+    return forward
+
+
+@functools.cache
+def _lengths_backward(op: str, param_grads: bool, backend: str):
+    """`(x, lengths, weight, dy, shift, offset, rstd) -> (dx, dweight, dbias)` (see
+    [`_lengths_backward_on`][]), batching like [`_backward`][]."""
+
+    @custom_vmap
+    def backward(x, lengths, weight, dy, shift, offset, rstd):
+        fn = functools.partial(_lengths_backward_on, op=op, param_grads=param_grads)
+        mosaic_gpu = c.MosaicGPU(
+            functools.partial(_mgpu.lengths_backward_on, op=op, param_grads=param_grads),
+            _mgpu.lengths_backward_supported,
+        )
+        rule = c.Rule("g r d, g r, g d, g r d, g r, g r, g r -> g r d, g d, g d", "g r")
+        args = (x, lengths, weight, dy, shift, offset, rstd)
+        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
+
+    @backward.def_vmap
+    def _(axis_size, in_batched, *args):
+        if axis_size == 0:
+            return c.empty_batch(backward, in_batched, args)
+        if in_batched[2]:
+            folded = (_into_groups(axis_size, b, a) for b, a in zip(in_batched, args, strict=True))
+            out = tuple(c.unfold(axis_size, o) for o in backward(*folded))
+            return out, _all_batched(out)
+        x, lengths, weight, dy, shift, offset, rstd = args
+        batched = [_batched(axis_size, in_batched[i], args[i]) for i in (0, 1, 3, 4, 5, 6)]
+        rows = [_into_rows(axis_size, True, a) for a in batched]
+        dx, _, _ = _lengths_backward(op, False, backend)(rows[0], rows[1], weight, *rows[2:])
+        out = (_from_rows(axis_size, dx), None, None)
+        if param_grads:
+            x, lengths, dy, shift, offset, rstd = batched
+            valid = (lengths > 0)[..., None]
+            centred = (x.astype(F32) - shift[..., None]) - offset[..., None]
+            xhat = jnp.where(valid, centred * rstd[..., None], 0.0)
+            dy = dy.astype(F32)
+            out = (out[0], jnp.sum(dy * xhat, axis=2), jnp.sum(dy, axis=2))
+        return out, _all_batched(out)
+
+    return backward
+
+
+def _lengths_tangent(center: bool, residuals, tangents):
+    """`(t_y, t_mean, t_var)`: the reference's masked tangent (the JVP of
+    `reference.normalize_masked` for the mask `col < lengths`) on `(groups, rows, dim)`,
+    the statistics' `(groups, rows, 1)`; each tangent may be `None`."""
+    x, lengths, weight, shift, offset, rstd = residuals
+    tx, tw, tb = tangents
+    width = x.shape[-1]
+    n = jnp.minimum(lengths, width)[..., None]
+    valid = jax.lax.broadcasted_iota(jnp.int32, x.shape, 2) < n
+    inv_n = jnp.where(n > 0, 1 / jnp.maximum(n, 1).astype(F32), 0.0)
+    r = rstd[..., None]
+    centred = (x.astype(F32) - shift[..., None]) - offset[..., None]
+    xhat = jnp.where(n > 0, centred * r, 0.0)
+    t_y = jnp.zeros(x.shape, F32)
+    t_mean = t_var = jnp.zeros_like(r)
+    if tx is not None:
+        t = jnp.where(valid, tx.astype(F32), 0.0)
+        mean_xhat_t = jnp.sum(xhat * t, axis=2, keepdims=True) * inv_n
+        t_var = 2 * mean_xhat_t / r
+        p = jnp.where(n > 0, tx.astype(F32), 0.0) - xhat * mean_xhat_t
+        if center:
+            t_mean = jnp.sum(t, axis=2, keepdims=True) * inv_n
+            p = p - t_mean
+        t_y = p * r if weight is None else (p * r) * weight[:, None, :].astype(F32)
+    if tw is not None:
+        t_y = t_y + xhat * tw[:, None, :].astype(F32)
+    if tb is not None:
+        t_y = t_y + tb[:, None, :].astype(F32)
+    return t_y, t_mean, t_var
+
+
+@functools.cache
+def _lengths_norm(op: str, eps: float, backend: str):
+    """The differentiable function `(x, lengths, weight, bias) -> y` on `(groups, rows, dim)`
+    (`lengths` `(groups, rows)` int32, parameters `(groups, dim)` or `None`), as
+    `eqxnorm.kernels._autodiff.norm_with_jvp` builds it for the unmasked norms: the forward
+    kernel with a JVP rule whose tangent of `y` is [`_lengths_tangent`][] in XLA, transposed
+    by the backward kernel."""
+    forward = _lengths_forward(op, eps, backend)
+    center = _center(op)
+
+    def apply(residuals, tangents):
+        x = residuals[0]
+        return _lengths_tangent(center, residuals, tangents)[0].astype(x.dtype)
+
+    def transpose(residuals, dy, like):
+        x, lengths, weight, shift, offset, rstd = residuals
+        like_x, *like_params = like
+        param_grads = any(p is not None for p in like_params)
+        backward = _lengths_backward(op, param_grads, backend)
+        dx, *grads = backward(x, lengths, weight, dy, shift, offset, rstd)
+        return None if like_x is None else dx, *(
+            None if p is None else g for p, g in zip(like_params, grads, strict=True)
+        )
+
+    def rule(primals, tangents):
+        x, lengths, weight, bias = primals
+        y, shift, offset, rstd = outputs(x, lengths, weight, bias)
+        residuals = (x, lengths, weight, shift, offset, rstd)
+        t_y = _autodiff.linear(apply, transpose, apply, residuals, (tangents[0], *tangents[2:]))
+        _, t_mean, t_var = _lengths_tangent(center, residuals, (tangents[0], *tangents[2:]))
+        t_mean, t_var = t_mean[..., 0], t_var[..., 0]
+        t_stats = (jnp.zeros_like(t_mean), t_mean, -0.5 * rstd * rstd * rstd * t_var)
+        return (y, shift, offset, rstd), (t_y, *t_stats)
+
+    outputs = _autodiff.with_jvp(forward, rule)
+    return lambda x, lengths, weight, bias: outputs(x, lengths, weight, bias)[0]
+
+
+def _lengths_row_norm(op: str, x, lengths, weight, bias, eps: float, backend: str):
+    lengths = jnp.clip(jnp.asarray(lengths).astype(jnp.int32), 0, x.shape[-1])
+    norm = _lengths_norm(op, float(eps), backend)
+    return norm(x[None], lengths[None], _one_group(weight), _one_group(bias))[0]
+
+
+@typechecked()
+def layer_norm_lengths(
+    x: Float[Array, "rows dim"],
+    lengths: Int[Array, " rows"],
+    weight: Float[Array, " dim"] | None,
+    bias: Float[Array, " dim"] | None,
+    *,
+    eps: float,
+    backend: str = "auto",
+) -> Float[Array, "rows dim"]:
+    r"""`layer_norm` with each row's statistics over its first `lengths` columns only:
+    `eqxnorm.kernels.reference.layer_norm` with the mask `col < lengths[row]`, read as one
+    int per row. Every column is normalized; a row of length 0 gives its bias.
+
+    **Arguments:**
+
+    - `x`: `(rows, dim)`.
+    - `lengths`: `(rows,)` integers (clipped to `[0, dim]`).
+    - `weight`, `bias`, `eps`, `backend`: as for `layer_norm`.
+
+    **Returns:**
+
+    `(rows, dim)` in `x.dtype`.
+    """
+    return _lengths_row_norm("layer_norm", x, lengths, weight, bias, eps, backend)
+
+
+@typechecked()
+def rms_norm_lengths(
+    x: Float[Array, "rows dim"],
+    lengths: Int[Array, " rows"],
+    weight: Float[Array, " dim"] | None,
+    bias: Float[Array, " dim"] | None,
+    *,
+    eps: float,
+    backend: str = "auto",
+) -> Float[Array, "rows dim"]:
+    r"""`rms_norm` with each row's statistics over its first `lengths` columns only (see
+    `layer_norm_lengths`).
+
+    **Arguments:**
+
+    - `x`: `(rows, dim)`.
+    - `lengths`: `(rows,)` integers (clipped to `[0, dim]`).
+    - `weight`, `bias`, `eps`, `backend`: as for `rms_norm`.
+
+    **Returns:**
+
+    `(rows, dim)` in `x.dtype`.
+    """
+    return _lengths_row_norm("rms_norm", x, lengths, weight, bias, eps, backend)

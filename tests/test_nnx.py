@@ -178,14 +178,49 @@ def test_layer_norm_features_split_over_members_in_groups():
         _close(jnp.moveaxis(y[group], 0, 1).reshape(5, 6), expected)
 
 
+@pytest.mark.parametrize(
+    "case, mask_shape",
+    [
+        ("layer_norm", (3, 4, 6)),
+        ("layer_norm_two_axes", (3, 1, 6)),
+        ("rms_norm", (3, 4, 6)),
+        ("group_norm", (2, 4, 6)),  # Flax reshapes the mask: x's full shape
+        ("batch_norm", (4, 3, 1)),
+    ],
+)
+def test_mask_matches_flax(case, mask_shape):
+    # Flax's `mask=`, broadcast and laid out as x: outputs, gradients, running statistics.
+    ours, theirs, x = _pair(case)
+    mask = np.random.default_rng(3).random(mask_shape) < 0.6
+    mask[(0,) * len(mask_shape)] = True
+    mask[..., 0] = True  # every slice keeps a counted element (Flax gives NaN for none)
+    mask = jnp.asarray(mask)
+
+    @nnx.jit
+    def step(model, x):
+        def loss(model, x):
+            return jnp.sum(jnp.sin(model(x, mask=mask)))
+
+        return nnx.value_and_grad(loss, argnums=(0, 1))(model, x)
+
+    (value, (grads, dx)), (expected, (expected_grads, expected_dx)) = step(ours, x), step(theirs, x)
+    _close(value, expected, 1e-4)
+    _close(dx, expected_dx, 1e-4)
+    for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+        _close(g, e, 1e-4)
+    states = (jax.tree.leaves(nnx.state(m)) for m in (ours, theirs))
+    for s, e in zip(*states, strict=True):
+        _close(s, e)
+
+
 def test_errors():
     with pytest.raises(ValueError, match=r"`impl` must be one of.*impl='cuda'"):
         eqxnorm.nnx.LayerNorm(4, rngs=nnx.Rngs(0), impl="cuda")
     norm = eqxnorm.nnx.GroupNorm(4, num_groups=2, axis_name="d", rngs=nnx.Rngs(0))
     with pytest.raises(NotImplementedError, match="axis_name='d'.*not supported"):
         norm(jnp.ones((2, 3, 4)))
-    with pytest.raises(NotImplementedError, match="`mask=` is not supported"):
-        eqxnorm.nnx.LayerNorm(4, rngs=nnx.Rngs(0))(jnp.ones((2, 4)), mask=jnp.ones((2, 4), bool))
+    with pytest.raises(ValueError, match=r"mask.shape=\(3,\) does not broadcast to x.shape"):
+        eqxnorm.nnx.LayerNorm(4, rngs=nnx.Rngs(0))(jnp.ones((2, 4)), mask=jnp.ones(3, bool))
     with pytest.raises(ValueError, match=r"num_features=4, but x.shape=\(2, 3\) has 3"):
         eqxnorm.nnx.LayerNorm(4, rngs=nnx.Rngs(0))(jnp.ones((2, 3)))
 
