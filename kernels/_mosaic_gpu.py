@@ -112,6 +112,12 @@ def _sm_count() -> int:
     return getattr(gpus[0], "core_count", None) or DEFAULT_SM_COUNT
 
 
+def floor_pow2(n: int) -> int:
+    """The largest power of two up to `n` (0 for 0): rows per block that divide the usual
+    power-of-two row counts, so that no per-row array is padded to whole programs."""
+    return 1 << (n.bit_length() - 1) if n > 0 else 0
+
+
 class Boxes(NamedTuple):
     """How a program stages its rows of `width` elements of `dtype` (see the module
     docstring): `block_rows` rows (0: they do not fit on chip), in `chunks` TMA boxes of
@@ -147,11 +153,11 @@ def boxes(
       channel (no such `cols`: `block_rows` is 0);
     - `chunks = ceil(width / cols)` boxes per row; a warp holds `32 / lanes` rows;
     - `block_rows`: up to `MAX_BLOCK_ROWS` rows (a multiple of the tile's rows), as many as fit
-      in `SMEM_BYTES` (0 if a tile's rows do not), and no more than give every SM `FILL`
-      programs: `ceil(groups × rows / (FILL × SMs))` rounded up to whole tiles (`groups`
-      grids of `rows` rows each). Larger blocks leave SMs idle or alone with one program
-      that waits for its staging (GroupNorm's 512 rows of 4096 elements in blocks of 16 rows
-      would run on 32 of an H200's 132 SMs).
+      in `SMEM_BYTES` (a power of two of tiles; 0 if a tile's rows do not), and no more than
+      give every SM `FILL` programs: `ceil(groups × rows / (FILL × SMs))` rounded up to
+      whole tiles (`groups` grids of `rows` rows each). Larger blocks leave SMs idle or alone
+      with one program that waits for its staging (GroupNorm's 512 rows of 4096 elements in
+      blocks of 16 rows would run on 32 of an H200's 132 SMs).
     - a `block_rows` measured faster on this device (`python -m eqxnorm.tune`) replaces it,
       halved or doubled within what fits (`eqxnorm.kernels._tuning.tuned`).
     """
@@ -165,7 +171,7 @@ def boxes(
     n_chunks = -(-width // cols)
     tile_rows = WARPS * (32 // lanes)
     per_row = n_chunks * cols * staged_bytes_per_element
-    fit = SMEM_BYTES // per_row // tile_rows * tile_rows
+    fit = floor_pow2(SMEM_BYTES // per_row // tile_rows) * tile_rows
     per_sm = -(-rows * groups // (FILL * _sm_count()))
     want = max(tile_rows, min(MAX_BLOCK_ROWS, -(-per_sm // tile_rows) * tile_rows))
     lane_rows = 32 // lanes

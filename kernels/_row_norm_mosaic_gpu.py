@@ -483,7 +483,8 @@ def _stages(boxes: m.Boxes, groups: int, rows: int, row_bytes: int) -> tuple[int
     gives each program at least two blocks; else one slot, `boxes` as given. `row_bytes`:
     the staged bytes of one row."""
     tile = boxes.tile_rows
-    block_rows = min(boxes.block_rows, m.SMEM_BYTES // (2 * row_bytes) // tile * tile)
+    fit = m.floor_pow2(m.SMEM_BYTES // (2 * row_bytes) // tile) * tile
+    block_rows = min(boxes.block_rows, fit)
     if block_rows == 0:
         return 1, boxes
     blocks = -(-max(rows, block_rows) // block_rows)
