@@ -379,6 +379,68 @@ def _group_normalized(x: Array, groups: int, weight, bias, eps: float) -> Array:
     return y.reshape(x.shape).astype(x.dtype)
 
 
+# --- output options: weight offset, output dtype, FP8 output ----------------------------------
+
+FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+
+
+def offset_weight(weight: Array | None, weight_offset: float, dtype) -> Array | None:
+    r"""The scale a norm applies, $\text{offset} + \gamma$, in `dtype` (the statistics'):
+    zero-centred $\gamma$ (Gemma's RMSNorm, "LayerNorm1p", TransformerEngine's
+    `zero_centered_gamma`) stores $\gamma$ around 0 and applies $1 + \gamma$. `weight` itself
+    when the offset is 0, so that plain norms keep their parameters' dtype."""
+    if weight is None or weight_offset == 0:
+        return weight
+    return weight.astype(dtype) + jnp.asarray(weight_offset, dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _scaled_cast(y: Array, scale: Array, dtype) -> Array:
+    fmax = jnp.asarray(jnp.finfo(dtype).max, y.dtype)
+    return jnp.minimum(jnp.maximum(y * scale, -fmax), fmax).astype(dtype)
+
+
+def _scaled_cast_jvp(dtype, primals, tangents):
+    # Straight through the clip and the rounding (the FP8 training convention): the tangent
+    # is the scaled tangent of y, so the backward is the norm's with γ·s and β·s.
+    y, scale = primals
+    return _scaled_cast(y, scale, dtype), (tangents[0] * scale).astype(dtype)
+
+
+_scaled_cast.defjvp(_scaled_cast_jvp)
+
+
+def quantize_fp8(y: Array, scale: Array, dtype) -> tuple[Array, Array]:
+    r"""`(q, amax)`: $q = \mathrm{cast}(\mathrm{clip}(y \cdot s, -m, m))$ with $m$ the largest
+    finite value of the float8 `dtype`, and $\text{amax} = \max|y|$ over every element of
+    the unscaled `y`, a float32 (float64 for float64 `y`) scalar. The clip saturates (as
+    TransformerEngine does, `cast(clip(y·scale))`): a value beyond the range becomes $\pm m$,
+    never NaN or inf; NaN stays NaN; the cast rounds to nearest, ties to even.
+
+    `y` is the norm's output in the statistics' dtype, before any rounding. The derivative
+    is straight-through: $\dot{q} = \mathrm{cast}(\dot{y}\,s)$; `scale` and `amax` carry no
+    gradient (they are the scaling recipe's state, not parameters)."""
+    scale = lax.stop_gradient(jnp.asarray(scale, y.dtype))
+    amax = lax.stop_gradient(jnp.max(jnp.abs(y)))
+    return _scaled_cast(y, scale, jnp.dtype(dtype)), amax
+
+
+def _output(y: Array, dtype, fp8_scale: Array | None):
+    """`y` (the statistics' dtype) as the norm returns it: rounded to `dtype`, or with an
+    `fp8_scale` quantized by [`quantize_fp8`][] to `(q, amax)`."""
+    if fp8_scale is None:
+        return y.astype(dtype)
+    return quantize_fp8(y, fp8_scale, dtype)
+
+
+def _row_norm_options(op, x, weight, bias, eps, axis_name, weight_offset, out_dtype, fp8_scale):
+    """A row norm (`op`: `"layer_norm"` or `"rms_norm"`) with its output options."""
+    weight = offset_weight(weight, weight_offset, compute_dtype(x.dtype))
+    params = _rows_params(x, weight, bias)
+    y = normalize_slices(x, *params, -1, op == "layer_norm", eps, axis_name)[0]
+    return _output(y, x.dtype if out_dtype is None else out_dtype, fp8_scale)
+
+
 @typechecked()
 def layer_norm(
     x: Float[Array, "*rows dim"],
@@ -387,7 +449,10 @@ def layer_norm(
     *,
     eps: float,
     axis_name: AxisName | None = None,
-) -> Float[Array, "*rows dim"]:
+    weight_offset: float = 0.0,
+    out_dtype=None,
+    fp8_scale: Float[Array, ""] | None = None,
+) -> Float[Array, "*rows dim"] | tuple[Float[Array, "*rows dim"], Float[Array, ""]]:
     r"""LayerNorm of each row: $y = \frac{x - \mathbb{E}[x]}{\sqrt{\mathrm{Var}[x] + \varepsilon}}
     \gamma + \beta$, statistics over `dim`.
 
@@ -398,13 +463,18 @@ def layer_norm(
     - `eps`: added to the variance.
     - `axis_name`: a named axis (or names) whose members each hold a slice of the features
         (tensor parallelism): the statistics are over all of them, pooled with `lax.pmean`.
+    - `weight_offset`: the scale applied is `weight_offset + weight` (see [`offset_weight`][]).
+    - `out_dtype`: the dtype of `y` (default `x.dtype`); a float8 dtype with `fp8_scale`.
+    - `fp8_scale`: a scalar: `y` is quantized to the float8 `out_dtype` by
+        [`quantize_fp8`][], and the amax of the unscaled output returned beside it.
 
     **Returns:**
 
-    `(*rows, dim)` in `x.dtype`.
+    `(*rows, dim)` in `out_dtype`; with `fp8_scale`, `(y, amax)`.
     """
-    y = normalize_slices(x, *_rows_params(x, weight, bias), -1, True, eps, axis_name)[0]
-    return y.astype(x.dtype)
+    return _row_norm_options(
+        "layer_norm", x, weight, bias, eps, axis_name, weight_offset, out_dtype, fp8_scale
+    )
 
 
 @typechecked()
@@ -415,7 +485,10 @@ def rms_norm(
     *,
     eps: float,
     axis_name: AxisName | None = None,
-) -> Float[Array, "*rows dim"]:
+    weight_offset: float = 0.0,
+    out_dtype=None,
+    fp8_scale: Float[Array, ""] | None = None,
+) -> Float[Array, "*rows dim"] | tuple[Float[Array, "*rows dim"], Float[Array, ""]]:
     r"""RMSNorm of each row: $y = \frac{x}{\sqrt{\frac{1}{n}\sum_i x_i^2 + \varepsilon}}\gamma
     + \beta$, statistics over `dim`.
 
@@ -424,14 +497,15 @@ def rms_norm(
     - `x`: `(*rows, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
-    - `axis_name`: as for [`layer_norm`][].
+    - `axis_name`, `weight_offset`, `out_dtype`, `fp8_scale`: as for [`layer_norm`][].
 
     **Returns:**
 
-    `(*rows, dim)` in `x.dtype`.
+    `(*rows, dim)` in `out_dtype`; with `fp8_scale`, `(y, amax)`.
     """
-    y = normalize_slices(x, *_rows_params(x, weight, bias), -1, False, eps, axis_name)[0]
-    return y.astype(x.dtype)
+    return _row_norm_options(
+        "rms_norm", x, weight, bias, eps, axis_name, weight_offset, out_dtype, fp8_scale
+    )
 
 
 @typechecked()
@@ -537,10 +611,13 @@ def _added(x: Array, residual: Array) -> Array:
     return (x.astype(cdt) + residual.astype(cdt)).astype(residual.dtype)
 
 
-def _add_row_norm(x, residual, weight, bias, eps, center):
+def _add_row_norm(x, residual, weight, bias, eps, center, options=(0.0, None, None)):
     h = _added(x, residual)
+    weight_offset, out_dtype, fp8_scale = options
+    weight = offset_weight(weight, weight_offset, compute_dtype(h.dtype))
     y = normalize_slices(h, *_rows_params(h, weight, bias), -1, center, eps, None)[0]
-    return y.astype(x.dtype), h
+    out = _output(y, x.dtype if out_dtype is None else out_dtype, fp8_scale)
+    return (out[0], h, out[1]) if fp8_scale is not None else (out, h)
 
 
 @typechecked()
@@ -551,7 +628,13 @@ def add_layer_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
-) -> tuple[Float[Array, "*rows dim"], Float[Array, "*rows dim"]]:
+    weight_offset: float = 0.0,
+    out_dtype=None,
+    fp8_scale: Float[Array, ""] | None = None,
+) -> (
+    tuple[Float[Array, "*rows dim"], Float[Array, "*rows dim"]]
+    | tuple[Float[Array, "*rows dim"], Float[Array, "*rows dim"], Float[Array, ""]]
+):
     r"""Residual add then LayerNorm, as in a pre-norm transformer block:
 
     $$h = x + r, \qquad y = \frac{h - \mathbb{E}[h]}{\sqrt{\mathrm{Var}[h] + \varepsilon}}
@@ -564,14 +647,18 @@ def add_layer_norm(
         `x`, e.g. float32 under bfloat16 activations).
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the variance.
+    - `weight_offset`, `out_dtype`, `fp8_scale`: as for [`layer_norm`][]; `out_dtype` is `y`'s
+        alone (`h` stays in `residual.dtype`).
 
     **Returns:**
 
-    `(y, h)`: `y` `(*rows, dim)` in `x.dtype`; `h` `(*rows, dim)`, the new residual stream, summed
-    in float32 and stored in `residual.dtype`. `y` is the norm of `h` as stored, so the pair
-    equals the unfused sequence exactly.
+    `(y, h)`: `y` `(*rows, dim)` in `out_dtype` (default `x.dtype`); `h` `(*rows, dim)`, the new
+    residual stream, summed in float32 and stored in `residual.dtype`. `y` is the norm of `h`
+    as stored, so the pair equals the unfused sequence exactly. With `fp8_scale`,
+    `(y, h, amax)`.
     """
-    return _add_row_norm(x, residual, weight, bias, eps, center=True)
+    options = (weight_offset, out_dtype, fp8_scale)
+    return _add_row_norm(x, residual, weight, bias, eps, center=True, options=options)
 
 
 @typechecked()
@@ -582,7 +669,13 @@ def add_rms_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
-) -> tuple[Float[Array, "*rows dim"], Float[Array, "*rows dim"]]:
+    weight_offset: float = 0.0,
+    out_dtype=None,
+    fp8_scale: Float[Array, ""] | None = None,
+) -> (
+    tuple[Float[Array, "*rows dim"], Float[Array, "*rows dim"]]
+    | tuple[Float[Array, "*rows dim"], Float[Array, "*rows dim"], Float[Array, ""]]
+):
     r"""Residual add then RMSNorm: $h = x + r$, $y = h / \sqrt{\overline{h^2} + \varepsilon}
     \cdot \gamma + \beta$.
 
@@ -592,12 +685,15 @@ def add_rms_norm(
     - `residual`: `(*rows, dim)`, the residual stream.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
+    - `weight_offset`, `out_dtype`, `fp8_scale`: as for [`add_layer_norm`][].
 
     **Returns:**
 
-    `(y, h)` as for [`add_layer_norm`][]: `y` in `x.dtype`, `h` in `residual.dtype`.
+    `(y, h)` as for [`add_layer_norm`][]: `y` in `out_dtype`, `h` in `residual.dtype`; with
+    `fp8_scale`, `(y, h, amax)`.
     """
-    return _add_row_norm(x, residual, weight, bias, eps, center=False)
+    options = (weight_offset, out_dtype, fp8_scale)
+    return _add_row_norm(x, residual, weight, bias, eps, center=False, options=options)
 
 
 def modulation(
@@ -616,12 +712,14 @@ def modulation(
     return w, b
 
 
-def _adaptive_row_norm(x, scale, shift, weight, bias, eps, center):
-    w, b = modulation(scale, shift, weight, bias, compute_dtype(x.dtype))
+def _adaptive_row_norm(x, scale, shift, weight, bias, eps, center, options=(0.0, None)):
+    weight_offset, out_dtype = options
+    cdt = compute_dtype(x.dtype)
+    w, b = modulation(scale, shift, offset_weight(weight, weight_offset, cdt), bias, cdt)
     # The rows between the groups and the features share their group's parameters.
     w, b = (p.reshape(*p.shape[:-1], *(1,) * (x.ndim - p.ndim), p.shape[-1]) for p in (w, b))
     y = normalize_slices(x, w, b, -1, center, eps, None)[0]
-    return y.astype(x.dtype)
+    return y.astype(x.dtype if out_dtype is None else out_dtype)
 
 
 @typechecked()
@@ -633,6 +731,8 @@ def adaptive_layer_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    weight_offset: float = 0.0,
+    out_dtype=None,
 ) -> Float[Array, "*groups_and_rows dim"]:
     r"""Adaptive LayerNorm (adaLN, FiLM): LayerNorm of each row, then a per-group modulation,
 
@@ -648,12 +748,15 @@ def adaptive_layer_norm(
     - `scale`, `shift`: `(*groups, dim)`, $s$ and $t$.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the variance.
+    - `weight_offset`: $\gamma$ above is `weight_offset + weight` (see [`offset_weight`][]).
+    - `out_dtype`: the dtype of `y` (default `x.dtype`).
 
     **Returns:**
 
-    `(*groups, *rows, dim)` in `x.dtype`.
+    `(*groups, *rows, dim)` in `out_dtype`.
     """
-    return _adaptive_row_norm(x, scale, shift, weight, bias, eps, center=True)
+    options = (weight_offset, out_dtype)
+    return _adaptive_row_norm(x, scale, shift, weight, bias, eps, center=True, options=options)
 
 
 @typechecked()
@@ -665,6 +768,8 @@ def adaptive_rms_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    weight_offset: float = 0.0,
+    out_dtype=None,
 ) -> Float[Array, "*groups_and_rows dim"]:
     r"""Adaptive RMSNorm: $y = (\hat{x}\gamma + \beta)(1 + s_g) + t_g$ with
     $\hat{x} = x / \sqrt{\overline{x^2} + \varepsilon}$.
@@ -675,12 +780,14 @@ def adaptive_rms_norm(
     - `scale`, `shift`: `(*groups, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
+    - `weight_offset`, `out_dtype`: as for [`adaptive_layer_norm`][].
 
     **Returns:**
 
-    `(*groups, *rows, dim)` in `x.dtype`.
+    `(*groups, *rows, dim)` in `out_dtype`.
     """
-    return _adaptive_row_norm(x, scale, shift, weight, bias, eps, center=False)
+    options = (weight_offset, out_dtype)
+    return _adaptive_row_norm(x, scale, shift, weight, bias, eps, center=False, options=options)
 
 
 @typechecked()
@@ -727,6 +834,8 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "modulation",
+    "offset_weight",
+    "quantize_fp8",
     "adaptive_layer_norm",
     "adaptive_rms_norm",
     "adaptive_group_norm",
