@@ -94,7 +94,7 @@ class _AdaptiveRowNorm(eqx.Module):
         - `zero_init`: start the projection at zero, so the layer starts as the plain norm
             (DiT's adaLN-Zero); otherwise `eqx.nn.Linear`'s initialisation.
         - `impl`: `"auto"`, `"pallas"` or `"reference"`; see `eqxnorm.functional`.
-        - `weight_offset`: $\gamma$ is `weight_offset + weight`, the weight starting at
+        - `weight_offset`: $\\gamma$ is `weight_offset + weight`, the weight starting at
             `1 - weight_offset` (see [`eqxnorm.LayerNorm`][]).
         - `out_dtype`: the output's dtype (default: the input's); not a float8 one.
         - `key`: a `jax.random.PRNGKey` for the projection's initialisation.
