@@ -281,7 +281,9 @@ def forward_boxes(x, residual, weight, bias, scale=None, out_dtype=None) -> m.Bo
     """The staging of the forward: `x` (and `residual`, and `y` when `out_dtype` differs
     from `x`'s) per row."""
     more = [] if _same_dtype(x, out_dtype) else [jnp.dtype(out_dtype)]
-    return _boxes((x, residual), (weight, bias, scale), x.shape, more)
+    # With a (float32) FP8 scale the parameters are read in float32 (see `forward_on`).
+    params = (weight, bias) if scale is None else (scale,)
+    return _boxes((x, residual), params, x.shape, more)
 
 
 def _same_dtype(x, out_dtype) -> bool:
@@ -315,8 +317,9 @@ def forward_on(
     """`(y, h, shift, offset, rstd)` as `row_norm._forward_on` (and the rows' amax with a
     FP8 `scale`), with one Mosaic GPU kernel."""
     params = [p for p in (weight, bias, scale) if p is not None]
-    # The parameters in their common dtype, read in one layout.
-    params = [p.astype(jnp.result_type(*params)) for p in params]
+    # The parameters in their common dtype (float32 with a scale), read in one layout.
+    dtype = F32 if scale is not None else jnp.result_type(*params)
+    params = [p.astype(dtype) for p in params]
     boxes = forward_boxes(x, residual, weight, bias, scale, out_dtype)
     flags = dict(has_weight=weight is not None, has_bias=bias is not None)
     if scale is not None or not _same_dtype(x, out_dtype):
