@@ -11,7 +11,7 @@ anything `np.asarray` accepts (PyTorch tensors included, converted with
 | `LayerNorm(shape, use_bias=False)` | `LayerNorm(shape, bias=False)`   | `weight`             |
 | `LayerNorm(shape, False, False)` | `LayerNorm(shape, elementwise_affine=False)` | none       |
 | `RMSNorm(shape, use_bias=False)` | `RMSNorm(shape, eps=1e-5)`         | `weight` (never a bias) |
-| `RMSNorm(dim, eps=1e-6, use_bias=False, weight_offset=1.0)` | Hugging Face `GemmaRMSNorm(dim)` | `weight` (zero-centred) |
+| `RMSNorm(dim, 1e-6, use_bias=False, weight_offset=1.0)` | HF `GemmaRMSNorm(dim)` | `weight` |
 | `GroupNorm(groups, channels)`    | `GroupNorm(groups, channels)`      | `weight`, `bias`     |
 | `InstanceNorm(C, channelwise_affine=True)` | `InstanceNorm2d(C, affine=True)` | `weight`, `bias` |
 
