@@ -85,6 +85,8 @@ def test_training_step_compiles_cleanly_for_h200(op):
 MOSAIC_GPU_SHAPES = {
     "row": deviceless.ROW_SHAPES[:2],
     "adaptive_layer_norm": deviceless.ROW_SHAPES[1:2],
+    # Not 37x760: an FP8 row of 760 bytes is not a multiple of 16, so TMA cannot store it.
+    "rms_norm_fp8": deviceless.ROW_SHAPES[1:2],
     "channel": deviceless.CHANNEL_SHAPES[1:],
 }
 
