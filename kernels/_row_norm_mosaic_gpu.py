@@ -202,11 +202,9 @@ def _forward_body(
         if not has_scale:
             y_smem[k] = y.astype(y_smem.dtype)
             return None
-        # FP8: `row_norm._quantized`'s saturating clip, and the row's max |y| over its columns.
-        fmax = float(jnp.finfo(y_smem.dtype).max)
-        y_smem[k] = jnp.minimum(jnp.maximum(y * param(n_params - 1, k), -fmax), fmax).astype(
-            y_smem.dtype
-        )
+        # FP8: the reference's saturating clip, and the row's max |y| over its columns.
+        scaled = reference.saturated(y, param(n_params - 1, k), y_smem.dtype)
+        y_smem[k] = scaled.astype(y_smem.dtype)
         return jnp.max(jnp.abs(_masked(y, tools[2](k))), axis=1)
 
     stats = [shift, offset, rstd]

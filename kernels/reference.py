@@ -394,10 +394,16 @@ def offset_weight(weight: Array | None, weight_offset: float, dtype) -> Array | 
     return weight.astype(dtype) + jnp.asarray(weight_offset, dtype)
 
 
+def saturated(y: Array, scale: Array, dtype) -> Array:
+    """`clip(y · scale, ±max)` in `y`'s dtype, `max` the largest finite value of the float8
+    `dtype`: the FP8 output before its cast (the kernels' too)."""
+    fmax = float(jnp.finfo(dtype).max)
+    return jnp.minimum(jnp.maximum(y * scale, -fmax), fmax)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _scaled_cast(y: Array, scale: Array, dtype) -> Array:
-    fmax = jnp.asarray(jnp.finfo(dtype).max, y.dtype)
-    return jnp.minimum(jnp.maximum(y * scale, -fmax), fmax).astype(dtype)
+    return saturated(y, scale, dtype).astype(dtype)
 
 
 def _scaled_cast_jvp(dtype, primals, tangents):

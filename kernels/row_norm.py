@@ -174,9 +174,8 @@ def _quantized(y, scale, mask, dtype):
     """`(clip(y · scale), max |y| per row)` of a block of float32 outputs `y` for a float8
     `dtype`: `eqxnorm.kernels.reference.quantize_fp8`'s saturating clip (the store rounds to
     nearest even), and the row's amax over its valid columns."""
-    fmax = float(jnp.finfo(dtype).max)
     amax = jnp.max(jnp.where(mask, jnp.abs(y), 0.0), axis=1, keepdims=True)
-    return jnp.minimum(jnp.maximum(y * scale, -fmax), fmax), amax
+    return reference.saturated(y, scale, dtype), amax
 
 
 def _chunked_moments(chunk_values, config, width, center) -> c.Stats:
@@ -545,16 +544,21 @@ def _grouped_norm(op: str, eps: float, backend: str, out_dtype=None):
         y, _, *stats = forward(x, None, weight, bias)
         return y, *stats
 
-    def norm_backward(param_grads):
-        def run(x, weight, dy, *stats):
-            backward = _backward(op, param_grads, (jnp.dtype(x.dtype),), backend)
-            dx, _, dw, db = backward(x, weight, dy, None, *stats)
-            return dx, dw, db
-
-        return run
-
     layout = _ROWS[_center(op)]
-    return _autodiff.norm_with_jvp(norm_forward, norm_backward, _same, layout, out_dtype)
+    backward = functools.partial(_norm_backward, op, backend)
+    return _autodiff.norm_with_jvp(norm_forward, backward, _same, layout, out_dtype)
+
+
+def _norm_backward(op: str, backend: str, param_grads: bool):
+    """`(x, weight, dy, *stats) -> (dx, dweight, dbias)`: the backward kernel of a row norm
+    without a residual (see `eqxnorm.kernels._autodiff.norm_with_jvp`)."""
+
+    def run(x, weight, dy, *stats):
+        backward = _backward(op, param_grads, (jnp.dtype(x.dtype),), backend)
+        dx, _, dw, db = backward(x, weight, dy, None, *stats)
+        return dx, dw, db
+
+    return run
 
 
 def _same(grad):
@@ -587,14 +591,7 @@ def _grouped_norm_fp8(op: str, eps: float, backend: str, out_dtype):
     forward = _forward(op, eps, backend, out_dtype, fp8=True)
     layout = _ROWS[_center(op)]
 
-    def backward(param_grads):
-        def run(x, weight, dy, *stats):
-            kernel = _backward(op, param_grads, (jnp.dtype(x.dtype),), backend)
-            dx, _, dw, db = kernel(x, weight, dy, None, *stats)
-            return dx, dw, db
-
-        return run
-
+    backward = functools.partial(_norm_backward, op, backend)
     apply, transpose = _autodiff.norm_map(backward, _same, layout, out_dtype)
 
     def rule(primals, tangents):
