@@ -260,7 +260,7 @@ def layer_norm(
     **Returns:**
 
     An array of `x`'s shape in `out_dtype` (default `x.dtype`); with `fp8_scale`, `(y, amax)`,
-    `amax` a float32 scalar.
+    `amax` a scalar in the statistics' dtype (float32; float64 for float64 input).
 
     **Raises:**
 

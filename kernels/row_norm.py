@@ -23,6 +23,15 @@ Layers, from the bottom up:
 5. `layer_norm`, `rms_norm`, `add_layer_norm`, `add_rms_norm`, `adaptive_layer_norm`,
    `adaptive_rms_norm`: the entry points, with the reference's signatures.
 
+**Output options.** `weight_offset` is added to the weight in float32 before the kernel (a
+`(dim,)` operation; the weight's gradient is the offset weight's). `out_dtype` is the dtype
+`y` is stored in (the backward reads its cotangent in it). With `fp8_scale` the forward
+kernel stores `clip(y · scale)` in a float8 `y` (`eqxnorm.kernels.reference.saturated`, the
+store rounding to nearest even) and each row's `max |y|` beside the statistics, reduced to
+the amax by XLA (one float32 per row); its derivative, straight through the clip, is the
+plain norm's with `γ·s` and `β·s` (`_fp8_linearization`), so the same backward kernel runs,
+reading the float8 cotangent.
+
 **Forward.** One pass over HBM when the padded row fits a block (see
 `eqxnorm.kernels._common.block_config`): read `x` once, write `y` once, and save the mean
 (as `shift + offset`) and `rstd` in float32, one value each per row. Wider rows are read in
@@ -767,14 +776,15 @@ def layer_norm(
     - `x`: `(rows, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the variance.
-    - `weight_offset`, `out_dtype`: as for the reference (the offset added to `weight` in
-      float32 before the kernel, `y` stored in `out_dtype`).
+    - `weight_offset`, `out_dtype`, `fp8_scale`: as for the reference (the offset added to
+      `weight` in float32 before the kernel, `y` stored in `out_dtype`; with `fp8_scale`, the
+      FP8 output and its amax from the same kernel).
     - `backend`: the GPU kernels, `"auto"`, `"triton"` or `"mosaic_gpu"` (see
       `eqxnorm.kernels._common.per_platform`).
 
     **Returns:**
 
-    `(rows, dim)` in `x.dtype`.
+    `(rows, dim)` in `out_dtype` (default `x.dtype`); with `fp8_scale`, `(y, amax)`.
     """
     options = (weight_offset, out_dtype, fp8_scale)
     return _row_norm("layer_norm", x, weight, bias, eps, backend, options)
@@ -806,7 +816,7 @@ def rms_norm(
 
     **Returns:**
 
-    `(rows, dim)` in `x.dtype`.
+    `(rows, dim)` in `out_dtype` (default `x.dtype`); with `fp8_scale`, `(y, amax)`.
     """
     options = (weight_offset, out_dtype, fp8_scale)
     return _row_norm("rms_norm", x, weight, bias, eps, backend, options)
@@ -846,9 +856,9 @@ def add_layer_norm(
 
     **Returns:**
 
-    `(y, h)`: `y` `(rows, dim)` in `x.dtype`, the norm of `h` as stored; `h` `(rows, dim)`,
-    summed in float32 and stored in `residual.dtype` (a float64 residual runs the reference,
-    which sums in float64).
+    `(y, h)`: `y` `(rows, dim)` in `out_dtype` (default `x.dtype`), the norm of `h` as
+    stored; `h` `(rows, dim)`, summed in float32 and stored in `residual.dtype` (a float64
+    residual runs the reference, which sums in float64); with `fp8_scale`, `(y, h, amax)`.
     """
     options = (weight_offset, out_dtype, fp8_scale)
     return _add_row_norm("add_layer_norm", x, residual, weight, bias, eps, backend, options)
@@ -885,7 +895,8 @@ def add_rms_norm(
 
     **Returns:**
 
-    `(y, h)` as for [`add_layer_norm`][]: `y` in `x.dtype`, `h` in `residual.dtype`.
+    `(y, h)` as for [`add_layer_norm`][]: `y` in `out_dtype`, `h` in `residual.dtype`; with
+    `fp8_scale`, `(y, h, amax)`.
     """
     options = (weight_offset, out_dtype, fp8_scale)
     return _add_row_norm("add_rms_norm", x, residual, weight, bias, eps, backend, options)
@@ -922,7 +933,7 @@ def adaptive_layer_norm(
 
     **Returns:**
 
-    `(groups, rows, dim)` in `x.dtype`.
+    `(groups, rows, dim)` in `out_dtype` (default `x.dtype`).
     """
     options = (weight_offset, out_dtype)
     return _adaptive_row_norm(
@@ -959,7 +970,7 @@ def adaptive_rms_norm(
 
     **Returns:**
 
-    `(groups, rows, dim)` in `x.dtype`.
+    `(groups, rows, dim)` in `out_dtype` (default `x.dtype`).
     """
     options = (weight_offset, out_dtype)
     return _adaptive_row_norm(
