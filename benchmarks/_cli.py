@@ -158,6 +158,16 @@ def parser() -> argparse.ArgumentParser:
         help="training-step blocks to time against eqx.nn and Flax NNX: transformer, conv, or "
         "none (default: both, unless --ops is given)",
     )
+    p.add_argument(
+        "--deviceless",
+        metavar="DIR",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="deviceless tables (python -m benchmarks.deviceless --out DIR) on which the "
+        "summary judges issue 17's static targets by the deviceless check's verdicts: "
+        "bytes per training step, launches, spills, single reads, occupancy",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument(
         "--list", action="store_true", help="list the ops, contenders and suites, then exit"
@@ -325,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     auto = resolve_impl("auto")
     results = _report.evaluate_targets(rows, backend, auto)
+    results += _report.static_targets(_report.load_deviceless(args.deviceless))
     plots = [] if args.no_plots else _plots.plot(rows, out)
     document = {
         "command": " ".join(["python -m benchmarks", *map(shlex.quote, argv)]),

@@ -590,6 +590,44 @@ def _check_liger() -> str | None:
     return None
 
 
+# --- tokamax ------------------------------------------------------------------------------------
+
+
+def tokamax_build(problem: Problem) -> JaxCase:
+    """tokamax's `layer_norm` (`subtract_mean=False` for RMSNorm) with its Triton kernel
+    (GPU only); the fused ops as the sequence around it."""
+    tokamax = importlib.import_module("tokamax")
+    op = problem.op
+    name = op.base or op.name
+    if name not in ("layer_norm", "rms_norm") or op.name == "adaptive_layer_norm":
+        raise Skip(f"tokamax has no {op.name}")
+
+    def norm(a, x):
+        bias = a.get("bias") if name == "layer_norm" else None
+        return tokamax.layer_norm(
+            x,
+            a.get("weight"),
+            bias,
+            epsilon=EPS,
+            subtract_mean=name == "layer_norm",
+            implementation="triton",
+        )
+
+    args, cts = _jax_arrays(problem)
+    note = _composed_note(op, "tokamax.layer_norm") or "tokamax.layer_norm(implementation='triton')"
+    return JaxCase(_sequence(op, norm), args, cts, note)
+
+
+def _check_tokamax() -> str | None:
+    if jax.default_backend() != "gpu":
+        return "tokamax's normalization kernel is Triton: GPU only"
+    try:
+        importlib.import_module("tokamax")
+    except ImportError:
+        return "tokamax is not installed (pip install tokamax)"
+    return None
+
+
 def _check_flax() -> str | None:
     try:
         importlib.import_module("flax.nnx")
@@ -646,6 +684,13 @@ CONTENDERS: dict[str, Contender] = {
             _check_torch_compile,
         ),
         Contender("liger", "torch", "Liger-Kernel (Triton, GPU only)", liger_build, _check_liger),
+        Contender(
+            "tokamax",
+            "jax",
+            "tokamax.layer_norm, its Triton kernel (GPU only)",
+            tokamax_build,
+            _check_tokamax,
+        ),
         Contender("copy", "copy", "a device copy of the same bytes: the roofline"),
     )
 }
@@ -658,6 +703,7 @@ CPU_OPT_IN = {
     "torch.compile": "inductor's cold C++ compiles cost about 5 s per case on a 2-core CPU, "
     "more than the rest of the quick run",
     "liger": "Liger-Kernel runs on CUDA GPUs only",
+    "tokamax": "tokamax's normalization kernel is Triton: GPU only",
 }
 
 

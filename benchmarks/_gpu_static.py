@@ -27,6 +27,7 @@ LLVM can abort the process on a bad kernel: run each case in a subprocess
 (`benchmarks.deviceless` does).
 """
 
+import contextlib
 import dataclasses
 import glob
 import math
@@ -855,21 +856,82 @@ def _hlo_shape_bytes(shape: str) -> int:
     return total
 
 
+_HLO_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = (\([^)]*\)|\S+) ([\w-]+)\((.*?)\)(?:, |$)")
+# The DRAM sector: the least a strided read moves per element.
+SECTOR_BYTES = 32
+
+
+def _operand_names(operands: str) -> list[str]:
+    return [re.sub(r"/\*.*?\*/", "", o).strip().lstrip("%") for o in operands.split(",")]
+
+
+def _sliced_parameter_bytes(body: list[str]) -> dict[int, int]:
+    """For a fused computation's lines, `{parameter number: bytes}` of each parameter read only
+    through `slice`s (possibly after bitcasts): what those slices read, each contiguous run of
+    its last dimension rounded up to a DRAM sector (a `[0:1]` slice per row of `x` reads one
+    sector per row, not `x`)."""
+    parsed = [m.groups() for m in map(_HLO_INSTRUCTION.match, body) if m]
+    uses: dict[str, list[tuple[str, str, str]]] = {}
+    params: dict[str, int] = {}
+    for name, shape, opcode, operands in parsed:
+        if opcode == "parameter":
+            params[name] = int(operands)
+        for operand in _operand_names(operands):
+            uses.setdefault(operand, []).append((name, shape, opcode))
+
+    def read(name: str) -> int | None:
+        total = 0
+        for user, shape, opcode in uses.get(name, []):
+            if opcode == "bitcast":
+                more = read(user)
+                if more is None:
+                    return None
+                total += more
+            elif opcode == "slice":
+                dt, dims = re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape)[0]
+                dims = [int(d) for d in dims.split(",") if d] or [1]
+                run = dims[-1] * _HLO_BYTES.get(dt, 4)
+                total += int(np.prod(dims[:-1])) * -(-run // SECTOR_BYTES) * SECTOR_BYTES
+            else:
+                return None
+        return total
+
+    found = {number: read(name) for name, number in params.items() if name in uses}
+    return {number: b for number, b in found.items() if b is not None}
+
+
 def hlo_launch_bytes(hlo_text: str) -> list[tuple[str, str, int]]:
     """(instruction, kind, operand + result bytes) of every kernel-launching instruction (fusion,
     custom-call) of the ENTRY computation of an optimised HLO module: the traffic each would move
-    reading each operand once and writing its result once."""
+    reading each operand once and writing its result once; a fusion's operand that it only
+    slices counts what the slices read ([`_sliced_parameter_bytes`][])."""
+    computations: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"(?:ENTRY )?%(\S+) \(", line)
+        if header and line.rstrip().endswith("{"):
+            current = computations.setdefault(header.group(1), [])
+        elif current is not None:
+            current.append(line)
     entry = hlo_text[hlo_text.index("\nENTRY ") :] if "\nENTRY " in hlo_text else hlo_text
     shapes, launches = {}, []
     for line in entry.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\([^)]*\)|\S+) ([\w-]+)\((.*?)\)(?:, |$)", line)
+        m = _HLO_INSTRUCTION.match(line)
         if not m:
             continue
         name, shape, opcode, operands = m.groups()
         shapes[name] = _hlo_shape_bytes(shape)
         if opcode in ("fusion", "custom-call"):
-            names = [re.sub(r"/\*.*?\*/", "", o).strip().lstrip("%") for o in operands.split(",")]
-            ins = sum(shapes.get(n, 0) for n in names if n)
+            names = _operand_names(operands)
+            called = re.search(r"calls=%([\w.\-]+)", line)
+            sliced = {}
+            if opcode == "fusion" and called and called.group(1) in computations:
+                sliced = _sliced_parameter_bytes(computations[called.group(1)])
+            ins = sum(
+                min(sliced.get(i, shapes.get(n, 0)), shapes.get(n, 0))
+                for i, n in enumerate(names)
+                if n
+            )
             kind = "triton" if "__gpu$xla.gpu.triton" in line else opcode
             launches.append((name, kind, ins + shapes[name]))
     return launches
@@ -983,12 +1045,35 @@ def _ptxas_info(text: str) -> list[dict[str, Any]]:
     return out
 
 
+@contextlib.contextmanager
+def _mosaic_gpu_launches(record: dict[str, dict]):
+    """Record, for each Mosaic GPU kernel lowered meanwhile, its launch by kernel name: `grid`
+    and `smem_bytes`, the dynamic shared memory of a block (its scratch buffers and barriers,
+    which ptxas does not see), from Mosaic GPU's own lowering (`_lower_as_gpu_kernel`, the
+    function that builds the launch, whose arguments are as of jax 0.12)."""
+    from jax.experimental.mosaic.gpu import core
+
+    original = core._lower_as_gpu_kernel
+
+    def lower(*args, **kwargs):
+        smem = core._smem_tree_size(kwargs["smem_scratch_shape"])
+        grid = [int(g) for g in kwargs["grid"]]
+        record[kwargs["kernel_name"]] = {"grid": grid, "smem_bytes": int(smem)}
+        return original(*args, **kwargs)
+
+    core._lower_as_gpu_kernel = lower
+    try:
+        yield
+    finally:
+        core._lower_as_gpu_kernel = original
+
+
 def mosaic_gpu_compile(fn, *args, workdir: str | None = None):
     """`(xla_compile(fn, *args), kernels)`: the whole program compiled deviceless for an H200,
     and ptxas's statistics of each Mosaic GPU kernel in it (name, registers, spill and stack
-    bytes, and `register_occupancy`: the share of an SM's warps its one-warpgroup blocks may
-    hold as far as registers allow; shared memory, which ptxas does not see, may allow
-    fewer). Mosaic GPU
+    bytes, `register_occupancy`: the share of an SM's warps its one-warpgroup blocks may
+    hold as far as registers allow, and from the kernel's launch, [`_mosaic_gpu_launches`][],
+    `grid`, `smem_bytes` and `occupancy` as registers and shared memory allow). Mosaic GPU
     compiles its kernels inside XLA's compile and prints ptxas's report when
     `MOSAIC_GPU_DUMP_PTXAS` is set: it is captured from file descriptors 1 and 2."""
     import sys
@@ -1000,8 +1085,9 @@ def mosaic_gpu_compile(fn, *args, workdir: str | None = None):
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
+    launches: dict[str, dict] = {}
     try:
-        with open(log, "w") as f:
+        with open(log, "w") as f, _mosaic_gpu_launches(launches):
             os.dup2(f.fileno(), 1)
             os.dup2(f.fileno(), 2)
             try:
@@ -1019,6 +1105,10 @@ def mosaic_gpu_compile(fn, *args, workdir: str | None = None):
     kernels = _ptxas_info(open(log).read())
     for k in kernels:
         k["register_occupancy"] = occupancy(k["registers"], 4, 0)["occupancy"]
+        launch = next((v for name, v in launches.items() if k["name"].startswith(name)), None)
+        if launch is not None:
+            k.update(launch)
+            k["occupancy"] = occupancy(k["registers"], 4, launch["smem_bytes"])["occupancy"]
         if k["spill_bytes"] or k["stack_bytes"]:
             program.problems.append(
                 f"{k['name']}: spills {k['spill_bytes']} B, stack {k['stack_bytes']} B"

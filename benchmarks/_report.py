@@ -2,7 +2,9 @@
 
 Each result row is a dict with the keys in [`COLUMNS`][]. `status` is `"ok"`, `"skipped"`
 (the contender cannot run that case here; `note` says why) or `"failed"` (it raised; `note`
-has the error). The targets of issues 5, 6 and 16 are evaluated here, on the measured rows only.
+has the error). The targets of issues 5, 6 and 16 are evaluated here, on the measured rows only;
+issue 17's on the measured rows (the time against each peer) and on deviceless tables
+(`python -m benchmarks.deviceless`, whose own verdicts they summarize: [`static_targets`][]).
 """
 
 import csv
@@ -12,6 +14,7 @@ import math
 import statistics
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from ._ops import OPS
 
@@ -290,7 +293,9 @@ def _big_rows(r: dict) -> bool:
 
 
 def evaluate_targets(rows: list[dict], platform: str, auto: str) -> list[Result]:
-    """Every target of issues 5, 6 and 16 with its verdict on `rows`.
+    """Every target of issues 5, 6 and 16, and issue 17's against the peers
+    ([`peer_targets`][]), with its verdict on `rows` (issue 17's static targets come from
+    the deviceless tables: [`static_targets`][]).
 
     `platform` is JAX's backend (`"cpu"`, `"gpu"`, `"tpu"`); `auto` the implementation
     `impl="auto"` resolves to there. The GPU targets are judged on bfloat16 rows with at least
@@ -415,6 +420,9 @@ def evaluate_targets(rows: list[dict], platform: str, auto: str) -> list[Result]
             _worst(candidates, pct, 80, "%", True),
         )
 
+    for r in peer_targets(rows, auto):
+        add(r.platform, r.target, (r.status, r.measured))
+
     ops_measured = list(dict.fromkeys(r["op"] for r in rows if r["direction"] != "step"))
     for op in ops_measured:
         # An FP8 output has no module row to judge (it is a functional option).
@@ -444,6 +452,87 @@ def evaluate_targets(rows: list[dict], platform: str, auto: str) -> list[Result]
     return sorted(results, key=lambda r: r.platform != platform)
 
 
+# --- issue 17: the peers, and the deviceless table ------------------------------------------
+
+# Issue 17's peers, by contender name, as the summary names them.
+PEERS = {
+    "reference": "XLA",
+    "eqx": "eqx.nn",
+    "flax": "Flax",
+    "torch": "PyTorch eager",
+    "torch.compile": "torch.compile",
+    "liger": "Liger-Kernel",
+    "tokamax": "tokamax",
+}
+PEER_OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "group_norm", "batch_norm")
+
+
+def peer_targets(rows: list[dict], auto: str) -> list[Result]:
+    """Issue 17: each op's training step (fwd+bwd, bf16, at least 4096 rows or any channel
+    shape) with `impl=auto` no slower than each peer that measured it: the geometric mean of
+    `peer ms / eqxnorm ms` >= 1, judged by its confidence interval. A peer that measured none
+    of an op's cases gives no line (the "Not run" list says why)."""
+    out = []
+    for op in PEER_OPS:
+        for peer, name in PEERS.items():
+            pairs = [
+                (r, o)
+                for r, o in _paired(rows, auto, peer, op=op, dtype="bfloat16", direction="fwd+bwd")
+                if op in ("group_norm", "batch_norm") or _big_rows(r)
+            ]
+            if pairs:
+                verdict = _ratio_target(pairs, 1.0)
+                out.append(
+                    Result("gpu", f"{op} training step no slower than {name} (bf16)", *verdict)
+                )
+    return out
+
+
+def static_targets(table: list[dict]) -> list[Result]:
+    """Issue 17's static targets judged on the H200 cases of deviceless tables (the rows of
+    `python -m benchmarks.deviceless`'s `results.json`, Triton's or Mosaic GPU's) by the
+    deviceless check's own verdicts (`benchmarks.deviceless.verdicts`: bytes over the ideal,
+    XLA launches beside the kernels, and per kernel spills, one read of each byte, occupancy
+    or Mosaic GPU's bytes in flight): one line per target (a kernel's name left out), MET
+    when every case meets it, else MISSED with the cases that do not."""
+    from .deviceless import verdicts
+
+    grouped: dict[str, list[tuple[str, Any]]] = {}
+    for d in table:
+        if "program" not in d:  # a TPU case: compiled or not, no target of issue 17
+            continue
+        c = d["case"]
+        case = f"{c['op']} {c['shape']} {c['dtype']} {c['direction']}"
+        for v in verdicts(d):
+            kernel, _, target = v.target.rpartition(": ")
+            grouped.setdefault(target, []).append((f"{case} {kernel}".strip(), v))
+    out = []
+    for target, items in grouped.items():
+        misses = [f"{where}: {v.value}" for where, v in items if not v.met]
+        if misses:
+            shown = "; ".join(misses[:3]) + ("; ..." if len(misses) > 3 else "")
+            out.append(
+                Result(
+                    "deviceless", target, "MISSED", f"{len(misses)} of {len(items)} miss: {shown}"
+                )
+            )
+        else:
+            out.append(Result("deviceless", target, "MET", f"all {len(items)} met"))
+    return out
+
+
+def load_deviceless(paths: Iterable[Path]) -> list[dict]:
+    """The rows of the deviceless tables at `paths` (their folders or `results.json` files);
+    a missing table contributes none."""
+    rows = []
+    for path in paths:
+        path = Path(path)
+        path = path / "results.json" if path.is_dir() else path
+        if path.exists():
+            rows += json.loads(path.read_text())
+    return rows
+
+
 def _nchw_target_shape(shape: str) -> bool:
     sizes = [int(s) for s in shape.split("x")]
     if len(sizes) != 4:
@@ -454,7 +543,7 @@ def _nchw_target_shape(shape: str) -> bool:
 
 def targets_text(results: list[Result]) -> str:
     width = max(len(r.target) for r in results)
-    lines = ["Targets (issues 5, 6 and 16), judged on this run's measurements:"]
+    lines = ["Targets (issues 5, 6, 16 and 17), judged on this run's measurements:"]
     for r in results:
         lines.append(f"  {r.status:<12} {r.target:<{width}}  {r.measured}")
     return "\n".join(lines)

@@ -241,6 +241,116 @@ def problems(result: dict) -> list[str]:
     return found + [f"XLA program: {p}" for p in result["program"]["problems"]]
 
 
+# --- issue 17's targets, judged on every H200 case ---------------------------------------------
+
+# A training step's HBM bytes over its ideal (`_ops.case_bytes`: forward reads x and writes y,
+# backward reads x and dy and writes dx, 5 x-sized passes), and a forward's.
+STEP_BYTES = 1.05
+FORWARD_BYTES = 1.01
+# BatchNorm's training step with batch statistics from HBM: statistics, normalize (2), backward
+# sums (2), dx (3): 8 x-sized passes over the ideal's 5, its forward 3 over 2; each with a
+# quarter pass's room for the per-channel and per-row arrays (a few KiB at typical shapes).
+BATCH_NORM_STEP_BYTES = 8.25 / 5
+BATCH_NORM_FORWARD_BYTES = 3.25 / 2
+# Warps resident per SM over the most it holds (64), per Triton kernel: what hides the latency
+# of loads into registers. A Mosaic GPU kernel's loads are TMA copies into shared memory, a
+# block's whole rows at once: what it needs is bytes in flight per SM, Little's law's
+# `_mosaic_gpu.IN_FLIGHT_BYTES` (its grids are sized to stage twice that), however few warps
+# hold them (a pipelined persistent backward: one 4-warp program per SM).
+OCCUPANCY = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """One target for one case: `target` (what is asserted), `value` (what was measured) and
+    whether it is `met`."""
+
+    target: str
+    value: str
+    met: bool
+
+
+def verdicts(result: dict) -> list[Verdict]:
+    """Issue 17's targets for one H200 case (a report of [`run`][]): the program's bytes over
+    the ideal, its launches (the op's kernels, and at most one small XLA reduction in a
+    training step: the parameter gradients'), and per kernel no spill, for Triton's one read
+    of each byte (its traffic account) and occupancy, for Mosaic GPU's TMA-staged kernels the
+    bytes in flight per SM (resident blocks × staged bytes, see `OCCUPANCY`)."""
+    from eqxnorm.kernels._mosaic_gpu import IN_FLIGHT_BYTES
+
+    from ._gpu_static import SM90, fmt_bytes, occupancy
+
+    case = Case(**result["case"])
+    out = []
+    step = case.direction == "fwd+bwd"
+    batch_norm = case.op == "batch_norm"
+    bound = (
+        (BATCH_NORM_STEP_BYTES if step else BATCH_NORM_FORWARD_BYTES)
+        if batch_norm
+        else (STEP_BYTES if step else FORWARD_BYTES)
+    )
+    ratio = result["program"]["bytes"] / result["ideal_bytes"]
+    out.append(Verdict(f"bytes <= {bound:.2f}x ideal", f"{ratio:.3f}x", ratio <= bound))
+    others = [x for x in result["program"]["launches"] if "eqxnorm" not in x["name"]]
+    most = 1 if step else 0
+    out.append(
+        Verdict(
+            f"XLA launches beside the kernels <= {most}",
+            str(len(others)),
+            len(others) <= most,
+        )
+    )
+    for k in result["kernels"]:
+        name = k["name"]
+        if k["spill_bytes"] is not None:
+            out.append(Verdict(f"{name}: no spill", f"{k['spill_bytes']} B", k["spill_bytes"] == 0))
+        if k["occupancy"] is not None:
+            out.append(
+                Verdict(
+                    f"{name}: occupancy >= {OCCUPANCY:.0%}",
+                    f"{k['occupancy']:.0%}",
+                    k["occupancy"] >= OCCUPANCY,
+                )
+            )
+        if k["dram_bytes"]:
+            reads = k["access_bytes"] / k["dram_bytes"]
+            out.append(Verdict(f"{name}: each byte moved once", f"{reads:.2f}x", reads <= 1.01))
+    for k in result.get("mosaic_gpu", []):
+        name = k["name"].removesuffix("_mosaic_gpu_kernel")
+        out.append(Verdict(f"{name}: no spill", f"{k['spill_bytes']} B", k["spill_bytes"] == 0))
+        if "smem_bytes" not in k:
+            continue
+        blocks = occupancy(k["registers"], 4, k["smem_bytes"], SM90)["blocks_per_sm"]
+        staged = blocks * k["smem_bytes"]
+        out.append(
+            Verdict(
+                f"{name}: in flight per SM >= {fmt_bytes(IN_FLIGHT_BYTES)}",
+                f"{blocks} x {fmt_bytes(k['smem_bytes'])}",
+                staged >= IN_FLIGHT_BYTES,
+            )
+        )
+    return out
+
+
+def missed(result: dict) -> list[str]:
+    """The targets `result` misses, each with its measured value."""
+    return [f"{v.target} ({v.value})" for v in verdicts(result) if not v.met]
+
+
+def targets_table(results: Sequence[dict]) -> str:
+    """The Markdown table of the targets: per case, those met and those missed."""
+    lines = ["| case | targets met | missed (measured) |", "|---|---|---|"]
+    for r in results:
+        c = Case(**r["case"])
+        found = verdicts(r)
+        met = sum(v.met for v in found)
+        lines.append(
+            f"| {c.op} {c.dtype} {c.shape} {c.direction} | {met}/{len(found)} "
+            f"| {'; '.join(missed(r)) or '-'} |"
+        )
+    return "\n".join(lines)
+
+
 def _fmt(value, spec: str = "", missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
@@ -355,6 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{i}/{len(selected)}] {case.label}", file=sys.stderr, flush=True)
         results += run([case], timeout=args.timeout)
     text = table(results)
+    if args.target == "h200":
+        text += "\n\n## Issue 17's targets\n\n" + targets_table(results)
     print(text)
     found = [f"{r['case']['op']}: {p}" for r in results for p in problems(r)]
     if args.out:

@@ -16,6 +16,7 @@ from ._torch_interop import (
     load_torch_state_dict as load_torch_state_dict,
     torch_state_dict as torch_state_dict,
 )
+from ._weight_norm import WeightNorm as WeightNorm
 from ._weight_standardization import WeightStandardization as WeightStandardization
 from .kernels._triton import TritonBackendWarning as TritonBackendWarning
 

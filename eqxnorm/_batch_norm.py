@@ -7,13 +7,14 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 from equinox.nn import State, StatefulLayer, StateIndex
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from . import _checking, functional
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
 from ._misc import default_floating_dtype
-from .kernels.reference import compute_dtype
+from .kernels import reference
+from .kernels.reference import compute_dtype, pool_members
 
 MODES: tuple[str, ...] = ("batch", "ema")
 
@@ -114,6 +115,7 @@ class BatchNorm(StatefulLayer):
     momentum: float = eqx.field(static=True)
     mode: Literal["batch", "ema"] = eqx.field(static=True)
     impl: Impl = eqx.field(static=True)
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -127,6 +129,7 @@ class BatchNorm(StatefulLayer):
         mode: Literal["batch", "ema"] = "batch",
         *,
         impl: Impl = "auto",
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
     ):
         """**Arguments:**
 
@@ -145,6 +148,9 @@ class BatchNorm(StatefulLayer):
             mode). The running statistics use it promoted to at least float32.
         - `mode`: `"batch"` or `"ema"`; see above.
         - `impl`: `"auto"`, `"pallas"` or `"reference"`; see `eqxnorm.functional`.
+        - `axis_index_groups`: pool the statistics only within groups of the members of
+            `axis_name` (Flax's and Haiku's argument), e.g. `[[0, 1], [2, 3]]`; see
+            [`eqxnorm.functional.batch_norm`][]. Checked against the axis size at the call.
 
         **Raises:**
 
@@ -188,11 +194,12 @@ class BatchNorm(StatefulLayer):
         self.momentum = momentum
         self.mode = mode
         self.impl = impl
+        self.axis_index_groups = functional._static_groups(axis_index_groups, where)
 
     def _where(self) -> str:
         return f"BatchNorm(input_size={self.input_size}, axis_name={self.axis_name!r})"
 
-    def _precheck(self, x, state, *, key=None, inference=None):
+    def _precheck(self, x, state, *, key=None, inference=None, mask=None):
         where = self._where()
         if not isinstance(state, State):
             raise TypeError(
@@ -224,8 +231,9 @@ class BatchNorm(StatefulLayer):
                 f"{where} expects one example of shape {expected}, but got x.shape={x.shape}, "
                 f"whose axis 0 has size {x.shape[0]} instead of {self.input_size}. {fix}"
             )
+        _checking.check_mask(mask, x, where)
         if not (self.inference if inference is None else inference):
-            members = _checking.axis_size(self.axis_name, where)
+            members = reference.axis_count(self._pooled_axis())
             values = math.prod(x.shape[1:]) * members
             if values < 2:
                 raise ValueError(
@@ -236,14 +244,29 @@ class BatchNorm(StatefulLayer):
                     f"`inference=True` to normalize with the running statistics."
                 )
 
-    def _update(self, state: State, x: Array, batch_mean: Array, batch_var: Array):
+    def _pooled_axis(self):
+        """What the statistics are pooled over: `axis_name`, or its groups (validated against
+        its size, which `_checking.axis_size` checks is bound)."""
+        where = self._where()
+        _checking.axis_size(self.axis_name, where)
+        return functional._axis_groups(self.axis_name, self.axis_index_groups, where)
+
+    def _update(self, state: State, x: Array, batch_mean: Array, batch_var: Array, mask=None):
         """The new `(count, mean, var)`: the debiased EMA step, gradient flowing through the
-        batch part (the caller stores them stop-gradient-ed)."""
+        batch part (the caller stores them stop-gradient-ed). With a padding `mask`, the
+        variance is unbiased by each channel's number of valid values, and a channel with
+        none keeps its running statistics."""
         count = state.get(self.count_index)
         running_mean, running_var = state.get(self.running_index)
         dtype = running_mean.dtype
-        n = math.prod(x.shape[1:]) * _checking.axis_size(self.axis_name, self._where())
-        unbiased_var = batch_var.astype(dtype) * (n / (n - 1))
+        if mask is None:
+            n = math.prod(x.shape[1:]) * reference.axis_count(self._pooled_axis())
+            unbiased_var = batch_var.astype(dtype) * (n / (n - 1))
+        else:
+            valid = jnp.broadcast_to(jnp.asarray(mask), x.shape).reshape(x.shape[0], -1)
+            n = pool_members("sum", jnp.sum(valid, axis=1, dtype=jnp.int32), self._pooled_axis())
+            nf = n.astype(dtype)
+            unbiased_var = batch_var.astype(dtype) * (nf / jnp.maximum(nf - 1, 1))
         if self.momentum == 0:
             a = jnp.ones((), dtype)
         else:
@@ -255,14 +278,26 @@ class BatchNorm(StatefulLayer):
         # Not `running + a * (batch - running)`: that rounds even when a == 1.
         mean = (1 - a) * running_mean + a * batch_mean.astype(dtype)
         var = (1 - a) * running_var + a * unbiased_var
+        if mask is not None:
+            mean, var = jnp.where(n > 0, mean, running_mean), jnp.where(n > 0, var, running_var)
         return count + 1, mean, var
 
-    def _normalize(self, x: Array, mean: Array | None = None, var: Array | None = None):
+    def _normalize(self, x: Array, mean: Array | None = None, var: Array | None = None, mask=None):
         """`functional.batch_norm` on one example: `(y, mean, var)`, with the given
-        statistics, or with the batch ones (pooled over `axis_name`) when they are `None`."""
-        axis_name = self.axis_name if mean is None else None
+        statistics, or with the batch ones (pooled over `axis_name`, or its groups, over the
+        `True` elements of `mask` when given) when they are `None`."""
+        axis_name = self._pooled_axis() if mean is None else None
         return functional._batch_norm(
-            x, self.weight, self.bias, mean, var, self.eps, axis_name, self.impl, example=True
+            x,
+            self.weight,
+            self.bias,
+            mean,
+            var,
+            self.eps,
+            axis_name,
+            self.impl,
+            example=True,
+            mask=mask,
         )
 
     @_checking.named_scope("eqxnorm.BatchNorm")
@@ -274,6 +309,7 @@ class BatchNorm(StatefulLayer):
         *,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
+        mask: Bool[AnyArray, "*mask_shape"] | None = None,
     ) -> tuple[Float[Array, " {self.input_size} *spatial"], State]:
         """**Arguments:**
 
@@ -285,6 +321,12 @@ class BatchNorm(StatefulLayer):
             [`equinox.nn.make_with_state`][]).
         - `key`: ignored; for compatibility with the rest of the Equinox API.
         - `inference`: overrides `self.inference` when not `None`.
+        - `mask`: optional booleans broadcastable to `x`'s shape, `True` where an element
+            counts (Flax's `mask=`): in training, the batch statistics are over the `True`
+            elements of every member of `axis_name` (a padded example: all `False`), and the
+            running variance is unbiased by that count; a channel with no `True` element
+            anywhere keeps its running statistics. Every element is normalized, masked ones
+            included. Unused in inference.
 
         **Returns:**
 
@@ -303,8 +345,8 @@ class BatchNorm(StatefulLayer):
         if inference:
             y, _, _ = self._normalize(x, *state.get(self.running_index))
             return y, state
-        y, batch_mean, batch_var = self._normalize(x)
-        count, mean, var = self._update(state, x, batch_mean, batch_var)
+        y, batch_mean, batch_var = self._normalize(x, mask=mask)
+        count, mean, var = self._update(state, x, batch_mean, batch_var, mask)
         if self.mode == "ema":
             y, _, _ = self._normalize(x, mean, var)
         state = state.set(self.count_index, count)

@@ -220,3 +220,53 @@ def axis_size(axis_name: Any, where: str) -> int:
                 f"axis name), or pass the name your batch axis actually has."
             ) from None
     return size
+
+
+def check_mask(mask: Any, x: Any, where: str) -> None:
+    """`TypeError`/`ValueError` unless `mask` is `None` or a boolean array that broadcasts to
+    `x.shape` (a padding mask: `True` where an element counts in the statistics)."""
+    if mask is None:
+        return
+    dtype = getattr(mask, "dtype", None)
+    if dtype is None or jnp.dtype(dtype) != jnp.bool_:
+        got = f"mask.dtype={dtype}" if dtype is not None else f"a {type(mask).__name__}"
+        raise TypeError(
+            f"{where}: `mask` must be a boolean array (True where an element counts in the "
+            f"statistics), but got {got}. Pass e.g. `mask=tokens != pad_id`, or "
+            f"`mask.astype(bool)`."
+        )
+    shape = tuple(x.shape)
+    try:
+        broadcast = jnp.broadcast_shapes(tuple(mask.shape), shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != shape:
+        raise ValueError(
+            f"{where}: `mask` must broadcast to x.shape={shape}, but got "
+            f"mask.shape={tuple(mask.shape)}. Give it x's rank, with size 1 on the axes it "
+            f"does not vary along (e.g. mask[..., None] to mask whole positions)."
+        )
+
+
+def check_lengths(lengths: Any, mask: Any, expected: tuple[int, ...], where: str) -> None:
+    """`TypeError`/`ValueError` unless `lengths` is `None` or an integer array of shape
+    `expected` (one valid length per slice), and not given together with `mask`."""
+    if lengths is None:
+        return
+    if mask is not None:
+        raise ValueError(
+            f"{where}: pass `mask=` or `lengths=`, not both (lengths is the shorthand for "
+            f"the mask of each slice's first `lengths` elements)."
+        )
+    dtype = getattr(lengths, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        got = f"lengths.dtype={dtype}" if dtype is not None else f"a {type(lengths).__name__}"
+        raise TypeError(
+            f"{where}: `lengths` must be an integer array, but got {got}. Pass e.g. "
+            f"`lengths=jnp.asarray(lengths, jnp.int32)`."
+        )
+    if tuple(lengths.shape) != tuple(expected):
+        raise ValueError(
+            f"{where}: `lengths` must have shape {tuple(expected)} (one length per slice "
+            f"normalized), but got lengths.shape={tuple(lengths.shape)}."
+        )

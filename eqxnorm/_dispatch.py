@@ -12,15 +12,20 @@
 - `"auto"`: the Pallas kernels when JAX's default backend is a GPU or TPU, the reference
   elsewhere. The choice is made when the function is traced; to export from a CPU machine for
   a GPU or TPU, pass `impl="pallas"` (the kernels then pick Triton or Mosaic by the lowering
-  platform).
+  platform). On a GPU or TPU whose tuning cache (`python -m eqxnorm.tune`) measured the XLA
+  reference faster than the kernels for a call's launches, `"auto"` takes the reference for
+  that call ([`MEASURED`][]).
 """
 
+import functools
+import math
+from collections.abc import Callable
 from types import ModuleType
 from typing import Literal
 
 import jax
 
-from .kernels import pallas, reference
+from .kernels import _tuning, pallas, reference
 
 Impl = Literal["auto", "pallas", "reference", "triton", "mosaic_gpu"]
 IMPLS: tuple[str, ...] = ("auto", "pallas", "reference", "triton", "mosaic_gpu")
@@ -64,6 +69,52 @@ def resolve_impl(impl: Impl, backend: str | None = None) -> str:
     return "reference"
 
 
+def _measured(name: str) -> Callable:
+    """`pallas.<name>`, or `reference.<name>` for a call whose launches the tuning cache
+    measured slower than XLA on this device (`eqxnorm.kernels._tuning.prefers_xla`, which
+    traces the kernel call abstractly, on `_vmapped_shape(x)`, to learn its launches)."""
+    kernel, reference_fn = getattr(pallas, name), getattr(reference, name)
+
+    @functools.wraps(kernel)
+    def dispatch(x, *args, **kwargs):
+        def trace():
+            folded = jax.ShapeDtypeStruct(_vmapped_shape(x), x.dtype)
+            return jax.eval_shape(functools.partial(kernel, **kwargs), folded, *args)
+
+        return (reference_fn if _tuning.prefers_xla(trace) else kernel)(x, *args, **kwargs)
+
+    return dispatch
+
+
+def _vmapped_shape(x) -> tuple[int, ...]:
+    """`x`'s shape with the axes `jax.vmap` maps it over folded into its leading one, as the
+    kernels' batching rules fold them: a layer called on one example under `vmap` is judged
+    on the batch its kernels launch over. (JAX has no public way to ask a value's batch
+    axes; without its private `BatchTracer`, the example's own shape.)"""
+    try:
+        from jax._src.interpreters.batching import BatchTracer
+    except ImportError:  # pragma: no cover - a JAX that moved it
+        return x.shape
+    full = x
+    while isinstance(full, BatchTracer):
+        full = full.val
+    if not x.shape:
+        return x.shape
+    factor = math.prod(full.shape) // max(math.prod(x.shape), 1)
+    return (x.shape[0] * factor, *x.shape[1:])
+
+
+# What `impl="auto"` runs on a GPU or TPU: the kernels, or XLA where the tuning cache says.
+MEASURED = ModuleType("eqxnorm.kernels.pallas[measured]", _measured.__doc__)
+for _name in pallas.__all__:
+    setattr(MEASURED, _name, _measured(_name))
+MEASURED.__all__ = list(pallas.__all__)
+
+
 def implementation(impl: Impl) -> ModuleType:
-    """The module implementing `impl` (validated by `check_impl` beforehand)."""
-    return IMPLEMENTATIONS[resolve_impl(impl)]
+    """The module implementing `impl` (validated by `check_impl` beforehand): for `"auto"`
+    on a GPU or TPU, [`MEASURED`][]."""
+    name = resolve_impl(impl)
+    if impl == "auto" and name == "pallas":
+        return MEASURED
+    return IMPLEMENTATIONS[name]

@@ -4,7 +4,7 @@ from typing import Any
 import equinox as eqx
 import jax.numpy as jnp
 from equinox.nn import State
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from . import _checking, functional
 from ._checking import AnyArray
@@ -159,7 +159,7 @@ class GroupNorm(eqx.Module):
         `None`, `x`'s own (so the check reduces to "channels *spatial")."""
         return x.shape[0] if self.channels is None else self.channels
 
-    def _precheck(self, x, state=sentinel, *, key=None):
+    def _precheck(self, x, state=sentinel, *, key=None, mask=None):
         where = f"GroupNorm(groups={self.groups}, channels={self.channels})"
         channels = check_example_channels(x, self.channels, where)
         if channels % self.groups != 0:
@@ -174,6 +174,7 @@ class GroupNorm(eqx.Module):
                 f"channels={channels}, which groups={self.groups} does not divide. Valid "
                 f"values of groups for {channels} channels: {_divisors(channels)}.{hint}"
             )
+        _checking.check_mask(mask, x, where)
 
     @_checking.named_scope("eqxnorm.GroupNorm")
     @_checking.typechecked(_precheck)
@@ -183,6 +184,7 @@ class GroupNorm(eqx.Module):
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
+        mask: Bool[AnyArray, "*mask_shape"] | None = None,
     ) -> (
         Float[Array, " {self._channels_of(x)} *spatial"]
         | tuple[Float[Array, " {self._channels_of(x)} *spatial"], State]
@@ -194,6 +196,9 @@ class GroupNorm(eqx.Module):
         - `state`: optional; passed through unchanged, for interchangeability with
             `BatchNorm`.
         - `key`: ignored; for compatibility with the rest of the Equinox API.
+        - `mask`: optional booleans broadcastable to `x`'s shape, `True` where an element
+            counts in the statistics (Flax's `mask=`, for padded images or sequences); see
+            [`eqxnorm.functional.group_norm`][].
 
         **Returns:**
 
@@ -207,6 +212,6 @@ class GroupNorm(eqx.Module):
         an inferred channel count that `groups` does not divide.
         """
         out = functional._group_norm(
-            x, self.groups, self.weight, self.bias, self.eps, self.impl, example=True
+            x, self.groups, self.weight, self.bias, self.eps, self.impl, example=True, mask=mask
         )
         return out if state is sentinel else (out, state)

@@ -3,7 +3,7 @@ import math
 import equinox as eqx
 import jax.numpy as jnp
 from equinox.nn import State
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from . import _checking, functional
 from ._checking import AnyArray
@@ -102,7 +102,7 @@ class InstanceNorm(eqx.Module):
         self.weight = jnp.ones(channels, dtype=dtype) if channelwise_affine else None
         self.bias = jnp.zeros(channels, dtype=dtype) if channelwise_affine else None
 
-    def _precheck(self, x, state=sentinel, *, key=None):
+    def _precheck(self, x, state=sentinel, *, key=None, mask=None):
         where = f"InstanceNorm(channels={self.channels})"
         check_example_channels(x, self.channels, where)
         if x.ndim == 1:
@@ -120,6 +120,7 @@ class InstanceNorm(eqx.Module):
                 f"the bias. Pass x of shape (channels={self.channels}, *spatial) with more "
                 f"than one spatial element (PyTorch's InstanceNorm refuses this input too)."
             )
+        _checking.check_mask(mask, x, where)
 
     @_checking.named_scope("eqxnorm.InstanceNorm")
     @_checking.typechecked(_precheck)
@@ -129,6 +130,7 @@ class InstanceNorm(eqx.Module):
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
+        mask: Bool[AnyArray, "*mask_shape"] | None = None,
     ) -> (
         Float[Array, " {self.channels} *spatial"]
         | tuple[Float[Array, " {self.channels} *spatial"], State]
@@ -140,6 +142,9 @@ class InstanceNorm(eqx.Module):
         - `state`: optional; passed through unchanged, for interchangeability with
             `BatchNorm`.
         - `key`: ignored; for compatibility with the rest of the Equinox API.
+        - `mask`: optional booleans broadcastable to `x`'s shape, `True` where an element
+            counts in the statistics (Flax's `mask=`, for padded images or sequences); see
+            [`eqxnorm.functional.group_norm`][].
 
         **Returns:**
 
@@ -153,6 +158,6 @@ class InstanceNorm(eqx.Module):
         left-in batch axis is named, with the `jax.vmap` fix).
         """
         out = functional._group_norm(
-            x, x.shape[0], self.weight, self.bias, self.eps, self.impl, example=True
+            x, x.shape[0], self.weight, self.bias, self.eps, self.impl, example=True, mask=mask
         )
         return out if state is sentinel else (out, state)

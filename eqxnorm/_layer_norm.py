@@ -5,7 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from equinox.nn import State
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from . import _checking, functional
 from ._checking import AnyArray
@@ -92,9 +92,10 @@ class _RowNorm(eqx.Module):
         self.weight = jnp.full(self.shape, init, dtype=dtype) if use_weight else None
         self.bias = jnp.zeros(self.shape, dtype=dtype) if use_bias else None
 
-    def _precheck(self, x, state=sentinel, *, key=None, fp8_scale=None):
+    def _precheck(self, x, state=sentinel, *, key=None, mask=None, fp8_scale=None):
         where = f"{type(self).__name__}(shape={self.shape})"
         _checking.check_floating(x, "x", where)
+        _checking.check_mask(mask, x, where)
         names = ["dim"] if len(self.shape) == 1 else [f"shape[{i}]" for i in range(len(self.shape))]
         if self.axis_name is None:
             _checking.check_example_shape(x, self.shape, where, names)
@@ -120,6 +121,7 @@ class _RowNorm(eqx.Module):
         state: State = sentinel,
         *,
         key: PRNGKeyArray | None = None,
+        mask: Bool[AnyArray, "*mask_shape"] | None = None,
         fp8_scale: Any = None,
     ) -> Any:
         """**Arguments:**
@@ -128,6 +130,10 @@ class _RowNorm(eqx.Module):
         - `state`: optional; passed through unchanged, for interchangeability with
             `BatchNorm`.
         - `key`: ignored; for compatibility with the rest of the Equinox API.
+        - `mask`: optional booleans broadcastable to `x`'s shape, `True` where an element
+            counts in the statistics (Flax's `mask=`, for padding); see
+            [`eqxnorm.functional.layer_norm`][] for masked positions' outputs and slices with
+            no valid element.
         - `fp8_scale`: with a float8 `out_dtype`, the scale of the FP8 output (a scalar; see
             [`eqxnorm.functional.layer_norm`][]).
 
@@ -139,7 +145,8 @@ class _RowNorm(eqx.Module):
         **Raises:**
 
         `ValueError` when `x.shape != shape` (a left-in batch axis is named, with the
-        `jax.vmap` fix); `TypeError` for non-floating input.
+        `jax.vmap` fix) or `mask` does not broadcast to it; `TypeError` for non-floating
+        input or a non-boolean `mask`.
         """
         with jax.named_scope(f"eqxnorm.{type(self).__name__}"):
             fn = getattr(functional, self._function)
@@ -151,6 +158,7 @@ class _RowNorm(eqx.Module):
                 eps=self.eps,
                 axis_name=self.axis_name,
                 impl=self.impl,
+                mask=mask,
                 **self._options(fp8_scale),
             )
         return out if state is sentinel else (out, state)

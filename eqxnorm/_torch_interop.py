@@ -14,6 +14,14 @@ anything `np.asarray` accepts (PyTorch tensors included, converted with
 | `RMSNorm(dim, 1e-6, use_bias=False, weight_offset=1.0)` | HF `GemmaRMSNorm(dim)` | `weight` |
 | `GroupNorm(groups, channels)`    | `GroupNorm(groups, channels)`      | `weight`, `bias`     |
 | `InstanceNorm(C, channelwise_affine=True)` | `InstanceNorm2d(C, affine=True)` | `weight`, `bias` |
+| `WeightNorm(layer, "weight", axis)` | `weight_norm(layer, "weight", dim=axis)` | see below |
+
+`WeightNorm` of a `Linear` or `Conv*` maps to `torch.nn.utils.parametrizations.weight_norm`
+of its twin: `bias` (if any) and `parametrizations.weight.original0` ($g$) and
+`parametrizations.weight.original1` ($v$, the wrapped layer's weight), in PyTorch's shapes.
+These are Equinox's but for PyTorch's scalar $g$ for `dim=None` (Equinox's `axis=None` keeps
+one axis of size 1 per weight axis) and its `(out,)` convolution bias (Equinox's is
+`(out, 1, ..., 1)`).
 
 `BatchNorm(C, axis_name)` and its state map to `BatchNorm2d(C)`: `weight`, `bias`, and
 `running_mean`, `running_var`, `num_batches_tracked` from and to the state. The 1d and 3d
@@ -63,6 +71,7 @@ from ._group_norm import GroupNorm
 from ._instance_norm import InstanceNorm
 from ._layer_norm import LayerNorm, _RowNorm
 from ._rms_norm import RMSNorm
+from ._weight_norm import WeightNorm
 
 _TORCH_TWINS: dict[type, str] = {
     LayerNorm: "torch.nn.LayerNorm",
@@ -70,10 +79,11 @@ _TORCH_TWINS: dict[type, str] = {
     GroupNorm: "torch.nn.GroupNorm",
     InstanceNorm: "torch.nn.InstanceNorm1d/2d/3d",
     BatchNorm: "torch.nn.BatchNorm1d/2d/3d",
+    WeightNorm: "torch.nn.utils.parametrizations.weight_norm",
 }
 _SUPPORTED = (
-    "eqxnorm.LayerNorm, eqxnorm.RMSNorm, eqxnorm.GroupNorm, eqxnorm.InstanceNorm and "
-    "eqxnorm.BatchNorm"
+    "eqxnorm.LayerNorm, eqxnorm.RMSNorm, eqxnorm.GroupNorm, eqxnorm.InstanceNorm, "
+    "eqxnorm.BatchNorm and eqxnorm.WeightNorm"
 )
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 _MAX_COUNT = int(np.iinfo(np.int32).max)
@@ -93,6 +103,11 @@ def _kind(layer: Any, where: str) -> type:
 
 
 def _describe(layer: Any) -> str:
+    if isinstance(layer, WeightNorm):
+        return (
+            f"eqxnorm.WeightNorm({type(layer.layer).__name__}, weight_name="
+            f"{layer.weight_name!r}, axis={layer.axis!r})"
+        )
     if isinstance(layer, _RowNorm):
         shape = layer.shape[0] if len(layer.shape) == 1 else layer.shape
         offset = f", weight_offset={layer.weight_offset}" if layer.weight_offset else ""
@@ -123,8 +138,34 @@ def _dropped_bias(layer: Any) -> bool:
     return isinstance(layer, RMSNorm) or layer.weight is None
 
 
+def _weight_norm_slots(layer: WeightNorm) -> dict[str, Any]:
+    """The arrays of a `WeightNorm` that PyTorch's twin holds, by PyTorch name, in PyTorch's
+    order, as functions of the layer (for `eqx.tree_at`)."""
+    wrapped = layer.layer
+    slots = {}
+    if eqx.is_array(getattr(wrapped, "bias", None)):
+        slots["bias"] = lambda m: m.layer.bias
+    group = f"parametrizations.{layer.weight_name}."
+    slots[group + "original0"] = lambda m: m.g
+    slots[group + "original1"] = lambda m: getattr(m.layer, m.weight_name)
+    return slots
+
+
+def _torch_shape(layer: Any, name: str, like: Any) -> tuple[int, ...]:
+    """The shape PyTorch stores the value `like` of `name` in: `like`'s, but for a
+    `WeightNorm`'s one-value `g` (`axis=None`: a scalar) and convolution bias (`(out,)`)."""
+    if isinstance(layer, WeightNorm):
+        if name == "bias":
+            return (like.size,)
+        if name.endswith(".original0") and layer.axis is None:
+            return ()
+    return tuple(like.shape)
+
+
 def _params(layer: Any) -> dict[str, jax.Array]:
     """The parameters PyTorch's twin holds, by PyTorch name, in PyTorch's order."""
+    if isinstance(layer, WeightNorm):
+        return {name: get(layer) for name, get in _weight_norm_slots(layer).items()}
     params = {}
     if layer.weight is not None:
         params["weight"] = layer.weight
@@ -213,6 +254,14 @@ def _missing_hint(layer: Any, missing: set[str], names: list[str], candidates: l
             "state you leave fresh, and call it with `inference=False` (batch statistics, "
             "which is what such a PyTorch layer uses in eval mode too)."
         )
+    if isinstance(layer, WeightNorm) and missing - {"bias"}:
+        return (
+            "The legacy `torch.nn.utils.weight_norm` saves `weight_g` and `weight_v`: they are "
+            "`original0` and `original1` of `torch.nn.utils.parametrizations.weight_norm`. "
+            "Construct the eqxnorm layer with the PyTorch layer's `name` as `weight_name`."
+        )
+    if isinstance(layer, WeightNorm):
+        return "The PyTorch layer has no bias: wrap a layer built with `use_bias=False`."
     if missing == {"num_batches_tracked"}:
         return (
             "State dicts saved before PyTorch 0.4.1 lack it: add it with the number of "
@@ -254,6 +303,12 @@ def _unexpected_hint(layer: Any, unexpected: set[str], prefix: str) -> str:
             "load_torch_state_dict reads only its `weight` (and sets this layer's bias, if "
             "any, to zeros)."
         )
+    if isinstance(layer, WeightNorm):
+        hints.append(
+            "The wrapped layer has no place for them: wrap a layer built like the PyTorch one "
+            "(e.g. with a bias), with the PyTorch layer's `name` as `weight_name`."
+        )
+        unexpected = set()
     affine = unexpected & {"weight", "bias"}
     if isinstance(layer, RMSNorm):
         affine -= {"bias"}
@@ -343,6 +398,11 @@ def _to_numpy(value: Any, key: str, where: str) -> np.ndarray:
 def _shape_fix(layer: Any, name: str, got: tuple[int, ...]) -> str:
     if name == "num_batches_tracked":
         return "PyTorch stores it as a scalar: pass e.g. `np.asarray(n)`."
+    if isinstance(layer, WeightNorm):
+        return (
+            "Wrap a layer of the PyTorch layer's sizes, with `axis=` the PyTorch layer's "
+            "`dim` (`axis=None` for `dim=None`)."
+        )
     if isinstance(layer, _RowNorm):
         if not got:
             return "Pass the PyTorch layer's tensor as saved."
@@ -373,11 +433,13 @@ def _read(
     """`state_dict[prefix + name]` checked against `like` (shape) and cast to its dtype."""
     key = prefix + name
     array = _to_numpy(state_dict[key], key, where)
-    if array.shape != like.shape:
+    expected = _torch_shape(layer, name, like)
+    if array.shape != expected:
         raise ValueError(
             f"{where}: `{key}` has shape {array.shape}, but {_describe(layer)} expects shape "
-            f"{tuple(like.shape)} for it. {_shape_fix(layer, name, array.shape)}"
+            f"{expected} for it. {_shape_fix(layer, name, array.shape)}"
         )
+    array = array.reshape(like.shape)
     if name == "num_batches_tracked":
         count = float(array)
         if not (count.is_integer() and 0 <= count <= _MAX_COUNT):
@@ -390,14 +452,14 @@ def _read(
 
 
 def load_torch_state_dict(
-    layer: LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm,
+    layer: LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm | WeightNorm,
     state_dict: Mapping[str, Any],
     state: State | None = None,
     *,
     prefix: str = "",
     strict: bool = True,
     weight_offset: float | None = None,
-) -> LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm | tuple[Any, State]:
+) -> LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm | WeightNorm | tuple[Any, State]:
     """Load the state dict of a PyTorch norm layer into an eqxnorm layer.
 
     The layer's parameters (and, for `BatchNorm`, the running statistics in `state`) are
@@ -418,9 +480,10 @@ def load_torch_state_dict(
 
     **Arguments:**
 
-    - `layer`: an `eqxnorm.LayerNorm`, `RMSNorm`, `GroupNorm`, `InstanceNorm` or
-        `BatchNorm`, constructed with the PyTorch layer's settings (shape, `eps`, groups,
-        affine flags; `BatchNorm` momentum = 1 - PyTorch's momentum).
+    - `layer`: an `eqxnorm.LayerNorm`, `RMSNorm`, `GroupNorm`, `InstanceNorm`,
+        `BatchNorm` or `WeightNorm`, constructed with the PyTorch layer's settings (shape,
+        `eps`, groups, affine flags; `BatchNorm` momentum = 1 - PyTorch's momentum;
+        `WeightNorm` wrapping a layer of the same sizes, `axis` = PyTorch's `dim`).
     - `state_dict`: PyTorch key names (`weight`, `bias`, `running_mean`, `running_var`,
         `num_batches_tracked`, each after `prefix`) to NumPy arrays, PyTorch tensors or
         anything `np.asarray` accepts, with PyTorch's shapes: `shape` for `LayerNorm` and
@@ -472,6 +535,14 @@ def load_torch_state_dict(
         weight = values["weight"]
         values["weight"] = (weight.astype(jnp.float32) + shift).astype(weight.dtype)
 
+    if kind is WeightNorm:
+        slots = _weight_norm_slots(layer)
+        layer = eqx.tree_at(
+            lambda m: tuple(get(m) for get in slots.values()),
+            layer,
+            tuple(values[name] for name in slots),
+        )
+        return layer if state is None else (layer, state)
     fields = [n for n in ("weight", "bias") if n in values]
     replacements = [values[n] for n in fields]
     if _dropped_bias(layer):
@@ -490,7 +561,7 @@ def load_torch_state_dict(
 
 
 def torch_state_dict(
-    layer: LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm,
+    layer: LayerNorm | RMSNorm | GroupNorm | InstanceNorm | BatchNorm | WeightNorm,
     state: State | None = None,
     *,
     prefix: str = "",
@@ -507,8 +578,8 @@ def torch_state_dict(
 
     **Arguments:**
 
-    - `layer`: an `eqxnorm.LayerNorm`, `RMSNorm`, `GroupNorm`, `InstanceNorm` or
-        `BatchNorm`.
+    - `layer`: an `eqxnorm.LayerNorm`, `RMSNorm`, `GroupNorm`, `InstanceNorm`,
+        `BatchNorm` or `WeightNorm`.
     - `state`: the [`equinox.nn.State`][] holding a `BatchNorm`'s running statistics (or a
         whole model's); required for `BatchNorm`, ignored for the other layers.
     - `prefix`: prepended to each key, e.g. `"block.0.norm."`.
@@ -560,7 +631,7 @@ def torch_state_dict(
         arrays |= {"running_mean": mean, "running_var": var}
     exported = {}
     for name, value in arrays.items():
-        array = np.array(value)
+        array = np.array(value).reshape(_torch_shape(layer, name, value))
         if array.dtype not in _TORCH_READABLE:
             array = array.astype(np.float32)
         exported[prefix + name] = array

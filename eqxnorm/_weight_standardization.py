@@ -50,6 +50,14 @@ def wrapped_weight(layer: Any, weight_name: Any, where: str, min_fan_in: int) ->
     return weight
 
 
+def call_with_weight(layer: Any, weight_name: str, weight: Array, x: Any, state: Any, key: Any):
+    """`layer(x, key=key)` with `layer.<weight_name>` replaced by `weight`: the call of a
+    reparametrizing wrapper, `(output, state)` when a `state` is passed through."""
+    layer = eqx.tree_at(lambda m: getattr(m, weight_name), layer, weight)
+    out = layer(x, key=key)  # pyright: ignore
+    return out if state is sentinel else (out, state)
+
+
 class WeightStandardization(eqx.Module, Generic[_Layer]):
     r"""Weight standardization of a wrapped layer: every call standardizes the layer's weight
     per output unit, then calls the layer with it.
@@ -154,8 +162,5 @@ class WeightStandardization(eqx.Module, Generic[_Layer]):
         The wrapped layer's output with the standardized weight; or `(output, state)` when
         `state` is passed.
         """
-        layer = eqx.tree_at(
-            lambda m: getattr(m, self.weight_name), self.layer, self.standardized_weight()
-        )
-        out = layer(x, key=key)  # pyright: ignore
-        return out if state is sentinel else (out, state)
+        weight = self.standardized_weight()
+        return call_with_weight(self.layer, self.weight_name, weight, x, state, key)

@@ -9,18 +9,19 @@ input's dtype. NaN or Inf in the input propagate to the outputs that depend on i
 """
 
 import math
+import operator
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Scalar
+from jaxtyping import Array, Bool, Float, Int, Scalar
 
 from . import _checking
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl, implementation, resolve_impl
-from .kernels.reference import FP8_DTYPES, compute_dtype
+from .kernels.reference import FP8_DTYPES, AxisGroups, compute_dtype
 
 AxisName = Hashable | Sequence[Hashable]
 
@@ -28,6 +29,28 @@ AxisName = Hashable | Sequence[Hashable]
 def _as_arrays(*arrays: Any) -> tuple[Any, ...]:
     """JAX arrays from the JAX or NumPy arrays the entry points accept (`None` stays)."""
     return tuple(None if a is None else jnp.asarray(a) for a in arrays)
+
+
+def _valid(x: Array, mask: Any, lengths: Any, batch_ndim: int, first_counted: int):
+    """The padding mask of `x`'s shape: `mask` broadcast, or from `lengths` (of shape
+    `x.shape[:batch_ndim]`) the first `lengths` of the flattened axes `x.shape[first_counted:]`,
+    the same for every index of the axes between; `None` when both are `None`.
+
+    Built from an iota compare, which XLA fuses into the reductions that read it: `lengths`
+    costs no pass over an array of `x`'s size."""
+    if mask is not None:
+        return jnp.broadcast_to(jnp.asarray(mask), x.shape)
+    if lengths is None:
+        return None
+    counted = math.prod(x.shape[first_counted:])
+    between = (1,) * (first_counted - batch_ndim)
+    batch = x.shape[:batch_ndim]
+    position = lax.broadcasted_iota(
+        jnp.int32, (*batch, *between, counted), batch_ndim + len(between)
+    )
+    bound = jnp.asarray(lengths).astype(jnp.int32).reshape(*batch, *between, 1)
+    valid = jnp.broadcast_to(position < bound, (*x.shape[:first_counted], counted))
+    return valid.reshape(x.shape)
 
 
 # --- output options: weight offset, output dtype, FP8 output ----------------------------------
@@ -142,16 +165,26 @@ def _check_row_norm(where: str):
         eps=1e-5,
         axis_name=None,
         impl="auto",
+        mask=None,
+        lengths=None,
         weight_offset=0.0,
         out_dtype=None,
         fp8_scale=None,
     ):
-        _resolve_row_shape(x, weight, bias, shape, where)
+        shape = _resolve_row_shape(x, weight, bias, shape, where)
         _checking.check_eps(eps, where, x)
         _output_options(x, weight, weight_offset, out_dtype, fp8_scale, where)
         if axis_name is not None:
             _checking.axis_size(axis_name, where)
         check_impl(impl, where)
+        _checking.check_mask(mask, x, where)
+        _checking.check_lengths(lengths, mask, x.shape[: x.ndim - len(shape)], where)
+        if lengths is not None and axis_name is not None:
+            raise ValueError(
+                f"{where}: `lengths` counts the elements of the whole example, but with "
+                f"axis_name={axis_name!r} each member holds a slice of its features. Pass "
+                f"each member's own slice of the padding `mask=` instead."
+            )
 
     return precheck
 
@@ -191,7 +224,19 @@ def _from_rows(rows: Array, like: Array, shape: tuple[int, ...]) -> Array:
     return (rows[0] if added else rows).reshape(like.shape)
 
 
-def _row_norm(op: str, x, weight, bias, shape, eps, impl, axis_name=None, options=(0, None, None)):
+def _row_norm(
+    op: str,
+    x,
+    weight,
+    bias,
+    shape,
+    eps,
+    impl,
+    axis_name=None,
+    mask=None,
+    lengths=None,
+    options=(0, None, None),
+):
     where = f"eqxnorm.functional.{op}"
     shape = _resolve_row_shape(x, weight, bias, shape, where)
     dim = math.prod(shape)
@@ -199,8 +244,11 @@ def _row_norm(op: str, x, weight, bias, shape, eps, impl, axis_name=None, option
     options = _output_options(x, weight, *options, where)
     flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
     rows = _to_rows(x, shape, impl)
+    lead = x.ndim - len(shape)
+    valid = _valid(x, mask, lengths, lead, lead)
+    valid = None if valid is None else _to_rows(valid, shape, impl)
     fn = getattr(implementation(impl), op)
-    y = fn(rows, *flat, eps=float(eps), axis_name=axis_name, **_options_kwargs(options))
+    y = fn(rows, *flat, eps=float(eps), axis_name=axis_name, mask=valid, **_options_kwargs(options))
     if options[2] is not None:
         return _from_rows(y[0], x, shape), y[1]
     return _from_rows(y, x, shape)
@@ -216,6 +264,8 @@ def layer_norm(
     eps: _checking.Number = 1e-5,
     axis_name: AxisName | None = None,
     impl: Impl = "auto",
+    mask: Bool[AnyArray, "*mask_shape"] | None = None,
+    lengths: Int[AnyArray, "*lengths_shape"] | None = None,
     weight_offset: _checking.Number = 0.0,
     out_dtype: Any = None,
     fp8_scale: Any = None,
@@ -244,6 +294,17 @@ def layer_norm(
         local one) and the statistics are over all of them, pooled with `lax.pmean`. With
         `impl="pallas"` this runs the reference, which XLA fuses around the collective.
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
+    - `mask`: booleans broadcastable to `x`'s shape, `True` where an element counts in
+        the statistics (Flax's `mask=`, for padding): each slice's mean and variance are over
+        its `True` elements only. Every element is normalized with its slice's statistics,
+        masked ones included (give padding finite values, e.g. zeros, if its outputs reach
+        a loss); the masked elements' gradients with respect to the statistics are exactly
+        zero; a slice with no `True` element gives its bias (0 without one), never NaN.
+        With `impl="pallas"` this runs the reference.
+    - `lengths`: integers of shape `batch`, the shorthand for the mask of each slice's
+        first `lengths` elements (of its normalized axes flattened in row-major order): the
+        padding of variable-length data. Built in the compiled program by an iota compare,
+        no mask array is read. Not with `mask` or `axis_name`.
     - `weight_offset`: the scale applied is `weight_offset + weight`, added in float32: a
         zero-centred weight (Gemma's RMSNorm and "LayerNorm1p" store $\gamma$ around 0 and
         apply $1 + \gamma$: `weight_offset=1.0`; TransformerEngine's `zero_centered_gamma`).
@@ -264,14 +325,18 @@ def layer_norm(
 
     **Raises:**
 
-    `TypeError` for non-floating input; `ValueError` when the trailing axes of `x` do not
-    match `shape`/the parameters, `shape` is empty, `eps <= 0`, `axis_name` is not bound by
-    an enclosing transformation, `impl` is unknown, `weight_offset` is non-zero without a
-    weight, `out_dtype` is a float8 dtype without `fp8_scale` (or `fp8_scale` is not a
-    scalar or comes with another `out_dtype`).
+    `TypeError` for non-floating input, a non-boolean `mask` or non-integer `lengths`;
+    `ValueError` when the trailing axes of `x` do not match `shape`/the parameters, `shape`
+    is empty, `eps <= 0`, `axis_name` is not bound by an enclosing transformation, `impl` is
+    unknown, `mask` does not broadcast to `x`, `lengths` is not of the batch shape,
+    `weight_offset` is non-zero without a weight, or `out_dtype` is a float8 dtype
+    without `fp8_scale` (or `fp8_scale` is not a scalar or comes with another
+    `out_dtype`).
     """
     options = (weight_offset, out_dtype, fp8_scale)
-    return _row_norm("layer_norm", x, weight, bias, shape, eps, impl, axis_name, options)
+    return _row_norm(
+        "layer_norm", x, weight, bias, shape, eps, impl, axis_name, mask, lengths, options
+    )
 
 
 @_checking.typechecked(_check_row_norm("eqxnorm.functional.rms_norm"))
@@ -284,6 +349,8 @@ def rms_norm(
     eps: _checking.Number = 1e-5,
     axis_name: AxisName | None = None,
     impl: Impl = "auto",
+    mask: Bool[AnyArray, "*mask_shape"] | None = None,
+    lengths: Int[AnyArray, "*lengths_shape"] | None = None,
     weight_offset: _checking.Number = 0.0,
     out_dtype: Any = None,
     fp8_scale: Any = None,
@@ -308,7 +375,9 @@ def rms_norm(
     As [`eqxnorm.functional.layer_norm`][].
     """
     options = (weight_offset, out_dtype, fp8_scale)
-    return _row_norm("rms_norm", x, weight, bias, shape, eps, impl, axis_name, options)
+    return _row_norm(
+        "rms_norm", x, weight, bias, shape, eps, impl, axis_name, mask, lengths, options
+    )
 
 
 # --- GroupNorm / InstanceNorm ----------------------------------------------------------------
@@ -354,8 +423,17 @@ def _check_channel_params(channels: int, where: str, **params: Any) -> None:
         _checking.check_param(param, (channels,), name, where, "one value per channel")
 
 
-def _check_group_norm(x, groups, weight=None, bias=None, *, eps=1e-5, impl="auto"):
-    _check_group_args(x, groups, weight, bias, eps, impl, "eqxnorm.functional.group_norm")
+def _check_group_norm(
+    x, groups, weight=None, bias=None, *, eps=1e-5, impl="auto", mask=None, lengths=None
+):
+    where = "eqxnorm.functional.group_norm"
+    _check_group_args(x, groups, weight, bias, eps, impl, where)
+    _check_channels_mask(x, mask, lengths, where)
+
+
+def _check_channels_mask(x, mask, lengths, where: str) -> None:
+    _checking.check_mask(mask, x, where)
+    _checking.check_lengths(lengths, mask, x.shape[:1], where)
 
 
 def _check_group_args(x, groups, weight, bias, eps, impl, where: str) -> None:
@@ -373,16 +451,19 @@ def _check_group_args(x, groups, weight, bias, eps, impl, where: str) -> None:
     check_impl(impl, where)
 
 
-def _group_norm(x, groups, weight, bias, eps, impl, example=False):
+def _group_norm(x, groups, weight, bias, eps, impl, example=False, mask=None, lengths=None):
     """GroupNorm of `x` `(batch, channels, *spatial)`, or with `example` of one example
-    `(channels, *spatial)`, the modules' call."""
+    `(channels, *spatial)`, the modules' call; `mask`/`lengths` as `group_norm` takes them."""
     x, weight, bias = _as_arrays(x, weight, bias)
+    valid = _valid(x, mask, lengths, 1, 2)
 
-    def norm(x3):
-        return (implementation(impl).group_norm(x3, weight, bias, groups=groups, eps=float(eps)),)
+    def norm(x3, *m3):
+        fn = implementation(impl).group_norm
+        return (fn(x3, weight, bias, groups=groups, eps=float(eps), mask=(*m3, None)[0]),)
 
     x3 = _flatten_spatial(x, example)
-    (y,) = _on_example(norm, impl, x3) if example else norm(x3)
+    m3 = () if valid is None else (_flatten_spatial(valid, example),)
+    (y,) = _on_example(norm, impl, x3, *m3) if example else norm(x3, *m3)
     return y.reshape(x.shape)
 
 
@@ -395,6 +476,8 @@ def group_norm(
     *,
     eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
+    mask: Bool[AnyArray, "*mask_shape"] | None = None,
+    lengths: Int[AnyArray, "*lengths_shape"] | None = None,
 ) -> Float[Array, "batch channels *spatial"]:
     r"""Group normalization: the channels split into `groups` contiguous groups, each
     `(example, group)` normalized over its `channels/groups × spatial` elements, then a
@@ -413,6 +496,14 @@ def group_norm(
     - `weight`, `bias`: `(channels,)` or `None`.
     - `eps`: added to the variance; must be positive.
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
+    - `mask`: booleans broadcastable to `x`'s shape, `True` where an element counts in
+        the statistics (Flax's `mask=`, for padded images or sequences); see
+        [`eqxnorm.functional.layer_norm`][] for the outputs at masked positions and for an
+        empty slice.
+    - `lengths`: integers of shape `(batch,)`, the shorthand for the mask of each example's
+        first `lengths` positions of its spatial axes flattened in row-major order (e.g. the
+        valid frames of padded audio `(batch, channels, time)`), the same for every channel.
+        Not with `mask`.
 
     **Returns:**
 
@@ -420,14 +511,17 @@ def group_norm(
 
     **Raises:**
 
-    `TypeError` for non-floating input; `ValueError` for a rank below 2, an empty axis,
-    `groups` not dividing `channels`, parameters of the wrong shape, `eps <= 0`, or an unknown
-    `impl`.
+    `TypeError` for non-floating input, a non-boolean `mask` or non-integer `lengths`;
+    `ValueError` for a rank below 2, an empty axis, `groups` not dividing `channels`,
+    parameters of the wrong shape, `eps <= 0`, an unknown `impl`, a `mask` that does not
+    broadcast to `x`, or `lengths` not of shape `(batch,)`.
     """
-    return _group_norm(x, groups, weight, bias, eps, impl)
+    return _group_norm(x, groups, weight, bias, eps, impl, mask=mask, lengths=lengths)
 
 
-def _check_instance_norm(x, weight=None, bias=None, *, eps=1e-5, impl="auto"):
+def _check_instance_norm(
+    x, weight=None, bias=None, *, eps=1e-5, impl="auto", mask=None, lengths=None
+):
     where = "eqxnorm.functional.instance_norm"
     _, channels, spatial = _check_channels_first(x, where)
     if spatial < 2:
@@ -440,6 +534,7 @@ def _check_instance_norm(x, weight=None, bias=None, *, eps=1e-5, impl="auto"):
     _check_channel_params(channels, where, weight=weight, bias=bias)
     _checking.check_eps(eps, where, x)
     check_impl(impl, where)
+    _check_channels_mask(x, mask, lengths, where)
 
 
 @_checking.typechecked(_check_instance_norm)
@@ -450,6 +545,8 @@ def instance_norm(
     *,
     eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
+    mask: Bool[AnyArray, "*mask_shape"] | None = None,
+    lengths: Int[AnyArray, "*lengths_shape"] | None = None,
 ) -> Float[Array, "batch channels *spatial"]:
     r"""Instance normalization: each `(example, channel)` normalized over its spatial axes,
     then a per-channel affine. Equal to `group_norm(x, channels, ...)`.
@@ -466,6 +563,7 @@ def instance_norm(
     - `weight`, `bias`: `(channels,)` or `None`.
     - `eps`: added to the variance; must be positive.
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
+    - `mask`, `lengths`: as [`eqxnorm.functional.group_norm`][].
 
     **Returns:**
 
@@ -476,10 +574,50 @@ def instance_norm(
     As [`eqxnorm.functional.group_norm`][], and `ValueError` for fewer than two spatial
     elements.
     """
-    return _group_norm(x, x.shape[1], weight, bias, eps, impl)
+    return _group_norm(x, x.shape[1], weight, bias, eps, impl, mask=mask, lengths=lengths)
 
 
 # --- BatchNorm -------------------------------------------------------------------------------
+
+
+def _static_groups(axis_index_groups: Any, where: str) -> tuple[tuple[int, ...], ...] | None:
+    """`axis_index_groups` as a tuple of tuples of ints (hashable, for a static field), or
+    `None`."""
+    if axis_index_groups is None:
+        return None
+    try:
+        return tuple(tuple(operator.index(i) for i in group) for group in axis_index_groups)
+    except TypeError:
+        raise TypeError(
+            f"{where}: `axis_index_groups` must be a sequence of sequences of member "
+            f"indices (ints), e.g. [[0, 1], [2, 3]], but got {axis_index_groups!r}."
+        ) from None
+
+
+def _axis_groups(axis_name: Any, axis_index_groups: Any, where: str) -> Any:
+    """`axis_name`, or with `axis_index_groups` the `reference.AxisGroups` pooling within
+    them, validated: a partition of the members of `axis_name` into groups of one size (as
+    `lax.psum` requires). Call inside the transformation binding the name."""
+    if axis_index_groups is None:
+        return axis_name
+    if axis_name is None:
+        raise ValueError(
+            f"{where}: `axis_index_groups` groups the members of a named axis, but "
+            f"axis_name=None. Pass the `axis_name` the groups index, e.g. `axis_name='batch'`."
+        )
+    groups = _static_groups(axis_index_groups, where)
+    members = _checking.axis_size(axis_name, where)
+    flat = sorted(i for group in groups for i in group)
+    if flat != list(range(members)) or len({len(g) for g in groups}) != 1:
+        raise ValueError(
+            f"{where}: `axis_index_groups` must split the {members} members of "
+            f"axis_name={axis_name!r} (indices 0 to {members - 1}) into groups of one size, "
+            f"each index in exactly one group, but got {axis_index_groups!r}. For example "
+            f"[[0, 1], [2, 3]] pools members 0 and 1, and 2 and 3, of 4."
+        )
+    # Hashable, as static arguments must be.
+    axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
+    return AxisGroups(axis_name, groups)
 
 
 def _check_batch_norm(
@@ -491,7 +629,10 @@ def _check_batch_norm(
     var=None,
     eps=1e-5,
     axis_name=None,
+    axis_index_groups=None,
     impl="auto",
+    mask=None,
+    lengths=None,
 ):
     where = "eqxnorm.functional.batch_norm"
     batch, channels, spatial = _check_channels_first(x, where)
@@ -504,6 +645,9 @@ def _check_batch_norm(
         )
     if mean is None:
         members = 1 if axis_name is None else _checking.axis_size(axis_name, where)
+        grouped = _axis_groups(axis_name, axis_index_groups, where)
+        if isinstance(grouped, AxisGroups):
+            members = grouped.group_size
         if batch * spatial * members < 2:
             raise ValueError(
                 f"{where}: batch statistics need more than one value per channel, but "
@@ -513,6 +657,7 @@ def _check_batch_norm(
             )
     _checking.check_eps(eps, where, x)
     check_impl(impl, where)
+    _check_channels_mask(x, mask, lengths, where)
 
 
 @_checking.typechecked(_check_batch_norm)
@@ -525,7 +670,10 @@ def batch_norm(
     var: Float[AnyArray, " channels"] | None = None,
     eps: _checking.Number = 1e-5,
     axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
     impl: Impl = "auto",
+    mask: Bool[AnyArray, "*mask_shape"] | None = None,
+    lengths: Int[AnyArray, "*lengths_shape"] | None = None,
 ) -> tuple[
     Float[Array, "batch channels *spatial"], Float[Array, " channels"], Float[Array, " channels"]
 ]:
@@ -548,7 +696,16 @@ def batch_norm(
     - `mean`, `var`: `(channels,)` statistics to normalize with, or both `None`.
     - `eps`: added to the variance; must be positive.
     - `axis_name`: a named axis (or sequence of names) whose members' batches are pooled.
+    - `axis_index_groups`: pool only within groups of the members of `axis_name`, as in
+        Flax and Haiku: e.g. `[[0, 1], [2, 3]]` normalizes members 0 and 1 with their
+        pooled statistics, and 2 and 3 with theirs. The groups partition the member
+        indices (for a sequence of names, the linear index, the last name varying
+        fastest) into groups of one size. Under `vmap`, `pmap` and `shard_map` alike.
     - `impl`: `"auto"`, `"pallas"` or `"reference"`.
+    - `mask`, `lengths`: as [`eqxnorm.functional.group_norm`][]: the batch statistics are
+        over the `True` elements only (padded examples and positions excluded), pooled over
+        `axis_name` (members may hold different numbers of them). Not used with `mean` and
+        `var` given.
 
     **Returns:**
 
@@ -560,25 +717,34 @@ def batch_norm(
 
     `TypeError` for non-floating input; `ValueError` for a rank below 2, an empty axis,
     parameters of the wrong shape, only one of `mean`/`var`, an unbound `axis_name`, a single
-    value per channel in training, `eps <= 0`, or an unknown `impl`.
+    value per channel in training, `eps <= 0`, an unknown `impl`, or `axis_index_groups`
+    without `axis_name` or not splitting its members into groups of one size.
     """
-    return _batch_norm(x, weight, bias, mean, var, eps, axis_name, impl)
+    if mean is None:
+        axis_name = _axis_groups(axis_name, axis_index_groups, "eqxnorm.functional.batch_norm")
+    return _batch_norm(x, weight, bias, mean, var, eps, axis_name, impl, mask=mask, lengths=lengths)
 
 
-def _batch_norm(x, weight, bias, mean, var, eps, axis_name, impl, example=False):
+def _batch_norm(
+    x, weight, bias, mean, var, eps, axis_name, impl, example=False, mask=None, lengths=None
+):
     """BatchNorm of `x` `(batch, channels, *spatial)`, or with `example` of one example
-    `(channels, *spatial)` (the modules' call, the batch being the members of `axis_name`)."""
+    `(channels, *spatial)` (the modules' call, the batch being the members of `axis_name`);
+    `mask`/`lengths` as `batch_norm` takes them."""
     x, weight, bias, mean, var = _as_arrays(x, weight, bias, mean, var)
     impl_module = implementation(impl)
+    valid = None if mean is not None else _valid(x, mask, lengths, 1, 2)
 
-    def norm(x3):
+    def norm(x3, *m3):
         if mean is None:
-            return impl_module.batch_norm(x3, weight, bias, eps=float(eps), axis_name=axis_name)
+            fn = impl_module.batch_norm
+            return fn(x3, weight, bias, eps=float(eps), axis_name=axis_name, mask=(*m3, None)[0])
         y = impl_module.batch_norm_inference(x3, mean, var, weight, bias, eps=float(eps))
         return y, mean, var
 
     x3 = _flatten_spatial(x, example)
-    y, mean, var = _on_example(norm, impl, x3) if example else norm(x3)
+    m3 = () if valid is None else (_flatten_spatial(valid, example),)
+    y, mean, var = _on_example(norm, impl, x3, *m3) if example else norm(x3, *m3)
     return y.reshape(x.shape), mean, var
 
 
@@ -778,6 +944,106 @@ def spectral_norm(weight: Float[AnyArray, " out *rest"]) -> Scalar:
     (weight,) = _as_arrays(weight)
     matrix = weight.reshape(weight.shape[0], -1).astype(compute_dtype(weight.dtype))
     return jnp.linalg.svd(matrix, compute_uv=False)[0]
+
+
+# --- Weight normalization --------------------------------------------------------------------
+
+
+def _weight_norm_axes(ndim: int, axis: Any, where: str) -> tuple[int, ...]:
+    """The axes a weight of rank `ndim` is reduced over for the norm kept per index of `axis`
+    (all of them for `axis=None`)."""
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(
+            f"{where}: `axis` must be a Python int or None, but got {axis!r} of type "
+            f"{type(axis).__name__}. Pass e.g. `axis=0` (one norm per output unit)."
+        )
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{where}: axis={axis} is out of range for a weight of rank {ndim}. Pass an axis "
+            f"in [{-ndim}, {ndim}), e.g. `axis=0` (one norm per output unit), or `axis=None` "
+            f"(one norm for the whole weight)."
+        )
+    kept = axis % ndim
+    return tuple(a for a in range(ndim) if a != kept)
+
+
+def _weight_norm_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+    """The shape of the magnitude `g` of a weight of shape `shape`: `shape` with every axis
+    reduced over (all but `axis`) set to 1, as `eqx.nn.WeightNorm` keeps it."""
+    reduced = _weight_norm_axes(len(shape), axis, "eqxnorm.functional.weight_normalize")
+    return tuple(1 if a in reduced else s for a, s in enumerate(shape))
+
+
+def _check_weight_normalize(weight, g, *, axis=0, impl="auto"):
+    where = "eqxnorm.functional.weight_normalize"
+    _checking.check_floating(weight, "weight", where)
+    _checking.check_floating(g, "g", where)
+    if weight.ndim == 0:
+        raise ValueError(
+            f"{where} needs a weight with at least one axis, but got a scalar weight. Wrap "
+            f"only layers whose weight is an array (a matrix, a convolution kernel)."
+        )
+    expected = _weight_norm_shape(tuple(weight.shape), axis)
+    if tuple(g.shape) != expected:
+        raise ValueError(
+            f"{where}: `g` must have shape {expected} (weight.shape={tuple(weight.shape)} "
+            f"with the axes other than axis={axis} set to 1), but got g.shape="
+            f"{tuple(g.shape)}. Initialise it as `eqxnorm.WeightNorm` does: the norm of the "
+            f"weight over those axes, with `keepdims=True`."
+        )
+    check_impl(impl, where)
+
+
+@_checking.typechecked(_check_weight_normalize)
+def weight_normalize(
+    weight: Float[AnyArray, "*shape"],
+    g: Float[AnyArray, "*g_shape"],
+    *,
+    axis: int | None = 0,
+    impl: Impl = "auto",
+) -> Float[Array, "*shape"]:
+    r"""Weight normalization: the weight $v$ rescaled to the magnitude $g$,
+
+    $$W = g \, \frac{v}{\lVert v \rVert},$$
+
+    with one Euclidean norm $\lVert v \rVert$ per index of `axis`, over every other axis
+    (for `(out, in)` and `axis=0`: one per output unit, over its row; `axis=None`: one
+    for the whole weight). Gradients flow to both $v$ and $g$. Computed in float32 (float64
+    for float64), returned in the weight's dtype; an all-zero slice of $v$ gives NaN, as in
+    `eqx.nn.WeightNorm` and PyTorch.
+
+    ??? cite
+        [Weight Normalization: A Simple Reparameterization to Accelerate Training of Deep
+        Neural Networks](https://arxiv.org/abs/1602.07868)
+
+    **Arguments:**
+
+    - `weight`: $v$, any shape with at least one axis, e.g. `(out, in)` or
+        `(out, in, *kernel)`.
+    - `g`: the magnitude, of `weight`'s shape with every axis but `axis` set to 1 (the
+        `g` of [`eqxnorm.WeightNorm`][] and `eqx.nn.WeightNorm`).
+    - `axis`: the axis keeping one norm per index, or `None` for one norm in all.
+    - `impl`: `"auto"` or `"reference"` (a sum of squares and a scale, which XLA fuses;
+        there is no kernel).
+
+    **Returns:**
+
+    The weight $W$, of `weight`'s shape and dtype.
+
+    **Raises:**
+
+    `TypeError` for non-floating arrays or a non-int `axis`; `ValueError` for a scalar
+    weight, an `axis` out of range, a `g` of the wrong shape, or an unknown `impl`.
+    """
+    weight, g = _as_arrays(weight, g)
+    axes = _weight_norm_axes(weight.ndim, axis, "eqxnorm.functional.weight_normalize")
+    cdt = compute_dtype(weight.dtype)
+    v = weight.astype(cdt)
+    # The order of `eqx.nn.WeightNorm`, `v * g / norm`, so that the two agree.
+    norm = jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True))
+    return (v * g.astype(cdt) / norm).astype(weight.dtype)
 
 
 # --- Fused residual add + norm ---------------------------------------------------------------
@@ -1179,6 +1445,7 @@ __all__ = [
     "weight_standardize",
     "spectral_normalize",
     "spectral_norm",
+    "weight_normalize",
     "add_layer_norm",
     "add_rms_norm",
     "adaptive_layer_norm",

@@ -54,7 +54,7 @@ from jax.custom_batching import custom_vmap
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu, triton as plgpu
 
-from . import _triton
+from . import _triton, _tuning
 from ._sharding import Rule, empty_batch, gathered, partitioned
 
 F32 = jnp.float32
@@ -115,17 +115,21 @@ def per_platform(
     if backend not in GPU_BACKENDS:
         raise ValueError(f"backend must be one of {GPU_BACKENDS}, but got backend={backend!r}.")
 
+    launch = _tuning.launch_of(fn, args)
+
     def staged(*operands):
-        return lax.platform_dependent(
-            *operands,
-            cuda=_on_cuda(fn, mosaic_gpu, backend, operands),
-            rocm=functools.partial(fn, TRITON),
-            tpu=functools.partial(_on_mosaic, fn),
-            default=functools.partial(fn, INTERPRET),
-        )
+        with _tuning.launching(launch):
+            return lax.platform_dependent(
+                *operands,
+                cuda=_on_cuda(fn, mosaic_gpu, backend, operands),
+                rocm=functools.partial(fn, TRITON),
+                tpu=functools.partial(_on_mosaic, fn),
+                default=functools.partial(fn, INTERPRET),
+            )
 
     if backend == "mosaic_gpu":
-        return gathered(functools.partial(_pinned_mosaic_gpu, mosaic_gpu))(*args)
+        with _tuning.launching(launch):
+            return gathered(functools.partial(_pinned_mosaic_gpu, mosaic_gpu))(*args)
     if sharding is None:
         return gathered(staged)(*args)
     return partitioned(staged, sharding)(*args)
@@ -264,6 +268,8 @@ def block_config(target: Target, rows: int, width: int) -> BlockConfig:
     5. Triton: `num_warps = clamp(block_rows × block_cols / 512, 1, 16)` (16 to 32 elements
        per thread), `num_stages` 1 for one pass and 2 for chunked loops (prefetch the next
        chunk).
+    6. A configuration measured faster on this device (`python -m eqxnorm.tune`) replaces the
+       choice: `block_rows`, `num_warps` halved or doubled (`eqxnorm.kernels._tuning.tuned`).
     """
     cols = padded(target, width)
     if cols <= MAX_BLOCK_ELEMENTS:
@@ -279,7 +285,8 @@ def block_config(target: Target, rows: int, width: int) -> BlockConfig:
             block_cols, chunks = width, 1
     elements = block_rows * block_cols
     num_warps = min(max(elements // 512, 1), 16)
-    return BlockConfig(block_rows, block_cols, chunks, num_warps, 1 if chunks == 1 else 2)
+    config = BlockConfig(block_rows, block_cols, chunks, num_warps, 1 if chunks == 1 else 2)
+    return _tuning.tuned(config, target.name, rows, width)
 
 
 # A block's share of VMEM: up to 8 row-sized operands and outputs (x, residual, dy, dh; y, h,

@@ -43,6 +43,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import _tuning
+
 try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -87,6 +89,29 @@ def supports(dtype: Any, width: int) -> bool:
     return (width * dtype.itemsize) % 16 == 0
 
 
+# What one SM offers the programs resident on it: shared memory (228 KiB on sm_90 and sm_100),
+# and the SMs of the GPU assumed when none is attached (an H100/H200 has 132).
+SMEM_PER_SM = 228 * 1024
+DEFAULT_SM_COUNT = 132
+# At most this many programs of one kernel resident per SM (one warpgroup each): the registers
+# of the heaviest kernel (the backward, about 96 per thread) allow 5.
+MAX_RESIDENT = 4
+# What an SM needs in flight to run an H200's HBM at its bandwidth (Little's law: 4.8 TB/s ×
+# about 1 µs of loaded latency, over 132 SMs): 36 KiB. Grids are sized to stage twice that.
+IN_FLIGHT_BYTES = 36 * 1024
+# Programs per SM the forward grids aim for where the rows allow (several staging at once).
+FILL = 2
+
+
+@functools.cache
+def _sm_count() -> int:
+    try:
+        gpus = jax.devices("cuda")
+    except RuntimeError:
+        return DEFAULT_SM_COUNT
+    return getattr(gpus[0], "core_count", None) or DEFAULT_SM_COUNT
+
+
 class Boxes(NamedTuple):
     """How a program stages its rows of `width` elements of `dtype` (see the module
     docstring): `block_rows` rows (0: they do not fit on chip), in `chunks` TMA boxes of
@@ -106,6 +131,7 @@ def boxes(
     width: int,
     staged_bytes_per_element: int,
     segment: int | None = None,
+    groups: int = 1,
 ) -> Boxes:
     r"""The staging of `rows` rows of `width` elements by a kernel that loads arrays of
     `dtypes` into registers and keeps `staged_bytes_per_element` bytes on chip per element
@@ -120,8 +146,14 @@ def boxes(
       of `segment` elements), `cols` also divides `segment`, so that each box lies in one
       channel (no such `cols`: `block_rows` is 0);
     - `chunks = ceil(width / cols)` boxes per row; a warp holds `32 / lanes` rows;
-    - `block_rows`: up to `MAX_BLOCK_ROWS` rows (a multiple of the tile's rows, no more than
-      the input has rounded up), as many as fit in `SMEM_BYTES`; 0 if a tile's rows do not.
+    - `block_rows`: up to `MAX_BLOCK_ROWS` rows (a multiple of the tile's rows), as many as fit
+      in `SMEM_BYTES` (0 if a tile's rows do not), and no more than give every SM `FILL`
+      programs: `ceil(groups × rows / (FILL × SMs))` rounded up to whole tiles (`groups`
+      grids of `rows` rows each). Larger blocks leave SMs idle or alone with one program
+      that waits for its staging (GroupNorm's 512 rows of 4096 elements in blocks of 16 rows
+      would run on 32 of an H200's 132 SMs).
+    - a `block_rows` measured faster on this device (`python -m eqxnorm.tune`) replaces it,
+      halved or doubled within what fits (`eqxnorm.kernels._tuning.tuned`).
     """
     vector = 16 // max(jnp.dtype(d).itemsize for d in dtypes)
     lanes = 32
@@ -134,7 +166,8 @@ def boxes(
     tile_rows = WARPS * (32 // lanes)
     per_row = n_chunks * cols * staged_bytes_per_element
     fit = SMEM_BYTES // per_row // tile_rows * tile_rows
-    want = max(tile_rows, min(MAX_BLOCK_ROWS, -(-rows // tile_rows) * tile_rows))
+    per_sm = -(-rows * groups // (FILL * _sm_count()))
+    want = max(tile_rows, min(MAX_BLOCK_ROWS, -(-per_sm // tile_rows) * tile_rows))
     lane_rows = 32 // lanes
     if lane_rows == 1:
         tiling, warp_dims, lane_dims = ((tile_rows, cols), (vector,)), (-3,), (-2,)
@@ -145,7 +178,27 @@ def boxes(
         plgpu.Tiling(tiling), warp_dims=warp_dims, lane_dims=lane_dims, vector_dim=-1
     )
     in_segments = segment is None or segment % cols == 0
-    return Boxes(min(fit, want) if in_segments else 0, cols, n_chunks, tile_rows, layout)
+    chosen = Boxes(min(fit, want) if in_segments else 0, cols, n_chunks, tile_rows, layout)
+    return _tuning.tuned(chosen, "mosaic_gpu", rows, width, most_rows=fit)
+
+
+def persistent_programs(blocks: int, program_smem_bytes: int, groups: int = 1) -> tuple[int, int]:
+    r"""`(programs, iterations)` per group of a persistent grid over `groups × blocks` row
+    blocks: `SMs × resident / groups` programs (at least 1), `resident` the fewest per SM
+    that stage `2 × IN_FLIGHT_BYTES` at once (a program stages `program_smem_bytes`, both
+    slots of a pipelined one), within what shared memory holds and `MAX_RESIDENT`; each loops
+    over `iterations = ceil(blocks / that)` blocks, and then as few programs as give every one
+    `iterations` blocks (`programs × iterations - blocks < programs` blocks past the end,
+    which read TMA's zeros and store nothing). More programs would not move data faster:
+    they would only write more per-program partial sums (the row norms' backward, whose
+    parameter-gradient partials are `programs × width` float32 instead of `blocks ×
+    width`)."""
+    program_smem_bytes = max(program_smem_bytes, 1)
+    needed = -(-2 * IN_FLIGHT_BYTES // program_smem_bytes)
+    resident = max(1, min(MAX_RESIDENT, SMEM_PER_SM // program_smem_bytes, needed))
+    most = max(1, _sm_count() * resident // groups)
+    iterations = -(-blocks // most)
+    return -(-blocks // iterations), iterations
 
 
 # Shared memory for reductions across the warps (a box's column sums: 4 warps × 256 float32).

@@ -272,6 +272,7 @@ def _boxes(rows_in, params, shape, more_rows=(), layout_dtype=None) -> m.Boxes:
         shape[1],
         shape[2],
         sum(jnp.dtype(d).itemsize for d in rows_in),
+        groups=shape[0],
     )
 
 
@@ -405,11 +406,24 @@ def forward_call(
 
 
 def _backward_body(
-    *refs, boxes, width, center, has_weight, has_dh, out_reuse, n_outs, param_grads, per_box
+    *refs,
+    boxes,
+    width,
+    center,
+    has_weight,
+    has_dh,
+    out_reuse,
+    n_outs,
+    param_grads,
+    per_box,
+    programs,
+    iterations,
+    slots,
 ):
     n_in = 5 + has_weight + has_dh
-    ins, outs = refs[:n_in], refs[n_in : n_in + n_outs + 2 * param_grads]
-    scratch = list(refs[n_in + n_outs + 2 * param_grads :])
+    n_partials = param_grads * (2 if per_box else 1)
+    ins, outs = refs[:n_in], refs[n_in : n_in + n_outs + n_partials]
+    scratch = list(refs[n_in + n_outs + n_partials :])
     x_ref, dy_ref, *stat_refs = ins[:5]
     w_ref = ins[5] if has_weight else None
     dh_ref = ins[5 + has_weight] if has_dh else None
@@ -420,64 +434,118 @@ def _backward_body(
     bars = scratch
 
     i, group = lax.axis_index("rows"), lax.axis_index("groups")
-    rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
     tools = _box_tools(boxes, width, i * 0)
     _, bcast, _ = tools
     layout = boxes.layout
     staged = [(x_ref, x_smem), (dy_ref, dy_smem)] + ([(dh_ref, dh_smem)] if has_dh else [])
-    for (src, dst), bar in zip(staged, bars, strict=False):
-        _copy_in(src, dst, bar, rows, boxes, tools, group)
-    for bar in bars:
-        plgpu.barrier_wait(bar)
-    # The statistics are padded to whole programs: read straight from HBM, in bounds.
-    shift, offset, rstd = (
-        plgpu.load(ref.at[group, rows], layout=layout.reduce(1), optimized=False)
-        for ref in stat_refs
-    )
+    buffers = {"dy": dy_smem, "dh": dh_smem}
+    targets = [extra.pop(0) if reuse is None else buffers[reuse] for reuse in out_reuse]
 
-    def values(k):
-        xhat = (_load(x_smem, k, layout) - bcast(shift, [0])) - bcast(offset, [0])
-        xhat = xhat * bcast(rstd, [0])
-        dy = _load(dy_smem, k, layout)
-        if w_ref is None:
-            return xhat, dy, dy
-        return xhat, dy, dy * _param(w_ref, k, rows, group, per_box, boxes, tools)
+    def rows_of(it):
+        # Block `i + it · programs` of the persistent grid (`_mosaic_gpu.persistent_programs`).
+        return pl.ds((i + it * programs) * boxes.block_rows, boxes.block_rows)
 
-    def sums(k, acc):
-        xhat, _, g = values(k)
-        gx = acc[0] + jnp.sum(g * xhat, axis=1)
-        return (gx, acc[1] + jnp.sum(g, axis=1)) if center else (gx, acc[1])
+    def stage(it, slot):
+        for (src, dst), bar in zip(staged, bars, strict=False):
+            _copy_in(src, dst.at[slot], bar.at[slot], rows_of(it), boxes, tools, group)
 
-    zero = shift * 0.0
-    sum_gx, sum_g = lax.fori_loop(0, boxes.chunks, sums, (zero, zero))
-    mean_gx, mean_g = sum_gx * (1.0 / width), sum_g * (1.0 / width)
-    targets = [
-        extra.pop(0) if reuse is None else {"dy": dy_smem, "dh": dh_smem}[reuse]
-        for reuse in out_reuse
-    ]
+    def block(it, first: bool):
+        rows, slot = rows_of(it), it % slots
+        if not first or slots == 2:
+            # The shared memory about to be staged over (this block's with one slot, the
+            # previous block's with two) has been read, by the warps and by the TMA stores
+            # of its outputs. With two slots the next block is staged while this one is
+            # computed (past the last block: TMA's zeros, waited for at the end).
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.commit_smem()
+            if slots == 2:
+                stage(it + 1, (it + 1) % 2)
+            else:
+                stage(it, 0)
+        for bar in bars:
+            plgpu.barrier_wait(bar.at[slot])
+        x_s, dy_s = x_smem.at[slot], dy_smem.at[slot]
+        dh_s = None if dh_smem is None else dh_smem.at[slot]
+        # The statistics are padded to whole programs: read straight from HBM, in bounds.
+        shift, offset, rstd = (
+            plgpu.load(ref.at[group, rows], layout=layout.reduce(1), optimized=False)
+            for ref in stat_refs
+        )
 
-    @pl.loop(0, boxes.chunks)
-    def _(k):
-        xhat, dy, g = values(k)
-        dx = (g - bcast(mean_g, [0]) - xhat * bcast(mean_gx, [0])) * bcast(rstd, [0])
-        if dh_smem is not None:
-            dx = dx + _load(dh_smem, k, layout)
-        if param_grads and per_box:
-            # Per row and box, straight to HBM (rows padded to whole programs).
-            for ref, value in zip(partial_refs, (dy * xhat, dy), strict=True):
-                plgpu.store(ref.at[group, rows, k], jnp.sum(value, axis=1), optimized=False)
-        elif param_grads:
-            # Per program and column, straight to HBM (columns padded to whole boxes).
-            columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
-            for ref, value in zip(partial_refs, (dy * xhat, dy), strict=True):
-                plgpu.store(ref.at[group, i, columns], jnp.sum(value, axis=0), optimized=False)
-        for target in targets:
-            target[k] = dx.astype(target.dtype)
+        def values(k):
+            xhat = (_load(x_s, k, layout) - bcast(shift, [0])) - bcast(offset, [0])
+            xhat = xhat * bcast(rstd, [0])
+            dy = _load(dy_s, k, layout)
+            if w_ref is None:
+                return xhat, dy, dy
+            return xhat, dy, dy * _param(w_ref, k, rows, group, per_box, boxes, tools)
 
-    plgpu.commit_smem()
-    for target, ref in zip(targets, d_refs, strict=True):
-        _copy_out(target, ref, rows, boxes, tools, group)
+        def sums(k, acc):
+            xhat, _, g = values(k)
+            gx = acc[0] + jnp.sum(g * xhat, axis=1)
+            return (gx, acc[1] + jnp.sum(g, axis=1)) if center else (gx, acc[1])
+
+        zero = shift * 0.0
+        sum_gx, sum_g = lax.fori_loop(0, boxes.chunks, sums, (zero, zero))
+        mean_gx, mean_g = sum_gx * (1.0 / width), sum_g * (1.0 / width)
+        outs = [t.at[slot] for t in targets]
+
+        @pl.loop(0, boxes.chunks)
+        def _(k):
+            xhat, dy, g = values(k)
+            dx = (g - bcast(mean_g, [0]) - xhat * bcast(mean_gx, [0])) * bcast(rstd, [0])
+            if dh_s is not None:
+                dx = dx + _load(dh_s, k, layout)
+            if param_grads and per_box:
+                # Per row and box, straight to HBM (rows padded to whole programs).
+                for ref, value in zip(partial_refs, (dy * xhat, dy), strict=True):
+                    plgpu.store(ref.at[group, rows, k], jnp.sum(value, axis=1), optimized=False)
+            elif param_grads:
+                # Per program and column, accumulated over the program's blocks in its own
+                # row of the partials in HBM (columns padded to whole boxes).
+                columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
+                for s, value in enumerate((dy * xhat, dy)):
+                    ref = partial_refs[0].at[group, s, i, columns]
+                    total = jnp.sum(value, axis=0)
+                    if not first:
+                        total = total + plgpu.load(ref, layout=layout.reduce(0), optimized=False)
+                    plgpu.store(ref, total, optimized=False)
+            for out in outs:
+                out[k] = dx.astype(out.dtype)
+
+        plgpu.commit_smem()
+        for out, ref in zip(outs, d_refs, strict=True):
+            _copy_out(out, ref, rows, boxes, tools, group)
+
+    stage(0, 0)
+    block(0, first=True)
+    if iterations > 1:
+
+        @pl.loop(1, iterations)
+        def _(it):
+            block(it, first=False)
+
+    if slots == 2:
+        # The staging past the last block (zeros) has landed before the kernel ends.
+        for bar in bars:
+            plgpu.barrier_wait(bar.at[iterations % 2])
     plgpu.wait_smem_to_gmem(0)
+
+
+def _stages(boxes: m.Boxes, groups: int, rows: int, row_bytes: int) -> tuple[int, m.Boxes]:
+    """`(slots, boxes)`: two slots of staging (a block computed while the next is staged, in
+    blocks of fewer rows if need be) when both fit in `SMEM_BYTES` and the persistent grid
+    gives each program at least two blocks; else one slot, `boxes` as given. `row_bytes`:
+    the staged bytes of one row."""
+    tile = boxes.tile_rows
+    block_rows = min(boxes.block_rows, m.SMEM_BYTES // (2 * row_bytes) // tile * tile)
+    if block_rows == 0:
+        return 1, boxes
+    blocks = -(-max(rows, block_rows) // block_rows)
+    _, iterations = m.persistent_programs(blocks, 2 * block_rows * row_bytes, groups)
+    if iterations < 2:
+        return 1, boxes
+    return 2, boxes._replace(block_rows=block_rows)
 
 
 def backward_on(
@@ -503,7 +571,10 @@ def backward_on(
         name=f"eqxnorm_{op}_bwd",
         per_box=False,
     )
-    dw, db = (p.sum(axis=1)[:, :width] for p in partials) if param_grads else (None, None)
+    if not param_grads:
+        return dx, dres, None, None
+    # One reduction of the programs' partials, both gradients at once.
+    dw, db = jnp.moveaxis(partials[0].sum(axis=2)[..., :width], 1, 0)
     return dx, dres, dw, db
 
 
@@ -525,18 +596,27 @@ def backward_call(
     per_box,
 ):
     """The backward kernel over `x` `(groups, rows, width)` staged as `boxes`: `(dx,
-    dresidual, *partials)`, the partial parameter gradients (with `param_grads`) per program
-    and column `(groups, programs, chunks · cols)`, or with `per_box` (the weight a table as
-    in [`forward_call`][]) per row and box `(groups, padded rows, chunks)`."""
+    dresidual, *partials)`, the partial parameter gradients (with `param_grads`): both in
+    one array per program (of a persistent grid, `_mosaic_gpu.persistent_programs`) and
+    column `(groups, 2, programs, chunks · cols)`, or with `per_box` (the weight a table as in
+    [`forward_call`][]) two arrays per row and box `(groups, padded rows, chunks)`."""
     groups, rows, width = x.shape
+    out_reuse = _out_buffers(dy, dh, d_dtypes)
+    staged_dtypes = [a.dtype for a in (x, dy, dh) if a is not None]
+    staged_dtypes += [d for d, r in zip(d_dtypes, out_reuse, strict=True) if r is None]
+    row_bytes = boxes.chunks * boxes.cols * sum(jnp.dtype(d).itemsize for d in staged_dtypes)
+    # The group norms' per-row tables are laid out for the `boxes` given: one slot there.
+    slots, boxes = (1, boxes) if per_box else _stages(boxes, groups, rows, row_bytes)
     br = boxes.block_rows
     x_p, dy_p, dh_p = (_pad_rows(a, br) for a in (x, dy, dh))
     padded_rows = x_p.shape[1]
-    stat_rows = -(-padded_rows // br) * br
-    stats = [jnp.pad(s, ((0, 0), (0, stat_rows - rows))) for s in (shift, offset, rstd)]
     blocks = -(-padded_rows // br)
-    out_reuse = _out_buffers(dy, dh, d_dtypes)
-    box = (boxes.chunks, br, boxes.cols)
+    programs, iterations = m.persistent_programs(blocks, slots * br * row_bytes, groups)
+    # The statistics (and per-row partials) of every block a program visits, past the end
+    # included, padded with zeros: in bounds, and `rstd = 0` there.
+    stat_rows = programs * iterations * br
+    stats = [jnp.pad(s, ((0, 0), (0, stat_rows - rows))) for s in (shift, offset, rstd)]
+    box = (slots, boxes.chunks, br, boxes.cols)
     scratch = [plgpu.SMEM(box, x.dtype), plgpu.SMEM(box, dy.dtype)]
     if dh is not None:
         scratch.append(plgpu.SMEM(box, dh.dtype))
@@ -544,15 +624,13 @@ def backward_call(
         weight = _pad_columns(weight, boxes)
     scratch += [plgpu.SMEM(box, d) for d, r in zip(d_dtypes, out_reuse, strict=True) if r is None]
     n_staged = 2 + (dh is not None)
-    scratch += [_barrier(boxes)] * n_staged
+    scratch += [plgpu.Barrier(num_arrivals=boxes.chunks, num_barriers=slots)] * n_staged
     out_type = [jax.ShapeDtypeStruct(x_p.shape, d) for d in d_dtypes]
-    if param_grads:
-        shape = (
-            (groups, stat_rows, boxes.chunks)
-            if per_box
-            else (groups, blocks, boxes.chunks * boxes.cols)
-        )
-        out_type += [jax.ShapeDtypeStruct(shape, F32)] * 2
+    if param_grads and per_box:
+        out_type += [jax.ShapeDtypeStruct((groups, stat_rows, boxes.chunks), F32)] * 2
+    elif param_grads:
+        shape = (groups, 2, programs, boxes.chunks * boxes.cols)
+        out_type.append(jax.ShapeDtypeStruct(shape, F32))
     body = functools.partial(
         _backward_body,
         boxes=boxes,
@@ -564,8 +642,11 @@ def backward_call(
         n_outs=len(d_dtypes),
         param_grads=param_grads,
         per_box=per_box,
+        programs=programs,
+        iterations=iterations,
+        slots=slots,
     )
-    run = _rows_kernel(body, target, out_type, scratch, blocks, groups, name)
+    run = _rows_kernel(body, target, out_type, scratch, programs, groups, name)
     inputs = [x_p, dy_p, *stats] + [a for a in (weight, dh_p) if a is not None]
     dx, *outs = run(*inputs)
     dres = outs.pop(0)[:, :rows] if len(d_dtypes) == 2 else None

@@ -15,6 +15,7 @@ Every norm takes its statistics from the one helper, [`moments`][], so the numer
 guarantees listed there hold for all of them.
 """
 
+import dataclasses
 import functools
 import math
 from collections.abc import Hashable, Sequence
@@ -25,7 +26,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 from .._checking import typechecked
 
@@ -57,9 +58,49 @@ class Moments(NamedTuple):
         return self.shift + self.offset
 
 
+@dataclasses.dataclass(frozen=True)
+class AxisGroups:
+    """A named axis (or sequence of names) whose members are pooled in groups: the
+    `axis_index_groups` of Flax and Haiku (and of `lax.psum` under `pmap`). Where an
+    `axis_name` is accepted, this pools each member's values with those of the members in
+    its group only. `groups` partitions the member indices (in the order of the names, the
+    last varying fastest) into groups of one size."""
+
+    axis_name: AxisName
+    groups: tuple[tuple[int, ...], ...]
+
+    @property
+    def group_size(self) -> int:
+        return len(self.groups[0])
+
+
+def _pool_groups(kind: str, value: Array, grouped: AxisGroups) -> Array:
+    """`pool_members` within each member's group: every member puts its value in its group's
+    slot of a `(groups, *value.shape)` array (the identity of the reduction elsewhere), the
+    slots are pooled over all members, and each member takes its group's. One collective of
+    `groups` times the values (per-channel statistics), and one code path for `vmap`, `pmap`
+    and `shard_map` (`lax.psum`'s own `axis_index_groups` is `pmap`'s only)."""
+    names = _names(grouped.axis_name)
+    index = 0
+    for name in names:
+        index = index * lax.axis_size(name) + lax.axis_index(name)
+    group_of = [0] * sum(len(g) for g in grouped.groups)
+    for g, members in enumerate(grouped.groups):
+        for member in members:
+            group_of[member] = g
+    group = jnp.asarray(group_of, jnp.int32)[index]
+    mine = (jnp.arange(len(grouped.groups)) == group).reshape(-1, *(1,) * value.ndim)
+    identity = -jnp.inf if kind == "max" else 0
+    slots = jnp.where(mine, value[None], jnp.asarray(identity, value.dtype))
+    pooled = pool_members("max" if kind == "max" else "sum", slots, grouped.axis_name)[group]
+    return pooled / grouped.group_size if kind == "mean" else pooled
+
+
 def axis_count(axis_name: AxisName | None) -> int:
     """The number of members of a named axis (the product over a sequence of names; 1 for
-    `None`)."""
+    `None`), or of one group of an [`AxisGroups`][]."""
+    if isinstance(axis_name, AxisGroups):
+        return axis_name.group_size
     return 1 if axis_name is None else math.prod(lax.axis_size(n) for n in _names(axis_name))
 
 
@@ -77,7 +118,8 @@ _COLLECTIVES = {
 
 def pool_members(kind: str, value: Array, axis_name: AxisName) -> Array:
     """`value` reduced across the members of `axis_name`: `lax.psum`, `lax.pmean` or
-    `lax.pmax` for `kind` `"sum"`, `"mean"` or `"max"`.
+    `lax.pmax` for `kind` `"sum"`, `"mean"` or `"max"` (within each group for an
+    [`AxisGroups`][]).
 
     Over a `vmap`ped axis, through `lax.all_gather` and a reduction over the gathered axis:
     JAX 0.10.2 lowers a collective over a `vmap`ped axis to a reduction typed with its
@@ -85,6 +127,8 @@ def pool_members(kind: str, value: Array, axis_name: AxisName) -> Array:
     an Explicit mesh, as in a batch-sharded `jit(vmap(norm, axis_name=...))`. The values
     pooled are per-channel or per-row statistics, so gathering them costs little. Over the
     manual axes of a `shard_map` (the kernels' own partitioning included), the collective."""
+    if isinstance(axis_name, AxisGroups):
+        return _pool_groups(kind, value, axis_name)
     collective, reduce = _COLLECTIVES[kind]
     manual = jax.sharding.get_abstract_mesh().manual_axes
     # One name at a time (a sum, mean or max over equal members nests), as `all_gather`
@@ -330,11 +374,15 @@ def normalize_slices(
     center: bool,
     eps: float,
     axis_name: AxisName | None,
+    mask: Array | None = None,
 ) -> tuple[Array, Array, Array]:
     """[`normalized`][], or with `axis_name` its autodiff twin under `jax.checkpoint`
     saving only the statistics (the same residuals): JAX cannot run the collective of a
     custom JVP rule under `vmap` with that axis name (the rule is traced outside the
-    `vmap`'s axis environment)."""
+    `vmap`'s axis environment). With a `mask` (boolean, `x`'s shape), the statistics count
+    only its `True` elements: see [`normalize_masked`][]."""
+    if mask is not None:
+        return normalize_masked(x, mask, weight, bias, axis, center, eps, axis_name)
     if axis_name is None:
         return normalized(x, weight, bias, axis, center, eps, None)
     policy = jax.checkpoint_policies.save_only_these_names("eqxnorm_statistics")
@@ -360,22 +408,23 @@ def _rows_params(x: Array, *params: Array | None) -> tuple[Array | None, ...]:
     return tuple(_leading_ones(p, x.ndim) for p in params)
 
 
-def _group_normalized(x: Array, groups: int, weight, bias, eps: float) -> Array:
+def _group_normalized(x: Array, groups: int, weight, bias, eps: float, mask=None) -> Array:
     """GroupNorm of `x` `(*batch, channels, spatial)` with per-channel parameters of shape
     `(*batch or ones, channels, 1)`, through [`normalized`][] on the `(*batch, groups,
-    channels/groups, spatial)` view; returned in `x.dtype`."""
+    channels/groups, spatial)` view; returned in `x.dtype`. `mask`: `x`'s shape, or `None`."""
     *batch, channels, spatial = x.shape
     if groups == channels:
         # One channel per group (InstanceNorm): the (batch, channels, spatial) layout itself,
         # whose one-axis reductions XLA's CPU backend runs ~2.5x faster than the 4-D view's.
-        return normalize_slices(x, weight, bias, -1, True, eps, None)[0].astype(x.dtype)
+        return normalize_slices(x, weight, bias, -1, True, eps, None, mask)[0].astype(x.dtype)
     view = (*batch, groups, channels // groups, spatial)
 
     def grouped(p):
         return None if p is None else p.reshape(*p.shape[:-2], groups, channels // groups, 1)
 
     xg = x.reshape(view)
-    y = normalize_slices(xg, grouped(weight), grouped(bias), (-2, -1), True, eps, None)[0]
+    mg = None if mask is None else mask.reshape(view)
+    y = normalize_slices(xg, grouped(weight), grouped(bias), (-2, -1), True, eps, None, mg)[0]
     return y.reshape(x.shape).astype(x.dtype)
 
 
@@ -439,11 +488,14 @@ def _output(y: Array, dtype, fp8_scale: Array | None):
     return quantize_fp8(y, fp8_scale, dtype)
 
 
-def _row_norm_options(op, x, weight, bias, eps, axis_name, weight_offset, out_dtype, fp8_scale):
-    """A row norm (`op`: `"layer_norm"` or `"rms_norm"`) with its output options."""
+def _row_norm_options(
+    op, x, weight, bias, eps, axis_name, weight_offset, out_dtype, fp8_scale, mask=None
+):
+    """A row norm (`op`: `"layer_norm"` or `"rms_norm"`) with its output options (and a
+    padding `mask`)."""
     weight = offset_weight(weight, weight_offset, compute_dtype(x.dtype))
     params = _rows_params(x, weight, bias)
-    y = normalize_slices(x, *params, -1, op == "layer_norm", eps, axis_name)[0]
+    y = normalize_slices(x, *params, -1, op == "layer_norm", eps, axis_name, mask)[0]
     return _output(y, x.dtype if out_dtype is None else out_dtype, fp8_scale)
 
 
@@ -455,6 +507,7 @@ def layer_norm(
     *,
     eps: float,
     axis_name: AxisName | None = None,
+    mask: Bool[Array, "*rows dim"] | None = None,
     weight_offset: float = 0.0,
     out_dtype=None,
     fp8_scale: Float[Array, ""] | None = None,
@@ -469,6 +522,8 @@ def layer_norm(
     - `eps`: added to the variance.
     - `axis_name`: a named axis (or names) whose members each hold a slice of the features
         (tensor parallelism): the statistics are over all of them, pooled with `lax.pmean`.
+    - `mask`: `(*rows, dim)` booleans, `True` where an element counts in its row's
+        statistics (see [`normalize_masked`][]), or `None` for all of them.
     - `weight_offset`: the scale applied is `weight_offset + weight` (see [`offset_weight`][]).
     - `out_dtype`: the dtype of `y` (default `x.dtype`); a float8 dtype with `fp8_scale`.
     - `fp8_scale`: a scalar: `y` is quantized to the float8 `out_dtype` by
@@ -479,7 +534,7 @@ def layer_norm(
     `(*rows, dim)` in `out_dtype`; with `fp8_scale`, `(y, amax)`.
     """
     return _row_norm_options(
-        "layer_norm", x, weight, bias, eps, axis_name, weight_offset, out_dtype, fp8_scale
+        "layer_norm", x, weight, bias, eps, axis_name, weight_offset, out_dtype, fp8_scale, mask
     )
 
 
@@ -491,6 +546,7 @@ def rms_norm(
     *,
     eps: float,
     axis_name: AxisName | None = None,
+    mask: Bool[Array, "*rows dim"] | None = None,
     weight_offset: float = 0.0,
     out_dtype=None,
     fp8_scale: Float[Array, ""] | None = None,
@@ -503,14 +559,14 @@ def rms_norm(
     - `x`: `(*rows, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
-    - `axis_name`, `weight_offset`, `out_dtype`, `fp8_scale`: as for [`layer_norm`][].
+    - `axis_name`, `mask`, `weight_offset`, `out_dtype`, `fp8_scale`: as for [`layer_norm`][].
 
     **Returns:**
 
     `(*rows, dim)` in `out_dtype`; with `fp8_scale`, `(y, amax)`.
     """
     return _row_norm_options(
-        "rms_norm", x, weight, bias, eps, axis_name, weight_offset, out_dtype, fp8_scale
+        "rms_norm", x, weight, bias, eps, axis_name, weight_offset, out_dtype, fp8_scale, mask
     )
 
 
@@ -522,6 +578,7 @@ def group_norm(
     *,
     groups: int,
     eps: float,
+    mask: Bool[Array, "*batch channels spatial"] | None = None,
 ) -> Float[Array, "*batch channels spatial"]:
     r"""GroupNorm: the channels are split into `groups` contiguous groups and each
     `(example, group)` slice of `channels/groups × spatial` elements is normalized with its
@@ -535,13 +592,15 @@ def group_norm(
     - `weight`, `bias`: `(channels,)` or `None`.
     - `groups`: divides `channels`.
     - `eps`: added to the variance.
+    - `mask`: `x`'s shape, `True` where an element counts in its group's statistics (see
+        [`normalize_masked`][]), or `None` for all of them.
 
     **Returns:**
 
     `(*batch, channels, spatial)` in `x.dtype`.
     """
     params = (_channel_params(p, x.ndim) for p in (weight, bias))
-    return _group_normalized(x, groups, *params, eps)
+    return _group_normalized(x, groups, *params, eps, mask)
 
 
 @typechecked()
@@ -552,6 +611,7 @@ def batch_norm(
     *,
     eps: float,
     axis_name: AxisName | None = None,
+    mask: Bool[Array, "*batch channels spatial"] | None = None,
 ) -> tuple[
     Float[Array, "*batch channels spatial"], Float[Array, " channels"], Float[Array, " channels"]
 ]:
@@ -565,6 +625,8 @@ def batch_norm(
     - `eps`: added to the variance.
     - `axis_name`: a named axis (or names) whose members' batches are pooled into the
         statistics (`vmap`, `pmap`, `shard_map`).
+    - `mask`: `x`'s shape, `True` where an element counts in its channel's statistics (see
+        [`normalize_masked`][]), or `None` for all of them.
 
     **Returns:**
 
@@ -574,7 +636,7 @@ def batch_norm(
     # Over the batch axis (named 0: it may be split across devices) and the spatial one.
     axes = (*range(x.ndim - 2), x.ndim - 1)
     params = (_channel_params(p, x.ndim) for p in (weight, bias))
-    y, mean, var = normalize_slices(x, *params, axes, True, eps, axis_name)
+    y, mean, var = normalize_slices(x, *params, axes, True, eps, axis_name, mask)
     channels = x.shape[-2]
     return y.astype(x.dtype), mean.reshape(channels), var.reshape(channels)
 
@@ -827,11 +889,111 @@ def adaptive_group_norm(
     return _group_normalized(x, groups, w[..., None], b[..., None], eps)
 
 
+# --- Padding masks ---------------------------------------------------------------------------
+
+
+def masked_moments(
+    x: Array,
+    mask: Array,
+    axis: int | tuple[int, ...],
+    *,
+    center: bool = True,
+    axis_name: AxisName | None = None,
+) -> tuple[Moments, Array]:
+    r"""[`moments`][] over the elements where `mask` is `True`, and their number.
+
+    With $m$ the mask, $n = \sum m$ and $\overline{v} = \frac{1}{n}\sum m\,v$, this
+    returns $\mu = m_1 + \overline{d}$ and $\sigma^2 = \max(0, \overline{d^2} -
+    \overline{d}^2)$ with $m_1 = \overline{x}$, $d = x - m_1$: the corrected two-pass
+    algorithm of [`moments`][] with $d_0 = 0$ (its $d_0$ is one element of the slice, which
+    here could be a masked one). The guarantees of [`moments`][] hold with these changes:
+
+    - Masked elements are never summed (`jnp.where`, not a product with the mask), so a NaN
+      or Inf at a masked position does not reach the statistics, and their derivatives with
+      respect to every masked element are exactly zero.
+    - A slice with no `True` element has `n = 0`, `μ = 0` and `σ² = 0` (no division by 0).
+    - With `axis_name`, the counts and sums of every member are pooled with `lax.psum`,
+      so members may hold different numbers of valid elements.
+
+    **Arguments:**
+
+    - `x`: an array of any shape and floating dtype.
+    - `mask`: booleans of `x`'s shape.
+    - `axis`, `center`, `axis_name`: as for [`moments`][].
+
+    **Returns:**
+
+    `(stats, count)`: a [`Moments`][] as [`moments`][] returns it, and the number of `True`
+    elements of each slice (int32, of `stats.var`'s shape).
+    """
+    # Masked elements are replaced before any arithmetic, so that none of their values (a
+    # NaN, an Inf) reaches a statistic or, through `0 · NaN`, a derivative.
+    xf = jnp.where(mask, x.astype(compute_dtype(x.dtype)), 0)
+    count = jnp.sum(mask, axis=axis, keepdims=True, dtype=jnp.int32)
+    if axis_name is not None:
+        count = pool_members("sum", count, axis_name)
+    # Each mean is a sum of `v · (1/n)`, a reduction's output, as in `_mean`.
+    inv = jnp.where(count > 0, 1 / jnp.maximum(count, 1).astype(xf.dtype), 0)
+
+    def mean(v):
+        m = jnp.sum(v * inv, axis=axis, keepdims=True)
+        return m if axis_name is None else pool_members("sum", m, axis_name)
+
+    if not center:
+        second = mean(xf * xf)
+        zero = jnp.zeros_like(second)
+        return Moments(zero, zero, second), count
+    shift = mean(xf)
+    d = jnp.where(mask, xf - shift, 0)
+    offset = mean(d)
+    var = jnp.maximum(mean(d * d) - offset * offset, 0)
+    return Moments(shift, offset, var), count
+
+
+def _masked(x, mask, weight, bias, axis, center, eps, axis_name):
+    xf = x.astype(compute_dtype(x.dtype))
+    stats, count = masked_moments(xf, mask, axis, center=center, axis_name=axis_name)
+    stats = Moments(*(checkpoint_name(s, "eqxnorm_statistics") for s in stats))
+    # An empty slice (statistics 0) is normalized as zeros, whatever its elements hold: its
+    # x̂ is 0, its outputs the bias, and no NaN of its reaches a derivative.
+    xf = jnp.where(count > 0, xf, 0)
+    return normalize(xf, stats, weight, bias, eps=eps), stats.mean, stats.var
+
+
+def normalize_masked(
+    x: Array,
+    mask: Array,
+    weight: Array | None,
+    bias: Array | None,
+    axis: int | tuple[int, ...],
+    center: bool,
+    eps: float,
+    axis_name: AxisName | None,
+) -> tuple[Array, Array, Array]:
+    r"""[`normalized`][] with statistics over the elements where `mask` is `True` only
+    ([`masked_moments`][]): Flax's `mask=`, for padded sequences and images.
+
+    Every element is normalized, masked ones included, with its slice's statistics:
+    $y = (x - \mu)/\sqrt{\sigma^2 + \varepsilon}\,\gamma + \beta$ (so a masked
+    position's output is what it would be were it valid, and its gradient reaches `x`
+    through that direct term alone). A slice with no `True` element gives $\hat{x} = 0$,
+    i.e. its bias (0 without one), and finite gradients: never NaN, whatever its elements
+    hold. Derivatives by JAX's autodiff under `jax.checkpoint` saving only the statistics
+    (the residuals of [`normalized`][]); the masked elements' derivatives with respect to the
+    statistics are exactly zero. Returns `(y, mean, var)` as [`normalized`][] does.
+    """
+    policy = jax.checkpoint_policies.save_only_these_names("eqxnorm_statistics")
+    masked = jax.checkpoint(_masked, policy=policy, static_argnums=(4, 5, 6, 7))
+    return masked(x, mask, weight, bias, axis, center, eps, axis_name)
+
+
 __all__ = [
     "compute_dtype",
     "Moments",
     "moments",
+    "masked_moments",
     "normalize",
+    "normalize_masked",
     "layer_norm",
     "rms_norm",
     "group_norm",

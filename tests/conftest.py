@@ -7,6 +7,8 @@ deviceless compile (set JAX_PLATFORMS to run them natively on a GPU, as the GPU 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The kernels' launches are the heuristic's, whatever a tuning cache on this machine says.
+os.environ["EQXNORM_TUNING_CACHE"] = "off"
 
 import jax  # noqa: E402
 from hypothesis import settings  # noqa: E402

@@ -119,3 +119,22 @@ def modulate(y, scale, shift):
     middle = y.ndim - scale.ndim
     index = (slice(None),) * (scale.ndim - 1) + (None,) * middle
     return y * (1 + scale[index]) + shift[index]
+
+
+def masked_norm(x, mask, axes, weight, bias, eps, center=True):
+    """Normalize over `axes` with statistics over the `True` elements of `mask` (broadcast to
+    `x`) only; every element normalized; a slice with no `True` element gives its bias.
+    `weight`/`bias` must broadcast against `x`."""
+    x = f64(x)
+    m = np.broadcast_to(np.asarray(mask, bool), x.shape)
+    n = m.sum(axes, keepdims=True)
+    safe = np.maximum(n, 1)
+    xv = np.where(m, x, 0.0)
+    mean = xv.sum(axes, keepdims=True) / safe if center else np.zeros_like(n, np.float64)
+    var = (np.where(m, x - mean, 0.0) ** 2).sum(axes, keepdims=True) / safe
+    y = np.where(n > 0, (x - mean) / np.sqrt(var + eps), 0.0)
+    if weight is not None:
+        y = y * f64(weight)
+    if bias is not None:
+        y = y + f64(bias)
+    return y

@@ -315,9 +315,14 @@ def test_signature_and_fields_match_equinox():
     assert ours["mode"].default == "batch" and ours["impl"].kind is inspect.Parameter.KEYWORD_ONLY
     call_ours = inspect.signature(eqxnorm.BatchNorm.__call__).parameters
     call_theirs = inspect.signature(eqx.nn.BatchNorm.__call__).parameters
-    assert [(p.name, p.kind, p.default) for p in call_ours.values()] == [
+    assert [(p.name, p.kind, p.default) for p in call_ours.values() if p.name != "mask"] == [
         (p.name, p.kind, p.default) for p in call_theirs.values()
     ]
+    # Plus Flax's padding mask, keyword-only.
+    assert (call_ours["mask"].kind, call_ours["mask"].default) == (
+        inspect.Parameter.KEYWORD_ONLY,
+        None,
+    )
 
     ours_bn = eqxnorm.BatchNorm(5, "batch", dtype=jnp.bfloat16)
     theirs_bn = eqx.nn.BatchNorm(5, "batch", dtype=jnp.bfloat16, mode="batch")
@@ -426,6 +431,58 @@ def test_shard_map_matches_vmap():
         ):
             _assert_tight(sharded, expected)
     assert int(state_sharded.get(bn_sharded.count_index)) == 2
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_axis_index_groups_pool_within_each_group_under_vmap(impl):
+    # Flax's and Haiku's `axis_index_groups`: members {0, 2} and {1, 3} pooled apart, equal to
+    # BatchNorm of each group's examples alone, outputs, running statistics and gradients.
+    rng = np.random.default_rng(12)
+    x = _data(rng, (4, 3, 5), loc=1.0)
+    bn, state = _make(3, momentum=0.9, impl=impl, axis_index_groups=[[0, 2], [1, 3]])
+    plain, plain_state = _make(3, momentum=0.9, impl=impl)
+    # Each member's state holds its group's statistics, so the state comes out mapped.
+    run = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, 0))
+    y, states = eqx.filter_jit(run)(x, state)
+    for group in ([0, 2], [1, 3]):
+        y_group, group_state = _run(plain, x[np.array(group)], plain_state)
+        _assert_tight(y[np.array(group)], y_group)
+        for ours, expected in zip(_running(bn, states), _running(plain, group_state), strict=True):
+            for member in group:
+                _assert_tight(ours[member], expected)
+
+    def loss(layer, x):
+        run = jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, 0))
+        return jnp.sum(jnp.sin(run(x, plain_state)[0]))
+
+    grad = eqx.filter_jit(jax.grad(loss, argnums=1))
+    expected = jnp.zeros_like(x)
+    for group in ([0, 2], [1, 3]):
+        expected = expected.at[np.array(group)].set(grad(plain, x[np.array(group)]))
+    _assert_tight(grad(bn, x), expected)
+
+
+def test_axis_index_groups_under_shard_map_and_functional():
+    mesh = jax.make_mesh((8,), ("device",))
+    x = _data(np.random.default_rng(13), (16, 3, 2))
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+    def local(x):
+        return eqxnorm.functional.batch_norm(x, axis_name="device", axis_index_groups=groups)[0]
+
+    step = jax.shard_map(local, mesh=mesh, in_specs=P("device"), out_specs=P("device"))
+    y = np.asarray(step(jax.device_put(x, NamedSharding(mesh, P("device")))))
+    for half in (slice(0, 8), slice(8, 16)):
+        _assert_tight(y[half], eqxnorm.functional.batch_norm(x[half])[0])
+    with pytest.raises(ValueError, match=r"split the 4 members of axis_name='b'.*\[\[0, 1\]\]"):
+        jax.vmap(
+            lambda x: eqxnorm.functional.batch_norm(x, axis_name="b", axis_index_groups=[[0, 1]]),
+            axis_name="b",
+        )(x[:4])
+    with pytest.raises(ValueError, match="`axis_index_groups` groups the members.*axis_name=None"):
+        eqxnorm.functional.batch_norm(x, axis_index_groups=[[0]])
+    with pytest.raises(TypeError, match="sequence of sequences of member indices"):
+        eqxnorm.BatchNorm(3, "batch", axis_index_groups=[0, 1])
 
 
 # --- PyTorch ---------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def smoke(tmp_path_factory):
 def test_cli_runs_every_cpu_contender(smoke):
     done, _, rows = smoke
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Targets (issues 5, 6 and 16)" in done.stdout
+    assert "Targets (issues 5, 6, 16 and 17)" in done.stdout
     assert "done" in done.stderr  # the progress bar finished
     expected = {"reference", "module", "eqx", "flax", "torch", "torch.compile", "copy"}
     for op in OPS:
@@ -415,3 +415,81 @@ def test_defaults_and_several_directions():
     assert _contenders.default_contenders("gpu") == tuple(_contenders.CONTENDERS)
     full = _cli.parse_args(["--full"])
     assert "4096x262144" in map(_ops.format_shape, full.shapes) and "bfloat16" in full.dtypes
+
+
+# --- issue 17: the peers and the deviceless table ---------------------------------------------
+
+
+def test_peer_targets_judge_each_peer_by_its_interval():
+    ours = [1.0, 1.02, 1.0, 1.02]
+    rows = [_timed("pallas", "fwd+bwd", ours, shape="4096x1024")]
+    rows += [_timed("torch.compile", "fwd+bwd", [1.5, 1.52, 1.5, 1.52], shape="4096x1024")]
+    rows += [_timed("tokamax", "fwd+bwd", [0.8, 0.81, 0.8, 0.81], shape="4096x1024")]
+    small = dict(shape="64x1024", rows=64, samples_ms=[9.0, 9.0])
+    rows += [_rows("pallas", "fwd+bwd", 9.0, **small), _rows("eqx", "fwd+bwd", 9.0, **small)]
+    gpu = {r.target: r for r in _report.evaluate_targets(rows, "gpu", "pallas")}
+    compiled = gpu["layer_norm training step no slower than torch.compile (bf16)"]
+    assert compiled.status == "MET" and compiled.measured.startswith("1.50x (95% CI")
+    assert gpu["layer_norm training step no slower than tokamax (bf16)"].status == "MISSED"
+    # 64 rows are no GPU-sized case: no eqx.nn line.
+    assert not any("eqx.nn (bf16)" in t for t in gpu)
+    cpu = {r.target: r for r in _report.evaluate_targets(rows, "cpu", "pallas")}
+    assert cpu["layer_norm training step no slower than tokamax (bf16)"].status == "NOT MEASURED"
+
+
+def _deviceless(op, program_bytes, others=1, **overrides):
+    """A deviceless row of `op` on 4096x1024 bf16 (training step): its program's bytes over
+    an ideal of 100, `others` XLA launches beside its kernels, one Triton kernel."""
+    name = f"eqxnorm_{op}_fwd"
+    kernel = dict(name=name, spill_bytes=0, occupancy=0.5, dram_bytes=100, access_bytes=100)
+    kernel |= overrides
+    launches = [{"name": name}] + [{"name": f"loop_fusion_{i}"} for i in range(others)]
+    return {
+        "case": {"op": op, "shape": "4096x1024", "dtype": "bfloat16", "direction": "fwd+bwd"},
+        "ideal_bytes": 100,
+        "program": {"bytes": program_bytes, "launches": launches, "problems": []},
+        "kernels": [kernel],
+    }
+
+
+def test_static_targets_from_a_deviceless_table(tmp_path):
+    """Issue 17's static lines are the deviceless check's verdicts, one per target."""
+    table = [
+        _deviceless("layer_norm", 104),
+        _deviceless("rms_norm", 140, others=2, occupancy=0.375, spill_bytes=8, access_bytes=150),
+        {
+            "case": {
+                "op": "layer_norm",
+                "shape": "8x128",
+                "dtype": "bfloat16",
+                "direction": "fwd",
+                "target": "tpu-v5e",
+            },
+            "problems": [],
+        },
+    ]
+    mosaic = {"name": "eqxnorm_add_rms_norm_fwd_mosaic_gpu_kernel", "spill_bytes": 0}
+    table.append(_deviceless("add_rms_norm", 100, others=0) | {"mosaic_gpu": [mosaic]})
+    (tmp_path / "results.json").write_text(json.dumps(table))
+    loaded = _report.load_deviceless([tmp_path, tmp_path / "absent"])
+    results = {r.target: r for r in _report.static_targets(loaded)}
+    rms = "rms_norm 4096x1024 bfloat16 fwd+bwd"
+    assert {t: (r.status, r.measured) for t, r in results.items()} == {
+        "bytes <= 1.05x ideal": ("MISSED", f"1 of 3 miss: {rms}: 1.400x"),
+        "XLA launches beside the kernels <= 1": ("MISSED", f"1 of 3 miss: {rms}: 2"),
+        "no spill": ("MISSED", f"1 of 4 miss: {rms} eqxnorm_rms_norm_fwd: 8 B"),
+        "occupancy >= 50%": ("MISSED", f"1 of 3 miss: {rms} eqxnorm_rms_norm_fwd: 38%"),
+        "each byte moved once": ("MISSED", f"1 of 3 miss: {rms} eqxnorm_rms_norm_fwd: 1.50x"),
+    }
+    met = _report.static_targets([table[0]])
+    assert {r.status for r in met} == {"MET"} and met[0].measured == "all 1 met"
+    text = _report.targets_text(list(results.values()))
+    assert "issues 5, 6, 16 and 17" in text and "\n  MISSED       bytes <= 1.05x ideal" in text
+
+
+def test_tokamax_is_skipped_off_a_gpu_with_the_reason():
+    assert _contenders.CONTENDERS["tokamax"].check() == (
+        "tokamax's normalization kernel is Triton: GPU only"
+    )
+    assert "tokamax" in _contenders.CPU_OPT_IN
+    assert "torch.compile" in _contenders.CONTENDERS

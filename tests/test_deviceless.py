@@ -91,12 +91,32 @@ MOSAIC_GPU_SHAPES = {
 }
 
 
+# Issue 17's targets (`deviceless.verdicts`) that these training steps miss, each for a reason
+# the README's target table gives: at the awkward row shape (37 × 760, a 300 KiB step), the
+# parameters padded to whole TMA boxes and the statistics to whole programs (small XLA
+# launches) and the per-program partial sums (a fifth of the bytes there); the channel
+# families' per-row parameter tables and per-channel sums, and adaLN's `1 + scale`, in XLA.
+BYTES, LAUNCHES = "bytes <= 1.05x ideal", "XLA launches beside the kernels <= 1"
+MOSAIC_GPU_MISSES = {
+    ("layer_norm", "37x760"): {BYTES, LAUNCHES},
+    ("rms_norm", "37x760"): {BYTES, LAUNCHES},
+    ("add_layer_norm", "37x760"): {LAUNCHES},
+    ("add_rms_norm", "37x760"): {LAUNCHES},
+    ("adaptive_layer_norm", "4096x1024"): {LAUNCHES},
+    ("group_norm", "16x128x32x32"): {LAUNCHES},
+    ("instance_norm", "16x128x32x32"): {LAUNCHES},
+    ("batch_norm", "16x128x32x32"): {LAUNCHES},
+}
+
+
 @pytest.mark.parametrize("op", list(_ops.OPS))
 def test_mosaic_gpu_training_step_compiles_cleanly_for_h200(op):
     """The Mosaic GPU kernels: a training step at the typical shape (and the row norms' awkward
     one) compiles deviceless for an H200 with no spill, only Mosaic GPU kernels (no Triton
     call, no deprecation warning: the worker makes JAX's an error), registers within a
-    warpgroup's budget and the program's bytes near the ideal."""
+    warpgroup's budget, and meets issue 17's targets (bytes within 5% of the ideal, BatchNorm's
+    8 passes, one XLA reduction beside the kernels, bytes in flight per SM) but for the misses
+    listed in `MOSAIC_GPU_MISSES`: exactly those, so that a fix shows up here too."""
     shapes = MOSAIC_GPU_SHAPES.get(op, MOSAIC_GPU_SHAPES[_ops.OPS[op].family])
     cases = deviceless.cases([op], shapes, ["bfloat16"], ["fwd+bwd"])
     cases += deviceless.cases([op], shapes[:1], ["float32"], ["fwd+bwd"])
@@ -112,10 +132,10 @@ def test_mosaic_gpu_training_step_compiles_cleanly_for_h200(op):
         assert {k["name"].removesuffix("_mosaic_gpu_kernel") for k in kernels} == _kernels(op)
         for k in kernels:
             assert 0 < k["registers"] <= 255 and k["spill_bytes"] == 0
-        # Every op near its ideal; BatchNorm's program also has its statistics pass and XLA's
-        # `dx` pass over x-sized arrays (the upper bound the README quotes).
-        bound = 2.3 if op == "batch_norm" else 1.1
-        assert result["program"]["bytes"] <= result["ideal_bytes"] * bound
+            assert k["smem_bytes"] > 0 and len(k["grid"]) == 3
+        missed = {v.target for v in deviceless.verdicts(result) if not v.met}
+        expected = MOSAIC_GPU_MISSES.get((op, result["case"]["shape"]), set())
+        assert missed == expected, deviceless.missed(result)
 
 
 @pytest.mark.tpu_check
@@ -184,3 +204,49 @@ def test_elements_written_twice_and_unwritten_are_reported():
     assert out.max_writes == 2 and out.written_unique == out.size // 2
     assert any("written 2 times" in p for p in report.problems)
     assert any("50.0% written" in p for p in report.problems)
+
+
+_SLICING_FUSION = """
+%fused_first (param_0.1: bf16[16,128,1024], param_1.1: f32[128]) -> f32[128] {
+  %param_0.1 = bf16[16,128,1024]{2,1,0} parameter(0)
+  %bitcast.1 = bf16[2048,1024]{1,0} bitcast(%param_0.1)
+  %slice.1 = bf16[2048,1]{1,0} slice(%bitcast.1), slice={[0:2048], [0:1]}
+  %param_1.1 = f32[128]{0} parameter(1)
+  ROOT %r = f32[128]{0} add(%param_1.1, %param_1.1)
+}
+
+ENTRY %main (x: bf16[16,128,1024], w: f32[128]) -> f32[128] {
+  %x = bf16[16,128,1024]{2,1,0} parameter(0)
+  %w = f32[128]{0} parameter(1)
+  ROOT %fusion = f32[128]{0} fusion(%x, %w), kind=kLoop, calls=%fused_first
+}
+"""
+
+
+def test_a_fusion_that_slices_an_operand_counts_what_it_reads():
+    # BatchNorm's shift `K` reads one element per (example, channel) row of `x`: one 32-byte
+    # sector per row (2048 × 32 B), not `x` (4 MiB); `w` is read whole; the result written.
+    assert g.hlo_launch_bytes(_SLICING_FUSION) == [("fusion", "fusion", 2048 * 32 + 512 + 512)]
+
+
+def _report(ratio: float, launches: int, smem: int) -> dict:
+    case = deviceless.Case("layer_norm", "4096x1024", "bfloat16", "fwd+bwd", backend="mosaic_gpu")
+    mosaic = {"name": "eqxnorm_layer_norm_bwd_mosaic_gpu_kernel", "registers": 94}
+    mosaic |= {"spill_bytes": 0, "stack_bytes": 0, "smem_bytes": smem, "grid": [1, 128, 1]}
+    return {
+        "case": dataclasses.asdict(case),
+        "ideal_bytes": 1000,
+        "kernels": [],
+        "mosaic_gpu": [mosaic],
+        "program": {"bytes": 1000 * ratio, "launches": [{"name": "reduce"}] * launches},
+    }
+
+
+def test_targets_are_judged():
+    assert deviceless.missed(_report(1.03, 1, 140_000)) == []
+    missed = deviceless.missed(_report(1.2, 3, 4096))
+    assert missed == [
+        "bytes <= 1.05x ideal (1.200x)",
+        "XLA launches beside the kernels <= 1 (3)",
+        "eqxnorm_layer_norm_bwd: in flight per SM >= 36.00 KiB (5 x 4.00 KiB)",
+    ]

@@ -258,8 +258,8 @@ def test_signature():
     ]
     assert params["impl"].kind is inspect.Parameter.KEYWORD_ONLY
     call = inspect.signature(InstanceNorm.__call__).parameters
-    assert list(call) == ["self", "x", "state", "key"]
-    assert call["key"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert list(call) == ["self", "x", "state", "key", "mask"]
+    assert call["key"].kind is call["mask"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 def test_annotation_ties_x_to_channels():

@@ -104,6 +104,38 @@ def test_fused_add_with_a_float32_residual(op):
         ks.assert_matches(grad, grad_ref, jnp.bfloat16 if grad is grads[0] else None)
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "add_rms_norm"])
+def test_persistent_backward_loops_over_blocks(op, monkeypatch):
+    # One SM: programs enough to stage 72 KiB at once, within MAX_RESIDENT: 4 of 8 KiB over 13
+    # blocks, 4 each (3 past the end), 3 of 32 KiB, 1 of 100 KiB.
+    monkeypatch.setattr(_mosaic_gpu, "_sm_count", lambda: 1)
+    assert _mosaic_gpu.persistent_programs(13, 8 * 1024) == (4, 4)
+    assert _mosaic_gpu.persistent_programs(13, 32 * 1024) == (3, 5)
+    assert _mosaic_gpu.persistent_programs(13, 100 * 1024) == (1, 13)
+    # 199 rows of 160 are 13 blocks of 16 staged in two slots (a program computes a block while
+    # the next is staged), the parameter gradients accumulated over a program's blocks.
+    x = ks.data((199, 160), jnp.bfloat16)
+    residual = ks.data((199, 160), jnp.float32, seed=4)
+    weight, bias = ks.params(160)
+    cotangent = ks.data(x.shape, jnp.float32, seed=9, loc=0.0, scale=1.0)
+
+    def run(module):
+        def loss(x, residual, weight, bias):
+            if op == "layer_norm":
+                y = module.layer_norm(x, weight, bias, eps=EPS)
+            else:
+                y, h = module.add_rms_norm(x, residual, weight, None, eps=EPS)
+                y = y + h.astype(y.dtype)
+            return jnp.sum(y.astype(jnp.float32) * cotangent)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, residual, weight, bias)
+
+    out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
+    if out is not None:
+        for actual, expected in zip(out, run(reference), strict=True):
+            ks.assert_matches(actual, expected, jnp.bfloat16 if actual.dtype == x.dtype else None)
+
+
 @pytest.mark.parametrize("op", ["adaptive_layer_norm", "adaptive_rms_norm"])
 def test_adaptive_per_group_parameters(op):
     x = ks.data((3, 37, 160), jnp.bfloat16)

@@ -1,0 +1,304 @@
+r"""Tune eqxnorm's kernels for this device: `python -m eqxnorm.tune`.
+
+For each op, shape and dtype asked for, times a training step (the forward, and the backward
+to the input and the parameters) with the XLA reference and with the kernels under every
+variant of the block configuration their heuristic would choose (`block_rows`, and on Triton
+`num_warps`, halved, kept or doubled), and writes the fastest to the tuning cache, which the
+kernels read when they are traced; `impl="auto"` then runs the XLA reference for the launches
+it measured faster. On a GPU both kernel backends are tuned that run there (Triton, and Mosaic
+GPU on Hopper and newer with JAX 0.12+); on a TPU, Mosaic.
+
+```
+python -m eqxnorm.tune --ops layer_norm rms_norm --shapes 4096x1024 8192x4096 --dtypes bfloat16
+```
+
+The cache is `$EQXNORM_TUNING_CACHE`, else `~/.cache/eqxnorm/tuning.json`
+(`$XDG_CACHE_HOME/eqxnorm/tuning.json`); entries are keyed by the device kind, kernel backend,
+op, dtype, and the rows and width of each launch rounded up to powers of two, and are used
+only with the JAX version they were measured with. Rerun after upgrading JAX or eqxnorm.
+"""
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ._dispatch import IMPLEMENTATIONS
+from .kernels import _mosaic_gpu, _tuning
+
+# The ops the tuner builds a training step for: their operands besides `x`.
+OPS = {
+    "layer_norm": ("weight", "bias"),
+    "rms_norm": ("weight", "bias"),
+    "add_layer_norm": ("residual", "weight", "bias"),
+    "add_rms_norm": ("residual", "weight", "bias"),
+}
+EPS = 1e-5
+
+
+class Candidate(NamedTuple):
+    """What one timing runs: `impl` (`"reference"` for XLA, else a kernel implementation),
+    the kernel `backend` whose launches it configures (`None` for XLA), the configuration
+    fields pinned per launch key (`configs`, empty for XLA; see `_tuning.pinned`) and a
+    readable `label`."""
+
+    impl: str
+    backend: str | None
+    configs: dict[str, dict[str, int]]
+    label: str
+
+
+Timer = Callable[[Callable[[], Any], Candidate], float]
+
+
+def wall_clock(run: Callable[[], Any], candidate: Candidate, repeats: int = 20) -> float:
+    """Seconds one `run()` takes: the median of `repeats` timed calls after a first call that
+    compiles it, each waited for with `block_until_ready`."""
+    del candidate
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def kernel_impls(platform: str | None = None) -> dict[str, str]:
+    """The kernel implementations to tune on `platform` (default: JAX's default backend),
+    each with the backend name its launches have in the cache."""
+    platform = jax.default_backend() if platform is None else platform
+    if platform in ("gpu", "cuda"):
+        impls = {"triton": "triton"}
+        if _mosaic_gpu.usable() and _mosaic_gpu.target_supported():
+            impls["mosaic_gpu"] = "mosaic_gpu"
+        return impls
+    if platform == "rocm":
+        return {"triton": "triton"}
+    if platform == "tpu":
+        return {"pallas": "mosaic"}
+    return {"pallas": "interpret"}
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """`"4096x1024"` -> `(4096, 1024)`: rows × features."""
+    try:
+        rows, dim = (int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(
+            f"a shape is ROWSxDIM, e.g. 4096x1024, but got {text!r}; write it as two "
+            f"positive integers joined by 'x'."
+        ) from None
+    if rows < 1 or dim < 1:
+        raise ValueError(f"a shape needs positive rows and features, but got {text!r}.")
+    return rows, dim
+
+
+def operands(op: str, shape: tuple[int, int], dtype: Any) -> tuple[jax.Array, ...]:
+    """Random operands of a training step of `op` on `(rows, dim)` in `dtype`: `x`, the
+    other operands of `OPS[op]`, and the cotangents of the outputs."""
+    if op not in OPS:
+        raise ValueError(f"the tuner knows the ops {tuple(OPS)}, but got op={op!r}.")
+    rows, dim = shape
+    keys = iter(jax.random.split(jax.random.key(0), 8))
+    row = [jax.random.normal(next(keys), shape, dtype)]
+    for name in OPS[op]:
+        size = shape if name == "residual" else (dim,)
+        row.append(jax.random.normal(next(keys), size, dtype))
+    outputs = 2 if op.startswith("add_") else 1
+    return (*row, *(jax.random.normal(next(keys), shape, dtype) for _ in range(outputs)))
+
+
+def training_step(op: str, impl: str) -> Callable[..., Any]:
+    """`(x, *operands, *cotangents) -> gradients` of `op` by `impl`: the forward, and the
+    backward to every operand."""
+    fn = getattr(IMPLEMENTATIONS[impl], op)
+    inputs = 1 + len(OPS[op])
+
+    def loss(args, cotangents):
+        out = fn(*args, eps=EPS)
+        out = out if isinstance(out, tuple) else (out,)
+        return sum(
+            jnp.vdot(o.astype(jnp.float32), c.astype(jnp.float32))
+            for o, c in zip(out, cotangents, strict=True)
+        )
+
+    def step(*args):
+        return jax.grad(loss)(args[:inputs], args[inputs:])
+
+    return step
+
+
+def _time(step: Callable[..., Any], args: tuple, candidate: Candidate, timer: Timer) -> float:
+    """`timer`'s seconds for `step` jitted with `candidate`'s pinned configurations, traced
+    anew (JAX's caches cleared: they would hold the previous candidate's trace); `inf` when
+    it fails to compile or run."""
+    jax.clear_caches()
+    compiled = jax.jit(step)
+    with _tuning.pinned(candidate.configs):
+        try:
+            return timer(lambda: compiled(*args), candidate)
+        except Exception as error:  # a variant may not compile (registers, shared memory)
+            print(f"  {candidate.label}: failed ({type(error).__name__}: {error})"[:300])
+            return math.inf
+
+
+def _variants(launches: dict[str, _tuning.Recorded]) -> dict[tuple, dict[str, Any]]:
+    """Every scale of `_tuning.variants` allowed for some launch, as the configuration of
+    each launch (its default where that scale is not allowed)."""
+    per_launch = {
+        k: _tuning.variants(r.backend, r.default, r.most_rows) for k, r in launches.items()
+    }
+    scales = list(dict.fromkeys(s for v in per_launch.values() for s in v))
+    return {
+        scale: {k: v.get(scale, launches[k].default) for k, v in per_launch.items()}
+        for scale in scales
+    }
+
+
+def tune_one(
+    op: str,
+    shape: tuple[int, int],
+    dtype: Any,
+    *,
+    timer: Timer = wall_clock,
+    impls: dict[str, str] | None = None,
+) -> dict[str, dict]:
+    """The cache entries for `op` on `shape` in `dtype` on this device: for each launch of
+    each kernel implementation of `impls` (default [`kernel_impls`][]), its fastest
+    configuration and the milliseconds of a training step with it, with the heuristic's and
+    with XLA."""
+    dtype = jnp.dtype(dtype)
+    args = operands(op, shape, dtype)
+    xla = _time(
+        training_step(op, "reference"), args, Candidate("reference", None, {}, "xla"), timer
+    )
+    tuned_call = f"{op} {shape[0]}x{shape[1]} {dtype.name}"
+    found = {}
+    for impl, backend in (kernel_impls() if impls is None else impls).items():
+        step = training_step(op, impl)
+        jax.clear_caches()
+        with _tuning.recording() as seen:
+            jax.eval_shape(step, *args)
+        launches = {k: r for k, r in seen.items() if r.backend == backend}
+        variants = _variants(launches)
+        times = {}
+        for scale, configs in variants.items():
+            label = f"{impl} rows×{scale[0]} warps×{scale[1]}"
+            fields = {k: _tuning.config_fields(c) for k, c in configs.items()}
+            times[scale] = _time(step, args, Candidate(impl, backend, fields, label), timer)
+        best = min(times, key=times.__getitem__, default=None)
+        if best is None or math.isinf(times[best]):
+            continue  # no launch of this backend for these operands, or none compiled
+        for k, config in variants[best].items():
+            found[k] = {
+                "config": _tuning.config_fields(config),
+                "kernel_ms": times[best] * 1e3,
+                "default_ms": times[(1, 1)] * 1e3,
+                "xla_ms": xla * 1e3,
+                "jax": jax.__version__,
+                "tuned": tuned_call,
+            }
+    return found
+
+
+def write(found: dict[str, dict], path: os.PathLike | str | None = None) -> pathlib.Path:
+    """Merge `found` into the cache file at `path` (default `_tuning.cache_path()`), whose
+    other entries are kept when it is readable, and write it atomically."""
+    path = pathlib.Path(_tuning.cache_path() if path is None else path)
+    if str(path) == "off":
+        raise ValueError(
+            f"{_tuning.ENV}=off turns the tuning cache off, so there is no file to write; "
+            f"pass a path (`--out`) or unset {_tuning.ENV}."
+        )
+    kept = {}
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") == _tuning.FORMAT and isinstance(data.get("entries"), dict):
+            kept = data["entries"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"format": _tuning.FORMAT, "entries": kept | found}, indent=1, sort_keys=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+        tmp.write(text + "\n")
+    os.replace(tmp.name, path)
+    return path
+
+
+def tune(
+    ops: Sequence[str],
+    shapes: Sequence[tuple[int, int]],
+    dtypes: Sequence[Any],
+    *,
+    path: os.PathLike | str | None = None,
+    timer: Timer = wall_clock,
+    impls: dict[str, str] | None = None,
+) -> dict[str, dict]:
+    """Tune every op × shape × dtype ([`tune_one`][]) and merge the entries into the cache
+    file at `path` (default: `$EQXNORM_TUNING_CACHE`, else the user cache directory).
+
+    **Arguments:**
+
+    - `ops`: names from `OPS` (`layer_norm`, `rms_norm`, `add_layer_norm`, `add_rms_norm`).
+    - `shapes`: `(rows, dim)` of the inputs.
+    - `dtypes`: input dtypes (`jnp.bfloat16`, `"float32"`, …).
+    - `path`: the cache file to write.
+    - `timer`: `timer(run, candidate) -> seconds` (default: the median wall-clock time of 20
+      calls); the tests inject a deterministic one.
+    - `impls`: `{kernel impl: cache backend name}` to tune (default: those of this device).
+
+    **Returns:**
+
+    The entries written, by cache key.
+    """
+    found = {}
+    for op in ops:
+        for shape in shapes:
+            for dtype in dtypes:
+                entries = tune_one(op, shape, dtype, timer=timer, impls=impls)
+                write(entries, path)  # each as it is measured: a run cut short keeps them
+                found |= entries
+    jax.clear_caches()  # what this process traces from now on reads the new entries
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m eqxnorm.tune", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--ops", nargs="+", default=["layer_norm", "rms_norm"], choices=list(OPS))
+    parser.add_argument("--shapes", nargs="+", default=["4096x1024"], help="ROWSxDIM")
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"])
+    parser.add_argument(
+        "--out", default=None, help="the cache file (default: %(default)s → cache dir)"
+    )
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    shapes = [parse_shape(s) for s in args.shapes]
+
+    def timer(run, candidate):
+        return wall_clock(run, candidate, args.repeats)
+
+    found = tune(args.ops, shapes, args.dtypes, path=args.out, timer=timer)
+    for k, e in found.items():
+        faster = "XLA" if e["xla_ms"] < e["kernel_ms"] else "the kernel"
+        print(
+            f"{k}: heuristic {e['default_ms']:.4f} ms, tuned {e['kernel_ms']:.4f} ms with "
+            f"{e['config']}, XLA {e['xla_ms']:.4f} ms: {faster} is faster ({e['tuned']})"
+        )
+    path = args.out or _tuning.cache_path()
+    print(f"wrote {len(found)} entries for {_tuning.device_kind()} to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The tuning cache (`eqxnorm.kernels._tuning`): keys and buckets, the configurations it may
+give, its file read at trace time, and its fallback to the heuristic."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqxnorm.kernels import _common as c, _mosaic_gpu, _tuning, pallas, reference
+
+KEY = "cpu|interpret|layer_norm|float32|64x256"  # `layer_norm` of (37, 160) float32 on CPU
+
+
+def _grids(fn, *args):
+    """The grids of the interpreted `pallas_call`s `fn(*args)` traces (the CPU branch),
+    traced anew (JAX caches traces: the cache file is read for what is not yet traced)."""
+    jax.clear_caches()
+    grids = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call" and eqn.params["interpret"]:
+                grids.append(tuple(eqn.params["grid_mapping"].grid))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple | list) else (value,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return grids
+
+
+def _layer_norm(x):
+    weight = jnp.linspace(0.5, 1.5, x.shape[-1])
+    return pallas.layer_norm(x, weight, None, eps=1e-5)
+
+
+def _write(tmp_path, monkeypatch, entries, **top):
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"format": _tuning.FORMAT, "entries": entries, **top}))
+    monkeypatch.setenv(_tuning.ENV, str(path))
+    return path
+
+
+def _entry(block_rows, jax_version=jax.__version__, **times):
+    config = {"block_rows": block_rows, "num_warps": 8, "num_stages": 1}
+    return {"config": config, "jax": jax_version, **times}
+
+
+X = jnp.asarray(np.random.default_rng(0).normal(size=(37, 160)), jnp.float32)
+
+
+def test_buckets_and_keys():
+    assert [_tuning.bucket(n) for n in (0, 1, 2, 37, 64, 65, 70000)] == [
+        1,
+        1,
+        2,
+        64,
+        64,
+        128,
+        131072,
+    ]
+    assert _tuning.key("NVIDIA H200", "triton", "rms_norm", "bfloat16", 3000, 1000) == (
+        "NVIDIA H200|triton|rms_norm|bfloat16|4096x1024"
+    )
+
+
+def test_variants_halve_or_double_within_the_backend():
+    default = c.block_config(c.TRITON, 4096, 1024)  # 4 rows × 1024, 8 warps
+    triton = _tuning.variants("triton", default, most_rows=4096)
+    assert next(iter(triton)) == (1, 1) and triton[1, 1] == default
+    assert {(v.block_rows, v.num_warps) for v in triton.values()} == {
+        (r, w) for r in (2, 4, 8) for w in (4, 8, 16)
+    }
+    interpret = _tuning.variants("interpret", default, most_rows=4096)
+    assert {v.num_warps for v in interpret.values()} == {default.num_warps}
+    # 2 rows × 16384 exceed a Triton block's elements; 8 rows exceed an input of 4.
+    wide = c.block_config(c.TRITON, 4096, 16384)
+    assert max(v.block_rows for v in _tuning.variants("triton", wide, 4096).values()) == 1
+    assert max(v.block_rows for v in _tuning.variants("triton", default, 4).values()) == 4
+    mosaic = c.block_config(c.MOSAIC, 4096, 1024)
+    assert {v.block_rows for v in _tuning.variants("mosaic", mosaic, 4096).values()} == {32, 64}
+    boxes = _mosaic_gpu.Boxes(16, 256, 4, 4, None)
+    assert {v.block_rows for v in _tuning.variants("mosaic_gpu", boxes, 24).values()} == {8, 16}
+    assert _tuning.variants("mosaic_gpu", boxes._replace(block_rows=0), 0) == {
+        (1, 1): boxes._replace(block_rows=0)
+    }
+
+
+def test_the_cache_configures_the_launch(tmp_path, monkeypatch):
+    default = _grids(_layer_norm, X)
+    assert default == [(3, 1)]  # 16 rows per block
+    _write(tmp_path, monkeypatch, {KEY: _entry(32)})
+    assert _grids(_layer_norm, X) == [(2, 1)]
+    # Forward and backward both take it, and the result is the reference's.
+    weight = jnp.linspace(0.5, 1.5, 160)
+
+    def loss(impl, x, w):
+        return jnp.sum(jnp.sin(impl.layer_norm(x, w, None, eps=1e-5)))
+
+    grads = jax.grad(lambda x, w: loss(pallas, x, w), argnums=(0, 1))
+    assert _grids(grads, X, weight) == [(2, 1), (2, 1)]
+    jax.clear_caches()
+    expected = jax.grad(lambda x, w: loss(reference, x, w), argnums=(0, 1))(X, weight)
+    for got, want in zip(grads(X, weight), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        {KEY: _entry(32, jax_version="0.0.1")},  # stale: measured with another JAX
+        {KEY: _entry(5)},  # not a variant of the heuristic's choice
+        {KEY: {"config": {"rows": 32}, "jax": jax.__version__}},  # not a configuration field
+        {KEY.replace("cpu", "TPU v5 lite"): _entry(32)},  # another device
+    ],
+    ids=["stale", "not-a-variant", "unknown-field", "other-device"],
+)
+def test_an_unusable_entry_leaves_the_heuristic(tmp_path, monkeypatch, entries):
+    _write(tmp_path, monkeypatch, entries)
+    assert _grids(_layer_norm, X) == [(3, 1)]
+
+
+def test_a_corrupt_or_foreign_file_warns_and_leaves_the_heuristic(tmp_path, monkeypatch):
+    path = _write(tmp_path, monkeypatch, {})
+    path.write_text('{"format": 1, "entries": {')
+    with pytest.warns(UserWarning, match=r"ignores the tuning cache .*tuning.json.*eqxnorm.tune"):
+        assert _grids(_layer_norm, X) == [(3, 1)]
+    _write(tmp_path, monkeypatch, {KEY: _entry(32)}, format=99)
+    with pytest.warns(UserWarning, match="format 99, expected 1"):
+        assert _tuning.entries() == {}
+    monkeypatch.setenv(_tuning.ENV, "off")
+    assert _tuning.entries() == {}
+
+
+def test_the_cache_path(monkeypatch, tmp_path):
+    monkeypatch.setenv(_tuning.ENV, str(tmp_path / "mine.json"))
+    assert _tuning.cache_path() == tmp_path / "mine.json"
+    monkeypatch.delenv(_tuning.ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _tuning.cache_path() == tmp_path / "eqxnorm" / "tuning.json"
+
+
+def test_prefers_xla_by_the_launches_of_the_call(tmp_path, monkeypatch):
+    def trace():
+        jax.clear_caches()
+        return jax.eval_shape(_layer_norm, X)
+
+    assert not _tuning.prefers_xla(trace)  # no cache
+    _write(tmp_path, monkeypatch, {KEY: _entry(16, xla_ms=0.5, kernel_ms=1.0)})
+    assert _tuning.prefers_xla(trace)
+    _write(tmp_path, monkeypatch, {KEY: _entry(16, xla_ms=2.0, kernel_ms=1.0)})
+    assert not _tuning.prefers_xla(trace)
+    other = KEY.replace("37", "").replace("64x256", "4096x1024")
+    _write(tmp_path, monkeypatch, {other: _entry(4, xla_ms=0.5, kernel_ms=1.0)})
+    assert not _tuning.prefers_xla(trace)  # this shape was not measured

@@ -1,0 +1,108 @@
+"""The tuner (`eqxnorm.tune`): candidates timed with an injected timer, the cache file it
+writes, and what the kernels and `impl="auto"` then do with it."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from eqxnorm import _dispatch, tune
+from eqxnorm.kernels import _tuning
+
+KEY = "cpu|interpret|layer_norm|float32|64x256"
+INTERPRET = {"pallas": "interpret"}
+
+
+def _timer(xla_seconds):
+    """A deterministic timer: XLA takes `xla_seconds`; a kernel 1 s less 1 ms per row of its
+    blocks (more rows measure faster), so the doubled rows win."""
+    seen = []
+
+    def timer(run, candidate):
+        seen.append(candidate.label)
+        if candidate.impl == "reference":
+            return xla_seconds
+        rows = [fields["block_rows"] for fields in candidate.configs.values()] or [16]
+        return 1.0 - 1e-3 * max(rows)
+
+    return timer, seen
+
+
+def test_tune_writes_the_fastest_configuration(tmp_path):
+    timer, seen = _timer(xla_seconds=2.0)
+    path = tmp_path / "cache" / "tuning.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"format": 1, "entries": {"kept|x": {"config": {}}}}))
+    found = tune.tune(["layer_norm"], [(37, 160)], ["float32"], path=path, timer=timer)
+    # XLA, then the heuristic's 16 rows, halved and doubled (no warps off Triton).
+    assert seen == [
+        "xla",
+        "pallas rows×1 warps×1",
+        "pallas rows×0.5 warps×1",
+        "pallas rows×2 warps×1",
+    ]
+    assert list(found) == [KEY]
+    entry = found[KEY]
+    assert entry["config"] == {"block_rows": 32, "num_warps": 8, "num_stages": 1}
+    assert (entry["kernel_ms"], entry["default_ms"], entry["xla_ms"]) == pytest.approx(
+        (968, 984, 2000)
+    )
+    assert entry["jax"] == jax.__version__ and entry["tuned"] == "layer_norm 37x160 float32"
+    data = json.loads(path.read_text())
+    assert data["format"] == _tuning.FORMAT
+    assert data["entries"] == {"kept|x": {"config": {}}, KEY: entry}
+
+
+def test_auto_takes_xla_where_the_cache_measured_it_faster(tmp_path, monkeypatch):
+    monkeypatch.setenv(_tuning.ENV, str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _dispatch.implementation("auto") is _dispatch.MEASURED
+    x, w = jnp.ones((37, 160)), jnp.ones(160)
+
+    def layer_norm(x):
+        return _dispatch.MEASURED.layer_norm(x, w, w, eps=1e-5)
+
+    def kernels_traced(fn):
+        jax.clear_caches()
+        return "pallas_call" in str(jax.make_jaxpr(fn)(x))
+
+    # A layer under vmap, one example per call, is judged on the 37 rows it launches over.
+    per_example = jax.vmap(lambda row: layer_norm(row[None])[0])
+    assert kernels_traced(layer_norm) and kernels_traced(per_example)  # no cache: the kernels
+    for xla_seconds, kernels in ((0.5, False), (2.0, True)):
+        timer = _timer(xla_seconds)[0]
+        tune.tune(["layer_norm"], [(37, 160)], ["float32"], timer=timer, impls=INTERPRET)
+        assert kernels_traced(layer_norm) is kernels
+        assert kernels_traced(per_example) is kernels
+
+
+def test_the_shape_and_device_arguments():
+    assert tune.parse_shape("4096x1024") == (4096, 1024)
+    with pytest.raises(ValueError, match=r"ROWSxDIM, e.g. 4096x1024, but got '4096'"):
+        tune.parse_shape("4096")
+    with pytest.raises(ValueError, match="positive rows and features, but got '0x8'"):
+        tune.parse_shape("0x8")
+    with pytest.raises(ValueError, match="knows the ops .*but got op='batch_norm'"):
+        tune.operands("batch_norm", (2, 8), jnp.float32)
+    assert tune.kernel_impls("cpu") == {"pallas": "interpret"}
+    assert tune.kernel_impls("tpu") == {"pallas": "mosaic"}
+    assert tune.kernel_impls("rocm") == {"triton": "triton"}
+    assert "triton" in tune.kernel_impls("cuda")
+
+
+def test_the_command_line(tmp_path, monkeypatch, capsys):
+    timer = _timer(xla_seconds=0.5)[0]
+    monkeypatch.setattr(tune, "wall_clock", lambda run, candidate, repeats: timer(run, candidate))
+    out = tmp_path / "tuning.json"
+    tune.main(["--ops", "rms_norm", "--shapes", "37x160", "--dtypes", "float32", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert (
+        "cpu|interpret|rms_norm|float32|64x256: heuristic 984.0000 ms, tuned 968.0000 ms" in printed
+    )
+    assert "XLA 500.0000 ms: XLA is faster (rms_norm 37x160 float32)" in printed
+    assert f"wrote 1 entries for cpu to {out}" in printed
+    assert list(json.loads(out.read_text())["entries"]) == ["cpu|interpret|rms_norm|float32|64x256"]
+    monkeypatch.setenv(_tuning.ENV, "off")
+    with pytest.raises(ValueError, match="EQXNORM_TUNING_CACHE=off turns the tuning cache off"):
+        tune.write({})
