@@ -317,8 +317,9 @@ def forward_on(
     FP8 `scale`), with one Mosaic GPU kernel."""
     params = [p for p in (weight, bias, scale) if p is not None]
     # The parameters in their common dtype (float32 with a scale), read in one layout.
-    dtype = F32 if scale is not None else jnp.result_type(*params)
-    params = [p.astype(dtype) for p in params]
+    if params:
+        dtype = F32 if scale is not None else jnp.result_type(*params)
+        params = [p.astype(dtype) for p in params]
     boxes = forward_boxes(x, residual, weight, bias, scale, out_dtype)
     flags = dict(has_weight=weight is not None, has_bias=bias is not None)
     if scale is not None or not _same_dtype(x, out_dtype):
