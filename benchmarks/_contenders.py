@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._ops import EPS, EQXNORM_ONLY, Op, Problem, kernel_name
+from ._ops import EPS, EQXNORM_ONLY, FP8_DTYPE, FP8_SCALE, Op, Problem, kernel_name
 
 
 class Skip(Exception):
@@ -71,7 +71,19 @@ def _jax_arrays(problem: Problem, layout: Callable[[str, np.ndarray], np.ndarray
     relay = layout or (lambda name, a: a)
     args = {k: jnp.asarray(relay(k, v)) for k, v in problem.arrays.items()}
     cts = tuple(jnp.asarray(relay("x", c)) for c in problem.cotangents)
+    if problem.op.out_itemsize is not None:
+        # The FP8 output's cotangent is float8 (JAX's rule: a tangent has its primal's dtype);
+        # the amax's is float32.
+        cts = (cts[0].astype(FP8_DTYPE), cts[1].astype(jnp.float32))
     return args, cts
+
+
+def _norm_then_cast(y):
+    """`(y_fp8, amax)` of an output already rounded to the input's dtype, in XLA: what a norm
+    without an FP8 output leaves to the user (a second pass over `y`)."""
+    from eqxnorm.kernels.reference import quantize_fp8
+
+    return quantize_fp8(y.astype(jnp.float32), jnp.float32(FP8_SCALE), FP8_DTYPE)
 
 
 def _modulate(y, scale, shift):
@@ -97,6 +109,10 @@ def _sequence(op: Op, norm: Callable) -> Callable:
 
         def fn(a):
             return (norm(a, a["x"]) * jax.nn.silu(a["z"]),)
+    elif op.out_itemsize is not None:
+
+        def fn(a):
+            return _norm_then_cast(norm(a, a["x"]))
 
     elif op.fused:
 
@@ -119,6 +135,8 @@ def _composed_note(op: Op, norm: str) -> str:
         return f"{norm} of q, then of k: two launches"
     if op.name == "gated_rms_norm":
         return f"{norm}, then · silu(z)"
+    if op.out_itemsize is not None:
+        return f"{norm}, then amax and the scaled cast to {FP8_DTYPE} in XLA"
     return f"x + residual, then {norm}" if op.fused else ""
 
 
@@ -170,7 +188,8 @@ def eqxnorm_fused(impl: str) -> Callable[[Problem], JaxCase]:
         import eqxnorm.functional as F
 
         op = problem.op
-        _require_eqxnorm(op.name, kernel_name(op), impl)
+        # An FP8 output is an option of its kernel's function.
+        _require_eqxnorm(kernel_name(op) if op.out_itemsize else op.name, kernel_name(op), impl)
         kw = dict(eps=EPS, impl=impl)
         if op.name == "add_layer_norm":
 
@@ -201,6 +220,11 @@ def eqxnorm_fused(impl: str) -> Callable[[Problem], JaxCase]:
 
             def fn(a):
                 return (F.dyt(a["x"], a["alpha"], a["weight"], a["bias"], impl=impl),)
+        elif op.name == "rms_norm_fp8":
+            fp8 = dict(out_dtype=FP8_DTYPE, fp8_scale=jnp.float32(FP8_SCALE))
+
+            def fn(a):
+                return F.rms_norm(a["x"], a["weight"], **fp8, **kw)
 
         else:
             fn = _sequence(op, _eqxnorm_norm(op.name, problem, impl))
@@ -326,6 +350,8 @@ def module_build(problem: Problem) -> JaxCase:
     import eqxnorm.functional as F
 
     op = problem.op
+    if op.out_itemsize is not None:
+        raise Skip("the FP8 output is a functional option; see the pallas and reference rows")
     _require_eqxnorm(op.name, kernel_name(op), "auto")
     # Their modules call the functional timed by `reference`/`pallas` on each example.
     _eqxnorm_only(op, "this contender's module set")
@@ -471,6 +497,8 @@ def _torch_norm(name: str, problem: Problem, device) -> Callable:
 def _torch_fn(problem: Problem, device) -> tuple[Callable, str]:
     op = problem.op
     _eqxnorm_only(op, "torch.nn")
+    if op.out_itemsize is not None:
+        raise Skip("torch.nn has no FP8-output norm (TransformerEngine's is CUDA only)")
     name = op.base or op.name
     fn = _sequence(op, _torch_norm(name, problem, device))
     plain = "F.batch_norm(training=True)" if op.name == "batch_norm" else ""

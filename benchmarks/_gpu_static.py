@@ -843,12 +843,14 @@ _HLO_BYTES = {
     "f64": 8,
     "c64": 8,
     "c128": 16,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
 }
 
 
 def _hlo_shape_bytes(shape: str) -> int:
     total = 0
-    for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
+    for dt, dims in re.findall(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]", shape):
         if dt in _HLO_BYTES:
             total += _HLO_BYTES[dt] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
     return total

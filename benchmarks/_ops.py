@@ -15,6 +15,9 @@ statistics are not counted, they are below 2% of the traffic at every benchmarke
   `3·x + params + param grads`. In the fused add+norm the gradients of `x` and `residual` are
   the same array, counted once.
 - `fwd+bwd`: the sum.
+
+An op with an FP8 output (`rms_norm_fp8`) writes `y` at one byte an element, and its
+backward reads `y`'s float8 cotangent at one byte; its amax (a scalar) counts as one element.
 """
 
 import dataclasses
@@ -45,6 +48,8 @@ class Op:
     - `grads`: the gradients an ideal backward writes (equal gradients listed once).
     - `base`: for a fused op, the plain norm its unfused sequence runs (`None` otherwise).
     - `kernel`: the `eqxnorm.kernels.pallas` function implementing it.
+    - `out_itemsize`: the bytes of an element of `y` (and of its cotangent) when the op fixes
+        them (1 for an FP8 output); `None`: the input's.
     """
 
     name: str
@@ -56,6 +61,7 @@ class Op:
     grads: tuple[str, ...]
     base: str | None = None
     kernel: str | None = None
+    out_itemsize: int | None = None
 
     @property
     def fused(self) -> bool:
@@ -164,6 +170,18 @@ OPS: dict[str, Op] = {
             ("x", "weight"),
             ("x", "alpha", "weight", "bias"),
         ),
+        Op(
+            "rms_norm_fp8",
+            "row",
+            "RMSNorm with FP8 output: cast(clip(y·scale)) and amax",
+            ("x", "weight"),
+            ("y", "amax"),
+            ("x", "weight"),
+            ("x", "weight"),
+            base="rms_norm",
+            kernel="rms_norm",
+            out_itemsize=1,
+        ),
     )
 }
 
@@ -171,6 +189,9 @@ OPS: dict[str, Op] = {
 EQXNORM_ONLY = ("qk_norm", "gated_rms_norm", "dyt")
 # QK-norm's head_dim when a 2-axis shape `(tokens, heads · head_dim)` is given.
 HEAD_DIM = 128
+# The FP8 output's format and scale (TransformerEngine's forward format).
+FP8_DTYPE = "float8_e4m3fn"
+FP8_SCALE = 4.0
 
 
 def kernel_name(op: Op) -> str:
@@ -281,7 +302,7 @@ def make_problem(op: Op, shape: tuple[int, ...], dtype: str, seed: int = 0) -> P
         name: normal(size, *spread.get(name, (0.1, 0.0)))
         for name, size in input_shapes(op, shape).items()
     }
-    cotangents = tuple(normal(arrays["x"].shape) for _ in op.outputs)
+    cotangents = tuple(normal(() if n == "amax" else arrays["x"].shape) for n in op.outputs)
     groups = groups_for(shape[1]) if op.family == "channel" else 0
     return Problem(op, shape, dtype, arrays, cotangents, groups)
 
@@ -301,8 +322,8 @@ def case_arrays(
     shapes = input_shapes(op, shape)
 
     def of(names) -> list[tuple[int, ...]]:
-        # Outputs (y, h) and their cotangents have x's shape.
-        return [shapes.get(n, shapes["x"]) for n in names]
+        # Outputs (y, h) and their cotangents have x's shape; an amax is a scalar.
+        return [shapes.get(n, () if n == "amax" else shapes["x"]) for n in names]
 
     forward = (of(op.inputs), of(op.outputs))
     backward = (of((*op.saved, *op.outputs)), of(op.grads))
@@ -318,7 +339,12 @@ def case_bytes(op: Op, shape: tuple[int, ...], dtype: str, direction: str) -> in
     docstring); computed from the shapes alone, before any array exists."""
     itemsize = _numpy_dtype(dtype).itemsize
     reads, writes = case_arrays(op, shape, direction)
-    return sum(math.prod(s) for s in (*reads, *writes)) * itemsize
+    total = sum(math.prod(s) for s in (*reads, *writes)) * itemsize
+    if op.out_itemsize is None:
+        return total
+    # `y` is written forward and its cotangent read backward at `out_itemsize` bytes.
+    y_arrays = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[direction]
+    return total - y_arrays * math.prod(shape) * (itemsize - op.out_itemsize)
 
 
 def op_bytes(problem: Problem, direction: str) -> int:

@@ -61,6 +61,8 @@ class _AdaptiveRowNorm(eqx.Module):
     use_weight: bool = eqx.field(static=True)
     use_bias: bool = eqx.field(static=True)
     impl: Impl = eqx.field(static=True)
+    weight_offset: float = eqx.field(static=True)
+    out_dtype: Any = eqx.field(static=True)
     weight: Float[Array, "*shape"] | None
     bias: Float[Array, "*shape"] | None
     modulation: eqx.nn.Linear
@@ -80,6 +82,8 @@ class _AdaptiveRowNorm(eqx.Module):
         activation: Callable[[Array], Array] = jax.nn.silu,
         zero_init: bool = True,
         impl: Impl = "auto",
+        weight_offset: _checking.Number = 0.0,
+        out_dtype: Any = None,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -97,24 +101,33 @@ class _AdaptiveRowNorm(eqx.Module):
         - `zero_init`: start the projection at zero, so the layer starts as the plain norm
             (DiT's adaLN-Zero); otherwise `eqx.nn.Linear`'s initialisation.
         - `impl`: `"auto"`, `"pallas"` or `"reference"`; see `eqxnorm.functional`.
+        - `weight_offset`: $\\gamma$ is `weight_offset + weight`, the weight starting at
+            `1 - weight_offset` (see [`eqxnorm.LayerNorm`][]).
+        - `out_dtype`: the output's dtype (default: the input's); not a float8 one.
         - `key`: a `jax.random.PRNGKey` for the projection's initialisation.
 
         **Raises:**
 
-        `ValueError` for an empty `shape`, a non-positive `cond_size`, `eps <= 0` or an
-        unknown `impl`.
+        `ValueError` for an empty `shape`, a non-positive `cond_size`, `eps <= 0`, an
+        unknown `impl`, a non-zero `weight_offset` without a weight, a float8 `out_dtype`;
+        `TypeError` for a non-floating `out_dtype`.
         """
         where = type(self).__name__
         self.shape = _checking.normalize_shape(shape, where)
         _checking.check_positive_int(cond_size, "cond_size", where)
         _checking.check_eps(eps, where)
         check_impl(impl, where)
+        weight = jnp.ones(()) if use_weight else None
+        self.weight_offset, self.out_dtype, _ = functional._output_options(
+            None, weight, weight_offset, out_dtype, None, where, fp8=False
+        )
         self.cond_size = cond_size
         self.eps = float(eps)
         self.use_weight = use_weight
         self.use_bias = use_bias
         self.impl = impl
-        self.weight = jnp.ones(self.shape, dtype=dtype) if use_weight else None
+        init = 1 - self.weight_offset
+        self.weight = jnp.full(self.shape, init, dtype=dtype) if use_weight else None
         self.bias = jnp.zeros(self.shape, dtype=dtype) if use_bias else None
         features = 1
         for size in self.shape:
@@ -153,8 +166,8 @@ class _AdaptiveRowNorm(eqx.Module):
 
         **Returns:**
 
-        The modulated array, of `x`'s shape and dtype; or `(output, state)` when `state`
-        is passed.
+        The modulated array, of `x`'s shape in `out_dtype` (default `x.dtype`); or
+        `(output, state)` when `state` is passed.
 
         **Raises:**
 
@@ -173,6 +186,8 @@ class _AdaptiveRowNorm(eqx.Module):
                 shape=self.shape,
                 eps=self.eps,
                 impl=self.impl,
+                weight_offset=self.weight_offset,
+                out_dtype=self.out_dtype,
             )
         return out if state is sentinel else (out, state)
 

@@ -1,5 +1,5 @@
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -11,7 +11,7 @@ from . import _checking, functional
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl
 from ._misc import sentinel
-from .kernels.reference import AxisName, compute_dtype
+from .kernels.reference import FP8_DTYPES, AxisName, compute_dtype
 
 
 class _RowNorm(eqx.Module):
@@ -24,6 +24,8 @@ class _RowNorm(eqx.Module):
     use_bias: bool = eqx.field(static=True)
     impl: Impl = eqx.field(static=True)
     axis_name: AxisName | None = eqx.field(static=True)
+    weight_offset: float = eqx.field(static=True)
+    out_dtype: Any = eqx.field(static=True)
     weight: Float[Array, "*shape"] | None
     bias: Float[Array, "*shape"] | None
 
@@ -39,6 +41,8 @@ class _RowNorm(eqx.Module):
         *,
         impl: Impl = "auto",
         axis_name: AxisName | None = None,
+        weight_offset: _checking.Number = 0.0,
+        out_dtype: Any = None,
     ):
         """**Arguments:**
 
@@ -54,24 +58,41 @@ class _RowNorm(eqx.Module):
             of one axis of `shape` (of `x` and of the parameters alike; `shape` stays the
             whole one), and the statistics are over all of them, pooled with `lax.pmean`.
             `None` (the default): each call holds the whole example.
+        - `weight_offset`: the scale applied is `weight_offset + weight`; the weight then
+            starts at `1 - weight_offset` (zeros for `weight_offset=1.0`: Gemma's RMSNorm,
+            "LayerNorm1p", TransformerEngine's `zero_centered_gamma`), so the layer starts as
+            the plain norm. See [`eqxnorm.functional.layer_norm`][].
+        - `out_dtype`: the output's dtype (default: the input's); a float8 dtype takes an
+            `fp8_scale` at each call.
 
         **Raises:**
 
-        `ValueError` for an empty `shape`, `eps <= 0` or an unknown `impl`.
+        `ValueError` for an empty `shape`, `eps <= 0`, an unknown `impl`, a non-zero
+        `weight_offset` without a weight; `TypeError` for a non-floating `out_dtype`.
         """
         where = type(self).__name__
         self.shape = _checking.normalize_shape(shape, where)
         _checking.check_eps(eps, where)
         check_impl(impl, where)
+        weight = jnp.ones(()) if use_weight else None
+        scale = (
+            jnp.ones(()) if out_dtype is not None and jnp.dtype(out_dtype) in FP8_DTYPES else None
+        )
+        _, out_dtype, _ = functional._output_options(
+            None, weight, weight_offset, out_dtype, scale, where
+        )
+        self.weight_offset = float(weight_offset)
+        self.out_dtype = out_dtype
         self.eps = float(eps)
         self.use_weight = use_weight
         self.use_bias = use_bias
         self.impl = impl
         self.axis_name = axis_name
-        self.weight = jnp.ones(self.shape, dtype=dtype) if use_weight else None
+        init = 1 - self.weight_offset
+        self.weight = jnp.full(self.shape, init, dtype=dtype) if use_weight else None
         self.bias = jnp.zeros(self.shape, dtype=dtype) if use_bias else None
 
-    def _precheck(self, x, state=sentinel, *, key=None, mask=None):
+    def _precheck(self, x, state=sentinel, *, key=None, mask=None, fp8_scale=None):
         where = f"{type(self).__name__}(shape={self.shape})"
         _checking.check_floating(x, "x", where)
         _checking.check_mask(mask, x, where)
@@ -101,7 +122,8 @@ class _RowNorm(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
         mask: Bool[AnyArray, "*mask_shape"] | None = None,
-    ) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], State]:
+        fp8_scale: Any = None,
+    ) -> Any:
         """**Arguments:**
 
         - `x`: one example, of shape `shape`; floating point.
@@ -112,11 +134,13 @@ class _RowNorm(eqx.Module):
             counts in the statistics (Flax's `mask=`, for padding); see
             [`eqxnorm.functional.layer_norm`][] for masked positions' outputs and slices with
             no valid element.
+        - `fp8_scale`: with a float8 `out_dtype`, the scale of the FP8 output (a scalar; see
+            [`eqxnorm.functional.layer_norm`][]).
 
         **Returns:**
 
-        The normalized array, of `x`'s shape and dtype; or `(output, state)` when `state` is
-        passed.
+        The normalized array, of `x`'s shape in `out_dtype` (default `x.dtype`), or with
+        `fp8_scale` `(y, amax)`; or `(output, state)` when `state` is passed.
 
         **Raises:**
 
@@ -135,10 +159,14 @@ class _RowNorm(eqx.Module):
                 axis_name=self.axis_name,
                 impl=self.impl,
                 mask=mask,
+                **self._options(fp8_scale),
             )
         return out if state is sentinel else (out, state)
 
-    def _precheck_add(self, x, residual):
+    def _options(self, fp8_scale) -> dict:
+        return dict(weight_offset=self.weight_offset, out_dtype=self.out_dtype, fp8_scale=fp8_scale)
+
+    def _precheck_add(self, x, residual, *, fp8_scale=None):
         self._precheck(x)
         where = f"{type(self).__name__}(shape={self.shape}).add_and_norm"
         _checking.check_floating(residual, "residual", where)
@@ -150,8 +178,12 @@ class _RowNorm(eqx.Module):
 
     @_checking.typechecked(_precheck_add)
     def add_and_norm(
-        self, x: Float[AnyArray, "*shape"], residual: Float[AnyArray, "*shape"]
-    ) -> tuple[Float[Array, "*shape"], Float[Array, "*shape"]]:
+        self,
+        x: Float[AnyArray, "*shape"],
+        residual: Float[AnyArray, "*shape"],
+        *,
+        fp8_scale: Any = None,
+    ) -> Any:
         """The residual add and this norm fused, as in a pre-norm transformer block:
         `h = x + residual`, `y = self(h)`, in one pass (one kernel with `impl="pallas"`,
         forward and backward). See [`eqxnorm.functional.add_layer_norm`][].
@@ -161,11 +193,13 @@ class _RowNorm(eqx.Module):
         - `x`: one example, of shape `shape`: the sublayer's output.
         - `residual`: the residual stream, of shape `shape` (its dtype may differ from
             `x`'s, e.g. float32 under bfloat16 activations).
+        - `fp8_scale`: as for `__call__`.
 
         **Returns:**
 
-        `(y, h)`: the normalized `y` in `x.dtype` and the new residual stream `h` in
-        `residual.dtype`; `y` equals `self(h)` exactly.
+        `(y, h)`: the normalized `y` in `out_dtype` (default `x.dtype`) and the new residual
+        stream `h` in `residual.dtype`; `y` equals `self(h)` exactly. With `fp8_scale`,
+        `(y, h, amax)`.
 
         **Raises:**
 
@@ -177,10 +211,19 @@ class _RowNorm(eqx.Module):
                 # The fused kernels keep their statistics local: add as they do, then norm.
                 cdt = compute_dtype(jnp.promote_types(x.dtype, residual.dtype))
                 h = (x.astype(cdt) + residual.astype(cdt)).astype(residual.dtype)
-                return self(h).astype(x.dtype), h
+                out_dtype = x.dtype if self.out_dtype is None else self.out_dtype
+                y = eqx.tree_at(lambda n: n.out_dtype, self, out_dtype)(h, fp8_scale=fp8_scale)
+                return (y, h) if fp8_scale is None else (y[0], h, y[1])
             fn = getattr(functional, "add_" + self._function)
             return fn(
-                x, residual, self.weight, self.bias, shape=self.shape, eps=self.eps, impl=self.impl
+                x,
+                residual,
+                self.weight,
+                self.bias,
+                shape=self.shape,
+                eps=self.eps,
+                impl=self.impl,
+                **self._options(fp8_scale),
             )
 
 

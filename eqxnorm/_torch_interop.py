@@ -11,6 +11,7 @@ anything `np.asarray` accepts (PyTorch tensors included, converted with
 | `LayerNorm(shape, use_bias=False)` | `LayerNorm(shape, bias=False)`   | `weight`             |
 | `LayerNorm(shape, False, False)` | `LayerNorm(shape, elementwise_affine=False)` | none       |
 | `RMSNorm(shape, use_bias=False)` | `RMSNorm(shape, eps=1e-5)`         | `weight` (never a bias) |
+| `RMSNorm(dim, 1e-6, use_bias=False, weight_offset=1.0)` | HF `GemmaRMSNorm(dim)` | `weight` |
 | `GroupNorm(groups, channels)`    | `GroupNorm(groups, channels)`      | `weight`, `bias`     |
 | `InstanceNorm(C, channelwise_affine=True)` | `InstanceNorm2d(C, affine=True)` | `weight`, `bias` |
 | `GatedRMSNorm(dim)`              | `Qwen3NextRMSNormGated(dim)`       | `weight`             |
@@ -32,6 +33,15 @@ PyTorch classes have the same keys; without the affine there is no `weight` and 
 A state dict holds no hyperparameters: construct the eqxnorm layer with the PyTorch layer's
 shape, `eps` (PyTorch's `RMSNorm` defaults to `eps=None`, the input dtype's machine epsilon,
 so give it explicitly on one side), groups and momentum.
+
+**Zero-centred weights.** Gemma's RMSNorm (Hugging Face `GemmaRMSNorm`, and the
+`Gemma2`/`Gemma3`/`Qwen3Next` ones built like it) stores `weight` around 0 and scales by
+`1 + weight`: its twin is an `RMSNorm` with `weight_offset=1.0`, whose `weight` is the same
+array. A state dict's weights are read (and written) as stored against the layer's own
+`weight_offset`, unless `weight_offset=` names the convention of the state dict: loading a
+Gemma checkpoint into a plain `RMSNorm` is `weight_offset=1.0` (the layer's weight becomes
+`1 + weight`), and exporting a zero-centred layer for `torch.nn.RMSNorm` is
+`weight_offset=0.0`.
 
 **BatchNorm.** Both libraries normalize in inference with the stored running mean and
 *unbiased* running variance, so the running statistics are copied unchanged in both
@@ -110,9 +120,10 @@ def _describe(layer: Any) -> str:
         )
     if isinstance(layer, _RowNorm):
         shape = layer.shape[0] if len(layer.shape) == 1 else layer.shape
+        offset = f", weight_offset={layer.weight_offset}" if layer.weight_offset else ""
         return (
             f"eqxnorm.{type(layer).__name__}({shape}, use_weight={layer.use_weight}, "
-            f"use_bias={layer.use_bias})"
+            f"use_bias={layer.use_bias}{offset})"
         )
     if isinstance(layer, GroupNorm):
         return (
@@ -172,6 +183,26 @@ def _params(layer: Any) -> dict[str, jax.Array]:
     if getattr(layer, "bias", None) is not None and not _dropped_bias(layer):
         params["bias"] = layer.bias
     return params
+
+
+def _offset_shift(layer: Any, weight_offset: Any, where: str) -> float:
+    """What the layer's stored weight exceeds a state dict's by: the state dict's
+    `weight_offset` (default: the layer's own) less the layer's."""
+    own = getattr(layer, "weight_offset", 0.0)
+    if weight_offset is None:
+        return 0.0
+    if isinstance(weight_offset, bool) or not isinstance(weight_offset, (int, float)):
+        raise TypeError(
+            f"{where}: `weight_offset` must be a number (the offset the state dict's weight is "
+            f"stored against: 1.0 for Gemma's RMSNorm, 0.0 for torch.nn), but got "
+            f"{weight_offset!r}."
+        )
+    if not isinstance(layer, _RowNorm) and weight_offset != 0:
+        raise ValueError(
+            f"{where}: weight_offset={weight_offset!r} applies to LayerNorm and RMSNorm "
+            f"weights, but got {_describe(layer)}. Drop `weight_offset`."
+        )
+    return float(weight_offset) - own
 
 
 def _running(layer: BatchNorm, state: Any, where: str) -> tuple[Any, Any, Any]:
@@ -439,6 +470,7 @@ def load_torch_state_dict(
     *,
     prefix: str = "",
     strict: bool = True,
+    weight_offset: float | None = None,
 ) -> (
     LayerNorm
     | RMSNorm
@@ -483,6 +515,10 @@ def load_torch_state_dict(
     - `prefix`: prepended to each key, e.g. `"block.0.norm."` (with the trailing dot).
     - `strict`: `True` (the default) refuses keys under `prefix` that the layer has no
         place for; `False` ignores them. Missing keys are refused either way.
+    - `weight_offset`: the offset the state dict's `weight` is stored against (1.0 for
+        Gemma's zero-centred RMSNorm, 0.0 for `torch.nn`'s); default: the layer's own
+        `weight_offset`, so the array is copied. Otherwise the layer's weight becomes
+        `weight + weight_offset - layer.weight_offset`, computed in float32.
 
     **Returns:**
 
@@ -512,9 +548,13 @@ def load_torch_state_dict(
     if kind is BatchNorm:
         mean, var, count = _running(layer, state, where)
         targets |= {"running_mean": mean, "running_var": var, "num_batches_tracked": count}
+    shift = _offset_shift(layer, weight_offset, where)
     names = list(targets)
     _check_keys(layer, names, state_dict, prefix, strict, where)
     values = {n: _read(layer, n, like, state_dict, prefix, where) for n, like in targets.items()}
+    if shift and "weight" in values:
+        weight = values["weight"]
+        values["weight"] = (weight.astype(jnp.float32) + shift).astype(weight.dtype)
 
     if kind is WeightNorm:
         slots = _weight_norm_slots(layer)
@@ -546,6 +586,7 @@ def torch_state_dict(
     state: State | None = None,
     *,
     prefix: str = "",
+    weight_offset: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Export an eqxnorm layer as the state dict of its PyTorch twin.
 
@@ -563,6 +604,8 @@ def torch_state_dict(
     - `state`: the [`equinox.nn.State`][] holding a `BatchNorm`'s running statistics (or a
         whole model's); required for `BatchNorm`, ignored for the other layers.
     - `prefix`: prepended to each key, e.g. `"block.0.norm."`.
+    - `weight_offset`: the offset the exported `weight` is stored against (0.0 for
+        `torch.nn.RMSNorm`, 1.0 for Gemma's); default: the layer's own `weight_offset`.
 
     **Returns:**
 
@@ -601,6 +644,9 @@ def torch_state_dict(
             )
         raise ValueError(f"{where}: {_describe(layer)} has a nonzero bias, but {fix}")
     arrays = dict(_params(layer))
+    shift = _offset_shift(layer, weight_offset, where)
+    if shift and "weight" in arrays:
+        arrays["weight"] = arrays["weight"].astype(jnp.float32) - shift
     if kind is BatchNorm:
         mean, var, count = _running(layer, state, where)
         arrays |= {"running_mean": mean, "running_var": var}

@@ -15,12 +15,13 @@ from typing import Any
 
 import jax.lax as lax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, Scalar
 
 from . import _checking
 from ._checking import AnyArray
 from ._dispatch import Impl, check_impl, implementation, resolve_impl
-from .kernels.reference import AxisGroups, compute_dtype
+from .kernels.reference import FP8_DTYPES, AxisGroups, compute_dtype
 
 AxisName = Hashable | Sequence[Hashable]
 
@@ -50,6 +51,74 @@ def _valid(x: Array, mask: Any, lengths: Any, batch_ndim: int, first_counted: in
     bound = jnp.asarray(lengths).astype(jnp.int32).reshape(*batch, *between, 1)
     valid = jnp.broadcast_to(position < bound, (*x.shape[:first_counted], counted))
     return valid.reshape(x.shape)
+
+
+# --- output options: weight offset, output dtype, FP8 output ----------------------------------
+
+_FP8_DTYPES = FP8_DTYPES
+
+
+def _output_options(x, weight, weight_offset, out_dtype, fp8_scale, where: str, fp8=True):
+    """`(weight_offset, out_dtype, fp8_scale)` checked and resolved (`out_dtype` a dtype or
+    `None`; with `fp8_scale`, float8_e4m3fn unless given): `TypeError`/`ValueError` naming the
+    value and the fix. `fp8=False`: the function has no FP8 output."""
+    if isinstance(weight_offset, (bool, np.bool_)) or not isinstance(
+        weight_offset, (int, float, np.number)
+    ):
+        raise TypeError(
+            f"{where}: `weight_offset` must be a real number, but got {weight_offset!r} of type "
+            f"{type(weight_offset).__name__}. Pass e.g. `weight_offset=1.0` for a zero-centred "
+            f"weight (Gemma's RMSNorm)."
+        )
+    if not math.isfinite(weight_offset):
+        raise ValueError(f"{where}: `weight_offset` must be finite, but got {weight_offset!r}.")
+    if weight_offset != 0 and weight is None:
+        raise ValueError(
+            f"{where}: weight_offset={weight_offset!r} is added to the weight, but weight is "
+            f"None. Pass the (zero-centred) weight, or weight_offset=0."
+        )
+    if out_dtype is not None:
+        try:
+            out_dtype = jnp.dtype(out_dtype)
+        except TypeError:
+            raise TypeError(
+                f"{where}: `out_dtype` must be a dtype, but got {out_dtype!r}. Pass e.g. "
+                f"`out_dtype=jnp.bfloat16`."
+            ) from None
+        if not jnp.issubdtype(out_dtype, jnp.floating):
+            raise TypeError(
+                f"{where}: `out_dtype` must be a floating dtype, but got {out_dtype}. Pass e.g. "
+                f"`out_dtype=jnp.bfloat16`."
+            )
+    if fp8_scale is None:
+        if out_dtype in _FP8_DTYPES:
+            fix = "pass `fp8_scale=` (e.g. jnp.float32(1.0))" if fp8 else "use another out_dtype"
+            raise ValueError(
+                f"{where}: out_dtype={out_dtype} is a float8 dtype, whose output needs a scale "
+                f"(y_fp8 = cast(clip(y * scale)), with the amax returned beside it); {fix}."
+            )
+        return float(weight_offset), out_dtype, None
+    if not fp8:
+        raise ValueError(f"{where}: has no FP8 output; drop `fp8_scale={fp8_scale!r}`.")
+    out_dtype = _FP8_DTYPES[0] if out_dtype is None else out_dtype
+    if out_dtype not in _FP8_DTYPES:
+        raise ValueError(
+            f"{where}: fp8_scale quantizes the output to a float8 dtype, but got "
+            f"out_dtype={out_dtype}. Pass out_dtype=jnp.float8_e4m3fn or jnp.float8_e5m2, or "
+            f"drop fp8_scale."
+        )
+    scale = jnp.asarray(fp8_scale)
+    if scale.shape != () or not jnp.issubdtype(scale.dtype, jnp.floating):
+        raise ValueError(
+            f"{where}: fp8_scale must be a floating scalar (one scale per tensor), but got "
+            f"shape {scale.shape} and dtype {scale.dtype}. Pass e.g. jnp.float32(1.0)."
+        )
+    return float(weight_offset), out_dtype, scale
+
+
+def _options_kwargs(options) -> dict:
+    weight_offset, out_dtype, fp8_scale = options
+    return dict(weight_offset=weight_offset, out_dtype=out_dtype, fp8_scale=fp8_scale)
 
 
 # --- LayerNorm / RMSNorm ---------------------------------------------------------------------
@@ -98,9 +167,13 @@ def _check_row_norm(where: str):
         impl="auto",
         mask=None,
         lengths=None,
+        weight_offset=0.0,
+        out_dtype=None,
+        fp8_scale=None,
     ):
         shape = _resolve_row_shape(x, weight, bias, shape, where)
         _checking.check_eps(eps, where, x)
+        _output_options(x, weight, weight_offset, out_dtype, fp8_scale, where)
         if axis_name is not None:
             _checking.axis_size(axis_name, where)
         check_impl(impl, where)
@@ -151,23 +224,41 @@ def _from_rows(rows: Array, like: Array, shape: tuple[int, ...]) -> Array:
     return (rows[0] if added else rows).reshape(like.shape)
 
 
-def _row_norm(op: str, x, weight, bias, shape, eps, impl, axis_name=None, mask=None, lengths=None):
-    shape = _resolve_row_shape(x, weight, bias, shape, f"eqxnorm.functional.{op}")
+def _row_norm(
+    op: str,
+    x,
+    weight,
+    bias,
+    shape,
+    eps,
+    impl,
+    axis_name=None,
+    mask=None,
+    lengths=None,
+    options=(0, None, None),
+):
+    where = f"eqxnorm.functional.{op}"
+    shape = _resolve_row_shape(x, weight, bias, shape, where)
     dim = math.prod(shape)
     x, weight, bias = _as_arrays(x, weight, bias)
+    options = _output_options(x, weight, *options, where)
     flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
     rows = _to_rows(x, shape, impl)
     lead = x.ndim - len(shape)
     fn = getattr(implementation(impl), op)
-    if lengths is not None and _unit_batch(impl):
-        # The kernels read one length per row (see `_row_lengths`), not a mask.
+    plain = options[0] == 0 and options[1] in (None, x.dtype) and options[2] is None
+    if lengths is not None and _unit_batch(impl) and plain:
+        # The kernels read one length per row (see `_row_lengths`), not a mask; with output
+        # options, the masked path below.
         y = fn(
             rows, *flat, eps=float(eps), axis_name=axis_name, lengths=_row_lengths(lengths, rows)
         )
         return _from_rows(y, x, shape)
     valid = _valid(x, mask, lengths, lead, lead)
     valid = None if valid is None else _to_rows(valid, shape, impl)
-    y = fn(rows, *flat, eps=float(eps), axis_name=axis_name, mask=valid)
+    y = fn(rows, *flat, eps=float(eps), axis_name=axis_name, mask=valid, **_options_kwargs(options))
+    if options[2] is not None:
+        return _from_rows(y[0], x, shape), y[1]
     return _from_rows(y, x, shape)
 
 
@@ -189,7 +280,10 @@ def layer_norm(
     impl: Impl = "auto",
     mask: Bool[AnyArray, "*mask_shape"] | None = None,
     lengths: Int[AnyArray, "*lengths_shape"] | None = None,
-) -> Float[Array, "*batch_and_shape"]:
+    weight_offset: _checking.Number = 0.0,
+    out_dtype: Any = None,
+    fp8_scale: Any = None,
+) -> Float[Array, "*batch_and_shape"] | tuple[Float[Array, "*batch_and_shape"], Float[Array, ""]]:
     r"""Layer normalization over the trailing `shape` axes of `x`:
 
     $$y = \frac{x - \mathbb{E}[x]}{\sqrt{\mathrm{Var}[x] + \varepsilon}} \gamma + \beta$$
@@ -227,19 +321,38 @@ def layer_norm(
         than `"reference"`) read one length per row beside its statistics, the reference
         builds the mask by an iota compare in the compiled program. Not with `mask` or
         `axis_name`.
+    - `weight_offset`: the scale applied is `weight_offset + weight`, added in float32: a
+        zero-centred weight (Gemma's RMSNorm and "LayerNorm1p" store $\gamma$ around 0 and
+        apply $1 + \gamma$: `weight_offset=1.0`; TransformerEngine's `zero_centered_gamma`).
+    - `out_dtype`: the dtype of the output (default `x.dtype`), rounded once from float32:
+        e.g. a float32 residual stream in and bfloat16 out, or bfloat16 in and float32 out.
+    - `fp8_scale`: a floating scalar: the output is quantized to FP8,
+        `y_fp8 = cast(clip(y · fp8_scale, -m, m))` with `m` the largest finite value of
+        `out_dtype` (`jnp.float8_e4m3fn`, the default with a scale, or `jnp.float8_e5m2`),
+        saturating and rounded to nearest even (TransformerEngine's convention), and the amax
+        $\max|y|$ of the unscaled output, computed in the same kernel, returned beside it
+        for the next step's scale. Differentiable straight through the clip and rounding;
+        the scale and amax carry no gradient.
 
     **Returns:**
 
-    An array of `x`'s shape and dtype.
+    An array of `x`'s shape in `out_dtype` (default `x.dtype`); with `fp8_scale`, `(y, amax)`,
+    `amax` a scalar in the statistics' dtype (float32; float64 for float64 input).
 
     **Raises:**
 
     `TypeError` for non-floating input, a non-boolean `mask` or non-integer `lengths`;
     `ValueError` when the trailing axes of `x` do not match `shape`/the parameters, `shape`
     is empty, `eps <= 0`, `axis_name` is not bound by an enclosing transformation, `impl` is
-    unknown, `mask` does not broadcast to `x`, or `lengths` is not of the batch shape.
+    unknown, `mask` does not broadcast to `x`, `lengths` is not of the batch shape,
+    `weight_offset` is non-zero without a weight, or `out_dtype` is a float8 dtype
+    without `fp8_scale` (or `fp8_scale` is not a scalar or comes with another
+    `out_dtype`).
     """
-    return _row_norm("layer_norm", x, weight, bias, shape, eps, impl, axis_name, mask, lengths)
+    options = (weight_offset, out_dtype, fp8_scale)
+    return _row_norm(
+        "layer_norm", x, weight, bias, shape, eps, impl, axis_name, mask, lengths, options
+    )
 
 
 @_checking.typechecked(_check_row_norm("eqxnorm.functional.rms_norm"))
@@ -254,7 +367,10 @@ def rms_norm(
     impl: Impl = "auto",
     mask: Bool[AnyArray, "*mask_shape"] | None = None,
     lengths: Int[AnyArray, "*lengths_shape"] | None = None,
-) -> Float[Array, "*batch_and_shape"]:
+    weight_offset: _checking.Number = 0.0,
+    out_dtype: Any = None,
+    fp8_scale: Any = None,
+) -> Float[Array, "*batch_and_shape"] | tuple[Float[Array, "*batch_and_shape"], Float[Array, ""]]:
     r"""Root-mean-square normalization over the trailing `shape` axes of `x`:
 
     $$y = \frac{x}{\sqrt{\frac{1}{n}\sum_{i=1}^n x_i^2 + \varepsilon}} \gamma + \beta$$
@@ -268,13 +384,16 @@ def rms_norm(
 
     **Returns:**
 
-    An array of `x`'s shape and dtype.
+    As [`eqxnorm.functional.layer_norm`][].
 
     **Raises:**
 
     As [`eqxnorm.functional.layer_norm`][].
     """
-    return _row_norm("rms_norm", x, weight, bias, shape, eps, impl, axis_name, mask, lengths)
+    options = (weight_offset, out_dtype, fp8_scale)
+    return _row_norm(
+        "rms_norm", x, weight, bias, shape, eps, impl, axis_name, mask, lengths, options
+    )
 
 
 # --- GroupNorm / InstanceNorm ----------------------------------------------------------------
@@ -1108,8 +1227,21 @@ def _check_same_shape(x: Any, other: Any, name: str, where: str) -> None:
 
 
 def _check_add_row_norm(where: str):
-    def precheck(x, residual, weight=None, bias=None, *, shape=None, eps=1e-5, impl="auto"):
+    def precheck(
+        x,
+        residual,
+        weight=None,
+        bias=None,
+        *,
+        shape=None,
+        eps=1e-5,
+        impl="auto",
+        weight_offset=0.0,
+        out_dtype=None,
+        fp8_scale=None,
+    ):
         _resolve_row_shape(x, weight, bias, shape, where)
+        _output_options(x, weight, weight_offset, out_dtype, fp8_scale, where)
         _check_same_shape(x, residual, "residual", where)
         _checking.check_eps(eps, where, x)
         check_impl(impl, where)
@@ -1117,15 +1249,21 @@ def _check_add_row_norm(where: str):
     return precheck
 
 
-def _add_row_norm(op: str, x, residual, weight, bias, shape, eps, impl):
-    shape = _resolve_row_shape(x, weight, bias, shape, f"eqxnorm.functional.{op}")
+def _add_row_norm(op: str, x, residual, weight, bias, shape, eps, impl, options=(0, None, None)):
+    where = f"eqxnorm.functional.{op}"
+    shape = _resolve_row_shape(x, weight, bias, shape, where)
     dim = math.prod(shape)
     x, residual, weight, bias = _as_arrays(x, residual, weight, bias)
+    options = _output_options(x, weight, *options, where)
     flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
-    y, h = getattr(implementation(impl), op)(
-        _to_rows(x, shape, impl), _to_rows(residual, shape, impl), *flat, eps=float(eps)
+    y, h, *amax = getattr(implementation(impl), op)(
+        _to_rows(x, shape, impl),
+        _to_rows(residual, shape, impl),
+        *flat,
+        eps=float(eps),
+        **_options_kwargs(options),
     )
-    return _from_rows(y, x, shape), _from_rows(h, x, shape)
+    return _from_rows(y, x, shape), _from_rows(h, x, shape), *amax
 
 
 @_checking.typechecked(_check_add_row_norm("eqxnorm.functional.add_layer_norm"))
@@ -1138,7 +1276,13 @@ def add_layer_norm(
     shape: int | Sequence[int] | None = None,
     eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
-) -> tuple[Float[Array, "*batch_and_shape"], Float[Array, "*batch_and_shape"]]:
+    weight_offset: _checking.Number = 0.0,
+    out_dtype: Any = None,
+    fp8_scale: Any = None,
+) -> (
+    tuple[Float[Array, "*batch_and_shape"], Float[Array, "*batch_and_shape"]]
+    | tuple[Float[Array, "*batch_and_shape"], Float[Array, "*batch_and_shape"], Float[Array, ""]]
+):
     r"""Residual add and LayerNorm in one pass, as a pre-norm transformer block needs them:
 
     $$h = x + r, \qquad y = \frac{h - \mathbb{E}[h]}{\sqrt{\mathrm{Var}[h] + \varepsilon}}
@@ -1157,18 +1301,22 @@ def add_layer_norm(
 
     - `x`: `(*batch, *shape)`, floating point: the sublayer's output.
     - `residual`: `(*batch, *shape)`, floating point (its dtype may differ from `x`'s).
-    - `weight`, `bias`, `shape`, `eps`, `impl`: as [`eqxnorm.functional.layer_norm`][].
+    - `weight`, `bias`, `shape`, `eps`, `impl`, `weight_offset`, `out_dtype`, `fp8_scale`: as
+        [`eqxnorm.functional.layer_norm`][]; `out_dtype` is `y`'s alone (`h` stays in
+        `residual.dtype`).
 
     **Returns:**
 
-    `(y, h)`: `y` of `x`'s shape and dtype, `h` of its shape in `residual.dtype`.
+    `(y, h)`: `y` of `x`'s shape in `out_dtype` (default `x.dtype`), `h` of its shape in
+    `residual.dtype`; with `fp8_scale`, `(y, h, amax)`.
 
     **Raises:**
 
     As [`eqxnorm.functional.layer_norm`][]; also `ValueError` when `residual.shape !=
     x.shape`.
     """
-    return _add_row_norm("add_layer_norm", x, residual, weight, bias, shape, eps, impl)
+    options = (weight_offset, out_dtype, fp8_scale)
+    return _add_row_norm("add_layer_norm", x, residual, weight, bias, shape, eps, impl, options)
 
 
 @_checking.typechecked(_check_add_row_norm("eqxnorm.functional.add_rms_norm"))
@@ -1181,7 +1329,13 @@ def add_rms_norm(
     shape: int | Sequence[int] | None = None,
     eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
-) -> tuple[Float[Array, "*batch_and_shape"], Float[Array, "*batch_and_shape"]]:
+    weight_offset: _checking.Number = 0.0,
+    out_dtype: Any = None,
+    fp8_scale: Any = None,
+) -> (
+    tuple[Float[Array, "*batch_and_shape"], Float[Array, "*batch_and_shape"]]
+    | tuple[Float[Array, "*batch_and_shape"], Float[Array, "*batch_and_shape"], Float[Array, ""]]
+):
     r"""Residual add and RMSNorm in one pass:
 
     $$h = x + r, \qquad y = \frac{h}{\sqrt{\frac{1}{n}\sum_{i=1}^n h_i^2 + \varepsilon}}
@@ -1193,13 +1347,14 @@ def add_rms_norm(
 
     **Returns:**
 
-    `(y, h)`: `y` of `x`'s shape and dtype, `h` of its shape in `residual.dtype`.
+    As [`eqxnorm.functional.add_layer_norm`][].
 
     **Raises:**
 
     As [`eqxnorm.functional.add_layer_norm`][].
     """
-    return _add_row_norm("add_rms_norm", x, residual, weight, bias, shape, eps, impl)
+    options = (weight_offset, out_dtype, fp8_scale)
+    return _add_row_norm("add_rms_norm", x, residual, weight, bias, shape, eps, impl, options)
 
 
 # --- Adaptive (modulated) norms --------------------------------------------------------------
@@ -1234,8 +1389,21 @@ def _modulation_lead(x: Any, scale: Any, shift: Any, feature_shape: tuple[int, .
 
 
 def _check_adaptive_row_norm(where: str):
-    def precheck(x, scale, shift, weight=None, bias=None, *, shape=None, eps=1e-5, impl="auto"):
+    def precheck(
+        x,
+        scale,
+        shift,
+        weight=None,
+        bias=None,
+        *,
+        shape=None,
+        eps=1e-5,
+        impl="auto",
+        weight_offset=0.0,
+        out_dtype=None,
+    ):
         feature_shape = _resolve_row_shape(x, weight, bias, shape, where)
+        _output_options(x, weight, weight_offset, out_dtype, None, where, fp8=False)
         _modulation_lead(x, scale, shift, feature_shape, where)
         _checking.check_eps(eps, where, x)
         check_impl(impl, where)
@@ -1243,12 +1411,15 @@ def _check_adaptive_row_norm(where: str):
     return precheck
 
 
-def _adaptive_row_norm(op: str, x, scale, shift, weight, bias, shape, eps, impl):
+def _adaptive_row_norm(
+    op: str, x, scale, shift, weight, bias, shape, eps, impl, options=(0.0, None)
+):
     where = f"eqxnorm.functional.{op}"
     shape = _resolve_row_shape(x, weight, bias, shape, where)
     lead = _modulation_lead(x, scale, shift, shape, where)
     dim = math.prod(shape)
     x, scale, shift, weight, bias = _as_arrays(x, scale, shift, weight, bias)
+    weight_offset, out_dtype, _ = _output_options(x, weight, *options, None, where, fp8=False)
     flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
     middle = x.shape[len(lead) : x.ndim - len(shape)]
     if _unit_batch(impl):
@@ -1260,6 +1431,8 @@ def _adaptive_row_norm(op: str, x, scale, shift, weight, bias, shape, eps, impl)
         shift.reshape(*lead, dim),
         *flat,
         eps=float(eps),
+        weight_offset=weight_offset,
+        out_dtype=out_dtype,
     )
     return y.reshape(x.shape)
 
@@ -1275,6 +1448,8 @@ def adaptive_layer_norm(
     shape: int | Sequence[int] | None = None,
     eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
+    weight_offset: _checking.Number = 0.0,
+    out_dtype: Any = None,
 ) -> Float[Array, "*x_shape"]:
     r"""Adaptive layer normalization (adaLN, as in DiT; FiLM): LayerNorm over the trailing
     `shape` axes, then a scale and shift given per example,
@@ -1299,10 +1474,12 @@ def adaptive_layer_norm(
         axes of `x` (`()` for a single example).
     - `weight`, `bias`, `shape`, `eps`, `impl`: as [`eqxnorm.functional.layer_norm`][]
         (diffusion transformers use neither `weight` nor `bias`).
+    - `weight_offset`, `out_dtype`: as [`eqxnorm.functional.layer_norm`][] ($\gamma$ above
+        is `weight_offset + weight`); no FP8 output.
 
     **Returns:**
 
-    An array of `x`'s shape and dtype.
+    An array of `x`'s shape in `out_dtype` (default `x.dtype`).
 
     **Raises:**
 
@@ -1310,8 +1487,9 @@ def adaptive_layer_norm(
     differ in shape or do not have the shape `(*lead, *shape)` with `lead` leading axes of
     `x`, and `TypeError` for non-floating `scale`/`shift`.
     """
+    options = (weight_offset, out_dtype)
     return _adaptive_row_norm(
-        "adaptive_layer_norm", x, scale, shift, weight, bias, shape, eps, impl
+        "adaptive_layer_norm", x, scale, shift, weight, bias, shape, eps, impl, options
     )
 
 
@@ -1326,6 +1504,8 @@ def adaptive_rms_norm(
     shape: int | Sequence[int] | None = None,
     eps: _checking.Number = 1e-5,
     impl: Impl = "auto",
+    weight_offset: _checking.Number = 0.0,
+    out_dtype: Any = None,
 ) -> Float[Array, "*x_shape"]:
     r"""Adaptive RMSNorm: RMSNorm over the trailing `shape` axes, then a per-example scale and
     shift,
@@ -1339,13 +1519,16 @@ def adaptive_rms_norm(
 
     **Returns:**
 
-    An array of `x`'s shape and dtype.
+    As [`eqxnorm.functional.adaptive_layer_norm`][].
 
     **Raises:**
 
     As [`eqxnorm.functional.adaptive_layer_norm`][].
     """
-    return _adaptive_row_norm("adaptive_rms_norm", x, scale, shift, weight, bias, shape, eps, impl)
+    options = (weight_offset, out_dtype)
+    return _adaptive_row_norm(
+        "adaptive_rms_norm", x, scale, shift, weight, bias, shape, eps, impl, options
+    )
 
 
 def _check_adaptive_group_norm(

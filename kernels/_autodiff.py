@@ -435,26 +435,17 @@ def statistics_tangents(layout: Layout, residuals, tangents) -> tuple:
     return t_mean, jnp.zeros_like(t_mean), -0.5 * rstd * rstd * rstd * t_var
 
 
-def norm_with_jvp(
-    forward: Callable, backward: Callable, reduce_param_grad: Callable, layout: Layout
-) -> Callable:
-    """The differentiable function `(x, weight, bias) -> y` of a fused normalization.
-
-    - `forward(x, weight, bias) -> (y, shift, offset, rstd)`: the forward kernel, the
-      statistics float32 and per row.
-    - `backward(param_grads)(x, weight, dy, shift, offset, rstd) -> (dx, dweight, dbias)`:
-      the backward kernel, the parameter gradients float32 partial sums (`None` unless
-      `param_grads`), reduced to the parameters' shapes by `reduce_param_grad`.
-
-    The kernel's `(y, shift, offset, rstd)` [`with_jvp`][]: `y`'s tangent a [`linear`][] map
-    of the reference's maths whose transpose is `backward`, the statistics' the reference's
-    (see the module docstring).
-    """
+def norm_map(
+    backward: Callable, reduce_param_grad: Callable, layout: Layout, out_dtype=None
+) -> tuple[Callable, Callable]:
+    """`(apply, transpose)` of a fused normalization's [`linear`][] tangent map of `y` (see
+    [`norm_with_jvp`][] for `backward` and `reduce_param_grad`), `y`'s tangent in `out_dtype`
+    (default `x.dtype`)."""
 
     def apply(residuals, tangents):
         x = residuals[0]
         t_y = tangent(layout, residuals, tangents)[0]
-        return layout.unview(t_y, x.shape).astype(x.dtype)
+        return layout.unview(t_y, x.shape).astype(x.dtype if out_dtype is None else out_dtype)
 
     def transpose(residuals, dy, like):
         x, weight, shift, offset, rstd = residuals
@@ -467,6 +458,30 @@ def norm_with_jvp(
             None if p is None else reduce_param_grad(g)
             for p, g in zip(like_params, grads, strict=True)
         )
+
+    return apply, transpose
+
+
+def norm_with_jvp(
+    forward: Callable,
+    backward: Callable,
+    reduce_param_grad: Callable,
+    layout: Layout,
+    out_dtype=None,
+) -> Callable:
+    """The differentiable function `(x, weight, bias) -> y` of a fused normalization.
+
+    - `forward(x, weight, bias) -> (y, shift, offset, rstd)`: the forward kernel, the
+      statistics float32 and per row, `y` in `out_dtype` (default `x.dtype`).
+    - `backward(param_grads)(x, weight, dy, shift, offset, rstd) -> (dx, dweight, dbias)`:
+      the backward kernel, the parameter gradients float32 partial sums (`None` unless
+      `param_grads`), reduced to the parameters' shapes by `reduce_param_grad`.
+
+    The kernel's `(y, shift, offset, rstd)` [`with_jvp`][]: `y`'s tangent a [`linear`][] map
+    of the reference's maths whose transpose is `backward`, the statistics' the reference's
+    (see the module docstring).
+    """
+    apply, transpose = norm_map(backward, reduce_param_grad, layout, out_dtype)
 
     def rule(primals, tangents):
         x, weight, bias = primals

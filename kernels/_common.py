@@ -341,7 +341,10 @@ def load(ref: Any, mask: jax.Array, target: Target) -> jax.Array:
     Triton loads only the masked positions (the rest of a power-of-two block may lie past
     the array's end); Mosaic loads the whole (in-bounds, pipeline-padded) block."""
     if target.masked:
-        value = plgpu.load(ref, mask=mask, other=0)
+        # A float8 block (an FP8 output's cotangent) takes no fill: Triton's lowering cannot
+        # cast the integer 0 to float8. Its masked lanes are zeroed below.
+        fp8 = jnp.issubdtype(ref.dtype, jnp.floating) and jnp.dtype(ref.dtype).itemsize == 1
+        value = plgpu.load(ref, mask=mask) if fp8 else plgpu.load(ref, mask=mask, other=0)
     else:
         value = ref[...]
     return jnp.where(mask, value.astype(F32), 0.0)

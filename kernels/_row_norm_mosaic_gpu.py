@@ -133,10 +133,22 @@ def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
     return bcast(value.astype(F32), [1])
 
 
-def _forward_body(*refs, boxes, width, eps, center, has_residual, has_weight, has_bias, per_box):
-    n_params = has_weight + has_bias
+def _forward_body(
+    *refs,
+    boxes,
+    width,
+    eps,
+    center,
+    has_residual,
+    has_weight,
+    has_bias,
+    per_box,
+    out_separate=False,
+    has_scale=False,
+):
+    n_params = has_weight + has_bias + has_scale
     n_in = 1 + has_residual + n_params
-    n_out = 4 + has_residual
+    n_out = 4 + has_residual + has_scale
     ins, outs, scratch = refs[:n_in], refs[n_in : n_in + n_out], refs[n_in + n_out :]
     x_ref, r_ref = ins[0], ins[1] if has_residual else None
     param_refs = ins[1 + has_residual :]
@@ -145,6 +157,8 @@ def _forward_body(*refs, boxes, width, eps, center, has_residual, has_weight, ha
     stat_refs = outs
     x_smem, *scratch = scratch
     r_smem = scratch.pop(0) if has_residual else None
+    # `y` over `x`'s box, or in a box of its own when its dtype differs (`out_dtype`).
+    y_smem = scratch.pop(0) if out_separate else x_smem
     st_smem, x_bars, *bars = scratch
     r_bars = bars[0] if has_residual else None
 
@@ -179,19 +193,35 @@ def _forward_body(*refs, boxes, width, eps, center, has_residual, has_weight, ha
     def param(p, k):
         return _param(param_refs[p], k, rows, group, per_box, boxes, tools)
 
-    @pl.loop(0, boxes.chunks)
-    def _(k):
+    def write(k):
         y = ((load_h(k) - bcast(shift, [0])) - bcast(offset, [0])) * bcast(rstd, [0])
         if has_weight:
             y = y * param(0, k)
         if has_bias:
             y = y + param(int(has_weight), k)
-        x_smem[k] = y.astype(x_smem.dtype)
+        if not has_scale:
+            y_smem[k] = y.astype(y_smem.dtype)
+            return None
+        # FP8: the reference's saturating clip, and the row's max |y| over its columns.
+        scaled = reference.saturated(y, param(n_params - 1, k), y_smem.dtype)
+        y_smem[k] = scaled.astype(y_smem.dtype)
+        return jnp.max(jnp.abs(_masked(y, tools[2](k))), axis=1)
 
-    for s, value in enumerate((shift, offset, rstd)):
+    stats = [shift, offset, rstd]
+    if has_scale:
+        stats.append(
+            lax.fori_loop(1, boxes.chunks, lambda k, a: jnp.maximum(a, write(k)), write(0))
+        )
+    else:
+
+        @pl.loop(0, boxes.chunks)
+        def _(k):
+            write(k)
+
+    for s, value in enumerate(stats):
         st_smem[s] = value
     plgpu.commit_smem()
-    _copy_out(x_smem, y_ref, rows, boxes, tools, group)
+    _copy_out(y_smem, y_ref, rows, boxes, tools, group)
     if h_ref is not None:
         _copy_out(r_smem, h_ref, rows, boxes, tools, group)
     for s, ref in enumerate(stat_refs):
@@ -246,9 +276,17 @@ def _boxes(rows_in, params, shape, more_rows=(), layout_dtype=None) -> m.Boxes:
     )
 
 
-def forward_boxes(x, residual, weight, bias) -> m.Boxes:
-    """The staging of the forward: `x` (and `residual`) per row."""
-    return _boxes((x, residual), (weight, bias), x.shape)
+def forward_boxes(x, residual, weight, bias, scale=None, out_dtype=None) -> m.Boxes:
+    """The staging of the forward: `x` (and `residual`, and `y` when `out_dtype` differs
+    from `x`'s) per row."""
+    more = [] if _same_dtype(x, out_dtype) else [jnp.dtype(out_dtype)]
+    # With a (float32) FP8 scale the parameters are read in float32 (see `forward_on`).
+    params = (weight, bias) if scale is None else (scale,)
+    return _boxes((x, residual), params, x.shape, more)
+
+
+def _same_dtype(x, out_dtype) -> bool:
+    return out_dtype is None or jnp.dtype(out_dtype) == jnp.dtype(x.dtype)
 
 
 def _out_buffers(dy, dh, d_dtypes) -> tuple:
@@ -272,13 +310,20 @@ def backward_boxes(x, weight, dy, dh, d_dtypes) -> m.Boxes:
     return _boxes((x, dy, dh), (weight,), x.shape, more, layout_dtype=F32)
 
 
-def forward_on(target: Target, x, residual, weight, bias, *, op: str, eps: float):
-    """`(y, h, shift, offset, rstd)` as `row_norm._forward_on`, with one Mosaic GPU kernel."""
-    params = [p for p in (weight, bias) if p is not None]
-    # The parameters in their common dtype, read in one layout.
-    params = [p.astype(jnp.result_type(*params)) for p in params]
-    boxes = forward_boxes(x, residual, weight, bias)
+def forward_on(
+    target: Target, x, residual, weight, bias, scale=None, *, op: str, eps: float, out_dtype=None
+):
+    """`(y, h, shift, offset, rstd)` as `row_norm._forward_on` (and the rows' amax with a
+    FP8 `scale`), with one Mosaic GPU kernel."""
+    params = [p for p in (weight, bias, scale) if p is not None]
+    # The parameters in their common dtype (float32 with a scale), read in one layout.
+    if params:
+        dtype = F32 if scale is not None else jnp.result_type(*params)
+        params = [p.astype(dtype) for p in params]
+    boxes = forward_boxes(x, residual, weight, bias, scale, out_dtype)
     flags = dict(has_weight=weight is not None, has_bias=bias is not None)
+    if scale is not None or not _same_dtype(x, out_dtype):
+        flags.update(has_scale=scale is not None, out_dtype=jnp.dtype(out_dtype))
     return forward_call(
         target,
         x,
@@ -306,10 +351,14 @@ def forward_call(
     per_box,
     has_weight,
     has_bias,
+    has_scale=False,
+    out_dtype=None,
 ):
     """The forward kernel over `x` `(groups, rows, width)` staged as `boxes`: parameters
     `params` `(groups, width)` per column, or with `per_box` `(groups, rows padded to whole
-    programs, boxes.chunks)` tables, one value per row and box (the group norms')."""
+    programs, boxes.chunks)` tables, one value per row and box (the group norms'). `y` in
+    `out_dtype` (default `x.dtype`); `has_scale`: the last parameter is the FP8 scale, and
+    each row's amax follows the statistics."""
     groups, rows, width = x.shape
     x_p, r_p = _pad_rows(x, boxes.block_rows), _pad_rows(residual, boxes.block_rows)
     padded_rows = x_p.shape[1]
@@ -317,18 +366,23 @@ def forward_call(
     # (so that every TMA stride is a multiple of 16 bytes), then cut.
     stat_rows = -(-padded_rows // boxes.block_rows) * boxes.block_rows
     stat = jax.ShapeDtypeStruct((groups, stat_rows), F32)
-    out_type = [jax.ShapeDtypeStruct(x_p.shape, x.dtype)]
+    out_separate = not _same_dtype(x, out_dtype)
+    y_dtype = out_dtype if out_separate else x.dtype
+    out_type = [jax.ShapeDtypeStruct(x_p.shape, y_dtype)]
     if residual is not None:
         out_type.append(jax.ShapeDtypeStruct(x_p.shape, residual.dtype))
-    out_type += [stat] * 3
+    n_stats = 3 + has_scale
+    out_type += [stat] * n_stats
     box = (boxes.chunks, boxes.block_rows, boxes.cols)
     scratch = [plgpu.SMEM(box, x.dtype)]
     if residual is not None:
         scratch.append(plgpu.SMEM(box, residual.dtype))
+    if out_separate:
+        scratch.append(plgpu.SMEM(box, y_dtype))
     if not per_box:
         params = [_pad_columns(p, boxes) for p in params]
     n_barriers = 1 + (residual is not None)
-    scratch += [plgpu.SMEM((3, boxes.block_rows), F32)]
+    scratch += [plgpu.SMEM((n_stats, boxes.block_rows), F32)]
     scratch += [_barrier(boxes)] * n_barriers
     body = functools.partial(
         _forward_body,
@@ -340,6 +394,8 @@ def forward_call(
         has_weight=has_weight,
         has_bias=has_bias,
         per_box=per_box,
+        out_separate=out_separate,
+        has_scale=has_scale,
     )
     run = _rows_kernel(
         body, target, out_type, scratch, -(-padded_rows // boxes.block_rows), groups, name
@@ -609,10 +665,21 @@ def _all_supported(x, arrays, boxes: m.Boxes) -> bool:
     return boxes.block_rows > 0 and (rows >= boxes.tile_rows or groups == 1)
 
 
-def forward_supported(x, residual, weight, bias) -> bool:
-    """Whether [`forward_on`][] runs these operands: TMA-able rows that fit on chip."""
-    boxes = forward_boxes(x, residual, weight, bias)
+def forward_supported(x, residual, weight, bias, scale=None, out_dtype=None) -> bool:
+    """Whether [`forward_on`][] runs these operands (and `y` in `out_dtype`): TMA-able rows
+    that fit on chip."""
+    boxes = forward_boxes(x, residual, weight, bias, scale, out_dtype)
+    if not _same_dtype(x, out_dtype) and not _output_supported(out_dtype, x.shape[-1], boxes):
+        return False
     return _all_supported(x, (x, residual, weight, bias), boxes)
+
+
+def _output_supported(dtype, width: int, boxes: m.Boxes) -> bool:
+    """Whether rows of `dtype` (an output, or a float8 cotangent) can be staged in `boxes`: a
+    row of a multiple of 16 bytes and, for a float8 dtype, boxes at least 16 bytes wide."""
+    if jnp.dtype(dtype) in reference.FP8_DTYPES:
+        return width % 16 == 0 and boxes.cols % 16 == 0
+    return m.supports(dtype, width)
 
 
 def backward_supported(d_dtypes, x, weight, dy, dh, shift, offset, rstd) -> bool:
@@ -620,7 +687,13 @@ def backward_supported(d_dtypes, x, weight, dy, dh, shift, offset, rstd) -> bool
     del shift, offset, rstd
     if not all(m.supports(d, x.shape[-1]) for d in d_dtypes):
         return False
-    return _all_supported(x, (x, weight, dy, dh), backward_boxes(x, weight, dy, dh, d_dtypes))
+    boxes = backward_boxes(x, weight, dy, dh, d_dtypes)
+    if jnp.dtype(dy.dtype) in reference.FP8_DTYPES:
+        # The cotangent of a float8 output (FP8 `y`): staged like the other rows.
+        if not _output_supported(dy.dtype, x.shape[-1], boxes):
+            return False
+        dy = None
+    return _all_supported(x, (x, weight, dy, dh), boxes)
 
 
 # --- gated RMSNorm ---------------------------------------------------------------------------

@@ -443,6 +443,77 @@ def _group_normalized(
     return y.reshape(x.shape).astype(x.dtype)
 
 
+# --- output options: weight offset, output dtype, FP8 output ----------------------------------
+
+FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+
+
+def offset_weight(weight: Array | None, weight_offset: float, dtype) -> Array | None:
+    r"""The scale a norm applies, $\text{offset} + \gamma$, in `dtype` (the statistics'):
+    zero-centred $\gamma$ (Gemma's RMSNorm, "LayerNorm1p", TransformerEngine's
+    `zero_centered_gamma`) stores $\gamma$ around 0 and applies $1 + \gamma$. `weight` itself
+    when the offset is 0, so that plain norms keep their parameters' dtype."""
+    if weight is None or weight_offset == 0:
+        return weight
+    return weight.astype(dtype) + jnp.asarray(weight_offset, dtype)
+
+
+def saturated(y: Array, scale: Array, dtype) -> Array:
+    """`clip(y · scale, ±max)` in `y`'s dtype, `max` the largest finite value of the float8
+    `dtype`: the FP8 output before its cast (the kernels' too)."""
+    fmax = float(jnp.finfo(dtype).max)
+    return jnp.minimum(jnp.maximum(y * scale, -fmax), fmax)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _scaled_cast(y: Array, scale: Array, dtype) -> Array:
+    return saturated(y, scale, dtype).astype(dtype)
+
+
+def _scaled_cast_jvp(dtype, primals, tangents):
+    # Straight through the clip and the rounding (the FP8 training convention): the tangent
+    # is the scaled tangent of y, so the backward is the norm's with γ·s and β·s.
+    y, scale = primals
+    return _scaled_cast(y, scale, dtype), (tangents[0] * scale).astype(dtype)
+
+
+_scaled_cast.defjvp(_scaled_cast_jvp)
+
+
+def quantize_fp8(y: Array, scale: Array, dtype) -> tuple[Array, Array]:
+    r"""`(q, amax)`: $q = \mathrm{cast}(\mathrm{clip}(y \cdot s, -m, m))$ with $m$ the largest
+    finite value of the float8 `dtype`, and $\text{amax} = \max|y|$ over every element of
+    the unscaled `y`, a float32 (float64 for float64 `y`) scalar. The clip saturates (as
+    TransformerEngine does, `cast(clip(y·scale))`): a value beyond the range becomes $\pm m$,
+    never NaN or inf; NaN stays NaN; the cast rounds to nearest, ties to even.
+
+    `y` is the norm's output in the statistics' dtype, before any rounding. The derivative
+    is straight-through: $\dot{q} = \mathrm{cast}(\dot{y}\,s)$; `scale` and `amax` carry no
+    gradient (they are the scaling recipe's state, not parameters)."""
+    scale = lax.stop_gradient(jnp.asarray(scale, y.dtype))
+    amax = lax.stop_gradient(jnp.max(jnp.abs(y)))
+    return _scaled_cast(y, scale, jnp.dtype(dtype)), amax
+
+
+def _output(y: Array, dtype, fp8_scale: Array | None):
+    """`y` (the statistics' dtype) as the norm returns it: rounded to `dtype`, or with an
+    `fp8_scale` quantized by [`quantize_fp8`][] to `(q, amax)`."""
+    if fp8_scale is None:
+        return y.astype(dtype)
+    return quantize_fp8(y, fp8_scale, dtype)
+
+
+def _row_norm_options(
+    op, x, weight, bias, eps, axis_name, weight_offset, out_dtype, fp8_scale, mask=None
+):
+    """A row norm (`op`: `"layer_norm"` or `"rms_norm"`) with its output options (and a
+    padding `mask`)."""
+    weight = offset_weight(weight, weight_offset, compute_dtype(x.dtype))
+    params = _rows_params(x, weight, bias)
+    y = normalize_slices(x, *params, -1, op == "layer_norm", eps, axis_name, mask)[0]
+    return _output(y, x.dtype if out_dtype is None else out_dtype, fp8_scale)
+
+
 @typechecked()
 def layer_norm(
     x: Float[Array, "*rows dim"],
@@ -452,7 +523,10 @@ def layer_norm(
     eps: float,
     axis_name: AxisName | None = None,
     mask: Bool[Array, "*rows dim"] | None = None,
-) -> Float[Array, "*rows dim"]:
+    weight_offset: float = 0.0,
+    out_dtype=None,
+    fp8_scale: Float[Array, ""] | None = None,
+) -> Float[Array, "*rows dim"] | tuple[Float[Array, "*rows dim"], Float[Array, ""]]:
     r"""LayerNorm of each row: $y = \frac{x - \mathbb{E}[x]}{\sqrt{\mathrm{Var}[x] + \varepsilon}}
     \gamma + \beta$, statistics over `dim`.
 
@@ -465,14 +539,18 @@ def layer_norm(
         (tensor parallelism): the statistics are over all of them, pooled with `lax.pmean`.
     - `mask`: `(*rows, dim)` booleans, `True` where an element counts in its row's
         statistics (see [`normalize_masked`][]), or `None` for all of them.
+    - `weight_offset`: the scale applied is `weight_offset + weight` (see [`offset_weight`][]).
+    - `out_dtype`: the dtype of `y` (default `x.dtype`); a float8 dtype with `fp8_scale`.
+    - `fp8_scale`: a scalar: `y` is quantized to the float8 `out_dtype` by
+        [`quantize_fp8`][], and the amax of the unscaled output returned beside it.
 
     **Returns:**
 
-    `(*rows, dim)` in `x.dtype`.
+    `(*rows, dim)` in `out_dtype`; with `fp8_scale`, `(y, amax)`.
     """
-    params = _rows_params(x, weight, bias)
-    y = normalize_slices(x, *params, -1, True, eps, axis_name, mask)[0]
-    return y.astype(x.dtype)
+    return _row_norm_options(
+        "layer_norm", x, weight, bias, eps, axis_name, weight_offset, out_dtype, fp8_scale, mask
+    )
 
 
 @typechecked()
@@ -484,7 +562,10 @@ def rms_norm(
     eps: float,
     axis_name: AxisName | None = None,
     mask: Bool[Array, "*rows dim"] | None = None,
-) -> Float[Array, "*rows dim"]:
+    weight_offset: float = 0.0,
+    out_dtype=None,
+    fp8_scale: Float[Array, ""] | None = None,
+) -> Float[Array, "*rows dim"] | tuple[Float[Array, "*rows dim"], Float[Array, ""]]:
     r"""RMSNorm of each row: $y = \frac{x}{\sqrt{\frac{1}{n}\sum_i x_i^2 + \varepsilon}}\gamma
     + \beta$, statistics over `dim`.
 
@@ -493,15 +574,15 @@ def rms_norm(
     - `x`: `(*rows, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
-    - `axis_name`, `mask`: as for [`layer_norm`][].
+    - `axis_name`, `mask`, `weight_offset`, `out_dtype`, `fp8_scale`: as for [`layer_norm`][].
 
     **Returns:**
 
-    `(*rows, dim)` in `x.dtype`.
+    `(*rows, dim)` in `out_dtype`; with `fp8_scale`, `(y, amax)`.
     """
-    params = _rows_params(x, weight, bias)
-    y = normalize_slices(x, *params, -1, False, eps, axis_name, mask)[0]
-    return y.astype(x.dtype)
+    return _row_norm_options(
+        "rms_norm", x, weight, bias, eps, axis_name, weight_offset, out_dtype, fp8_scale, mask
+    )
 
 
 @typechecked()
@@ -613,10 +694,13 @@ def _added(x: Array, residual: Array) -> Array:
     return (x.astype(cdt) + residual.astype(cdt)).astype(residual.dtype)
 
 
-def _add_row_norm(x, residual, weight, bias, eps, center):
+def _add_row_norm(x, residual, weight, bias, eps, center, options=(0.0, None, None)):
     h = _added(x, residual)
+    weight_offset, out_dtype, fp8_scale = options
+    weight = offset_weight(weight, weight_offset, compute_dtype(h.dtype))
     y = normalize_slices(h, *_rows_params(h, weight, bias), -1, center, eps, None)[0]
-    return y.astype(x.dtype), h
+    out = _output(y, x.dtype if out_dtype is None else out_dtype, fp8_scale)
+    return (out[0], h, out[1]) if fp8_scale is not None else (out, h)
 
 
 @typechecked()
@@ -627,7 +711,13 @@ def add_layer_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
-) -> tuple[Float[Array, "*rows dim"], Float[Array, "*rows dim"]]:
+    weight_offset: float = 0.0,
+    out_dtype=None,
+    fp8_scale: Float[Array, ""] | None = None,
+) -> (
+    tuple[Float[Array, "*rows dim"], Float[Array, "*rows dim"]]
+    | tuple[Float[Array, "*rows dim"], Float[Array, "*rows dim"], Float[Array, ""]]
+):
     r"""Residual add then LayerNorm, as in a pre-norm transformer block:
 
     $$h = x + r, \qquad y = \frac{h - \mathbb{E}[h]}{\sqrt{\mathrm{Var}[h] + \varepsilon}}
@@ -640,14 +730,18 @@ def add_layer_norm(
         `x`, e.g. float32 under bfloat16 activations).
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the variance.
+    - `weight_offset`, `out_dtype`, `fp8_scale`: as for [`layer_norm`][]; `out_dtype` is `y`'s
+        alone (`h` stays in `residual.dtype`).
 
     **Returns:**
 
-    `(y, h)`: `y` `(*rows, dim)` in `x.dtype`; `h` `(*rows, dim)`, the new residual stream, summed
-    in float32 and stored in `residual.dtype`. `y` is the norm of `h` as stored, so the pair
-    equals the unfused sequence exactly.
+    `(y, h)`: `y` `(*rows, dim)` in `out_dtype` (default `x.dtype`); `h` `(*rows, dim)`, the new
+    residual stream, summed in float32 and stored in `residual.dtype`. `y` is the norm of `h`
+    as stored, so the pair equals the unfused sequence exactly. With `fp8_scale`,
+    `(y, h, amax)`.
     """
-    return _add_row_norm(x, residual, weight, bias, eps, center=True)
+    options = (weight_offset, out_dtype, fp8_scale)
+    return _add_row_norm(x, residual, weight, bias, eps, center=True, options=options)
 
 
 @typechecked()
@@ -658,7 +752,13 @@ def add_rms_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
-) -> tuple[Float[Array, "*rows dim"], Float[Array, "*rows dim"]]:
+    weight_offset: float = 0.0,
+    out_dtype=None,
+    fp8_scale: Float[Array, ""] | None = None,
+) -> (
+    tuple[Float[Array, "*rows dim"], Float[Array, "*rows dim"]]
+    | tuple[Float[Array, "*rows dim"], Float[Array, "*rows dim"], Float[Array, ""]]
+):
     r"""Residual add then RMSNorm: $h = x + r$, $y = h / \sqrt{\overline{h^2} + \varepsilon}
     \cdot \gamma + \beta$.
 
@@ -668,12 +768,15 @@ def add_rms_norm(
     - `residual`: `(*rows, dim)`, the residual stream.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
+    - `weight_offset`, `out_dtype`, `fp8_scale`: as for [`add_layer_norm`][].
 
     **Returns:**
 
-    `(y, h)` as for [`add_layer_norm`][]: `y` in `x.dtype`, `h` in `residual.dtype`.
+    `(y, h)` as for [`add_layer_norm`][]: `y` in `out_dtype`, `h` in `residual.dtype`; with
+    `fp8_scale`, `(y, h, amax)`.
     """
-    return _add_row_norm(x, residual, weight, bias, eps, center=False)
+    options = (weight_offset, out_dtype, fp8_scale)
+    return _add_row_norm(x, residual, weight, bias, eps, center=False, options=options)
 
 
 def modulation(
@@ -692,12 +795,14 @@ def modulation(
     return w, b
 
 
-def _adaptive_row_norm(x, scale, shift, weight, bias, eps, center):
-    w, b = modulation(scale, shift, weight, bias, compute_dtype(x.dtype))
+def _adaptive_row_norm(x, scale, shift, weight, bias, eps, center, options=(0.0, None)):
+    weight_offset, out_dtype = options
+    cdt = compute_dtype(x.dtype)
+    w, b = modulation(scale, shift, offset_weight(weight, weight_offset, cdt), bias, cdt)
     # The rows between the groups and the features share their group's parameters.
     w, b = (p.reshape(*p.shape[:-1], *(1,) * (x.ndim - p.ndim), p.shape[-1]) for p in (w, b))
     y = normalize_slices(x, w, b, -1, center, eps, None)[0]
-    return y.astype(x.dtype)
+    return y.astype(x.dtype if out_dtype is None else out_dtype)
 
 
 @typechecked()
@@ -709,6 +814,8 @@ def adaptive_layer_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    weight_offset: float = 0.0,
+    out_dtype=None,
 ) -> Float[Array, "*groups_and_rows dim"]:
     r"""Adaptive LayerNorm (adaLN, FiLM): LayerNorm of each row, then a per-group modulation,
 
@@ -724,12 +831,15 @@ def adaptive_layer_norm(
     - `scale`, `shift`: `(*groups, dim)`, $s$ and $t$.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the variance.
+    - `weight_offset`: $\gamma$ above is `weight_offset + weight` (see [`offset_weight`][]).
+    - `out_dtype`: the dtype of `y` (default `x.dtype`).
 
     **Returns:**
 
-    `(*groups, *rows, dim)` in `x.dtype`.
+    `(*groups, *rows, dim)` in `out_dtype`.
     """
-    return _adaptive_row_norm(x, scale, shift, weight, bias, eps, center=True)
+    options = (weight_offset, out_dtype)
+    return _adaptive_row_norm(x, scale, shift, weight, bias, eps, center=True, options=options)
 
 
 @typechecked()
@@ -741,6 +851,8 @@ def adaptive_rms_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    weight_offset: float = 0.0,
+    out_dtype=None,
 ) -> Float[Array, "*groups_and_rows dim"]:
     r"""Adaptive RMSNorm: $y = (\hat{x}\gamma + \beta)(1 + s_g) + t_g$ with
     $\hat{x} = x / \sqrt{\overline{x^2} + \varepsilon}$.
@@ -751,12 +863,14 @@ def adaptive_rms_norm(
     - `scale`, `shift`: `(*groups, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
+    - `weight_offset`, `out_dtype`: as for [`adaptive_layer_norm`][].
 
     **Returns:**
 
-    `(*groups, *rows, dim)` in `x.dtype`.
+    `(*groups, *rows, dim)` in `out_dtype`.
     """
-    return _adaptive_row_norm(x, scale, shift, weight, bias, eps, center=False)
+    options = (weight_offset, out_dtype)
+    return _adaptive_row_norm(x, scale, shift, weight, bias, eps, center=False, options=options)
 
 
 @typechecked()
@@ -1080,6 +1194,8 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "modulation",
+    "offset_weight",
+    "quantize_fp8",
     "adaptive_layer_norm",
     "adaptive_rms_norm",
     "adaptive_group_norm",

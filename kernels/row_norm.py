@@ -23,6 +23,15 @@ Layers, from the bottom up:
 5. `layer_norm`, `rms_norm`, `add_layer_norm`, `add_rms_norm`, `adaptive_layer_norm`,
    `adaptive_rms_norm`: the entry points, with the reference's signatures.
 
+**Output options.** `weight_offset` is added to the weight in float32 before the kernel (a
+`(dim,)` operation; the weight's gradient is the offset weight's). `out_dtype` is the dtype
+`y` is stored in (the backward reads its cotangent in it). With `fp8_scale` the forward
+kernel stores `clip(y · scale)` in a float8 `y` (`eqxnorm.kernels.reference.saturated`, the
+store rounding to nearest even) and each row's `max |y|` beside the statistics, reduced to
+the amax by XLA (one float32 per row); its derivative, straight through the clip, is the
+plain norm's with `γ·s` and `β·s` (`_fp8_linearization`), so the same backward kernel runs,
+reading the float8 cotangent.
+
 **Forward.** One pass over HBM when the padded row fits a block (see
 `eqxnorm.kernels._common.block_config`): read `x` once, write `y` once, and save the mean
 (as `shift + offset`) and `rstd` in float32, one value each per row. Wider rows are read in
@@ -110,13 +119,15 @@ def _row_norm_fwd_kernel(
     has_weight,
     has_bias,
     row_block=None,
+    has_scale=False,
 ):
     r"""$y = ((h - \text{shift}) - \text{offset})\, r\, \gamma + \beta$ for a block of rows,
     saving shift, offset and $r = (\sigma^2 + \varepsilon)^{-1/2}$ per row. $h = x$, or with
     a residual $h = x + \text{residual}$ summed in float32, rounded to the residual's dtype
-    and written out: the statistics are those of $h$ as stored."""
-    r_ref, w_ref, b_ref, h_ref, y_ref, shift_ref, offset_ref, rstd_ref = c.split_refs(
-        refs, has_residual, has_weight, has_bias, has_residual
+    and written out: the statistics are those of $h$ as stored. With a scale (FP8 output,
+    see [`_quantized`][]) `y` is stored as `clip(y · scale)` and each row's `max |y|` saved."""
+    r_ref, w_ref, b_ref, s_ref, h_ref, y_ref, shift_ref, offset_ref, rstd_ref, *amax_ref = (
+        c.split_refs(refs, has_residual, has_weight, has_bias, has_scale, has_residual)
     )
     # The program id is read here, outside the loops, where every target supports it (or
     # given, `row_block`, by a caller that runs this body under a condition).
@@ -134,15 +145,29 @@ def _row_norm_fwd_kernel(
 
     def write(stats, rstd, h, col_mask, mask, view):
         w, b = _params(view(w_ref), view(b_ref), col_mask, target)
-        c.store(view(y_ref), c.affine(c.centred(h, mask, stats) * rstd, w, b), mask, target)
+        y = c.affine(c.centred(h, mask, stats) * rstd, w, b)
+        amax = None
+        if s_ref is not None:
+            scale = c.load(view(s_ref), col_mask, target)
+            y, amax = _quantized(y, scale, mask, y_ref.dtype)
+        c.store(view(y_ref), y, mask, target)
         if h_ref is not None:
             c.store(view(h_ref), h, mask, target)
+        return amax
 
     if config.chunks == 1:
         values = chunk_input(0)
         stats = c.block_moments(values[0], values[2], width, center=center)
         rstd = reference.inverse_std(stats.var, eps)
-        write(stats, rstd, *values)
+        amax = write(stats, rstd, *values)
+    elif s_ref is not None:
+        stats = _chunked_moments(lambda k: chunk_input(k)[::2], config, width, center)
+        rstd = reference.inverse_std(stats.var, eps)
+
+        def body(k, amax):
+            return jnp.maximum(amax, write(stats, rstd, *chunk_input(k)))
+
+        amax = jax.lax.fori_loop(0, config.chunks, body, jnp.zeros((config.block_rows, 1), F32))
     else:
         stats = _chunked_moments(lambda k: chunk_input(k)[::2], config, width, center)
         rstd = reference.inverse_std(stats.var, eps)
@@ -153,6 +178,16 @@ def _row_norm_fwd_kernel(
 
     for ref, value in ((shift_ref, stats.shift), (offset_ref, stats.offset), (rstd_ref, rstd)):
         c.store(ref, value, row_mask, target)
+    for ref in amax_ref:
+        c.store(ref, amax, row_mask, target)
+
+
+def _quantized(y, scale, mask, dtype):
+    """`(clip(y · scale), max |y| per row)` of a block of float32 outputs `y` for a float8
+    `dtype`: `eqxnorm.kernels.reference.quantize_fp8`'s saturating clip (the store rounds to
+    nearest even), and the row's amax over its valid columns."""
+    amax = jnp.max(jnp.where(mask, jnp.abs(y), 0.0), axis=1, keepdims=True)
+    return reference.saturated(y, scale, dtype), amax
 
 
 def _chunked_moments(chunk_values, config, width, center) -> c.Stats:
@@ -210,16 +245,24 @@ def _center(op: str) -> bool:
     return op.endswith("layer_norm")
 
 
-def _forward_on(target: Target, x, residual, weight, bias, *, op: str, eps: float):
+def _forward_on(
+    target: Target, x, residual, weight, bias, scale=None, *, op: str, eps: float, out_dtype=None
+):
     """`(y, h, shift, offset, rstd)` of `x` `(groups, rows, dim)` (plus `residual`, when not
     `None`, then `h` is the rounded sum, else `None`) and per-group parameters `(groups,
-    dim)`, with one `pallas_call` on `target`; the statistics are `(groups, rows)` float32."""
+    dim)`, with one `pallas_call` on `target`; the statistics are `(groups, rows)` float32.
+    `y` is in `out_dtype` (default `x.dtype`); with a `scale` `(groups, dim)` (one value
+    broadcast over a row's columns) `y` is the FP8 `clip(y · scale)` and each row's amax
+    `(groups, rows)` follows the statistics."""
     groups, rows, width = x.shape
     launch = _launch(target, x.shape)
     rows_in = [a for a in (x, residual) if a is not None]
-    params = [p.reshape(groups, 1, width) for p in (weight, bias) if p is not None]
+    params = [p.reshape(groups, 1, width) for p in (weight, bias, scale) if p is not None]
     stat_shape = jax.ShapeDtypeStruct((groups, rows, 1), F32)
-    rows_out = [jax.ShapeDtypeStruct(x.shape, a.dtype) for a in rows_in[1:] + rows_in[:1]]
+    y_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    rows_out = [jax.ShapeDtypeStruct(x.shape, a.dtype) for a in rows_in[1:]]
+    rows_out.append(jax.ShapeDtypeStruct(x.shape, c.stored_dtype(target, y_dtype)))
+    n_stats = 3 + (scale is not None)
     kernel = functools.partial(
         _row_norm_fwd_kernel,
         target=target,
@@ -231,18 +274,21 @@ def _forward_on(target: Target, x, residual, weight, bias, *, op: str, eps: floa
         has_residual=residual is not None,
         has_weight=weight is not None,
         has_bias=bias is not None,
+        has_scale=scale is not None,
     )
-    *h, y, shift, offset, rstd = c.pallas_call(
+    outs = c.pallas_call(
         kernel,
         target,
         launch.config,
         grid=launch.grid,
         in_specs=[launch.rows] * len(rows_in) + [launch.params] * len(params),
-        out_specs=[launch.rows] * len(rows_out) + [launch.stats] * 3,
-        out_shape=rows_out + [stat_shape] * 3,
+        out_specs=[launch.rows] * len(rows_out) + [launch.stats] * n_stats,
+        out_shape=rows_out + [stat_shape] * n_stats,
         name=f"eqxnorm_{op}_fwd",
     )(*rows_in, *params)
-    return y, *(h or [None]), shift[..., 0], offset[..., 0], rstd[..., 0]
+    h = outs[0] if residual is not None else None
+    y, *stats = outs[len(rows_out) - 1 :]
+    return y.astype(y_dtype), h, *(s[..., 0] for s in stats)
 
 
 # --- backward --------------------------------------------------------------------------------
@@ -416,34 +462,40 @@ def _all_batched(out):
 
 
 @functools.cache
-def _forward(op: str, eps: float, backend: str):
-    """`(x, residual, weight, bias) -> (y, h, shift, offset, rstd)` on `(groups, rows, dim)`
-    (`residual` and `h` may be `None`). Under `vmap` the batch is folded into the rows of
-    every group when the parameters are shared by the examples, else into the groups (each
-    example with its own parameters); nested `vmap`s fold one after the other."""
+def _forward(op: str, eps: float, backend: str, out_dtype=None, fp8: bool = False):
+    """`(x, residual, weight, bias, scale) -> (y, h, shift, offset, rstd)` on `(groups, rows,
+    dim)` (`residual`, `h` and `scale` may be `None`; `y` in `out_dtype`, default `x`'s; with
+    `fp8`, a `scale` `(groups, dim)` and each row's amax after the statistics). Under `vmap`
+    the batch is folded into the rows of every group when the parameters are shared by the
+    examples, else into the groups (each example with its own parameters); nested `vmap`s
+    fold one after the other."""
 
     @custom_vmap
-    def forward(x, residual, weight, bias):
-        fn = functools.partial(_forward_on, op=op, eps=eps)
+    def forward(x, residual, weight, bias, scale=None):
+        options = dict(op=op, eps=eps, out_dtype=out_dtype)
+        fn = functools.partial(_forward_on, **options)
         mosaic_gpu = c.MosaicGPU(
-            functools.partial(_mgpu.forward_on, op=op, eps=eps), _mgpu.forward_supported
+            functools.partial(_mgpu.forward_on, **options),
+            functools.partial(_mgpu.forward_supported, out_dtype=out_dtype),
         )
-        rule = c.Rule("g r d, g r d, g d, g d -> g r d, g r d, g r, g r, g r", split="g r")
-        return c.per_platform(
-            fn, x, residual, weight, bias, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend
-        )
+        spec = "g r d, g r d, g d, g d, g d -> g r d, g r d, g r, g r, g r"
+        rule = c.Rule(spec + ", g r" if fp8 else spec, split="g r")
+        args = (x, residual, weight, bias, scale)
+        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
 
     @forward.def_vmap
-    def _(axis_size, in_batched, x, residual, weight, bias):
-        return _fold_forward(forward, axis_size, in_batched, (x, residual, weight, bias))
+    def _(axis_size, in_batched, x, residual, weight, bias, scale=None):
+        args = (x, residual, weight, bias, scale)
+        return _fold_forward(forward, axis_size, in_batched, args)
 
     return forward
 
 
 def _fold_forward(forward, axis_size: int, in_batched, args):
-    """The `custom_vmap` rule of a forward `(x, per_row, weight, bias)` (`per_row` the
-    residual, or the valid lengths): the examples folded into the rows of every group
-    (`x` and `per_row`, as rows) when the parameters are shared, else into the groups."""
+    """The `custom_vmap` rule of a forward `(x, per_row, weight, bias, *more)` (`per_row` the
+    residual, or the valid lengths; `more`: the FP8 scale): the examples folded into the rows
+    of every group (`x` and `per_row`, as rows) when the parameters are shared, else into the
+    groups."""
     if axis_size == 0:
         return c.empty_batch(forward, in_batched, args)
     if any(in_batched[2:]):
@@ -501,24 +553,31 @@ def _backward(op: str, param_grads: bool, d_dtypes: tuple[jnp.dtype, ...], backe
 
 
 @functools.cache
-def _grouped_norm(op: str, eps: float, backend: str):
+def _grouped_norm(op: str, eps: float, backend: str, out_dtype=None):
     """The differentiable function `(x, weight, bias) -> y` on `(groups, rows, dim)` with
-    parameters `(groups, dim)` (or `None`), on the GPU `backend` (`c.GPU_BACKENDS`)."""
-    forward = _forward(op, eps, backend)
+    parameters `(groups, dim)` (or `None`), on the GPU `backend` (`c.GPU_BACKENDS`); `y` in
+    `out_dtype` (default `x.dtype`)."""
+    forward = _forward(op, eps, backend, out_dtype)
 
     def norm_forward(x, weight, bias):
         y, _, *stats = forward(x, None, weight, bias)
         return y, *stats
 
-    def norm_backward(param_grads):
-        def run(x, weight, dy, *stats):
-            backward = _backward(op, param_grads, (jnp.dtype(x.dtype),), backend)
-            dx, _, dw, db = backward(x, weight, dy, None, *stats)
-            return dx, dw, db
+    layout = _ROWS[_center(op)]
+    backward = functools.partial(_norm_backward, op, backend)
+    return _autodiff.norm_with_jvp(norm_forward, backward, _same, layout, out_dtype)
 
-        return run
 
-    return _autodiff.norm_with_jvp(norm_forward, norm_backward, _same, _ROWS[_center(op)])
+def _norm_backward(op: str, backend: str, param_grads: bool):
+    """`(x, weight, dy, *stats) -> (dx, dweight, dbias)`: the backward kernel of a row norm
+    without a residual (see `eqxnorm.kernels._autodiff.norm_with_jvp`)."""
+
+    def run(x, weight, dy, *stats):
+        backward = _backward(op, param_grads, (jnp.dtype(x.dtype),), backend)
+        dx, _, dw, db = backward(x, weight, dy, None, *stats)
+        return dx, dw, db
+
+    return run
 
 
 def _same(grad):
@@ -542,15 +601,57 @@ _ROWS = {center: _row_layout(center) for center in (True, False)}
 
 
 @functools.cache
-def _add_norm(op: str, eps: float, x_dtype: jnp.dtype, backend: str):
+def _grouped_norm_fp8(op: str, eps: float, backend: str, out_dtype):
+    """The differentiable function `(x, weight, bias, scale) -> (y, amax)` on `(groups, rows,
+    dim)` with parameters and `scale` `(groups, dim)`: `y` the float8 `out_dtype`
+    `clip(norm(x) · scale)`, `amax` `(groups, rows)` each row's `max |norm(x)|`. Its derivative
+    is [`_fp8_linearization`][]'s: the plain norm's map with the scaled parameters (the same
+    backward kernel, reading the float8 cotangent); `scale` and `amax` have none."""
+    forward = _forward(op, eps, backend, out_dtype, fp8=True)
+    layout = _ROWS[_center(op)]
+
+    backward = functools.partial(_norm_backward, op, backend)
+    apply, transpose = _autodiff.norm_map(backward, _same, layout, out_dtype)
+
+    def rule(primals, tangents):
+        x, weight, bias, scale = primals
+        y, shift, offset, rstd, amax = outputs(x, weight, bias, scale)
+        weight, *t_params = _fp8_linearization(weight, scale, *tangents[1:3])
+        residuals, lin = (x, weight, shift, offset, rstd), (tangents[0], *t_params)
+        t_y = _autodiff.linear(apply, transpose, apply, residuals, lin)
+        t_stats = _autodiff.statistics_tangents(layout, residuals, lin)
+        return (y, shift, offset, rstd, amax), (t_y, *t_stats, jnp.zeros_like(amax))
+
+    def norm_forward(x, weight, bias, scale):
+        y, _, *rest = forward(x, None, weight, bias, scale)
+        return y, *rest
+
+    outputs = _autodiff.with_jvp(norm_forward, rule)
+    return lambda x, weight, bias, scale: outputs(x, weight, bias, scale)[::4]
+
+
+def _fp8_linearization(weight, scale, t_weight, t_bias):
+    """`(γ·s, γ̇·s, β̇·s)`: the FP8 output's derivative is straight-through the clip and the
+    rounding (`eqxnorm.kernels.reference.quantize_fp8`), `s` times the norm's, which is the
+    norm's with its parameters scaled by `s` (`(groups, dim)`; `weight` `None` is 1)."""
+    scaled = [None if t is None else t.astype(F32) * scale for t in (t_weight, t_bias)]
+    return (scale if weight is None else weight.astype(F32) * scale), *scaled
+
+
+@functools.cache
+def _add_norm(
+    op: str, eps: float, x_dtype: jnp.dtype, backend: str, out_dtype=None, fp8: bool = False
+):
     """The differentiable function `(x, residual, weight, bias) -> (y, h)` on `(1, rows, dim)`
     with parameters `(1, dim)` (or `None`), for `x` of `x_dtype` (see
     `eqxnorm.kernels._autodiff.norm_with_jvp`, which this extends by `h`). Its residuals are
     `h` (an output), the parameters and the statistics; the backward kernel adds the gradient
     of `h` in its pass, skips reading it when it is a symbolic zero, and does not run when
-    `y`'s is."""
-    forward = _forward(op, eps, backend)
+    `y`'s is. `y` is in `out_dtype` (default `x_dtype`); with `fp8`, the function takes a
+    `scale` `(1, dim)` and returns `(y, h, amax)`, as [`_grouped_norm_fp8`][]."""
+    forward = _forward(op, eps, backend, out_dtype, fp8)
     layout = _ROWS[_center(op)]
+    y_dtype = x_dtype if out_dtype is None else jnp.dtype(out_dtype)
 
     def apply(residuals, tangents):
         h = residuals[0]
@@ -559,7 +660,7 @@ def _add_norm(op: str, eps: float, x_dtype: jnp.dtype, backend: str):
         t_h = sum(added[1:], added[0]).astype(h.dtype) if added else None
         t_y = _autodiff.tangent(layout, residuals, (t_h, tw, tb))[0]
         t_h = jnp.zeros(h.shape, h.dtype) if t_h is None else t_h
-        return t_y.astype(x_dtype), t_h
+        return t_y.astype(y_dtype), t_h
 
     def transpose(residuals, cotangents, like):
         h, weight, shift, offset, rstd = residuals
@@ -579,13 +680,22 @@ def _add_norm(op: str, eps: float, x_dtype: jnp.dtype, backend: str):
         return dx if like[0] is not None else None, dres if like[1] is not None else None, *grads
 
     def rule(primals, tangents):
-        y, h, shift, offset, rstd = outputs(*primals)
-        residuals = (h, primals[2], shift, offset, rstd)
+        y, h, shift, offset, rstd, *amax = outputs(*primals)
+        weight, tangents = primals[2], tuple(tangents[:4])
+        if fp8:
+            weight, *t_params = _fp8_linearization(weight, primals[4], *tangents[2:])
+            tangents = (*tangents[:2], *t_params)
+        residuals = (h, weight, shift, offset, rstd)
         t_y, t_h = _autodiff.linear(apply, transpose, apply, residuals, tangents)
         t_stats = _autodiff.statistics_tangents(layout, residuals, (t_h, *tangents[2:]))
-        return (y, h, shift, offset, rstd), (t_y, t_h, *t_stats)
+        t_amax = [jnp.zeros_like(a) for a in amax]
+        return (y, h, shift, offset, rstd, *amax), (t_y, t_h, *t_stats, *t_amax)
 
     outputs = _autodiff.with_jvp(forward, rule)
+    if fp8:
+        return lambda x, residual, weight, bias, scale: tuple(
+            outputs(x, residual, weight, bias, scale)[i] for i in (0, 1, 5)
+        )
     return lambda x, residual, weight, bias: outputs(x, residual, weight, bias)[:2]
 
 
@@ -596,23 +706,63 @@ def _one_group(param):
     return None if param is None else param[None]
 
 
-def _row_norm(op: str, x, weight, bias, eps: float, backend: str):
-    norm = _grouped_norm(op, float(eps), backend)
+def _out_dtype(out_dtype):
+    """`out_dtype` as a hashable dtype (the kernels' caches key on it), `None` staying."""
+    return None if out_dtype is None else jnp.dtype(out_dtype)
+
+
+def _fp8_scale(fp8_scale, x):
+    """The FP8 scale as the kernels take it: float32, one value per column of a group
+    `(1, dim)` (read like a parameter), carrying no gradient."""
+    scale = jax.lax.stop_gradient(jnp.asarray(fp8_scale, F32))
+    return jnp.broadcast_to(scale, (1, x.shape[-1]))
+
+
+def _row_norm(op: str, x, weight, bias, eps: float, backend: str, options=(0.0, None, None)):
+    weight_offset, out_dtype, fp8_scale = options
+    weight = reference.offset_weight(weight, weight_offset, F32)
+    if fp8_scale is not None:
+        norm = _grouped_norm_fp8(op, float(eps), backend, _out_dtype(out_dtype))
+        y, amax = norm(x[None], _one_group(weight), _one_group(bias), _fp8_scale(fp8_scale, x))
+        return y[0], jnp.max(amax)
+    norm = _grouped_norm(op, float(eps), backend, _out_dtype(out_dtype))
     return norm(x[None], _one_group(weight), _one_group(bias))[0]
 
 
-def _add_row_norm(op: str, x, residual, weight, bias, eps: float, backend: str):
+def _add_row_norm(
+    op: str, x, residual, weight, bias, eps: float, backend: str, options=(0.0, None, None)
+):
+    weight_offset, out_dtype, fp8_scale = options
     if jnp.dtype(residual.dtype) == jnp.float64:
         # Promised a float64 sum, as the kernels' float32 could not give.
-        return getattr(reference, op)(x, residual, weight, bias, eps=eps)
-    add_norm = _add_norm(op, float(eps), jnp.dtype(x.dtype), backend)
-    y, h = add_norm(x[None], residual[None], _one_group(weight), _one_group(bias))
+        return getattr(reference, op)(
+            x,
+            residual,
+            weight,
+            bias,
+            eps=eps,
+            weight_offset=weight_offset,
+            out_dtype=out_dtype,
+            fp8_scale=fp8_scale,
+        )
+    weight = reference.offset_weight(weight, weight_offset, F32)
+    fp8 = fp8_scale is not None
+    add_norm = _add_norm(op, float(eps), jnp.dtype(x.dtype), backend, _out_dtype(out_dtype), fp8)
+    args = (x[None], residual[None], _one_group(weight), _one_group(bias))
+    if fp8:
+        y, h, amax = add_norm(*args, _fp8_scale(fp8_scale, x))
+        return y[0], h[0], jnp.max(amax)
+    y, h = add_norm(*args)
     return y[0], h[0]
 
 
-def _adaptive_row_norm(op: str, x, scale, shift, weight, bias, eps: float, backend: str):
+def _adaptive_row_norm(
+    op: str, x, scale, shift, weight, bias, eps: float, backend: str, options=(0.0, None)
+):
+    weight_offset, out_dtype = options
+    weight = reference.offset_weight(weight, weight_offset, F32)
     modulated = reference.modulation(scale, shift, weight, bias, F32)
-    return _grouped_norm(op, float(eps), backend)(x, *modulated)
+    return _grouped_norm(op, float(eps), backend, _out_dtype(out_dtype))(x, *modulated)
 
 
 @typechecked()
@@ -622,8 +772,11 @@ def layer_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    weight_offset: float = 0.0,
+    out_dtype=None,
+    fp8_scale: Float[Array, ""] | None = None,
     backend: str = "auto",
-) -> Float[Array, "rows dim"]:
+) -> Float[Array, "rows dim"] | tuple[Float[Array, "rows dim"], Float[Array, ""]]:
     r"""LayerNorm of each row as a fused Pallas kernel; the same maths and signature as
     `eqxnorm.kernels.reference.layer_norm`:
     $y = \frac{x - \mathbb{E}[x]}{\sqrt{\mathrm{Var}[x] + \varepsilon}}\gamma + \beta$.
@@ -633,14 +786,18 @@ def layer_norm(
     - `x`: `(rows, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the variance.
+    - `weight_offset`, `out_dtype`, `fp8_scale`: as for the reference (the offset added to
+      `weight` in float32 before the kernel, `y` stored in `out_dtype`; with `fp8_scale`, the
+      FP8 output and its amax from the same kernel).
     - `backend`: the GPU kernels, `"auto"`, `"triton"` or `"mosaic_gpu"` (see
       `eqxnorm.kernels._common.per_platform`).
 
     **Returns:**
 
-    `(rows, dim)` in `x.dtype`.
+    `(rows, dim)` in `out_dtype` (default `x.dtype`); with `fp8_scale`, `(y, amax)`.
     """
-    return _row_norm("layer_norm", x, weight, bias, eps, backend)
+    options = (weight_offset, out_dtype, fp8_scale)
+    return _row_norm("layer_norm", x, weight, bias, eps, backend, options)
 
 
 @typechecked()
@@ -650,8 +807,11 @@ def rms_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    weight_offset: float = 0.0,
+    out_dtype=None,
+    fp8_scale: Float[Array, ""] | None = None,
     backend: str = "auto",
-) -> Float[Array, "rows dim"]:
+) -> Float[Array, "rows dim"] | tuple[Float[Array, "rows dim"], Float[Array, ""]]:
     r"""RMSNorm of each row as a fused Pallas kernel; the same maths and signature as
     `eqxnorm.kernels.reference.rms_norm`:
     $y = \frac{x}{\sqrt{\frac{1}{n}\sum_i x_i^2 + \varepsilon}}\gamma + \beta$.
@@ -661,13 +821,15 @@ def rms_norm(
     - `x`: `(rows, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
+    - `weight_offset`, `out_dtype`: as for `layer_norm`.
     - `backend`: the GPU kernels, as for `layer_norm`.
 
     **Returns:**
 
-    `(rows, dim)` in `x.dtype`.
+    `(rows, dim)` in `out_dtype` (default `x.dtype`); with `fp8_scale`, `(y, amax)`.
     """
-    return _row_norm("rms_norm", x, weight, bias, eps, backend)
+    options = (weight_offset, out_dtype, fp8_scale)
+    return _row_norm("rms_norm", x, weight, bias, eps, backend, options)
 
 
 @typechecked()
@@ -678,8 +840,14 @@ def add_layer_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    weight_offset: float = 0.0,
+    out_dtype=None,
+    fp8_scale: Float[Array, ""] | None = None,
     backend: str = "auto",
-) -> tuple[Float[Array, "rows dim"], Float[Array, "rows dim"]]:
+) -> (
+    tuple[Float[Array, "rows dim"], Float[Array, "rows dim"]]
+    | tuple[Float[Array, "rows dim"], Float[Array, "rows dim"], Float[Array, ""]]
+):
     r"""Residual add then LayerNorm in one fused Pallas kernel (one pass forward, one pass
     backward); the same maths and signature as `eqxnorm.kernels.reference.add_layer_norm`:
     $h = x + r$, $y = \frac{h - \mathbb{E}[h]}{\sqrt{\mathrm{Var}[h] + \varepsilon}}\gamma +
@@ -691,16 +859,19 @@ def add_layer_norm(
     - `residual`: `(rows, dim)`, the residual stream (may have another floating dtype).
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the variance.
+    - `weight_offset`, `out_dtype`: as for the reference (the offset added to `weight` in
+      float32 before the kernel, `y` stored in `out_dtype`).
     - `backend`: the GPU kernels, `"auto"`, `"triton"` or `"mosaic_gpu"` (see
       `eqxnorm.kernels._common.per_platform`).
 
     **Returns:**
 
-    `(y, h)`: `y` `(rows, dim)` in `x.dtype`, the norm of `h` as stored; `h` `(rows, dim)`,
-    summed in float32 and stored in `residual.dtype` (a float64 residual runs the reference,
-    which sums in float64).
+    `(y, h)`: `y` `(rows, dim)` in `out_dtype` (default `x.dtype`), the norm of `h` as
+    stored; `h` `(rows, dim)`, summed in float32 and stored in `residual.dtype` (a float64
+    residual runs the reference, which sums in float64); with `fp8_scale`, `(y, h, amax)`.
     """
-    return _add_row_norm("add_layer_norm", x, residual, weight, bias, eps, backend)
+    options = (weight_offset, out_dtype, fp8_scale)
+    return _add_row_norm("add_layer_norm", x, residual, weight, bias, eps, backend, options)
 
 
 @typechecked()
@@ -711,8 +882,14 @@ def add_rms_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    weight_offset: float = 0.0,
+    out_dtype=None,
+    fp8_scale: Float[Array, ""] | None = None,
     backend: str = "auto",
-) -> tuple[Float[Array, "rows dim"], Float[Array, "rows dim"]]:
+) -> (
+    tuple[Float[Array, "rows dim"], Float[Array, "rows dim"]]
+    | tuple[Float[Array, "rows dim"], Float[Array, "rows dim"], Float[Array, ""]]
+):
     r"""Residual add then RMSNorm in one fused Pallas kernel; the same maths and signature as
     `eqxnorm.kernels.reference.add_rms_norm`: $h = x + r$,
     $y = h / \sqrt{\overline{h^2} + \varepsilon} \cdot \gamma + \beta$.
@@ -723,13 +900,16 @@ def add_rms_norm(
     - `residual`: `(rows, dim)`, the residual stream.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
+    - `weight_offset`, `out_dtype`: as for `layer_norm`.
     - `backend`: the GPU kernels, as for `layer_norm`.
 
     **Returns:**
 
-    `(y, h)` as for [`add_layer_norm`][]: `y` in `x.dtype`, `h` in `residual.dtype`.
+    `(y, h)` as for [`add_layer_norm`][]: `y` in `out_dtype`, `h` in `residual.dtype`; with
+    `fp8_scale`, `(y, h, amax)`.
     """
-    return _add_row_norm("add_rms_norm", x, residual, weight, bias, eps, backend)
+    options = (weight_offset, out_dtype, fp8_scale)
+    return _add_row_norm("add_rms_norm", x, residual, weight, bias, eps, backend, options)
 
 
 @typechecked()
@@ -741,6 +921,8 @@ def adaptive_layer_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    weight_offset: float = 0.0,
+    out_dtype=None,
     backend: str = "auto",
 ) -> Float[Array, "groups rows dim"]:
     r"""Adaptive LayerNorm (adaLN, FiLM) as a fused Pallas kernel with per-group parameters;
@@ -754,14 +936,19 @@ def adaptive_layer_norm(
     - `scale`, `shift`: `(groups, dim)`, $s$ and $t$.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the variance.
+    - `weight_offset`, `out_dtype`: as for the reference (the offset added to `weight` in
+      float32 before the kernel, `y` stored in `out_dtype`).
     - `backend`: the GPU kernels, `"auto"`, `"triton"` or `"mosaic_gpu"` (see
       `eqxnorm.kernels._common.per_platform`).
 
     **Returns:**
 
-    `(groups, rows, dim)` in `x.dtype`.
+    `(groups, rows, dim)` in `out_dtype` (default `x.dtype`).
     """
-    return _adaptive_row_norm("adaptive_layer_norm", x, scale, shift, weight, bias, eps, backend)
+    options = (weight_offset, out_dtype)
+    return _adaptive_row_norm(
+        "adaptive_layer_norm", x, scale, shift, weight, bias, eps, backend, options
+    )
 
 
 @typechecked()
@@ -773,6 +960,8 @@ def adaptive_rms_norm(
     bias: Float[Array, " dim"] | None,
     *,
     eps: float,
+    weight_offset: float = 0.0,
+    out_dtype=None,
     backend: str = "auto",
 ) -> Float[Array, "groups rows dim"]:
     r"""Adaptive RMSNorm as a fused Pallas kernel with per-group parameters; the same maths
@@ -786,13 +975,17 @@ def adaptive_rms_norm(
     - `scale`, `shift`: `(groups, dim)`.
     - `weight`, `bias`: `(dim,)` or `None`.
     - `eps`: added to the mean square.
+    - `weight_offset`, `out_dtype`: as for `layer_norm`.
     - `backend`: the GPU kernels, as for `layer_norm`.
 
     **Returns:**
 
-    `(groups, rows, dim)` in `x.dtype`.
+    `(groups, rows, dim)` in `out_dtype` (default `x.dtype`).
     """
-    return _adaptive_row_norm("adaptive_rms_norm", x, scale, shift, weight, bias, eps, backend)
+    options = (weight_offset, out_dtype)
+    return _adaptive_row_norm(
+        "adaptive_rms_norm", x, scale, shift, weight, bias, eps, backend, options
+    )
 
 
 # --- per-head QK-norm: q and k in one launch ---------------------------------------------------

@@ -177,3 +177,25 @@ def assert_layouts_agree(build, run, x, seed=2):
     assert len(grads) == len(grads_ref) >= 2
     for grad, grad_ref in zip(grads, grads_ref, strict=True):
         assert_matches(grad, grad_ref)
+
+
+def bits(a):
+    """The bytes of a float8 array, to compare bit for bit."""
+    return np.asarray(a.view(jnp.uint8))
+
+
+def assert_fp8_exact(q, amax, y32, scale, q_ref, amax_ref):
+    """The FP8 contract: `(q, amax)` is `reference.quantize_fp8` of the kernel's own float32
+    output `y32`, bit for bit (the clip, the rounding and the amax are the reference's); and
+    against the reference's `(q_ref, amax_ref)`, whose float32 output differs from `y32` in
+    the last bit (its statistics are summed in another order), the codes within one float8
+    step and the amax within float32 rounding."""
+    from eqxnorm.kernels import reference
+
+    q_y32, amax_y32 = reference.quantize_fp8(y32.astype(jnp.float32), scale, q.dtype)
+    np.testing.assert_array_equal(bits(q), bits(q_y32))
+    assert float(amax) == float(amax_y32)
+    assert np.mean(bits(q) != bits(q_ref)) < 0.01
+    step = float(jnp.finfo(q.dtype).eps)
+    np.testing.assert_allclose(q.astype(np.float32), q_ref.astype(np.float32), rtol=step)
+    np.testing.assert_allclose(amax, amax_ref, rtol=1e-6)

@@ -167,3 +167,17 @@ def test_functional_errors():
         F.adaptive_group_norm(x, 5, jnp.ones((2, 5, 8)), jnp.ones((2, 5, 8)))
     with pytest.raises(ValueError, match="impl"):
         F.adaptive_layer_norm(x, jnp.ones((2, 8)), jnp.ones((2, 8)), impl="cuda")
+
+
+def test_weight_offset_and_out_dtype():
+    norm = eqxnorm.AdaptiveRMSNorm(
+        16, 4, use_weight=True, weight_offset=1.0, out_dtype=jnp.bfloat16, key=jr.key(0)
+    )
+    assert not np.any(np.asarray(norm.weight))
+    x, cond = jr.normal(jr.key(1), (3, 16)), jr.normal(jr.key(2), (4,))
+    y = norm(x, cond)
+    plain = eqxnorm.AdaptiveRMSNorm(16, 4, use_weight=True, key=jr.key(0))
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(y, plain(x, cond).astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match="float8 dtype"):
+        eqxnorm.AdaptiveLayerNorm(16, 4, out_dtype=jnp.float8_e5m2, key=jr.key(0))

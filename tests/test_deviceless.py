@@ -89,6 +89,8 @@ def test_training_step_compiles_cleanly_for_h200(op):
 MOSAIC_GPU_SHAPES = {
     "row": deviceless.ROW_SHAPES[:2],
     "adaptive_layer_norm": deviceless.ROW_SHAPES[1:2],
+    # Not 37x760: an FP8 row of 760 bytes is not a multiple of 16, so TMA cannot store it.
+    "rms_norm_fp8": deviceless.ROW_SHAPES[1:2],
     "channel": deviceless.CHANNEL_SHAPES[1:],
 }
 
@@ -111,6 +113,9 @@ MOSAIC_GPU_MISSES = {
     # DyT: its three per-program partial sums (α's, γ's, β's: 1.076x the ideal bytes) and
     # α's row and the float32 parameters, formed and reduced by XLA (7 launches).
     ("dyt", "4096x1024"): {BYTES, LAUNCHES},
+    # The FP8 output's parameter-sized XLA work beside the kernels: the scale broadcast, γ·s,
+    # the amax over the rows' maxima, a gradient cast (issue 18).
+    ("rms_norm_fp8", "4096x1024"): {LAUNCHES},
 }
 
 

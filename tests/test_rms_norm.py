@@ -95,3 +95,37 @@ def test_pallas_matches_reference():
         return eqxnorm.RMSNorm(160, impl=impl)
 
     ks.assert_impls_agree(build, lambda layer, x: jax.vmap(layer)(x), x)
+
+
+def test_zero_centred_weight_output_dtype_and_fp8():
+    """`weight_offset=1.0`: the weight starts at zeros (Gemma's RMSNorm) and the layer is the
+    plain norm with `1 + weight`; `out_dtype` sets the output's dtype, also of
+    `add_and_norm` (whose `h` keeps the residual's); a float8 `out_dtype` takes `fp8_scale`
+    and returns the amax."""
+    gemma = eqxnorm.RMSNorm(160, eps=1e-6, use_bias=False, weight_offset=1.0)
+    assert gemma.weight.shape == (160,) and not np.any(np.asarray(gemma.weight))
+    gemma = eqx.tree_at(lambda m: m.weight, gemma, 0.1 * jr.normal(jr.key(2), (160,)))
+    x = jr.normal(jr.key(1), (37, 160)) + 1
+    plain = eqx.tree_at(
+        lambda m: m.weight, eqxnorm.RMSNorm(160, 1e-6, use_bias=False), 1 + gemma.weight
+    )
+    np.testing.assert_allclose(jax.vmap(gemma)(x), jax.vmap(plain)(x), rtol=1e-6, atol=1e-6)
+
+    half = eqxnorm.RMSNorm(160, use_bias=False, out_dtype=jnp.bfloat16)
+    assert jax.vmap(half)(x).dtype == jnp.bfloat16
+    y, h = jax.vmap(half.add_and_norm)(x.astype(jnp.bfloat16), x)
+    assert (y.dtype, h.dtype) == (jnp.bfloat16, jnp.float32)
+
+    fp8 = eqxnorm.RMSNorm(160, use_bias=False, out_dtype=jnp.float8_e4m3fn)
+    q, amax = jax.vmap(lambda v: fp8(v, fp8_scale=jnp.float32(2.0)))(x)
+    q_f, amax_f = eqxnorm.functional.rms_norm(
+        x, fp8.weight, out_dtype=jnp.float8_e4m3fn, fp8_scale=2.0
+    )
+    np.testing.assert_array_equal(ks.bits(q), ks.bits(q_f))
+    assert float(jnp.max(amax)) == float(amax_f)
+    with pytest.raises(ValueError, match="float8 dtype, whose output needs a scale"):
+        fp8(x[0])
+    with pytest.raises(ValueError, match="weight_offset=1.0 is added to the weight"):
+        eqxnorm.RMSNorm(160, use_weight=False, weight_offset=1.0)
+    with pytest.raises(TypeError, match="`out_dtype` must be a floating dtype"):
+        eqxnorm.RMSNorm(160, out_dtype=jnp.int8)

@@ -600,3 +600,48 @@ def test_gated_rms_norm_matches_qwen3_next():
     assert list(export(ours)) == ["weight"]
     with pytest.raises(ValueError, match=r"GatedRMSNorm\(\(16,\).*expects shape \(16,\)"):
         load(eqxnorm.GatedRMSNorm(16), {"weight": np.ones(8, np.float32)})
+
+
+# --- zero-centred weights (Gemma's RMSNorm) ------------------------------------------------
+
+
+def _gemma_rms_norm(torch, dim, eps):
+    """Hugging Face's `GemmaRMSNorm`, as `transformers` defines it: a zero-centred `weight`
+    (initialised to zeros) applied as `1 + weight`, in float32."""
+
+    class GemmaRMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.eps = eps
+            self.weight = torch.nn.Parameter(torch.zeros(dim))
+
+        def forward(self, x):
+            x32 = x.float()
+            out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (out * (1.0 + self.weight.float())).type_as(x)
+
+    return GemmaRMSNorm()
+
+
+def test_gemma_rms_norm_state_dict_both_ways():
+    torch = pytest.importorskip("torch")
+    x = _input(13, (6, 32))
+    theirs = _gemma_rms_norm(torch, 32, 1e-6)
+    with torch.no_grad():
+        theirs.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(3))
+    sd = {k: v.numpy() for k, v in theirs.state_dict().items()}
+    gemma = eqxnorm.RMSNorm(32, eps=1e-6, use_bias=False, weight_offset=1.0)
+    assert not np.any(np.asarray(gemma.weight))  # starts at zeros, as Gemma's
+    ours = load(gemma, sd)
+    np.testing.assert_array_equal(ours.weight, sd["weight"])
+    np.testing.assert_allclose(_apply(ours, x), _torch_eval(torch, theirs, x), rtol=1e-5, atol=1e-5)
+    # Into a plain RMSNorm, naming the checkpoint's convention: the weight becomes 1 + weight.
+    plain = load(eqxnorm.RMSNorm(32, eps=1e-6, use_bias=False), sd, weight_offset=1.0)
+    np.testing.assert_allclose(_apply(plain, x), _apply(ours, x), rtol=1e-6, atol=1e-6)
+    # And back: Gemma's weight, or torch.nn.RMSNorm's 1 + weight.
+    np.testing.assert_array_equal(export(ours)["weight"], sd["weight"])
+    np.testing.assert_allclose(export(ours, weight_offset=0.0)["weight"], 1 + sd["weight"])
+    with pytest.raises(ValueError, match="weight_offset=1.0 applies to LayerNorm and RMSNorm"):
+        load(
+            eqxnorm.GroupNorm(2, 4), {"weight": np.ones(4), "bias": np.zeros(4)}, weight_offset=1.0
+        )

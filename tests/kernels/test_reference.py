@@ -457,3 +457,96 @@ def test_gated_and_dyt_gradients_float64():
         alpha = jnp.asarray(0.7, jnp.float64)
         dyt = _on_arrays(reference.dyt)
         check_grads(dyt, (x, alpha, weight, weight - 1), order=1, modes=["fwd", "rev"])
+
+
+# --- output options: weight offset, output dtype, FP8 output ---------------------------------
+
+
+def _gemma_rms_norm(x, weight, eps):
+    """Gemma's RMSNorm in float64 NumPy, as its PyTorch code writes it: the stored weight is
+    zero-centred, `x / sqrt(mean(x²) + eps) * (1 + weight)`."""
+    x = np.asarray(x, np.float64)
+    rms = np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    return x / rms * (1.0 + np.asarray(weight, np.float64))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_zero_centred_rms_norm_matches_float64_gemma(dtype):
+    x = _data((37, 160), dtype)
+    weight = jnp.asarray(np.random.default_rng(3).normal(0, 0.1, 160), dtype)
+    y = reference.rms_norm(x, weight, None, eps=1e-6, weight_offset=1.0)
+    assert y.dtype == dtype
+    oracle.assert_close(y, _gemma_rms_norm(x, weight, 1e-6))
+    # LayerNorm1p: the same offset on the centred norm.
+    y = reference.layer_norm(x, weight, None, eps=1e-6, weight_offset=1.0)
+    oracle.assert_close(y, oracle.layer_norm(x, 1.0 + oracle.f64(weight), None, 1e-6))
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize(
+    ("x_dtype", "out_dtype"), [("float32", "bfloat16"), ("bfloat16", "float32")]
+)
+def test_out_dtype_rounds_once_from_float32(op, x_dtype, out_dtype):
+    """`y` in `out_dtype` is the float32 result rounded once: a float32 `y` cast."""
+    x = _data((37, 160), x_dtype)
+    w, b = jnp.linspace(0.5, 1.5, 160), jnp.linspace(-1, 1, 160)
+    y = getattr(reference, op)(x, w, b, eps=1e-5, out_dtype=out_dtype)
+    y32 = getattr(reference, op)(x.astype(jnp.float32), w, b, eps=1e-5)
+    assert y.dtype == jnp.dtype(out_dtype)
+    np.testing.assert_array_equal(y, y32.astype(out_dtype))
+    h_dtype = jnp.float32
+    y, h = reference.add_rms_norm(x, x.astype(h_dtype), w, None, eps=1e-5, out_dtype=out_dtype)
+    assert (y.dtype, h.dtype) == (jnp.dtype(out_dtype), jnp.dtype(h_dtype))
+    scale = jnp.zeros((160,))
+    y = reference.adaptive_layer_norm(
+        x[None], scale[None], scale[None], w, b, eps=1e-5, out_dtype=out_dtype
+    )
+    assert y.dtype == jnp.dtype(out_dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_fp8_output_is_the_saturating_scaled_cast(dtype):
+    """`q = cast(clip(y · s, ±max))` rounded to nearest even from the float32 `y`, and
+    `amax = max |y|`; values beyond the range saturate instead of becoming NaN or inf."""
+    x = _data((37, 160), jnp.bfloat16)
+    w = jnp.linspace(0.5, 1.5, 160)
+    y32 = reference.rms_norm(x, w, None, eps=1e-5, out_dtype=jnp.float32)
+    fmax = float(jnp.finfo(dtype).max)
+    for scale in (3.0, 1e6):
+        q, amax = reference.rms_norm(
+            x, w, None, eps=1e-5, out_dtype=dtype, fp8_scale=jnp.float32(scale)
+        )
+        expected = np.clip(np.asarray(y32) * np.float32(scale), -fmax, fmax).astype(dtype)
+        assert q.dtype == dtype and amax.dtype == jnp.float32 and amax.shape == ()
+        np.testing.assert_array_equal(q.view(jnp.uint8), expected.view(np.uint8))
+        assert float(amax) == float(jnp.max(jnp.abs(y32)))
+    assert float(jnp.max(q.astype(jnp.float32))) == fmax  # saturated, not NaN
+    q, h, amax = reference.add_layer_norm(
+        x, x.astype(jnp.float32), None, None, eps=1e-5, out_dtype=dtype, fp8_scale=jnp.float32(2.0)
+    )
+    assert (q.dtype, h.dtype, amax.shape) == (dtype, jnp.float32, ())
+
+
+def test_options_derivatives():
+    """The weight offset differentiates like `γ + offset`, and the FP8 output straight
+    through its clip and rounding (`s` times the norm's derivative); the scale gets none."""
+    x, w = _data((5, 16), jnp.float32), jnp.linspace(-0.1, 0.1, 16)
+    g = jax.grad(
+        lambda w: jnp.sum(reference.rms_norm(x, w, None, eps=1e-5, weight_offset=1.0) ** 2)
+    )(w)
+    g1 = jax.grad(lambda w: jnp.sum(reference.rms_norm(x, w + 1, None, eps=1e-5) ** 2))(w)
+    np.testing.assert_allclose(g, g1, rtol=1e-6)
+
+    def fp8(x, w, s):
+        q, _ = reference.layer_norm(x, w, None, eps=1e-5, out_dtype=jnp.float8_e4m3fn, fp8_scale=s)
+        return jnp.sum(q.astype(jnp.float32) * jnp.arange(16.0)[None] / 16)
+
+    def plain(x, w):
+        return jnp.sum(reference.layer_norm(x, w, None, eps=1e-5) * jnp.arange(16.0)[None] / 16)
+
+    gx, gw, gs = jax.grad(fp8, argnums=(0, 1, 2))(x, w, jnp.float32(4.0))
+    px, pw = jax.grad(plain, argnums=(0, 1))(x, w)
+    # The cotangents k/16 are exact in float8_e4m3fn.
+    np.testing.assert_allclose(gx, 4 * px, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gw, 4 * pw, rtol=1e-5, atol=1e-6)
+    assert float(gs) == 0.0

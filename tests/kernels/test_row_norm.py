@@ -772,3 +772,126 @@ def test_gated_and_dyt_vmap_folds_examples_into_the_rows():
     run = jax.jit(_vmapped_per_row, static_argnums=0)
     for got, want in zip(run(row_norm, *args), run(reference, *args), strict=True):
         ks.assert_matches(got, want)
+
+
+# --- output options: weight offset, output dtype, FP8 output ---------------------------------
+
+
+def _options_value_and_grads(module, op, **options):
+    """`(y, grads of x, weight, bias)` of `sum(y · cotangent)` for a row norm with `options`."""
+    fn = getattr(module, op)
+
+    @jax.jit
+    def run(x, weight, bias, cotangent):
+        def loss(x, weight, bias):
+            y = fn(x, weight, bias, eps=EPS, **options)
+            y = y[0] if isinstance(y, tuple) else y
+            return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+        (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, weight, bias)
+        return y, grads
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("op", "dtype", "out_dtype"),
+    [("layer_norm", jnp.float32, jnp.bfloat16), ("rms_norm", jnp.bfloat16, jnp.float32)],
+)
+def test_weight_offset_and_out_dtype_match_reference(op, dtype, out_dtype):
+    x, weight, bias, cotangent = _inputs(37, 160, dtype)
+    options = dict(weight_offset=1.0, out_dtype=out_dtype)
+    y, grads = _options_value_and_grads(pallas, op, **options)(x, weight - 1, bias, cotangent)
+    y_ref, grads_ref = _options_value_and_grads(reference, op, **options)(
+        x, weight - 1, bias, cotangent
+    )
+    assert y.dtype == out_dtype
+    ks.assert_matches(y, y_ref)
+    ks.assert_trees_match(grads, grads_ref)
+
+
+@pytest.mark.parametrize(
+    ("op", "rows", "width", "dtype"),
+    [
+        ("layer_norm", 37, 160, jnp.float8_e4m3fn),
+        ("rms_norm", 37, 160, jnp.float8_e5m2),
+        ("layer_norm", 2, ks.WIDE, jnp.float8_e4m3fn),
+    ],
+)
+def test_fp8_output_is_the_reference_quantization(op, rows, width, dtype):
+    """One pass and a wide row's chunked kernel, a scale that saturates included."""
+    x, weight, bias, _ = _inputs(rows, width, jnp.bfloat16)
+    fn, fn_ref = getattr(pallas, op), getattr(reference, op)
+    y32 = fn(x, weight, bias, eps=EPS, out_dtype=jnp.float32)
+    for scale in (jnp.float32(3.0), jnp.float32(1e5)):
+        q, amax = fn(x, weight, bias, eps=EPS, out_dtype=dtype, fp8_scale=scale)
+        q_ref, amax_ref = fn_ref(x, weight, bias, eps=EPS, out_dtype=dtype, fp8_scale=scale)
+        assert q.dtype == dtype and amax.shape == ()
+        ks.assert_fp8_exact(q, amax, y32, scale, q_ref, amax_ref)
+
+
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
+def test_fused_add_fp8_and_out_dtype_match_reference(op):
+    """`y` in FP8 or another dtype, `h` in the residual's dtype; and the gradients through
+    the FP8 output (add + RMSNorm)."""
+    x, weight, bias, cotangent = _inputs(37, 160, jnp.bfloat16)
+    residual = ks.data((37, 160), jnp.float32, seed=5)
+    scale = jnp.float32(2.0)
+    fn, fn_ref = getattr(pallas, op), getattr(reference, op)
+    args = (x, residual, weight - 1, bias)
+    options = dict(eps=EPS, weight_offset=1.0, out_dtype=jnp.float8_e4m3fn, fp8_scale=scale)
+    q, h, amax = fn(*args, **options)
+    q_ref, h_ref, amax_ref = fn_ref(*args, **options)
+    y32, _ = fn(*args, eps=EPS, weight_offset=1.0, out_dtype=jnp.float32)
+    ks.assert_fp8_exact(q, amax, y32, scale, q_ref, amax_ref)
+    assert h.dtype == jnp.float32
+    np.testing.assert_array_equal(h, h_ref)
+
+    def grads(module, **options):
+        def loss(x, residual, weight, bias):
+            y, h, *_ = getattr(module, op)(x, residual, weight, bias, eps=EPS, **options)
+            return jnp.sum(y.astype(jnp.float32) * cotangent) + jnp.sum(h)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args)
+
+    if op == "add_rms_norm":
+        options = dict(out_dtype=jnp.float8_e5m2, fp8_scale=scale)
+        ks.assert_trees_match(grads(pallas, **options), grads(reference, **options))
+
+
+def test_fp8_gradients_and_vmap_match_reference():
+    """Reverse mode through the FP8 output (straight through: the norm's backward kernel with
+    γ·s, reading the float8 cotangent), and a `vmap` over examples folding into the kernel."""
+    x, weight, bias, cotangent = _inputs(37, 160, jnp.float32)
+    options = dict(out_dtype=jnp.float8_e4m3fn, fp8_scale=jnp.float32(4.0))
+    _, grads = _options_value_and_grads(pallas, "rms_norm", **options)(x, weight, bias, cotangent)
+    _, grads_ref = _options_value_and_grads(reference, "rms_norm", **options)(
+        x, weight, bias, cotangent
+    )
+    ks.assert_trees_match(grads, grads_ref)
+    batched = jax.vmap(lambda r: pallas.layer_norm(r, weight, bias, eps=EPS, **options))
+    q, amax = batched(x.reshape(37, 1, 160))
+    q_whole, amax_whole = pallas.layer_norm(x, weight, bias, eps=EPS, **options)
+    np.testing.assert_array_equal(ks.bits(q.reshape(37, 160)), ks.bits(q_whole))
+    assert float(jnp.max(amax)) == float(amax_whole)
+
+
+def test_adaptive_weight_offset_and_out_dtype_match_reference():
+    op = "adaptive_layer_norm"
+    x, weight, bias, cotangent = _inputs(37, 160, jnp.bfloat16)
+    x, cotangent = x.reshape(1, 37, 160), cotangent.reshape(1, 37, 160)
+    scale, shift = (ks.data((1, 160), jnp.float32, seed=s, loc=0.0, scale=0.1) for s in (7, 8))
+    options = dict(weight_offset=1.0, out_dtype=jnp.float32, eps=EPS)
+
+    def run(module):
+        def loss(x, scale, weight):
+            y = getattr(module, op)(x, scale, shift, weight, bias, **options)
+            return jnp.sum(y * cotangent), y
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, scale, weight)
+
+    (_, y), grads = run(pallas)
+    (_, y_ref), grads_ref = run(reference)
+    assert y.dtype == jnp.float32
+    ks.assert_matches(y, y_ref)
+    ks.assert_trees_match(grads, grads_ref)

@@ -275,3 +275,63 @@ def test_gated_rms_norm_and_dyt_match_reference(case):
     out = ks.run_mosaic_gpu(lambda: _gated_and_dyt(MOSAIC_GPU, *args))
     if out is not None:
         ks.assert_trees_match(out, _gated_and_dyt(reference, *args))
+
+
+# --- output options: weight offset, output dtype, FP8 output ---------------------------------
+
+
+def _options_run(module, op, x, weight, bias, cotangent, **options):
+    """`(y, grads of x and weight)` of `sum(y · cotangent)` with the output `options`."""
+
+    def loss(x, weight):
+        y = getattr(module, op)(x, weight, bias, eps=EPS, **options)
+        y = y[0] if isinstance(y, tuple) else y
+        return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, weight)
+
+
+def test_weight_offset_out_dtype_and_fp8_match_reference():
+    """A zero-centred weight with a bfloat16 output (`y` in a box of its own), and the FP8
+    output: `reference.quantize_fp8` of the kernel's own float32 output bit for bit, with the
+    amax, and the gradients through it (the backward kernel staging the float8 cotangent)."""
+    x = ks.data((37, 160), jnp.float32)
+    weight, bias = ks.params(160)
+    cotangent = ks.data((37, 160), jnp.float32, seed=3, loc=0.0, scale=1.0)
+    offset = dict(weight_offset=1.0, out_dtype=jnp.bfloat16)
+    out = ks.run_mosaic_gpu(
+        lambda: _options_run(MOSAIC_GPU, "rms_norm", x, weight - 1, bias, cotangent, **offset)
+    )
+    if out is None:
+        return
+    (_, y), grads = out
+    (_, y_ref), grads_ref = _options_run(
+        reference, "rms_norm", x, weight - 1, bias, cotangent, **offset
+    )
+    assert y.dtype == jnp.bfloat16
+    ks.assert_matches(y, y_ref)
+    ks.assert_trees_match(grads, grads_ref)
+
+    scale = jnp.float32(3.0)
+    fp8 = dict(out_dtype=jnp.float8_e4m3fn, fp8_scale=scale)
+    q, amax = MOSAIC_GPU.layer_norm(x, weight, bias, eps=EPS, **fp8)
+    y32 = MOSAIC_GPU.layer_norm(x, weight, bias, eps=EPS, out_dtype=jnp.float32)
+    ks.assert_fp8_exact(q, amax, y32, scale, *reference.layer_norm(x, weight, bias, eps=EPS, **fp8))
+    (_, _), grads = _options_run(MOSAIC_GPU, "layer_norm", x, weight, bias, cotangent, **fp8)
+    (_, _), grads_ref = _options_run(reference, "layer_norm", x, weight, bias, cotangent, **fp8)
+    ks.assert_trees_match(grads, grads_ref)
+
+
+def test_fused_add_fp8_output():
+    x = ks.data((37, 160), jnp.bfloat16)
+    residual = ks.data((37, 160), jnp.float32, seed=4)
+    weight, bias = ks.params(160, jnp.bfloat16)
+    fp8 = dict(eps=EPS, out_dtype=jnp.float8_e5m2, fp8_scale=jnp.float32(2.0))
+    out = ks.run_mosaic_gpu(lambda: MOSAIC_GPU.add_rms_norm(x, residual, weight, bias, **fp8))
+    if out is None:
+        return
+    q, h, amax = out
+    q_ref, h_ref, amax_ref = reference.add_rms_norm(x, residual, weight, bias, **fp8)
+    y32, _ = MOSAIC_GPU.add_rms_norm(x, residual, weight, bias, eps=EPS, out_dtype=jnp.float32)
+    ks.assert_fp8_exact(q, amax, y32, fp8["fp8_scale"], q_ref, amax_ref)
+    np.testing.assert_array_equal(h, h_ref)
