@@ -1550,6 +1550,11 @@ def _gated_rms_norm_bwd_on(target: Target, x, z, weight, dy, *, eps, norm_before
     """`(dx, dz, dweight)` with one `pallas_call` on `target`; `dweight` the float32 sum over
     the rows (`None` unless `param_grads`)."""
     launch, params = _gated_launch(target, x, weight)
+    if launch.config.chunks > 1:
+        # Three row arrays per chunk (x, z, dy): at 16 warps (128 registers a thread at most)
+        # they spill (8 bytes at 70000 features on sm_90a); 8 warps allow 255.
+        config = launch.config._replace(num_warps=min(launch.config.num_warps, 8))
+        launch = launch._replace(config=config)
     rows_shape = [jax.ShapeDtypeStruct((1, *x.shape), a.dtype) for a in (x, z)]
     partial = jax.ShapeDtypeStruct((1, launch.grid[0], 1, x.shape[1]), F32)
     kernel = _one_group_kernel(
