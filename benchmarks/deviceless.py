@@ -271,7 +271,8 @@ class Verdict:
 
 
 def verdicts(result: dict) -> list[Verdict]:
-    """Issue 17's targets for one H200 case (a report of [`run`][]): the program's bytes over
+    """Issue 17's targets for one H200 case (a report of [`run`][]): no problem (spill, lane
+    out of bounds, failed compile: [`problems`][]), the program's bytes over
     the ideal, its launches (the op's kernels, and at most one small XLA reduction in a
     training step: the parameter gradients'), and per kernel no spill, for Triton's one read
     of each byte (its traffic account) and occupancy, for Mosaic GPU's TMA-staged kernels the
@@ -289,6 +290,8 @@ def verdicts(result: dict) -> list[Verdict]:
         if batch_norm
         else (STEP_BYTES if step else FORWARD_BYTES)
     )
+    found = problems(result)
+    out.append(Verdict("compiles without a problem", "; ".join(found) or "none", not found))
     ratio = result["program"]["bytes"] / result["ideal_bytes"]
     out.append(Verdict(f"bytes <= {bound:.2f}x ideal", f"{ratio:.3f}x", ratio <= bound))
     others = [x for x in result["program"]["launches"] if "eqxnorm" not in x["name"]]

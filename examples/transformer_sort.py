@@ -10,8 +10,9 @@ transformer: token and learned position embeddings, 4-head `eqx.nn.MultiheadAtte
 per-head QK-norm (`eqxnorm.QKNorm`, as Qwen3 and OLMo 2 normalize each head's queries and keys
 before the scores), a GELU MLP, a bias-free `eqxnorm.RMSNorm` in front of each sublayer and a
 final one before the output head, each zero-centred as Gemma's (`weight_offset=1.0`: the
-stored weight starts at zeros and `1 + weight` is applied, in the same kernel). The full run takes about 40 s on a 2-core CPU and writes
-`examples/out/transformer_sort.png` (or to the path given as the only argument).
+stored weight starts at zeros and `1 + weight` is applied, in the same kernel). The full run
+takes about 40 s on a 2-core CPU and writes `examples/out/transformer_sort.png` (or to the
+path given as the only argument).
 
 The residual add and the norm that follows it are one fused op, `RMSNorm.add_and_norm`, which
 takes a sublayer's output and the residual stream and returns the normalized input of the next

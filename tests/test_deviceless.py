@@ -254,7 +254,11 @@ def _report(ratio: float, launches: int, smem: int) -> dict:
         "ideal_bytes": 1000,
         "kernels": [],
         "mosaic_gpu": [mosaic],
-        "program": {"bytes": 1000 * ratio, "launches": [{"name": "reduce"}] * launches},
+        "program": {
+            "bytes": 1000 * ratio,
+            "launches": [{"name": "reduce"}] * launches,
+            "problems": [] if ratio else ["XLA: register spilling"],
+        },
     }
 
 
@@ -266,3 +270,6 @@ def test_targets_are_judged():
         "XLA launches beside the kernels <= 1 (3)",
         "eqxnorm_layer_norm_bwd: in flight per SM >= 36.00 KiB (5 x 4.00 KiB)",
     ]
+    # A program that does not compile moves no byte: not a target met.
+    missed = deviceless.missed(_report(0.0, 1, 140_000))
+    assert missed == ["compiles without a problem (XLA program: XLA: register spilling)"]
