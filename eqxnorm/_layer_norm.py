@@ -211,8 +211,18 @@ class _RowNorm(eqx.Module):
                 # The fused kernels keep their statistics local: add as they do, then norm.
                 cdt = compute_dtype(jnp.promote_types(x.dtype, residual.dtype))
                 h = (x.astype(cdt) + residual.astype(cdt)).astype(residual.dtype)
-                out_dtype = x.dtype if self.out_dtype is None else self.out_dtype
-                y = eqx.tree_at(lambda n: n.out_dtype, self, out_dtype)(h, fp8_scale=fp8_scale)
+                options = self._options(fp8_scale)
+                options["out_dtype"] = options["out_dtype"] or x.dtype
+                y = getattr(functional, self._function)(
+                    h,
+                    self.weight,
+                    self.bias,
+                    shape=h.shape,
+                    eps=self.eps,
+                    axis_name=self.axis_name,
+                    impl=self.impl,
+                    **options,
+                )
                 return (y, h) if fp8_scale is None else (y[0], h, y[1])
             fn = getattr(functional, "add_" + self._function)
             return fn(

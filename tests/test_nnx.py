@@ -236,5 +236,8 @@ def test_import_eqxnorm_does_not_import_flax_and_nnx_names_the_extra():
         "except ImportError as error:\n"
         "    print(error)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # `-P`: the working directory (the repository root in CI) must not shadow the installed
+    # package, whose `eqxnorm.kernels` is the checkout's `kernels/`.
+    command = [sys.executable, "-P", "-c", code]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "pip install eqxnorm[flax]" in out.stdout
