@@ -237,8 +237,8 @@ def problems(result: dict) -> list[str]:
     """Every problem of one case's report, each naming its kernel."""
     if "program" not in result:  # a TPU case
         return list(result["problems"])
-    found = [f"{k['name']}: {p}" for k in result["kernels"] for p in k["problems"]]
-    return found + [f"XLA program: {p}" for p in result["program"]["problems"]]
+    found = [f"{k['name']}: {p}" for k in result["kernels"] for p in k.get("problems", ())]
+    return found + [f"XLA program: {p}" for p in result["program"].get("problems", ())]
 
 
 # --- issue 17's targets, judged on every H200 case ---------------------------------------------
