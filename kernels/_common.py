@@ -289,6 +289,62 @@ def block_config(target: Target, rows: int, width: int) -> BlockConfig:
     return _tuning.tuned(config, target.name, rows, width)
 
 
+# The persistent backward (see [`persistent_config`][]): warps per SM it aims to keep resident
+# (half of sm_90's 64, the 50 % occupancy target), the most warps of one program (CUDA's 1024
+# threads), and the registers per thread that leaves (65536 per SM over 32 warps).
+PERSISTENT_RESIDENT_WARPS = 32
+PERSISTENT_MAX_WARPS = 32
+PERSISTENT_REGISTERS = 64
+
+
+class Persistent(NamedTuple):
+    """A persistent launch over `groups × blocks` row blocks: `programs` per group, each
+    looping over `iterations` of its blocks (`program + j · programs`), with `config` (its
+    `num_warps` the persistent program's)."""
+
+    config: BlockConfig
+    programs: int
+    iterations: int
+
+
+def persistent_config(config: BlockConfig, rows: int, groups: int = 1) -> Persistent:
+    r"""The persistent grid of a Triton kernel that sums per-column partials over its rows (the
+    row norms' backward), from the one heuristic's `config` ([`block_config`][], tuned).
+
+    A row-parallel grid writes one float32 partial row per program and gradient, which XLA
+    then reads back: at 4096 × 1024 bf16 in blocks of 4 rows that is 1024 × 1024 × 4 B × 2
+    written and read, 16 MiB on a 40 MiB training step (1.40×). A persistent program loops
+    over its row blocks and accumulates its partials on chip, writing one row at the end, so
+    the partials are `programs × width` float32: programs are to be few. An H200 (132 SMs;
+    `eqxnorm.kernels._mosaic_gpu`'s SM count, 132 without a GPU) keeps its HBM busy with
+    enough warps resident per SM, `PERSISTENT_RESIDENT_WARPS` = 32 (50 % occupancy), which
+    at 65536 registers per SM leaves `PERSISTENT_REGISTERS` = 64 per thread. So:
+
+    1. One program per SM of `num_warps = 4 ×` the row-parallel one's, within
+       `PERSISTENT_MAX_WARPS` (a block of `4096` elements over 32 warps is 4 per thread per
+       array, plus the accumulators: the backward compiles to about 50 registers). The
+       partials are then `132 × width × 8 B` written and read: 1.05× at 4096 × 1024 bf16.
+       Fewer warps per program and more programs (2 × 16) cost twice the partials for no
+       more warps resident.
+    2. `programs = min(blocks, SMs × (32 / num_warps) / groups)` per group (at least 1),
+       each looping over `iterations = ceil(blocks / programs)` blocks, then as few programs
+       as give every one `iterations` blocks; past the end a block's rows are masked.
+    3. A chunked row (wider than `MAX_BLOCK_ELEMENTS`) keeps its partial row in HBM, added to
+       chunk by chunk (read-add-write of its own row, L2-resident), with the row-parallel
+       warps: its block already fills a program."""
+    from . import _mosaic_gpu
+
+    blocks = ceil_div(rows, config.block_rows)
+    num_warps = config.num_warps
+    if config.chunks == 1:
+        num_warps = min(4 * num_warps, PERSISTENT_MAX_WARPS)
+    per_sm = max(1, PERSISTENT_RESIDENT_WARPS // num_warps)
+    most = max(1, _mosaic_gpu._sm_count() * per_sm // groups)
+    iterations = ceil_div(blocks, min(blocks, most))
+    programs = ceil_div(blocks, iterations)
+    return Persistent(config._replace(num_warps=num_warps), programs, iterations)
+
+
 # A block's share of VMEM: up to 8 row-sized operands and outputs (x, residual, dy, dh; y, h,
 # dx, dresidual), each double-buffered by the pipeline, plus about 8 float32 temporaries.
 MOSAIC_VMEM_BLOCKS = 24
@@ -357,6 +413,29 @@ def store(ref: Any, value: jax.Array, mask: jax.Array, target: Target) -> None:
         plgpu.store(ref, value, mask=mask)
     else:
         ref[...] = value
+
+
+def barrier(target: Target) -> None:
+    """A barrier across the threads of a Triton program (orders a program's global-memory
+    writes before its later reads of them, e.g. a partial row read, added to and written
+    back); nothing on the other targets, whose programs run their statements in order."""
+    if target is TRITON:
+        plgpu.debug_barrier()
+
+
+def rows_view(ref: Any, start: Any, rows: int, columns: tuple[Any, int] | None = None) -> Any:
+    """The view of rows `[start, start + rows)` of a ref (`None` stays `None`), and of its
+    columns `[first, first + cols)` with `columns = (first, cols)`."""
+    if ref is None:
+        return None
+    if not isinstance(start, int):
+        start = pl.multiple_of(start, rows)
+    if columns is None:
+        return ref.at[pl.ds(start, rows)]
+    first, cols = columns
+    if not isinstance(first, int):
+        first = pl.multiple_of(first, cols)
+    return ref.at[pl.ds(start, rows), pl.ds(first, cols)]
 
 
 def chunk(ref: Any, index: Any, cols: int) -> Any:

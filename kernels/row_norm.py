@@ -311,60 +311,133 @@ def _row_norm_bwd_kernel(
     has_dresidual,
     param_grads,
     row_block=None,
+    iterations=None,
 ):
     r"""$\partial x = r(g - \overline{g} - \hat{x}\,\overline{g\hat{x}}) + \partial h$
     (without $\overline{g}$ for RMSNorm; $\partial h$, the gradient of the fused add's `h`,
-    when given), $g = \partial y \odot \gamma$, for a block of rows, written to `dx` and to
-    `dresidual` when that has another dtype; and the block's float32 column sums of
-    $\partial y \odot \hat{x}$ and $\partial y$."""
+    when given), $g = \partial y \odot \gamma$, for blocks of rows, written to `dx` and to
+    `dresidual` when that has another dtype; and the program's float32 column sums of
+    $\partial y \odot \hat{x}$ and $\partial y$ over its blocks.
+
+    The launch says which blocks: without `iterations` the row refs are one block, that of
+    `row_block` (default: the program id); with `iterations` (a persistent launch, see
+    `eqxnorm.kernels._common.persistent_config`) they hold every row of the group and the
+    program computes blocks `program + j · programs`, `j < iterations`, summing its column
+    sums on chip (one-pass rows: in the loop's carry) or in its own partial row (chunked
+    rows: read, added to and written back per chunk)."""
     w_ref, dh_ref, dx_ref, *refs = c.split_refs(refs, has_weight, has_dh)
     dres_ref, *partial_refs = c.split_refs(refs, has_dresidual)
-    row_block = pl.program_id(0) if row_block is None else row_block
-    rows = (row_block * config.block_rows, rows)
-    row_mask, _, _ = _masks(config, rows, width)
-    stats = c.Stats(*(c.load(r, row_mask, target) for r in (shift_ref, offset_ref)), None)
-    rstd = c.load(rstd_ref, row_mask, target)
-    bc = config.block_cols
-
-    def chunk_values(k):
-        _, col_mask, mask = _masks(config, rows, width, k * bc)
-        view = _view(config, k)
-        xhat = c.centred(c.load(view(x_ref), mask, target), mask, stats) * rstd
-        dy = c.load(view(dy_ref), mask, target)
-        g = dy if w_ref is None else dy * c.load(view(w_ref), col_mask, target)
-        return xhat, dy, g, mask, view
-
-    def dx_and_partials(k, xhat, dy, g, mask, view, mean_gx, mean_g):
-        dx = (g - mean_g - xhat * mean_gx) * rstd
-        if dh_ref is not None:
-            dx = dx + c.load(view(dh_ref), mask, target)
-        for ref in (dx_ref, dres_ref):
-            if ref is not None:
-                c.store(view(ref), dx, mask, target)
-        if param_grads:
-            col_mask = c.iota((1, bc), 1, k * bc) < width
-            dw_ref, db_ref = partial_refs
-            c.store(view(dw_ref), jnp.sum(dy * xhat, axis=0, keepdims=True), col_mask, target)
-            c.store(view(db_ref), jnp.sum(dy, axis=0, keepdims=True), col_mask, target)
-
-    zero = jnp.zeros((config.block_rows, 1), F32)
-    if config.chunks == 1:
-        xhat, dy, g, mask, view = chunk_values(0)
-        sums = (c.row_sum(g * xhat), c.row_sum(g) if center else zero)
-        means = tuple(s / width for s in sums)
-        dx_and_partials(0, xhat, dy, g, mask, view, *means)
+    br, bc = config.block_rows, config.block_cols
+    persistent = iterations is not None
+    if persistent:
+        first, stride = pl.program_id(0), pl.num_programs(0) if iterations > 1 else 0
     else:
+        first, stride, iterations = pl.program_id(0) if row_block is None else row_block, 0, 1
+
+    def block(j, sums_before):
+        """Block `j` of the program's; returns the column sums so far (one-pass rows)."""
+        i = first + j * stride
+        block_rows = (i * br, rows)
+
+        def block_view(k):
+            """Chunk `k` of the block of a row array (one view: Pallas' interpreter does not
+            store through a view of a view)."""
+            if not persistent:
+                return _view(config, k)
+            if config.chunks == 1:
+                return lambda ref: c.rows_view(ref, i * br, br)
+            return lambda ref: c.rows_view(ref, i * br, br, (k * bc, bc))
+
+        row_mask, _, _ = _masks(config, block_rows, width)
+        per_row = [shift_ref, offset_ref, rstd_ref]
+        if persistent:
+            per_row = [c.rows_view(ref, i * br, br) for ref in per_row]
+        shift, offset, rstd = (c.load(ref, row_mask, target) for ref in per_row)
+        stats = c.Stats(shift, offset, None)
+
+        def chunk_values(k):
+            _, col_mask, mask = _masks(config, block_rows, width, k * bc)
+            view = block_view(k)
+            xhat = c.centred(c.load(view(x_ref), mask, target), mask, stats) * rstd
+            dy = c.load(view(dy_ref), mask, target)
+            g = dy if w_ref is None else dy * c.load(_view(config, k)(w_ref), col_mask, target)
+            return xhat, dy, g, mask, view
+
+        def dx_and_sums(k, xhat, dy, g, mask, view, mean_gx, mean_g):
+            dx = (g - mean_g - xhat * mean_gx) * rstd
+            if dh_ref is not None:
+                dx = dx + c.load(view(dh_ref), mask, target)
+            for ref in (dx_ref, dres_ref):
+                if ref is not None:
+                    c.store(view(ref), dx, mask, target)
+            return jnp.sum(dy * xhat, axis=0, keepdims=True), jnp.sum(dy, axis=0, keepdims=True)
+
+        zero = jnp.zeros((br, 1), F32)
+        if config.chunks == 1:
+            xhat, dy, g, mask, view = chunk_values(0)
+            sums = (c.row_sum(g * xhat), c.row_sum(g) if center else zero)
+            col_sums = dx_and_sums(0, xhat, dy, g, mask, view, *(s / width for s in sums))
+            if not param_grads:
+                return sums_before
+            return tuple(a + b for a, b in zip(sums_before, col_sums, strict=True))
 
         def reduce_body(k, sums):
             xhat, _, g, _, _ = chunk_values(k)
             return sums[0] + c.row_sum(g * xhat), sums[1] + (c.row_sum(g) if center else zero)
 
-        sums = jax.lax.fori_loop(0, config.chunks, reduce_body, (zero, zero))
-        means = tuple(s / width for s in sums)
+        means = tuple(
+            s / width for s in jax.lax.fori_loop(0, config.chunks, reduce_body, (zero,) * 2)
+        )
+        if not isinstance(j, int):
+            # This program's partial row, written by its previous block, is read below.
+            c.barrier(target)
 
         @pl.loop(0, config.chunks)
         def _(k):
-            dx_and_partials(k, *chunk_values(k), *means)
+            col_sums = dx_and_sums(k, *chunk_values(k), *means)
+            if param_grads:
+                col_mask = c.iota((1, bc), 1, k * bc) < width
+                view = _view(config, k)
+                for ref, col_sum in zip(partial_refs, col_sums, strict=True):
+                    if not isinstance(j, int):
+                        col_sum = col_sum + c.load(view(ref), col_mask & (j > 0), target)
+                    c.store(view(ref), col_sum, col_mask, target)
+
+        return sums_before
+
+    # The one-pass rows' column sums ride the loop's carry (nothing to carry otherwise).
+    zeros = (jnp.zeros((1, bc), F32),) * 2 if param_grads and config.chunks == 1 else ()
+    if iterations == 1:
+        col_sums = block(0, zeros)
+    else:
+        col_sums = jax.lax.fori_loop(0, iterations, block, zeros)
+    if param_grads and config.chunks == 1:
+        col_mask = c.iota((1, bc), 1) < width
+        for ref, col_sum in zip(partial_refs, col_sums, strict=True):
+            c.store(ref, col_sum, col_mask, target)
+
+
+def _backward_launch(target: Target, shape: tuple[int, int, int]) -> tuple[_Launch, int | None]:
+    """The backward's launch over `(groups, rows, width)` and the row blocks each program
+    loops over: on Triton (and its interpreter) a persistent grid
+    (`eqxnorm.kernels._common.persistent_config`), the row specs spanning the whole group
+    (every block a program visits, past the end included) and each program one partial row
+    per group; on Mosaic TPU the row-parallel [`_launch`][] (`None`: one block each)."""
+    launch = _launch(target, shape)
+    if not target.masked:
+        return launch, None
+    groups, rows, _ = shape
+    plan = c.persistent_config(launch.config, rows, groups)
+    covered = plan.programs * plan.iterations * plan.config.block_rows
+    cols = launch.rows.block_shape[-1]
+    whole = lambda p, g: (g, 0, 0)  # noqa: E731
+    launch = launch._replace(
+        config=plan.config,
+        grid=(plan.programs, groups),
+        rows=pl.BlockSpec((_SQUEEZED, covered, cols), whole),
+        stats=pl.BlockSpec((_SQUEEZED, covered, 1), whole),
+    )
+    return launch, plan.iterations
 
 
 def _backward_on(
@@ -387,7 +460,7 @@ def _backward_on(
     `dweight`/`dbias` are the float32 sums over each group's rows, `(groups, dim)` (`None`
     unless `param_grads`)."""
     groups, rows, width = x.shape
-    launch = _launch(target, x.shape)
+    launch, iterations = _backward_launch(target, x.shape)
     optional = [weight.reshape(groups, 1, width)] if weight is not None else []
     optional_specs = [launch.params] * len(optional)
     if dh is not None:
@@ -409,6 +482,7 @@ def _backward_on(
         has_dh=dh is not None,
         has_dresidual=len(d_dtypes) == 2,
         param_grads=param_grads,
+        iterations=iterations,
     )
     dx, *outs = c.pallas_call(
         kernel,

@@ -11,7 +11,7 @@ import pytest
 
 import kernel_support as ks
 import oracle
-from eqxnorm.kernels import _common, pallas, reference, row_norm
+from eqxnorm.kernels import _common, _mosaic_gpu, pallas, reference, row_norm
 
 OPS = ("layer_norm", "rms_norm")
 # The kernels pinned to Triton, for the tests of its launch geometry.
@@ -895,3 +895,51 @@ def test_adaptive_weight_offset_and_out_dtype_match_reference():
     assert y.dtype == jnp.float32
     ks.assert_matches(y, y_ref)
     ks.assert_trees_match(grads, grads_ref)
+
+
+# --- the persistent backward (Triton and its interpreter) --------------------------------------
+
+# (what, shape, dtype): plain norms over awkward row counts, a chunked row (wider than a block)
+# with few rows, add+norm with h's gradient, adaLN with groups.
+PERSISTENT_CASES = [
+    ("layer_norm", (199, 160), jnp.float32),
+    ("rms_norm", (37, 760), jnp.bfloat16),
+    ("layer_norm", (1, 760), jnp.bfloat16),
+    ("layer_norm", (37, 17000), jnp.bfloat16),
+    ("add_layer_norm", (199, 160), jnp.bfloat16),
+    ("adaptive_rms_norm", (2, 37, 160), jnp.float32),
+]
+
+
+def _persistent_run(module, op, shape, dtype):
+    """The outputs and gradients of `op` on inputs of `shape` and `dtype` (a flat list)."""
+    if op.startswith("add_"):
+        args = _add_inputs(*shape, dtype, jnp.float32, seed=3)
+        return jax.tree.leaves(_add_value_and_grads(module, op)(*args))
+    if op.startswith("adaptive_"):
+        return jax.tree.leaves(
+            _adaptive_value_and_grads(module, op)(*_adaptive_inputs(*shape, dtype))
+        )
+    return jax.tree.leaves(_value_and_grads(module, op)(*_inputs(*shape, dtype)))
+
+
+@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2].__name__}")
+def test_persistent_backward_loops_over_blocks(case, monkeypatch):
+    # Two SMs: 199 rows of 160 are 13 blocks of 16, run by 2 programs of 32 warps looping over
+    # 7 blocks each (one past the end); the chunked rows 5 blocks of 8 rows by 3 programs of 2;
+    # adaLN's 2 groups of 37 rows one program each. Every program sums its blocks' parameter
+    # gradients (in the loop's carry, or read-added-written in its partial row when chunked).
+    monkeypatch.setattr(_mosaic_gpu, "_sm_count", lambda: 2)
+    plan = _common.persistent_config(_common.block_config(_common.INTERPRET, 199, 160), 199)
+    assert (plan.programs, plan.iterations, plan.config.num_warps) == (2, 7, 32)
+    plan = _common.persistent_config(_common.block_config(_common.INTERPRET, 37, 17000), 37)
+    assert (plan.programs, plan.iterations) == (3, 2)
+    op, shape, dtype = case
+    out = _persistent_run(row_norm, op, shape, dtype)
+    again = _persistent_run(row_norm, op, shape, dtype)
+    for a, b in zip(out, again, strict=True):
+        np.testing.assert_array_equal(ks.bits(a), ks.bits(b))
+    expected = _persistent_run(reference, op, shape, dtype)
+    for i, (a, b) in enumerate(zip(out, expected, strict=True)):
+        # The input gradients of half-precision inputs agree to their dtype's tolerance.
+        ks.assert_matches(a, b, a.dtype if a.dtype != jnp.float32 and i else None)
