@@ -328,6 +328,15 @@ def _row_norm_bwd_kernel(
     w_ref, dh_ref, dx_ref, *refs = c.split_refs(refs, has_weight, has_dh)
     dres_ref, *partial_refs = c.split_refs(refs, has_dresidual)
     br, bc = config.block_rows, config.block_cols
+
+    def partials(k):
+        """The views of chunk `k` of the partial rows of dW and dB: two refs of one row, or
+        the rows of one ref of both."""
+        if len(partial_refs) == 2:
+            return [_view(config, k)(ref) for ref in partial_refs]
+        columns = None if config.chunks == 1 else (k * bc, bc)
+        return [c.rows_view(partial_refs[0], r, 1, columns) for r in (0, 1)]
+
     persistent = iterations is not None
     if persistent:
         first, stride = pl.program_id(0), pl.num_programs(0) if iterations > 1 else 0
@@ -397,11 +406,10 @@ def _row_norm_bwd_kernel(
             col_sums = dx_and_sums(k, *chunk_values(k), *means)
             if param_grads:
                 col_mask = c.iota((1, bc), 1, k * bc) < width
-                view = _view(config, k)
-                for ref, col_sum in zip(partial_refs, col_sums, strict=True):
+                for ref, col_sum in zip(partials(k), col_sums, strict=True):
                     if not isinstance(j, int):
-                        col_sum = col_sum + c.load(view(ref), col_mask & (j > 0), target)
-                    c.store(view(ref), col_sum, col_mask, target)
+                        col_sum = col_sum + c.load(ref, col_mask & (j > 0), target)
+                    c.store(ref, col_sum, col_mask, target)
 
         return sums_before
 
@@ -413,7 +421,7 @@ def _row_norm_bwd_kernel(
         col_sums = jax.lax.fori_loop(0, iterations, block, zeros)
     if param_grads and config.chunks == 1:
         col_mask = c.iota((1, bc), 1) < width
-        for ref, col_sum in zip(partial_refs, col_sums, strict=True):
+        for ref, col_sum in zip(partials(0), col_sums, strict=True):
             c.store(ref, col_sum, col_mask, target)
 
 
@@ -468,9 +476,11 @@ def _backward_on(
     out_specs = [launch.rows] * len(d_dtypes)
     out_shape = [jax.ShapeDtypeStruct(x.shape, c.stored_dtype(target, d)) for d in d_dtypes]
     if param_grads:
-        out_specs += [launch.partials] * 2
+        # One partial row per program of each gradient, `(dweight, dbias)`, in one array of
         # `width` columns, not the padded block's: every element is written (masked like x).
-        out_shape += [jax.ShapeDtypeStruct((groups, launch.grid[0], 1, width), F32)] * 2
+        cols = launch.params.block_shape[-1]
+        out_specs.append(pl.BlockSpec((_SQUEEZED, _SQUEEZED, 2, cols), lambda i, g: (g, i, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((groups, launch.grid[0], 2, width), F32))
     kernel = functools.partial(
         _row_norm_bwd_kernel,
         target=target,
@@ -495,8 +505,11 @@ def _backward_on(
         name=f"eqxnorm_{op}_bwd",
     )(x, dy, *(s.reshape(groups, rows, 1) for s in (shift, offset, rstd)), *optional)
     dres = outs.pop(0) if len(d_dtypes) == 2 else None
-    dw, db = (p.sum(axis=(1, 2)) for p in outs) if param_grads else (None, None)
-    return dx, dres, dw, db
+    if not param_grads:
+        return dx, dres, None, None
+    # Both gradients' partial rows in one array: one XLA reduction, in a fixed order.
+    sums = outs[0].sum(axis=1)
+    return dx, dres, sums[:, 0], sums[:, 1]
 
 
 # --- staging per platform, batching, differentiation -----------------------------------------
