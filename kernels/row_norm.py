@@ -312,6 +312,7 @@ def _row_norm_bwd_kernel(
     param_grads,
     row_block=None,
     iterations=None,
+    has_lengths=False,
 ):
     r"""$\partial x = r(g - \overline{g} - \hat{x}\,\overline{g\hat{x}}) + \partial h$
     (without $\overline{g}$ for RMSNorm; $\partial h$, the gradient of the fused add's `h`,
@@ -324,8 +325,14 @@ def _row_norm_bwd_kernel(
     `eqxnorm.kernels._common.persistent_config`) they hold every row of the group and the
     program computes blocks `program + j · programs`, `j < iterations`, summing its column
     sums on chip (one-pass rows: in the loop's carry) or in its own partial row (chunked
-    rows: read, added to and written back per chunk)."""
-    w_ref, dh_ref, dx_ref, *refs = c.split_refs(refs, has_weight, has_dh)
+    rows: read, added to and written back per chunk).
+
+    With `lengths` (a ref of each row's valid length $n$ before the weight, float32; the
+    statistics those of the row's first $n$ columns, see [`_lengths_fwd_kernel`][]), the
+    means are over the valid columns: $\partial x_j = r\left(g_j - [j < n]\,(\overline{g} +
+    \hat{x}_j\,\overline{g\hat{x}})\right)$, every column's $g$ in the sums (each output
+    depends on the statistics), and a row with $n = 0$ has $\hat{x} = \partial x = 0$."""
+    len_ref, w_ref, dh_ref, dx_ref, *refs = c.split_refs(refs, has_lengths, has_weight, has_dh)
     dres_ref, *partial_refs = c.split_refs(refs, has_dresidual)
     br, bc = config.block_rows, config.block_cols
 
@@ -363,17 +370,30 @@ def _row_norm_bwd_kernel(
             per_row = [c.rows_view(ref, i * br, br) for ref in per_row]
         shift, offset, rstd = (c.load(ref, row_mask, target) for ref in per_row)
         stats = c.Stats(shift, offset, None)
+        n, mean = None, lambda total: total / width
+        if len_ref is not None:
+            n_ref = c.rows_view(len_ref, i * br, br) if persistent else len_ref
+            n = jnp.minimum(c.load(n_ref, row_mask, target), float(width))
+            inv_n = jnp.where(n > 0, 1.0 / jnp.maximum(n, 1.0), 0.0)
+            mean = lambda total: total * inv_n  # noqa: E731
 
         def chunk_values(k):
             _, col_mask, mask = _masks(config, block_rows, width, k * bc)
             view = block_view(k)
             xhat = c.centred(c.load(view(x_ref), mask, target), mask, stats) * rstd
+            if n is not None:
+                xhat = jnp.where(n > 0, xhat, 0.0)
             dy = c.load(view(dy_ref), mask, target)
             g = dy if w_ref is None else dy * c.load(_view(config, k)(w_ref), col_mask, target)
             return xhat, dy, g, mask, view
 
         def dx_and_sums(k, xhat, dy, g, mask, view, mean_gx, mean_g):
-            dx = (g - mean_g - xhat * mean_gx) * rstd
+            if n is None:
+                dx = (g - mean_g - xhat * mean_gx) * rstd
+            else:
+                valid = mask & _valid_lengths(config, n, k * bc)
+                correction = jnp.where(valid, mean_g + xhat * mean_gx, 0.0)
+                dx = jnp.where(n > 0, g - correction, 0.0) * rstd
             if dh_ref is not None:
                 dx = dx + c.load(view(dh_ref), mask, target)
             for ref in (dx_ref, dres_ref):
@@ -385,7 +405,7 @@ def _row_norm_bwd_kernel(
         if config.chunks == 1:
             xhat, dy, g, mask, view = chunk_values(0)
             sums = (c.row_sum(g * xhat), c.row_sum(g) if center else zero)
-            col_sums = dx_and_sums(0, xhat, dy, g, mask, view, *(s / width for s in sums))
+            col_sums = dx_and_sums(0, xhat, dy, g, mask, view, *map(mean, sums))
             if not param_grads:
                 return sums_before
             return tuple(a + b for a, b in zip(sums_before, col_sums, strict=True))
@@ -394,9 +414,7 @@ def _row_norm_bwd_kernel(
             xhat, _, g, _, _ = chunk_values(k)
             return sums[0] + c.row_sum(g * xhat), sums[1] + (c.row_sum(g) if center else zero)
 
-        means = tuple(
-            s / width for s in jax.lax.fori_loop(0, config.chunks, reduce_body, (zero,) * 2)
-        )
+        means = tuple(map(mean, jax.lax.fori_loop(0, config.chunks, reduce_body, (zero,) * 2)))
         if not isinstance(j, int):
             # This program's partial row, written by its previous block, is read below.
             c.barrier(target)
@@ -461,16 +479,21 @@ def _backward_on(
     op: str,
     param_grads: bool,
     d_dtypes: tuple[jnp.dtype, ...],
+    lengths=None,
 ):
     """`(dx, dresidual, dweight, dbias)` of the rows of `x` `(groups, rows, dim)` with one
     `pallas_call` on `target`. The input gradient (plus `dh` when not `None`) is written in
     each of `d_dtypes`: `dx` in the first, `dresidual` in the second (else `None`);
     `dweight`/`dbias` are the float32 sums over each group's rows, `(groups, dim)` (`None`
-    unless `param_grads`)."""
+    unless `param_grads`). With `lengths` `(groups, rows)`, the rows' valid lengths, the
+    backward of [`_lengths_forward_on`][]."""
     groups, rows, width = x.shape
     launch, iterations = _backward_launch(target, x.shape)
     optional = [weight.reshape(groups, 1, width)] if weight is not None else []
     optional_specs = [launch.params] * len(optional)
+    if lengths is not None:
+        optional = [lengths.reshape(groups, rows, 1), *optional]
+        optional_specs = [launch.stats, *optional_specs]
     if dh is not None:
         optional, optional_specs = [*optional, dh], [*optional_specs, launch.rows]
     out_specs = [launch.rows] * len(d_dtypes)
@@ -493,6 +516,7 @@ def _backward_on(
         has_dresidual=len(d_dtypes) == 2,
         param_grads=param_grads,
         iterations=iterations,
+        has_lengths=lengths is not None,
     )
     dx, *outs = c.pallas_call(
         kernel,
@@ -502,7 +526,7 @@ def _backward_on(
         in_specs=[launch.rows] * 2 + [launch.stats] * 3 + optional_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        name=f"eqxnorm_{op}_bwd",
+        name=f"eqxnorm_{op}{'' if lengths is None else '_lengths'}_bwd",
     )(x, dy, *(s.reshape(groups, rows, 1) for s in (shift, offset, rstd)), *optional)
     dres = outs.pop(0) if len(d_dtypes) == 2 else None
     if not param_grads:
@@ -2027,73 +2051,6 @@ def _lengths_fwd_kernel(
         c.store(ref, value, row_mask, target)
 
 
-def _lengths_bwd_kernel(
-    x_ref,
-    dy_ref,
-    len_ref,
-    shift_ref,
-    offset_ref,
-    rstd_ref,
-    *refs,
-    target,
-    config,
-    rows,
-    width,
-    center,
-    has_weight,
-    param_grads,
-):
-    r"""The transpose of the masked tangent: with $g = \partial y \odot \gamma$ and sums
-    over every column (each output depends on the statistics),
-    $\partial x_j = r\left(g_j - [j < n]\,(\sum g + \hat{x}_j \sum g\hat{x})/n\right)$
-    (without $\sum g$ for RMSNorm), 0 for a row with $n = 0$; and the block's float32
-    column sums of $\partial y \odot \hat{x}$ and $\partial y$."""
-    w_ref, dx_ref, *partial_refs = c.split_refs(refs, has_weight)
-    rows = (pl.program_id(0) * config.block_rows, rows)
-    row_mask = _masks(config, rows, width)[0]
-    stats = c.Stats(*(c.load(r, row_mask, target) for r in (shift_ref, offset_ref)), None)
-    rstd = c.load(rstd_ref, row_mask, target)
-    n = jnp.minimum(c.load(len_ref, row_mask, target), float(width))
-    inv_n = jnp.where(n > 0, 1.0 / jnp.maximum(n, 1.0), 0.0)
-    bc = config.block_cols
-
-    def chunk_values(k):
-        _, col_mask, mask = _masks(config, rows, width, k * bc)
-        view = _view(config, k)
-        xhat = _lengths_xhat(c.load(view(x_ref), mask, target), mask, stats, rstd, n)
-        dy = c.load(view(dy_ref), mask, target)
-        g = dy if w_ref is None else dy * c.load(view(w_ref), col_mask, target)
-        return xhat, dy, g, mask, view
-
-    def write(k, sum_gx, sum_g, values=None):
-        xhat, dy, g, mask, view = values or chunk_values(k)
-        valid = mask & _valid_lengths(config, n, k * bc)
-        correction = jnp.where(valid, (sum_g + xhat * sum_gx) * inv_n, 0.0)
-        dx = jnp.where(n > 0, g - correction, 0.0) * rstd
-        c.store(view(dx_ref), dx, mask, target)
-        if param_grads:
-            col_mask = c.iota((1, bc), 1, k * bc) < width
-            dw_ref, db_ref = partial_refs
-            c.store(view(dw_ref), jnp.sum(dy * xhat, axis=0, keepdims=True), col_mask, target)
-            c.store(view(db_ref), jnp.sum(dy, axis=0, keepdims=True), col_mask, target)
-
-    zero = jnp.zeros((config.block_rows, 1), F32)
-
-    def reduce(k, sums, values=None):
-        xhat, _, g, _, _ = values or chunk_values(k)
-        return sums[0] + c.row_sum(g * xhat), sums[1] + (c.row_sum(g) if center else zero)
-
-    if config.chunks == 1:
-        values = chunk_values(0)
-        write(0, *reduce(0, (zero, zero), values), values)
-    else:
-        sums = jax.lax.fori_loop(0, config.chunks, reduce, (zero, zero))
-
-        @pl.loop(0, config.chunks)
-        def _(k):
-            write(k, *sums)
-
-
 def _lengths_forward_on(target: Target, x, lengths, weight, bias, *, op: str, eps: float):
     """`(y, shift, offset, rstd)` of `x` `(groups, rows, dim)` with valid lengths `(groups,
     rows)` int32 and per-group parameters `(groups, dim)`, one `pallas_call` on `target`."""
@@ -2129,38 +2086,22 @@ def _lengths_backward_on(
     target: Target, x, lengths, weight, dy, shift, offset, rstd, *, op: str, param_grads: bool
 ):
     """`(dx, dweight, dbias)` of [`_lengths_forward_on`][]'s rows, one `pallas_call` on
-    `target`; `dweight`/`dbias` float32 sums over each group's rows (`None` unless
-    `param_grads`)."""
-    groups, rows, width = x.shape
-    launch = _launch(target, x.shape)
-    optional = [weight.reshape(groups, 1, width)] if weight is not None else []
-    out_specs = [launch.rows]
-    out_shape = [jax.ShapeDtypeStruct(x.shape, c.stored_dtype(target, x.dtype))]
-    if param_grads:
-        out_specs += [launch.partials] * 2
-        out_shape += [jax.ShapeDtypeStruct((groups, launch.grid[0], 1, width), F32)] * 2
-    kernel = functools.partial(
-        _lengths_bwd_kernel,
-        target=target,
-        config=launch.config,
-        rows=rows,
-        width=width,
-        center=_center(op),
-        has_weight=weight is not None,
-        param_grads=param_grads,
-    )
-    stats = (a.reshape(groups, rows, 1) for a in (lengths, shift, offset, rstd))
-    dx, *outs = c.pallas_call(
-        kernel,
+    `target` ([`_backward_on`][] with the lengths); `dweight`/`dbias` float32 sums over each
+    group's rows (`None` unless `param_grads`)."""
+    dx, _, dw, db = _backward_on(
         target,
-        launch.config,
-        grid=launch.grid,
-        in_specs=[launch.rows] * 2 + [launch.stats] * 4 + [launch.params] * len(optional),
-        out_specs=out_specs,
-        out_shape=out_shape,
-        name=f"eqxnorm_{op}_lengths_bwd",
-    )(x, dy, *stats, *optional)
-    dw, db = (p.sum(axis=(1, 2)) for p in outs) if param_grads else (None, None)
+        x,
+        weight,
+        dy,
+        None,
+        shift,
+        offset,
+        rstd,
+        op=op,
+        param_grads=param_grads,
+        d_dtypes=(x.dtype,),
+        lengths=lengths,
+    )
     return dx.astype(x.dtype), dw, db
 
 

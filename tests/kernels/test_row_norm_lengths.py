@@ -102,6 +102,22 @@ def test_chunked_rows(op, monkeypatch):
     _check(op, 9, 760, jnp.float32, seed=3)
 
 
+def test_persistent_backward_loops_over_blocks(monkeypatch):
+    # One SM: the backward is one program of 32 warps looping over 3 blocks of 16 rows (the
+    # parameter gradients summed in its loop's carry), and over 2 blocks of chunked rows (its
+    # partial row read, added to and written back per chunk).
+    monkeypatch.setattr(_mosaic_gpu, "_sm_count", lambda: 1)
+    plan = _common.persistent_config(_common.block_config(_common.INTERPRET, 37, 160), 37)
+    assert (plan.programs, plan.iterations) == (1, 3)
+    _check("layer_norm", 37, 160, jnp.bfloat16, seed=5)
+    monkeypatch.setattr(_common, "MAX_BLOCK_ELEMENTS", 128)
+    monkeypatch.setattr(_common, "CHUNK_COLS", 128)
+    monkeypatch.setattr(_common, "PERSISTENT_RESIDENT_WARPS", 2)  # one program of 2 warps
+    plan = _common.persistent_config(_common.block_config(_common.INTERPRET, 9, 760), 9)
+    assert (plan.programs, plan.iterations, plan.config.chunks) == (1, 2, 6)
+    _check("rms_norm", 9, 760, jnp.float32, seed=6)
+
+
 def test_forward_mode_and_vmap():
     rows, width = 8, 160
     x = ks.data((rows, width), jnp.float32)
