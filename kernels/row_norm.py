@@ -294,6 +294,46 @@ def _forward_on(
 # --- backward --------------------------------------------------------------------------------
 
 
+def _program_blocks(block, carry, config, target, iterations=None, row_block=None):
+    """`block(i, j, carry) -> carry` over the row blocks of this program, `i` the block and
+    `j` its place among the program's (a Python 0 when it is the only one): without
+    `iterations` (a row-parallel launch, its refs one block) block `row_block` (default: the
+    program id); with them (a persistent launch, see `_backward_launch`: its row refs hold
+    the whole group) blocks `program + j · programs`, `j < iterations`. Before each block
+    but the first a chunked program's partial rows, written by the previous block and read
+    by this one (see [`_accumulate`][]), are fenced by a barrier."""
+    if iterations is None or iterations == 1:
+        first = pl.program_id(0) if row_block is None or iterations else row_block
+        return block(first, 0, carry)
+    first, programs = pl.program_id(0), pl.num_programs(0)
+
+    def body(j, carry):
+        if config.chunks > 1:
+            c.barrier(target)
+        return block(first + j * programs, j, carry)
+
+    return jax.lax.fori_loop(0, iterations, body, carry)
+
+
+def _block_view(config: c.BlockConfig, persistent: bool, i: Any, k: Any):
+    """The function from a row ref (or `None`) to chunk `k` of its block `i`: a view of the
+    whole group's rows in a persistent launch (one view: Pallas' interpreter does not store
+    through a view of a view), else [`_view`][] of the block ref."""
+    if not persistent:
+        return _view(config, k)
+    br, bc = config.block_rows, config.block_cols
+    columns = None if config.chunks == 1 else (k * bc, bc)
+    return lambda ref: c.rows_view(ref, i * br, br, columns)
+
+
+def _accumulate(ref, col_sum, col_mask, j: Any, target: Target) -> None:
+    """Adds a block's column sums `(1, cols)` to a program's partial row `ref` (a chunk of
+    it): written by its first block (`j` 0), read, added to and written back by the next."""
+    if not isinstance(j, int):
+        col_sum = col_sum + c.load(ref, col_mask & (j > 0), target)
+    c.store(ref, col_sum, col_mask, target)
+
+
 def _row_norm_bwd_kernel(
     x_ref,
     dy_ref,
@@ -345,25 +385,11 @@ def _row_norm_bwd_kernel(
         return [c.rows_view(partial_refs[0], r, 1, columns) for r in (0, 1)]
 
     persistent = iterations is not None
-    if persistent:
-        first, stride = pl.program_id(0), pl.num_programs(0) if iterations > 1 else 0
-    else:
-        first, stride, iterations = pl.program_id(0) if row_block is None else row_block, 0, 1
 
-    def block(j, sums_before):
-        """Block `j` of the program's; returns the column sums so far (one-pass rows)."""
-        i = first + j * stride
+    def block(i, j, sums_before):
+        """Block `i`, the program's `j`-th; returns the column sums so far (one-pass rows)."""
         block_rows = (i * br, rows)
-
-        def block_view(k):
-            """Chunk `k` of the block of a row array (one view: Pallas' interpreter does not
-            store through a view of a view)."""
-            if not persistent:
-                return _view(config, k)
-            if config.chunks == 1:
-                return lambda ref: c.rows_view(ref, i * br, br)
-            return lambda ref: c.rows_view(ref, i * br, br, (k * bc, bc))
-
+        block_view = functools.partial(_block_view, config, persistent, i)
         row_mask, _, _ = _masks(config, block_rows, width)
         per_row = [shift_ref, offset_ref, rstd_ref]
         if persistent:
@@ -415,9 +441,6 @@ def _row_norm_bwd_kernel(
             return sums[0] + c.row_sum(g * xhat), sums[1] + (c.row_sum(g) if center else zero)
 
         means = tuple(map(mean, jax.lax.fori_loop(0, config.chunks, reduce_body, (zero,) * 2)))
-        if not isinstance(j, int):
-            # This program's partial row, written by its previous block, is read below.
-            c.barrier(target)
 
         @pl.loop(0, config.chunks)
         def _(k):
@@ -425,18 +448,13 @@ def _row_norm_bwd_kernel(
             if param_grads:
                 col_mask = c.iota((1, bc), 1, k * bc) < width
                 for ref, col_sum in zip(partials(k), col_sums, strict=True):
-                    if not isinstance(j, int):
-                        col_sum = col_sum + c.load(ref, col_mask & (j > 0), target)
-                    c.store(ref, col_sum, col_mask, target)
+                    _accumulate(ref, col_sum, col_mask, j, target)
 
         return sums_before
 
     # The one-pass rows' column sums ride the loop's carry (nothing to carry otherwise).
     zeros = (jnp.zeros((1, bc), F32),) * 2 if param_grads and config.chunks == 1 else ()
-    if iterations == 1:
-        col_sums = block(0, zeros)
-    else:
-        col_sums = jax.lax.fori_loop(0, iterations, block, zeros)
+    col_sums = _program_blocks(block, zeros, config, target, iterations, row_block)
     if param_grads and config.chunks == 1:
         col_mask = c.iota((1, bc), 1) < width
         for ref, col_sum in zip(partials(0), col_sums, strict=True):
@@ -1795,36 +1813,49 @@ def _dyt_fwd_kernel(x_ref, alpha_ref, *refs, target, config, rows, width, has_we
         pl.loop(0, config.chunks)(chunk)
 
 
-def _dyt_bwd_kernel(x_ref, alpha_ref, dy_ref, *refs, target, config, rows, width, has_weight):
+def _dyt_bwd_kernel(
+    x_ref, alpha_ref, dy_ref, *refs, target, config, rows, width, has_weight, iterations=None
+):
     r"""With $t = \tanh(\alpha x)$ and $e = \partial y\,\gamma\,(1 - t^2)$:
-    $\partial x = \alpha e$, and the block's float32 sums of $e x$ (the scalar's gradient),
-    and per column of $\partial y\,t$ and $\partial y$ (the weight's and bias')."""
+    $\partial x = \alpha e$, and the program's float32 sums over its blocks (see
+    [`_program_blocks`][]) of $e x$ (the scalar's gradient), and per column of
+    $\partial y\,t$ and $\partial y$ (the weight's and bias')."""
     w_ref, dx_ref, dalpha_ref, dw_ref, db_ref = c.split_refs(refs, has_weight)
-    rows = (pl.program_id(0) * config.block_rows, rows)
     alpha = c.load(alpha_ref, jnp.ones((1, 1), bool), target)
-    bc = config.block_cols
+    bc, one_pass = config.block_cols, config.chunks == 1
 
-    def chunk(k, dalpha):
-        _, col_mask, mask = _masks(config, rows, width, k * bc)
-        view = _view(config, k)
-        x = c.load(view(x_ref), mask, target)
-        dy = c.load(view(dy_ref), mask, target)
-        t = jnp.tanh(alpha * x)
-        e = dy * (1 - t * t)
-        if w_ref is not None:
-            e = e * c.load(view(w_ref), col_mask, target)
-        c.store(view(dx_ref), alpha * e, mask, target)
-        col_mask = c.iota((1, bc), 1, k * bc) < width
-        c.store(view(dw_ref), jnp.sum(dy * t, axis=0, keepdims=True), col_mask, target)
-        c.store(view(db_ref), jnp.sum(dy, axis=0, keepdims=True), col_mask, target)
-        return dalpha + jnp.sum(c.row_sum(e * x), axis=0, keepdims=True)
+    def block(i, j, carry):
+        block_rows = (i * config.block_rows, rows)
 
-    zero = jnp.zeros((1, 1), F32)
-    if config.chunks == 1:
-        dalpha = chunk(0, zero)
-    else:
-        dalpha = jax.lax.fori_loop(0, config.chunks, chunk, zero)
+        def chunk(k, carry):
+            dalpha, *col_sums = carry
+            _, col_mask, mask = _masks(config, block_rows, width, k * bc)
+            view = _block_view(config, iterations is not None, i, k)
+            x = c.load(view(x_ref), mask, target)
+            dy = c.load(view(dy_ref), mask, target)
+            t = jnp.tanh(alpha * x)
+            e = dy * (1 - t * t)
+            if w_ref is not None:
+                e = e * c.load(_view(config, k)(w_ref), col_mask, target)
+            c.store(view(dx_ref), alpha * e, mask, target)
+            sums = (jnp.sum(dy * t, axis=0, keepdims=True), jnp.sum(dy, axis=0, keepdims=True))
+            if one_pass:
+                col_sums = [a + b for a, b in zip(col_sums, sums, strict=True)]
+            else:
+                col_mask = c.iota((1, bc), 1, k * bc) < width
+                for ref, col_sum in zip((dw_ref, db_ref), sums, strict=True):
+                    _accumulate(_view(config, k)(ref), col_sum, col_mask, j, target)
+            return (dalpha + jnp.sum(c.row_sum(e * x), axis=0, keepdims=True), *col_sums)
+
+        return chunk(0, carry) if one_pass else jax.lax.fori_loop(0, config.chunks, chunk, carry)
+
+    # The scalar's sum, and the one-pass rows' column sums, ride the loop's carry.
+    carry = (jnp.zeros((1, 1), F32), *[jnp.zeros((1, bc), F32)] * (2 * one_pass))
+    dalpha, *col_sums = _program_blocks(block, carry, config, target, iterations)
     c.store(dalpha_ref, dalpha, jnp.ones((1, 1), bool), target)
+    col_mask = c.iota((1, bc), 1) < width
+    for ref, col_sum in zip((dw_ref, db_ref), col_sums, strict=False):
+        c.store(ref, col_sum, col_mask, target)
 
 
 def _dyt_fwd_on(target: Target, x, alpha, weight, bias):
@@ -1855,9 +1886,10 @@ def _scalar_spec():
 def _dyt_bwd_on(target: Target, x, alpha, weight, dy):
     """`(dx, dalpha, dweight, dbias)` with one `pallas_call` on `target`, the parameters'
     float32 sums over the rows."""
-    launch, params = _gated_launch(target, x, weight)
+    launch, iterations = _backward_launch(target, (1, *x.shape))
+    params = [] if weight is None else [weight.reshape(1, 1, -1)]
     blocks, width = launch.grid[0], x.shape[1]
-    kernel = _one_group_kernel(_dyt_bwd_kernel, target, launch, x, weight)
+    kernel = _one_group_kernel(_dyt_bwd_kernel, target, launch, x, weight, iterations=iterations)
     dx, dalpha, dw, db = c.pallas_call(
         kernel,
         target,

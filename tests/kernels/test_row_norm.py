@@ -943,3 +943,21 @@ def test_persistent_backward_loops_over_blocks(case, monkeypatch):
     for i, (a, b) in enumerate(zip(out, expected, strict=True)):
         # The input gradients of half-precision inputs agree to their dtype's tolerance.
         ks.assert_matches(a, b, a.dtype if a.dtype != jnp.float32 and i else None)
+
+
+def test_persistent_dyt_backward(monkeypatch):
+    # DyT's backward, persistent the same way: on 2 SMs, 199 rows of 160 are 13 blocks run by
+    # 2 programs of 7; then 37 rows of 760 in chunks of 128 (small blocks), 5 blocks by 2
+    # programs of 3, each adding its blocks' column sums to its partial rows.
+    monkeypatch.setattr(_mosaic_gpu, "_sm_count", lambda: 2)
+    x = ks.data((199, 160), jnp.float32, scale=1.0)
+    args = (x, jnp.asarray(0.7, jnp.float32), *ks.params(160))
+    _assert_same_outputs_and_grads(row_norm.dyt, reference.dyt, args, (0, 1, 2, 3))
+    monkeypatch.setattr(_common, "MAX_BLOCK_ELEMENTS", 128)
+    monkeypatch.setattr(_common, "CHUNK_COLS", 128)
+    monkeypatch.setattr(_common, "PERSISTENT_RESIDENT_WARPS", 2)
+    plan = _common.persistent_config(_common.block_config(_common.INTERPRET, 37, 760), 37)
+    assert (plan.programs, plan.iterations, plan.config.chunks) == (2, 3, 6)
+    x = ks.data((37, 760), jnp.float32, scale=1.0)
+    args = (x, jnp.asarray(0.7, jnp.float32), *ks.params(760))
+    _assert_same_outputs_and_grads(row_norm.dyt, reference.dyt, args, (0, 1, 2, 3))
