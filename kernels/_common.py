@@ -331,7 +331,13 @@ def persistent_config(config: BlockConfig, rows: int, groups: int = 1) -> Persis
        as give every one `iterations` blocks; past the end a block's rows are masked.
     3. A chunked row (wider than `MAX_BLOCK_ELEMENTS`) keeps its partial row in HBM, added to
        chunk by chunk (read-add-write of its own row, L2-resident), with the row-parallel
-       warps: its block already fills a program."""
+       warps: its block already fills a program (at 32 warps, 60 registers a thread, XLA's
+       compile of the 70000-wide backward spills).
+
+    A kernel holding more per element than the row norms' backward may not fit 64 registers
+    a thread with its accumulators: gated RMSNorm's (three row arrays and the gate) spills 16
+    bytes at 8192 elements over 32 warps, and more over 16; it keeps the row-parallel launch
+    there."""
     from . import _mosaic_gpu
 
     blocks = ceil_div(rows, config.block_rows)

@@ -461,14 +461,17 @@ def _row_norm_bwd_kernel(
             c.store(ref, col_sum, col_mask, target)
 
 
-def _backward_launch(target: Target, shape: tuple[int, int, int]) -> tuple[_Launch, int | None]:
+def _backward_launch(
+    target: Target, shape: tuple[int, int, int], persistent: bool = True
+) -> tuple[_Launch, int | None]:
     """The backward's launch over `(groups, rows, width)` and the row blocks each program
     loops over: on Triton (and its interpreter) a persistent grid
     (`eqxnorm.kernels._common.persistent_config`), the row specs spanning the whole group
     (every block a program visits, past the end included) and each program one partial row
-    per group; on Mosaic TPU the row-parallel [`_launch`][] (`None`: one block each)."""
+    per group; on Mosaic TPU (or unless `persistent`) the row-parallel [`_launch`][] (`None`:
+    one block each)."""
     launch = _launch(target, shape)
-    if not target.masked:
+    if not (target.masked and persistent):
         return launch, None
     groups, rows, _ = shape
     plan = c.persistent_config(launch.config, rows, groups)
@@ -1565,69 +1568,93 @@ def _gated_rms_norm_fwd_kernel(
 
 
 def _gated_rms_norm_bwd_kernel(
-    x_ref, z_ref, dy_ref, *refs, target, config, rows, width, eps, norm_before_gate, has_weight
+    x_ref,
+    z_ref,
+    dy_ref,
+    *refs,
+    target,
+    config,
+    rows,
+    width,
+    eps,
+    norm_before_gate,
+    has_weight,
+    iterations=None,
 ):
     r"""With $n$, $r$ as in the forward (recomputed from the `x` read anyway),
     $\hat{n} = n r$, $p = \mathrm{silu}(z)$ after the norm (else 1) and
     $g = \partial y\,\gamma\,p$: $\partial n = r(g - \hat{n}\,\overline{g\hat{n}})$;
     then $\partial x = \partial n$, $\partial z = \partial y\,\hat{n}\gamma\,
     \mathrm{silu}'(z)$ (norm before gate), else $\partial x = \partial n\,\mathrm{silu}(z)$,
-    $\partial z = \partial n\,x\,\mathrm{silu}'(z)$; and the block's float32 column sums of
-    $\partial y\,\hat{n}\,p$ (the weight's gradient)."""
+    $\partial z = \partial n\,x\,\mathrm{silu}'(z)$; and the program's float32 column sums
+    over its blocks (see [`_program_blocks`][]) of $\partial y\,\hat{n}\,p$ (the weight's
+    gradient)."""
     w_ref, dx_ref, dz_ref, *partial_refs = c.split_refs(refs, has_weight)
-    rows = (pl.program_id(0) * config.block_rows, rows)
     bc = config.block_cols
 
-    def chunk_values(k):
-        _, col_mask, mask = _masks(config, rows, width, k * bc)
-        view = _view(config, k)
-        x = c.load(view(x_ref), mask, target)
-        gate, dgate = _gate(c.load(view(z_ref), mask, target))
-        dy = c.load(view(dy_ref), mask, target)
-        w = None if w_ref is None else c.load(view(w_ref), col_mask, target)
-        n = x if norm_before_gate else x * gate
-        post = gate if norm_before_gate else 1.0
-        g = dy * post if w is None else dy * post * w
-        return x, n, gate, dgate, dy, w, g, post, mask, view
+    def block(i, j, col_sums):
+        block_rows = (i * config.block_rows, rows)
 
-    def write(k, rstd, mean_gn, x, n, gate, dgate, dy, w, g, post, mask, view):
-        nhat = n * rstd
-        dn = (g - nhat * mean_gn) * rstd
-        if norm_before_gate:
-            dx, dz = dn, dy * (nhat if w is None else nhat * w) * dgate
+        def chunk_values(k):
+            _, col_mask, mask = _masks(config, block_rows, width, k * bc)
+            view = _block_view(config, iterations is not None, i, k)
+            x = c.load(view(x_ref), mask, target)
+            gate, dgate = _gate(c.load(view(z_ref), mask, target))
+            dy = c.load(view(dy_ref), mask, target)
+            w = None if w_ref is None else c.load(_view(config, k)(w_ref), col_mask, target)
+            n = x if norm_before_gate else x * gate
+            post = gate if norm_before_gate else 1.0
+            g = dy * post if w is None else dy * post * w
+            return x, n, gate, dgate, dy, w, g, post, mask, view
+
+        def write(k, rstd, mean_gn, x, n, gate, dgate, dy, w, g, post, mask, view):
+            nhat = n * rstd
+            dn = (g - nhat * mean_gn) * rstd
+            if norm_before_gate:
+                dx, dz = dn, dy * (nhat if w is None else nhat * w) * dgate
+            else:
+                dx, dz = dn * gate, dn * x * dgate
+            c.store(view(dx_ref), dx, mask, target)
+            c.store(view(dz_ref), dz, mask, target)
+            return jnp.sum(dy * nhat * post, axis=0, keepdims=True)
+
+        def sums(values):
+            n, g = values[1], values[6]
+            return c.row_sum(n * n * (1.0 / width)), c.row_sum(g * n)
+
+        if config.chunks == 1:
+            values = chunk_values(0)
+            square, gn = sums(values)
         else:
-            dx, dz = dn * gate, dn * x * dgate
-        c.store(view(dx_ref), dx, mask, target)
-        c.store(view(dz_ref), dz, mask, target)
-        if partial_refs:
-            col_mask = c.iota((1, bc), 1, k * bc) < width
-            partial = jnp.sum(dy * nhat * post, axis=0, keepdims=True)
-            c.store(view(partial_refs[0]), partial, col_mask, target)
 
-    def sums(values):
-        n, g = values[1], values[6]
-        return c.row_sum(n * n * (1.0 / width)), c.row_sum(g * n)
+            def reduce_body(k, acc):
+                return tuple(a + b for a, b in zip(acc, sums(chunk_values(k)), strict=True))
 
-    if config.chunks == 1:
-        values = chunk_values(0)
-        square, gn = sums(values)
-    else:
-
-        def reduce_body(k, acc):
-            return tuple(a + b for a, b in zip(acc, sums(chunk_values(k)), strict=True))
-
-        zero = jnp.zeros((config.block_rows, 1), F32)
-        square, gn = jax.lax.fori_loop(0, config.chunks, reduce_body, (zero, zero))
-    rstd = reference.inverse_std(square, eps)
-    # mean(g n̂) = r · mean(g n): one reduction pass, before r is known.
-    mean_gn = gn * rstd / width
-    if config.chunks == 1:
-        write(0, rstd, mean_gn, *values)
-    else:
+            zero = jnp.zeros((config.block_rows, 1), F32)
+            square, gn = jax.lax.fori_loop(0, config.chunks, reduce_body, (zero, zero))
+        rstd = reference.inverse_std(square, eps)
+        # mean(g n̂) = r · mean(g n): one reduction pass, before r is known.
+        mean_gn = gn * rstd / width
+        if config.chunks == 1:
+            partial = write(0, rstd, mean_gn, *values)
+            return [a + partial for a in col_sums]
 
         @pl.loop(0, config.chunks)
         def _(k):
-            write(k, rstd, mean_gn, *chunk_values(k))
+            partial = write(k, rstd, mean_gn, *chunk_values(k))
+            if partial_refs:
+                col_mask = c.iota((1, bc), 1, k * bc) < width
+                _accumulate(_view(config, k)(partial_refs[0]), partial, col_mask, j, target)
+
+        return col_sums
+
+    # The one-pass rows' column sums ride the loop's carry (nothing to carry otherwise).
+    one_pass = config.chunks == 1 and bool(partial_refs)
+    col_sums = _program_blocks(
+        block, [jnp.zeros((1, bc), F32)] * one_pass, config, target, iterations
+    )
+    for col_sum in col_sums:
+        c.store(partial_refs[0], col_sum, c.iota((1, bc), 1) < width, target)
 
 
 def _gated_launch(target: Target, x, weight):
@@ -1678,7 +1705,12 @@ def _gated_rms_norm_fwd_on(target: Target, x, z, weight, *, eps, norm_before_gat
 def _gated_rms_norm_bwd_on(target: Target, x, z, weight, dy, *, eps, norm_before_gate, param_grads):
     """`(dx, dz, dweight)` with one `pallas_call` on `target`; `dweight` the float32 sum over
     the rows (`None` unless `param_grads`)."""
-    launch, params = _gated_launch(target, x, weight)
+    # Three row arrays (x, z, dy) and the gate: with the accumulators of a persistent program
+    # a one-pass block of more than 4096 elements spills (16 bytes at 8192 over 32 warps).
+    config = c.block_config(target, *x.shape)
+    small = config.chunks > 1 or config.block_rows * config.block_cols <= c.TARGET_BLOCK_ELEMENTS
+    launch, iterations = _backward_launch(target, (1, *x.shape), persistent=small)
+    params = [] if weight is None else [weight.reshape(1, 1, -1)]
     if launch.config.chunks > 1:
         # Three row arrays per chunk (x, z, dy): at 16 warps (128 registers a thread at most)
         # they spill (8 bytes at 70000 features on sm_90a); 8 warps allow 255.
@@ -1694,6 +1726,7 @@ def _gated_rms_norm_bwd_on(target: Target, x, z, weight, dy, *, eps, norm_before
         weight,
         eps=eps,
         norm_before_gate=norm_before_gate,
+        iterations=iterations,
     )
     outs = c.pallas_call(
         kernel,

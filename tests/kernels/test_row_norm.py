@@ -945,19 +945,32 @@ def test_persistent_backward_loops_over_blocks(case, monkeypatch):
         ks.assert_matches(a, b, a.dtype if a.dtype != jnp.float32 and i else None)
 
 
-def test_persistent_dyt_backward(monkeypatch):
-    # DyT's backward, persistent the same way: on 2 SMs, 199 rows of 160 are 13 blocks run by
-    # 2 programs of 7; then 37 rows of 760 in chunks of 128 (small blocks), 5 blocks by 2
-    # programs of 3, each adding its blocks' column sums to its partial rows.
+def _gated_and_dyt(shape, seed=0):
+    """`(function, reference, args, argnums)` of gated RMSNorm (norm before the gate) and of
+    DyT on float32 rows of `shape`."""
+    x, z = ks.data(shape, jnp.float32, seed=seed), ks.data(shape, jnp.float32, seed=1, loc=0.0)
+    weight, bias = ks.params(shape[1])
+
+    def gated(module):
+        return lambda *a: module.gated_rms_norm(*a, eps=1e-6, norm_before_gate=True)
+
+    alpha = jnp.asarray(0.7, jnp.float32)
+    return [
+        (gated(row_norm), gated(reference), (x, z, weight), (0, 1, 2)),
+        (row_norm.dyt, reference.dyt, (x, alpha, weight, bias), (0, 1, 2, 3)),
+    ]
+
+
+def test_persistent_gated_and_dyt_backward(monkeypatch):
+    # Gated RMSNorm's and DyT's backward, persistent the same way: on 2 SMs, gated over 199
+    # rows of 160, 13 blocks run by 2 programs of 7; DyT over 37 rows of 760 in chunks of 128
+    # (small blocks), 5 blocks by 2 programs of 3, each adding its blocks' column sums to its
+    # partial rows.
     monkeypatch.setattr(_mosaic_gpu, "_sm_count", lambda: 2)
-    x = ks.data((199, 160), jnp.float32, scale=1.0)
-    args = (x, jnp.asarray(0.7, jnp.float32), *ks.params(160))
-    _assert_same_outputs_and_grads(row_norm.dyt, reference.dyt, args, (0, 1, 2, 3))
+    _assert_same_outputs_and_grads(*_gated_and_dyt((199, 160))[0])
     monkeypatch.setattr(_common, "MAX_BLOCK_ELEMENTS", 128)
     monkeypatch.setattr(_common, "CHUNK_COLS", 128)
     monkeypatch.setattr(_common, "PERSISTENT_RESIDENT_WARPS", 2)
     plan = _common.persistent_config(_common.block_config(_common.INTERPRET, 37, 760), 37)
     assert (plan.programs, plan.iterations, plan.config.chunks) == (2, 3, 6)
-    x = ks.data((37, 760), jnp.float32, scale=1.0)
-    args = (x, jnp.asarray(0.7, jnp.float32), *ks.params(760))
-    _assert_same_outputs_and_grads(row_norm.dyt, reference.dyt, args, (0, 1, 2, 3))
+    _assert_same_outputs_and_grads(*_gated_and_dyt((37, 760), seed=2)[1])
