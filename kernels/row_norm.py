@@ -57,9 +57,14 @@ is added in the same pass: $d = \partial\,\mathrm{norm} + \partial L/\partial h$
 $\partial L/\partial x$ and $\partial L/\partial \mathrm{residual}$, written once per dtype (one
 array when `x` and `residual` share theirs).
 
-The kernel is row-parallel: each program writes `dx` for its rows and its float32 partial sums
-of the weight and bias gradients (per group), which are then summed in a fixed order outside
-the kernel. There are no atomics, so two runs give bitwise-equal results. The backward keeps
+On Triton the backward is persistent: a grid of about one program per SM per group
+(`eqxnorm.kernels._common.persistent_config`), each looping over its row blocks
+(`_program_blocks`), writing `dx` for their rows and summing their float32 partial sums
+of the weight and bias gradients on chip (in the loop's carry; a chunked row's in the
+program's own partial row, read, added to and written back), so that the partials are
+`programs × dim` rather than one row per block; on Mosaic TPU each program has one block.
+The partials are then summed in a fixed order outside the kernel, both gradients in one XLA
+reduction. There are no atomics, so two runs give bitwise-equal results. The backward keeps
 only the normalized input (`x`, or the output `h`), the parameters and the per-row statistics
 as residuals.
 """
