@@ -222,6 +222,14 @@ def test_elements_written_twice_and_unwritten_are_reported():
     assert any("50.0% written" in p for p in report.problems)
 
 
+def test_an_output_read_back_may_be_written_more_than_once():
+    # A persistent program's partial row (the chunked row norms' backward), read, added to and
+    # written back per block, is an accumulator; an output written twice unread is not.
+    out = g.BufferAccess(0, "out", (2, 8), "f32", 64, read_unique=64, max_writes=3)
+    assert g._accumulator(out)
+    assert not g._accumulator(dataclasses.replace(out, read_unique=0))
+
+
 _SLICING_FUSION = """
 %fused_first (param_0.1: bf16[16,128,1024], param_1.1: f32[128]) -> f32[128] {
   %param_0.1 = bf16[16,128,1024]{2,1,0} parameter(0)
