@@ -38,8 +38,8 @@ def _box_tools(boxes: m.Boxes, width: int, zero):
     """`(cols(j), bcast(v, dims), valid(k))` for a program: the columns of box `j` (a
     traced start, see [`m.dynamic_index`][]), a per-row or per-column vector broadcast to a
     box in the row layout, and the mask of a box's columns inside the row (`None` when every
-    box is full)."""
-    shape = (boxes.block_rows, boxes.cols)
+    box is full). A folded row's tile `k` is its boxes `4k + w` (`w` the tile's row)."""
+    shape = boxes.tile[1:]
 
     def cols(j):
         return pl.ds(m.dynamic_index(zero, j * boxes.cols), boxes.cols)
@@ -48,6 +48,12 @@ def _box_tools(boxes: m.Boxes, width: int, zero):
         return plgpu.layout_cast(lax.broadcast_in_dim(v, shape, dims), boxes.layout)
 
     def valid(k):
+        if boxes.folded:
+            if boxes.chunks * boxes.tile_rows * boxes.cols == width:
+                return None
+            col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=boxes.layout)
+            part = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=boxes.layout)
+            return col + (k * boxes.tile_rows + part) * boxes.cols < width
         if width % boxes.cols == 0:
             return None
         col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=boxes.layout)
@@ -70,7 +76,7 @@ def row_total(fn, boxes: m.Boxes):
     def body(k, acc):
         return acc + jnp.sum(fn(k), axis=1)
 
-    return lax.fori_loop(1, boxes.chunks, body, jnp.sum(fn(0), axis=1))
+    return m.across_warps(lax.fori_loop(1, boxes.chunks, body, jnp.sum(fn(0), axis=1)), boxes)
 
 
 def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools):
@@ -89,10 +95,11 @@ def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools):
     def centred(k):
         return _masked(load_h(k) - bcast(shift, [0]), valid(k))
 
-    first_col = plgpu.broadcasted_iota(
-        jnp.int32, (boxes.block_rows, boxes.cols), 1, layout=boxes.layout
-    )
-    d0 = jnp.sum(jnp.where(first_col == 0, centred(0), 0.0), axis=1)
+    first = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 1, layout=boxes.layout) == 0
+    if boxes.folded:  # the row's first column is the first warp's
+        part = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 0, layout=boxes.layout)
+        first = first & (part == 0)
+    d0 = m.across_warps(jnp.sum(jnp.where(first, centred(0), 0.0), axis=1), boxes)
     offset = d0 + total(lambda k: _masked(centred(k) - bcast(d0, [0]), valid(k)) * scale)
     mean_square = total(lambda k: jnp.square(centred(k)) * scale)
     return shift, offset, jnp.maximum(mean_square - offset * offset, 0.0)
@@ -101,19 +108,47 @@ def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools):
 def _copy_in(src, dst, barrier, rows, boxes, tools, group):
     """Start the TMA copies of a program's rows of `src` `(groups, rows, width)` into the
     boxes of `dst` `(chunks, block_rows, cols)`, all arriving on `barrier` (which expects
-    `chunks` arrivals, [`_barrier`][])."""
+    `chunks` arrivals, [`_barrier`][]); a folded row's box `b` into tile `b // 4`, row `b % 4`
+    of `dst` `(chunks, 4, cols)`."""
     cols = tools[0]
+    if boxes.folded:
+
+        @pl.loop(0, boxes.row_boxes)
+        def _(b):
+            part = dst.at[b // boxes.tile_rows, pl.ds(b % boxes.tile_rows, 1)]
+            plgpu.copy_gmem_to_smem(src.at[group, rows, cols(b)], part, barrier)
+
+        return
     for j in range(boxes.chunks):
         plgpu.copy_gmem_to_smem(src.at[group, rows, cols(j)], dst.at[j], barrier)
 
 
+def _zero_tail(smem, boxes: m.Boxes, tools):
+    """A folded row's last tile with zeros past the row's end, where no box was copied (or
+    a box ran past it): what TMA's zero fill gives an unfolded row. Each thread rewrites its
+    own elements, in the layout it will read them in."""
+    valid = tools[2](boxes.chunks - 1) if boxes.folded else None
+    if valid is None:
+        return
+    last = plgpu.load(smem.at[boxes.chunks - 1], layout=boxes.layout)
+    smem[boxes.chunks - 1] = jnp.where(valid, last, jnp.zeros_like(last))
+
+
 def _barrier(boxes: m.Boxes):
     """The barrier of one staged array: one arrival per box."""
-    return plgpu.Barrier(num_arrivals=boxes.chunks)
+    return plgpu.Barrier(num_arrivals=boxes.arrivals)
 
 
 def _copy_out(src, dst, rows, boxes, tools, group):
     cols = tools[0]
+    if boxes.folded:
+
+        @pl.loop(0, boxes.row_boxes)
+        def _(b):
+            part = src.at[b // boxes.tile_rows, pl.ds(b % boxes.tile_rows, 1)]
+            plgpu.copy_smem_to_gmem(part, dst.at[group, rows, cols(b)])
+
+        return
     for j in range(boxes.chunks):
         plgpu.copy_smem_to_gmem(src.at[j], dst.at[group, rows, cols(j)])
 
@@ -123,8 +158,29 @@ def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
     a TMA load of under 128 bytes, a narrow row's, is refused under this lowering): with
     columns padded to whole boxes, a row of the group's parameter `(groups, chunks · cols)`
     broadcast over the rows; with `per_box` tables (`(groups, rows padded to whole programs,
-    chunks)`), each row's value broadcast over the box's columns."""
+    chunks)`), each row's value broadcast over the box's columns. A folded row's parameter
+    is `(parameter, tails, p)` ([`_folded_tails`][]): the parameter, whose tile `k` (boxes
+    `4k` to `4k + 3`, each read whole by every warp and kept by its own) is read while the
+    tile lies inside the row, and for the row's last (partial) tile, `tails[group, p]`."""
     bcast, layout = tools[1], boxes.layout
+    if boxes.folded:
+        main, tails, p = ref
+        size = boxes.tile_rows * boxes.cols
+        whole = main.shape[-1] // size
+        last = plgpu.load(tails.at[group, p], layout=layout, optimized=False)
+        if whole == 0:
+            return last.astype(F32)
+        # Tiles past the whole ones read the last whole one (in bounds), then replaced.
+        start = jnp.minimum(k, whole - 1) * size
+        part = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 0, layout=layout)
+        value = last
+        for w in range(boxes.tile_rows):
+            columns = pl.ds(pl.multiple_of(start + w * boxes.cols, boxes.cols), boxes.cols)
+            box = plgpu.load(main.at[group, columns], layout=layout.reduce(0), optimized=False)
+            value = jnp.where(part == w, bcast(box, [1]), value)
+        if whole < boxes.chunks:
+            value = jnp.where(k < whole, value, last)
+        return value.astype(F32)
     if per_box:
         value = plgpu.load(ref.at[group, rows, k], layout=layout.reduce(1), optimized=False)
         return bcast(value.astype(F32), [0])
@@ -147,11 +203,13 @@ def _forward_body(
     has_scale=False,
 ):
     n_params = has_weight + has_bias + has_scale
-    n_in = 1 + has_residual + n_params
+    n_in = 1 + has_residual + n_params + (boxes.folded and n_params > 0)
     n_out = 4 + has_residual + has_scale
     ins, outs, scratch = refs[:n_in], refs[n_in : n_in + n_out], refs[n_in + n_out :]
     x_ref, r_ref = ins[0], ins[1] if has_residual else None
     param_refs = ins[1 + has_residual :]
+    if boxes.folded and n_params:  # with their last tiles, see `_folded_tails`
+        param_refs = [(ref, param_refs[-1], p) for p, ref in enumerate(param_refs[:-1])]
     y_ref, *outs = outs
     h_ref = outs.pop(0) if has_residual else None
     stat_refs = outs
@@ -170,10 +228,12 @@ def _forward_body(
     if r_ref is not None:
         _copy_in(r_ref, r_smem, r_bars, rows, boxes, tools, group)
     plgpu.barrier_wait(x_bars)
+    _zero_tail(x_smem, boxes, tools)
     layout = boxes.layout
 
     if r_ref is not None:
         plgpu.barrier_wait(r_bars)
+        _zero_tail(r_smem, boxes, tools)
 
         @pl.loop(0, boxes.chunks)
         def _(k):
@@ -209,23 +269,29 @@ def _forward_body(
 
     stats = [shift, offset, rstd]
     if has_scale:
-        stats.append(
-            lax.fori_loop(1, boxes.chunks, lambda k, a: jnp.maximum(a, write(k)), write(0))
-        )
+        amax = lax.fori_loop(1, boxes.chunks, lambda k, a: jnp.maximum(a, write(k)), write(0))
+        stats.append(m.across_warps(amax, boxes, "max"))
     else:
 
         @pl.loop(0, boxes.chunks)
         def _(k):
             write(k)
 
-    for s, value in enumerate(stats):
-        st_smem[s] = value
+    if boxes.folded:
+        # The row's statistic, the same in every warp, stored by each thread (4 bytes: too
+        # few for a TMA copy).
+        for ref, value in zip(stat_refs, stats, strict=True):
+            ref[group, i] = jnp.max(value)
+    else:
+        for s, value in enumerate(stats):
+            st_smem[s] = value
     plgpu.commit_smem()
     _copy_out(y_smem, y_ref, rows, boxes, tools, group)
     if h_ref is not None:
         _copy_out(r_smem, h_ref, rows, boxes, tools, group)
-    for s, ref in enumerate(stat_refs):
-        plgpu.copy_smem_to_gmem(st_smem.at[s], ref.at[group, rows])
+    if not boxes.folded:
+        for s, ref in enumerate(stat_refs):
+            plgpu.copy_smem_to_gmem(st_smem.at[s], ref.at[group, rows])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -250,6 +316,17 @@ def _pad_columns(p, boxes: m.Boxes):
     return p if p.shape[1] == padded else jnp.pad(p, ((0, 0), (0, padded - p.shape[1])))
 
 
+def _folded_tails(params, boxes: m.Boxes):
+    """The last tile of `4 · cols` columns of each parameter `(groups, width)` of a folded
+    row ([`_param`][]), zero-padded past the row's end: `(groups, parameters, 4, cols)`, a
+    few KiB in one small XLA fusion (a TMA-less read of the partial last box would run past
+    the parameter's end)."""
+    size = boxes.tile_rows * boxes.cols
+    start = (boxes.chunks - 1) * size
+    tails = [jnp.pad(p[:, start:], ((0, 0), (0, start + size - p.shape[1]))) for p in params]
+    return jnp.stack(tails, axis=1).reshape(-1, len(params), boxes.tile_rows, boxes.cols)
+
+
 def _pad_rows(a, rows: int):
     """`a` `(groups, r, ...)` with zero rows appended up to `rows` (a TMA box may not be taller
     than the array; only inputs shorter than one program's rows are padded)."""
@@ -260,10 +337,11 @@ def _pad_rows(a, rows: int):
     return jnp.pad(a, pad)
 
 
-def _boxes(rows_in, params, shape, more_rows=(), layout_dtype=None) -> m.Boxes:
+def _boxes(rows_in, params, shape, more_rows=(), layout_dtype=None, fold=False) -> m.Boxes:
     """The staging of a kernel over `shape` `(groups, rows, width)` that keeps the row
     arrays `rows_in` (plus row buffers of dtypes `more_rows`) on chip and reads the
-    parameters `params` (their common dtype) from HBM in the same layout."""
+    parameters `params` (their common dtype) from HBM in the same layout (`fold`: the
+    kernel takes folded rows, [`m.boxes`][])."""
     rows_in = [a.dtype for a in rows_in if a is not None] + list(more_rows)
     params = [p for p in params if p is not None]
     param_dtype = [jnp.result_type(*params)] if params else []
@@ -273,16 +351,20 @@ def _boxes(rows_in, params, shape, more_rows=(), layout_dtype=None) -> m.Boxes:
         shape[2],
         sum(jnp.dtype(d).itemsize for d in rows_in),
         groups=shape[0],
+        fold=fold,
     )
 
 
-def forward_boxes(x, residual, weight, bias, scale=None, out_dtype=None) -> m.Boxes:
+def forward_boxes(
+    x, residual, weight, bias, scale=None, out_dtype=None, fold: bool = True
+) -> m.Boxes:
     """The staging of the forward: `x` (and `residual`, and `y` when `out_dtype` differs
-    from `x`'s) per row."""
+    from `x`'s) per row; a row too wide for a tile of rows folded, unless not `fold` (a
+    kernel that does not take folded rows)."""
     more = [] if _same_dtype(x, out_dtype) else [jnp.dtype(out_dtype)]
     # With a (float32) FP8 scale the parameters are read in float32 (see `forward_on`).
     params = (weight, bias) if scale is None else (scale,)
-    return _boxes((x, residual), params, x.shape, more)
+    return _boxes((x, residual), params, x.shape, more, fold=fold)
 
 
 def _same_dtype(x, out_dtype) -> bool:
@@ -373,13 +455,15 @@ def forward_call(
         out_type.append(jax.ShapeDtypeStruct(x_p.shape, residual.dtype))
     n_stats = 3 + has_scale
     out_type += [stat] * n_stats
-    box = (boxes.chunks, boxes.block_rows, boxes.cols)
+    box = boxes.tile
     scratch = [plgpu.SMEM(box, x.dtype)]
     if residual is not None:
         scratch.append(plgpu.SMEM(box, residual.dtype))
     if out_separate:
         scratch.append(plgpu.SMEM(box, y_dtype))
-    if not per_box:
+    if boxes.folded and params:
+        params = [*params, _folded_tails(params, boxes)]
+    elif not per_box:
         params = [_pad_columns(p, boxes) for p in params]
     n_barriers = 1 + (residual is not None)
     scratch += [plgpu.SMEM((n_stats, boxes.block_rows), F32)]
@@ -662,13 +746,17 @@ def _all_supported(x, arrays, boxes: m.Boxes) -> bool:
     groups, rows, width = x.shape
     if not all(m.supports(a.dtype, width) for a in arrays if a is not None):
         return False
-    return boxes.block_rows > 0 and (rows >= boxes.tile_rows or groups == 1)
+    # A folded row is a program's only row: never padded.
+    least = boxes.block_rows if boxes.folded else boxes.tile_rows
+    return boxes.block_rows > 0 and (rows >= least or groups == 1)
 
 
-def forward_supported(x, residual, weight, bias, scale=None, out_dtype=None) -> bool:
+def forward_supported(
+    x, residual, weight, bias, scale=None, out_dtype=None, fold: bool = True
+) -> bool:
     """Whether [`forward_on`][] runs these operands (and `y` in `out_dtype`): TMA-able rows
-    that fit on chip."""
-    boxes = forward_boxes(x, residual, weight, bias, scale, out_dtype)
+    that fit on chip (`fold`: folded, see [`forward_boxes`][])."""
+    boxes = forward_boxes(x, residual, weight, bias, scale, out_dtype, fold)
     if not _same_dtype(x, out_dtype) and not _output_supported(out_dtype, x.shape[-1], boxes):
         return False
     return _all_supported(x, (x, residual, weight, bias), boxes)
@@ -1079,7 +1167,7 @@ def lengths_forward_on(target: Target, x, lengths, weight, bias, *, op: str, eps
     groups, rows, width = x.shape
     params = [p for p in (weight, bias) if p is not None]
     params = [p.astype(jnp.result_type(*params)) for p in params]
-    boxes = forward_boxes(x, None, weight, bias)
+    boxes = forward_boxes(x, None, weight, bias, fold=False)
     x_p = _pad_rows(x, boxes.block_rows)
     n = _whole_programs(lengths, boxes, rows)
     stat = jax.ShapeDtypeStruct(n.shape, F32)
@@ -1203,7 +1291,7 @@ def lengths_backward_on(
 def lengths_forward_supported(x, lengths, weight, bias) -> bool:
     """Whether [`lengths_forward_on`][] runs these operands."""
     del lengths
-    return forward_supported(x, None, weight, bias)
+    return forward_supported(x, None, weight, bias, fold=False)
 
 
 def lengths_backward_supported(x, lengths, weight, dy, shift, offset, rstd) -> bool:
