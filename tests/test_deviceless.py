@@ -153,6 +153,23 @@ def test_mosaic_gpu_training_step_compiles_cleanly_for_h200(op):
         assert missed == expected, deviceless.missed(result)
 
 
+def test_wide_bfloat16_rows_forward_reads_x_once_on_mosaic_gpu():
+    """Issue 17: a 64 × 70000 bfloat16 LayerNorm forward keeps each row on chip (a folded row,
+    `_mosaic_gpu.boxes`: 137 KiB, alone on its SM) and moves the ideal bytes, one kernel; on
+    a JAX without Mosaic GPU, Triton's chunked kernel reads x twice."""
+    case = deviceless.cases(["layer_norm"], ["64x70000"], ["bfloat16"], ["fwd"])[0]
+    [result] = deviceless.run([dataclasses.replace(case, backend="mosaic_gpu")], timeout=600)
+    assert deviceless.problems(result) == []
+    ratio = result["program"]["bytes"] / result["ideal_bytes"]
+    if not mosaic_gpu.usable():
+        assert result["mosaic_gpu"] == [] and ratio > 1.4
+        return
+    assert result["kernels"] == []  # no Triton call
+    [kernel] = result["mosaic_gpu"]
+    assert kernel["spill_bytes"] == 0 and kernel["smem_bytes"] >= 70000 * 2
+    assert ratio <= 1.01 and len(result["program"]["launches"]) == 1
+
+
 @pytest.mark.tpu_check
 # QK-norm, gated RMSNorm and DyT are not yet compiled for a TPU here (QK-norm runs XLA there).
 @pytest.mark.parametrize("op", [op for op in _ops.OPS if op not in _ops.EQXNORM_ONLY])

@@ -12,7 +12,7 @@ import pytest
 
 import kernel_support as ks
 import oracle
-from eqxnorm.kernels import _mosaic_gpu, pallas, reference
+from eqxnorm.kernels import _mosaic_gpu, _row_norm_mosaic_gpu, pallas, reference
 
 EPS = 1e-5
 MOSAIC_GPU = pallas.backend("mosaic_gpu")
@@ -190,6 +190,70 @@ def test_staging_heuristic():
     # TMA needs rows of a multiple of 16 bytes.
     assert _mosaic_gpu.supports(jnp.bfloat16, 760) and not _mosaic_gpu.supports(jnp.bfloat16, 37)
     assert not _mosaic_gpu.supports(jnp.float64, 760)
+
+
+# --- folded rows: a row too wide for a tile of 4 on chip, staged alone across the 4 warps -----
+
+# Shared memory shrunk so that rows of 1304 fold cheaply in the interpreter (11 boxes of 128
+# columns, the last partial; 3 tiles of 4 boxes, the last one short), as 70000 bfloat16 do
+# in 200 KiB: a bfloat16 or float32 row fits alone, not 4 of them, and so does a bfloat16 row
+# with its float32 residual.
+FOLD_SMEM = 10 * 1024
+
+
+def test_folded_staging_heuristic(monkeypatch):
+    if not USABLE:
+        return
+    boxes = _mosaic_gpu.boxes((jnp.bfloat16,), 64, 70000, 2, fold=True)
+    assert boxes.folded and (boxes.block_rows, boxes.cols, boxes.chunks) == (1, 128, 137)
+    assert boxes.row_boxes == 547 and boxes.tile == (137, 4, 128)
+    # Not for a kernel that does not take folded rows, nor a row that does not fit alone.
+    assert _mosaic_gpu.boxes((jnp.bfloat16,), 64, 70000, 2).block_rows == 0
+    assert _mosaic_gpu.boxes((jnp.float32,), 64, 70000, 4, fold=True).block_rows == 0
+    assert _mosaic_gpu.boxes((jnp.float32,), 64, 51200, 4, fold=True).folded
+    # Rows that fit 4 at a time are not folded.
+    assert not _mosaic_gpu.boxes((jnp.bfloat16,), 64, 16384, 2, fold=True).folded
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", FOLD_SMEM)
+    assert _mosaic_gpu.boxes((jnp.float32,), 3, 1304, 6, fold=True).row_boxes == 11
+
+
+@pytest.mark.parametrize(
+    "case",
+    [("layer_norm", 3, jnp.bfloat16), ("rms_norm", 1, jnp.float32), ("add_layer_norm", 3, None)],
+    ids=["layer_norm-3-bfloat16", "rms_norm-1-float32", "add_layer_norm-3-bfloat16+float32"],
+)
+def test_folded_forward_matches_reference(case, monkeypatch):
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", FOLD_SMEM)
+    op, rows, dtype = case
+    x = ks.data((rows, 1304), dtype or jnp.bfloat16, seed=rows)
+    weight, bias = ks.params(1304)
+    args = (x, ks.data(x.shape, jnp.float32, seed=4), weight, bias) if dtype is None else None
+    args = args or (x, weight, bias)
+    if USABLE:
+        residual = args[1] if dtype is None else None
+        boxes = _row_norm_mosaic_gpu.forward_boxes(x[None], residual, weight, bias)
+        assert boxes.folded and boxes.chunks == 3
+    out = ks.run_mosaic_gpu(lambda: getattr(MOSAIC_GPU, op)(*args, eps=EPS))
+    if out is not None:
+        ks.assert_trees_match(out, getattr(reference, op)(*args, eps=EPS))
+
+
+def test_folded_forward_at_large_mean(monkeypatch):
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", FOLD_SMEM)
+    x = ks.data((2, 1304), jnp.float32, loc=1e4, scale=1.0)
+    weight, bias = ks.params(1304)
+    y = ks.run_mosaic_gpu(lambda: MOSAIC_GPU.layer_norm(x, weight, bias, eps=EPS))
+    if y is not None:
+        np.testing.assert_allclose(y, oracle.layer_norm(x, weight, bias, EPS), atol=5e-5)
+
+
+def test_folded_forward_with_a_backward_on_triton(monkeypatch):
+    # The folded forward's statistics are the Triton backward's residuals (the same contract):
+    # a width whose forward folds but whose backward (x and dy staged) does not fit runs
+    # one Mosaic GPU and one Triton kernel.
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", FOLD_SMEM)
+    mosaic, triton = _cuda_calls("pallas", 1304)
+    assert (mosaic, triton) == ((1, 1) if USABLE else (0, 2))
 
 
 def _cuda_calls(impl, width):
