@@ -159,15 +159,16 @@ def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
     columns padded to whole boxes, a row of the group's parameter `(groups, chunks · cols)`
     broadcast over the rows; with `per_box` tables (`(groups, rows padded to whole programs,
     chunks)`), each row's value broadcast over the box's columns. A folded row's parameter
-    is `(parameter, tails, p)` ([`_folded_tails`][]): the parameter, whose tile `k` (boxes
-    `4k` to `4k + 3`, each read whole by every warp and kept by its own) is read while the
-    tile lies inside the row, and for the row's last (partial) tile, `tails[group, p]`."""
+    is `(parameter, tails, p)`: the parameter, whose tile `k` (boxes `4k` to `4k + 3`, each
+    read whole by every warp and kept by its own) is read while the tile lies inside the row,
+    and for the row's last (partial) tile `tails[p]`, its boxes staged by TMA
+    ([`_stage_tails`][]: a plain read of a partial box would run past the parameter's end)."""
     bcast, layout = tools[1], boxes.layout
     if boxes.folded:
         main, tails, p = ref
         size = boxes.tile_rows * boxes.cols
         whole = main.shape[-1] // size
-        last = plgpu.load(tails.at[group, p], layout=layout, optimized=False)
+        last = plgpu.load(tails.at[p], layout=layout)
         if whole == 0:
             return last.astype(F32)
         # Tiles past the whole ones read the last whole one (in bounds), then replaced.
@@ -203,13 +204,14 @@ def _forward_body(
     has_scale=False,
 ):
     n_params = has_weight + has_bias + has_scale
-    n_in = 1 + has_residual + n_params + (boxes.folded and n_params > 0)
+    n_in = 1 + has_residual + n_params
     n_out = 4 + has_residual + has_scale
-    ins, outs, scratch = refs[:n_in], refs[n_in : n_in + n_out], refs[n_in + n_out :]
+    ins, outs, scratch = refs[:n_in], refs[n_in : n_in + n_out], list(refs[n_in + n_out :])
     x_ref, r_ref = ins[0], ins[1] if has_residual else None
     param_refs = ins[1 + has_residual :]
-    if boxes.folded and n_params:  # with their last tiles, see `_folded_tails`
-        param_refs = [(ref, param_refs[-1], p) for p, ref in enumerate(param_refs[:-1])]
+    # A folded row's parameters' last tiles, staged (see `_param`).
+    tails, tail_bar = scratch[-2:] if boxes.folded and n_params else (None, None)
+    scratch = scratch[:-2] if tails is not None else scratch
     y_ref, *outs = outs
     h_ref = outs.pop(0) if has_residual else None
     stat_refs = outs
@@ -227,6 +229,10 @@ def _forward_body(
     _copy_in(x_ref, x_smem, x_bars, rows, boxes, tools, group)
     if r_ref is not None:
         _copy_in(r_ref, r_smem, r_bars, rows, boxes, tools, group)
+    if tails is not None:
+        _stage_tails(param_refs, tails, tail_bar, group, boxes, tools)
+        plgpu.barrier_wait(tail_bar)
+        param_refs = [(ref, tails, p) for p, ref in enumerate(param_refs)]
     plgpu.barrier_wait(x_bars)
     _zero_tail(x_smem, boxes, tools)
     layout = boxes.layout
@@ -316,15 +322,20 @@ def _pad_columns(p, boxes: m.Boxes):
     return p if p.shape[1] == padded else jnp.pad(p, ((0, 0), (0, padded - p.shape[1])))
 
 
-def _folded_tails(params, boxes: m.Boxes):
-    """The last tile of `4 · cols` columns of each parameter `(groups, width)` of a folded
-    row ([`_param`][]), zero-padded past the row's end: `(groups, parameters, 4, cols)`, a
-    few KiB in one small XLA fusion (a TMA-less read of the partial last box would run past
-    the parameter's end)."""
-    size = boxes.tile_rows * boxes.cols
-    start = (boxes.chunks - 1) * size
-    tails = [jnp.pad(p[:, start:], ((0, 0), (0, start + size - p.shape[1]))) for p in params]
-    return jnp.stack(tails, axis=1).reshape(-1, len(params), boxes.tile_rows, boxes.cols)
+def _tail_boxes(boxes: m.Boxes) -> range:
+    """The boxes of a folded row's last tile."""
+    return range((boxes.chunks - 1) * boxes.tile_rows, boxes.row_boxes)
+
+
+def _stage_tails(param_refs, tails, barrier, group, boxes: m.Boxes, tools):
+    """Stage the boxes of the last tile of each parameter `(groups, width)` of a folded row
+    into `tails` `(parameters, 4, cols)` (past the row's end: TMA's zeros, or nothing where
+    no box is copied, columns that are never stored), arriving on `barrier`."""
+    cols = tools[0]
+    for p, ref in enumerate(param_refs):
+        for b in _tail_boxes(boxes):
+            part = tails.at[p, pl.ds(b % boxes.tile_rows, 1)]
+            plgpu.copy_gmem_to_smem(ref.at[pl.ds(group, 1), cols(b)], part, barrier)
 
 
 def _pad_rows(a, rows: int):
@@ -461,13 +472,14 @@ def forward_call(
         scratch.append(plgpu.SMEM(box, residual.dtype))
     if out_separate:
         scratch.append(plgpu.SMEM(box, y_dtype))
-    if boxes.folded and params:
-        params = [*params, _folded_tails(params, boxes)]
-    elif not per_box:
+    if not per_box and not boxes.folded:
         params = [_pad_columns(p, boxes) for p in params]
     n_barriers = 1 + (residual is not None)
     scratch += [plgpu.SMEM((n_stats, boxes.block_rows), F32)]
     scratch += [_barrier(boxes)] * n_barriers
+    if boxes.folded and params:
+        scratch.append(plgpu.SMEM((len(params), *boxes.tile[1:]), params[0].dtype))
+        scratch.append(plgpu.Barrier(num_arrivals=len(params) * len(_tail_boxes(boxes))))
     body = functools.partial(
         _forward_body,
         boxes=boxes,

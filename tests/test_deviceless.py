@@ -167,7 +167,7 @@ def test_wide_bfloat16_rows_forward_reads_x_once_on_mosaic_gpu():
     assert result["kernels"] == []  # no Triton call
     [kernel] = result["mosaic_gpu"]
     assert kernel["spill_bytes"] == 0 and kernel["smem_bytes"] >= 70000 * 2
-    assert ratio <= 1.01 and len(result["program"]["launches"]) == 1
+    assert ratio <= 1.01 and result["program"]["launches"] == []  # no XLA work beside it
 
 
 @pytest.mark.tpu_check
