@@ -181,7 +181,9 @@ def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
             value = jnp.where(part == w, bcast(box, [1]), value)
         if whole < boxes.chunks:
             value = jnp.where(k < whole, value, last)
-        return value.astype(F32)
+        # Zeros past the row's end (where no box was staged), as padded columns are.
+        valid = tools[2](k)
+        return _masked(value.astype(F32), valid)
     if per_box:
         value = plgpu.load(ref.at[group, rows, k], layout=layout.reduce(1), optimized=False)
         return bcast(value.astype(F32), [0])
@@ -395,12 +397,13 @@ def _out_buffers(dy, dh, d_dtypes) -> tuple:
     return tuple(reuse)
 
 
-def backward_boxes(x, weight, dy, dh, d_dtypes) -> m.Boxes:
-    """The staging of the backward: `x`, `dy` (and `dh`, and output buffers) per row."""
+def backward_boxes(x, weight, dy, dh, d_dtypes, fold: bool = True) -> m.Boxes:
+    """The staging of the backward: `x`, `dy` (and `dh`, and output buffers) per row; a row
+    too wide for a tile of rows folded, unless not `fold`."""
     more = [d for d, r in zip(d_dtypes, _out_buffers(dy, dh, d_dtypes), strict=True) if r is None]
     # The partial sums over a box's rows reduce float32 across warps, which Mosaic GPU does
     # for vectors of up to 4: the layout of a float32 box.
-    return _boxes((x, dy, dh), (weight,), x.shape, more, layout_dtype=F32)
+    return _boxes((x, dy, dh), (weight,), x.shape, more, layout_dtype=F32, fold=fold)
 
 
 def forward_on(
@@ -528,12 +531,18 @@ def _backward_body(
     x_smem, dy_smem = scratch.pop(0), scratch.pop(0)
     dh_smem = scratch.pop(0) if has_dh else None
     extra = [scratch.pop(0) for reuse in out_reuse if reuse is None]
-    bars = scratch
+    # A folded row's weight's last tile, staged (see `_param`).
+    tails, tail_bar = scratch[-2:] if boxes.folded and has_weight else (None, None)
+    bars = scratch[:-2] if tails is not None else scratch
 
     i, group = lax.axis_index("rows"), lax.axis_index("groups")
     tools = _box_tools(boxes, width, i * 0)
     _, bcast, _ = tools
     layout = boxes.layout
+    if tails is not None:
+        _stage_tails([w_ref], tails, tail_bar, group, boxes, tools)
+        plgpu.barrier_wait(tail_bar)
+        w_ref = (w_ref, tails, 0)
     staged = [(x_ref, x_smem), (dy_ref, dy_smem)] + ([(dh_ref, dh_smem)] if has_dh else [])
     buffers = {"dy": dy_smem, "dh": dh_smem}
     targets = [extra.pop(0) if reuse is None else buffers[reuse] for reuse in out_reuse]
@@ -563,11 +572,24 @@ def _backward_body(
             plgpu.barrier_wait(bar.at[slot])
         x_s, dy_s = x_smem.at[slot], dy_smem.at[slot]
         dh_s = None if dh_smem is None else dh_smem.at[slot]
-        # The statistics are padded to whole programs: read straight from HBM, in bounds.
-        shift, offset, rstd = (
-            plgpu.load(ref.at[group, rows], layout=layout.reduce(1), optimized=False)
-            for ref in stat_refs
-        )
+        for smem in (x_s, dy_s, dh_s):
+            if smem is not None:
+                _zero_tail(smem, boxes, tools)
+        # The statistics are padded to whole programs: read straight from HBM, in bounds (a
+        # folded row's: its one value, in every warp).
+        if boxes.folded:
+            shift, offset, rstd = (
+                plgpu.layout_cast(
+                    lax.broadcast_in_dim(ref[group, i + it * programs], (boxes.tile_rows,), ()),
+                    layout.reduce(1),
+                )
+                for ref in stat_refs
+            )
+        else:
+            shift, offset, rstd = (
+                plgpu.load(ref.at[group, rows], layout=layout.reduce(1), optimized=False)
+                for ref in stat_refs
+            )
 
         def values(k):
             xhat = (_load(x_s, k, layout) - bcast(shift, [0])) - bcast(offset, [0])
@@ -584,6 +606,8 @@ def _backward_body(
 
         zero = shift * 0.0
         sum_gx, sum_g = lax.fori_loop(0, boxes.chunks, sums, (zero, zero))
+        sum_gx = m.across_warps(sum_gx, boxes)
+        sum_g = m.across_warps(sum_g, boxes) if center else sum_g
         mean_gx, mean_g = sum_gx * (1.0 / width), sum_g * (1.0 / width)
         outs = [t.at[slot] for t in targets]
 
@@ -597,6 +621,15 @@ def _backward_body(
                 # Per row and box, straight to HBM (rows padded to whole programs).
                 for ref, value in zip(partial_refs, (dy * xhat, dy), strict=True):
                     plgpu.store(ref.at[group, rows, k], jnp.sum(value, axis=1), optimized=False)
+            elif param_grads and boxes.folded:
+                # A folded row's tile is 4 boxes of its columns: per column as it is, in the
+                # program's row of the partials `(..., 4 · chunks, cols)`.
+                tile = pl.ds(pl.multiple_of(k * boxes.tile_rows, boxes.tile_rows), boxes.tile_rows)
+                for s, value in enumerate((dy * xhat, dy)):
+                    ref = partial_refs[0].at[group, s, i, tile]
+                    if not first:
+                        value = value + plgpu.load(ref, layout=layout, optimized=False)
+                    plgpu.store(ref, value, optimized=False)
             elif param_grads:
                 # Per program and column, accumulated over the program's blocks in its own
                 # row of the partials in HBM (columns padded to whole boxes).
@@ -634,7 +667,7 @@ def _stages(boxes: m.Boxes, groups: int, rows: int, row_bytes: int) -> tuple[int
     blocks of fewer rows if need be) when both fit in `SMEM_BYTES` and the persistent grid
     gives each program at least two blocks; else one slot, `boxes` as given. `row_bytes`:
     the staged bytes of one row."""
-    tile = boxes.tile_rows
+    tile = 1 if boxes.folded else boxes.tile_rows
     fit = m.floor_pow2(m.SMEM_BYTES // (2 * row_bytes) // tile) * tile
     block_rows = min(boxes.block_rows, fit)
     if block_rows == 0:
@@ -672,7 +705,9 @@ def backward_on(
     if not param_grads:
         return dx, dres, None, None
     # One reduction of the programs' partials, both gradients at once.
-    dw, db = jnp.moveaxis(partials[0].sum(axis=2)[..., :width], 1, 0)
+    total = partials[0].sum(axis=2)
+    total = total.reshape(*total.shape[:2], -1)  # a folded row's `(4 · chunks, cols)`
+    dw, db = jnp.moveaxis(total[..., :width], 1, 0)
     return dx, dres, dw, db
 
 
@@ -702,7 +737,8 @@ def backward_call(
     out_reuse = _out_buffers(dy, dh, d_dtypes)
     staged_dtypes = [a.dtype for a in (x, dy, dh) if a is not None]
     staged_dtypes += [d for d, r in zip(d_dtypes, out_reuse, strict=True) if r is None]
-    row_bytes = boxes.chunks * boxes.cols * sum(jnp.dtype(d).itemsize for d in staged_dtypes)
+    row_elements = boxes.chunks * boxes.cols * (boxes.tile_rows if boxes.folded else 1)
+    row_bytes = row_elements * sum(jnp.dtype(d).itemsize for d in staged_dtypes)
     # The group norms' per-row tables are laid out for the `boxes` given: one slot there.
     slots, boxes = (1, boxes) if per_box else _stages(boxes, groups, rows, row_bytes)
     br = boxes.block_rows
@@ -714,18 +750,24 @@ def backward_call(
     # included, padded with zeros: in bounds, and `rstd = 0` there.
     stat_rows = programs * iterations * br
     stats = [jnp.pad(s, ((0, 0), (0, stat_rows - rows))) for s in (shift, offset, rstd)]
-    box = (slots, boxes.chunks, br, boxes.cols)
+    box = (slots, *boxes.tile)
     scratch = [plgpu.SMEM(box, x.dtype), plgpu.SMEM(box, dy.dtype)]
     if dh is not None:
         scratch.append(plgpu.SMEM(box, dh.dtype))
-    if weight is not None and not per_box:
+    if weight is not None and not per_box and not boxes.folded:
         weight = _pad_columns(weight, boxes)
     scratch += [plgpu.SMEM(box, d) for d, r in zip(d_dtypes, out_reuse, strict=True) if r is None]
     n_staged = 2 + (dh is not None)
-    scratch += [plgpu.Barrier(num_arrivals=boxes.chunks, num_barriers=slots)] * n_staged
+    scratch += [plgpu.Barrier(num_arrivals=boxes.arrivals, num_barriers=slots)] * n_staged
+    if boxes.folded and weight is not None:
+        scratch.append(plgpu.SMEM((1, *boxes.tile[1:]), weight.dtype))
+        scratch.append(plgpu.Barrier(num_arrivals=len(_tail_boxes(boxes))))
     out_type = [jax.ShapeDtypeStruct(x_p.shape, d) for d in d_dtypes]
     if param_grads and per_box:
         out_type += [jax.ShapeDtypeStruct((groups, stat_rows, boxes.chunks), F32)] * 2
+    elif param_grads and boxes.folded:
+        shape = (groups, 2, programs, boxes.chunks * boxes.tile_rows, boxes.cols)
+        out_type.append(jax.ShapeDtypeStruct(shape, F32))
     elif param_grads:
         shape = (groups, 2, programs, boxes.chunks * boxes.cols)
         out_type.append(jax.ShapeDtypeStruct(shape, F32))
@@ -782,12 +824,15 @@ def _output_supported(dtype, width: int, boxes: m.Boxes) -> bool:
     return m.supports(dtype, width)
 
 
-def backward_supported(d_dtypes, x, weight, dy, dh, shift, offset, rstd) -> bool:
-    """Whether [`backward_on`][] runs these operands (with input gradients of `d_dtypes`)."""
+def backward_supported(
+    d_dtypes, x, weight, dy, dh, shift, offset, rstd, fold: bool = True
+) -> bool:
+    """Whether [`backward_on`][] runs these operands (with input gradients of `d_dtypes`;
+    `fold`: folded rows, see [`backward_boxes`][])."""
     del shift, offset, rstd
     if not all(m.supports(d, x.shape[-1]) for d in d_dtypes):
         return False
-    boxes = backward_boxes(x, weight, dy, dh, d_dtypes)
+    boxes = backward_boxes(x, weight, dy, dh, d_dtypes, fold)
     if jnp.dtype(dy.dtype) in reference.FP8_DTYPES:
         # The cotangent of a float8 output (FP8 `y`): staged like the other rows.
         if not _output_supported(dy.dtype, x.shape[-1], boxes):
@@ -1268,7 +1313,7 @@ def lengths_backward_on(
     """`(dx, dweight, dbias)` as `row_norm._lengths_backward_on`, one Mosaic GPU kernel."""
     groups, rows, width = x.shape
     d_dtypes = (jnp.dtype(x.dtype),)
-    boxes = backward_boxes(x, weight, dy, None, d_dtypes)
+    boxes = backward_boxes(x, weight, dy, None, d_dtypes, fold=False)
     own_dx = _out_buffers(dy, None, d_dtypes)[0] is None
     x_p, dy_p = (_pad_rows(a, boxes.block_rows) for a in (x, dy))
     per_row = [_whole_programs(a, boxes, rows) for a in (lengths, shift, offset, rstd)]
@@ -1309,4 +1354,5 @@ def lengths_forward_supported(x, lengths, weight, bias) -> bool:
 def lengths_backward_supported(x, lengths, weight, dy, shift, offset, rstd) -> bool:
     """Whether [`lengths_backward_on`][] runs these operands."""
     del lengths
-    return backward_supported((jnp.dtype(x.dtype),), x, weight, dy, None, shift, offset, rstd)
+    d_dtypes = (jnp.dtype(x.dtype),)
+    return backward_supported(d_dtypes, x, weight, dy, None, shift, offset, rstd, fold=False)
