@@ -824,9 +824,7 @@ def _output_supported(dtype, width: int, boxes: m.Boxes) -> bool:
     return m.supports(dtype, width)
 
 
-def backward_supported(
-    d_dtypes, x, weight, dy, dh, shift, offset, rstd, fold: bool = True
-) -> bool:
+def backward_supported(d_dtypes, x, weight, dy, dh, shift, offset, rstd, fold: bool = True) -> bool:
     """Whether [`backward_on`][] runs these operands (with input gradients of `d_dtypes`;
     `fold`: folded rows, see [`backward_boxes`][])."""
     del shift, offset, rstd
