@@ -7,6 +7,13 @@ A program owns `block_rows` rows of one group (grid `(row blocks, groups)`), sta
 shared memory, and makes its passes over them there: one read of `x` (and `residual`, `dy`,
 `dh`) from HBM and one write of each output, as the Triton kernels' one-pass case does.
 
+**Folded rows** (a row too wide for a tile of 4 rows on chip, `_mosaic_gpu.boxes`): a program
+owns one row, its boxes dealt round the 4 warps (tile `k` holds boxes `4k` to `4k + 3`); each
+per-row sum below is the warps' sums combined (`_mosaic_gpu.across_warps`), the statistics
+are stored and read as one value per row, the parameters read per warp ([`_param`][]), and
+the backward's partial parameter gradients kept per column of a tile (no sum over its rows,
+which are different columns).
+
 **Forward.** Staged `h` (`x`, or `x + residual` rounded to the residual's dtype, written over
 the residual's box and stored as the output `h`). The statistics are
 `eqxnorm.kernels._common.block_moments`' over the boxes of a row: `shift` the mean of $h$,
