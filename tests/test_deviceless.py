@@ -161,8 +161,9 @@ def test_wide_bfloat16_rows_forward_reads_x_once_on_mosaic_gpu():
     [result] = deviceless.run([dataclasses.replace(case, backend="mosaic_gpu")], timeout=600)
     assert deviceless.problems(result) == []
     ratio = result["program"]["bytes"] / result["ideal_bytes"]
-    if not mosaic_gpu.usable():
-        assert result["mosaic_gpu"] == [] and ratio > 1.4
+    if not mosaic_gpu.usable():  # each row read twice (from L2 the second time, if at all)
+        [kernel] = result["kernels"]
+        assert result["mosaic_gpu"] == [] and kernel["access_bytes"] > 1.4 * kernel["ideal_bytes"]
         return
     assert result["kernels"] == []  # no Triton call
     [kernel] = result["mosaic_gpu"]
