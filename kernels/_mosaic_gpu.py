@@ -31,10 +31,10 @@ was found to fail or take minutes).
 **Which shapes.** TMA needs every row to start on 16 bytes: `width × itemsize % 16 == 0`
 ([`supports`][]). Rows are kept whole on chip when [`boxes`][] finds a tile of rows that fits
 `SMEM_BYTES`. A row too wide for a tile of 4 but that fits alone is **folded** (for the kernels
-that take it, the row norms' forward): one row per program, its boxes dealt round the 4 warps
-(box `4j + w` to warp `w`'s `j`-th tile), so that a tile holds 4 parts of the same row and a
-row's sums are combined across the warps ([`across_warps`][]). Wider rows run the Triton
-kernels, which read them twice.
+that take it, the row norms' forward and backward): one row per program, its boxes dealt
+round the 4 warps (box `4j + w` to warp `w`'s `j`-th tile), so that a tile holds 4 parts of
+the same row and a row's sums are combined across the warps ([`across_warps`][]). Wider rows
+run the Triton kernels, which read them twice.
 
 **Availability.** [`usable`][]: the installed JAX has the Mosaic GPU API these kernels are
 written for (0.12; 0.11.2 lacks `plgpu.store`, which the per-row stores need).
@@ -185,10 +185,16 @@ def boxes(
       memory: `SMEM_BYTES` (200 KiB) staged, the rest the statistics, barriers and
       `REDUCTION_SCRATCH_BYTES`. The forward stages `x` alone (2 bytes per bf16 element:
       rows up to 102400 bf16, 51200 float32, on chip and read once; a whole 4-row tile
-      only up to 25600 bf16); add + norm stages `x` and the residual. Beyond one row, the
-      Triton kernels read a row twice (chunked): a row cannot be split across SMs without
-      a second pass. A folded program is one row: 1 block per SM at 64 rows of 70000, each
-      with 137 KiB (bf16) in flight, above the `2 × IN_FLIGHT_BYTES` an SM needs.
+      only up to 25600 bf16); add + norm stages `x` and the residual; the backward `x` and
+      `dy` (and `dh`): up to 51200 bf16, 25600 float32 (65536 bf16 would ask 265 KiB,
+      which Mosaic GPU refuses). Beyond one row, the Triton kernels read a row twice
+      (chunked): a row cannot be split across SMs without a second pass. A folded program
+      is one row: 1 block per SM at 64 rows of 70000, each with 137 KiB (bf16) in flight,
+      above the `2 × IN_FLIGHT_BYTES` an SM needs. The price is in the backward: a
+      persistent program writes one row of float32 partials per parameter gradient, and
+      with one row per block there are as many programs as SMs for fewer rows (256 × 32768
+      bf16: 1.40× the ideal bytes per training step, where Triton's 32 programs of 8 rows
+      move 1.10× from HBM, reading each row twice). Folded boxes are not tuned.
     """
     vector = 16 // max(jnp.dtype(d).itemsize for d in dtypes)
     lanes = 32
