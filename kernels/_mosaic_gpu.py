@@ -191,10 +191,11 @@ def boxes(
       (chunked): a row cannot be split across SMs without a second pass. A folded program
       is one row: 1 block per SM at 64 rows of 70000, each with 137 KiB (bf16) in flight,
       above the `2 × IN_FLIGHT_BYTES` an SM needs. The price is in the backward: a
-      persistent program writes one row of float32 partials per parameter gradient, and
-      with one row per block there are as many programs as SMs for fewer rows (256 × 32768
-      bf16: 1.40× the ideal bytes per training step, where Triton's 32 programs of 8 rows
-      move 1.10× from HBM, reading each row twice). Folded boxes are not tuned.
+      persistent program writes one row of float32 partials per parameter gradient, so a
+      folded backward's program visits at least `FOLDED_ROWS_PER_PROGRAM` rows, as many as
+      a block of the Triton chunked backward it replaces (256 × 32768 bf16: 32 programs,
+      1.10× the ideal bytes per training step, each row read once; one row a program would
+      be 1.40×). Folded boxes are not tuned.
     """
     vector = 16 // max(jnp.dtype(d).itemsize for d in dtypes)
     lanes = 32
@@ -256,7 +257,17 @@ def across_warps(v: Any, boxes: Boxes, op: str = "sum") -> Any:
     return jnp.max(back, axis=1)
 
 
-def persistent_programs(blocks: int, program_smem_bytes: int, groups: int = 1) -> tuple[int, int]:
+# A folded backward's program visits at least this many rows (one per block): as many as a
+# block of the Triton chunked backward it replaces (`_common.CHUNK_ROWS`), so that it writes no
+# more float32 partial rows than that one, while reading each row once instead of twice. With
+# one row per program, 256 rows of 32768 bf16 would write 256 partial rows for 256 rows of
+# `x`: 1.40× the ideal bytes per training step instead of 1.2×.
+FOLDED_ROWS_PER_PROGRAM = 8
+
+
+def persistent_programs(
+    blocks: int, program_smem_bytes: int, groups: int = 1, min_iterations: int = 1
+) -> tuple[int, int]:
     r"""`(programs, iterations)` per group of a persistent grid over `groups × blocks` row
     blocks: `SMs × resident / groups` programs (at least 1), `resident` the fewest per SM
     that stage `2 × IN_FLIGHT_BYTES` at once (a program stages `program_smem_bytes`, both
@@ -266,12 +277,13 @@ def persistent_programs(blocks: int, program_smem_bytes: int, groups: int = 1) -
     which read TMA's zeros and store nothing). More programs would not move data faster:
     they would only write more per-program partial sums (the row norms' backward, whose
     parameter-gradient partials are `programs × width` float32 instead of `blocks ×
-    width`)."""
+    width`). `min_iterations`: the fewest blocks a program visits (fewer programs, at most
+    `blocks`), `FOLDED_ROWS_PER_PROGRAM` for folded rows."""
     program_smem_bytes = max(program_smem_bytes, 1)
     needed = -(-2 * IN_FLIGHT_BYTES // program_smem_bytes)
     resident = max(1, min(MAX_RESIDENT, SMEM_PER_SM // program_smem_bytes, needed))
     most = max(1, _sm_count() * resident // groups)
-    iterations = -(-blocks // most)
+    iterations = min(max(-(-blocks // most), min_iterations), blocks)
     return -(-blocks // iterations), iterations
 
 

@@ -669,6 +669,12 @@ def _backward_body(
     plgpu.wait_smem_to_gmem(0)
 
 
+def _min_iterations(boxes: m.Boxes) -> int:
+    """The fewest blocks a program of the persistent backward visits (folded rows: see
+    `_mosaic_gpu.FOLDED_ROWS_PER_PROGRAM`)."""
+    return m.FOLDED_ROWS_PER_PROGRAM if boxes.folded else 1
+
+
 def _stages(boxes: m.Boxes, groups: int, rows: int, row_bytes: int) -> tuple[int, m.Boxes]:
     """`(slots, boxes)`: two slots of staging (a block computed while the next is staged, in
     blocks of fewer rows if need be) when both fit in `SMEM_BYTES` and the persistent grid
@@ -680,7 +686,9 @@ def _stages(boxes: m.Boxes, groups: int, rows: int, row_bytes: int) -> tuple[int
     if block_rows == 0:
         return 1, boxes
     blocks = -(-max(rows, block_rows) // block_rows)
-    _, iterations = m.persistent_programs(blocks, 2 * block_rows * row_bytes, groups)
+    _, iterations = m.persistent_programs(
+        blocks, 2 * block_rows * row_bytes, groups, _min_iterations(boxes)
+    )
     if iterations < 2:
         return 1, boxes
     return 2, boxes._replace(block_rows=block_rows)
@@ -752,7 +760,9 @@ def backward_call(
     x_p, dy_p, dh_p = (_pad_rows(a, br) for a in (x, dy, dh))
     padded_rows = x_p.shape[1]
     blocks = -(-padded_rows // br)
-    programs, iterations = m.persistent_programs(blocks, slots * br * row_bytes, groups)
+    programs, iterations = m.persistent_programs(
+        blocks, slots * br * row_bytes, groups, _min_iterations(boxes)
+    )
     # The statistics (and per-row partials) of every block a program visits, past the end
     # included, padded with zeros: in bounds, and `rstd = 0` there.
     stat_rows = programs * iterations * br

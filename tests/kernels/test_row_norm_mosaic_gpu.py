@@ -261,8 +261,10 @@ def test_folded_rows_match_reference(case, monkeypatch):
 def test_folded_backward_loops_over_rows_in_two_slots(monkeypatch):
     # One SM: 5 folded rows over 3 programs of 2 blocks (one past the end: TMA's zeros, rstd
     # 0), each staging the next row while it computes one; the forward's 4-row tiles fit
-    # (a forward and a backward staged differently share the statistics).
+    # (a forward and a backward staged differently share the statistics). At least 2 rows a
+    # program (8 by default: one program of 5 rows).
     monkeypatch.setattr(_mosaic_gpu, "_sm_count", lambda: 1)
+    monkeypatch.setattr(_mosaic_gpu, "FOLDED_ROWS_PER_PROGRAM", 2)
     monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", 16 * 1024)
     x = ks.data((5, 1304), jnp.bfloat16, seed=5)
     weight, bias = ks.params(1304)
@@ -270,7 +272,8 @@ def test_folded_backward_loops_over_rows_in_two_slots(monkeypatch):
     if USABLE:
         boxes = _row_norm_mosaic_gpu.backward_boxes(x[None], weight, x[None], None, (x.dtype,))
         assert boxes.folded and _row_norm_mosaic_gpu._stages(boxes, 1, 5, 6144)[0] == 2
-        assert _mosaic_gpu.persistent_programs(5, 2 * 6144) == (3, 2)
+        assert _mosaic_gpu.persistent_programs(5, 2 * 6144, 1, 2) == (3, 2)
+        assert _mosaic_gpu.persistent_programs(5, 2 * 6144, 1, 8) == (1, 5)
 
     def run(module):
         def loss(x, weight, bias):
