@@ -29,6 +29,7 @@ $\partial y \odot \hat{x}$ and $\partial y$ (its partial parameter gradients).
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,12 +161,33 @@ def _copy_out(src, dst, rows, boxes, tools, group):
         plgpu.copy_smem_to_gmem(src.at[j], dst.at[group, rows, cols(j)])
 
 
+class PerBox(NamedTuple):
+    """The group norms' parameters: one value per row and box, read from a table `(groups,
+    table rows, columns)`. Box `k` of a row reads column `k // boxes_per_column` (the
+    row's channel: a channel is `boxes_per_column` boxes); the rows `r` of a block read
+    table rows `r % period` (the per-channel parameters of `period` groups, the rows of a
+    block within one period) or, with `period` 0, `r` (per-row tables; a block past the
+    table's end, which the persistent backward visits, reads its last block's rows: its
+    `dy` is zeros). The backward's partial parameter gradients come out per row and
+    column likewise: the sums over a channel's boxes."""
+
+    boxes_per_column: int
+    period: int = 0
+
+
+def _per_box_rows(ref, rows, per_box: PerBox, block_rows: int):
+    """The rows of `ref` `(groups, table rows, columns)` the block `rows` reads."""
+    if per_box.period:
+        return pl.ds(rows.start % per_box.period, block_rows)
+    return pl.ds(jnp.minimum(rows.start, ref.shape[1] - block_rows), block_rows)
+
+
 def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
     """Box `k`'s parameter as a box, read straight from HBM (the parameters are small, and
     a TMA load of under 128 bytes, a narrow row's, is refused under this lowering): with
     columns padded to whole boxes, a row of the group's parameter `(groups, chunks · cols)`
-    broadcast over the rows; with `per_box` tables (`(groups, rows padded to whole programs,
-    chunks)`), each row's value broadcast over the box's columns. A folded row's parameter
+    broadcast over the rows; with `per_box` tables ([`PerBox`][]), each row's value
+    broadcast over the box's columns. A folded row's parameter
     is `(parameter, tails, p)`: the parameter, whose tile `k` (boxes `4k` to `4k + 3`, each
     read whole by every warp and kept by its own) is read while the tile lies inside the row,
     and for the row's last (partial) tile `tails[p]`, its boxes staged by TMA
@@ -192,7 +214,11 @@ def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
         valid = tools[2](k)
         return _masked(value.astype(F32), valid)
     if per_box:
-        value = plgpu.load(ref.at[group, rows, k], layout=layout.reduce(1), optimized=False)
+        table_rows = _per_box_rows(ref, rows, per_box, boxes.block_rows)
+        column = k // per_box.boxes_per_column
+        value = plgpu.load(
+            ref.at[group, table_rows, column], layout=layout.reduce(1), optimized=False
+        )
         return bcast(value.astype(F32), [0])
     columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
     value = plgpu.load(ref.at[group, columns], layout=layout.reduce(0), optimized=False)
@@ -458,8 +484,8 @@ def forward_call(
     out_dtype=None,
 ):
     """The forward kernel over `x` `(groups, rows, width)` staged as `boxes`: parameters
-    `params` `(groups, width)` per column, or with `per_box` `(groups, rows padded to whole
-    programs, boxes.chunks)` tables, one value per row and box (the group norms'). `y` in
+    `params` `(groups, width)` per column, or with `per_box` tables, one value per row and
+    box (the group norms', [`PerBox`][]). `y` in
     `out_dtype` (default `x.dtype`); `has_scale`: the last parameter is the FP8 scale, and
     each row's amax follows the statistics."""
     groups, rows, width = x.shape
@@ -528,7 +554,7 @@ def _backward_body(
     slots,
 ):
     n_in = 5 + has_weight + has_dh
-    n_partials = param_grads * (2 if per_box else 1)
+    n_partials = int(param_grads)
     ins, outs = refs[:n_in], refs[n_in : n_in + n_outs + n_partials]
     scratch = list(refs[n_in + n_outs + n_partials :])
     x_ref, dy_ref, *stat_refs = ins[:5]
@@ -618,17 +644,17 @@ def _backward_body(
         mean_gx, mean_g = sum_gx * (1.0 / width), sum_g * (1.0 / width)
         outs = [t.at[slot] for t in targets]
 
-        @pl.loop(0, boxes.chunks)
-        def _(k):
+        def box(k):
+            """Box `k`'s `dx`, stored; its per-row partial sums (`per_box`), returned."""
             xhat, dy, g = values(k)
             dx = (g - bcast(mean_g, [0]) - xhat * bcast(mean_gx, [0])) * bcast(rstd, [0])
             if dh_s is not None:
                 dx = dx + _load(dh_s, k, layout)
+            for out in outs:
+                out[k] = dx.astype(out.dtype)
             if param_grads and per_box:
-                # Per row and box, straight to HBM (rows padded to whole programs).
-                for ref, value in zip(partial_refs, (dy * xhat, dy), strict=True):
-                    plgpu.store(ref.at[group, rows, k], jnp.sum(value, axis=1), optimized=False)
-            elif param_grads and boxes.folded:
+                return jnp.sum(dy * xhat, axis=1), jnp.sum(dy, axis=1)
+            if param_grads and boxes.folded:
                 # A folded row's tile is 4 boxes of its columns: per column as it is, in the
                 # program's row of the partials `(..., 4 · chunks, cols)`.
                 tile = pl.ds(pl.multiple_of(k * boxes.tile_rows, boxes.tile_rows), boxes.tile_rows)
@@ -647,8 +673,24 @@ def _backward_body(
                     if not first:
                         total = total + plgpu.load(ref, layout=layout.reduce(0), optimized=False)
                     plgpu.store(ref, total, optimized=False)
-            for out in outs:
-                out[k] = dx.astype(out.dtype)
+            return None
+
+        if param_grads and per_box:
+            # Per row and column (a channel's boxes summed in registers), straight to HBM
+            # (rows padded to whole programs).
+            n = per_box.boxes_per_column
+
+            @pl.loop(0, boxes.chunks // n)
+            def _(c):
+                def add(b, acc):
+                    return tuple(a + v for a, v in zip(acc, box(c * n + b), strict=True))
+
+                sums = lax.fori_loop(1, n, add, box(c * n)) if n > 1 else box(c * n)
+                for s, value in enumerate(sums):
+                    ref = partial_refs[0].at[group, s, rows, c]
+                    plgpu.store(ref, value, optimized=False)
+        else:
+            pl.loop(0, boxes.chunks)(box)
 
         plgpu.commit_smem()
         for out, ref in zip(outs, d_refs, strict=True):
@@ -746,8 +788,8 @@ def backward_call(
     """The backward kernel over `x` `(groups, rows, width)` staged as `boxes`: `(dx,
     dresidual, *partials)`, the partial parameter gradients (with `param_grads`): both in
     one array per program (of a persistent grid, `_mosaic_gpu.persistent_programs`) and
-    column `(groups, 2, programs, chunks · cols)`, or with `per_box` (the weight a table as in
-    [`forward_call`][]) two arrays per row and box `(groups, padded rows, chunks)`."""
+    column `(groups, 2, programs, chunks · cols)`, or with `per_box` (the weight a table,
+    [`PerBox`][]) per row and table column `(groups, 2, padded rows, columns)`."""
     groups, rows, width = x.shape
     out_reuse = _out_buffers(dy, dh, d_dtypes)
     staged_dtypes = [a.dtype for a in (x, dy, dh) if a is not None]
@@ -781,7 +823,8 @@ def backward_call(
         scratch.append(plgpu.Barrier(num_arrivals=len(_tail_boxes(boxes))))
     out_type = [jax.ShapeDtypeStruct(x_p.shape, d) for d in d_dtypes]
     if param_grads and per_box:
-        out_type += [jax.ShapeDtypeStruct((groups, stat_rows, boxes.chunks), F32)] * 2
+        columns = boxes.chunks // per_box.boxes_per_column
+        out_type.append(jax.ShapeDtypeStruct((groups, 2, stat_rows, columns), F32))
     elif param_grads and boxes.folded:
         shape = (groups, 2, programs, boxes.chunks * boxes.tile_rows, boxes.cols)
         out_type.append(jax.ShapeDtypeStruct(shape, F32))
