@@ -34,7 +34,9 @@ instead. The contract, for every call whose operands carry a batch:
   statistic reduces over: features, channels, spatial) is gathered whole.
 - An output lacking a split factor is a sum over it (a parameter gradient over rows), added
   across devices with `psum`; anything else needs the rule's `combine` (BatchNorm's partial
-  moments).
+  moments). Where no operand has that factor with the output's own split factors, the
+  output's entry must say: `+r` a sum over `r`, `~r` independent of it (two outputs of two
+  token factors); unmarked, the call raises.
 - A factor written `b?` is optional: an operand with fewer axes lacks it, e.g. `"b? c"` for
   a parameter shared by the examples `(channels,)` or per example `(batch, channels)`.
 
