@@ -646,8 +646,10 @@ class _Account:
             return None
         if name == "scf.if":
             c = ins[0]
-            if c is OPAQUE or np.unique(c).size != 1:
-                raise Unanalysable("scf.if on a condition that varies between programs or data")
+            if c is OPAQUE:
+                raise Unanalysable("scf.if on a condition that depends on data")
+            if np.unique(c).size != 1:
+                return self._split_if(op, c, env)
             region = op.regions[0] if int(np.ravel(c)[0]) else op.regions[1]
             if len(region.blocks) == 0:
                 return None
@@ -662,6 +664,28 @@ class _Account:
             if _is_int_like(r.type) and "!tt.ptr" in str(r.type):
                 raise Unanalysable(f"pointer produced by {name}")
             env[r] = OPAQUE
+        return None
+
+    def _split_if(self, op, c, env):
+        """An `scf.if` whose condition varies between the programs (it is evaluated, so it
+        depends on the program ids only, not on data): each region run by the programs that
+        take it, and its results merged per program."""
+        pid = self.pid
+        n = len(pid[0])
+        taken = np.broadcast_to(np.asarray(c).reshape(-1) != 0, (n,))
+        branches = []
+        for region, which in zip(op.regions, (taken, ~taken), strict=True):
+            idx = np.flatnonzero(which)
+            if idx.size == 0 or len(region.blocks) == 0:
+                continue
+            self.pid = tuple(p[idx] for p in pid)
+            local = {k: _programs(v, idx, n) for k, v in env.items()}
+            try:
+                branches.append((idx, self._block(region.blocks[0], local) or []))
+            finally:
+                self.pid = pid
+        for i, r in enumerate(op.results):
+            env[r] = _merge_programs([(idx, outs[i]) for idx, outs in branches], n)
         return None
 
     def _access(self, op, ins, load: bool, atomic: bool = False):
@@ -702,6 +726,32 @@ class _Account:
             b.written += sel.size * eb
             b.stores += n_prog
             self.offsets_w[ptr.arg].append(sel)
+
+
+def _programs(value, idx: np.ndarray, n: int):
+    """`value` (an evaluated array or pointer, its axis 0 the `n` programs or broadcast)
+    for the programs `idx` only."""
+    arr = value.offset if isinstance(value, _Ptr) else value
+    if not isinstance(arr, np.ndarray) or n == 1 or arr.shape[0] != n:
+        return value
+    return _Ptr(value.arg, arr[idx]) if isinstance(value, _Ptr) else arr[idx]
+
+
+def _merge_programs(parts: list[tuple[np.ndarray, Any]], n: int):
+    """One value for the `n` programs from `(programs, value)` parts covering them (the
+    results of the two regions of a split `scf.if`)."""
+    values = [v for _, v in parts]
+    if not parts or any(v is OPAQUE for v in values):
+        return OPAQUE
+    ptrs = [v for v in values if isinstance(v, _Ptr)]
+    if ptrs and (len(ptrs) != len(values) or len({p.arg for p in ptrs}) != 1):
+        raise Unanalysable("scf.if yielding pointers of different buffers")
+    arrays = [v.offset if isinstance(v, _Ptr) else v for v in values]
+    tail = np.broadcast_shapes(*(a.shape[1:] for a in arrays))
+    merged = np.zeros((n, *tail), np.int64)
+    for (idx, _), a in zip(parts, arrays, strict=True):
+        merged[idx] = np.broadcast_to(a, (len(idx) if a.shape[0] != 1 else 1, *tail))
+    return _Ptr(ptrs[0].arg, merged) if ptrs else merged
 
 
 def _walk_ops(block):

@@ -114,11 +114,8 @@ class WeightNorm(eqx.Module, Generic[_Layer]):
     ) -> PyTree:
         """**Arguments:**
 
-        - `x`: the wrapped layer's input (e.g. `(in,)` for a linear layer, `(in, *spatial)`
-            for a convolution).
-        - `state`: optional; passed through unchanged, so the layer can sit among stateful
-            ones.
-        - `key`: passed through to the wrapped layer.
+        As [`eqxnorm.WeightStandardization`][]'s call: `x` the wrapped layer's input, `state`
+        passed through unchanged, `key` passed to the wrapped layer.
 
         **Returns:**
 

@@ -155,6 +155,26 @@ def _resolve_row_shape(x: Any, weight: Any, bias: Any, shape: Any, where: str) -
     return shape
 
 
+def _check_row_args(x, weight, bias, shape, eps, impl, where: str, options=None, fp8=True):
+    """The checks every row norm's precheck makes: its feature shape (returned), `eps`,
+    `impl`, and where it takes them its output `options` `(weight_offset, out_dtype,
+    fp8_scale)` (see `_output_options`)."""
+    shape = _resolve_row_shape(x, weight, bias, shape, where)
+    _checking.check_eps(eps, where, x)
+    if options is not None:
+        _output_options(x, weight, *options, where, fp8=fp8)
+    check_impl(impl, where)
+    return shape
+
+
+def _flat_params(x: Array, weight, bias, shape, options, where: str, fp8=True):
+    """`(flat, options)` of a row norm's call: `weight` and `bias` as arrays of
+    `(prod(shape),)` (or `None`) and its output `options` resolved for `x`."""
+    weight, bias = _as_arrays(weight, bias)
+    flat = [None if p is None else p.reshape(math.prod(shape)) for p in (weight, bias)]
+    return flat, _output_options(x, weight, *options, where, fp8=fp8)
+
+
 def _check_row_norm(where: str):
     def precheck(
         x,
@@ -171,12 +191,10 @@ def _check_row_norm(where: str):
         out_dtype=None,
         fp8_scale=None,
     ):
-        shape = _resolve_row_shape(x, weight, bias, shape, where)
-        _checking.check_eps(eps, where, x)
-        _output_options(x, weight, weight_offset, out_dtype, fp8_scale, where)
+        options = (weight_offset, out_dtype, fp8_scale)
+        shape = _check_row_args(x, weight, bias, shape, eps, impl, where, options)
         if axis_name is not None:
             _checking.axis_size(axis_name, where)
-        check_impl(impl, where)
         _checking.check_mask(mask, x, where)
         _checking.check_lengths(lengths, mask, x.shape[: x.ndim - len(shape)], where)
         if lengths is not None and axis_name is not None:
@@ -239,10 +257,8 @@ def _row_norm(
 ):
     where = f"eqxnorm.functional.{op}"
     shape = _resolve_row_shape(x, weight, bias, shape, where)
-    dim = math.prod(shape)
-    x, weight, bias = _as_arrays(x, weight, bias)
-    options = _output_options(x, weight, *options, where)
-    flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
+    (x,) = _as_arrays(x)
+    flat, options = _flat_params(x, weight, bias, shape, options, where)
     rows = _to_rows(x, shape, impl)
     lead = x.ndim - len(shape)
     fn = getattr(implementation(impl), op)
@@ -1240,11 +1256,10 @@ def _check_add_row_norm(where: str):
         out_dtype=None,
         fp8_scale=None,
     ):
-        _resolve_row_shape(x, weight, bias, shape, where)
-        _output_options(x, weight, weight_offset, out_dtype, fp8_scale, where)
+        _check_row_args(
+            x, weight, bias, shape, eps, impl, where, (weight_offset, out_dtype, fp8_scale)
+        )
         _check_same_shape(x, residual, "residual", where)
-        _checking.check_eps(eps, where, x)
-        check_impl(impl, where)
 
     return precheck
 
@@ -1252,10 +1267,8 @@ def _check_add_row_norm(where: str):
 def _add_row_norm(op: str, x, residual, weight, bias, shape, eps, impl, options=(0, None, None)):
     where = f"eqxnorm.functional.{op}"
     shape = _resolve_row_shape(x, weight, bias, shape, where)
-    dim = math.prod(shape)
-    x, residual, weight, bias = _as_arrays(x, residual, weight, bias)
-    options = _output_options(x, weight, *options, where)
-    flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
+    x, residual = _as_arrays(x, residual)
+    flat, options = _flat_params(x, weight, bias, shape, options, where)
     y, h, *amax = getattr(implementation(impl), op)(
         _to_rows(x, shape, impl),
         _to_rows(residual, shape, impl),
@@ -1402,11 +1415,9 @@ def _check_adaptive_row_norm(where: str):
         weight_offset=0.0,
         out_dtype=None,
     ):
-        feature_shape = _resolve_row_shape(x, weight, bias, shape, where)
-        _output_options(x, weight, weight_offset, out_dtype, None, where, fp8=False)
+        options = (weight_offset, out_dtype, None)
+        feature_shape = _check_row_args(x, weight, bias, shape, eps, impl, where, options, False)
         _modulation_lead(x, scale, shift, feature_shape, where)
-        _checking.check_eps(eps, where, x)
-        check_impl(impl, where)
 
     return precheck
 
@@ -1418,9 +1429,9 @@ def _adaptive_row_norm(
     shape = _resolve_row_shape(x, weight, bias, shape, where)
     lead = _modulation_lead(x, scale, shift, shape, where)
     dim = math.prod(shape)
-    x, scale, shift, weight, bias = _as_arrays(x, scale, shift, weight, bias)
-    weight_offset, out_dtype, _ = _output_options(x, weight, *options, None, where, fp8=False)
-    flat = [None if p is None else p.reshape(dim) for p in (weight, bias)]
+    x, scale, shift = _as_arrays(x, scale, shift)
+    flat, options = _flat_params(x, weight, bias, shape, (*options, None), where, fp8=False)
+    weight_offset, out_dtype, _ = options
     middle = x.shape[len(lead) : x.ndim - len(shape)]
     if _unit_batch(impl):
         # The kernels' `(examples, rows, dim)`; the reference takes the axes as they are.
@@ -1717,10 +1728,8 @@ def _check_gated_rms_norm(
     x, z, weight=None, *, shape=None, eps=1e-6, norm_before_gate=True, impl="auto"
 ):
     where = "eqxnorm.functional.gated_rms_norm"
-    _resolve_row_shape(x, weight, None, shape, where)
+    _check_row_args(x, weight, None, shape, eps, impl, where)
     _check_same_shape(x, z, "z", where)
-    _checking.check_eps(eps, where, x)
-    check_impl(impl, where)
 
 
 @_checking.typechecked(_check_gated_rms_norm)

@@ -34,7 +34,9 @@ instead. The contract, for every call whose operands carry a batch:
   statistic reduces over: features, channels, spatial) is gathered whole.
 - An output lacking a split factor is a sum over it (a parameter gradient over rows), added
   across devices with `psum`; anything else needs the rule's `combine` (BatchNorm's partial
-  moments).
+  moments). Where no operand has that factor with the output's own split factors, the
+  output's entry must say: `+r` a sum over `r`, `~r` independent of it (two outputs of two
+  token factors); unmarked, the call raises.
 - A factor written `b?` is optional: an operand with fewer axes lacks it, e.g. `"b? c"` for
   a parameter shared by the examples `(channels,)` or per example `(batch, channels)`.
 
@@ -249,7 +251,9 @@ def _floor_pow2(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
-def block_config(target: Target, rows: int, width: int) -> BlockConfig:
+def block_config(
+    target: Target, rows: int, width: int, *, thread_elements: int = 16
+) -> BlockConfig:
     r"""The one block-size heuristic of every eqxnorm kernel.
 
     A kernel works on `rows` independent rows of `width` elements each (its reduction extent:
@@ -265,9 +269,12 @@ def block_config(target: Target, rows: int, width: int) -> BlockConfig:
     4. Mosaic rounds `block_rows` up to a multiple of `MOSAIC_ROW_MULTIPLE` sublanes for one
        pass; chunked, it keeps `CHUNK_ROWS` rows and needs the chunk to divide the width
        (else the whole row is one chunk, which Mosaic keeps in VMEM).
-    5. Triton: `num_warps = clamp(block_rows × block_cols / 512, 1, 16)` (16 to 32 elements
-       per thread), `num_stages` 1 for one pass and 2 for chunked loops (prefetch the next
-       chunk).
+    5. Triton: `num_warps = clamp(block_rows × block_cols / (32 × thread_elements), 1, 16)`
+       (16 to 32 elements per thread by default), `num_stages` 1 for one pass and 2 for
+       chunked loops (prefetch the next chunk). A launch whose programs hold more than a row
+       norm's registers per element passes fewer `thread_elements`: QK-norm's backward, 8
+       (see `_qk_launch` in `row_norm.py`: at 16 its float32 program needs a few registers
+       over the 64 that ptxas gives a 256-thread program, and spills).
     6. A configuration measured faster on this device (`python -m eqxnorm.tune`) replaces the
        choice: `block_rows`, `num_warps` halved or doubled (`eqxnorm.kernels._tuning.tuned`).
     """
@@ -284,7 +291,7 @@ def block_config(target: Target, rows: int, width: int) -> BlockConfig:
         if not target.masked and width % block_cols:
             block_cols, chunks = width, 1
     elements = block_rows * block_cols
-    num_warps = min(max(elements // 512, 1), 16)
+    num_warps = min(max(elements // (32 * thread_elements), 1), 16)
     config = BlockConfig(block_rows, block_cols, chunks, num_warps, 1 if chunks == 1 else 2)
     return _tuning.tuned(config, target.name, rows, width)
 

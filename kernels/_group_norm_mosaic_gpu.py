@@ -7,11 +7,12 @@ kernel (`eqxnorm.kernels._row_norm_mosaic_gpu`) over `(batch·groups, channels/g
 spatial)`, with the same staging, statistics and backward. What differs is the affine: the
 weight and bias are per channel, i.e. per run of `spatial` elements of a row. The staging's
 boxes are chosen to divide `spatial` (`_mosaic_gpu.boxes(segment=spatial)`), so each box lies
-in one channel, and the parameters are expanded in XLA to one value per row and box (tables of
-`batch·groups × channels/groups × spatial/cols` values: `x.size / cols`, under 1/16 of `x`).
-The backward's parameter gradients come back per row and box likewise and are summed over
-each channel's boxes in XLA, giving the per-example `(batch, channels)` gradients of the
-Triton kernel's contract.
+in one channel, and a box reads its row's channel's value from the parameter in place
+(`(groups, channels/groups)` per channel, `(batch·groups, channels/groups)` per example: free
+reshapes; [`_tables`][] copies only for blocks that straddle those). The backward sums each
+channel's boxes in registers and stores the parameter gradients per row and channel: the
+per-example `(batch, channels)` gradients of the Triton kernel's contract, with no XLA
+launch beside the kernels but the sum over the examples of per-channel parameters.
 """
 
 import jax.numpy as jnp
@@ -28,15 +29,22 @@ def _staging(x, groups: int, staged_bytes: int, layout_dtypes=()) -> m.Boxes:
 
 
 def _tables(param, batch: int, groups: int, spatial: int, boxes: m.Boxes):
-    """A `(channels,)` or `(batch, channels)` parameter as `(1, batch·groups padded to whole
-    programs, boxes.chunks)`: the value of each row's box (box `k` of a row lies in channel
-    `k // (spatial / cols)` of the row's group)."""
+    """A `(channels,)` or `(batch, channels)` parameter as a table the kernel reads in place
+    (`rows_mgpu.PerBox`: one value per row and box, a channel's `spatial / cols` boxes
+    sharing one): `(1, groups, channels/groups)` (a reshape, no copy) for per-channel
+    parameters when a block's rows lie in one period of the groups (`groups % block_rows
+    == 0`), `(1, batch·groups, channels/groups)` for per-example ones when the blocks tile the
+    rows; else (a copy in XLA) per row, padded to whole programs."""
     channels = param.shape[-1]
-    per_channel = jnp.broadcast_to(param, (batch, channels)).astype(F32)
-    table = jnp.repeat(per_channel, spatial // boxes.cols, axis=1)
-    table = table.reshape(batch * groups, boxes.chunks)
-    padded = -(-batch * groups // boxes.block_rows) * boxes.block_rows
-    return jnp.pad(table, ((0, padded - batch * groups), (0, 0)))[None]
+    per_box = rows_mgpu.PerBox(spatial // boxes.cols)
+    br = boxes.block_rows
+    if param.ndim == 1 and groups % br == 0:
+        return param.reshape(1, groups, channels // groups), per_box._replace(period=groups)
+    if param.ndim == 2 and batch * groups % br == 0:
+        return param.reshape(1, batch * groups, channels // groups), per_box
+    table = jnp.broadcast_to(param, (batch, channels)).reshape(batch * groups, -1)
+    padded = -(-batch * groups // br) * br
+    return jnp.pad(table, ((0, padded - batch * groups), (0, 0)))[None], per_box
 
 
 def forward_supported(groups: int, x, weight, bias) -> bool:
@@ -54,17 +62,19 @@ def forward_on(target: Target, x, weight, bias, *, groups: int, eps: float):
     batch, channels, spatial = x.shape
     boxes = _staging(x, groups, jnp.dtype(x.dtype).itemsize)
     tables = [_tables(p, batch, groups, spatial, boxes) for p in (weight, bias) if p is not None]
+    # Weight and bias have one shape: one table layout.
+    per_box = tables[0][1] if tables else rows_mgpu.PerBox(1)
     rows = x.reshape(1, batch * groups, -1)
     y, _, *stats = rows_mgpu.forward_call(
         target,
         rows,
         None,
-        tables,
+        [t for t, _ in tables],
         boxes,
         center=True,
         eps=eps,
         name="eqxnorm_group_norm_fwd",
-        per_box=True,
+        per_box=per_box,
         has_weight=weight is not None,
         has_bias=bias is not None,
     )
@@ -91,7 +101,10 @@ def backward_on(target: Target, x, weight, dy, shift, offset, rstd, *, groups, p
     gradients `(batch, channels)`), with one Mosaic GPU kernel."""
     batch, channels, spatial = x.shape
     boxes = _backward_staging(x, dy, groups)
-    table = None if weight is None else _tables(weight, batch, groups, spatial, boxes)
+    per_box = rows_mgpu.PerBox(spatial // boxes.cols)
+    table = None
+    if weight is not None:
+        table, per_box = _tables(weight, batch, groups, spatial, boxes)
     as_rows = lambda a: a.reshape(1, batch * groups, -1)  # noqa: E731
     dx, _, *partials = rows_mgpu.backward_call(
         target,
@@ -105,13 +118,10 @@ def backward_on(target: Target, x, weight, dy, shift, offset, rstd, *, groups, p
         param_grads=param_grads,
         d_dtypes=(jnp.dtype(x.dtype),),
         name="eqxnorm_group_norm_bwd",
-        per_box=True,
+        per_box=per_box,
     )
-    per_channel = spatial // boxes.cols
-
-    def channel_sums(table):
-        table = table[0, : batch * groups].reshape(batch, channels, per_channel)
-        return table.sum(axis=2)
-
-    dw, db = (channel_sums(p) for p in partials) if param_grads else (None, None)
+    # Per row and channel of its group: per example and channel.
+    rows = slice(None, batch * groups)
+    per_example = (partials[0][0, s, rows].reshape(batch, channels) for s in (0, 1))
+    dw, db = per_example if param_grads else (None, None)
     return dx.reshape(x.shape), dw, db

@@ -30,7 +30,11 @@ was found to fail or take minutes).
 
 **Which shapes.** TMA needs every row to start on 16 bytes: `width × itemsize % 16 == 0`
 ([`supports`][]). Rows are kept whole on chip when [`boxes`][] finds a tile of rows that fits
-`SMEM_BYTES`; wider rows run the Triton kernels, which read them twice.
+`SMEM_BYTES`. A row too wide for a tile of 4 but that fits alone is **folded** (for the kernels
+that take it, the row norms' forward and backward): one row per program, its boxes dealt
+round the 4 warps (box `4j + w` to warp `w`'s `j`-th tile), so that a tile holds 4 parts of
+the same row and a row's sums are combined across the warps ([`across_warps`][]). Wider rows
+run the Triton kernels, which read them twice.
 
 **Availability.** [`usable`][]: the installed JAX has the Mosaic GPU API these kernels are
 written for (0.12; 0.11.2 lacks `plgpu.store`, which the per-row stores need).
@@ -129,6 +133,20 @@ class Boxes(NamedTuple):
     chunks: int
     tile_rows: int
     layout: Any
+    # A folded row (see the module docstring): `block_rows` is 1, `chunks` the row's tiles of
+    # `tile_rows × cols` (4 boxes each), `row_boxes` its TMA boxes.
+    folded: bool = False
+    row_boxes: int = 0
+
+    @property
+    def arrivals(self) -> int:
+        """The TMA copies of one staged array of a program (one barrier arrival each)."""
+        return self.row_boxes if self.folded else self.chunks
+
+    @property
+    def tile(self) -> tuple[int, int, int]:
+        """The shape of one staged array of a program in shared memory: its tiles."""
+        return (self.chunks, self.tile_rows if self.folded else self.block_rows, self.cols)
 
 
 def boxes(
@@ -138,6 +156,7 @@ def boxes(
     staged_bytes_per_element: int,
     segment: int | None = None,
     groups: int = 1,
+    fold: bool = False,
 ) -> Boxes:
     r"""The staging of `rows` rows of `width` elements by a kernel that loads arrays of
     `dtypes` into registers and keeps `staged_bytes_per_element` bytes on chip per element
@@ -160,6 +179,23 @@ def boxes(
       blocks of 16 rows would run on 32 of an H200's 132 SMs).
     - a `block_rows` measured faster on this device (`python -m eqxnorm.tune`) replaces it,
       halved or doubled within what fits (`eqxnorm.kernels._tuning.tuned`).
+    - with `fold` (a kernel that takes folded rows), when not even a tile's rows fit but one
+      row does (its `ceil(chunks / 4)` tiles of `4 × cols`): that row **folded**, one per
+      program (see the module docstring). The budget is an sm_90 block's 227 KiB of shared
+      memory: `SMEM_BYTES` (200 KiB) staged, the rest the statistics, barriers and
+      `REDUCTION_SCRATCH_BYTES`. The forward stages `x` alone (2 bytes per bf16 element:
+      rows up to 102400 bf16, 51200 float32, on chip and read once; a whole 4-row tile
+      only up to 25600 bf16); add + norm stages `x` and the residual; the backward `x` and
+      `dy` (and `dh`): up to 51200 bf16, 25600 float32 (65536 bf16 would ask 265 KiB,
+      which Mosaic GPU refuses). Beyond one row, the Triton kernels read a row twice
+      (chunked): a row cannot be split across SMs without a second pass. A folded program
+      is one row: 1 block per SM at 64 rows of 70000, each with 137 KiB (bf16) in flight,
+      above the `2 × IN_FLIGHT_BYTES` an SM needs. The price is in the backward: a
+      persistent program writes one row of float32 partials per parameter gradient, so a
+      folded backward's program visits at least `FOLDED_ROWS_PER_PROGRAM` rows, as many as
+      a block of the Triton chunked backward it replaces (256 × 32768 bf16: 32 programs,
+      1.10× the ideal bytes per training step, each row read once; one row a program would
+      be 1.40×). Folded boxes are not tuned.
     """
     vector = 16 // max(jnp.dtype(d).itemsize for d in dtypes)
     lanes = 32
@@ -185,10 +221,53 @@ def boxes(
     )
     in_segments = segment is None or segment % cols == 0
     chosen = Boxes(min(fit, want) if in_segments else 0, cols, n_chunks, tile_rows, layout)
+    if fold and fit == 0 and lane_rows == 1 and in_segments:
+        return _folded(width, staged_bytes_per_element) or chosen
     return _tuning.tuned(chosen, "mosaic_gpu", rows, width, most_rows=fit)
 
 
-def persistent_programs(blocks: int, program_smem_bytes: int, groups: int = 1) -> tuple[int, int]:
+def _folded(width: int, staged_bytes_per_element: int) -> Boxes | None:
+    """The folded staging of a row of `width` elements ([`boxes`][]), or `None` if it does
+    not fit: boxes of 32 lanes of 4 elements (a float32 layout: Mosaic GPU reduces across
+    warps, [`across_warps`][], vectors of up to 4 float32)."""
+    vector = 4
+    cols = 32 * vector
+    n_chunks = -(-width // cols)
+    tiles = -(-n_chunks // WARPS)
+    if tiles * WARPS * cols * staged_bytes_per_element > SMEM_BYTES:
+        return None
+    layout = plgpu.Layout.TILED(
+        plgpu.Tiling(((WARPS, cols), (vector,))), warp_dims=(-3,), lane_dims=(-2,), vector_dim=-1
+    )
+    return Boxes(1, cols, tiles, WARPS, layout, folded=True, row_boxes=n_chunks)
+
+
+def across_warps(v: Any, boxes: Boxes, op: str = "sum") -> Any:
+    """A folded row's per-warp values `v` `(4,)` (sums or maxima over each warp's part of the
+    row) combined across the 4 warps (`op`: `"sum"` or `"max"`), the result in every one: a
+    reduction across warps through the reduction scratch (as a box's column sums), and back.
+    Unfolded rows (one row per warp, or per lane group) are returned as they are."""
+    if not boxes.folded:
+        return v
+    shape = (boxes.tile_rows, boxes.cols)
+    reduce = jnp.sum if op == "sum" else jnp.max
+    spread = plgpu.layout_cast(jax.lax.broadcast_in_dim(v, shape, [0]), boxes.layout)
+    column = reduce(spread, axis=0)
+    back = plgpu.layout_cast(jax.lax.broadcast_in_dim(column, shape, [1]), boxes.layout)
+    return jnp.max(back, axis=1)
+
+
+# A folded backward's program visits at least this many rows (one per block): as many as a
+# block of the Triton chunked backward it replaces (`_common.CHUNK_ROWS`), so that it writes no
+# more float32 partial rows than that one, while reading each row once instead of twice. With
+# one row per program, 256 rows of 32768 bf16 would write 256 partial rows for 256 rows of
+# `x`: 1.40× the ideal bytes per training step instead of 1.2×.
+FOLDED_ROWS_PER_PROGRAM = 8
+
+
+def persistent_programs(
+    blocks: int, program_smem_bytes: int, groups: int = 1, min_iterations: int = 1
+) -> tuple[int, int]:
     r"""`(programs, iterations)` per group of a persistent grid over `groups × blocks` row
     blocks: `SMs × resident / groups` programs (at least 1), `resident` the fewest per SM
     that stage `2 × IN_FLIGHT_BYTES` at once (a program stages `program_smem_bytes`, both
@@ -198,12 +277,13 @@ def persistent_programs(blocks: int, program_smem_bytes: int, groups: int = 1) -
     which read TMA's zeros and store nothing). More programs would not move data faster:
     they would only write more per-program partial sums (the row norms' backward, whose
     parameter-gradient partials are `programs × width` float32 instead of `blocks ×
-    width`)."""
+    width`). `min_iterations`: the fewest blocks a program visits (fewer programs, at most
+    `blocks`), `FOLDED_ROWS_PER_PROGRAM` for folded rows."""
     program_smem_bytes = max(program_smem_bytes, 1)
     needed = -(-2 * IN_FLIGHT_BYTES // program_smem_bytes)
     resident = max(1, min(MAX_RESIDENT, SMEM_PER_SM // program_smem_bytes, needed))
     most = max(1, _sm_count() * resident // groups)
-    iterations = -(-blocks // most)
+    iterations = min(max(-(-blocks // most), min_iterations), blocks)
     return -(-blocks // iterations), iterations
 
 

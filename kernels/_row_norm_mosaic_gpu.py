@@ -7,6 +7,13 @@ A program owns `block_rows` rows of one group (grid `(row blocks, groups)`), sta
 shared memory, and makes its passes over them there: one read of `x` (and `residual`, `dy`,
 `dh`) from HBM and one write of each output, as the Triton kernels' one-pass case does.
 
+**Folded rows** (a row too wide for a tile of 4 rows on chip, `_mosaic_gpu.boxes`): a program
+owns one row, its boxes dealt round the 4 warps (tile `k` holds boxes `4k` to `4k + 3`); each
+per-row sum below is the warps' sums combined (`_mosaic_gpu.across_warps`), the statistics
+are stored and read as one value per row, the parameters read per warp ([`_param`][]), and
+the backward's partial parameter gradients kept per column of a tile (no sum over its rows,
+which are different columns).
+
 **Forward.** Staged `h` (`x`, or `x + residual` rounded to the residual's dtype, written over
 the residual's box and stored as the output `h`). The statistics are
 `eqxnorm.kernels._common.block_moments`' over the boxes of a row: `shift` the mean of $h$,
@@ -22,6 +29,7 @@ $\partial y \odot \hat{x}$ and $\partial y$ (its partial parameter gradients).
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +46,8 @@ def _box_tools(boxes: m.Boxes, width: int, zero):
     """`(cols(j), bcast(v, dims), valid(k))` for a program: the columns of box `j` (a
     traced start, see [`m.dynamic_index`][]), a per-row or per-column vector broadcast to a
     box in the row layout, and the mask of a box's columns inside the row (`None` when every
-    box is full)."""
-    shape = (boxes.block_rows, boxes.cols)
+    box is full). A folded row's tile `k` is its boxes `4k + w` (`w` the tile's row)."""
+    shape = boxes.tile[1:]
 
     def cols(j):
         return pl.ds(m.dynamic_index(zero, j * boxes.cols), boxes.cols)
@@ -48,6 +56,12 @@ def _box_tools(boxes: m.Boxes, width: int, zero):
         return plgpu.layout_cast(lax.broadcast_in_dim(v, shape, dims), boxes.layout)
 
     def valid(k):
+        if boxes.folded:
+            if boxes.chunks * boxes.tile_rows * boxes.cols == width:
+                return None
+            col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=boxes.layout)
+            part = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=boxes.layout)
+            return col + (k * boxes.tile_rows + part) * boxes.cols < width
         if width % boxes.cols == 0:
             return None
         col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=boxes.layout)
@@ -70,7 +84,7 @@ def row_total(fn, boxes: m.Boxes):
     def body(k, acc):
         return acc + jnp.sum(fn(k), axis=1)
 
-    return lax.fori_loop(1, boxes.chunks, body, jnp.sum(fn(0), axis=1))
+    return m.across_warps(lax.fori_loop(1, boxes.chunks, body, jnp.sum(fn(0), axis=1)), boxes)
 
 
 def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools):
@@ -89,10 +103,11 @@ def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools):
     def centred(k):
         return _masked(load_h(k) - bcast(shift, [0]), valid(k))
 
-    first_col = plgpu.broadcasted_iota(
-        jnp.int32, (boxes.block_rows, boxes.cols), 1, layout=boxes.layout
-    )
-    d0 = jnp.sum(jnp.where(first_col == 0, centred(0), 0.0), axis=1)
+    first = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 1, layout=boxes.layout) == 0
+    if boxes.folded:  # the row's first column is the first warp's
+        part = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 0, layout=boxes.layout)
+        first = first & (part == 0)
+    d0 = m.across_warps(jnp.sum(jnp.where(first, centred(0), 0.0), axis=1), boxes)
     offset = d0 + total(lambda k: _masked(centred(k) - bcast(d0, [0]), valid(k)) * scale)
     mean_square = total(lambda k: jnp.square(centred(k)) * scale)
     return shift, offset, jnp.maximum(mean_square - offset * offset, 0.0)
@@ -101,32 +116,109 @@ def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools):
 def _copy_in(src, dst, barrier, rows, boxes, tools, group):
     """Start the TMA copies of a program's rows of `src` `(groups, rows, width)` into the
     boxes of `dst` `(chunks, block_rows, cols)`, all arriving on `barrier` (which expects
-    `chunks` arrivals, [`_barrier`][])."""
+    `chunks` arrivals, [`_barrier`][]); a folded row's box `b` into tile `b // 4`, row `b % 4`
+    of `dst` `(chunks, 4, cols)`."""
     cols = tools[0]
+    if boxes.folded:
+
+        @pl.loop(0, boxes.row_boxes)
+        def _(b):
+            part = dst.at[b // boxes.tile_rows, pl.ds(b % boxes.tile_rows, 1)]
+            plgpu.copy_gmem_to_smem(src.at[group, rows, cols(b)], part, barrier)
+
+        return
     for j in range(boxes.chunks):
         plgpu.copy_gmem_to_smem(src.at[group, rows, cols(j)], dst.at[j], barrier)
 
 
+def _zero_tail(smem, boxes: m.Boxes, tools):
+    """A folded row's last tile with zeros past the row's end, where no box was copied (or
+    a box ran past it): what TMA's zero fill gives an unfolded row. Each thread rewrites its
+    own elements, in the layout it will read them in."""
+    valid = tools[2](boxes.chunks - 1) if boxes.folded else None
+    if valid is None:
+        return
+    last = plgpu.load(smem.at[boxes.chunks - 1], layout=boxes.layout)
+    smem[boxes.chunks - 1] = jnp.where(valid, last, jnp.zeros_like(last))
+
+
 def _barrier(boxes: m.Boxes):
     """The barrier of one staged array: one arrival per box."""
-    return plgpu.Barrier(num_arrivals=boxes.chunks)
+    return plgpu.Barrier(num_arrivals=boxes.arrivals)
 
 
 def _copy_out(src, dst, rows, boxes, tools, group):
     cols = tools[0]
+    if boxes.folded:
+
+        @pl.loop(0, boxes.row_boxes)
+        def _(b):
+            part = src.at[b // boxes.tile_rows, pl.ds(b % boxes.tile_rows, 1)]
+            plgpu.copy_smem_to_gmem(part, dst.at[group, rows, cols(b)])
+
+        return
     for j in range(boxes.chunks):
         plgpu.copy_smem_to_gmem(src.at[j], dst.at[group, rows, cols(j)])
+
+
+class PerBox(NamedTuple):
+    """The group norms' parameters: one value per row and box, read from a table `(groups,
+    table rows, columns)`. Box `k` of a row reads column `k // boxes_per_column` (the
+    row's channel: a channel is `boxes_per_column` boxes); the rows `r` of a block read
+    table rows `r % period` (the per-channel parameters of `period` groups, the rows of a
+    block within one period) or, with `period` 0, `r` (per-row tables; a block past the
+    table's end, which the persistent backward visits, reads its last block's rows: its
+    `dy` is zeros). The backward's partial parameter gradients come out per row and
+    column likewise: the sums over a channel's boxes."""
+
+    boxes_per_column: int
+    period: int = 0
+
+
+def _per_box_rows(ref, rows, per_box: PerBox, block_rows: int):
+    """The rows of `ref` `(groups, table rows, columns)` the block `rows` reads."""
+    if per_box.period:
+        return pl.ds(rows.start % per_box.period, block_rows)
+    return pl.ds(jnp.minimum(rows.start, ref.shape[1] - block_rows), block_rows)
 
 
 def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
     """Box `k`'s parameter as a box, read straight from HBM (the parameters are small, and
     a TMA load of under 128 bytes, a narrow row's, is refused under this lowering): with
     columns padded to whole boxes, a row of the group's parameter `(groups, chunks · cols)`
-    broadcast over the rows; with `per_box` tables (`(groups, rows padded to whole programs,
-    chunks)`), each row's value broadcast over the box's columns."""
+    broadcast over the rows; with `per_box` tables ([`PerBox`][]), each row's value
+    broadcast over the box's columns. A folded row's parameter
+    is `(parameter, tails, p)`: the parameter, whose tile `k` (boxes `4k` to `4k + 3`, each
+    read whole by every warp and kept by its own) is read while the tile lies inside the row,
+    and for the row's last (partial) tile `tails[p]`, its boxes staged by TMA
+    ([`_stage_tails`][]: a plain read of a partial box would run past the parameter's end)."""
     bcast, layout = tools[1], boxes.layout
+    if boxes.folded:
+        main, tails, p = ref
+        size = boxes.tile_rows * boxes.cols
+        whole = main.shape[-1] // size
+        last = plgpu.load(tails.at[p], layout=layout)
+        if whole == 0:
+            return last.astype(F32)
+        # Tiles past the whole ones read the last whole one (in bounds), then replaced.
+        start = jnp.minimum(k, whole - 1) * size
+        part = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 0, layout=layout)
+        value = last
+        for w in range(boxes.tile_rows):
+            columns = pl.ds(pl.multiple_of(start + w * boxes.cols, boxes.cols), boxes.cols)
+            box = plgpu.load(main.at[group, columns], layout=layout.reduce(0), optimized=False)
+            value = jnp.where(part == w, bcast(box, [1]), value)
+        if whole < boxes.chunks:
+            value = jnp.where(k < whole, value, last)
+        # Zeros past the row's end (where no box was staged), as padded columns are.
+        valid = tools[2](k)
+        return _masked(value.astype(F32), valid)
     if per_box:
-        value = plgpu.load(ref.at[group, rows, k], layout=layout.reduce(1), optimized=False)
+        table_rows = _per_box_rows(ref, rows, per_box, boxes.block_rows)
+        column = k // per_box.boxes_per_column
+        value = plgpu.load(
+            ref.at[group, table_rows, column], layout=layout.reduce(1), optimized=False
+        )
         return bcast(value.astype(F32), [0])
     columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
     value = plgpu.load(ref.at[group, columns], layout=layout.reduce(0), optimized=False)
@@ -149,9 +241,12 @@ def _forward_body(
     n_params = has_weight + has_bias + has_scale
     n_in = 1 + has_residual + n_params
     n_out = 4 + has_residual + has_scale
-    ins, outs, scratch = refs[:n_in], refs[n_in : n_in + n_out], refs[n_in + n_out :]
+    ins, outs, scratch = refs[:n_in], refs[n_in : n_in + n_out], list(refs[n_in + n_out :])
     x_ref, r_ref = ins[0], ins[1] if has_residual else None
     param_refs = ins[1 + has_residual :]
+    # A folded row's parameters' last tiles, staged (see `_param`).
+    tails, tail_bar = scratch[-2:] if boxes.folded and n_params else (None, None)
+    scratch = scratch[:-2] if tails is not None else scratch
     y_ref, *outs = outs
     h_ref = outs.pop(0) if has_residual else None
     stat_refs = outs
@@ -169,11 +264,17 @@ def _forward_body(
     _copy_in(x_ref, x_smem, x_bars, rows, boxes, tools, group)
     if r_ref is not None:
         _copy_in(r_ref, r_smem, r_bars, rows, boxes, tools, group)
+    if tails is not None:
+        _stage_tails(param_refs, tails, tail_bar, group, boxes, tools)
+        plgpu.barrier_wait(tail_bar)
+        param_refs = [(ref, tails, p) for p, ref in enumerate(param_refs)]
     plgpu.barrier_wait(x_bars)
+    _zero_tail(x_smem, boxes, tools)
     layout = boxes.layout
 
     if r_ref is not None:
         plgpu.barrier_wait(r_bars)
+        _zero_tail(r_smem, boxes, tools)
 
         @pl.loop(0, boxes.chunks)
         def _(k):
@@ -209,23 +310,29 @@ def _forward_body(
 
     stats = [shift, offset, rstd]
     if has_scale:
-        stats.append(
-            lax.fori_loop(1, boxes.chunks, lambda k, a: jnp.maximum(a, write(k)), write(0))
-        )
+        amax = lax.fori_loop(1, boxes.chunks, lambda k, a: jnp.maximum(a, write(k)), write(0))
+        stats.append(m.across_warps(amax, boxes, "max"))
     else:
 
         @pl.loop(0, boxes.chunks)
         def _(k):
             write(k)
 
-    for s, value in enumerate(stats):
-        st_smem[s] = value
+    if boxes.folded:
+        # The row's statistic, the same in every warp, stored by each thread (4 bytes: too
+        # few for a TMA copy).
+        for ref, value in zip(stat_refs, stats, strict=True):
+            ref[group, i] = jnp.max(value)
+    else:
+        for s, value in enumerate(stats):
+            st_smem[s] = value
     plgpu.commit_smem()
     _copy_out(y_smem, y_ref, rows, boxes, tools, group)
     if h_ref is not None:
         _copy_out(r_smem, h_ref, rows, boxes, tools, group)
-    for s, ref in enumerate(stat_refs):
-        plgpu.copy_smem_to_gmem(st_smem.at[s], ref.at[group, rows])
+    if not boxes.folded:
+        for s, ref in enumerate(stat_refs):
+            plgpu.copy_smem_to_gmem(st_smem.at[s], ref.at[group, rows])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -250,6 +357,22 @@ def _pad_columns(p, boxes: m.Boxes):
     return p if p.shape[1] == padded else jnp.pad(p, ((0, 0), (0, padded - p.shape[1])))
 
 
+def _tail_boxes(boxes: m.Boxes) -> range:
+    """The boxes of a folded row's last tile."""
+    return range((boxes.chunks - 1) * boxes.tile_rows, boxes.row_boxes)
+
+
+def _stage_tails(param_refs, tails, barrier, group, boxes: m.Boxes, tools):
+    """Stage the boxes of the last tile of each parameter `(groups, width)` of a folded row
+    into `tails` `(parameters, 4, cols)` (past the row's end: TMA's zeros, or nothing where
+    no box is copied, columns that are never stored), arriving on `barrier`."""
+    cols = tools[0]
+    for p, ref in enumerate(param_refs):
+        for b in _tail_boxes(boxes):
+            part = tails.at[p, pl.ds(b % boxes.tile_rows, 1)]
+            plgpu.copy_gmem_to_smem(ref.at[pl.ds(group, 1), cols(b)], part, barrier)
+
+
 def _pad_rows(a, rows: int):
     """`a` `(groups, r, ...)` with zero rows appended up to `rows` (a TMA box may not be taller
     than the array; only inputs shorter than one program's rows are padded)."""
@@ -260,10 +383,11 @@ def _pad_rows(a, rows: int):
     return jnp.pad(a, pad)
 
 
-def _boxes(rows_in, params, shape, more_rows=(), layout_dtype=None) -> m.Boxes:
+def _boxes(rows_in, params, shape, more_rows=(), layout_dtype=None, fold=False) -> m.Boxes:
     """The staging of a kernel over `shape` `(groups, rows, width)` that keeps the row
     arrays `rows_in` (plus row buffers of dtypes `more_rows`) on chip and reads the
-    parameters `params` (their common dtype) from HBM in the same layout."""
+    parameters `params` (their common dtype) from HBM in the same layout (`fold`: the
+    kernel takes folded rows, [`m.boxes`][])."""
     rows_in = [a.dtype for a in rows_in if a is not None] + list(more_rows)
     params = [p for p in params if p is not None]
     param_dtype = [jnp.result_type(*params)] if params else []
@@ -273,16 +397,20 @@ def _boxes(rows_in, params, shape, more_rows=(), layout_dtype=None) -> m.Boxes:
         shape[2],
         sum(jnp.dtype(d).itemsize for d in rows_in),
         groups=shape[0],
+        fold=fold,
     )
 
 
-def forward_boxes(x, residual, weight, bias, scale=None, out_dtype=None) -> m.Boxes:
+def forward_boxes(
+    x, residual, weight, bias, scale=None, out_dtype=None, fold: bool = True
+) -> m.Boxes:
     """The staging of the forward: `x` (and `residual`, and `y` when `out_dtype` differs
-    from `x`'s) per row."""
+    from `x`'s) per row; a row too wide for a tile of rows folded, unless not `fold` (a
+    kernel that does not take folded rows)."""
     more = [] if _same_dtype(x, out_dtype) else [jnp.dtype(out_dtype)]
     # With a (float32) FP8 scale the parameters are read in float32 (see `forward_on`).
     params = (weight, bias) if scale is None else (scale,)
-    return _boxes((x, residual), params, x.shape, more)
+    return _boxes((x, residual), params, x.shape, more, fold=fold)
 
 
 def _same_dtype(x, out_dtype) -> bool:
@@ -302,12 +430,13 @@ def _out_buffers(dy, dh, d_dtypes) -> tuple:
     return tuple(reuse)
 
 
-def backward_boxes(x, weight, dy, dh, d_dtypes) -> m.Boxes:
-    """The staging of the backward: `x`, `dy` (and `dh`, and output buffers) per row."""
+def backward_boxes(x, weight, dy, dh, d_dtypes, fold: bool = True) -> m.Boxes:
+    """The staging of the backward: `x`, `dy` (and `dh`, and output buffers) per row; a row
+    too wide for a tile of rows folded, unless not `fold`."""
     more = [d for d, r in zip(d_dtypes, _out_buffers(dy, dh, d_dtypes), strict=True) if r is None]
     # The partial sums over a box's rows reduce float32 across warps, which Mosaic GPU does
     # for vectors of up to 4: the layout of a float32 box.
-    return _boxes((x, dy, dh), (weight,), x.shape, more, layout_dtype=F32)
+    return _boxes((x, dy, dh), (weight,), x.shape, more, layout_dtype=F32, fold=fold)
 
 
 def forward_on(
@@ -355,8 +484,8 @@ def forward_call(
     out_dtype=None,
 ):
     """The forward kernel over `x` `(groups, rows, width)` staged as `boxes`: parameters
-    `params` `(groups, width)` per column, or with `per_box` `(groups, rows padded to whole
-    programs, boxes.chunks)` tables, one value per row and box (the group norms'). `y` in
+    `params` `(groups, width)` per column, or with `per_box` tables, one value per row and
+    box (the group norms', [`PerBox`][]). `y` in
     `out_dtype` (default `x.dtype`); `has_scale`: the last parameter is the FP8 scale, and
     each row's amax follows the statistics."""
     groups, rows, width = x.shape
@@ -373,17 +502,20 @@ def forward_call(
         out_type.append(jax.ShapeDtypeStruct(x_p.shape, residual.dtype))
     n_stats = 3 + has_scale
     out_type += [stat] * n_stats
-    box = (boxes.chunks, boxes.block_rows, boxes.cols)
+    box = boxes.tile
     scratch = [plgpu.SMEM(box, x.dtype)]
     if residual is not None:
         scratch.append(plgpu.SMEM(box, residual.dtype))
     if out_separate:
         scratch.append(plgpu.SMEM(box, y_dtype))
-    if not per_box:
+    if not per_box and not boxes.folded:
         params = [_pad_columns(p, boxes) for p in params]
     n_barriers = 1 + (residual is not None)
     scratch += [plgpu.SMEM((n_stats, boxes.block_rows), F32)]
     scratch += [_barrier(boxes)] * n_barriers
+    if boxes.folded and params:
+        scratch.append(plgpu.SMEM((len(params), *boxes.tile[1:]), params[0].dtype))
+        scratch.append(plgpu.Barrier(num_arrivals=len(params) * len(_tail_boxes(boxes))))
     body = functools.partial(
         _forward_body,
         boxes=boxes,
@@ -422,7 +554,7 @@ def _backward_body(
     slots,
 ):
     n_in = 5 + has_weight + has_dh
-    n_partials = param_grads * (2 if per_box else 1)
+    n_partials = int(param_grads)
     ins, outs = refs[:n_in], refs[n_in : n_in + n_outs + n_partials]
     scratch = list(refs[n_in + n_outs + n_partials :])
     x_ref, dy_ref, *stat_refs = ins[:5]
@@ -432,12 +564,18 @@ def _backward_body(
     x_smem, dy_smem = scratch.pop(0), scratch.pop(0)
     dh_smem = scratch.pop(0) if has_dh else None
     extra = [scratch.pop(0) for reuse in out_reuse if reuse is None]
-    bars = scratch
+    # A folded row's weight's last tile, staged (see `_param`).
+    tails, tail_bar = scratch[-2:] if boxes.folded and has_weight else (None, None)
+    bars = scratch[:-2] if tails is not None else scratch
 
     i, group = lax.axis_index("rows"), lax.axis_index("groups")
     tools = _box_tools(boxes, width, i * 0)
     _, bcast, _ = tools
     layout = boxes.layout
+    if tails is not None:
+        _stage_tails([w_ref], tails, tail_bar, group, boxes, tools)
+        plgpu.barrier_wait(tail_bar)
+        w_ref = (w_ref, tails, 0)
     staged = [(x_ref, x_smem), (dy_ref, dy_smem)] + ([(dh_ref, dh_smem)] if has_dh else [])
     buffers = {"dy": dy_smem, "dh": dh_smem}
     targets = [extra.pop(0) if reuse is None else buffers[reuse] for reuse in out_reuse]
@@ -467,11 +605,24 @@ def _backward_body(
             plgpu.barrier_wait(bar.at[slot])
         x_s, dy_s = x_smem.at[slot], dy_smem.at[slot]
         dh_s = None if dh_smem is None else dh_smem.at[slot]
-        # The statistics are padded to whole programs: read straight from HBM, in bounds.
-        shift, offset, rstd = (
-            plgpu.load(ref.at[group, rows], layout=layout.reduce(1), optimized=False)
-            for ref in stat_refs
-        )
+        for smem in (x_s, dy_s, dh_s):
+            if smem is not None:
+                _zero_tail(smem, boxes, tools)
+        # The statistics are padded to whole programs: read straight from HBM, in bounds (a
+        # folded row's: its one value, in every warp).
+        if boxes.folded:
+            shift, offset, rstd = (
+                plgpu.layout_cast(
+                    lax.broadcast_in_dim(ref[group, i + it * programs], (boxes.tile_rows,), ()),
+                    layout.reduce(1),
+                )
+                for ref in stat_refs
+            )
+        else:
+            shift, offset, rstd = (
+                plgpu.load(ref.at[group, rows], layout=layout.reduce(1), optimized=False)
+                for ref in stat_refs
+            )
 
         def values(k):
             xhat = (_load(x_s, k, layout) - bcast(shift, [0])) - bcast(offset, [0])
@@ -488,19 +639,30 @@ def _backward_body(
 
         zero = shift * 0.0
         sum_gx, sum_g = lax.fori_loop(0, boxes.chunks, sums, (zero, zero))
+        sum_gx = m.across_warps(sum_gx, boxes)
+        sum_g = m.across_warps(sum_g, boxes) if center else sum_g
         mean_gx, mean_g = sum_gx * (1.0 / width), sum_g * (1.0 / width)
         outs = [t.at[slot] for t in targets]
 
-        @pl.loop(0, boxes.chunks)
-        def _(k):
+        def box(k):
+            """Box `k`'s `dx`, stored; its per-row partial sums (`per_box`), returned."""
             xhat, dy, g = values(k)
             dx = (g - bcast(mean_g, [0]) - xhat * bcast(mean_gx, [0])) * bcast(rstd, [0])
             if dh_s is not None:
                 dx = dx + _load(dh_s, k, layout)
+            for out in outs:
+                out[k] = dx.astype(out.dtype)
             if param_grads and per_box:
-                # Per row and box, straight to HBM (rows padded to whole programs).
-                for ref, value in zip(partial_refs, (dy * xhat, dy), strict=True):
-                    plgpu.store(ref.at[group, rows, k], jnp.sum(value, axis=1), optimized=False)
+                return jnp.sum(dy * xhat, axis=1), jnp.sum(dy, axis=1)
+            if param_grads and boxes.folded:
+                # A folded row's tile is 4 boxes of its columns: per column as it is, in the
+                # program's row of the partials `(..., 4 · chunks, cols)`.
+                tile = pl.ds(pl.multiple_of(k * boxes.tile_rows, boxes.tile_rows), boxes.tile_rows)
+                for s, value in enumerate((dy * xhat, dy)):
+                    ref = partial_refs[0].at[group, s, i, tile]
+                    if not first:
+                        value = value + plgpu.load(ref, layout=layout, optimized=False)
+                    plgpu.store(ref, value, optimized=False)
             elif param_grads:
                 # Per program and column, accumulated over the program's blocks in its own
                 # row of the partials in HBM (columns padded to whole boxes).
@@ -511,8 +673,24 @@ def _backward_body(
                     if not first:
                         total = total + plgpu.load(ref, layout=layout.reduce(0), optimized=False)
                     plgpu.store(ref, total, optimized=False)
-            for out in outs:
-                out[k] = dx.astype(out.dtype)
+            return None
+
+        if param_grads and per_box:
+            # Per row and column (a channel's boxes summed in registers), straight to HBM
+            # (rows padded to whole programs).
+            n = per_box.boxes_per_column
+
+            @pl.loop(0, boxes.chunks // n)
+            def _(c):
+                def add(b, acc):
+                    return tuple(a + v for a, v in zip(acc, box(c * n + b), strict=True))
+
+                sums = lax.fori_loop(1, n, add, box(c * n)) if n > 1 else box(c * n)
+                for s, value in enumerate(sums):
+                    ref = partial_refs[0].at[group, s, rows, c]
+                    plgpu.store(ref, value, optimized=False)
+        else:
+            pl.loop(0, boxes.chunks)(box)
 
         plgpu.commit_smem()
         for out, ref in zip(outs, d_refs, strict=True):
@@ -533,18 +711,26 @@ def _backward_body(
     plgpu.wait_smem_to_gmem(0)
 
 
+def _min_iterations(boxes: m.Boxes) -> int:
+    """The fewest blocks a program of the persistent backward visits (folded rows: see
+    `_mosaic_gpu.FOLDED_ROWS_PER_PROGRAM`)."""
+    return m.FOLDED_ROWS_PER_PROGRAM if boxes.folded else 1
+
+
 def _stages(boxes: m.Boxes, groups: int, rows: int, row_bytes: int) -> tuple[int, m.Boxes]:
     """`(slots, boxes)`: two slots of staging (a block computed while the next is staged, in
     blocks of fewer rows if need be) when both fit in `SMEM_BYTES` and the persistent grid
     gives each program at least two blocks; else one slot, `boxes` as given. `row_bytes`:
     the staged bytes of one row."""
-    tile = boxes.tile_rows
+    tile = 1 if boxes.folded else boxes.tile_rows
     fit = m.floor_pow2(m.SMEM_BYTES // (2 * row_bytes) // tile) * tile
     block_rows = min(boxes.block_rows, fit)
     if block_rows == 0:
         return 1, boxes
     blocks = -(-max(rows, block_rows) // block_rows)
-    _, iterations = m.persistent_programs(blocks, 2 * block_rows * row_bytes, groups)
+    _, iterations = m.persistent_programs(
+        blocks, 2 * block_rows * row_bytes, groups, _min_iterations(boxes)
+    )
     if iterations < 2:
         return 1, boxes
     return 2, boxes._replace(block_rows=block_rows)
@@ -576,7 +762,9 @@ def backward_on(
     if not param_grads:
         return dx, dres, None, None
     # One reduction of the programs' partials, both gradients at once.
-    dw, db = jnp.moveaxis(partials[0].sum(axis=2)[..., :width], 1, 0)
+    total = partials[0].sum(axis=2)
+    total = total.reshape(*total.shape[:2], -1)  # a folded row's `(4 · chunks, cols)`
+    dw, db = jnp.moveaxis(total[..., :width], 1, 0)
     return dx, dres, dw, db
 
 
@@ -600,36 +788,46 @@ def backward_call(
     """The backward kernel over `x` `(groups, rows, width)` staged as `boxes`: `(dx,
     dresidual, *partials)`, the partial parameter gradients (with `param_grads`): both in
     one array per program (of a persistent grid, `_mosaic_gpu.persistent_programs`) and
-    column `(groups, 2, programs, chunks · cols)`, or with `per_box` (the weight a table as in
-    [`forward_call`][]) two arrays per row and box `(groups, padded rows, chunks)`."""
+    column `(groups, 2, programs, chunks · cols)`, or with `per_box` (the weight a table,
+    [`PerBox`][]) per row and table column `(groups, 2, padded rows, columns)`."""
     groups, rows, width = x.shape
     out_reuse = _out_buffers(dy, dh, d_dtypes)
     staged_dtypes = [a.dtype for a in (x, dy, dh) if a is not None]
     staged_dtypes += [d for d, r in zip(d_dtypes, out_reuse, strict=True) if r is None]
-    row_bytes = boxes.chunks * boxes.cols * sum(jnp.dtype(d).itemsize for d in staged_dtypes)
+    row_elements = boxes.chunks * boxes.cols * (boxes.tile_rows if boxes.folded else 1)
+    row_bytes = row_elements * sum(jnp.dtype(d).itemsize for d in staged_dtypes)
     # The group norms' per-row tables are laid out for the `boxes` given: one slot there.
     slots, boxes = (1, boxes) if per_box else _stages(boxes, groups, rows, row_bytes)
     br = boxes.block_rows
     x_p, dy_p, dh_p = (_pad_rows(a, br) for a in (x, dy, dh))
     padded_rows = x_p.shape[1]
     blocks = -(-padded_rows // br)
-    programs, iterations = m.persistent_programs(blocks, slots * br * row_bytes, groups)
+    programs, iterations = m.persistent_programs(
+        blocks, slots * br * row_bytes, groups, _min_iterations(boxes)
+    )
     # The statistics (and per-row partials) of every block a program visits, past the end
     # included, padded with zeros: in bounds, and `rstd = 0` there.
     stat_rows = programs * iterations * br
     stats = [jnp.pad(s, ((0, 0), (0, stat_rows - rows))) for s in (shift, offset, rstd)]
-    box = (slots, boxes.chunks, br, boxes.cols)
+    box = (slots, *boxes.tile)
     scratch = [plgpu.SMEM(box, x.dtype), plgpu.SMEM(box, dy.dtype)]
     if dh is not None:
         scratch.append(plgpu.SMEM(box, dh.dtype))
-    if weight is not None and not per_box:
+    if weight is not None and not per_box and not boxes.folded:
         weight = _pad_columns(weight, boxes)
     scratch += [plgpu.SMEM(box, d) for d, r in zip(d_dtypes, out_reuse, strict=True) if r is None]
     n_staged = 2 + (dh is not None)
-    scratch += [plgpu.Barrier(num_arrivals=boxes.chunks, num_barriers=slots)] * n_staged
+    scratch += [plgpu.Barrier(num_arrivals=boxes.arrivals, num_barriers=slots)] * n_staged
+    if boxes.folded and weight is not None:
+        scratch.append(plgpu.SMEM((1, *boxes.tile[1:]), weight.dtype))
+        scratch.append(plgpu.Barrier(num_arrivals=len(_tail_boxes(boxes))))
     out_type = [jax.ShapeDtypeStruct(x_p.shape, d) for d in d_dtypes]
     if param_grads and per_box:
-        out_type += [jax.ShapeDtypeStruct((groups, stat_rows, boxes.chunks), F32)] * 2
+        columns = boxes.chunks // per_box.boxes_per_column
+        out_type.append(jax.ShapeDtypeStruct((groups, 2, stat_rows, columns), F32))
+    elif param_grads and boxes.folded:
+        shape = (groups, 2, programs, boxes.chunks * boxes.tile_rows, boxes.cols)
+        out_type.append(jax.ShapeDtypeStruct(shape, F32))
     elif param_grads:
         shape = (groups, 2, programs, boxes.chunks * boxes.cols)
         out_type.append(jax.ShapeDtypeStruct(shape, F32))
@@ -662,13 +860,17 @@ def _all_supported(x, arrays, boxes: m.Boxes) -> bool:
     groups, rows, width = x.shape
     if not all(m.supports(a.dtype, width) for a in arrays if a is not None):
         return False
-    return boxes.block_rows > 0 and (rows >= boxes.tile_rows or groups == 1)
+    # A folded row is a program's only row: never padded.
+    least = boxes.block_rows if boxes.folded else boxes.tile_rows
+    return boxes.block_rows > 0 and (rows >= least or groups == 1)
 
 
-def forward_supported(x, residual, weight, bias, scale=None, out_dtype=None) -> bool:
+def forward_supported(
+    x, residual, weight, bias, scale=None, out_dtype=None, fold: bool = True
+) -> bool:
     """Whether [`forward_on`][] runs these operands (and `y` in `out_dtype`): TMA-able rows
-    that fit on chip."""
-    boxes = forward_boxes(x, residual, weight, bias, scale, out_dtype)
+    that fit on chip (`fold`: folded, see [`forward_boxes`][])."""
+    boxes = forward_boxes(x, residual, weight, bias, scale, out_dtype, fold)
     if not _same_dtype(x, out_dtype) and not _output_supported(out_dtype, x.shape[-1], boxes):
         return False
     return _all_supported(x, (x, residual, weight, bias), boxes)
@@ -682,12 +884,13 @@ def _output_supported(dtype, width: int, boxes: m.Boxes) -> bool:
     return m.supports(dtype, width)
 
 
-def backward_supported(d_dtypes, x, weight, dy, dh, shift, offset, rstd) -> bool:
-    """Whether [`backward_on`][] runs these operands (with input gradients of `d_dtypes`)."""
+def backward_supported(d_dtypes, x, weight, dy, dh, shift, offset, rstd, fold: bool = True) -> bool:
+    """Whether [`backward_on`][] runs these operands (with input gradients of `d_dtypes`;
+    `fold`: folded rows, see [`backward_boxes`][])."""
     del shift, offset, rstd
     if not all(m.supports(d, x.shape[-1]) for d in d_dtypes):
         return False
-    boxes = backward_boxes(x, weight, dy, dh, d_dtypes)
+    boxes = backward_boxes(x, weight, dy, dh, d_dtypes, fold)
     if jnp.dtype(dy.dtype) in reference.FP8_DTYPES:
         # The cotangent of a float8 output (FP8 `y`): staged like the other rows.
         if not _output_supported(dy.dtype, x.shape[-1], boxes):
@@ -1079,7 +1282,7 @@ def lengths_forward_on(target: Target, x, lengths, weight, bias, *, op: str, eps
     groups, rows, width = x.shape
     params = [p for p in (weight, bias) if p is not None]
     params = [p.astype(jnp.result_type(*params)) for p in params]
-    boxes = forward_boxes(x, None, weight, bias)
+    boxes = forward_boxes(x, None, weight, bias, fold=False)
     x_p = _pad_rows(x, boxes.block_rows)
     n = _whole_programs(lengths, boxes, rows)
     stat = jax.ShapeDtypeStruct(n.shape, F32)
@@ -1168,7 +1371,7 @@ def lengths_backward_on(
     """`(dx, dweight, dbias)` as `row_norm._lengths_backward_on`, one Mosaic GPU kernel."""
     groups, rows, width = x.shape
     d_dtypes = (jnp.dtype(x.dtype),)
-    boxes = backward_boxes(x, weight, dy, None, d_dtypes)
+    boxes = backward_boxes(x, weight, dy, None, d_dtypes, fold=False)
     own_dx = _out_buffers(dy, None, d_dtypes)[0] is None
     x_p, dy_p = (_pad_rows(a, boxes.block_rows) for a in (x, dy))
     per_row = [_whole_programs(a, boxes, rows) for a in (lengths, shift, offset, rstd)]
@@ -1203,10 +1406,11 @@ def lengths_backward_on(
 def lengths_forward_supported(x, lengths, weight, bias) -> bool:
     """Whether [`lengths_forward_on`][] runs these operands."""
     del lengths
-    return forward_supported(x, None, weight, bias)
+    return forward_supported(x, None, weight, bias, fold=False)
 
 
 def lengths_backward_supported(x, lengths, weight, dy, shift, offset, rstd) -> bool:
     """Whether [`lengths_backward_on`][] runs these operands."""
     del lengths
-    return backward_supported((jnp.dtype(x.dtype),), x, weight, dy, None, shift, offset, rstd)
+    d_dtypes = (jnp.dtype(x.dtype),)
+    return backward_supported(d_dtypes, x, weight, dy, None, shift, offset, rstd, fold=False)

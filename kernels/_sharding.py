@@ -14,11 +14,24 @@ names the axes of each operand and output (one entry per position, `None` operan
 outputs included; an entry may be empty for a scalar) with *factors*. The `split` factors are
 those along which the call is independent (rows, examples): it may run on any block of them.
 Every other factor (the features a statistic reduces over) is gathered whole onto each device.
-An output without a split factor that the operands have is a sum over it: each device's value
-is `psum`med over the mesh axes splitting it, unless the rule's `combine` says otherwise (the
-BatchNorm moments combine partial statistics with Chan's formula). Which mesh axes split
-which factor is read from the operands' shardings; a factor whose size the shard count does
-not divide is not split.
+An output without a split factor `r` that the operands have is either a sum over it (a
+parameter's gradient over the rows: each device's value is `psum`med over the mesh axes
+splitting `r`, unless the rule's `combine` says otherwise; the BatchNorm moments combine
+partial statistics with Chan's formula) or independent of it (the same on every device along
+`r`: nothing to add). The output's entry says which with a mark after its axes, `+r` (a sum)
+or `~r` (independent):
+
+```python
+Rule("q d, k d -> q d ~k, k d ~q", split="q k")  # two independent outputs
+Rule("q d, k d -> q d +k", split="q k")  # out[q, d] = sum over k of a term of q[q], k[k]
+```
+
+Unmarked, the output is a sum over `r` when some operand has `r` together with every split
+factor the output keeps (`g d` from `g r d`, or an output with no split factor at all: the
+parameter gradients); any other unmarked case is ambiguous (added up, two independent
+outputs would be multiplied by the shard count) and the call raises a `ValueError` asking
+for the mark. Which mesh axes split which factor is read from the operands' shardings; a
+factor whose size the shard count does not divide is not split.
 
 **How.** Three cases, decided when the call is traced:
 
@@ -85,9 +98,12 @@ class Rule(NamedTuple):
 
     - `spec`: `"operand factors, ... -> output factors, ..."`, one entry per position. A
         factor written `b?` is optional: an operand with fewer axes than its entry lacks it
-        (a parameter shared by the examples, or one per example).
+        (a parameter shared by the examples, or one per example). An output's entry may end
+        with marks for split factors it lacks: `+r`, a sum over `r`; `~r`, independent of
+        `r` (see `sums`).
     - `split`: the factors the call is independent along, space-separated.
-    - `combine`: the global value of the outputs lacking a split factor (default: `psum`).
+    - `combine`: the global value of the outputs summed over a split factor (default:
+        `psum`).
     """
 
     spec: str
@@ -95,8 +111,51 @@ class Rule(NamedTuple):
     combine: Combine | None = None
 
     def sides(self) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+        """The factors naming each operand's and each output's axes (without the marks)."""
         operands, outputs = self.spec.split("->")
-        return _entries(operands), _entries(outputs)
+        return _entries(operands), [_axes(e) for e in _entries(outputs)]
+
+    def sums(self) -> list[tuple[str, ...]]:
+        """For each output of the (resolved) rule, the split factors it is a sum over: of
+        those it lacks that an operand has, the ones marked `+`, and the unmarked ones that
+        some operand has together with every split factor the output keeps.
+
+        **Raises:**
+
+        `ValueError` for a mark on a factor that is not split or that the output has, and
+        for an unmarked factor that no operand pairs with the output's split factors: the
+        output may be a sum over it or independent of it, and taking one for the other
+        multiplies or drops values silently.
+        """
+        operands, outputs = self.sides()
+        split = set(self.split.split())
+        present = {f for e in operands for f in e}
+        marked_entries = _entries(self.spec.split("->")[1])
+        sums = []
+        for axes, entry in zip(outputs, marked_entries, strict=True):
+            marks = {t[1:].rstrip("?"): t[0] for t in entry if t[0] in _MARKS}
+            for f in marks:
+                if f not in split or f in axes:
+                    raise ValueError(
+                        f"The sharding rule {self.spec!r} marks {f!r} on the output "
+                        f"({' '.join(entry)}), which is not a split factor ({self.split}) "
+                        f"that the output lacks; mark only those."
+                    )
+            kept = split & set(axes)
+            summed = []
+            for f in sorted(split & present - set(axes)):
+                if f not in marks and not any({f, *kept} <= set(e) for e in operands):
+                    raise ValueError(
+                        f"The sharding rule {self.spec!r} leaves the split factor {f!r} out of "
+                        f"the output ({' '.join(entry)}), and no operand has {f!r} together "
+                        f"with its split factors ({' '.join(sorted(kept))}): say whether the "
+                        f"output is a sum over {f!r} (end its entry with `+{f}`) or "
+                        f"independent of it (`~{f}`)."
+                    )
+                if marks.get(f, "+") == "+":
+                    summed.append(f)
+            sums.append(tuple(summed))
+        return sums
 
     def resolve(self, args: Sequence[Any]) -> "Rule":
         """The rule with its optional factors kept or dropped by the ranks of `args`."""
@@ -107,7 +166,7 @@ class Rule(NamedTuple):
                 f"kernel call has {len(args)}; give one entry per operand."
             )
         resolved = [_resolve(e, a, self.spec) for e, a in zip(operands, args, strict=True)]
-        outputs = [tuple(f.rstrip("?") for f in e) for e in outputs]
+        outputs = [tuple(f.rstrip("?") for f in e) for e in _entries(self.spec.split("->")[1])]
         return self._replace(spec=f"{_join(resolved)} -> {_join(outputs)}")
 
     def vmapped(self, batched: Sequence[bool]) -> "Rule":
@@ -116,14 +175,31 @@ class Rule(NamedTuple):
         operands, outputs = self.sides()
         taken = {f for entry in operands + outputs for f in entry}
         axis = next(f"vmap{i}" for i in range(len(taken) + 1) if f"vmap{i}" not in taken)
+        # Every lacking split factor marked, as the vmapped axis may no longer share an
+        # operand with the factors an unmarked sum was read from.
+        present = {f for e in operands for f in e}
+        lacking = [sorted(set(self.split.split()) & present - set(e)) for e in outputs]
+        marks = [
+            tuple(f"{'+' if f in summed else '~'}{f}" for f in fs)
+            for fs, summed in zip(lacking, self.sums(), strict=True)
+        ]
         operands = [(axis, *e) if b else e for e, b in zip(operands, batched, strict=True)]
-        outputs = [(axis, *e) for e in outputs]
+        outputs = [(axis, *e, *m) for e, m in zip(outputs, marks, strict=True)]
         spec = f"{_join(operands)} -> {_join(outputs)}"
         return Rule(spec, f"{axis} {self.split}", self.combine)
 
 
 def _entries(side: str) -> list[tuple[str, ...]]:
     return [tuple(entry.split()) for entry in side.split(",")]
+
+
+# An output's mark for a split factor it lacks: `+r` a sum over `r`, `~r` independent of `r`.
+_MARKS = "+~"
+
+
+def _axes(entry: tuple[str, ...]) -> tuple[str, ...]:
+    """An output entry's factors without its marks."""
+    return tuple(f for f in entry if f[0] not in _MARKS)
 
 
 def _join(entries: Sequence[tuple[str, ...]]) -> str:
@@ -238,6 +314,7 @@ class _Call:
         self.rule = rule
         self.operand_factors, self.output_factors = rule.sides()
         self.split = set(rule.split.split())
+        self.sums = rule.sums()
 
     def __call__(self, *args):
         sizes = self.sizes(args)
@@ -292,14 +369,13 @@ class _Call:
         return axes
 
     def reduced_axes(self, axes: dict) -> tuple:
-        """The mesh axes splitting a factor that some output lacks."""
-        present = {f for entry in self.operand_factors for f in entry}
-        lacking = {f for f in axes if f in present and any(f not in e for e in self.output_factors)}
-        return tuple(n for f in sorted(lacking) for n in axes[f])
+        """The mesh axes splitting a factor that some output is a sum over."""
+        summed = {f for s in self.sums for f in s if f in axes}
+        return tuple(n for f in sorted(summed) for n in axes[f])
 
     def local(self, axes: dict) -> Callable:
-        """`fn` on one device's slice, then the collectives of the outputs lacking a split
-        factor (`psum` over its mesh axes, or the rule's `combine`)."""
+        """`fn` on one device's slice, then the collectives of the outputs summed over a
+        split factor (`psum` over its mesh axes, or the rule's `combine`)."""
         reduced = self.reduced_axes(axes)
 
         def local(*args):
@@ -311,8 +387,8 @@ class _Call:
                 outs = tuple(self.rule.combine(outs, reduced))
             else:
                 outs = tuple(
-                    None if o is None else _psum_lacking(o, factors, axes)
-                    for o, factors in zip(outs, self.output_factors, strict=True)
+                    None if o is None else _psum_over(o, summed, axes)
+                    for o, summed in zip(outs, self.sums, strict=True)
                 )
             return outs if isinstance(out, tuple) else outs[0]
 
@@ -477,10 +553,10 @@ def _local(shape: Sequence[int], spec: P, mesh: Any) -> tuple[int, ...]:
     )
 
 
-def _psum_lacking(out: jax.Array, factors: Sequence[str], axes: dict) -> jax.Array:
-    """`out` summed over the mesh axes of the split factors it lacks."""
-    lacking = tuple(n for f in sorted(axes) if f not in factors for n in axes[f])
-    return lax.psum(out, lacking) if lacking else out
+def _psum_over(out: jax.Array, summed: Sequence[str], axes: dict) -> jax.Array:
+    """`out` summed over the mesh axes of the split factors `summed`."""
+    names = tuple(n for f in sorted(summed) if f in axes for n in axes[f])
+    return lax.psum(out, names) if names else out
 
 
 def _deviceless() -> bool:

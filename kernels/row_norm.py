@@ -1181,9 +1181,22 @@ def _qk_index(which: int, blocks: tuple[int, int], heads: tuple[int, int]):
     return index
 
 
-def _qk_launch(target: Target, q_shape, k_shape, per_head: tuple[bool, bool]) -> _QKLaunch:
+# The backward's elements per thread (the heuristic's `thread_elements`; the forward keeps
+# the default 16). Its program holds a row norm backward's per-element state plus both
+# operands' block indices (q's and k's, `_qk_index`): at 16 float32 elements per thread (8
+# warps over 32 × 128) JAX 0.12's XLA-built kernel needs a few registers over the 64 that
+# ptxas 13 settles on for 256 threads and spills 8 bytes (deviceless H200, 4096×1024 and
+# 1024×8192); at 8 (16 warps) it takes 40 registers (bfloat16 46) without a spill, 3
+# programs of 512 threads per SM (75 % occupancy, not 50 %).
+_QK_BWD_THREAD_ELEMENTS = 8
+
+
+def _qk_launch(
+    target: Target, q_shape, k_shape, per_head: tuple[bool, bool], thread_elements: int = 16
+) -> _QKLaunch:
     width = q_shape[-1]
-    config = c.block_config(target, max(q_shape[0], k_shape[0]), width)
+    rows = max(q_shape[0], k_shape[0])
+    config = c.block_config(target, rows, width, thread_elements=thread_elements)
     cols, br = c.padded(target, width), config.block_rows
     blocks = (c.ceil_div(q_shape[0], br), c.ceil_div(k_shape[0], br))
     heads = (q_shape[1], k_shape[1])
@@ -1324,7 +1337,7 @@ def _qk_norm_bwd_on(
     width = q.shape[-1]
     has_weight = q_weight is not None
     per_head = tuple(w is not None and w.ndim == 2 for w in (q_weight, k_weight))
-    launch = _qk_launch(target, q.shape, k.shape, per_head)
+    launch = _qk_launch(target, q.shape, k.shape, per_head, _QK_BWD_THREAD_ELEMENTS)
     params = [_qk_params(w, width) for w in (q_weight, k_weight)] if has_weight else []
     out_specs = list(launch.rows)
     out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k)]

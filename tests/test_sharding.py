@@ -418,3 +418,39 @@ def test_optional_factor_rule():
     assert per_channel.sides() == ([("b", "c", "s"), ("c",)], [("b", "c", "s")])
     assert per_example.sides() == ([("b", "c", "s"), ("b", "c")], [("b", "c", "s")])
     assert np.array_equal(per_example.vmapped([True, False]).split.split(), ["vmap0", "b"])
+
+
+def _two_factor_call(axis_type):
+    """Operands `q (8, 3)` split over mesh axis `a` (2 devices) and `k (8, 3)` over `b` (4)."""
+    mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(axis_type,) * 2)
+    q = jax.device_put(_data((8, 3), seed=0), NamedSharding(mesh, P("a")))
+    k = jax.device_put(_data((8, 3), seed=1), NamedSharding(mesh, P("b")))
+    return q, k
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_rule_marks_independent_outputs_and_sums(axis_type):
+    # Unmarked, `q d` lacking `k` read as a sum over `k` was multiplied by `k`'s 4 shards.
+    q, k = _two_factor_call(axis_type)
+
+    def both(q, k):
+        return q * 2.0, k + 1.0
+
+    independent = c.partitioned(both, c.Rule("q d, k d -> q d ~k, k d ~q", split="q k"))
+    out_q, out_k = jax.jit(independent)(q, k)
+    ks.assert_matches(out_q, q * 2.0)
+    ks.assert_matches(out_k, k + 1.0)
+
+    def dot(q, k):
+        return q * k.sum(0, keepdims=True)
+
+    summed = c.partitioned(dot, c.Rule("q d, k d -> q d +k", split="q k"))
+    ks.assert_matches(jax.jit(summed)(q, k), q * k.sum(0, keepdims=True))
+
+
+def test_rule_with_an_ambiguous_output_raises():
+    q, k = _two_factor_call(AxisType.Auto)
+    with pytest.raises(ValueError, match=r"a sum over 'k' \(end its entry with `\+k`\)"):
+        c.partitioned(lambda q, k: (q, k), c.Rule("q d, k d -> q d, k d", split="q k"))(q, k)
+    with pytest.raises(ValueError, match="marks 'd' on the output"):
+        c.partitioned(lambda q, k: q, c.Rule("q d, k d -> q +d", split="q k"))(q, k)

@@ -12,9 +12,11 @@ from eqxnorm.kernels import _group_norm_mosaic_gpu, _mosaic_gpu, pallas, referen
 EPS = 1e-5
 MOSAIC_GPU = pallas.backend("mosaic_gpu")
 # (batch, channels, spatial, groups, dtype): GroupNorm with 2 to 8 channels a group,
-# InstanceNorm (groups == channels), one example.
+# InstanceNorm (groups == channels), one example; the parameters read in place (blocks of 4
+# rows within the 8 groups, 2 boxes a channel) or from per-row tables (the others).
 CASES = [
     (3, 12, 64, 4, jnp.float32),
+    (2, 16, 256, 8, jnp.float32),
     (2, 32, 160, 8, jnp.bfloat16),
     (5, 6, 48, 6, jnp.float32),
     (1, 4, 96, 2, jnp.float16),
@@ -51,11 +53,13 @@ def test_group_norm_matches_reference(case):
         ks.assert_matches(actual, expected)
 
 
-def test_adaptive_group_norm_matches_reference():
-    x = ks.data((3, 8, 64), jnp.bfloat16)
-    scale, shift = (ks.data((3, 8), jnp.float32, seed=s, loc=0.0, scale=0.3) for s in (3, 4))
+@pytest.mark.parametrize("batch, spatial, dtype", [(3, 64, jnp.bfloat16), (4, 256, jnp.float32)])
+def test_adaptive_group_norm_matches_reference(batch, spatial, dtype):
+    # 3 × 4 rows in a padded block: per-row tables; 4 × 4 rows in blocks of 4: read in place.
+    x = ks.data((batch, 8, spatial), dtype)
+    scale, shift = (ks.data((batch, 8), jnp.float32, seed=s, loc=0.0, scale=0.3) for s in (3, 4))
     weight, bias = ks.params(8)
-    cotangent = ks.data(x.shape, jnp.bfloat16, seed=7)
+    cotangent = ks.data(x.shape, dtype, seed=7)
 
     def run(module):
         fn = lambda *a: module.adaptive_group_norm(*a, groups=4, eps=EPS)  # noqa: E731
@@ -81,6 +85,23 @@ def test_staging_keeps_each_box_in_one_channel():
     # 760 float16 a channel: boxes of 8 columns (one lane), whose 128-row tiles do not fit.
     narrow = jax.ShapeDtypeStruct((1, 4, 760), jnp.float16)
     assert not _group_norm_mosaic_gpu.forward_supported(2, narrow, None, None)
+
+
+def test_parameters_are_read_in_place_where_blocks_allow():
+    if not _mosaic_gpu.usable():
+        return
+    x = jax.ShapeDtypeStruct((2, 16, 256), jnp.float32)
+    boxes = _group_norm_mosaic_gpu._staging(x, 8, 4)
+    assert boxes.block_rows == 4 and boxes.cols == 128
+    weight, per_example = jnp.arange(16.0), jnp.arange(32.0).reshape(2, 16)
+    table, per_box = _group_norm_mosaic_gpu._tables(weight, 2, 8, 256, boxes)
+    assert table.shape == (1, 8, 2) and per_box == (2, 8)
+    assert table[0, 3, 1] == weight[7]  # group 3's second channel
+    table, per_box = _group_norm_mosaic_gpu._tables(per_example, 2, 8, 256, boxes)
+    assert table.shape == (1, 16, 2) and per_box == (2, 0) and table[0, 11, 0] == 22.0
+    # Groups a block straddles (2 groups, blocks of 4 rows): a per-row table, padded.
+    table, per_box = _group_norm_mosaic_gpu._tables(weight, 3, 2, 256, boxes)
+    assert table.shape == (1, 8, 8) and per_box == (2, 0) and table[0, 5, 7] == 15.0
 
 
 def test_pallas_chooses_mosaic_gpu_on_cuda_where_it_can():

@@ -12,7 +12,7 @@ import pytest
 
 import kernel_support as ks
 import oracle
-from eqxnorm.kernels import _mosaic_gpu, pallas, reference
+from eqxnorm.kernels import _mosaic_gpu, _row_norm_mosaic_gpu, pallas, reference
 
 EPS = 1e-5
 MOSAIC_GPU = pallas.backend("mosaic_gpu")
@@ -190,6 +190,120 @@ def test_staging_heuristic():
     # TMA needs rows of a multiple of 16 bytes.
     assert _mosaic_gpu.supports(jnp.bfloat16, 760) and not _mosaic_gpu.supports(jnp.bfloat16, 37)
     assert not _mosaic_gpu.supports(jnp.float64, 760)
+
+
+# --- folded rows: a row too wide for a tile of 4 on chip, staged alone across the 4 warps -----
+
+# Shared memory shrunk so that rows of 1304 fold cheaply in the interpreter (11 boxes of 128
+# columns, the last partial; 3 tiles of 4 boxes, the last one short), as 70000 bfloat16 do
+# in 200 KiB: forward and backward (x and dy staged) fit one row, not 4. In KiB per case.
+FOLD_SMEM = {"bfloat16": 10, "float32": 16, "mixed": 16}
+
+
+def test_folded_staging_heuristic(monkeypatch):
+    if not USABLE:
+        return
+    boxes = _mosaic_gpu.boxes((jnp.bfloat16,), 64, 70000, 2, fold=True)
+    assert boxes.folded and (boxes.block_rows, boxes.cols, boxes.chunks) == (1, 128, 137)
+    assert boxes.row_boxes == 547 and boxes.tile == (137, 4, 128)
+    # Not for a kernel that does not take folded rows, nor a row that does not fit alone (the
+    # backward of 65536 bfloat16: x and dy, 256 KiB).
+    assert _mosaic_gpu.boxes((jnp.bfloat16,), 64, 70000, 2).block_rows == 0
+    assert _mosaic_gpu.boxes((jnp.bfloat16,), 64, 65536, 4, fold=True).block_rows == 0
+    assert _mosaic_gpu.boxes((jnp.float32,), 64, 70000, 4, fold=True).block_rows == 0
+    assert _mosaic_gpu.boxes((jnp.float32,), 64, 51200, 4, fold=True).folded
+    # Rows that fit 4 at a time are not folded.
+    assert not _mosaic_gpu.boxes((jnp.bfloat16,), 64, 16384, 2, fold=True).folded
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", FOLD_SMEM["mixed"] * 1024)
+    assert _mosaic_gpu.boxes((jnp.float32,), 3, 1304, 6, fold=True).row_boxes == 11
+
+
+@pytest.mark.parametrize(
+    "case",
+    [("layer_norm", 3, "bfloat16"), ("rms_norm", 1, "float32"), ("add_layer_norm", 3, "mixed")],
+    ids=["layer_norm-3-bfloat16", "rms_norm-1-float32", "add_layer_norm-3-bfloat16+float32"],
+)
+def test_folded_rows_match_reference(case, monkeypatch):
+    """Forward and every gradient through folded rows (forward and persistent backward)."""
+    op, rows, dtype = case
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", FOLD_SMEM[dtype] * 1024)
+    x = ks.data((rows, 1304), jnp.bfloat16 if dtype == "mixed" else dtype, seed=rows)
+    weight, bias = ks.params(1304)
+    residual = ks.data(x.shape, jnp.float32, seed=4) if dtype == "mixed" else None
+    args = (x, weight, bias) if residual is None else (x, residual, weight, bias)
+    cotangent = ks.data(x.shape, jnp.float32, seed=9, loc=0.0, scale=1.0)
+    if USABLE:
+        assert _row_norm_mosaic_gpu.forward_boxes(x[None], residual, weight, bias).folded
+        d_dtypes = (x.dtype,) if residual is None else (x.dtype, residual.dtype)
+        dh = None if residual is None else residual[None]
+        boxes = _row_norm_mosaic_gpu.backward_boxes(x[None], weight, x[None], dh, d_dtypes)
+        assert boxes.folded and boxes.chunks == 3
+
+    def run(module):
+        def loss(*args):
+            out = getattr(module, op)(*args, eps=EPS)
+            y = out if residual is None else out[0] + out[1].astype(out[0].dtype)
+            return jnp.sum(y.astype(jnp.float32) * cotangent), out
+
+        fn = jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)
+        return jax.jit(fn)(*args)
+
+    out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
+    if out is None:
+        return
+    (_, y), grads = out
+    (_, y_ref), grads_ref = run(reference)
+    ks.assert_trees_match(y, y_ref)
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        ks.assert_matches(grad, grad_ref, jnp.bfloat16 if grad.dtype == x.dtype else None)
+
+
+def test_folded_backward_loops_over_rows_in_two_slots(monkeypatch):
+    # One SM: 5 folded rows over 3 programs of 2 blocks (one past the end: TMA's zeros, rstd
+    # 0), each staging the next row while it computes one; the forward's 4-row tiles fit
+    # (a forward and a backward staged differently share the statistics). At least 2 rows a
+    # program (8 by default: one program of 5 rows).
+    monkeypatch.setattr(_mosaic_gpu, "_sm_count", lambda: 1)
+    monkeypatch.setattr(_mosaic_gpu, "FOLDED_ROWS_PER_PROGRAM", 2)
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", 16 * 1024)
+    x = ks.data((5, 1304), jnp.bfloat16, seed=5)
+    weight, bias = ks.params(1304)
+    cotangent = ks.data(x.shape, jnp.float32, seed=9, loc=0.0, scale=1.0)
+    if USABLE:
+        boxes = _row_norm_mosaic_gpu.backward_boxes(x[None], weight, x[None], None, (x.dtype,))
+        assert boxes.folded and _row_norm_mosaic_gpu._stages(boxes, 1, 5, 6144)[0] == 2
+        assert _mosaic_gpu.persistent_programs(5, 2 * 6144, 1, 2) == (3, 2)
+        assert _mosaic_gpu.persistent_programs(5, 2 * 6144, 1, 8) == (1, 5)
+
+    def run(module):
+        def loss(x, weight, bias):
+            y = module.layer_norm(x, weight, bias, eps=EPS)
+            return jnp.sum(y.astype(jnp.float32) * cotangent)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, weight, bias)
+
+    out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
+    if out is not None:
+        for grad, grad_ref in zip(out, run(reference), strict=True):
+            ks.assert_matches(grad, grad_ref, jnp.bfloat16 if grad.dtype == x.dtype else None)
+
+
+def test_folded_forward_at_large_mean(monkeypatch):
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", FOLD_SMEM["float32"] * 1024)
+    x = ks.data((2, 1304), jnp.float32, loc=1e4, scale=1.0)
+    weight, bias = ks.params(1304)
+    y = ks.run_mosaic_gpu(lambda: MOSAIC_GPU.layer_norm(x, weight, bias, eps=EPS))
+    if y is not None:
+        np.testing.assert_allclose(y, oracle.layer_norm(x, weight, bias, EPS), atol=5e-5)
+
+
+def test_folded_forward_with_a_backward_on_triton(monkeypatch):
+    # The folded forward's statistics are the Triton backward's residuals (the same contract):
+    # a width whose forward folds but whose backward (x and dy staged) does not fit one row
+    # on chip runs one Mosaic GPU and one Triton kernel (as 70000 bfloat16 do).
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", 5 * 1024)
+    mosaic, triton = _cuda_calls("pallas", 1304)
+    assert (mosaic, triton) == ((1, 1) if USABLE else (0, 2))
 
 
 def _cuda_calls(impl, width):
