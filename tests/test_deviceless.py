@@ -173,23 +173,43 @@ def test_wide_bfloat16_rows_forward_reads_x_once_on_mosaic_gpu():
     assert ratio <= 1.01 and result["program"]["launches"] == []  # no XLA work beside it
 
 
-@pytest.mark.tpu_check
 # QK-norm, gated RMSNorm and DyT are not yet compiled for a TPU here (QK-norm runs XLA there).
-@pytest.mark.parametrize("op", [op for op in _ops.OPS if op not in _ops.EQXNORM_ONLY])
-def test_training_step_compiles_for_tpu_v5e(op):
-    # Mosaic checks what export does not: VMEM (a float32 row of 70000 kept whole), tiling,
-    # and the vector types TPUs have (float16 runs the kernels in float32 there).
+TPU_OPS = [op for op in _ops.OPS if op not in _ops.EQXNORM_ONLY]
+
+
+def _tpu_cases(op: str) -> list:
+    """bfloat16 and float32 at every default shape of the op's family, float16 at the awkward
+    one: float16 operands are float32 inside the call on a TPU (`stored_dtype`), so float16
+    compiles float32's kernels behind XLA's conversions, which one shape checks."""
+    family = _ops.OPS[op].family
+    shapes = deviceless.ROW_SHAPES if family == "row" else deviceless.CHANNEL_SHAPES
+    cases = deviceless.cases([op], shapes, ["bfloat16", "float32"], ["fwd+bwd"], "tpu-v5e")
+    return cases + deviceless.cases([op], shapes[:1], ["float16"], ["fwd+bwd"], "tpu-v5e")
+
+
+@pytest.fixture(scope="module")
+def tpu_reports() -> dict[str, list]:
+    """`op -> the reports of its TPU cases`, every op compiled in one subprocess: one start of
+    JAX and libtpu instead of one per op."""
     if importlib.util.find_spec("libtpu") is None:
         raise RuntimeError(
             'The deviceless TPU compile needs libtpu matching jaxlib: pip install -e ".[tpu-check]"'
         )
-    family = _ops.OPS[op].family
-    shapes = deviceless.ROW_SHAPES if family == "row" else deviceless.CHANNEL_SHAPES
-    dtypes = ["bfloat16", "float32", "float16"]
-    results = deviceless.run(
-        deviceless.cases([op], shapes, dtypes, ["fwd+bwd"], "tpu-v5e"), timeout=600
-    )
+    results = deviceless.run([c for op in TPU_OPS for c in _tpu_cases(op)], timeout=1800)
+    reports = {op: [] for op in TPU_OPS}
+    for result in results:
+        reports[result["case"]["op"]].append(result)
+    return reports
+
+
+@pytest.mark.tpu_check
+@pytest.mark.parametrize("op", TPU_OPS)
+def test_training_step_compiles_for_tpu_v5e(op, tpu_reports):
+    # Mosaic checks what export does not: VMEM (a float32 row of 70000 kept whole), tiling,
+    # and the vector types TPUs have (float16 runs the kernels in float32 there).
+    results = tpu_reports[op]
     print("\n" + deviceless.table(results))
+    assert [r["case"]["dtype"] for r in results] == [c.dtype for c in _tpu_cases(op)]
     for result in results:
         assert deviceless.problems(result) == []
         assert {k.removesuffix(".1") for k in result["kernels"]} == _kernels(op)
