@@ -321,8 +321,10 @@ def test_modulation_without_affine_is_one_plus_scale():
 
 
 def _on_arrays(fn, **kwargs):
-    """`fn` called with JAX arrays (check_grads perturbs its inputs as NumPy arrays)."""
-    return lambda *args: fn(*(jnp.asarray(a) for a in args), **kwargs)
+    """`fn` called with JAX arrays (check_grads perturbs its inputs as NumPy arrays), jitted:
+    check_grads calls it dozens of times, one compile each transformation instead of eager
+    dispatch each call."""
+    return jax.jit(lambda *args: fn(*(jnp.asarray(a) for a in args), **kwargs))
 
 
 def test_fused_references_gradients_are_correct():
