@@ -62,9 +62,28 @@ def _kernels(op: str) -> set[str]:
     return {f"eqxnorm_{kernel}_fwd", f"eqxnorm_{kernel}_bwd"}
 
 
+def _run_by_op(request, test, cases) -> dict[str, list]:
+    """`op -> the reports of cases(op)` for each op of the session's `test` items, all their
+    cases compiled in one subprocess: one start of JAX (and its CUDA plugin, libtpu) instead
+    of one per op."""
+    ops = [i.callspec.params["op"] for i in request.session.items if i.originalname == test]
+    results = deviceless.run([c for op in ops for c in cases(op)], timeout=1800)
+    reports = {op: [] for op in ops}
+    for result in results:
+        reports[result["case"]["op"]].append(result)
+    return reports
+
+
+@pytest.fixture(scope="module")
+def h200_reports(request) -> dict[str, list]:
+    """`op -> the reports of its cases` (`_cases`)."""
+    return _run_by_op(request, "test_training_step_compiles_cleanly_for_h200", _cases)
+
+
 @pytest.mark.parametrize("op", list(_ops.OPS))
-def test_training_step_compiles_cleanly_for_h200(op):
-    results = deviceless.run(_cases(op), timeout=600)
+def test_training_step_compiles_cleanly_for_h200(op, h200_reports):
+    results = h200_reports[op]
+    assert len(results) == len(_cases(op))
     print("\n" + deviceless.table(results))
     per_kernel = not _triton.triton_deprecated()
     for result in results:
@@ -188,18 +207,13 @@ def _tpu_cases(op: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def tpu_reports() -> dict[str, list]:
-    """`op -> the reports of its TPU cases`, every op compiled in one subprocess: one start of
-    JAX and libtpu instead of one per op."""
+def tpu_reports(request) -> dict[str, list]:
+    """`op -> the reports of its TPU cases` (`_tpu_cases`)."""
     if importlib.util.find_spec("libtpu") is None:
         raise RuntimeError(
             'The deviceless TPU compile needs libtpu matching jaxlib: pip install -e ".[tpu-check]"'
         )
-    results = deviceless.run([c for op in TPU_OPS for c in _tpu_cases(op)], timeout=1800)
-    reports = {op: [] for op in TPU_OPS}
-    for result in results:
-        reports[result["case"]["op"]].append(result)
-    return reports
+    return _run_by_op(request, "test_training_step_compiles_for_tpu_v5e", _tpu_cases)
 
 
 @pytest.mark.tpu_check
