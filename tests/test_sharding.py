@@ -161,7 +161,10 @@ LAYERS = {
 }
 
 
+@functools.cache
 def _single_device(layer):
+    """The reference's outputs and gradients on one device: once per layer, whatever the
+    impl and the sharding compared with it."""
     fn, params, inputs = LAYERS[layer]("reference")
     return jax.jit(ks.outputs_and_grads(fn))(params, *inputs)
 
