@@ -233,7 +233,8 @@ class PtxasStats:
     spill_stores: int = 0
     spill_loads: int = 0
     stack: int = 0
-    barriers: int = 0
+    barriers: int = 0  # named barriers the kernel uses (ptxas), not barrier instructions
+    bar_syncs: int = 0  # barrier instructions in the PTX (`bar.sync`, `barrier.sync`)
     static_smem: int = 0  # bytes of statically declared shared memory (XLA's fusions use it)
     cmem: str = ""
     warnings: list[str] = dataclasses.field(default_factory=list)
@@ -811,7 +812,9 @@ def _compiled_stats(call: TritonCall, arch: str, workdir: str, stem: str):
     ptx, smem = compiled
     sm = "sm_" + arch.replace(".", "") + ("a" if arch.startswith("9") else "")
     stats = ptxas(ptx, sm, workdir, stem)
-    return smem, stats.get(call.name) or next(iter(stats.values()), PtxasStats())
+    found = stats.get(call.name) or next(iter(stats.values()), PtxasStats())
+    syncs = len(re.findall(r"\bbar(?:rier)?\.sync\b", ptx))
+    return smem, dataclasses.replace(found, bar_syncs=syncs)
 
 
 def analyse(call: TritonCall, arch: str, workdir: str, index: int) -> KernelReport:

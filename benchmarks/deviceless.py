@@ -161,6 +161,7 @@ def _kernel_row(k) -> dict:
         "spill_bytes": None if ptxas is None else ptxas.spill_stores + ptxas.spill_loads,
         "stack_bytes": None if ptxas is None else ptxas.stack,
         "barriers": None if ptxas is None else ptxas.barriers,
+        "bar_syncs": None if ptxas is None else ptxas.bar_syncs,
         "smem_bytes": k.smem_bytes,
         "occupancy": None if k.occupancy is None else k.occupancy["occupancy"],
         "ideal_bytes": k.ideal_bytes,
@@ -258,6 +259,10 @@ BATCH_NORM_FORWARD_BYTES = 3.25 / 2
 # `_mosaic_gpu.IN_FLIGHT_BYTES` (its grids are sized to stage twice that), however few warps
 # hold them (a pipelined persistent backward: one 4-warp program per SM).
 OCCUPANCY = 0.5
+# Barrier instructions (`bar.sync`) in a Triton forward kernel's PTX: each cross-warp reduction
+# and each layout conversion through shared memory costs a pair; LayerNorm's forward had 17,
+# RMSNorm's 5 (issue 17).
+FORWARD_BARRIERS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +280,8 @@ def verdicts(result: dict) -> list[Verdict]:
     out of bounds, failed compile: [`problems`][]), the program's bytes over
     the ideal, its launches (the op's kernels, and at most one small XLA reduction in a
     training step: the parameter gradients'), and per kernel no spill, for Triton's one read
-    of each byte (its traffic account) and occupancy, for Mosaic GPU's TMA-staged kernels the
+    of each byte (its traffic account), occupancy and, for a forward kernel, its barrier
+    instructions (`FORWARD_BARRIERS`), for Mosaic GPU's TMA-staged kernels the
     bytes in flight per SM (resident blocks × staged bytes, see `OCCUPANCY`)."""
     from eqxnorm.kernels._mosaic_gpu import IN_FLIGHT_BYTES
 
@@ -313,6 +319,14 @@ def verdicts(result: dict) -> list[Verdict]:
                     f"{name}: occupancy >= {OCCUPANCY:.0%}",
                     f"{k['occupancy']:.0%}",
                     k["occupancy"] >= OCCUPANCY,
+                )
+            )
+        if k.get("bar_syncs") is not None and name.endswith("_fwd"):
+            out.append(
+                Verdict(
+                    f"{name}: barriers <= {FORWARD_BARRIERS}",
+                    str(k["bar_syncs"]),
+                    k["bar_syncs"] <= FORWARD_BARRIERS,
                 )
             )
         if k["dram_bytes"]:

@@ -98,6 +98,11 @@ def test_training_step_compiles_cleanly_for_h200(op, h200_reports):
                 assert 0 < k["registers"] <= 255
                 assert k["spill_bytes"] == 0 and k["stack_bytes"] == 0
                 assert k["occupancy"] > 0
+                assert k["bar_syncs"] >= 0
+        if per_kernel and op == "rms_norm" and result["case"]["shape"] == "4096x1024":
+            # Issue 17's forward barrier target (LayerNorm's forward still misses it, 19).
+            [fwd] = [k for k in result["kernels"] if k["name"].endswith("_fwd")]
+            assert 0 < fwd["bar_syncs"] <= deviceless.FORWARD_BARRIERS
         program = result["program"]
         triton = [launch for launch in program["launches"] if "eqxnorm" in launch["name"]]
         assert len(triton) == len(names)
@@ -120,7 +125,7 @@ MOSAIC_GPU_SHAPES = {
 # the README's target table gives: at the awkward row shape (37 × 760, a 300 KiB step), the
 # parameters padded to whole TMA boxes and the statistics to whole programs (small XLA
 # launches) and the per-program partial sums (a fifth of the bytes there); the channel
-# families' per-row parameter tables and per-channel sums, and adaLN's `1 + scale`, in XLA.
+# families' sums of the parameter gradients over the examples, and adaLN's `1 + scale`, in XLA.
 BYTES, LAUNCHES = "bytes <= 1.05x ideal", "XLA launches beside the kernels <= 1"
 MOSAIC_GPU_MISSES = {
     ("layer_norm", "37x760"): {BYTES, LAUNCHES},
