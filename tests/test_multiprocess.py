@@ -129,15 +129,21 @@ def _run_workers(processes: int, out: Path) -> list[dict]:
     return results
 
 
-_GLOO_CONNECTED = re.compile(r"\d+ is connected to \d+ peer ranks\. Expected number of .*")
+_GLOO_PIECES = re.compile(
+    r"\[Gloo\] Rank "
+    r"|\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : "
+)
+_GLOO_COUNT = re.compile(r"[\d\s]*")
 
 
 def _without_gloo(output: str) -> list[str]:
     """The lines of `output` but gloo's connection messages (on stdout and stderr). Gloo writes
-    each as two pieces ("[Gloo] Rank " and the rest), which its threads can interleave:
-    "[Gloo] Rank [Gloo] Rank 7 is connected ...", then "6 is connected ..."."""
-    lines = output.replace("[Gloo] Rank ", "").splitlines()
-    return [line for line in lines if not _GLOO_CONNECTED.fullmatch(line.strip())]
+    each in pieces ("[Gloo] Rank ", "7 is connected ... is : ", "7" and the newline), which its
+    threads can interleave: "... ranks is : [Gloo] Rank 5 is connected ... is : 7", then "7".
+    The first two pieces are cut wherever they stand, then the lines left holding only counts;
+    gloo connects before anything runs, so no count lands inside a printed line."""
+    lines = _GLOO_PIECES.sub("", output).splitlines()
+    return [line for line in lines if not _GLOO_COUNT.fullmatch(line)]
 
 
 def _wait(workers, deadline: float) -> None:
@@ -255,3 +261,17 @@ def test_readme_recipe_runs(tmp_path):
     printed = [_without_gloo(out) for out in outputs]
     assert printed[0][0] == "2 processes, 8 devices, one gradient:", outputs[0]
     assert printed[1] == [], outputs[1]
+
+
+def test_gloo_messages_are_cut_however_interleaved():
+    # As CI printed them: gloo's threads interleaved the pieces of four messages.
+    gloo = (
+        "[Gloo] Rank {0} is connected to 7 peer ranks. "
+        "Expected number of connected peer ranks is : "
+    )
+    output = (
+        f"{gloo.format(4)}7\n{gloo.format(7)}7\n{gloo.format(6)}{gloo.format(5)}7\n7\n"
+        "2 processes, 8 devices, one gradient:\n[0.25 0.5 ]\n"
+    )
+    assert _without_gloo(output) == ["2 processes, 8 devices, one gradient:", "[0.25 0.5 ]"]
+    assert _without_gloo(f"{gloo.format(1)}7\n") == []
