@@ -551,6 +551,39 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def sum_pair(
+    partials: jax.Array, *, pair_axis: int, sum_axis: int, like: Any, droppable: bool = False
+) -> list:
+    """`[dweight, dbias]`: the sums over `sum_axis` of `partials`' entries 0 and 1 along
+    `pair_axis` (the programs' float32 partial sums of both parameter gradients, one array), in
+    one XLA launch.
+
+    XLA fuses slicing a reduction's result into an elementwise op after it, never into the
+    reduction itself, and fuses no sibling reductions here. Float32 gradients (parameters
+    `like` in float32: nothing follows) come from one variadic reduction of the two halves,
+    which writes both (and of which XLA drops an unused one). Gradients cast to the
+    parameters' dtype afterwards come from one reduction of the whole, each cast reading its
+    half; with `droppable` (RMSNorm, whose bias is usually absent), from one reduction each,
+    so that XLA drops the bias's when nothing uses it (with a bias: two launches).
+    `like=None`: the parameters' dtype is unknown, taken as not float32."""
+    if like is not None and jnp.dtype(like.dtype) == F32:
+        halves = tuple(jnp.take(partials, i, axis=pair_axis) for i in range(2))
+        axis = sum_axis - (sum_axis > pair_axis)
+        zero = jnp.zeros((), F32)
+        return list(lax.reduce(halves, (zero, zero), _add_pair, (axis,)))
+    if droppable:
+        return [
+            jnp.take(partials, i, axis=pair_axis).sum(axis=sum_axis - (sum_axis > pair_axis))
+            for i in range(2)
+        ]
+    sums = partials.sum(axis=sum_axis)
+    return [jnp.take(sums, i, axis=pair_axis - (pair_axis > sum_axis)) for i in range(2)]
+
+
+def _add_pair(a: tuple, b: tuple) -> tuple:
+    return a[0] + b[0], a[1] + b[1]
+
+
 # --- kernel-body helpers -----------------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _mosaic_gpu as m, reference
-from ._common import F32, Target
+from ._common import F32, Target, sum_pair
 
 plgpu = m.plgpu
 
@@ -761,10 +761,11 @@ def backward_on(
     )
     if not param_grads:
         return dx, dres, None, None
-    # One reduction of the programs' partials, both gradients at once.
-    total = partials[0].sum(axis=2)
-    total = total.reshape(*total.shape[:2], -1)  # a folded row's `(4 · chunks, cols)`
-    dw, db = jnp.moveaxis(total[..., :width], 1, 0)
+    # One reduction of the programs' partials, both gradients at once, reading their first
+    # `width` columns in place (a folded row's partials are `(4 · chunks, cols)`).
+    per_program = partials[0].reshape(*partials[0].shape[:3], -1)[..., :width]
+    center = op.endswith("layer_norm")
+    dw, db = sum_pair(per_program, pair_axis=1, sum_axis=2, like=weight, droppable=not center)
     return dx, dres, dw, db
 
 

@@ -557,14 +557,9 @@ def _backward_on(
     dres = outs.pop(0) if len(d_dtypes) == 2 else None
     if not param_grads:
         return dx, dres, None, None
-    # Both gradients' partial rows in one array, summed over the programs in a fixed order:
-    # one XLA reduction of both for LayerNorm; for RMSNorm, whose bias is usually absent, one
-    # each, so that XLA drops the bias's when nothing uses it (the sibling reductions are not
-    # fused: with a bias, two launches).
-    if _center(op):
-        sums = outs[0].sum(axis=1)
-        return dx, dres, sums[:, 0], sums[:, 1]
-    return dx, dres, outs[0][:, :, 0].sum(axis=1), outs[0][:, :, 1].sum(axis=1)
+    # Both gradients' partial rows in one array, summed over the programs in a fixed order.
+    sums = c.sum_pair(outs[0], pair_axis=2, sum_axis=1, like=weight, droppable=not _center(op))
+    return dx, dres, *sums
 
 
 # --- staging per platform, batching, differentiation -----------------------------------------
