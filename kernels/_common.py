@@ -45,8 +45,9 @@ Without a rule the call stays correct: it runs on the operands gathered whole.
 
 import dataclasses
 import functools
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -567,10 +568,8 @@ def sum_pair(
     so that XLA drops the bias's when nothing uses it (with a bias: two launches).
     `like=None`: the parameters' dtype is unknown, taken as not float32."""
     if like is not None and jnp.dtype(like.dtype) == F32:
-        halves = tuple(jnp.take(partials, i, axis=pair_axis) for i in range(2))
-        axis = sum_axis - (sum_axis > pair_axis)
-        zero = jnp.zeros((), F32)
-        return list(lax.reduce(halves, (zero, zero), _add_pair, (axis,)))
+        halves = [jnp.take(partials, i, axis=pair_axis) for i in range(2)]
+        return sum_parts(halves, axes=(sum_axis - (sum_axis > pair_axis),), like=like)
     if droppable:
         return [
             jnp.take(partials, i, axis=pair_axis).sum(axis=sum_axis - (sum_axis > pair_axis))
@@ -580,8 +579,41 @@ def sum_pair(
     return [jnp.take(sums, i, axis=pair_axis - (pair_axis > sum_axis)) for i in range(2)]
 
 
-def _add_pair(a: tuple, b: tuple) -> tuple:
-    return a[0] + b[0], a[1] + b[1]
+def sum_parts(parts: Sequence[jax.Array], *, axes: tuple[int, ...], like: Any = None) -> list:
+    """The sums over `axes` of each of `parts` (the programs' float32 partial sums of several
+    parameters' gradients, one array each), in one XLA launch (see [`sum_pair`][]: XLA fuses
+    no sibling reductions, nor a broadcast into a variadic one).
+
+    - Parts of one shape whose sums stay float32 (`like` float32): one variadic reduction,
+      which writes each sum.
+    - Parts of one shape otherwise: one reduction of the parts stacked (a stack XLA fuses
+      into it), each sum a slice of its result, into which a cast that follows fuses (XLA
+      copies the slices, no kernel).
+    - Parts of different shapes (DyT's scalar beside its weight's and bias' rows): they must
+      be `(programs, n)`, `axes` `(0,)`; one reduction of their concatenation along `n`, each
+      sum a slice.
+
+    `like=None`: the gradients' dtype is unknown, taken as not float32."""
+    shape = parts[0].shape
+    if all(p.shape == shape for p in parts):
+        if like is not None and jnp.dtype(like.dtype) == F32:
+            zeros = (jnp.zeros((), F32),) * len(parts)
+            return list(lax.reduce(tuple(parts), zeros, _add_each, axes))
+        sums = jnp.stack(parts).sum(axis=tuple(a + 1 for a in axes))
+        return [sums[i] for i in range(len(parts))]
+    if axes != (0,) or any(p.ndim != 2 or p.shape[0] != shape[0] for p in parts):
+        raise ValueError(
+            f"Parts of different shapes {[p.shape for p in parts]} are summed as `(programs, "
+            f"n)` arrays over axis 0, not over axes {axes}: pass 2-D parts with one programs "
+            f"axis, summed over axis 0."
+        )
+    sums = jnp.concatenate(parts, axis=1).sum(axis=0)
+    ends = itertools.accumulate(p.shape[1] for p in parts)
+    return [sums[end - p.shape[1] : end] for p, end in zip(parts, ends, strict=True)]
+
+
+def _add_each(a: tuple, b: tuple) -> tuple:
+    return tuple(x + y for x, y in zip(a, b, strict=True))
 
 
 # --- kernel-body helpers -----------------------------------------------------------------------

@@ -1324,11 +1324,14 @@ def _qk_norm_bwd_on(
     target: Target, q, k, q_weight, k_weight, q_dy, k_dy, *stats, center, param_grads
 ):
     """`(dq, dk, q_dweight, k_dweight)` with one `pallas_call` on `target`: the weights'
-    gradients float32 sums over the token blocks, `(heads, head_dim)` (`None` unless
-    `param_grads`)."""
+    gradients float32 sums over the token blocks, in each weight's shape, `(heads,
+    head_dim)` or `(head_dim,)` (summed over the heads too) (`None` unless `param_grads`)."""
     if target is c.MOSAIC:
         dq, dk, *dw = _qk_norm_bwd_xla((q, k), (q_weight, k_weight), (q_dy, k_dy), stats, center)
-        return (dq, dk, *dw) if param_grads else (dq, dk, None, None)
+        if not param_grads:
+            return dq, dk, None, None
+        weights = (q_weight, k_weight)
+        return dq, dk, *(d if w.ndim == 2 else d.sum(0) for d, w in zip(dw, weights, strict=True))
     width = q.shape[-1]
     has_weight = q_weight is not None
     per_head = tuple(w is not None and w.ndim == 2 for w in (q_weight, k_weight))
@@ -1368,7 +1371,19 @@ def _qk_norm_bwd_on(
     )(q, k, q_dy, k_dy, *(s[..., None] for s in stats), *params)
     if not param_grads:
         return outs[0], outs[1], None, None
-    return outs[0], outs[1], *(p.sum(axis=(1, 2)) for p in outs[2:4])
+    return outs[0], outs[1], *_qk_weight_grads(outs[2:4], (q_weight, k_weight))
+
+
+def _qk_weight_grads(partials, weights) -> list:
+    """The weights' gradients from q's and k's partials `(heads, token blocks, 1, head_dim)`:
+    summed over the token blocks, and over the heads for a weight they share; both in one
+    reduction when the partials and the sums have one shape (q and k with as many heads and
+    tokens), else one each."""
+    axes = [(1, 2) if w.ndim == 2 else (0, 1, 2) for w in weights]
+    if partials[0].shape != partials[1].shape or axes[0] != axes[1]:
+        return [p.sum(axis=a) for p, a in zip(partials, axes, strict=True)]
+    like = weights[0] if weights[0].dtype == weights[1].dtype else None
+    return c.sum_parts(partials, axes=axes[0], like=like)
 
 
 def _qk_norm_xla(q, k, q_weight, k_weight, *, eps: float, center: bool):
@@ -1437,12 +1452,14 @@ def _qk_norm(eps: float, norm: str, backend: str):
         param_grads = like[2] is not None or like[3] is not None
         fn = functools.partial(_qk_norm_bwd_on, center=center, param_grads=param_grads)
         args = (q, k, q_weight, k_weight, q_dy, k_dy, *stats)
-        # The weights' per-head gradients are sums over the tokens: added across the devices.
+        # The weights' gradients, per head or summed over the heads that share the weight, are
+        # sums over the tokens: added across the devices.
         stats = ", ".join([_QK_STATS] * 3)
-        spec = f"t h d, t j d, h? d, j? d, t h d, t j d, {stats} -> t h d, t j d, h d, j d"
+        per_head = [w is not None and w.ndim == 2 for w in (q_weight, k_weight)]
+        dws = ", ".join(f"{h} d" if p else "d" for h, p in zip("hj", per_head, strict=True))
+        spec = f"t h d, t j d, h? d, j? d, t h d, t j d, {stats} -> t h d, t j d, {dws}"
         rule = _qk_rule(spec, q, k)
-        dq, dk, q_dw, k_dw = c.per_platform(fn, *args, sharding=rule, backend=backend)
-        grads = (dq, dk, _head_grad(q_dw, q_weight), _head_grad(k_dw, k_weight))
+        grads = c.per_platform(fn, *args, sharding=rule, backend=backend)
         return tuple(None if lk is None else g for lk, g in zip(like, grads, strict=True))
 
     def saved_tangents(primals, stats, tangents):
@@ -1468,14 +1485,6 @@ def _qk_rule(spec: str, q, k) -> c.Rule | None:
     token factors split along one mesh axis are not partitioned together, so with other
     token counts (cross-attention) the call runs on its operands gathered."""
     return c.Rule(spec, split="t") if q.shape[0] == k.shape[0] else None
-
-
-def _head_grad(partial, weight):
-    """The weight's gradient from the launch's per-head float32 sums: summed over the heads
-    for a weight they share."""
-    if weight is None or partial is None:
-        return None
-    return partial if weight.ndim == 2 else partial.sum(axis=0)
 
 
 @typechecked()
@@ -1960,7 +1969,10 @@ def _dyt_bwd_on(target: Target, x, alpha, weight, dy):
         ],
         name="eqxnorm_dyt_bwd",
     )(x[None], alpha.reshape(1, 1, 1), dy[None], *params)
-    return dx[0], dalpha.sum(), dw.sum(axis=(0, 1, 2)), db.sum(axis=(0, 1, 2))
+    # The three gradients' partials summed over the programs in one fixed-order reduction.
+    parts = [dw.reshape(blocks, width), db.reshape(blocks, width), dalpha.reshape(blocks, 1)]
+    dw, db, dalpha = c.sum_parts(parts, axes=(0,))
+    return dx[0], dalpha.reshape(()), dw, db
 
 
 @functools.cache

@@ -79,3 +79,30 @@ def test_block_moments_masks_padding():
     np.testing.assert_allclose(stats.var, x5.var(1, keepdims=True), rtol=1e-5)
     rms = c.block_moments(jnp.where(mask, x, 0.0), mask, 5, center=False)
     np.testing.assert_allclose(rms.var, (x5**2).mean(1, keepdims=True), rtol=1e-6)
+
+
+@pytest.mark.parametrize("like_dtype", [jnp.float32, jnp.bfloat16, None], ids=str)
+def test_sum_parts_sums_each_part_in_one_reduction(like_dtype):
+    """Parts of one shape (variadic for float32 sums, else stacked) and of different widths
+    (concatenated) give each part's own sums, exactly those of a float64 sum here (small
+    integers)."""
+    rng = np.random.default_rng(0)
+    like = None if like_dtype is None else jnp.zeros((3,), like_dtype)
+    same = [rng.integers(-8, 8, (5, 4, 3)).astype(np.float32) for _ in range(3)]
+    for axes in ((0,), (0, 1), (1,)):
+        sums = c.sum_parts([jnp.asarray(p) for p in same], axes=axes, like=like)
+        for got, part in zip(sums, same, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), part.sum(axis=axes))
+    widths = [rng.integers(-8, 8, (6, n)).astype(np.float32) for n in (7, 7, 1)]
+    sums = c.sum_parts([jnp.asarray(p) for p in widths], axes=(0,), like=like)
+    assert [s.shape for s in sums] == [(7,), (7,), (1,)]
+    for got, part in zip(sums, widths, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), part.sum(axis=0))
+
+
+def test_sum_parts_rejects_parts_it_cannot_concatenate():
+    parts = [jnp.zeros((4, 3)), jnp.zeros((4, 1))]
+    with pytest.raises(ValueError, match=r"over axis 0, not over axes \(1,\)"):
+        c.sum_parts(parts, axes=(1,))
+    with pytest.raises(ValueError, match="pass 2-D parts"):
+        c.sum_parts([jnp.zeros((4, 3)), jnp.zeros((5, 1))], axes=(0,))

@@ -644,6 +644,20 @@ def test_qk_norm_matches_reference(case):
     _assert_same_outputs_and_grads(fns(row_norm), fns(reference), args, argnums)
 
 
+@pytest.mark.parametrize("weights, dtype", [("shared", jnp.float32), ("per_head", jnp.bfloat16)])
+def test_qk_norm_weight_grads_of_equal_shapes(weights, dtype):
+    # q and k of one shape: both weights' gradients come from one reduction (variadic for
+    # float32 sums, else of the stacked partials), each its own.
+    q, k = ks.data((37, 2, 16), dtype), ks.data((37, 2, 16), dtype, seed=1)
+    shape = (2, 16) if weights == "per_head" else (16,)
+    qw, kw = (ks.data(shape, dtype, seed=s, loc=1.0, scale=0.2) for s in (2, 3))
+
+    def fns(module):
+        return lambda *a: module.qk_norm(*a, eps=1e-6)
+
+    _assert_same_outputs_and_grads(fns(row_norm), fns(reference), (q, k, qw, kw), (0, 1, 2, 3))
+
+
 def test_qk_norm_on_tpu_is_xla_with_the_kernels_contract():
     # Mosaic cannot block one head's strided rows: on TPU the launch's outputs come from XLA.
     q, k = ks.data((9, 3, 16), jnp.float32), ks.data((9, 2, 16), jnp.float32, seed=1)
