@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _mosaic_gpu as m, reference
-from ._common import F32, Target, sum_pair
+from ._common import F32, Target, sum_pair, sum_parts
 
 plgpu = m.plgpu
 
@@ -1006,7 +1006,7 @@ def _one_group_call(body, target, staged, params, boxes, out_dtypes, partials, n
     """The launch of `body` over the rows of `staged` (each `(rows, dim)`, staged whole) as
     one group, with `params` per column (each `(dim,)`, read from HBM): outputs of
     `out_dtypes` in the rows' shape, and `partials` float32 partial sums per program and
-    column. `body` takes the staged arrays, then the parameters."""
+    column, `(programs, dim)`. `body` takes the staged arrays, then the parameters."""
     rows, width = staged[0].shape
     padded = [_pad_rows(a[None], boxes.block_rows) for a in staged]
     programs = -(-padded[0].shape[1] // boxes.block_rows)
@@ -1018,7 +1018,7 @@ def _one_group_call(body, target, staged, params, boxes, out_dtypes, partials, n
     run = _rows_kernel(kernel, target, out_type, scratch, programs, 1, name)
     outs = run(*padded, *(_pad_columns(p[None], boxes) for p in params))
     rows_out = [o[0, :rows] for o in outs[: len(out_dtypes)]]
-    return rows_out, [p.sum(axis=(0, 1))[:width] for p in outs[len(out_dtypes) :]]
+    return rows_out, [p[0, :, :width] for p in outs[len(out_dtypes) :]]
 
 
 def gated_rms_norm_forward_on(target: Target, x, z, weight, *, eps, norm_before_gate):
@@ -1060,7 +1060,7 @@ def gated_rms_norm_backward_on(
         has_weight=weight is not None,
         param_grads=param_grads,
     )
-    return dx, dz, (partials[0] if param_grads else None)
+    return dx, dz, (partials[0].sum(axis=0) if param_grads else None)
 
 
 def gated_rms_norm_forward_supported(x, z, weight) -> bool:
@@ -1168,6 +1168,9 @@ def dyt_backward_on(target: Target, x, alpha, weight, dy):
         "eqxnorm_dyt_bwd",
         has_weight=weight is not None,
     )
+    # The three gradients' partials summed over the programs in one reduction; α's are per
+    # column, their sum one more (smaller) reduction.
+    dalpha, dw, db = sum_parts([dalpha, dw, db], axes=(0,), like=weight)
     return dx, dalpha.sum(), dw, db
 
 
