@@ -358,6 +358,7 @@ def _row_norm_bwd_kernel(
     row_block=None,
     iterations=None,
     has_lengths=False,
+    has_dbias=True,
 ):
     r"""$\partial x = r(g - \overline{g} - \hat{x}\,\overline{g\hat{x}}) + \partial h$
     (without $\overline{g}$ for RMSNorm; $\partial h$, the gradient of the fused add's `h`,
@@ -376,7 +377,10 @@ def _row_norm_bwd_kernel(
     statistics those of the row's first $n$ columns, see [`_lengths_fwd_kernel`][]), the
     means are over the valid columns: $\partial x_j = r\left(g_j - [j < n]\,(\overline{g} +
     \hat{x}_j\,\overline{g\hat{x}})\right)$, every column's $g$ in the sums (each output
-    depends on the statistics), and a row with $n = 0$ has $\hat{x} = \partial x = 0$."""
+    depends on the statistics), and a row with $n = 0$ has $\hat{x} = \partial x = 0$.
+
+    Without `has_dbias` (a caller with no bias, QK-norm) only the weight's partial row is
+    written, one ref."""
     len_ref, w_ref, dh_ref, dx_ref, *refs = c.split_refs(refs, has_lengths, has_weight, has_dh)
     dres_ref, *partial_refs = c.split_refs(refs, has_dresidual)
     br, bc = config.block_rows, config.block_cols
@@ -384,7 +388,7 @@ def _row_norm_bwd_kernel(
     def partials(k):
         """The views of chunk `k` of the partial rows of dW and dB: two refs of one row, or
         the rows of one ref of both."""
-        if len(partial_refs) == 2:
+        if len(partial_refs) == 2 or not has_dbias:
             return [_view(config, k)(ref) for ref in partial_refs]
         columns = None if config.chunks == 1 else (k * bc, bc)
         return [c.rows_view(partial_refs[0], r, 1, columns) for r in (0, 1)]
@@ -452,7 +456,7 @@ def _row_norm_bwd_kernel(
             col_sums = dx_and_sums(k, *chunk_values(k), *means)
             if param_grads:
                 col_mask = c.iota((1, bc), 1, k * bc) < width
-                for ref, col_sum in zip(partials(k), col_sums, strict=True):
+                for ref, col_sum in zip(partials(k), col_sums, strict=has_dbias):
                     _accumulate(ref, col_sum, col_mask, j, target)
 
         return sums_before
@@ -462,7 +466,7 @@ def _row_norm_bwd_kernel(
     col_sums = _program_blocks(block, zeros, config, target, iterations, row_block)
     if param_grads and config.chunks == 1:
         col_mask = c.iota((1, bc), 1) < width
-        for ref, col_sum in zip(partials(0), col_sums, strict=True):
+        for ref, col_sum in zip(partials(0), col_sums, strict=has_dbias):
             c.store(ref, col_sum, col_mask, target)
 
 
@@ -1302,7 +1306,7 @@ def _qk_norm_bwd_kernel(
 ):
     """[`_row_norm_bwd_kernel`][] on q's block of rows or on k's: refs `q, k, q_dy, k_dy,
     q_shift, k_shift, q_offset, k_offset, q_rstd, k_rstd, (q_weight, k_weight), dq, dk,
-    (q_dweight, k_dweight, q_dbias, k_dbias)` (the bias sums are the body's, unused)."""
+    (q_dweight, k_dweight))` (no bias: its sums are not written)."""
     ins = 12 if has_weight else 10
     inputs, outputs = refs[:ins], refs[ins:]
     per = [[*inputs[w:10:2], *inputs[10 + w : 11 + w] * has_weight, *outputs[w::2]] for w in (0, 1)]
@@ -1316,6 +1320,7 @@ def _qk_norm_bwd_kernel(
         has_dh=False,
         has_dresidual=False,
         param_grads=param_grads,
+        has_dbias=False,
     )
     _qk_branches(lambda r, n, i: kernel(*r, rows=n, row_block=i), heads[0], blocks, *per, rows)
 
@@ -1345,8 +1350,8 @@ def _qk_norm_bwd_on(
             jax.ShapeDtypeStruct((a.shape[1], n, 1, width), F32)
             for a, n in zip((q, k), launch.blocks, strict=True)
         ]
-        out_specs += [*launch.partials] * 2
-        out_shape += partials * 2
+        out_specs += [*launch.partials]
+        out_shape += partials
     kernel = functools.partial(
         _qk_norm_bwd_kernel,
         target=target,
