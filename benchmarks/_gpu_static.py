@@ -909,12 +909,17 @@ _HLO_BYTES = {
 }
 
 
+def _hlo_element_bytes(shape: str) -> list[int]:
+    """The bytes of each array of a shape (one, or a tuple's elements in order)."""
+    return [
+        _HLO_BYTES[dt] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+        for dt, dims in re.findall(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]", shape)
+        if dt in _HLO_BYTES
+    ]
+
+
 def _hlo_shape_bytes(shape: str) -> int:
-    total = 0
-    for dt, dims in re.findall(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]", shape):
-        if dt in _HLO_BYTES:
-            total += _HLO_BYTES[dt] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-    return total
+    return sum(_hlo_element_bytes(shape))
 
 
 _HLO_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = (\([^)]*\)|\S+) ([\w-]+)\((.*?)\)(?:, |$)")
@@ -982,6 +987,9 @@ def hlo_launch_bytes(hlo_text: str) -> list[tuple[str, str, int]]:
             continue
         name, shape, opcode, operands = m.groups()
         shapes[name] = _hlo_shape_bytes(shape)
+        # A multi-output instruction's element `i` is read as the operand `%name#i`.
+        for i, size in enumerate(_hlo_element_bytes(shape) if shape.startswith("(") else []):
+            shapes[f"{name}#{i}"] = size
         if opcode in ("fusion", "custom-call"):
             names = _operand_names(operands)
             called = re.search(r"calls=%([\w.\-]+)", line)

@@ -312,6 +312,28 @@ def test_a_fusion_that_slices_an_operand_counts_what_it_reads():
     assert g.hlo_launch_bytes(_SLICING_FUSION) == [("fusion", "fusion", 2048 * 32 + 512 + 512)]
 
 
+_TUPLE_OPERAND = """
+%fused_sum (param_0.1: f32[256,1024]) -> f32[1024] {
+  %param_0.1 = f32[256,1024]{1,0} parameter(0)
+  %zero = f32[] constant(0)
+  ROOT %r = f32[1024]{0} reduce(%param_0.1, %zero), dimensions={0}, to_apply=%add
+}
+
+ENTRY %main (x: f32[64]) -> f32[1024] {
+  %x = f32[64]{0} parameter(0)
+  %call = (f32[64]{0}, f32[256,1024]{1,0}) custom-call(%x), custom_call_target="kernel"
+  ROOT %fusion = f32[1024]{0} fusion(%call#1), kind=kInput, calls=%fused_sum
+}
+"""
+
+
+def test_a_fusion_reading_an_element_of_a_multi_output_call_counts_it():
+    # Mosaic GPU's calls return tuples, their elements read as `%call#i`: the reduction reads
+    # the partials (1 MiB), not nothing.
+    launches = g.hlo_launch_bytes(_TUPLE_OPERAND)
+    assert launches[1] == ("fusion", "fusion", 256 * 1024 * 4 + 1024 * 4)
+
+
 def _report(ratio: float, launches: int, smem: int) -> dict:
     case = deviceless.Case("layer_norm", "4096x1024", "bfloat16", "fwd+bwd", backend="mosaic_gpu")
     mosaic = {"name": "eqxnorm_layer_norm_bwd_mosaic_gpu_kernel", "registers": 94}
