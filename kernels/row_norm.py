@@ -1302,11 +1302,12 @@ def _qk_norm_fwd_on(target: Target, q, k, q_weight, k_weight, *, eps: float, cen
 
 
 def _qk_norm_bwd_kernel(
-    *refs, target, config, heads, blocks, rows, width, center, has_weight, param_grads
+    *refs, target, config, heads, blocks, rows, width, center, has_weight, param_grads, has_dbias
 ):
     """[`_row_norm_bwd_kernel`][] on q's block of rows or on k's: refs `q, k, q_dy, k_dy,
     q_shift, k_shift, q_offset, k_offset, q_rstd, k_rstd, (q_weight, k_weight), dq, dk,
-    (q_dweight, k_dweight))` (no bias: its sums are not written)."""
+    (q_dweight, k_dweight, (q_dbias, k_dbias)))` (the bias sums, unused, only with
+    `has_dbias`)."""
     ins = 12 if has_weight else 10
     inputs, outputs = refs[:ins], refs[ins:]
     per = [[*inputs[w:10:2], *inputs[10 + w : 11 + w] * has_weight, *outputs[w::2]] for w in (0, 1)]
@@ -1320,7 +1321,7 @@ def _qk_norm_bwd_kernel(
         has_dh=False,
         has_dresidual=False,
         param_grads=param_grads,
-        has_dbias=False,
+        has_dbias=has_dbias,
     )
     _qk_branches(lambda r, n, i: kernel(*r, rows=n, row_block=i), heads[0], blocks, *per, rows)
 
@@ -1344,14 +1345,17 @@ def _qk_norm_bwd_on(
     params = [_qk_params(w, width) for w in (q_weight, k_weight)] if has_weight else []
     out_specs = list(launch.rows)
     out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k)]
+    # QK-norm has no bias: its sums are not written, but for chunked rows, where the bfloat16
+    # kernel with one partial row spills 4 bytes (deviceless H200, JAX 0.10, 64×70000).
+    has_dbias = launch.config.chunks > 1
     if param_grads:
         # Each operand's own token blocks: the programs past them write nothing.
         partials = [
             jax.ShapeDtypeStruct((a.shape[1], n, 1, width), F32)
             for a, n in zip((q, k), launch.blocks, strict=True)
         ]
-        out_specs += [*launch.partials]
-        out_shape += partials
+        out_specs += [*launch.partials] * (1 + has_dbias)
+        out_shape += partials * (1 + has_dbias)
     kernel = functools.partial(
         _qk_norm_bwd_kernel,
         target=target,
@@ -1363,6 +1367,7 @@ def _qk_norm_bwd_on(
         center=center,
         has_weight=has_weight,
         param_grads=param_grads,
+        has_dbias=has_dbias,
     )
     outs = pl.pallas_call(
         kernel,
