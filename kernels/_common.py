@@ -591,7 +591,8 @@ def sum_parts(parts: Sequence[jax.Array], *, axes: tuple[int, ...], like: Any = 
       copies the slices, no kernel).
     - Parts of different shapes (DyT's scalar beside its weight's and bias' rows): they must
       be `(programs, n)`, `axes` `(0,)`; one reduction of their concatenation along `n`, each
-      sum a slice.
+      sum a slice. With few programs (8 at 64×70000) XLA fuses the reduction into the
+      slices instead, one loop kernel per slice shape (two for DyT).
 
     `like=None`: the gradients' dtype is unknown, taken as not float32."""
     shape = parts[0].shape
