@@ -436,10 +436,10 @@ def statistics_tangents(layout: Layout, residuals, tangents) -> tuple:
 
 
 def norm_map(
-    backward: Callable, reduce_param_grad: Callable, layout: Layout, out_dtype=None
+    backward: Callable, reduce_param_grads: Callable | None, layout: Layout, out_dtype=None
 ) -> tuple[Callable, Callable]:
     """`(apply, transpose)` of a fused normalization's [`linear`][] tangent map of `y` (see
-    [`norm_with_jvp`][] for `backward` and `reduce_param_grad`), `y`'s tangent in `out_dtype`
+    [`norm_with_jvp`][] for `backward` and `reduce_param_grads`), `y`'s tangent in `out_dtype`
     (default `x.dtype`)."""
 
     def apply(residuals, tangents):
@@ -450,13 +450,15 @@ def norm_map(
     def transpose(residuals, dy, like):
         x, weight, shift, offset, rstd = residuals
         like_x, *like_params = like
-        param_grads = any(p is not None for p in like_params)
-        dx, *grads = backward(param_grads)(x, weight, dy, shift, offset, rstd)
+        given = [p for p in like_params if p is not None]
+        dx, *grads = backward(bool(given))(x, weight, dy, shift, offset, rstd)
+        if given and reduce_param_grads is not None:
+            # Both gradients at once: one XLA launch can reduce the pair.
+            grads = reduce_param_grads(grads, given[0])
         # The parameters' gradients stay float32 (summed over the examples in float32 under
         # `vmap`); the transpose rule casts them.
         return None if like_x is None else dx, *(
-            None if p is None else reduce_param_grad(g)
-            for p, g in zip(like_params, grads, strict=True)
+            None if p is None else g for p, g in zip(like_params, grads, strict=True)
         )
 
     return apply, transpose
@@ -465,7 +467,7 @@ def norm_map(
 def norm_with_jvp(
     forward: Callable,
     backward: Callable,
-    reduce_param_grad: Callable,
+    reduce_param_grads: Callable | None,
     layout: Layout,
     out_dtype=None,
 ) -> Callable:
@@ -475,13 +477,15 @@ def norm_with_jvp(
       statistics float32 and per row, `y` in `out_dtype` (default `x.dtype`).
     - `backward(param_grads)(x, weight, dy, shift, offset, rstd) -> (dx, dweight, dbias)`:
       the backward kernel, the parameter gradients float32 partial sums (`None` unless
-      `param_grads`), reduced to the parameters' shapes by `reduce_param_grad`.
+      `param_grads`), reduced to the parameters' shapes by `reduce_param_grads(grads,
+      like) -> grads` (`grads` both gradients, `like` a parameter's struct, for its dtype;
+      `None`: they have the parameters' shapes already).
 
     The kernel's `(y, shift, offset, rstd)` [`with_jvp`][]: `y`'s tangent a [`linear`][] map
     of the reference's maths whose transpose is `backward`, the statistics' the reference's
     (see the module docstring).
     """
-    apply, transpose = norm_map(backward, reduce_param_grad, layout, out_dtype)
+    apply, transpose = norm_map(backward, reduce_param_grads, layout, out_dtype)
 
     def rule(primals, tangents):
         x, weight, bias = primals

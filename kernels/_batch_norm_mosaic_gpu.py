@@ -3,10 +3,12 @@ outputs as `eqxnorm.kernels.batch_norm`'s `_moments_on`, `_normalize_on` and `_s
 
 `(batch, channels, spatial)` is viewed as `batch·channels` rows of `spatial` elements, each
 row one channel of one example, staged as the row norms' are (`eqxnorm.kernels._mosaic_gpu`).
-The per-channel inputs ($K$, $d_0$, $\bar{d}$, $s$, $\beta$) are expanded to one value per row
-in XLA (`batch × channels` values) and read by each program for its rows; the per-channel
-reductions are per row in the kernels (float32, over the row's `spatial` elements) and
-finished over the examples in XLA, as the Triton kernels' per-tile partials are:
+A program reads its rows' values of the per-channel inputs ($K$, $d_0$, $\bar{d}$, $s$,
+$\beta$) in place when its rows are consecutive channels of one example (the blocks tile the
+channels), else from copies expanded to one value per row in XLA (`batch × channels` values,
+one more launch each); the per-channel reductions are per row in the kernels (float32, over
+the row's `spatial` elements) and finished over the examples in XLA, as the Triton kernels'
+per-tile partials are:
 
 - statistics: per row, the mean of $d = (x - K) - d_0$ and $M_2 = \sum (d - \bar{d})^2$ (two
   passes over the row on chip); the rows of a channel, of equal counts, are then combined
@@ -53,10 +55,12 @@ def _per_row(v, batch: int, padded_rows: int):
     return jnp.pad(rows, (0, padded_rows - rows.shape[0]))
 
 
-def _body(*refs, boxes, width, n_rows_in, n_tables, n_rows_out, n_sums, compute):
-    """A program over its rows: stage the `n_rows_in` row arrays, read its rows of the
-    `n_tables` per-row tables, and hand them to `compute(load, tables, tools)`, which returns
-    `(row outputs: one function of the box index each, per-row sums)`."""
+def _body(*refs, boxes, width, n_rows_in, n_tables, n_rows_out, n_sums, period, compute):
+    """A program over its rows: stage the `n_rows_in` row arrays, read its rows' values of
+    the `n_tables` per-channel arrays, and hand them to `compute(load, tables, tools)`, which
+    returns `(row outputs: one function of the box index each, per-row sums)`. The arrays are
+    `(channels,)` read in place when `period` (the channels, a multiple of the block's rows:
+    a block's rows are consecutive channels of one example), else per-row tables."""
     ins = refs[:n_rows_in]
     tables = refs[n_rows_in : n_rows_in + n_tables]
     outs = refs[n_rows_in + n_tables : n_rows_in + n_tables + n_rows_out]
@@ -69,7 +73,13 @@ def _body(*refs, boxes, width, n_rows_in, n_tables, n_rows_out, n_sums, compute)
     for src, dst, bar in zip(ins, smems, bars, strict=True):
         r._copy_in(src, dst, bar, rows, boxes, tools, 0)
     layout = boxes.layout
-    per_row = [plgpu.load(t.at[rows], layout=layout.reduce(1), optimized=False) for t in tables]
+    channels = (
+        rows if period is None else pl.ds(lax.rem(i * boxes.block_rows, period), boxes.block_rows)
+    )
+    per_row = [
+        plgpu.load(t.at[channels], layout=layout.reduce(1), optimized=False).astype(F32)
+        for t in tables
+    ]
     for bar in bars:
         plgpu.barrier_wait(bar)
 
@@ -101,7 +111,15 @@ def _call(target, x, more, channel_arrays, compute, *, out_dtype, n_sums, name):
     padded = rows[0].shape[1]
     programs = -(-padded // boxes.block_rows)
     table_rows = programs * boxes.block_rows
-    tables = [_per_row(v, batch, table_rows) for v in channel_arrays]
+    # A block's rows are consecutive channels of one example when the blocks tile the
+    # channels: the kernel reads the per-channel arrays in place, else one value per row
+    # (a copy in XLA: one more launch).
+    period = channels if channels % boxes.block_rows == 0 else None
+    if period is None:
+        tables = [_per_row(v, batch, table_rows) for v in channel_arrays]
+    else:
+        # In their own dtypes (the bias's may be narrower): the kernel widens them.
+        tables = list(channel_arrays)
     out_type = []
     if out_dtype is not None:
         out_type.append(jax.ShapeDtypeStruct(rows[0].shape, out_dtype))
@@ -116,6 +134,7 @@ def _call(target, x, more, channel_arrays, compute, *, out_dtype, n_sums, name):
         n_tables=len(tables),
         n_rows_out=int(out_dtype is not None),
         n_sums=n_sums,
+        period=period,
         compute=functools.partial(compute, boxes=boxes, width=spatial),
     )
     run = m.kernel(

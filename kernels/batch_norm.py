@@ -289,7 +289,8 @@ def _moments_on(target: Target, x, shift, d0):
 
 
 def _normalize_on(target: Target, x, shift, offset, scale, bias):
-    """`((x - shift) - offset)·scale + bias` in `x.dtype`, the per-channel arrays float32."""
+    """`((x - shift) - offset)·scale + bias` in `x.dtype`, the per-channel arrays float32
+    (`bias` any float dtype: the kernel widens it)."""
     (y,), _ = _tile_call(
         _batch_norm_normalize_kernel,
         target,
@@ -402,8 +403,8 @@ def _local_var_tangent(x, shift, offset, t_x):
 
 def _normalize(xw, shift, offset, scale, bias, dtype, backend: str):
     """`((x - shift) - offset)·scale + bias` in `dtype`, `x` given widened (`xw`) with its
-    own dtype `dtype`; the per-channel arrays are float32: the normalization kernel, on the
-    GPU `backend`."""
+    own dtype `dtype`; the per-channel arrays are float32 (`bias` any float dtype, widened by
+    the kernel): the normalization kernel, on the GPU `backend`."""
     return _normalize_of(jnp.dtype(dtype), backend)(xw, shift, offset, scale, bias)
 
 
@@ -421,7 +422,7 @@ def _normalize_tangent(residuals, tangents):
     if t_scale is not None:
         t_y = t_y + _centred(x, shift, offset) * _per_channel(t_scale)
     if t_bias is not None:
-        t_y = t_y + _per_channel(t_bias)
+        t_y = t_y + _per_channel(t_bias.astype(F32))
     return t_y.astype(x.dtype)
 
 
@@ -461,8 +462,10 @@ def _normalize_of(dtype: jnp.dtype, backend: str):
 
 
 def _scale_and_bias(rstd, weight, bias):
+    """`(s, β)` of the normalization: `s = rstd·γ` in float32, `β` in its own dtype, which
+    the kernels widen as they read it (a conversion in XLA would be one more launch)."""
     scale = rstd if weight is None else rstd * weight.astype(F32)
-    return scale, jnp.zeros_like(rstd) if bias is None else bias.astype(F32)
+    return scale, jnp.zeros_like(rstd) if bias is None else bias
 
 
 def _widen(x):

@@ -4,10 +4,13 @@ adaLN) modulation.
 
 The kernels view `x` as `(batch·groups, channels/groups, spatial)`: each *row* is one
 `(example, group)` slice, normalized with the statistics of its `n = channels/groups ×
-spatial` elements. The affine parameters are expanded to one `(channels/groups, 1)` column per
-row (`batch × channels` values, tiny next to `x`), so a block of rows reads the parameters of
-its own groups. They may be per channel, `(channels,)`, or *per example*, `(batch, channels)`:
-the kernels are the same, only the expansion is not a broadcast.
+spatial` elements. A block of rows reads one `(channels/groups, 1)` column of the affine
+parameters per row, those of its own groups. They may be per channel, `(channels,)`, or *per
+example*, `(batch, channels)`: the kernels are the same, only the parameters' view differs.
+Per-example parameters are one column per row already (a reshape); per-channel ones are read
+in place as `(groups, channels/groups, 1)` when a block's rows lie in one period of the
+groups, and otherwise expanded to one column per row in XLA (`batch × channels` values, tiny
+next to `x`, but one more launch).
 
 **Adaptive modulation.** $(\hat{x}\gamma + \beta)(1 + s) + t$ with per-example `scale` $s$ and
 `shift` $t$ is a GroupNorm with the per-example parameters $W = \gamma(1 + s)$, $B = \beta(1 +
@@ -316,12 +319,22 @@ class _Launch(NamedTuple):
     batch: int
     groups: int
 
-    def params(self, param):
-        """A `(channels,)` or `(batch, channels)` parameter expanded to `shapes[1]`."""
+    def params(self, param) -> tuple[Any, Any]:
+        """A `(channels,)` or `(batch, channels)` parameter as an operand and its BlockSpec:
+        read in place (a reshape) by the blocks of its own groups when it is per channel and
+        a block's rows lie in one period of the groups (`groups % block_rows == 0`: channels
+        first), else expanded to `shapes[1]` (per-example parameters: a reshape too)."""
+        br = self.layout.config.block_rows
         if not self.layout.channels_last:
-            return _row_params(param, self.batch, self.groups)
+            if param.ndim == 1 and self.groups % br == 0:
+                # A block of rows from `i·br` holds groups `(i·br) mod groups` onwards.
+                periods = self.groups // br
+                block = (br, self.layout.block[0], 1)
+                spec = pl.BlockSpec(block, lambda i: (jax.lax.rem(i, periods), 0, 0))
+                return param.reshape(self.groups, -1, 1), spec
+            return _row_params(param, self.batch, self.groups), self.specs[1]
         per_group = param.reshape(-1, 1, self.groups, self.layout.channels)
-        return jnp.broadcast_to(per_group, self.shapes[1])
+        return jnp.broadcast_to(per_group, self.shapes[1]), self.specs[1]
 
     def gradients(self, partials):
         """The per-channel partials as per-example `(batch, channels)` gradients."""
@@ -360,7 +373,7 @@ def _forward_on(
     `channels_last`."""
     launch = _launch(target, x.shape, groups, channels_last)
     params = [launch.params(p) for p in (weight, bias) if p is not None]
-    value_block, param_block, stat_block = launch.specs
+    value_block, _, stat_block = launch.specs
     stat_shape = jax.ShapeDtypeStruct(launch.shapes[2], F32)
     kernel = functools.partial(
         _group_norm_fwd_kernel,
@@ -376,11 +389,11 @@ def _forward_on(
         target,
         launch.layout.config,
         grid=launch.grid,
-        in_specs=[value_block] + [param_block] * len(params),
+        in_specs=[value_block] + [spec for _, spec in params],
         out_specs=[value_block, stat_block, stat_block, stat_block],
         out_shape=[jax.ShapeDtypeStruct(xr.shape, x.dtype), stat_shape, stat_shape, stat_shape],
         name="eqxnorm_group_norm_fwd",
-    )(xr, *params)
+    )(xr, *(p for p, _ in params))
     return (y.reshape(x.shape), *(s.reshape(x.shape[0], groups) for s in stats))
 
 
@@ -497,13 +510,13 @@ def _backward_on(
         target,
         launch.layout.config,
         grid=launch.grid,
-        in_specs=[value_block] + [param_block] * len(params) + [value_block] + [stat_block] * 3,
+        in_specs=[value_block, *(spec for _, spec in params), value_block] + [stat_block] * 3,
         out_specs=out_specs,
         out_shape=out_shape,
         name="eqxnorm_group_norm_bwd",
     )(
         x.reshape(launch.shapes[0]),
-        *params,
+        *(p for p, _ in params),
         dy.reshape(launch.shapes[0]),
         *(s.reshape(launch.shapes[2]) for s in (shift, offset, rstd)),
     )
@@ -615,7 +628,7 @@ def _group_norm(groups: int, eps: float, per_example: bool, backend: str, channe
     return _autodiff.norm_with_jvp(
         _forward(groups, eps, per_example, backend, channels_last),
         functools.partial(_backward, groups, per_example, backend, channels_last),
-        _identity if per_example else _sum_over_examples,
+        None if per_example else _sum_over_examples,
         layout(groups),
     )
 
@@ -672,12 +685,11 @@ def _layout_of_groups_channels_last(groups: int) -> _autodiff.Layout:
     )
 
 
-def _sum_over_examples(grad):
-    return jnp.sum(grad, axis=0)
-
-
-def _identity(grad):
-    return grad
+def _sum_over_examples(grads: list, like) -> list:
+    """The per-example `(batch, channels)` gradients of both parameters summed over the
+    examples in float32, in one XLA launch (`c.sum_pair`; `like`: a parameter, for its
+    dtype)."""
+    return c.sum_pair(jnp.stack(grads), pair_axis=0, sum_axis=1, like=like)
 
 
 # --- entry point -------------------------------------------------------------------------------

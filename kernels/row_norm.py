@@ -706,7 +706,7 @@ def _grouped_norm(op: str, eps: float, backend: str, out_dtype=None):
 
     layout = _ROWS[_center(op)]
     backward = functools.partial(_norm_backward, op, backend)
-    return _autodiff.norm_with_jvp(norm_forward, backward, _same, layout, out_dtype)
+    return _autodiff.norm_with_jvp(norm_forward, backward, None, layout, out_dtype)
 
 
 def _norm_backward(op: str, backend: str, param_grads: bool):
@@ -752,7 +752,7 @@ def _grouped_norm_fp8(op: str, eps: float, backend: str, out_dtype):
     layout = _ROWS[_center(op)]
 
     backward = functools.partial(_norm_backward, op, backend)
-    apply, transpose = _autodiff.norm_map(backward, _same, layout, out_dtype)
+    apply, transpose = _autodiff.norm_map(backward, None, layout, out_dtype)
 
     def rule(primals, tangents):
         x, weight, bias, scale = primals

@@ -81,3 +81,32 @@ def test_vmap_of_batches():
     out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
     if out is not None:
         ks.assert_trees_match(out, run(reference))
+
+
+def _mosaic_gpu_operands(text):
+    """The operand types of the Mosaic GPU launches in `text`."""
+    calls = [line for line in text.splitlines() if ks.MOSAIC_GPU_CALL in line]
+    return [call[call.rindex(": (") :].split("->")[0] for call in calls]
+
+
+def test_per_channel_arrays_are_read_in_place_where_blocks_tile_the_channels():
+    """A training step's kernels read the per-channel arrays (`(channels,)` float32) in place
+    when a block's rows are consecutive channels of one example (8-row blocks of 16
+    channels), with no per-row copies, which XLA would launch; with 12 channels (the
+    control) the blocks straddle examples and read tables of one value per row. (A JAX
+    without Mosaic GPU runs Triton's kernels: no Mosaic GPU launch.)"""
+    for channels, in_place in ((16, True), (12, False)):
+        x = jnp.ones((5, channels, 64), jnp.float32)
+
+        def step(x, weight, bias):
+            loss = lambda *a: pallas.batch_norm(*a, eps=EPS)[0].sum()  # noqa: E731
+            return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, weight, bias)
+
+        params = (jnp.ones((channels,)), jnp.zeros((channels,)))
+        operands = _mosaic_gpu_operands(ks.lowered(step, (x, *params), "cuda"))
+        assert len(operands) == (3 if _mosaic_gpu.usable() else 0)
+        per_channel, per_row = f"tensor<{channels}xf32>", f"tensor<{5 * channels}xf32>"
+        padded_rows = "tensor<64xf32>"
+        for o in operands:
+            assert (per_channel in o) == in_place
+            assert (per_row in o or padded_rows in o) != in_place

@@ -1,6 +1,8 @@
 """The GroupNorm/InstanceNorm Pallas kernels (`eqxnorm.kernels.group_norm`) against the
 reference, in Pallas' interpreter (the CPU target), and lowered for GPU and TPU."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,6 +181,34 @@ def test_vmap_folds_examples_into_the_triton_grid():
     assert ks.triton_grids(ks.lowered(vmapped, (x, weight, bias), "cuda")) == [folded]
     grads_text = ks.lowered(per_example_grads, (x, weight, bias, cotangent), "cuda")
     assert ks.triton_grids(grads_text) == [folded, folded]
+
+
+def _triton_param_operands(text, channels, groups):
+    """The leading extents of the `(·, channels/groups, 1)` float32 operands of the Triton
+    launches in `text`: `groups` for parameters read in place, `batch·groups` for ones
+    expanded per row."""
+    calls = [line for line in text.splitlines() if ks.CUSTOM_CALLS["cuda"] in line]
+    operands = [call[call.rindex(": (") :].split("->")[0] for call in calls]
+    pattern = rf"tensor<(\d+)x{channels // groups}x1xf32>"
+    return {int(n) for o in operands for n in re.findall(pattern, o)}
+
+
+def test_per_channel_params_are_read_in_place():
+    """A training step reads per-channel parameters as `(groups, channels/groups, 1)`, a
+    reshape, when a block of rows lies in one period of the groups (here 4-row blocks of 8
+    groups, so the blocks of the second example wrap around to the first groups): no
+    per-row copy, which XLA would launch. Where the blocks straddle the periods (16-row
+    blocks of 3 groups: the control), the parameters are expanded per row."""
+    for shape, in_place in (((2, 32, 160, 8), True), (SHAPES[1], False)):
+        batch, channels, spatial, groups = shape
+        x, weight, bias, _ = _inputs(batch, channels, spatial, jnp.float32)
+        rows = batch * groups
+        width = c.padded(c.TRITON, channels // groups) * c.padded(c.TRITON, spatial)
+        assert (groups % c.block_config(c.TRITON, rows, width).block_rows == 0) == in_place
+        loss = lambda *a: jnp.sum(group_norm(*a, groups=groups, eps=EPS) ** 2)  # noqa: B023, E731
+        text = ks.lowered(jax.value_and_grad(loss, argnums=(0, 1, 2)), (x, weight, bias), "cuda")
+        assert ks.kernel_count(text, "cuda") == 2
+        assert _triton_param_operands(text, channels, groups) == {groups if in_place else rows}
 
 
 # --- determinism and bad input -----------------------------------------------------------------
