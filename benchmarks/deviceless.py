@@ -259,9 +259,10 @@ BATCH_NORM_FORWARD_BYTES = 3.25 / 2
 # `_mosaic_gpu.IN_FLIGHT_BYTES` (its grids are sized to stage twice that), however few warps
 # hold them (a pipelined persistent backward: one 4-warp program per SM).
 OCCUPANCY = 0.5
-# Barrier instructions (`bar.sync`) in a Triton forward kernel's PTX: each cross-warp reduction
-# and each layout conversion through shared memory costs a pair; LayerNorm's forward had 17,
-# RMSNorm's 5 (issue 17).
+# Barrier instructions (`bar.sync`, `_gpu_static.bar_syncs`) in a forward kernel's PTX: in
+# Triton's each cross-warp reduction and each layout conversion through shared memory costs a
+# pair (LayerNorm's forward had 17, RMSNorm's 5: issue 17); in Mosaic GPU's, the warpgroup
+# barriers it puts around shared-memory stores and TMA issues (LayerNorm's forward had 15).
 FORWARD_BARRIERS = 5
 
 
@@ -281,8 +282,9 @@ def verdicts(result: dict) -> list[Verdict]:
     the ideal, its launches (the op's kernels, and at most one small XLA reduction in a
     training step: the parameter gradients'), and per kernel no spill, for Triton's one read
     of each byte (its traffic account), occupancy and, for a forward kernel, its barrier
-    instructions (`FORWARD_BARRIERS`), for Mosaic GPU's TMA-staged kernels the
-    bytes in flight per SM (resident blocks × staged bytes, see `OCCUPANCY`)."""
+    instructions (`FORWARD_BARRIERS`, Mosaic GPU's forwards too), for Mosaic GPU's
+    TMA-staged kernels the bytes in flight per SM (resident blocks × staged bytes, see
+    `OCCUPANCY`)."""
     from eqxnorm.kernels._mosaic_gpu import IN_FLIGHT_BYTES
 
     from ._gpu_static import SM90, fmt_bytes, occupancy
@@ -321,20 +323,14 @@ def verdicts(result: dict) -> list[Verdict]:
                     k["occupancy"] >= OCCUPANCY,
                 )
             )
-        if k.get("bar_syncs") is not None and name.endswith("_fwd"):
-            out.append(
-                Verdict(
-                    f"{name}: barriers <= {FORWARD_BARRIERS}",
-                    str(k["bar_syncs"]),
-                    k["bar_syncs"] <= FORWARD_BARRIERS,
-                )
-            )
+        out.extend(_barrier_verdicts(name, k))
         if k["dram_bytes"]:
             reads = k["access_bytes"] / k["dram_bytes"]
             out.append(Verdict(f"{name}: each byte moved once", f"{reads:.2f}x", reads <= 1.01))
     for k in result.get("mosaic_gpu", []):
         name = k["name"].removesuffix("_mosaic_gpu_kernel")
         out.append(Verdict(f"{name}: no spill", f"{k['spill_bytes']} B", k["spill_bytes"] == 0))
+        out.extend(_barrier_verdicts(name, k))
         if "smem_bytes" not in k:
             continue
         blocks = occupancy(k["registers"], 4, k["smem_bytes"], SM90)["blocks_per_sm"]
@@ -347,6 +343,17 @@ def verdicts(result: dict) -> list[Verdict]:
             )
         )
     return out
+
+
+def _barrier_verdicts(name: str, kernel: dict) -> list[Verdict]:
+    """A forward kernel's barrier instructions against `FORWARD_BARRIERS` (Triton's or Mosaic
+    GPU's, counted alike: `_gpu_static.bar_syncs`), where they were counted."""
+    if kernel.get("bar_syncs") is None or not name.endswith("_fwd"):
+        return []
+    syncs = kernel["bar_syncs"]
+    return [
+        Verdict(f"{name}: barriers <= {FORWARD_BARRIERS}", str(syncs), syncs <= FORWARD_BARRIERS)
+    ]
 
 
 def missed(result: dict) -> list[str]:

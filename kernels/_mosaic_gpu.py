@@ -291,19 +291,33 @@ def persistent_programs(
 REDUCTION_SCRATCH_BYTES = 8 * 1024
 
 
-def compiler_params() -> Any:
+def compiler_params(auto_barriers: bool = True) -> Any:
+    """eqxnorm's Mosaic GPU compiler parameters; without `auto_barriers`, see [`kernel`][]."""
     return plgpu.CompilerParams(
         lowering_semantics=plgpu.LoweringSemantics.Lane,
         reduction_scratch_bytes=REDUCTION_SCRATCH_BYTES,
+        unsafe_no_auto_barriers=not auto_barriers,
     )
 
 
-def kernel(body, *, interpret: bool, **kwargs) -> Any:
+def kernel(body, *, interpret: bool, auto_barriers: bool = True, **kwargs) -> Any:
     """`plgpu.kernel(body, **kwargs)` with eqxnorm's compiler parameters, run by Mosaic GPU's
-    interpreter when `interpret` (on CPU: the tests)."""
+    interpreter when `interpret` (on CPU: the tests).
+
+    By default Mosaic GPU puts a warpgroup barrier (`bar.sync`, a whole block here) before
+    and after every store to shared memory and before every TMA load, in case another thread
+    reads or writes the same bytes: the forward kernels had 15 to 41 of them (issue 17 asks
+    at most 5). A body may turn them off (`auto_barriers=False`) when it keeps this
+    discipline, which makes them needless: its shared memory is written only by TMA loads
+    into buffers no thread has used yet (after their barrier's wait) and by each thread over
+    the elements it has itself read, in the layout it read them in (a box's `y` over its
+    `x`); the only other reader is a TMA store, after `plgpu.commit_smem` (a fence and a
+    barrier). What stays: the barrier after the barriers' initialisation, `commit_smem`'s,
+    the final `wait_smem_to_gmem`'s, and those of reductions across warps (Mosaic GPU's own,
+    through its reduction scratch). The interpreter runs such a body as before."""
     return plgpu.kernel(
         body,
-        compiler_params=compiler_params(),
+        compiler_params=compiler_params(auto_barriers),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         **kwargs,
     )

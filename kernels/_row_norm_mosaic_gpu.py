@@ -336,12 +336,24 @@ def _forward_body(
     plgpu.wait_smem_to_gmem(0)
 
 
-def _rows_kernel(body, target: Target, out_type, scratch, programs: int, groups: int, name: str):
+def _rows_kernel(
+    body,
+    target: Target,
+    out_type,
+    scratch,
+    programs: int,
+    groups: int,
+    name: str,
+    auto_barriers: bool = True,
+):
     """The Mosaic GPU kernel of `body` over the grid `(programs, groups)` (axes `"rows"`,
-    `"groups"`), named `name`."""
+    `"groups"`), named `name`. The forward bodies stage their rows once and write each
+    output over what the same thread read: they need none of Mosaic GPU's automatic
+    barriers (`auto_barriers=False`, see `_mosaic_gpu.kernel`)."""
     return m.kernel(
         body,
         interpret=target.interpret,
+        auto_barriers=auto_barriers,
         out_type=tuple(out_type),
         scratch_types=scratch,
         grid=(programs, groups),
@@ -529,9 +541,8 @@ def forward_call(
         out_separate=out_separate,
         has_scale=has_scale,
     )
-    run = _rows_kernel(
-        body, target, out_type, scratch, -(-padded_rows // boxes.block_rows), groups, name
-    )
+    programs = -(-padded_rows // boxes.block_rows)
+    run = _rows_kernel(body, target, out_type, scratch, programs, groups, name, auto_barriers=False)
     y, *outs = run(*(a for a in (x_p, r_p) if a is not None), *params)
     h = outs.pop(0) if residual is not None else None
     cut = lambda a: None if a is None else a[:, :rows]  # noqa: E731
@@ -1002,11 +1013,14 @@ def _gated_backward_body(*refs, boxes, width, eps, norm_before_gate, has_weight,
     plgpu.wait_smem_to_gmem(0)
 
 
-def _one_group_call(body, target, staged, params, boxes, out_dtypes, partials, name, **settings):
+def _one_group_call(
+    body, target, staged, params, boxes, out_dtypes, partials, name, auto_barriers=True, **settings
+):
     """The launch of `body` over the rows of `staged` (each `(rows, dim)`, staged whole) as
     one group, with `params` per column (each `(dim,)`, read from HBM): outputs of
     `out_dtypes` in the rows' shape, and `partials` float32 partial sums per program and
-    column, `(programs, dim)`. `body` takes the staged arrays, then the parameters."""
+    column, `(programs, dim)`. `body` takes the staged arrays, then the parameters;
+    `auto_barriers` as [`_rows_kernel`][]'s."""
     rows, width = staged[0].shape
     padded = [_pad_rows(a[None], boxes.block_rows) for a in staged]
     programs = -(-padded[0].shape[1] // boxes.block_rows)
@@ -1015,7 +1029,7 @@ def _one_group_call(body, target, staged, params, boxes, out_dtypes, partials, n
     out_type = [jax.ShapeDtypeStruct(padded[0].shape, d) for d in out_dtypes]
     out_type += [jax.ShapeDtypeStruct((1, programs, boxes.chunks * boxes.cols), F32)] * partials
     kernel = functools.partial(body, boxes=boxes, width=width, **settings)
-    run = _rows_kernel(kernel, target, out_type, scratch, programs, 1, name)
+    run = _rows_kernel(kernel, target, out_type, scratch, programs, 1, name, auto_barriers)
     outs = run(*padded, *(_pad_columns(p[None], boxes) for p in params))
     rows_out = [o[0, :rows] for o in outs[: len(out_dtypes)]]
     return rows_out, [p[0, :, :width] for p in outs[len(out_dtypes) :]]
@@ -1033,6 +1047,7 @@ def gated_rms_norm_forward_on(target: Target, x, z, weight, *, eps, norm_before_
         (x.dtype,),
         0,
         "eqxnorm_gated_rms_norm_fwd",
+        auto_barriers=False,
         eps=eps,
         norm_before_gate=norm_before_gate,
         has_weight=weight is not None,
@@ -1148,7 +1163,16 @@ def dyt_forward_on(target: Target, x, alpha, weight, bias):
     boxes = _boxes((x,), [F32], (1, *x.shape), layout_dtype=F32)
     flags = dict(has_weight=weight is not None, has_bias=bias is not None)
     (y,), _ = _one_group_call(
-        _dyt_forward_body, target, (x,), params, boxes, (x.dtype,), 0, "eqxnorm_dyt_fwd", **flags
+        _dyt_forward_body,
+        target,
+        (x,),
+        params,
+        boxes,
+        (x.dtype,),
+        0,
+        "eqxnorm_dyt_fwd",
+        auto_barriers=False,
+        **flags,
     )
     return y
 
@@ -1304,7 +1328,7 @@ def lengths_forward_on(target: Target, x, lengths, weight, bias, *, op: str, eps
     out_type = [jax.ShapeDtypeStruct(x_p.shape, x.dtype)] + [stat] * 3
     programs = n.shape[1] // boxes.block_rows
     name = f"eqxnorm_{op}_lengths_fwd"
-    run = _rows_kernel(body, target, out_type, scratch, programs, groups, name)
+    run = _rows_kernel(body, target, out_type, scratch, programs, groups, name, auto_barriers=False)
     y, *stats = run(x_p, n, *(_pad_columns(p, boxes) for p in params))
     return y[:, :rows], *(s[:, :rows] for s in stats)
 
