@@ -187,11 +187,12 @@ def test_lowers_with_gradient(op, platform, width, dtype):
 
 
 def test_vmap_tiles_rows_in_the_gpu_launch():
-    # 64 one-row examples of width 160: the folded launch holds 16 rows per program, so the
-    # grid is 4 programs, not 64 (Pallas' own batching would add a grid axis of 64). The
-    # Triton launch (`backend="triton"`); the Mosaic GPU one folds the same way.
-    weight, bias = (jax.ShapeDtypeStruct((160,), jnp.bfloat16),) * 2
-    x = jax.ShapeDtypeStruct((64, 160), jnp.bfloat16)
+    # 64 one-row examples of width 128: the folded launch holds 32 rows per program, so the
+    # grid is 2 programs, not 64 (Pallas' own batching would add a grid axis of 64). The
+    # Triton launch (`backend="triton"`); the Mosaic GPU one folds the same way. (A wider row
+    # has a forward program of its own, `block_config`'s `one_row`: 64 programs either way.)
+    weight, bias = (jax.ShapeDtypeStruct((128,), jnp.bfloat16),) * 2
+    x = jax.ShapeDtypeStruct((64, 128), jnp.bfloat16)
 
     def forward_and_backward(x, weight, bias):
         def loss(x, weight, bias):
@@ -201,8 +202,8 @@ def test_vmap_tiles_rows_in_the_gpu_launch():
         return jax.grad(loss, argnums=(0, 1, 2))(x, weight, bias)
 
     text = ks.lowered(forward_and_backward, [x, weight, bias], "cuda")
-    block_rows = _common.block_config(_common.TRITON, 64, 160).block_rows
-    assert block_rows == 16
+    block_rows = _common.block_config(_common.TRITON, 64, 128, one_row=True).block_rows
+    assert block_rows == 32
     assert ks.triton_grids(text) == [(64 // block_rows, 1, 1)] * 2
 
 
