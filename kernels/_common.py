@@ -16,10 +16,10 @@ lowers the real kernel):
   so the tests on CPU exercise the padding and masking the GPU relies on.
 
 **Statistics.** [`block_moments`][] is the kernels' counterpart of
-`eqxnorm.kernels.reference.moments`: float32, the corrected two-pass variance, the mean kept as
-`shift + offset`, padding masked out. Rows too wide for one block are reduced chunk by chunk
-and combined with [`chan_combine`][] (Chan, Golub & LeVeque's parallel update), which, like
-the two-pass variance, never forms `E[x²] − E[x]²`.
+`eqxnorm.kernels.reference.moments`: float32, the two-pass variance about a shift (the row's
+first element), the mean kept as `shift + offset`, padding masked out. Rows too wide for one
+block are reduced chunk by chunk and combined with [`chan_combine`][] (Chan, Golub &
+LeVeque's parallel update), which, like the two-pass variance, never forms `E[x²] − E[x]²`.
 
 **Sharding.** A kernel call is one opaque custom call to XLA, which replicates it under
 `jax.jit` with sharded operands: every device gathers the whole batch. [`per_platform`][]'s
@@ -217,6 +217,10 @@ MAX_BLOCK_ROWS = 64
 # the backward's per-program weight-gradient partials are CHUNK_ROWS times smaller than x.
 CHUNK_ROWS = 8
 CHUNK_COLS = 1024
+# The columns one warp of a Triton program covers in one vector load per thread (32 lanes × 16
+# bytes of float32): a row of at most this many stays inside a warp, so its reductions are warp
+# shuffles (see `block_config`'s `one_row`).
+WARP_COLS = 128
 # Mosaic tiles rows in groups of 8 sublanes (16 for 16-bit types, 32 for 8-bit ones).
 MOSAIC_ROW_MULTIPLE = 32
 
@@ -253,7 +257,7 @@ def _floor_pow2(n: int) -> int:
 
 
 def block_config(
-    target: Target, rows: int, width: int, *, thread_elements: int = 16
+    target: Target, rows: int, width: int, *, thread_elements: int = 16, one_row: bool = False
 ) -> BlockConfig:
     r"""The one block-size heuristic of every eqxnorm kernel.
 
@@ -276,11 +280,26 @@ def block_config(
        norm's registers per element passes fewer `thread_elements`: QK-norm's backward, 8
        (see `_qk_launch` in `row_norm.py`: at 16 its float32 program needs a few registers
        over the 64 that ptxas gives a 256-thread program, and spills).
-    6. A configuration measured faster on this device (`python -m eqxnorm.tune`) replaces the
+    6. `one_row` (the row norms' forwards), on Triton: a row wider than `WARP_COLS` has a
+       program of its own, `block_rows = 1`, whole as in 2, or chunked in chunks of
+       `TARGET_BLOCK_ELEMENTS` columns at half the `thread_elements` (its statistics loop
+       and its output loop keep more values live: at 16 per thread the fused add's float32
+       forward over 70000 columns takes 77 registers, 25 % occupancy; at 8, 40 and 75 %,
+       deviceless H200). Its warps then split only the row, and each statistic it stores is
+       one value: rows sharing a program have their statistics stored from a reduction's
+       layout, which Triton converts through shared memory (two barriers per statistic,
+       `bar.sync`), and a row split across warps as well as across rows costs two barriers
+       per reduction besides.
+    7. A configuration measured faster on this device (`python -m eqxnorm.tune`) replaces the
        choice: `block_rows`, `num_warps` halved or doubled (`eqxnorm.kernels._tuning.tuned`).
     """
     cols = padded(target, width)
-    if cols <= MAX_BLOCK_ELEMENTS:
+    if one_row and target.masked and cols > WARP_COLS:
+        block_cols = cols if cols <= MAX_BLOCK_ELEMENTS else TARGET_BLOCK_ELEMENTS
+        block_rows, chunks = 1, math.ceil(width / block_cols)
+        if chunks > 1:
+            thread_elements = max(thread_elements // 2, 1)
+    elif cols <= MAX_BLOCK_ELEMENTS:
         block_rows = min(TARGET_BLOCK_ELEMENTS // cols, MAX_BLOCK_ROWS, padded(TRITON, rows))
         block_cols, chunks = cols, 1
         block_rows = _floor_pow2(block_rows)
@@ -420,6 +439,17 @@ def load(ref: Any, mask: jax.Array, target: Target) -> jax.Array:
     return jnp.where(mask, value.astype(F32), 0.0)
 
 
+def row_start(target: Target, read: Callable[[Callable[[Any], Any]], jax.Array]) -> Any:
+    """Each row's first element, [`block_moments`][]' `first`: on Triton (and its interpreter)
+    `read(view)` with `view` a block ref's first column, a load of a few bytes of the cache
+    lines the block's own load brings in, where finding it by a reduction across the row
+    costs two barriers once the row spans warps; `None` on Mosaic, whose reductions cost
+    none (`block_moments` then reduces for it)."""
+    if not target.masked:
+        return None
+    return read(lambda ref: None if ref is None else ref.at[:, pl.ds(0, 1)])
+
+
 def store(ref: Any, value: jax.Array, mask: jax.Array, target: Target) -> None:
     """Write `value` (cast to `ref.dtype`) to the masked positions of `ref`."""
     value = value.astype(ref.dtype)
@@ -489,27 +519,34 @@ def first_element(x: jax.Array) -> jax.Array:
     return row_sum(jnp.where(first, x, 0.0))
 
 
-def block_moments(x: jax.Array, mask: jax.Array, count: int, *, center: bool) -> Stats:
+def block_moments(
+    x: jax.Array, mask: jax.Array, count: int, *, center: bool, first: jax.Array | None = None
+) -> Stats:
     r"""Statistics of each row of a block (2-D, or 3-D for the group norms) already in
-    float32 with its padding zeroed, as `eqxnorm.kernels.reference.moments` computes them:
-    with $m_1 = \sum x / n$, $d = x - m_1$ and $d_0$ the row's first $d$,
-    $\mu = m_1 + (d_0 + \overline{d - d_0})$, $\sigma^2 = \overline{d^2} - (d_0 +
-    \overline{d - d_0})^2$ (the corrected two-pass algorithm), or $\sigma^2 =
-    \overline{x^2}$ when not `center`ing. `count` is the number of valid columns.
+    float32 with its padding zeroed: with $s$ the row's first element (`first`, else found by
+    [`first_element`][]), $o = \overline{x - s}$ and $d = (x - s) - o$,
+    $\mu = s + o$ (kept as `shift, offset = s, o`) and $\sigma^2 = \overline{d^2}$: the
+    two-pass algorithm about a shift. Or $\sigma^2 = \overline{x^2}$ when not `center`ing.
+    `count` is the number of valid columns.
 
-    Means are sums of `v · (1/n)`, the output of a reduction, so the interpreter's XLA cannot
-    fuse `x - sum · (1/n)` into a multiply-add rounded otherwise than the stored `shift`;
-    and a constant row has `d == d₀` everywhere, so `offset` is `d₀` itself, whatever the
-    division's rounding, and its centred values are exactly 0."""
+    Two reductions, one after the other (three without `first`): each that crosses warps is
+    two barriers on Triton, which is why `first` is read on its own rather than reduced (see
+    `_row_norm_fwd_kernel`). It keeps `eqxnorm.kernels.reference.moments`' guarantees, not
+    its arithmetic (the corrected two-pass about the mean, four reductions): no
+    `E[x²] − E[x]²` cancellation (`x - s` is exact near a large mean, and `d` is centred on
+    the mean up to the rounding of `o`, whose square is all it adds to `σ²`); `σ² >= 0`; and
+    a constant row has `x - s == 0` exactly, so `o = 0`, its centred values are exactly 0 and
+    its output exactly the bias. Means are sums of `v · (1/n)`, the output of a reduction,
+    so the interpreter's XLA cannot fuse `x - sum · (1/n)` into a multiply-add rounded
+    otherwise than the stored `offset`."""
     scale = 1.0 / count
     if not center:
         mean_square = row_sum(x * x * scale)
         return Stats(jnp.zeros_like(mean_square), jnp.zeros_like(mean_square), mean_square)
-    shift = row_sum(x * scale)
-    d = jnp.where(mask, x - shift, 0.0)
-    d0 = first_element(d)
-    offset = d0 + row_sum(jnp.where(mask, d - d0, 0.0) * scale)
-    return Stats(shift, offset, jnp.maximum(row_sum(d * d * scale) - offset * offset, 0.0))
+    shift = first_element(x) if first is None else first
+    offset = row_sum(jnp.where(mask, x - shift, 0.0) * scale)
+    d = jnp.where(mask, (x - shift) - offset, 0.0)
+    return Stats(shift, offset, row_sum(d * d * scale))
 
 
 def chunked_shift(x0: jax.Array, mask0: jax.Array, count0: int) -> tuple[jax.Array, jax.Array]:
@@ -530,9 +567,10 @@ class Partial(NamedTuple):
     m2: jax.Array
 
 
-def chunk_partial(d: jax.Array, mask: jax.Array) -> Partial:
-    """The [`Partial`][] of one chunk of shifted values `d` (padding zeroed)."""
-    n = row_sum(mask.astype(F32))
+def chunk_partial(d: jax.Array, mask: jax.Array, n: jax.Array | None = None) -> Partial:
+    """The [`Partial`][] of one chunk of shifted values `d` (padding zeroed), of `n` valid
+    columns (counted from `mask` when not given: one reduction more)."""
+    n = row_sum(mask.astype(F32)) if n is None else n
     mean = row_sum(d) / jnp.maximum(n, 1.0)
     dev = jnp.where(mask, d - mean, 0.0)
     return Partial(n, mean, row_sum(dev * dev))

@@ -16,7 +16,9 @@ which are different columns).
 
 **Forward.** Staged `h` (`x`, or `x + residual` rounded to the residual's dtype, written over
 the residual's box and stored as the output `h`). The statistics are
-`eqxnorm.kernels._common.block_moments`' over the boxes of a row: `shift` the mean of $h$,
+`eqxnorm.kernels.reference.moments`' corrected two-pass over the boxes of a row (the Triton
+kernels' `_common.block_moments` shifts by the row's first element instead, to save
+reductions): `shift` the mean of $h$,
 $d = h - \text{shift}$ masked to the row, $d_0$ its first element, $\text{offset} = d_0 +
 \overline{d - d_0}$, $\sigma^2 = \max(\overline{d^2} - \text{offset}^2, 0)$ (RMSNorm:
 $\sigma^2 = \overline{h^2}$, shift and offset 0), each mean a sum of $v / n$. Then $y =
@@ -89,7 +91,7 @@ def row_total(fn, boxes: m.Boxes):
 
 def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools):
     """`(shift, offset, var)` per row of the staged boxes (`load_h(k)`: box `k` as float32,
-    zero past the row's end), as `_common.block_moments` defines them."""
+    zero past the row's end), as `eqxnorm.kernels.reference.moments` defines them."""
     _, bcast, valid = tools
     scale = 1.0 / width
     total = functools.partial(row_total, boxes=boxes)

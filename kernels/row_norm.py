@@ -140,13 +140,16 @@ def _row_norm_fwd_kernel(
     rows = (row_block * config.block_rows, rows)
     row_mask = _masks(config, rows, width)[0]
 
-    def chunk_input(k):
-        _, col_mask, mask = _masks(config, rows, width, k * config.block_cols)
-        view = _view(config, k)
+    def read(view, mask):
         h = c.load(view(x_ref), mask, target)
         if r_ref is not None:
             h = (h + c.load(view(r_ref), mask, target)).astype(r_ref.dtype).astype(F32)
-        return h, col_mask, mask, view
+        return h
+
+    def chunk_input(k):
+        _, col_mask, mask = _masks(config, rows, width, k * config.block_cols)
+        view = _view(config, k)
+        return read(view, mask), col_mask, mask, view
 
     def write(stats, rstd, h, col_mask, mask, view):
         w, b = _params(view(w_ref), view(b_ref), col_mask, target)
@@ -160,13 +163,14 @@ def _row_norm_fwd_kernel(
             c.store(view(h_ref), h, mask, target)
         return amax
 
+    first = c.row_start(target, lambda view: read(view, row_mask)) if center else None
     if config.chunks == 1:
         values = chunk_input(0)
-        stats = c.block_moments(values[0], values[2], width, center=center)
+        stats = c.block_moments(values[0], values[2], width, center=center, first=first)
         rstd = reference.inverse_std(stats.var, eps)
         amax = write(stats, rstd, *values)
     elif s_ref is not None:
-        stats = _chunked_moments(lambda k: chunk_input(k)[::2], config, width, center)
+        stats = _chunked_moments(lambda k: chunk_input(k)[::2], config, width, center, first)
         rstd = reference.inverse_std(stats.var, eps)
 
         def body(k, amax):
@@ -174,7 +178,7 @@ def _row_norm_fwd_kernel(
 
         amax = jax.lax.fori_loop(0, config.chunks, body, jnp.zeros((config.block_rows, 1), F32))
     else:
-        stats = _chunked_moments(lambda k: chunk_input(k)[::2], config, width, center)
+        stats = _chunked_moments(lambda k: chunk_input(k)[::2], config, width, center, first)
         rstd = reference.inverse_std(stats.var, eps)
 
         @pl.loop(0, config.chunks)
@@ -195,10 +199,12 @@ def _quantized(y, scale, mask, dtype):
     return reference.saturated(y, scale, dtype), amax
 
 
-def _chunked_moments(chunk_values, config, width, center) -> c.Stats:
+def _chunked_moments(chunk_values, config, width, center, first=None) -> c.Stats:
     """Row statistics over `config.chunks` chunks, `chunk_values(k) -> (values, mask)`: every
-    chunk's [`c.Partial`][] of `(x - shift) - d₀` (see [`c.chunked_shift`][]) combined with
-    Chan's update, or the sum of squares when not centring."""
+    chunk's [`c.Partial`][] of `x - s`, `s` the row's first element (`first`, else found in
+    chunk 0), combined with Chan's update, so the mean is `s + offset` and a constant row's
+    partials are exact zeros (see [`c.block_moments`][]); or the sum of squares when not
+    centring. A chunk's valid columns are counted from its index, not reduced."""
     zero = jnp.zeros((config.block_rows, 1), F32)
     if not center:
 
@@ -207,15 +213,16 @@ def _chunked_moments(chunk_values, config, width, center) -> c.Stats:
             return acc + c.row_sum(x * x * (1.0 / width))
 
         return c.Stats(zero, zero, jax.lax.fori_loop(0, config.chunks, body, zero))
-    x0, mask0 = chunk_values(0)
-    shift, d0 = c.chunked_shift(x0, mask0, min(config.block_cols, width))
+    if first is None:
+        first = c.first_element(chunk_values(0)[0])
 
     def body(k, part):
         x, mask = chunk_values(k)
-        return c.chan_combine(part, c.chunk_partial(jnp.where(mask, (x - shift) - d0, 0.0), mask))
+        n = jnp.clip(width - k * config.block_cols, 0, config.block_cols).astype(F32)
+        return c.chan_combine(part, c.chunk_partial(jnp.where(mask, x - first, 0.0), mask, n))
 
     part = jax.lax.fori_loop(0, config.chunks, body, c.Partial(zero, zero, zero))
-    return c.Stats(shift, d0 + part.mean, jnp.maximum(part.m2 / width, 0.0))
+    return c.Stats(first, part.mean, jnp.maximum(part.m2 / width, 0.0))
 
 
 class _Launch(NamedTuple):
@@ -232,9 +239,9 @@ class _Launch(NamedTuple):
     partials: pl.BlockSpec
 
 
-def _launch(target: Target, shape: tuple[int, int, int]) -> _Launch:
+def _launch(target: Target, shape: tuple[int, int, int], one_row: bool = False) -> _Launch:
     groups, rows, width = shape
-    config = c.block_config(target, rows, width)
+    config = c.block_config(target, rows, width, one_row=one_row)
     cols, br = c.padded(target, width), config.block_rows
     return _Launch(
         config,
@@ -260,7 +267,7 @@ def _forward_on(
     broadcast over a row's columns) `y` is the FP8 `clip(y · scale)` and each row's amax
     `(groups, rows)` follows the statistics."""
     groups, rows, width = x.shape
-    launch = _launch(target, x.shape)
+    launch = _launch(target, x.shape, one_row=True)
     rows_in = [a for a in (x, residual) if a is not None]
     params = [p.reshape(groups, 1, width) for p in (weight, bias, scale) if p is not None]
     stat_shape = jax.ShapeDtypeStruct((groups, rows, 1), F32)
@@ -1191,11 +1198,16 @@ _QK_BWD_THREAD_ELEMENTS = 8
 
 
 def _qk_launch(
-    target: Target, q_shape, k_shape, per_head: tuple[bool, bool], thread_elements: int = 16
+    target: Target,
+    q_shape,
+    k_shape,
+    per_head: tuple[bool, bool],
+    thread_elements: int = 16,
+    one_row: bool = False,
 ) -> _QKLaunch:
     width = q_shape[-1]
     rows = max(q_shape[0], k_shape[0])
-    config = c.block_config(target, rows, width, thread_elements=thread_elements)
+    config = c.block_config(target, rows, width, thread_elements=thread_elements, one_row=one_row)
     cols, br = c.padded(target, width), config.block_rows
     blocks = (c.ceil_div(q_shape[0], br), c.ceil_div(k_shape[0], br))
     heads = (q_shape[1], k_shape[1])
@@ -1273,7 +1285,7 @@ def _qk_norm_fwd_on(target: Target, q, k, q_weight, k_weight, *, eps: float, cen
     width = q.shape[-1]
     weights = [w for w in (q_weight, k_weight) if w is not None]
     per_head = tuple(w is not None and w.ndim == 2 for w in (q_weight, k_weight))
-    launch = _qk_launch(target, q.shape, k.shape, per_head)
+    launch = _qk_launch(target, q.shape, k.shape, per_head, one_row=True)
     params = [_qk_params(w, width) for w in weights]
     stats = [jax.ShapeDtypeStruct((*a.shape[:2], 1), F32) for a in (q, k)] * 3
     kernel = functools.partial(

@@ -17,10 +17,11 @@ def _is_pow2(n):
     return n & (n - 1) == 0
 
 
+@pytest.mark.parametrize("one_row", [False, True])
 @pytest.mark.parametrize("target", [c.TRITON, c.INTERPRET], ids=lambda t: t.name)
-def test_triton_blocks_are_powers_of_two_covering_the_row(target):
+def test_triton_blocks_are_powers_of_two_covering_the_row(target, one_row):
     for rows, width in itertools.product(ROWS, WIDTHS):
-        config = c.block_config(target, rows, width)
+        config = c.block_config(target, rows, width, one_row=one_row)
         assert _is_pow2(config.block_rows) and _is_pow2(config.block_cols)
         assert config.row_cols >= width > config.row_cols - config.block_cols
         assert config.block_rows * config.block_cols <= c.MAX_BLOCK_ELEMENTS
@@ -40,6 +41,25 @@ def test_narrow_rows_are_grouped_and_wide_rows_chunked():
     # A single short input is not given a block of rows it cannot fill.
     assert c.block_config(c.TRITON, 1, 160).block_rows == 1
     assert c.block_config(c.TRITON, 37, 160).block_rows == 16
+
+
+def test_one_row_programs_for_rows_wider_than_a_warp():
+    # The forwards' launch: a row spanning warps has a program of its own (its statistics are
+    # then stored without a layout conversion); one warp's rows are grouped as before.
+    for width in (129, 760, 1024, 16384):
+        config = c.block_config(c.TRITON, 4096, width, one_row=True)
+        assert (config.block_rows, config.chunks) == (1, 1)
+        assert config.num_warps == min(max(config.block_cols // 512, 1), 16)
+    for width in (1, 100, c.WARP_COLS):
+        assert c.block_config(c.TRITON, 4096, width, one_row=True) == c.block_config(
+            c.TRITON, 4096, width
+        )
+    wide = c.block_config(c.TRITON, 64, 70000, one_row=True)
+    assert (wide.block_rows, wide.block_cols, wide.chunks) == (1, c.TARGET_BLOCK_ELEMENTS, 18)
+    assert wide.num_warps == 16  # 8 elements per thread in a chunk loop
+    assert c.block_config(c.MOSAIC, 4096, 1024, one_row=True) == c.block_config(
+        c.MOSAIC, 4096, 1024
+    )
 
 
 def test_mosaic_blocks_follow_tpu_tiling():
@@ -68,6 +88,27 @@ def test_chan_combination_matches_float64_statistics():
         np.asarray(partial.mean[:, 0]) + shift[:, 0], x64.mean(1), rtol=0, atol=1e-3
     )
     np.testing.assert_allclose(np.asarray(partial.m2[:, 0]) / 5000, x64.var(1), rtol=1e-5)
+
+
+def test_block_moments_about_the_first_element():
+    # The shift is the row's first element, given (read on its own by a Triton forward) or
+    # reduced for; a first element far out (a massive activation) costs no accuracy, since
+    # the variance is a second pass about the mean, and a constant row is exactly centred.
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.0, 1.0, size=(3, 1000)).astype(np.float32)
+    x[0, 0] += 1e3  # about 30 standard deviations of the row (itself included) out
+    x[1] += 1e4
+    x[2] = 7.25
+    xs, mask = jnp.asarray(x), jnp.ones(x.shape, bool)
+    x64 = x.astype(np.float64)
+    for first in (None, xs[:, :1]):
+        stats = c.block_moments(xs, mask, 1000, center=True, first=first)
+        np.testing.assert_array_equal(stats.shift, xs[:, :1])
+        mean = np.asarray(stats.shift, np.float64) + np.asarray(stats.offset, np.float64)
+        # Off by the rounding of `offset`, about u·|x₀ − μ|: small beside the row's spread.
+        assert np.all(np.abs(mean[:2, 0] - x64[:2].mean(1)) <= 1e-5 * x64[:2].std(1))
+        np.testing.assert_allclose(stats.var[:2, 0], x64[:2].var(1), rtol=1e-5)
+        assert stats.offset[2, 0] == 0.0 and stats.var[2, 0] == 0.0
 
 
 def test_block_moments_masks_padding():

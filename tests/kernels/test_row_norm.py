@@ -187,11 +187,12 @@ def test_lowers_with_gradient(op, platform, width, dtype):
 
 
 def test_vmap_tiles_rows_in_the_gpu_launch():
-    # 64 one-row examples of width 160: the folded launch holds 16 rows per program, so the
-    # grid is 4 programs, not 64 (Pallas' own batching would add a grid axis of 64). The
-    # Triton launch (`backend="triton"`); the Mosaic GPU one folds the same way.
-    weight, bias = (jax.ShapeDtypeStruct((160,), jnp.bfloat16),) * 2
-    x = jax.ShapeDtypeStruct((64, 160), jnp.bfloat16)
+    # 64 one-row examples of width 128: the folded launch holds 32 rows per program, so the
+    # grid is 2 programs, not 64 (Pallas' own batching would add a grid axis of 64). The
+    # Triton launch (`backend="triton"`); the Mosaic GPU one folds the same way. (A wider row
+    # has a forward program of its own, `block_config`'s `one_row`: 64 programs either way.)
+    weight, bias = (jax.ShapeDtypeStruct((128,), jnp.bfloat16),) * 2
+    x = jax.ShapeDtypeStruct((64, 128), jnp.bfloat16)
 
     def forward_and_backward(x, weight, bias):
         def loss(x, weight, bias):
@@ -201,8 +202,8 @@ def test_vmap_tiles_rows_in_the_gpu_launch():
         return jax.grad(loss, argnums=(0, 1, 2))(x, weight, bias)
 
     text = ks.lowered(forward_and_backward, [x, weight, bias], "cuda")
-    block_rows = _common.block_config(_common.TRITON, 64, 160).block_rows
-    assert block_rows == 16
+    block_rows = _common.block_config(_common.TRITON, 64, 128, one_row=True).block_rows
+    assert block_rows == 32
     assert ks.triton_grids(text) == [(64 // block_rows, 1, 1)] * 2
 
 
@@ -521,8 +522,8 @@ def test_adaptive_norm_vmapped_over_tokens_with_shared_modulation():
 
 
 def test_adaptive_norm_launch_folds_examples_into_groups():
-    # 8 examples of 37 tokens, width 160: one launch of (37 / 16 row blocks, 8 groups), not a
-    # Pallas batch axis, forward and backward.
+    # 8 examples of 37 tokens, width 160: one launch of (row blocks, 8 groups), not a Pallas
+    # batch axis, forward (a row per program: `one_row`) and backward (37 / 16 row blocks).
     x = jax.ShapeDtypeStruct((8, 37, 160), jnp.bfloat16)
     mod = jax.ShapeDtypeStruct((8, 160), jnp.bfloat16)
     weight = jax.ShapeDtypeStruct((160,), jnp.float32)
@@ -534,8 +535,9 @@ def test_adaptive_norm_launch_folds_examples_into_groups():
         return jnp.sum(y.astype(jnp.float32) ** 2)
 
     text = ks.lowered(jax.grad(loss, argnums=(0, 1, 2, 3)), [x, mod, mod, weight], "cuda")
-    blocks = -(-37 // _common.block_config(_common.TRITON, 37, 160).block_rows)
-    assert ks.triton_grids(text) == [(blocks, 8, 1)] * 2
+    fwd, bwd = (_common.block_config(_common.TRITON, 37, 160, one_row=r) for r in (True, False))
+    assert (fwd.block_rows, bwd.block_rows) == (1, 16)
+    assert ks.triton_grids(text) == [(37, 8, 1), (3, 8, 1)]
 
 
 # --- both fused families: lowering, determinism, errors ------------------------------------------
@@ -672,8 +674,15 @@ def test_qk_norm_on_tpu_is_xla_with_the_kernels_contract():
         )
         return (*fwd, *bwd)
 
-    for got, want in zip(launches(_common.MOSAIC), launches(_common.INTERPRET), strict=True):
-        ks.assert_matches(got, want)
+    def with_means(outs):
+        # The mean's two parts differ (the kernel shifts by each row's first element, XLA by
+        # the mean): the contract is their sum, and centring by them in turn.
+        q_y, k_y, q_shift, k_shift, q_offset, k_offset, *rest = outs
+        return q_y, k_y, q_shift + q_offset, k_shift + k_offset, *rest
+
+    got, want = (with_means(launches(t)) for t in (_common.MOSAIC, _common.INTERPRET))
+    for g, w in zip(got, want, strict=True):
+        ks.assert_matches(g, w)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])

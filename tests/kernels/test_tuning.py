@@ -10,7 +10,9 @@ import pytest
 
 from eqxnorm.kernels import _common as c, _mosaic_gpu, _tuning, pallas, reference
 
-KEY = "cpu|interpret|layer_norm|float32|64x256"  # `layer_norm` of (37, 160) float32 on CPU
+# `layer_norm` of (37, 128) float32 on CPU: rows of one warp, grouped forward and backward alike
+# (a wider row has a forward program of its own: `block_config`'s `one_row`).
+KEY = "cpu|interpret|layer_norm|float32|64x128"
 
 
 def _grids(fn, *args):
@@ -50,7 +52,7 @@ def _entry(block_rows, jax_version=jax.__version__, **times):
     return {"config": config, "jax": jax_version, **times}
 
 
-X = jnp.asarray(np.random.default_rng(0).normal(size=(37, 160)), jnp.float32)
+X = jnp.asarray(np.random.default_rng(0).normal(size=(37, 128)), jnp.float32)
 
 
 def test_buckets_and_keys():
@@ -92,17 +94,17 @@ def test_variants_halve_or_double_within_the_backend():
 
 def test_the_cache_configures_the_launch(tmp_path, monkeypatch):
     default = _grids(_layer_norm, X)
-    assert default == [(3, 1)]  # 16 rows per block
-    _write(tmp_path, monkeypatch, {KEY: _entry(32)})
-    assert _grids(_layer_norm, X) == [(2, 1)]
+    assert default == [(2, 1)]  # 32 rows per block
+    _write(tmp_path, monkeypatch, {KEY: _entry(16)})
+    assert _grids(_layer_norm, X) == [(3, 1)]
     # Forward and backward both take it, and the result is the reference's.
-    weight = jnp.linspace(0.5, 1.5, 160)
+    weight = jnp.linspace(0.5, 1.5, 128)
 
     def loss(impl, x, w):
         return jnp.sum(jnp.sin(impl.layer_norm(x, w, None, eps=1e-5)))
 
     grads = jax.grad(lambda x, w: loss(pallas, x, w), argnums=(0, 1))
-    assert _grids(grads, X, weight) == [(2, 1), (2, 1)]
+    assert _grids(grads, X, weight) == [(3, 1), (3, 1)]
     jax.clear_caches()
     expected = jax.grad(lambda x, w: loss(reference, x, w), argnums=(0, 1))(X, weight)
     for got, want in zip(grads(X, weight), expected, strict=True):
@@ -121,15 +123,15 @@ def test_the_cache_configures_the_launch(tmp_path, monkeypatch):
 )
 def test_an_unusable_entry_leaves_the_heuristic(tmp_path, monkeypatch, entries):
     _write(tmp_path, monkeypatch, entries)
-    assert _grids(_layer_norm, X) == [(3, 1)]
+    assert _grids(_layer_norm, X) == [(2, 1)]
 
 
 def test_a_corrupt_or_foreign_file_warns_and_leaves_the_heuristic(tmp_path, monkeypatch):
     path = _write(tmp_path, monkeypatch, {})
     path.write_text('{"format": 1, "entries": {')
     with pytest.warns(UserWarning, match=r"ignores the tuning cache .*tuning.json.*eqxnorm.tune"):
-        assert _grids(_layer_norm, X) == [(3, 1)]
-    _write(tmp_path, monkeypatch, {KEY: _entry(32)}, format=99)
+        assert _grids(_layer_norm, X) == [(2, 1)]
+    _write(tmp_path, monkeypatch, {KEY: _entry(16)}, format=99)
     with pytest.warns(UserWarning, match="format 99, expected 1"):
         assert _tuning.entries() == {}
     monkeypatch.setenv(_tuning.ENV, "off")
@@ -154,6 +156,6 @@ def test_prefers_xla_by_the_launches_of_the_call(tmp_path, monkeypatch):
     assert _tuning.prefers_xla(trace)
     _write(tmp_path, monkeypatch, {KEY: _entry(16, xla_ms=2.0, kernel_ms=1.0)})
     assert not _tuning.prefers_xla(trace)
-    other = KEY.replace("37", "").replace("64x256", "4096x1024")
+    other = KEY.replace("37", "").replace("64x128", "4096x1024")
     _write(tmp_path, monkeypatch, {other: _entry(4, xla_ms=0.5, kernel_ms=1.0)})
     assert not _tuning.prefers_xla(trace)  # this shape was not measured
