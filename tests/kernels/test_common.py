@@ -79,3 +79,20 @@ def test_block_moments_masks_padding():
     np.testing.assert_allclose(stats.var, x5.var(1, keepdims=True), rtol=1e-5)
     rms = c.block_moments(jnp.where(mask, x, 0.0), mask, 5, center=False)
     np.testing.assert_allclose(rms.var, (x5**2).mean(1, keepdims=True), rtol=1e-6)
+
+
+def test_few_rows_backward_programs_keep_partials_small(monkeypatch):
+    # 37 rows of 760 float32 in blocks of 4 (10 blocks, fewer than the 132 SMs): each program
+    # reads at least 32 times its partial sums' 2 x 760 float32, so 8 blocks, 2 programs of 5
+    # (Triton's grid was 10 programs: 1.21x a training step's ideal bytes). Blocks that fill
+    # the GPU keep one program per SM's share.
+    monkeypatch.setattr(c, "_sm_count", lambda: 132)
+    assert c.partial_iterations(10, 1, 4 * 760 * 8, 760) == 8
+    assert c.partial_iterations(10, 1, 4 * 760 * 4, 760) == 16
+    assert c.partial_iterations(132, 1, 4 * 760 * 8, 760) == 1
+    assert c.partial_iterations(10, 14, 4 * 760 * 8, 760) == 1
+    config = c.block_config(c.INTERPRET, 37, 760)
+    plan = c.persistent_config(config, 37, 1, 760, 8)
+    blocks = -(-37 // config.block_rows)
+    assert (plan.programs, plan.iterations) == (2, -(-blocks // 2))
+    assert c.persistent_config(config, 37) == c.persistent_config(config, 37, 1, 0, 0)
