@@ -316,22 +316,21 @@ def partial_iterations(blocks: int, groups: int, block_bytes: int, width: int) -
     backward visits: `block_bytes` the bytes of `x` and `dy` a block reads, the program's
     partial sums `2 × width` float32, written and read back by XLA's reduction.
 
-    Where the `groups × blocks` blocks fill the GPU (one per SM or more), 1: the persistent
-    grid spreads them (`persistent_config`, `_mosaic_gpu.persistent_programs`). Where they do
-    not, a program per block waits for its one block whatever its size, and its partial sums
-    cost more HBM traffic than its rows: 37 rows of 760 float32 in blocks of 4 rows are 10
+    Where the `groups × blocks` blocks fill the GPU (one per SM or more), or their bytes
+    would keep every SM's `_mosaic_gpu.IN_FLIGHT_BYTES` twice over (64 rows of 70000: a few
+    huge blocks, each SM's share worth spreading), 1: the persistent grid spreads them
+    (`persistent_config`, `_mosaic_gpu.persistent_programs`). Where they do neither, a
+    program per block waits for its one block whatever its size, and its partial sums cost
+    more HBM traffic than its rows: 37 rows of 760 float32 in blocks of 4 rows are 10
     programs writing 10 × 2 × 760 float32, 1.11× the training step's ideal bytes (bfloat16:
     1.21×). There each program reads at least `PARTIAL_READS` times its partials' bytes, a
     few blocks in its loop (2 programs there)."""
-    if groups * blocks >= _sm_count():
+    from . import _mosaic_gpu as m
+
+    sms = m._sm_count()
+    if groups * blocks >= sms or groups * blocks * block_bytes >= sms * 2 * m.IN_FLIGHT_BYTES:
         return 1
     return max(1, ceil_div(PARTIAL_READS * 2 * width * 4, max(block_bytes, 1)))
-
-
-def _sm_count() -> int:
-    from . import _mosaic_gpu
-
-    return _mosaic_gpu._sm_count()
 
 
 class Persistent(NamedTuple):

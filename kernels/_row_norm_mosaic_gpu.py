@@ -1005,7 +1005,19 @@ def _stage(refs_and_smems, bars, rows, boxes, tools, group):
         plgpu.barrier_wait(bar)
 
 
-def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight):
+def _staged_weight(w_ref, scratch: list, staged_tails: bool, group, boxes: m.Boxes, tools):
+    """`(weight, barriers)`: with `staged_tails` (the last two of `scratch`, see
+    [`_tail_staged`][]) the weight's last box staged and the weight as [`_param`][] reads it
+    then; the barriers of the staged rows, the rest of `scratch`."""
+    if not staged_tails:
+        return w_ref, scratch
+    *bars, tails, tail_bar = scratch
+    _stage_tails([w_ref], tails, tail_bar, group, boxes, tools)
+    plgpu.barrier_wait(tail_bar)
+    return (w_ref, tails, 0), bars
+
+
+def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight, staged_tails=False):
     x_ref, z_ref = refs[:2]
     w_ref = refs[2] if has_weight else None
     y_ref, x_smem, z_smem, *bars = refs[2 + has_weight :]
@@ -1013,6 +1025,7 @@ def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight):
     rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
     tools = _box_tools(boxes, width, i * 0)
     bcast, layout = tools[1], boxes.layout
+    w_ref, bars = _staged_weight(w_ref, bars, staged_tails, group, boxes, tools)
     _stage(((x_ref, x_smem), (z_ref, z_smem)), bars, rows, boxes, tools, group)
 
     def values(k):
@@ -1034,7 +1047,9 @@ def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _gated_backward_body(*refs, boxes, width, eps, norm_before_gate, has_weight, param_grads):
+def _gated_backward_body(
+    *refs, boxes, width, eps, norm_before_gate, has_weight, param_grads, staged_tails=False
+):
     x_ref, z_ref, dy_ref = refs[:3]
     w_ref = refs[3] if has_weight else None
     dx_ref, dz_ref, *rest = refs[3 + has_weight :]
@@ -1044,6 +1059,7 @@ def _gated_backward_body(*refs, boxes, width, eps, norm_before_gate, has_weight,
     rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
     tools = _box_tools(boxes, width, i * 0)
     bcast, layout = tools[1], boxes.layout
+    w_ref, bars = _staged_weight(w_ref, bars, staged_tails, group, boxes, tools)
     staged = ((x_ref, x_smem), (z_ref, z_smem), (dy_ref, dy_smem))
     _stage(staged, bars, rows, boxes, tools, group)
 
@@ -1082,21 +1098,31 @@ def _gated_backward_body(*refs, boxes, width, eps, norm_before_gate, has_weight,
     plgpu.wait_smem_to_gmem(0)
 
 
-def _one_group_call(body, target, staged, params, boxes, out_dtypes, partials, name, **settings):
+def _one_group_call(
+    body, target, staged, params, boxes, out_dtypes, partials, name, tails=False, **settings
+):
     """The launch of `body` over the rows of `staged` (each `(rows, dim)`, staged whole) as
     one group, with `params` per column (each `(dim,)`, read from HBM): outputs of
     `out_dtypes` in the rows' shape, and `partials` float32 partial sums per program and
-    column. `body` takes the staged arrays, then the parameters."""
+    column. `body` takes the staged arrays, then the parameters; with `tails` (a body that
+    takes `staged_tails`: one parameter, the weight) their last box staged where TMA can
+    ([`_tail_staged`][]), else their columns padded."""
     rows, width = staged[0].shape
     padded = [_pad_rows(a[None], boxes.block_rows) for a in staged]
     programs = -(-padded[0].shape[1] // boxes.block_rows)
     box = (boxes.chunks, boxes.block_rows, boxes.cols)
     scratch = [plgpu.SMEM(box, a.dtype) for a in staged] + [_barrier(boxes)] * len(staged)
+    params = [p[None] for p in params]
+    if tails:
+        settings["staged_tails"] = _tail_staged(params, boxes, width)
+        scratch += _tails_scratch(params, boxes) if settings["staged_tails"] else []
+    if not settings.get("staged_tails"):
+        params = [_pad_columns(p, boxes) for p in params]
     out_type = [jax.ShapeDtypeStruct(padded[0].shape, d) for d in out_dtypes]
     out_type += [jax.ShapeDtypeStruct((1, programs, boxes.chunks * boxes.cols), F32)] * partials
     kernel = functools.partial(body, boxes=boxes, width=width, **settings)
     run = _rows_kernel(kernel, target, out_type, scratch, programs, 1, name)
-    outs = run(*padded, *(_pad_columns(p[None], boxes) for p in params))
+    outs = run(*padded, *params)
     rows_out = [o[0, :rows] for o in outs[: len(out_dtypes)]]
     return rows_out, [p.sum(axis=(0, 1))[:width] for p in outs[len(out_dtypes) :]]
 
@@ -1113,6 +1139,7 @@ def gated_rms_norm_forward_on(target: Target, x, z, weight, *, eps, norm_before_
         (x.dtype,),
         0,
         "eqxnorm_gated_rms_norm_fwd",
+        tails=True,
         eps=eps,
         norm_before_gate=norm_before_gate,
         has_weight=weight is not None,
@@ -1135,6 +1162,7 @@ def gated_rms_norm_backward_on(
         (x.dtype, z.dtype),
         int(param_grads),
         "eqxnorm_gated_rms_norm_bwd",
+        tails=True,
         eps=eps,
         norm_before_gate=norm_before_gate,
         has_weight=weight is not None,
