@@ -324,6 +324,35 @@ PERSISTENT_MAX_WARPS = 32
 PERSISTENT_REGISTERS = 64
 
 
+# A row norm's backward over rows too few to fill the GPU: each program reads at least this
+# many times the bytes of the float32 partial sums it writes (see [`partial_iterations`][]).
+# Written and read back, they are then at most 1/16 of its reads of `x` and `dy`, two of a
+# training step's five passes: 2.5 %, half of issue 17's 5 % over the ideal bytes.
+PARTIAL_READS = 32
+
+
+def partial_iterations(blocks: int, groups: int, block_bytes: int, width: int) -> int:
+    r"""The fewest of its `blocks` row blocks (per group) a program of a row norm's persistent
+    backward visits: `block_bytes` the bytes of `x` and `dy` a block reads, the program's
+    partial sums `2 × width` float32, written and read back by XLA's reduction.
+
+    Where the `groups × blocks` blocks fill the GPU (one per SM or more), or their bytes
+    would keep every SM's `_mosaic_gpu.IN_FLIGHT_BYTES` twice over (64 rows of 70000: a few
+    huge blocks, each SM's share worth spreading), 1: the persistent grid spreads them
+    (`persistent_config`, `_mosaic_gpu.persistent_programs`). Where they do neither, a
+    program per block waits for its one block whatever its size, and its partial sums cost
+    more HBM traffic than its rows: 37 rows of 760 float32 in blocks of 4 rows are 10
+    programs writing 10 × 2 × 760 float32, 1.11× the training step's ideal bytes (bfloat16:
+    1.21×). There each program reads at least `PARTIAL_READS` times its partials' bytes, a
+    few blocks in its loop (2 programs there)."""
+    from . import _mosaic_gpu as m
+
+    sms = m._sm_count()
+    if groups * blocks >= sms or groups * blocks * block_bytes >= sms * 2 * m.IN_FLIGHT_BYTES:
+        return 1
+    return max(1, ceil_div(PARTIAL_READS * 2 * width * 4, max(block_bytes, 1)))
+
+
 class Persistent(NamedTuple):
     """A persistent launch over `groups × blocks` row blocks: `programs` per group, each
     looping over `iterations` of its blocks (`program + j · programs`), with `config` (its
@@ -334,7 +363,9 @@ class Persistent(NamedTuple):
     iterations: int
 
 
-def persistent_config(config: BlockConfig, rows: int, groups: int = 1) -> Persistent:
+def persistent_config(
+    config: BlockConfig, rows: int, groups: int = 1, width: int = 0, read_bytes: int = 0
+) -> Persistent:
     r"""The persistent grid of a Triton kernel that sums per-column partials over its rows (the
     row norms' backward), from the one heuristic's `config` ([`block_config`][], tuned).
 
@@ -354,8 +385,10 @@ def persistent_config(config: BlockConfig, rows: int, groups: int = 1) -> Persis
        Fewer warps per program and more programs (2 × 16) cost twice the partials for no
        more warps resident.
     2. `programs = min(blocks, SMs × (32 / num_warps) / groups)` per group (at least 1),
-       each looping over `iterations = ceil(blocks / programs)` blocks, then as few programs
-       as give every one `iterations` blocks; past the end a block's rows are masked.
+       each looping over `iterations = ceil(blocks / programs)` blocks (at least
+       [`partial_iterations`][]' for rows of `width` elements, `read_bytes` of `x` and `dy`
+       per element: blocks too few to fill the GPU), then as few programs as give every one
+       `iterations` blocks; past the end a block's rows are masked.
     3. A chunked row (wider than `MAX_BLOCK_ELEMENTS`) keeps its partial row in HBM, added to
        chunk by chunk (read-add-write of its own row, L2-resident), with the row-parallel
        warps: its block already fills a program (at 32 warps, 60 registers a thread, XLA's
@@ -374,8 +407,11 @@ def persistent_config(config: BlockConfig, rows: int, groups: int = 1) -> Persis
     per_sm = max(1, PERSISTENT_RESIDENT_WARPS // num_warps)
     most = max(1, _mosaic_gpu._sm_count() * per_sm // groups)
     iterations = ceil_div(blocks, min(blocks, most))
-    programs = ceil_div(blocks, iterations)
-    return Persistent(config._replace(num_warps=num_warps), programs, iterations)
+    fewest = 1
+    if read_bytes:
+        fewest = partial_iterations(blocks, groups, config.block_rows * width * read_bytes, width)
+    programs = ceil_div(blocks, min(max(iterations, fewest), blocks))
+    return Persistent(config._replace(num_warps=num_warps), programs, ceil_div(blocks, programs))
 
 
 # A block's share of VMEM: up to 8 row-sized operands and outputs (x, residual, dy, dh; y, h,

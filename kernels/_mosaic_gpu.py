@@ -284,7 +284,8 @@ def persistent_programs(
     resident = max(1, min(MAX_RESIDENT, SMEM_PER_SM // program_smem_bytes, needed))
     most = max(1, _sm_count() * resident // groups)
     iterations = min(max(-(-blocks // most), min_iterations), blocks)
-    return -(-blocks // iterations), iterations
+    programs = -(-blocks // iterations)
+    return programs, -(-blocks // programs)
 
 
 # Shared memory for reductions across the warps (a box's column sums: 4 warps × 256 float32).

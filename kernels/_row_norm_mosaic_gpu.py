@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _mosaic_gpu as m, reference
-from ._common import F32, Target, sum_pair, sum_parts
+from ._common import F32, Target, partial_iterations, sum_pair, sum_parts
 
 plgpu = m.plgpu
 
@@ -163,6 +163,20 @@ def _copy_out(src, dst, rows, boxes, tools, group):
         plgpu.copy_smem_to_gmem(src.at[j], dst.at[group, rows, cols(j)])
 
 
+def _window(block, boxes: m.Boxes, rows: int, clamp: bool):
+    """`(rows of block `block`, its first row's offset in them)`: `block_rows` rows from
+    `block · block_rows`, or with `clamp` no further than the array's last `block_rows` of
+    `rows` (a last partial block, or one past the end of a persistent grid, then overlaps the
+    blocks before it: its rows before the offset are theirs). Every copy and per-row read is
+    then in bounds, and the arrays and statistics keep their own shapes (no padding): a row
+    computed twice is written twice with the same bits."""
+    start = block * boxes.block_rows
+    if not clamp:
+        return pl.ds(start, boxes.block_rows), None
+    inside = jnp.minimum(start, rows - boxes.block_rows)
+    return pl.ds(inside, boxes.block_rows), start - inside
+
+
 class PerBox(NamedTuple):
     """The group norms' parameters: one value per row and box, read from a table `(groups,
     table rows, columns)`. Box `k` of a row reads column `k // boxes_per_column` (the
@@ -188,8 +202,9 @@ def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
     """Box `k`'s parameter as a box, read straight from HBM (the parameters are small, and
     a TMA load of under 128 bytes, a narrow row's, is refused under this lowering): with
     columns padded to whole boxes, a row of the group's parameter `(groups, chunks · cols)`
-    broadcast over the rows; with `per_box` tables ([`PerBox`][]), each row's value
-    broadcast over the box's columns. A folded row's parameter
+    broadcast over the rows, or `(parameter, tails, p)` with its last box staged in
+    `tails[p]` ([`_tail_staged`][]: the parameter in its own shape); with `per_box` tables
+    ([`PerBox`][]), each row's value broadcast over the box's columns. A folded row's parameter
     is `(parameter, tails, p)`: the parameter, whose tile `k` (boxes `4k` to `4k + 3`, each
     read whole by every warp and kept by its own) is read while the tile lies inside the row,
     and for the row's last (partial) tile `tails[p]`, its boxes staged by TMA
@@ -222,6 +237,16 @@ def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
             ref.at[group, table_rows, column], layout=layout.reduce(1), optimized=False
         )
         return bcast(value.astype(F32), [0])
+    if isinstance(ref, tuple):
+        # The last box staged ([`_tail_staged`][]); the others read in bounds, as above.
+        main, tails, p = ref
+        last = plgpu.load(tails.at[p, 0], layout=layout.reduce(0), optimized=False)
+        whole = boxes.chunks - 1  # at least 1: a box is no wider than the row
+        start = pl.multiple_of(jnp.minimum(k, whole - 1) * boxes.cols, boxes.cols)
+        value = plgpu.load(
+            main.at[group, pl.ds(start, boxes.cols)], layout=layout.reduce(0), optimized=False
+        )
+        return bcast(jnp.where(k < whole, value, last).astype(F32), [1])
     columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
     value = plgpu.load(ref.at[group, columns], layout=layout.reduce(0), optimized=False)
     return bcast(value.astype(F32), [1])
@@ -239,6 +264,8 @@ def _forward_body(
     per_box,
     out_separate=False,
     has_scale=False,
+    clamp=False,
+    staged_tails=False,
 ):
     n_params = has_weight + has_bias + has_scale
     n_in = 1 + has_residual + n_params
@@ -246,8 +273,8 @@ def _forward_body(
     ins, outs, scratch = refs[:n_in], refs[n_in : n_in + n_out], list(refs[n_in + n_out :])
     x_ref, r_ref = ins[0], ins[1] if has_residual else None
     param_refs = ins[1 + has_residual :]
-    # A folded row's parameters' last tiles, staged (see `_param`).
-    tails, tail_bar = scratch[-2:] if boxes.folded and n_params else (None, None)
+    # The parameters' last tiles (or boxes), staged (see `_param`).
+    tails, tail_bar = scratch[-2:] if staged_tails else (None, None)
     scratch = scratch[:-2] if tails is not None else scratch
     y_ref, *outs = outs
     h_ref = outs.pop(0) if has_residual else None
@@ -256,11 +283,11 @@ def _forward_body(
     r_smem = scratch.pop(0) if has_residual else None
     # `y` over `x`'s box, or in a box of its own when its dtype differs (`out_dtype`).
     y_smem = scratch.pop(0) if out_separate else x_smem
-    st_smem, x_bars, *bars = scratch
+    x_bars, *bars = scratch
     r_bars = bars[0] if has_residual else None
 
     i, group = lax.axis_index("rows"), lax.axis_index("groups")
-    rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
+    rows, _ = _window(i, boxes, x_ref.shape[1], clamp)
     tools = _box_tools(boxes, width, i * 0)
     _, bcast, _ = tools
     _copy_in(x_ref, x_smem, x_bars, rows, boxes, tools, group)
@@ -320,21 +347,18 @@ def _forward_body(
         def _(k):
             write(k)
 
-    if boxes.folded:
-        # The row's statistic, the same in every warp, stored by each thread (4 bytes: too
-        # few for a TMA copy).
-        for ref, value in zip(stat_refs, stats, strict=True):
+    # The statistics, stored by the threads (a program's are 16 to 64 bytes: too few for a
+    # TMA copy, whose strides would also ask rows of 16 bytes); a folded row's, the same in
+    # every warp, as one value.
+    for ref, value in zip(stat_refs, stats, strict=True):
+        if boxes.folded:
             ref[group, i] = jnp.max(value)
-    else:
-        for s, value in enumerate(stats):
-            st_smem[s] = value
+        else:
+            plgpu.store(ref.at[group, rows], value, optimized=False)
     plgpu.commit_smem()
     _copy_out(y_smem, y_ref, rows, boxes, tools, group)
     if h_ref is not None:
         _copy_out(r_smem, h_ref, rows, boxes, tools, group)
-    if not boxes.folded:
-        for s, ref in enumerate(stat_refs):
-            plgpu.copy_smem_to_gmem(st_smem.at[s], ref.at[group, rows])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -372,18 +396,45 @@ def _pad_columns(p, boxes: m.Boxes):
 
 
 def _tail_boxes(boxes: m.Boxes) -> range:
-    """The boxes of a folded row's last tile."""
+    """The boxes of a folded row's last tile, or an unfolded row's last box."""
+    if not boxes.folded:
+        return range(boxes.chunks - 1, boxes.chunks)
     return range((boxes.chunks - 1) * boxes.tile_rows, boxes.row_boxes)
+
+
+def _tail_staged(params, boxes: m.Boxes, width: int) -> bool:
+    """Whether the parameters `(groups, width)` are read in their own shape, the boxes of
+    their last tile staged by TMA ([`_stage_tails`][]): always for a folded row; for
+    unfolded rows whose last box runs past the width, when TMA can copy it (a box of a
+    multiple of 128 bytes, rows of a multiple of 16). Otherwise their columns are padded
+    to whole boxes ([`_pad_columns`][]), a copy."""
+    if boxes.folded or not params:
+        return bool(params)
+    if width % boxes.cols == 0:
+        return False
+    itemsize = jnp.dtype(params[0].dtype).itemsize
+    return boxes.cols * itemsize % 128 == 0 and width * itemsize % 16 == 0
+
+
+def _tails_scratch(params, boxes: m.Boxes) -> list:
+    """The shared memory and barrier of [`_stage_tails`][] for `params`."""
+    shape = boxes.tile[1:] if boxes.folded else (1, boxes.cols)
+    arrivals = len(params) * len(_tail_boxes(boxes))
+    return [
+        plgpu.SMEM((len(params), *shape), params[0].dtype),
+        plgpu.Barrier(num_arrivals=arrivals),
+    ]
 
 
 def _stage_tails(param_refs, tails, barrier, group, boxes: m.Boxes, tools):
     """Stage the boxes of the last tile of each parameter `(groups, width)` of a folded row
-    into `tails` `(parameters, 4, cols)` (past the row's end: TMA's zeros, or nothing where
-    no box is copied, columns that are never stored), arriving on `barrier`."""
-    cols = tools[0]
+    into `tails` `(parameters, 4, cols)`, or an unfolded row's last box into `tails`
+    `(parameters, 1, cols)` (past the row's end: TMA's zeros, or nothing where no box is
+    copied, columns that are never stored), arriving on `barrier`."""
+    cols, first = tools[0], _tail_boxes(boxes)[0]
     for p, ref in enumerate(param_refs):
         for b in _tail_boxes(boxes):
-            part = tails.at[p, pl.ds(b % boxes.tile_rows, 1)]
+            part = tails.at[p, pl.ds(b - first, 1)]
             plgpu.copy_gmem_to_smem(ref.at[pl.ds(group, 1), cols(b)], part, barrier)
 
 
@@ -505,9 +556,11 @@ def forward_call(
     groups, rows, width = x.shape
     x_p, r_p = _pad_rows(x, boxes.block_rows), _pad_rows(residual, boxes.block_rows)
     padded_rows = x_p.shape[1]
-    # Statistics are stored a program's rows at a time: their rows padded to whole programs
-    # (so that every TMA stride is a multiple of 16 bytes), then cut.
-    stat_rows = -(-padded_rows // boxes.block_rows) * boxes.block_rows
+    programs = -(-padded_rows // boxes.block_rows)
+    # A last partial block overlaps the one before ([`_window`][]); the group norms' per-row
+    # tables are laid out for whole blocks: their statistics padded to whole programs.
+    clamp = not per_box and padded_rows % boxes.block_rows != 0
+    stat_rows = padded_rows if not per_box else programs * boxes.block_rows
     stat = jax.ShapeDtypeStruct((groups, stat_rows), F32)
     out_separate = not _same_dtype(x, out_dtype)
     y_dtype = out_dtype if out_separate else x.dtype
@@ -522,14 +575,13 @@ def forward_call(
         scratch.append(plgpu.SMEM(box, residual.dtype))
     if out_separate:
         scratch.append(plgpu.SMEM(box, y_dtype))
-    if not per_box and not boxes.folded:
+    staged_tails = not per_box and _tail_staged(params, boxes, width)
+    if not per_box and not boxes.folded and not staged_tails:
         params = [_pad_columns(p, boxes) for p in params]
     n_barriers = 1 + (residual is not None)
-    scratch += [plgpu.SMEM((n_stats, boxes.block_rows), F32)]
     scratch += [_barrier(boxes)] * n_barriers
-    if boxes.folded and params:
-        scratch.append(plgpu.SMEM((len(params), *boxes.tile[1:]), params[0].dtype))
-        scratch.append(plgpu.Barrier(num_arrivals=len(params) * len(_tail_boxes(boxes))))
+    if staged_tails:
+        scratch += _tails_scratch(params, boxes)
     body = functools.partial(
         _forward_body,
         boxes=boxes,
@@ -542,8 +594,9 @@ def forward_call(
         per_box=per_box,
         out_separate=out_separate,
         has_scale=has_scale,
+        clamp=clamp,
+        staged_tails=staged_tails,
     )
-    programs = -(-padded_rows // boxes.block_rows)
     run = _rows_kernel(body, target, out_type, scratch, programs, groups, name, auto_barriers=False)
     y, *outs = run(*(a for a in (x_p, r_p) if a is not None), *params)
     h = outs.pop(0) if residual is not None else None
@@ -565,6 +618,8 @@ def _backward_body(
     programs,
     iterations,
     slots,
+    clamp=False,
+    staged_tails=False,
 ):
     n_in = 5 + has_weight + has_dh
     n_partials = int(param_grads)
@@ -577,8 +632,8 @@ def _backward_body(
     x_smem, dy_smem = scratch.pop(0), scratch.pop(0)
     dh_smem = scratch.pop(0) if has_dh else None
     extra = [scratch.pop(0) for reuse in out_reuse if reuse is None]
-    # A folded row's weight's last tile, staged (see `_param`).
-    tails, tail_bar = scratch[-2:] if boxes.folded and has_weight else (None, None)
+    # The weight's last tile (or box), staged (see `_param`).
+    tails, tail_bar = scratch[-2:] if staged_tails else (None, None)
     bars = scratch[:-2] if tails is not None else scratch
 
     i, group = lax.axis_index("rows"), lax.axis_index("groups")
@@ -593,9 +648,12 @@ def _backward_body(
     buffers = {"dy": dy_smem, "dh": dh_smem}
     targets = [extra.pop(0) if reuse is None else buffers[reuse] for reuse in out_reuse]
 
-    def rows_of(it):
+    def window(it):
         # Block `i + it · programs` of the persistent grid (`_mosaic_gpu.persistent_programs`).
-        return pl.ds((i + it * programs) * boxes.block_rows, boxes.block_rows)
+        return _window(i + it * programs, boxes, x_ref.shape[1], clamp)
+
+    def rows_of(it):
+        return window(it)[0]
 
     def stage(it, slot):
         for (src, dst), bar in zip(staged, bars, strict=False):
@@ -621,12 +679,14 @@ def _backward_body(
         for smem in (x_s, dy_s, dh_s):
             if smem is not None:
                 _zero_tail(smem, boxes, tools)
-        # The statistics are padded to whole programs: read straight from HBM, in bounds (a
-        # folded row's: its one value, in every warp).
+        # The statistics, read straight from HBM, in bounds (a folded row's: its one value,
+        # in every warp; a row past the end, whose `x` and `dy` are TMA's zeros, reads the
+        # last row's).
         if boxes.folded:
+            row = jnp.minimum(i + it * programs, stat_refs[0].shape[1] - 1)
             shift, offset, rstd = (
                 plgpu.layout_cast(
-                    lax.broadcast_in_dim(ref[group, i + it * programs], (boxes.tile_rows,), ()),
+                    lax.broadcast_in_dim(ref[group, row], (boxes.tile_rows,), ()),
                     layout.reduce(1),
                 )
                 for ref in stat_refs
@@ -636,6 +696,13 @@ def _backward_body(
                 plgpu.load(ref.at[group, rows], layout=layout.reduce(1), optimized=False)
                 for ref in stat_refs
             )
+
+        # A clamped block's rows before `skip` are the blocks' before it: out of its sums.
+        skip = window(it)[1]
+        ours = None
+        if skip is not None:
+            row = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 0, layout=layout)
+            ours = row >= skip
 
         def values(k):
             xhat = (_load(x_s, k, layout) - bcast(shift, [0])) - bcast(offset, [0])
@@ -682,7 +749,7 @@ def _backward_body(
                 columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
                 for s, value in enumerate((dy * xhat, dy)):
                     ref = partial_refs[0].at[group, s, i, columns]
-                    total = jnp.sum(value, axis=0)
+                    total = jnp.sum(_masked(value, ours), axis=0)
                     if not first:
                         total = total + plgpu.load(ref, layout=layout.reduce(0), optimized=False)
                     plgpu.store(ref, total, optimized=False)
@@ -724,26 +791,30 @@ def _backward_body(
     plgpu.wait_smem_to_gmem(0)
 
 
-def _min_iterations(boxes: m.Boxes) -> int:
-    """The fewest blocks a program of the persistent backward visits (folded rows: see
-    `_mosaic_gpu.FOLDED_ROWS_PER_PROGRAM`)."""
-    return m.FOLDED_ROWS_PER_PROGRAM if boxes.folded else 1
+def _min_iterations(boxes: m.Boxes, blocks: int, groups: int, block_rows: int, read: int) -> int:
+    """The fewest of its `blocks` blocks of `block_rows` rows a program of the persistent
+    backward visits (folded rows: see `_mosaic_gpu.FOLDED_ROWS_PER_PROGRAM`; else
+    `_common.partial_iterations`', `read` the bytes of `x` and `dy` per row)."""
+    if boxes.folded:
+        return m.FOLDED_ROWS_PER_PROGRAM
+    return partial_iterations(blocks, groups, block_rows * read, boxes.chunks * boxes.cols)
 
 
-def _stages(boxes: m.Boxes, groups: int, rows: int, row_bytes: int) -> tuple[int, m.Boxes]:
+def _stages(
+    boxes: m.Boxes, groups: int, rows: int, row_bytes: int, read: int
+) -> tuple[int, m.Boxes]:
     """`(slots, boxes)`: two slots of staging (a block computed while the next is staged, in
     blocks of fewer rows if need be) when both fit in `SMEM_BYTES` and the persistent grid
     gives each program at least two blocks; else one slot, `boxes` as given. `row_bytes`:
-    the staged bytes of one row."""
+    the staged bytes of one row, `read` those of its `x` and `dy`."""
     tile = 1 if boxes.folded else boxes.tile_rows
     fit = m.floor_pow2(m.SMEM_BYTES // (2 * row_bytes) // tile) * tile
     block_rows = min(boxes.block_rows, fit)
     if block_rows == 0:
         return 1, boxes
     blocks = -(-max(rows, block_rows) // block_rows)
-    _, iterations = m.persistent_programs(
-        blocks, 2 * block_rows * row_bytes, groups, _min_iterations(boxes)
-    )
+    fewest = _min_iterations(boxes, blocks, groups, block_rows, read)
+    _, iterations = m.persistent_programs(blocks, 2 * block_rows * row_bytes, groups, fewest)
     if iterations < 2:
         return 1, boxes
     return 2, boxes._replace(block_rows=block_rows)
@@ -811,30 +882,38 @@ def backward_call(
     row_elements = boxes.chunks * boxes.cols * (boxes.tile_rows if boxes.folded else 1)
     row_bytes = row_elements * sum(jnp.dtype(d).itemsize for d in staged_dtypes)
     # The group norms' per-row tables are laid out for the `boxes` given: one slot there.
-    slots, boxes = (1, boxes) if per_box else _stages(boxes, groups, rows, row_bytes)
+    read = width * (jnp.dtype(x.dtype).itemsize + jnp.dtype(dy.dtype).itemsize)
+    slots, boxes = (1, boxes) if per_box else _stages(boxes, groups, rows, row_bytes, read)
     br = boxes.block_rows
     x_p, dy_p, dh_p = (_pad_rows(a, br) for a in (x, dy, dh))
     padded_rows = x_p.shape[1]
     blocks = -(-padded_rows // br)
-    programs, iterations = m.persistent_programs(
-        blocks, slots * br * row_bytes, groups, _min_iterations(boxes)
-    )
-    # The statistics (and per-row partials) of every block a program visits, past the end
-    # included, padded with zeros: in bounds, and `rstd = 0` there.
+    # The group norms' per-row partials cost nothing more per program.
+    fewest = 1 if per_box else _min_iterations(boxes, blocks, groups, br, read)
+    programs, iterations = m.persistent_programs(blocks, slots * br * row_bytes, groups, fewest)
+    # Every block a program visits, past the end included, in bounds ([`_window`][]; a
+    # folded row past the end reads TMA's zeros and the last row's statistics). The group
+    # norms' per-row tables and partials are laid out for whole blocks: there, statistics
+    # (and per-row partials) padded with zeros to the blocks visited (`rstd = 0`).
     stat_rows = programs * iterations * br
-    stats = [jnp.pad(s, ((0, 0), (0, stat_rows - rows))) for s in (shift, offset, rstd)]
+    clamp = not per_box and not boxes.folded and stat_rows != padded_rows
+    pad_to = stat_rows if per_box else padded_rows
+    stats = [shift, offset, rstd]
+    if pad_to > rows:
+        stats = [jnp.pad(s, ((0, 0), (0, pad_to - rows))) for s in stats]
     box = (slots, *boxes.tile)
     scratch = [plgpu.SMEM(box, x.dtype), plgpu.SMEM(box, dy.dtype)]
     if dh is not None:
         scratch.append(plgpu.SMEM(box, dh.dtype))
-    if weight is not None and not per_box and not boxes.folded:
+    params = [] if weight is None else [weight]
+    staged_tails = not per_box and _tail_staged(params, boxes, width)
+    if weight is not None and not per_box and not boxes.folded and not staged_tails:
         weight = _pad_columns(weight, boxes)
     scratch += [plgpu.SMEM(box, d) for d, r in zip(d_dtypes, out_reuse, strict=True) if r is None]
     n_staged = 2 + (dh is not None)
     scratch += [plgpu.Barrier(num_arrivals=boxes.arrivals, num_barriers=slots)] * n_staged
-    if boxes.folded and weight is not None:
-        scratch.append(plgpu.SMEM((1, *boxes.tile[1:]), weight.dtype))
-        scratch.append(plgpu.Barrier(num_arrivals=len(_tail_boxes(boxes))))
+    if staged_tails:
+        scratch += _tails_scratch(params, boxes)
     out_type = [jax.ShapeDtypeStruct(x_p.shape, d) for d in d_dtypes]
     if param_grads and per_box:
         columns = boxes.chunks // per_box.boxes_per_column
@@ -859,6 +938,8 @@ def backward_call(
         programs=programs,
         iterations=iterations,
         slots=slots,
+        clamp=clamp,
+        staged_tails=staged_tails,
     )
     run = _rows_kernel(body, target, out_type, scratch, programs, groups, name)
     inputs = [x_p, dy_p, *stats] + [a for a in (weight, dh_p) if a is not None]
@@ -938,7 +1019,19 @@ def _stage(refs_and_smems, bars, rows, boxes, tools, group):
         plgpu.barrier_wait(bar)
 
 
-def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight):
+def _staged_weight(w_ref, scratch: list, staged_tails: bool, group, boxes: m.Boxes, tools):
+    """`(weight, barriers)`: with `staged_tails` (the last two of `scratch`, see
+    [`_tail_staged`][]) the weight's last box staged and the weight as [`_param`][] reads it
+    then; the barriers of the staged rows, the rest of `scratch`."""
+    if not staged_tails:
+        return w_ref, scratch
+    *bars, tails, tail_bar = scratch
+    _stage_tails([w_ref], tails, tail_bar, group, boxes, tools)
+    plgpu.barrier_wait(tail_bar)
+    return (w_ref, tails, 0), bars
+
+
+def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight, staged_tails=False):
     x_ref, z_ref = refs[:2]
     w_ref = refs[2] if has_weight else None
     y_ref, x_smem, z_smem, *bars = refs[2 + has_weight :]
@@ -946,6 +1039,7 @@ def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight):
     rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
     tools = _box_tools(boxes, width, i * 0)
     bcast, layout = tools[1], boxes.layout
+    w_ref, bars = _staged_weight(w_ref, bars, staged_tails, group, boxes, tools)
     _stage(((x_ref, x_smem), (z_ref, z_smem)), bars, rows, boxes, tools, group)
 
     def values(k):
@@ -967,7 +1061,9 @@ def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _gated_backward_body(*refs, boxes, width, eps, norm_before_gate, has_weight, param_grads):
+def _gated_backward_body(
+    *refs, boxes, width, eps, norm_before_gate, has_weight, param_grads, staged_tails=False
+):
     x_ref, z_ref, dy_ref = refs[:3]
     w_ref = refs[3] if has_weight else None
     dx_ref, dz_ref, *rest = refs[3 + has_weight :]
@@ -977,6 +1073,7 @@ def _gated_backward_body(*refs, boxes, width, eps, norm_before_gate, has_weight,
     rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
     tools = _box_tools(boxes, width, i * 0)
     bcast, layout = tools[1], boxes.layout
+    w_ref, bars = _staged_weight(w_ref, bars, staged_tails, group, boxes, tools)
     staged = ((x_ref, x_smem), (z_ref, z_smem), (dy_ref, dy_smem))
     _stage(staged, bars, rows, boxes, tools, group)
 
@@ -1016,23 +1113,41 @@ def _gated_backward_body(*refs, boxes, width, eps, norm_before_gate, has_weight,
 
 
 def _one_group_call(
-    body, target, staged, params, boxes, out_dtypes, partials, name, auto_barriers=True, **settings
+    body,
+    target,
+    staged,
+    params,
+    boxes,
+    out_dtypes,
+    partials,
+    name,
+    tails=False,
+    auto_barriers=True,
+    **settings,
 ):
     """The launch of `body` over the rows of `staged` (each `(rows, dim)`, staged whole) as
     one group, with `params` per column (each `(dim,)`, read from HBM): outputs of
     `out_dtypes` in the rows' shape, and `partials` float32 partial sums per program and
-    column, `(programs, dim)`. `body` takes the staged arrays, then the parameters;
-    `auto_barriers` as [`_rows_kernel`][]'s."""
+    column, `(programs, dim)`. `body` takes the staged arrays, then the parameters; with
+    `tails` (a body that takes `staged_tails`: one parameter, the weight) their last box
+    staged where TMA can ([`_tail_staged`][]), else their columns padded; `auto_barriers` as
+    [`_rows_kernel`][]'s."""
     rows, width = staged[0].shape
     padded = [_pad_rows(a[None], boxes.block_rows) for a in staged]
     programs = -(-padded[0].shape[1] // boxes.block_rows)
     box = (boxes.chunks, boxes.block_rows, boxes.cols)
     scratch = [plgpu.SMEM(box, a.dtype) for a in staged] + [_barrier(boxes)] * len(staged)
+    params = [p[None] for p in params]
+    if tails:
+        settings["staged_tails"] = _tail_staged(params, boxes, width)
+        scratch += _tails_scratch(params, boxes) if settings["staged_tails"] else []
+    if not settings.get("staged_tails"):
+        params = [_pad_columns(p, boxes) for p in params]
     out_type = [jax.ShapeDtypeStruct(padded[0].shape, d) for d in out_dtypes]
     out_type += [jax.ShapeDtypeStruct((1, programs, boxes.chunks * boxes.cols), F32)] * partials
     kernel = functools.partial(body, boxes=boxes, width=width, **settings)
     run = _rows_kernel(kernel, target, out_type, scratch, programs, 1, name, auto_barriers)
-    outs = run(*padded, *(_pad_columns(p[None], boxes) for p in params))
+    outs = run(*padded, *params)
     rows_out = [o[0, :rows] for o in outs[: len(out_dtypes)]]
     return rows_out, [p[0, :, :width] for p in outs[len(out_dtypes) :]]
 
@@ -1050,6 +1165,7 @@ def gated_rms_norm_forward_on(target: Target, x, z, weight, *, eps, norm_before_
         0,
         "eqxnorm_gated_rms_norm_fwd",
         auto_barriers=False,
+        tails=True,
         eps=eps,
         norm_before_gate=norm_before_gate,
         has_weight=weight is not None,
@@ -1072,6 +1188,7 @@ def gated_rms_norm_backward_on(
         (x.dtype, z.dtype),
         int(param_grads),
         "eqxnorm_gated_rms_norm_bwd",
+        tails=True,
         eps=eps,
         norm_before_gate=norm_before_gate,
         has_weight=weight is not None,

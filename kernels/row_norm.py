@@ -478,11 +478,12 @@ def _row_norm_bwd_kernel(
 
 
 def _backward_launch(
-    target: Target, shape: tuple[int, int, int], persistent: bool = True
+    target: Target, shape: tuple[int, int, int], persistent: bool = True, read_bytes: int = 0
 ) -> tuple[_Launch, int | None]:
     """The backward's launch over `(groups, rows, width)` and the row blocks each program
     loops over: on Triton (and its interpreter) a persistent grid
-    (`eqxnorm.kernels._common.persistent_config`), the row specs spanning the whole group
+    (`eqxnorm.kernels._common.persistent_config`; `read_bytes` of `x` and `dy` per element:
+    fewer programs over rows too few to fill the GPU), the row specs spanning the whole group
     (every block a program visits, past the end included) and each program one partial row
     per group; on Mosaic TPU (or unless `persistent`) the row-parallel [`_launch`][] (`None`:
     one block each)."""
@@ -490,7 +491,7 @@ def _backward_launch(
     if not (target.masked and persistent):
         return launch, None
     groups, rows, _ = shape
-    plan = c.persistent_config(launch.config, rows, groups)
+    plan = c.persistent_config(launch.config, rows, groups, shape[2], read_bytes)
     covered = plan.programs * plan.iterations * plan.config.block_rows
     cols = launch.rows.block_shape[-1]
     whole = lambda p, g: (g, 0, 0)  # noqa: E731
@@ -525,7 +526,8 @@ def _backward_on(
     unless `param_grads`). With `lengths` `(groups, rows)`, the rows' valid lengths, the
     backward of [`_lengths_forward_on`][]."""
     groups, rows, width = x.shape
-    launch, iterations = _backward_launch(target, x.shape)
+    read_bytes = jnp.dtype(x.dtype).itemsize + jnp.dtype(dy.dtype).itemsize
+    launch, iterations = _backward_launch(target, x.shape, read_bytes=read_bytes)
     optional = [weight.reshape(groups, 1, width)] if weight is not None else []
     optional_specs = [launch.params] * len(optional)
     if lengths is not None:
@@ -535,7 +537,14 @@ def _backward_on(
         optional, optional_specs = [*optional, dh], [*optional_specs, launch.rows]
     out_specs = [launch.rows] * len(d_dtypes)
     out_shape = [jax.ShapeDtypeStruct(x.shape, c.stored_dtype(target, d)) for d in d_dtypes]
-    if param_grads:
+    # One program per group (adaLN's groups of a few rows): its partial rows are the
+    # gradients, two arrays that XLA reshapes for free (slicing them out of one array would
+    # be a copy each, two launches).
+    one_program = launch.grid[0] == 1
+    if param_grads and one_program:
+        out_specs += [launch.partials] * 2
+        out_shape += [jax.ShapeDtypeStruct((groups, 1, 1, width), F32)] * 2
+    elif param_grads:
         # One partial row per program of each gradient, `(dweight, dbias)`, in one array of
         # `width` columns, not the padded block's: every element is written (masked like x).
         cols = launch.params.block_shape[-1]
@@ -568,6 +577,8 @@ def _backward_on(
     dres = outs.pop(0) if len(d_dtypes) == 2 else None
     if not param_grads:
         return dx, dres, None, None
+    if one_program:
+        return dx, dres, *(o.reshape(groups, width) for o in outs)
     # Both gradients' partial rows in one array, summed over the programs in a fixed order.
     sums = c.sum_pair(outs[0], pair_axis=2, sum_axis=1, like=weight, droppable=not _center(op))
     return dx, dres, *sums

@@ -119,7 +119,10 @@ def test_training_step_compiles_cleanly_for_h200(op, h200_reports):
         program = result["program"]
         triton = [launch for launch in program["launches"] if "eqxnorm" in launch["name"]]
         assert len(triton) == len(names)
-        assert program["bytes"] >= result["ideal_bytes"] * 0.9
+        # At most a tenth under the ideal, but for add + norm's: its ideal counts `h`'s
+        # cotangent, which a loss of `y` alone leaves a symbolic zero the backward skips (7 of
+        # 8 row-sized passes: 0.89x at 37 x 760 once its partial sums are few).
+        assert program["bytes"] >= result["ideal_bytes"] * (0.85 if "add_" in op else 0.9)
 
 
 # The shapes whose training step runs only Mosaic GPU kernels on an H200 (JAX 0.12+). Not
@@ -135,17 +138,11 @@ MOSAIC_GPU_SHAPES = {
 
 
 # Issue 17's targets (`deviceless.verdicts`) that these training steps miss, each for a reason
-# the README's target table gives: at the awkward row shape (37 × 760, a 300 KiB step), the
-# parameters padded to whole TMA boxes and the statistics to whole programs (small XLA
-# launches) and the per-program partial sums (a fifth of the bytes there); BatchNorm's
-# per-channel statistics and backward coefficients between its kernels and its `dx`, and
-# adaLN's `1 + scale`, in XLA.
+# the README's target table gives: BatchNorm's per-channel statistics and backward
+# coefficients between its kernels and its `dx`, and adaLN's `1 + scale`, in XLA. (The row
+# norms at 37 × 760 meet them: nothing padded around the kernels, few backward programs.)
 BYTES, LAUNCHES = "bytes <= 1.05x ideal", "XLA launches beside the kernels <= 1"
 MOSAIC_GPU_MISSES = {
-    ("layer_norm", "37x760"): {BYTES, LAUNCHES},
-    ("rms_norm", "37x760"): {BYTES, LAUNCHES},
-    ("add_layer_norm", "37x760"): {LAUNCHES},
-    ("add_rms_norm", "37x760"): {LAUNCHES},
     ("adaptive_layer_norm", "4096x1024"): {LAUNCHES},
     # The shift, the combined statistics, the backward's per-channel sums (float32: dβ's
     # apart) and `dx` (XLA's elementwise pass), 4 launches in bfloat16, 5 in float32.

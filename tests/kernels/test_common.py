@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqxnorm.kernels import _common as c
+from eqxnorm.kernels import _common as c, _mosaic_gpu
 
 WIDTHS = (1, 3, 160, 760, 1024, 4096, 16384, 16385, 70000, 262144)
 ROWS = (1, 37, 199, 4096)
@@ -147,3 +147,21 @@ def test_sum_parts_rejects_parts_it_cannot_concatenate():
         c.sum_parts(parts, axes=(1,))
     with pytest.raises(ValueError, match="pass 2-D parts"):
         c.sum_parts([jnp.zeros((4, 3)), jnp.zeros((5, 1))], axes=(0,))
+
+def test_few_rows_backward_programs_keep_partials_small(monkeypatch):
+    # 37 rows of 760 float32 in blocks of 4 (10 blocks, fewer than the 132 SMs): each program
+    # reads at least 32 times its partial sums' 2 x 760 float32, so 8 blocks, 2 programs of 5
+    # (Triton's grid was 10 programs: 1.21x a training step's ideal bytes). Blocks that fill
+    # the GPU keep one program per SM's share.
+    monkeypatch.setattr(_mosaic_gpu, "_sm_count", lambda: 132)
+    assert c.partial_iterations(10, 1, 4 * 760 * 8, 760) == 8
+    assert c.partial_iterations(10, 1, 4 * 760 * 4, 760) == 16
+    assert c.partial_iterations(132, 1, 4 * 760 * 8, 760) == 1
+    assert c.partial_iterations(10, 14, 4 * 760 * 8, 760) == 1
+    # 64 rows of 70000 float32 in blocks of 8: few blocks, but 36 MB to spread over the SMs.
+    assert c.partial_iterations(8, 1, 8 * 70000 * 8, 70000) == 1
+    config = c.block_config(c.INTERPRET, 37, 760)
+    plan = c.persistent_config(config, 37, 1, 760, 8)
+    blocks = -(-37 // config.block_rows)
+    assert (plan.programs, plan.iterations) == (2, -(-blocks // 2))
+    assert c.persistent_config(config, 37) == c.persistent_config(config, 37, 1, 0, 0)

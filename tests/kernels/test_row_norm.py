@@ -188,9 +188,11 @@ def test_lowers_with_gradient(op, platform, width, dtype):
 
 def test_vmap_tiles_rows_in_the_gpu_launch():
     # 64 one-row examples of width 128: the folded launch holds 32 rows per program, so the
-    # grid is 2 programs, not 64 (Pallas' own batching would add a grid axis of 64). The
-    # Triton launch (`backend="triton"`); the Mosaic GPU one folds the same way. (A wider row
-    # has a forward program of its own, `block_config`'s `one_row`: 64 programs either way.)
+    # forward's grid is 2 programs, not 64 (Pallas' own batching would add a grid axis of 64),
+    # and the backward's one program looping over the 2 blocks (too few to fill the GPU: its
+    # partial sums kept few, `_common.partial_iterations`). The Triton launch
+    # (`backend="triton"`); the Mosaic GPU one folds the same way. (A wider row has a forward
+    # program of its own, `block_config`'s `one_row`: 64 programs.)
     weight, bias = (jax.ShapeDtypeStruct((128,), jnp.bfloat16),) * 2
     x = jax.ShapeDtypeStruct((64, 128), jnp.bfloat16)
 
@@ -204,7 +206,7 @@ def test_vmap_tiles_rows_in_the_gpu_launch():
     text = ks.lowered(forward_and_backward, [x, weight, bias], "cuda")
     block_rows = _common.block_config(_common.TRITON, 64, 128, one_row=True).block_rows
     assert block_rows == 32
-    assert ks.triton_grids(text) == [(64 // block_rows, 1, 1)] * 2
+    assert ks.triton_grids(text) == [(64 // block_rows, 1, 1), (1, 1, 1)]
 
 
 def test_bad_input_is_rejected_like_the_reference():
@@ -523,7 +525,9 @@ def test_adaptive_norm_vmapped_over_tokens_with_shared_modulation():
 
 def test_adaptive_norm_launch_folds_examples_into_groups():
     # 8 examples of 37 tokens, width 160: one launch of (row blocks, 8 groups), not a Pallas
-    # batch axis, forward (a row per program: `one_row`) and backward (37 / 16 row blocks).
+    # batch axis, forward (a row per program: `one_row`) and backward (whose one program per
+    # group loops over its 3 blocks of 16 rows: 24 blocks do not fill the GPU,
+    # `_common.partial_iterations`, and its partial rows are the group's gradients).
     x = jax.ShapeDtypeStruct((8, 37, 160), jnp.bfloat16)
     mod = jax.ShapeDtypeStruct((8, 160), jnp.bfloat16)
     weight = jax.ShapeDtypeStruct((160,), jnp.float32)
@@ -537,7 +541,7 @@ def test_adaptive_norm_launch_folds_examples_into_groups():
     text = ks.lowered(jax.grad(loss, argnums=(0, 1, 2, 3)), [x, mod, mod, weight], "cuda")
     fwd, bwd = (_common.block_config(_common.TRITON, 37, 160, one_row=r) for r in (True, False))
     assert (fwd.block_rows, bwd.block_rows) == (1, 16)
-    assert ks.triton_grids(text) == [(37, 8, 1), (3, 8, 1)]
+    assert ks.triton_grids(text) == [(37, 8, 1), (1, 8, 1)]
 
 
 # --- both fused families: lowering, determinism, errors ------------------------------------------

@@ -271,7 +271,7 @@ def test_folded_backward_loops_over_rows_in_two_slots(monkeypatch):
     cotangent = ks.data(x.shape, jnp.float32, seed=9, loc=0.0, scale=1.0)
     if USABLE:
         boxes = _row_norm_mosaic_gpu.backward_boxes(x[None], weight, x[None], None, (x.dtype,))
-        assert boxes.folded and _row_norm_mosaic_gpu._stages(boxes, 1, 5, 6144)[0] == 2
+        assert boxes.folded and _row_norm_mosaic_gpu._stages(boxes, 1, 5, 6144, 6144)[0] == 2
         assert _mosaic_gpu.persistent_programs(5, 2 * 6144, 1, 2) == (3, 2)
         assert _mosaic_gpu.persistent_programs(5, 2 * 6144, 1, 8) == (1, 5)
 
@@ -304,6 +304,31 @@ def test_folded_forward_with_a_backward_on_triton(monkeypatch):
     monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", 5 * 1024)
     mosaic, triton = _cuda_calls("pallas", 1304)
     assert (mosaic, triton) == ((1, 1) if USABLE else (0, 2))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_training_step_over_awkward_rows_pads_nothing(dtype):
+    # 37 rows of 760 (blocks of 4 rows, boxes of 128 or 256 columns): the last partial block
+    # overlaps the one before, the parameters' last box is staged by TMA and the statistics
+    # keep their shape, so no pad surrounds the kernels (on an H200 those were 4 or 5 XLA
+    # launches beside them, issue 17); the backward's programs are few (2 or 1: their
+    # partial sums would otherwise outweigh the rows).
+    x = ks.data((37, 760), dtype)
+    weight, bias = ks.params(760, dtype)
+
+    def step(x, weight, bias):
+        loss = lambda *a: pallas.layer_norm(*a, eps=EPS).astype(jnp.float32).sum()  # noqa: E731
+        return jax.grad(loss, (0, 1, 2))(x, weight, bias)
+
+    text = ks.lowered(step, (x, weight, bias), "cuda")
+    assert "stablehlo.pad" not in text
+    x3, dy3 = x[None], x[None]
+    boxes = _row_norm_mosaic_gpu.backward_boxes(x3, weight[None], dy3, None, (x.dtype,))
+    read = 760 * 2 * jnp.dtype(dtype).itemsize
+    blocks = -(-37 // boxes.block_rows)
+    fewest = _row_norm_mosaic_gpu._min_iterations(boxes, blocks, 1, boxes.block_rows, read)
+    programs, _ = _mosaic_gpu.persistent_programs(blocks, 1024, 1, fewest)
+    assert (boxes.block_rows, programs) == (4, 2 if dtype == jnp.float32 else 1)
 
 
 def _cuda_calls(impl, width):
