@@ -282,14 +282,16 @@ def block_config(
        over the 64 that ptxas gives a 256-thread program, and spills).
     6. `one_row` (the row norms' forwards), on Triton: a row wider than `WARP_COLS` has a
        program of its own, `block_rows = 1`, whole as in 2, or chunked in chunks of
-       `TARGET_BLOCK_ELEMENTS` columns at half the `thread_elements` (its statistics loop
-       and its output loop keep more values live: at 16 per thread the fused add's float32
-       forward over 70000 columns takes 77 registers, 25 % occupancy; at 8, 40 and 75 %,
-       deviceless H200). Its warps then split only the row, and each statistic it stores is
-       one value: rows sharing a program have their statistics stored from a reduction's
-       layout, which Triton converts through shared memory (two barriers per statistic,
-       `bar.sync`), and a row split across warps as well as across rows costs two barriers
-       per reduction besides.
+       `TARGET_BLOCK_ELEMENTS` columns, at half the `thread_elements` either way (a chunked
+       row's statistics loop and its output loop keep more values live: at 16 per thread
+       the fused add's float32 forward over 70000 columns takes 77 registers, 25 %
+       occupancy; at 8, 40 and 75 %; a whole row's adaLN bf16 forward over 1024 columns at 16
+       spills in JAX 0.12's Triton compile; at 8 every row norm's 1024-wide forward takes
+       32 registers, 100 %, with the same barriers, deviceless H200). Its warps then split
+       only the row, and each statistic it stores is one value: rows sharing a program have
+       their statistics stored from a reduction's layout, which Triton converts through
+       shared memory (two barriers per statistic, `bar.sync`), and a row split across warps
+       as well as across rows costs two barriers per reduction besides.
     7. A configuration measured faster on this device (`python -m eqxnorm.tune`) replaces the
        choice: `block_rows`, `num_warps` halved or doubled (`eqxnorm.kernels._tuning.tuned`).
     """
@@ -297,8 +299,7 @@ def block_config(
     if one_row and target.masked and cols > WARP_COLS:
         block_cols = cols if cols <= MAX_BLOCK_ELEMENTS else TARGET_BLOCK_ELEMENTS
         block_rows, chunks = 1, math.ceil(width / block_cols)
-        if chunks > 1:
-            thread_elements = max(thread_elements // 2, 1)
+        thread_elements = max(thread_elements // 2, 1)
     elif cols <= MAX_BLOCK_ELEMENTS:
         block_rows = min(TARGET_BLOCK_ELEMENTS // cols, MAX_BLOCK_ROWS, padded(TRITON, rows))
         block_cols, chunks = cols, 1

@@ -143,7 +143,16 @@ MOSAIC_GPU_SHAPES = {
 # norms at 37 × 760 meet them: nothing padded around the kernels, few backward programs.)
 BYTES, LAUNCHES = "bytes <= 1.05x ideal", "XLA launches beside the kernels <= 1"
 MOSAIC_GPU_MISSES = {
-    ("adaptive_layer_norm", "4096x1024"): {LAUNCHES},
+    # The backward's per-program partial sums, read back by XLA's reduction (counted since the
+    # byte count reads a multi-output call's elements, `_gpu_static.hlo_launch_bytes`): 128
+    # programs (one per SM) × 2 × 1024 float32 written and read, 2 MiB of a 40 MiB bf16 step
+    # (1.053x); RMSNorm's bias sums are never read (1.03x). Keyed `(op, shape)`, or `(op,
+    # shape, dtype)` where the dtypes differ.
+    ("layer_norm", "4096x1024"): {BYTES},
+    # The same partials per example's group (bf16 1.065x), and `1 + scale` in XLA (and the
+    # casts in bf16).
+    ("adaptive_layer_norm", "4096x1024", "bfloat16"): {BYTES, LAUNCHES},
+    ("adaptive_layer_norm", "4096x1024", "float32"): {LAUNCHES},
     # The shift, the combined statistics, the backward's per-channel sums (float32: dβ's
     # apart) and `dx` (XLA's elementwise pass), 4 launches in bfloat16, 5 in float32.
     ("batch_norm", "16x128x32x32"): {LAUNCHES},
@@ -151,8 +160,10 @@ MOSAIC_GPU_MISSES = {
     # α's row and the float32 parameters, formed and reduced by XLA (7 launches).
     ("dyt", "4096x1024"): {BYTES, LAUNCHES},
     # The FP8 output's parameter-sized XLA work beside the kernels: the scale broadcast, γ·s,
-    # the amax over the rows' maxima, a gradient cast (issue 18).
-    ("rms_norm_fp8", "4096x1024"): {LAUNCHES},
+    # the amax over the rows' maxima, a gradient cast (issue 18); the partials as LayerNorm's
+    # in bf16 (1.052x: the FP8 output's step is smaller).
+    ("rms_norm_fp8", "4096x1024", "bfloat16"): {BYTES, LAUNCHES},
+    ("rms_norm_fp8", "4096x1024", "float32"): {LAUNCHES},
 }
 
 
@@ -192,7 +203,10 @@ def test_mosaic_gpu_training_step_compiles_cleanly_for_h200(op):
             [fwd] = [k for k in kernels if k["name"].endswith("_fwd_mosaic_gpu_kernel")]
             assert fwd["bar_syncs"] <= deviceless.FORWARD_BARRIERS
         missed = {v.target for v in deviceless.verdicts(result) if not v.met}
-        expected = MOSAIC_GPU_MISSES.get((op, result["case"]["shape"]), set())
+        case = result["case"]
+        expected = MOSAIC_GPU_MISSES.get(
+            (op, case["shape"], case["dtype"]), MOSAIC_GPU_MISSES.get((op, case["shape"]), set())
+        )
         assert missed == expected, deviceless.missed(result)
 
 

@@ -148,6 +148,7 @@ def test_sum_parts_rejects_parts_it_cannot_concatenate():
     with pytest.raises(ValueError, match="pass 2-D parts"):
         c.sum_parts([jnp.zeros((4, 3)), jnp.zeros((5, 1))], axes=(0,))
 
+
 def test_few_rows_backward_programs_keep_partials_small(monkeypatch):
     # 37 rows of 760 float32 in blocks of 4 (10 blocks, fewer than the 132 SMs): each program
     # reads at least 32 times its partial sums' 2 x 760 float32, so 8 blocks, 2 programs of 5

@@ -97,14 +97,19 @@ def test_the_cache_configures_the_launch(tmp_path, monkeypatch):
     assert default == [(2, 1)]  # 32 rows per block
     _write(tmp_path, monkeypatch, {KEY: _entry(16)})
     assert _grids(_layer_norm, X) == [(3, 1)]
-    # Forward and backward both take it, and the result is the reference's.
+    # Forward and backward both take it, and the result is the reference's. The backward's
+    # 3 blocks of 16 rows do not fill the GPU: 2 programs loop over them, so that each reads
+    # more than its partial sums (`_common.partial_iterations`).
     weight = jnp.linspace(0.5, 1.5, 128)
 
     def loss(impl, x, w):
         return jnp.sum(jnp.sin(impl.layer_norm(x, w, None, eps=1e-5)))
 
     grads = jax.grad(lambda x, w: loss(pallas, x, w), argnums=(0, 1))
-    assert _grids(grads, X, weight) == [(3, 1), (3, 1)]
+    config = c.block_config(c.INTERPRET, 37, 128)._replace(block_rows=16)
+    plan = c.persistent_config(config, 37, 1, 128, 2 * X.dtype.itemsize)
+    assert (plan.programs, plan.iterations) == (2, 2)
+    assert _grids(grads, X, weight) == [(3, 1), (2, 1)]
     jax.clear_caches()
     expected = jax.grad(lambda x, w: loss(reference, x, w), argnums=(0, 1))(X, weight)
     for got, want in zip(grads(X, weight), expected, strict=True):
