@@ -163,7 +163,11 @@ def _row_norm_fwd_kernel(
             c.store(view(h_ref), h, mask, target)
         return amax
 
-    first = c.row_start(target, lambda view: read(view, row_mask)) if center else None
+    # The row's first element read on its own (two reductions, not three), but for a whole
+    # row wider than `TARGET_BLOCK_ELEMENTS`: there XLA's compile of adaLN's bf16 forward over
+    # 8192 columns spills with it (deviceless H200, JAX 0.10.2; 5 barriers without it).
+    whole_wide = config.block_cols > c.TARGET_BLOCK_ELEMENTS
+    first = c.row_start(target, lambda v: read(v, row_mask)) if center and not whole_wide else None
     if config.chunks == 1:
         values = chunk_input(0)
         stats = c.block_moments(values[0], values[2], width, center=center, first=first)
