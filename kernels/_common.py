@@ -478,13 +478,18 @@ def load(ref: Any, mask: jax.Array, target: Target) -> jax.Array:
 
 def row_start(target: Target, read: Callable[[Callable[[Any], Any]], jax.Array]) -> Any:
     """Each row's first element, [`block_moments`][]' `first`: on Triton (and its interpreter)
-    `read(view)` with `view` a block ref's first column, a load of a few bytes of the cache
-    lines the block's own load brings in, where finding it by a reduction across the row
-    costs two barriers once the row spans warps; `None` on Mosaic, whose reductions cost
+    `read(view)` with `view` a block ref's first column (of a 3-D block, its element at
+    index 0 of both row axes), a load of a few bytes of the cache lines the block's own load
+    brings in, where finding it by a reduction across the row costs two barriers once the row
+    spans warps (a 3-D block's row: two reductions); `None` on Mosaic, whose reductions cost
     none (`block_moments` then reduces for it)."""
     if not target.masked:
         return None
-    return read(lambda ref: None if ref is None else ref.at[:, pl.ds(0, 1)])
+
+    def view(ref):
+        return None if ref is None else ref.at[(slice(None),) + (pl.ds(0, 1),) * (ref.ndim - 1)]
+
+    return read(view)
 
 
 def store(ref: Any, value: jax.Array, mask: jax.Array, target: Target) -> None:

@@ -259,7 +259,9 @@ def _group_norm_fwd_kernel(x_ref, *refs, target, layout, eps, has_weight, has_bi
     if layout.config.chunks == 1:
         masks = _masks(layout, first_row)
         x = c.load(x_ref, masks.values, target)
-        stats = c.block_moments(x, masks.values, layout.size, center=True)
+        # The slice's first element read on its own: a reduction over both axes saved.
+        first = c.row_start(target, lambda view: c.load(view(x_ref), masks.rows, target))
+        stats = c.block_moments(x, masks.values, layout.size, center=True, first=first)
         rstd = reference.inverse_std(stats.var, eps)
         write((0, 0), stats, rstd, x)
     else:
