@@ -646,17 +646,14 @@ def sum_pair(
     parameters' dtype afterwards come from one reduction of the whole, each cast reading its
     half; with `droppable` (RMSNorm, whose bias is usually absent), from one reduction each,
     so that XLA drops the bias's when nothing uses it (with a bias: two launches).
-    `like=None`: the parameters' dtype is unknown, taken as not float32."""
-    if like is not None and jnp.dtype(like.dtype) == F32:
-        halves = [jnp.take(partials, i, axis=pair_axis) for i in range(2)]
-        return sum_parts(halves, axes=(sum_axis - (sum_axis > pair_axis),), like=like)
-    if droppable:
-        return [
-            jnp.take(partials, i, axis=pair_axis).sum(axis=sum_axis - (sum_axis > pair_axis))
-            for i in range(2)
-        ]
-    sums = partials.sum(axis=sum_axis)
-    return [jnp.take(sums, i, axis=pair_axis - (pair_axis > sum_axis)) for i in range(2)]
+    `like=None`: the parameters' dtype is unknown, taken as not float32. (The two halves
+    are [`sum_parts`][]' parts.)"""
+    halves = [jnp.take(partials, i, axis=pair_axis) for i in range(2)]
+    axis = sum_axis - (sum_axis > pair_axis)
+    float32 = like is not None and jnp.dtype(like.dtype) == F32
+    if droppable and not float32:
+        return [half.sum(axis=axis) for half in halves]
+    return sum_parts(halves, axes=(axis,), like=like)
 
 
 def sum_parts(parts: Sequence[jax.Array], *, axes: tuple[int, ...], like: Any = None) -> list:

@@ -710,9 +710,9 @@ def _layout_of_groups_channels_last(groups: int) -> _autodiff.Layout:
 
 def _sum_over_examples(grads: list, like) -> list:
     """The per-example `(batch, channels)` gradients of both parameters summed over the
-    examples in float32, in one XLA launch (`c.sum_pair`; `like`: a parameter, for its
+    examples in float32, in one XLA launch (`c.sum_parts`; `like`: a parameter, for its
     dtype)."""
-    return c.sum_pair(jnp.stack(grads), pair_axis=0, sum_axis=1, like=like)
+    return c.sum_parts(grads, axes=(0,), like=like)
 
 
 # --- entry point -------------------------------------------------------------------------------
