@@ -36,6 +36,16 @@ round the 4 warps (box `4j + w` to warp `w`'s `j`-th tile), so that a tile holds
 the same row and a row's sums are combined across the warps ([`across_warps`][]). Wider rows
 run the Triton kernels, which read them twice.
 
+**Clusters.** A persistent backward's programs each sum their blocks' float32 partial
+parameter gradients per column, which XLA then reduces over the programs: written and read
+back, `programs × width` of them cost as much HBM traffic as a few rows of the input
+(one program per SM at 1024 × 8192 bfloat16: 16 MiB beside the step's 80). Where they fit
+beside the staging ([`boxes`][]' `partials`), a program keeps them in shared memory, and its
+grid is launched in clusters of up to 8 programs ([`clustered_programs`][]), which sum each
+other's partials through distributed shared memory at the end ([`combine_partials`][], in a
+fixed order): one row per cluster reaches HBM. Mosaic GPU's interpreter, which runs the tests,
+does not read a peer's shared memory; [`_interpret_cluster_refs`][] teaches it.
+
 **Availability.** [`usable`][]: the installed JAX has the Mosaic GPU API these kernels are
 written for (0.12; 0.11.2 lacks `plgpu.store`, which the per-row stores need).
 [`target_supported`][]: the GPU compiled for has compute capability 9.0 or more (TMA).
@@ -46,6 +56,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from . import _tuning
 
@@ -137,6 +148,9 @@ class Boxes(NamedTuple):
     # `tile_rows × cols` (4 boxes each), `row_boxes` its TMA boxes.
     folded: bool = False
     row_boxes: int = 0
+    # Shared memory kept beside the staging for the program's float32 partial sums
+    # ([`boxes`][]' `partials`): 0 where they accumulate in HBM.
+    partial_bytes: int = 0
 
     @property
     def arrivals(self) -> int:
@@ -157,6 +171,8 @@ def boxes(
     segment: int | None = None,
     groups: int = 1,
     fold: bool = False,
+    partials: int = 0,
+    box_partials: int = 0,
 ) -> Boxes:
     r"""The staging of `rows` rows of `width` elements by a kernel that loads arrays of
     `dtypes` into registers and keeps `staged_bytes_per_element` bytes on chip per element
@@ -179,6 +195,14 @@ def boxes(
       blocks of 16 rows would run on 32 of an H200's 132 SMs).
     - a `block_rows` measured faster on this device (`python -m eqxnorm.tune`) replaces it,
       halved or doubled within what fits (`eqxnorm.kernels._tuning.tuned`).
+    - with `partials` (float32 values per column a program accumulates over its rows: the
+      row norms' backward's two partial parameter gradients), shared memory for them is
+      kept beside the staging (`partial_bytes`, see [`combine_partials`][]), taken from
+      `SMEM_BYTES`, where the rows still fit with it: in fewer rows, or folded (add +
+      norm's backward at 8192 bfloat16 stages `x`, `dy` and `dh`, 4 rows in 192 KiB; with
+      its 64 KiB of partials, folded rows), since partials written to HBM cost more than
+      the smaller blocks; else none, and the partials accumulate in HBM. `box_partials`:
+      float32 values per column of one box, summed over a row's boxes too (DyT's α).
     - with `fold` (a kernel that takes folded rows), when not even a tile's rows fit but one
       row does (its `ceil(chunks / 4)` tiles of `4 × cols`): that row **folded**, one per
       program (see the module docstring). The budget is an sm_90 block's 227 KiB of shared
@@ -197,6 +221,31 @@ def boxes(
       1.10× the ideal bytes per training step, each row read once; one row a program would
       be 1.40×). Folded boxes are not tuned.
     """
+    staging = functools.partial(
+        _staging, dtypes, rows, width, staged_bytes_per_element, segment, groups, fold
+    )
+    kept = staging(SMEM_BYTES)
+    if not (partials or box_partials) or not kept.block_rows:
+        return kept
+    # The partials' bytes depend on the staging's columns (whole boxes, a folded row's whole
+    # tiles), which they may change (a tile of rows folded to make room): twice at most.
+    reserve = 0
+    for _ in range(3):
+        on_chip = staging(SMEM_BYTES - reserve)
+        if not on_chip.block_rows:
+            return kept
+        columns = on_chip.chunks * on_chip.cols * (on_chip.tile_rows if on_chip.folded else 1)
+        need = 4 * (partials * columns + box_partials * on_chip.cols)
+        if need <= reserve:
+            return on_chip._replace(partial_bytes=need)
+        reserve = need
+    return kept
+
+
+def _staging(
+    dtypes, rows, width, staged_bytes_per_element, segment, groups, fold, budget: int
+) -> Boxes:
+    """[`boxes`][] within `budget` bytes of shared memory."""
     vector = 16 // max(jnp.dtype(d).itemsize for d in dtypes)
     lanes = 32
     while lanes > 1 and (
@@ -207,7 +256,7 @@ def boxes(
     n_chunks = -(-width // cols)
     tile_rows = WARPS * (32 // lanes)
     per_row = n_chunks * cols * staged_bytes_per_element
-    fit = floor_pow2(SMEM_BYTES // per_row // tile_rows) * tile_rows
+    fit = floor_pow2(max(budget, 0) // per_row // tile_rows) * tile_rows
     per_sm = -(-rows * groups // (FILL * _sm_count()))
     want = max(tile_rows, min(MAX_BLOCK_ROWS, -(-per_sm // tile_rows) * tile_rows))
     lane_rows = 32 // lanes
@@ -222,19 +271,19 @@ def boxes(
     in_segments = segment is None or segment % cols == 0
     chosen = Boxes(min(fit, want) if in_segments else 0, cols, n_chunks, tile_rows, layout)
     if fold and fit == 0 and lane_rows == 1 and in_segments:
-        return _folded(width, staged_bytes_per_element) or chosen
+        return _folded(width, staged_bytes_per_element, budget) or chosen
     return _tuning.tuned(chosen, "mosaic_gpu", rows, width, most_rows=fit)
 
 
-def _folded(width: int, staged_bytes_per_element: int) -> Boxes | None:
+def _folded(width: int, staged_bytes_per_element: int, budget: int) -> Boxes | None:
     """The folded staging of a row of `width` elements ([`boxes`][]), or `None` if it does
-    not fit: boxes of 32 lanes of 4 elements (a float32 layout: Mosaic GPU reduces across
-    warps, [`across_warps`][], vectors of up to 4 float32)."""
+    not fit in `budget` bytes: boxes of 32 lanes of 4 elements (a float32 layout: Mosaic
+    GPU reduces across warps, [`across_warps`][], vectors of up to 4 float32)."""
     vector = 4
     cols = 32 * vector
     n_chunks = -(-width // cols)
     tiles = -(-n_chunks // WARPS)
-    if tiles * WARPS * cols * staged_bytes_per_element > SMEM_BYTES:
+    if tiles * WARPS * cols * staged_bytes_per_element > budget:
         return None
     layout = plgpu.Layout.TILED(
         plgpu.Tiling(((WARPS, cols), (vector,))), warp_dims=(-3,), lane_dims=(-2,), vector_dim=-1
@@ -279,13 +328,50 @@ def persistent_programs(
     parameter-gradient partials are `programs × width` float32 instead of `blocks ×
     width`). `min_iterations`: the fewest blocks a program visits (fewer programs, at most
     `blocks`), `FOLDED_ROWS_PER_PROGRAM` for folded rows."""
-    program_smem_bytes = max(program_smem_bytes, 1)
-    needed = -(-2 * IN_FLIGHT_BYTES // program_smem_bytes)
-    resident = max(1, min(MAX_RESIDENT, SMEM_PER_SM // program_smem_bytes, needed))
-    most = max(1, _sm_count() * resident // groups)
+    most = max(1, _sm_count() * _resident(program_smem_bytes) // groups)
     iterations = min(max(-(-blocks // most), min_iterations), blocks)
     programs = -(-blocks // iterations)
     return programs, -(-blocks // programs)
+
+
+def _resident(program_smem_bytes: int) -> int:
+    """Programs per SM of a persistent grid ([`persistent_programs`][])."""
+    program_smem_bytes = max(program_smem_bytes, 1)
+    needed = -(-2 * IN_FLIGHT_BYTES // program_smem_bytes)
+    return max(1, min(MAX_RESIDENT, SMEM_PER_SM // program_smem_bytes, needed))
+
+
+# The most programs of a cluster ([`clustered_programs`][]): 8, the largest cluster every sm_90
+# GPU launches ("portable").
+CLUSTER = 8
+# SMs per GPC that clusters of up to 8 fill: an H100/H200's 132 SMs are GPCs of 16 or 18,
+# each holding two clusters of 8 programs (one per SM), 128 SMs in all.
+GPC_SMS = 16
+
+
+def clustered_programs(
+    blocks: int, program_smem_bytes: int, groups: int = 1, min_iterations: int = 1
+) -> tuple[int, int, int]:
+    r"""`(programs, iterations, cluster)`: [`persistent_programs`][]' grid with its programs
+    in clusters of `cluster` (a power of two up to `CLUSTER`, as many as there are
+    programs), whose partial sums are combined on chip ([`combine_partials`][]): `cluster`
+    times fewer partial sums written to HBM and read back. `programs` is a multiple of
+    `cluster` (rounded up: a program past the last block revisits it, see
+    `_row_norm_mosaic_gpu._window`), and no more than run at once: clusters are launched
+    whole into one GPC, so of each GPC's SMs only whole clusters' count (`GPC_SMS` per GPC,
+    128 of an H200's 132 SMs for clusters of 8; a cluster past those would run after the
+    others, doubling the kernel's time). A cluster of 1 is none."""
+    programs, iterations = persistent_programs(blocks, program_smem_bytes, groups, min_iterations)
+    size = min(CLUSTER, floor_pow2(programs))
+    if size < 2:
+        return programs, iterations, 1
+    at_once = _sm_count() // GPC_SMS * GPC_SMS * _resident(program_smem_bytes) // groups
+    rounded = -(-programs // size) * size
+    programs = rounded if rounded <= at_once else max(size, at_once // size * size)
+    iterations = max(iterations, -(-blocks // programs))
+    per_iteration = -(-blocks // iterations)
+    programs = -(-per_iteration // size) * size
+    return programs, iterations, size
 
 
 # Shared memory for reductions across the warps (a box's column sums: 4 warps × 256 float32).
@@ -301,7 +387,7 @@ def compiler_params(auto_barriers: bool = True) -> Any:
     )
 
 
-def kernel(body, *, interpret: bool, auto_barriers: bool = True, **kwargs) -> Any:
+def kernel(body, *, interpret: bool, auto_barriers: bool = True, cluster: int = 1, **kwargs) -> Any:
     """`plgpu.kernel(body, **kwargs)` with eqxnorm's compiler parameters, run by Mosaic GPU's
     interpreter when `interpret` (on CPU: the tests).
 
@@ -315,13 +401,142 @@ def kernel(body, *, interpret: bool, auto_barriers: bool = True, **kwargs) -> An
     `x`); the only other reader is a TMA store, after `plgpu.commit_smem` (a fence and a
     barrier). What stays: the barrier after the barriers' initialisation, `commit_smem`'s,
     the final `wait_smem_to_gmem`'s, and those of reductions across warps (Mosaic GPU's own,
-    through its reduction scratch). The interpreter runs such a body as before."""
+    through its reduction scratch). The interpreter runs such a body as before.
+
+    With `cluster` > 1 the first grid axis is launched in clusters of that many programs
+    (axis `"cluster"` within one, [`program_index`][]), which may read each other's shared
+    memory ([`combine_partials`][]). The interpreter ignores the fences of [`cluster_sync`][]
+    (it orders memory by its barriers alone) and reads a peer's shared memory as
+    [`_interpret_cluster_refs`][] teaches it."""
+    if cluster > 1:
+        kwargs.update(cluster=(cluster,), cluster_names=("cluster",))
+        if interpret:
+            _interpret_cluster_refs()
     return plgpu.kernel(
         body,
         compiler_params=compiler_params(auto_barriers),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=plgpu.InterpretGPUParams(inline_mgpu="ignore") if interpret else None,
         **kwargs,
     )
+
+
+def program_index(cluster: int) -> Any:
+    """The program's index along the first grid axis (`"rows"`) of a [`kernel`][] launched in
+    clusters of `cluster`: `cluster` consecutive programs per cluster."""
+    if cluster == 1:
+        return jax.lax.axis_index("rows")
+    return jax.lax.axis_index("rows") * cluster + jax.lax.axis_index("cluster")
+
+
+def _fence_cluster() -> None:
+    """`fence.acq_rel.cluster`: this thread's memory accesses before it ordered, for every
+    thread of the cluster, before its accesses after it (PTX, inlined)."""
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import llvm
+
+    @plgpu.inline_mgpu()
+    def fence(_):
+        void = ir.Type.parse("!llvm.void")
+        llvm.inline_asm(void, [], "fence.acq_rel.cluster;", "", has_side_effects=True)
+
+    fence()
+
+
+def cluster_sync(barrier) -> None:
+    """Wait until every program of the cluster has reached this point, with every shared
+    memory write of theirs before it visible to the reads after it: the program's threads
+    synchronised (`plgpu.commit_smem`'s warpgroup barrier: a cluster barrier's arrival for
+    the program is made by a few of its threads, which must come after all of its writes),
+    then `barrier` (a `plgpu.ClusterBarrier` over `"cluster"`, one arrival per program, used
+    once) arrived at and waited for, between two cluster-scope fences (a barrier's arrival
+    releases and its wait acquires only within the program's own block)."""
+    plgpu.commit_smem()
+    _fence_cluster()
+    plgpu.barrier_arrive(barrier)
+    plgpu.barrier_wait(barrier)
+    _fence_cluster()
+
+
+def cluster_barriers(cluster: int) -> list:
+    """The scratch of [`combine_partials`][]: its two cluster barriers (none without a
+    cluster)."""
+    if cluster == 1:
+        return []
+    return [plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=2)]
+
+
+def combine_partials(accs, store, layout, cluster: int, barriers) -> None:
+    r"""Hand the sums of a cluster's partial sums to `store(a, s, k, total)`: each of `accs`
+    `(parts, n, ...)`, a program's float32 partial sums in shared memory, loaded in
+    `layout`; each program of the cluster sums `accs[a][s, k]` over the cluster's programs,
+    in their order (deterministic), for its share of `k` (`k ≡` its index in the cluster, mod
+    `cluster`), reading the others' from their shared memory (distributed shared memory,
+    `plgpu.cluster_ref`). Every program has written its `accs` when any reads them, and has
+    read all it needs before any exits (`barriers`, [`cluster_barriers`][]). With `cluster`
+    1, the program's own sums. A cluster of $c$ programs writes one row of partials to HBM
+    for the $c$ rows its programs would: the row norms' backward at 1024 × 8192 bfloat16, 128
+    programs writing and XLA re-reading `2 × 8192` float32 each, moved 16 MiB beside its 80
+    MiB step (1.20×), in clusters of 8 2 MiB (1.03×)."""
+    if cluster > 1:
+        cluster_sync(barriers[0].at[0])
+    me = jax.lax.axis_index("cluster") if cluster > 1 else 0
+    for a, acc in enumerate(accs):
+        _combine_one(acc, functools.partial(store, a), layout, cluster, me)
+    if cluster > 1:
+        cluster_sync(barriers[0].at[1])
+
+
+def _combine_one(acc, store, layout, cluster: int, me) -> None:
+    """[`combine_partials`][] of one array of partial sums, `store(s, k, total)`."""
+    parts, n = acc.shape[:2]
+
+    def peer(p):
+        return acc if cluster == 1 else plgpu.cluster_ref(acc, {"cluster": p})
+
+    @pl.loop(0, -(-n // cluster))
+    def _(j):
+        k = j * cluster + me
+
+        def combine():
+            for s in range(parts):
+                total = plgpu.load(peer(0).at[s, k], layout=layout, optimized=False)
+                for p in range(1, cluster):
+                    total = total + plgpu.load(peer(p).at[s, k], layout=layout, optimized=False)
+                store(s, k, total)
+
+        if n % cluster:
+            pl.when(k < n)(combine)
+        else:
+            combine()
+
+
+@functools.cache
+def _interpret_cluster_refs() -> None:
+    """Teach Mosaic GPU's interpreter (JAX 0.12) to read a peer's shared memory in a cluster
+    (`plgpu.cluster_ref`, which it refuses): an interpreted program's buffers are keyed by
+    its block's index in the cluster (the same buffers in the same order in each), so the
+    read goes to the peer's key. For one-dimensional clusters, eqxnorm's."""
+    import dataclasses
+
+    import numpy as np
+    from jax._src.pallas.mosaic_gpu import core as gpu_core
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks, shared_memory
+
+    fields = [f.name for f in dataclasses.fields(shared_memory.HostAllocationKey)]
+    block = fields.index("block_id")
+    get = gpu_callbacks._get
+
+    def _get(token, mesh_location, thread, key, transforms, *args, **kwargs):
+        peers = [t for t in transforms if isinstance(t, gpu_core.ClusterRefTransform)]
+        if peers:
+            key = np.array(key).copy()
+            key[block] = int(peers[-1].idxs[0])
+            transforms = tuple(
+                t for t in transforms if not isinstance(t, gpu_core.ClusterRefTransform)
+            )
+        return get(token, mesh_location, thread, key, transforms, *args, **kwargs)
+
+    gpu_callbacks._get = _get
 
 
 def dynamic_index(zero: Any, index: int) -> Any:

@@ -27,7 +27,11 @@ $\sigma^2 = \overline{h^2}$, shift and offset 0), each mean a sum of $v / n$. Th
 **Backward.** $\partial x = r(g - \overline{g} - \hat{x}\,\overline{g\hat{x}}) + \partial h$
 with $g = \partial y \odot \gamma$ (no $\overline{g}$ for RMSNorm), written over `dy`'s box (in
 its dtype) and stored in each requested dtype; and the program's float32 column sums of
-$\partial y \odot \hat{x}$ and $\partial y$ (its partial parameter gradients).
+$\partial y \odot \hat{x}$ and $\partial y$ (its partial parameter gradients). The backwards
+(the row norms', gated RMSNorm's and DyT's) are persistent: a program loops over blocks and
+accumulates its partial sums over them, in shared memory where they fit (then combined over
+a cluster of programs, `_mosaic_gpu.combine_partials`: one row of partials per cluster),
+else in its row of the partials in HBM.
 """
 
 import functools
@@ -371,18 +375,21 @@ def _rows_kernel(
     groups: int,
     name: str,
     auto_barriers: bool = True,
+    cluster: int = 1,
 ):
     """The Mosaic GPU kernel of `body` over the grid `(programs, groups)` (axes `"rows"`,
-    `"groups"`), named `name`. The forward bodies stage their rows once and write each
-    output over what the same thread read: they need none of Mosaic GPU's automatic
-    barriers (`auto_barriers=False`, see `_mosaic_gpu.kernel`)."""
+    `"groups"`; the programs in clusters of `cluster`, `_mosaic_gpu.program_index`), named
+    `name`. The forward bodies stage their rows once and write each output over what the
+    same thread read: they need none of Mosaic GPU's automatic barriers
+    (`auto_barriers=False`, see `_mosaic_gpu.kernel`)."""
     return m.kernel(
         body,
         interpret=target.interpret,
         auto_barriers=auto_barriers,
+        cluster=cluster,
         out_type=tuple(out_type),
         scratch_types=scratch,
-        grid=(programs, groups),
+        grid=(programs // cluster, groups),
         grid_names=("rows", "groups"),
         kernel_name=name,
     )
@@ -448,14 +455,24 @@ def _pad_rows(a, rows: int):
     return jnp.pad(a, pad)
 
 
-def _boxes(rows_in, params, shape, more_rows=(), layout_dtype=None, fold=False) -> m.Boxes:
+def _params_dtype(params) -> jnp.dtype:
+    """The dtype the parameters are read in, one layout for all: theirs if they share it, else
+    float32 (which holds every half-precision value exactly; not `jnp.result_type`, which
+    the user's `jax_numpy_dtype_promotion="strict"` refuses across dtypes)."""
+    dtypes = {jnp.dtype(p.dtype) for p in params}
+    return dtypes.pop() if len(dtypes) == 1 else jnp.dtype(F32)
+
+
+def _boxes(
+    rows_in, params, shape, more_rows=(), layout_dtype=None, fold=False, partials=0, box_partials=0
+) -> m.Boxes:
     """The staging of a kernel over `shape` `(groups, rows, width)` that keeps the row
     arrays `rows_in` (plus row buffers of dtypes `more_rows`) on chip and reads the
     parameters `params` (their common dtype) from HBM in the same layout (`fold`: the
-    kernel takes folded rows, [`m.boxes`][])."""
+    kernel takes folded rows; `partials`: float32 sums per column on chip, [`m.boxes`][])."""
     rows_in = [a.dtype for a in rows_in if a is not None] + list(more_rows)
     params = [p for p in params if p is not None]
-    param_dtype = [jnp.result_type(*params)] if params else []
+    param_dtype = [_params_dtype(params)] if params else []
     return m.boxes(
         tuple(rows_in) + tuple(param_dtype) + ((layout_dtype,) if layout_dtype else ()),
         shape[1],
@@ -463,6 +480,8 @@ def _boxes(rows_in, params, shape, more_rows=(), layout_dtype=None, fold=False) 
         sum(jnp.dtype(d).itemsize for d in rows_in),
         groups=shape[0],
         fold=fold,
+        partials=partials,
+        box_partials=box_partials,
     )
 
 
@@ -495,13 +514,18 @@ def _out_buffers(dy, dh, d_dtypes) -> tuple:
     return tuple(reuse)
 
 
-def backward_boxes(x, weight, dy, dh, d_dtypes, fold: bool = True) -> m.Boxes:
+def backward_boxes(
+    x, weight, dy, dh, d_dtypes, fold: bool = True, partials: bool = True
+) -> m.Boxes:
     """The staging of the backward: `x`, `dy` (and `dh`, and output buffers) per row; a row
-    too wide for a tile of rows folded, unless not `fold`."""
+    too wide for a tile of rows folded, unless not `fold`; with `partials`, the program's
+    two partial parameter gradients kept on chip where they fit."""
     more = [d for d, r in zip(d_dtypes, _out_buffers(dy, dh, d_dtypes), strict=True) if r is None]
     # The partial sums over a box's rows reduce float32 across warps, which Mosaic GPU does
     # for vectors of up to 4: the layout of a float32 box.
-    return _boxes((x, dy, dh), (weight,), x.shape, more, layout_dtype=F32, fold=fold)
+    return _boxes(
+        (x, dy, dh), (weight,), x.shape, more, layout_dtype=F32, fold=fold, partials=2 * partials
+    )
 
 
 def forward_on(
@@ -512,7 +536,7 @@ def forward_on(
     params = [p for p in (weight, bias, scale) if p is not None]
     # The parameters in their common dtype (float32 with a scale), read in one layout.
     if params:
-        dtype = F32 if scale is not None else jnp.result_type(*params)
+        dtype = F32 if scale is not None else _params_dtype(params)
         params = [p.astype(dtype) for p in params]
     boxes = forward_boxes(x, residual, weight, bias, scale, out_dtype)
     flags = dict(has_weight=weight is not None, has_bias=bias is not None)
@@ -620,6 +644,7 @@ def _backward_body(
     slots,
     clamp=False,
     staged_tails=False,
+    cluster=1,
 ):
     n_in = 5 + has_weight + has_dh
     n_partials = int(param_grads)
@@ -632,11 +657,14 @@ def _backward_body(
     x_smem, dy_smem = scratch.pop(0), scratch.pop(0)
     dh_smem = scratch.pop(0) if has_dh else None
     extra = [scratch.pop(0) for reuse in out_reuse if reuse is None]
+    # The program's partial sums on chip (`_mosaic_gpu.combine_partials`), if they fit.
+    acc = scratch.pop(0) if boxes.partial_bytes else None
+    cluster_bars = [scratch.pop(0) for _ in m.cluster_barriers(cluster)]
     # The weight's last tile (or box), staged (see `_param`).
     tails, tail_bar = scratch[-2:] if staged_tails else (None, None)
     bars = scratch[:-2] if tails is not None else scratch
 
-    i, group = lax.axis_index("rows"), lax.axis_index("groups")
+    i, group = m.program_index(cluster), lax.axis_index("groups")
     tools = _box_tools(boxes, width, i * 0)
     _, bcast, _ = tools
     layout = boxes.layout
@@ -647,6 +675,17 @@ def _backward_body(
     staged = [(x_ref, x_smem), (dy_ref, dy_smem)] + ([(dh_ref, dh_smem)] if has_dh else [])
     buffers = {"dy": dy_smem, "dh": dh_smem}
     targets = [extra.pop(0) if reuse is None else buffers[reuse] for reuse in out_reuse]
+
+    # The partials: per program and column `(groups, 2, programs, chunks · cols)`, a folded
+    # row's `(..., 4 · chunks, cols)` (a cluster's combined: one row per cluster).
+    part_layout = layout if boxes.folded else layout.reduce(0)
+
+    def partial_part(s, row, k):
+        if boxes.folded:
+            tile = pl.ds(pl.multiple_of(k * boxes.tile_rows, boxes.tile_rows), boxes.tile_rows)
+            return partial_refs[0].at[group, s, row, tile]
+        columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
+        return partial_refs[0].at[group, s, row, columns]
 
     def window(it):
         # Block `i + it · programs` of the persistent grid (`_mosaic_gpu.persistent_programs`).
@@ -734,25 +773,15 @@ def _backward_body(
                 out[k] = dx.astype(out.dtype)
             if param_grads and per_box:
                 return jnp.sum(dy * xhat, axis=1), jnp.sum(dy, axis=1)
-            if param_grads and boxes.folded:
-                # A folded row's tile is 4 boxes of its columns: per column as it is, in the
-                # program's row of the partials `(..., 4 · chunks, cols)`.
-                tile = pl.ds(pl.multiple_of(k * boxes.tile_rows, boxes.tile_rows), boxes.tile_rows)
+            if param_grads:
+                # Per program and column, accumulated over the program's blocks on chip
+                # (`acc`) or in its own row of the partials in HBM (columns padded to whole
+                # boxes); a folded row's tile is 4 boxes of its columns: per column as it is.
                 for s, value in enumerate((dy * xhat, dy)):
-                    ref = partial_refs[0].at[group, s, i, tile]
-                    if not first:
-                        value = value + plgpu.load(ref, layout=layout, optimized=False)
-                    plgpu.store(ref, value, optimized=False)
-            elif param_grads:
-                # Per program and column, accumulated over the program's blocks in its own
-                # row of the partials in HBM (columns padded to whole boxes).
-                columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
-                for s, value in enumerate((dy * xhat, dy)):
-                    ref = partial_refs[0].at[group, s, i, columns]
-                    total = jnp.sum(_masked(value, ours), axis=0)
-                    if not first:
-                        total = total + plgpu.load(ref, layout=layout.reduce(0), optimized=False)
-                    plgpu.store(ref, total, optimized=False)
+                    ref = acc.at[s, k] if acc is not None else partial_part(s, i, k)
+                    if not boxes.folded:
+                        value = jnp.sum(_masked(value, ours), axis=0)
+                    _accumulate(ref, value, first, part_layout)
             return None
 
         if param_grads and per_box:
@@ -788,6 +817,13 @@ def _backward_body(
         # The staging past the last block (zeros) has landed before the kernel ends.
         for bar in bars:
             plgpu.barrier_wait(bar.at[iterations % 2])
+    if acc is not None:
+        cluster_row = lax.axis_index("rows")
+
+        def store(_, s, k, total):
+            plgpu.store(partial_part(s, cluster_row, k), total, optimized=False)
+
+        m.combine_partials([acc], store, part_layout, cluster, cluster_bars)
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -808,16 +844,26 @@ def _stages(
     gives each program at least two blocks; else one slot, `boxes` as given. `row_bytes`:
     the staged bytes of one row, `read` those of its `x` and `dy`."""
     tile = 1 if boxes.folded else boxes.tile_rows
-    fit = m.floor_pow2(m.SMEM_BYTES // (2 * row_bytes) // tile) * tile
+    fit = m.floor_pow2((m.SMEM_BYTES - boxes.partial_bytes) // (2 * row_bytes) // tile) * tile
     block_rows = min(boxes.block_rows, fit)
     if block_rows == 0:
         return 1, boxes
     blocks = -(-max(rows, block_rows) // block_rows)
     fewest = _min_iterations(boxes, blocks, groups, block_rows, read)
-    _, iterations = m.persistent_programs(blocks, 2 * block_rows * row_bytes, groups, fewest)
+    program_bytes = 2 * block_rows * row_bytes + boxes.partial_bytes
+    _, iterations, _ = _grid(boxes, blocks, program_bytes, groups, fewest)
     if iterations < 2:
         return 1, boxes
     return 2, boxes._replace(block_rows=block_rows)
+
+
+def _grid(boxes: m.Boxes, blocks: int, program_bytes: int, groups: int, fewest: int):
+    """`(programs, iterations, cluster)` of the persistent backward: in clusters that
+    combine their partial sums on chip where `boxes` keeps them there
+    (`_mosaic_gpu.clustered_programs`), else unclustered (`persistent_programs`)."""
+    if boxes.partial_bytes:
+        return m.clustered_programs(blocks, program_bytes, groups, fewest)
+    return (*m.persistent_programs(blocks, program_bytes, groups, fewest), 1)
 
 
 def backward_on(
@@ -826,7 +872,7 @@ def backward_on(
     """`(dx, dresidual, dweight, dbias)` as `row_norm._backward_on`, with one Mosaic GPU
     kernel; `dweight`/`dbias` are the sums of the programs' float32 partial sums."""
     width = x.shape[2]
-    boxes = backward_boxes(x, weight, dy, dh, d_dtypes)
+    boxes = backward_boxes(x, weight, dy, dh, d_dtypes, partials=param_grads)
     dx, dres, *partials = backward_call(
         target,
         x,
@@ -890,7 +936,9 @@ def backward_call(
     blocks = -(-padded_rows // br)
     # The group norms' per-row partials cost nothing more per program.
     fewest = 1 if per_box else _min_iterations(boxes, blocks, groups, br, read)
-    programs, iterations = m.persistent_programs(blocks, slots * br * row_bytes, groups, fewest)
+    program_bytes = slots * br * row_bytes + boxes.partial_bytes
+    programs, iterations, cluster = _grid(boxes, blocks, program_bytes, groups, fewest)
+    on_chip = boxes.partial_bytes > 0
     # Every block a program visits, past the end included, in bounds ([`_window`][]; a
     # folded row past the end reads TMA's zeros and the last row's statistics). The group
     # norms' per-row tables and partials are laid out for whole blocks: there, statistics
@@ -910,6 +958,10 @@ def backward_call(
     if weight is not None and not per_box and not boxes.folded and not staged_tails:
         weight = _pad_columns(weight, boxes)
     scratch += [plgpu.SMEM(box, d) for d, r in zip(d_dtypes, out_reuse, strict=True) if r is None]
+    if on_chip:
+        per_program = boxes.tile if boxes.folded else boxes.tile[::2]
+        scratch.append(plgpu.SMEM((2, *per_program), F32))
+        scratch += m.cluster_barriers(cluster)
     n_staged = 2 + (dh is not None)
     scratch += [plgpu.Barrier(num_arrivals=boxes.arrivals, num_barriers=slots)] * n_staged
     if staged_tails:
@@ -919,10 +971,10 @@ def backward_call(
         columns = boxes.chunks // per_box.boxes_per_column
         out_type.append(jax.ShapeDtypeStruct((groups, 2, stat_rows, columns), F32))
     elif param_grads and boxes.folded:
-        shape = (groups, 2, programs, boxes.chunks * boxes.tile_rows, boxes.cols)
+        shape = (groups, 2, programs // cluster, boxes.chunks * boxes.tile_rows, boxes.cols)
         out_type.append(jax.ShapeDtypeStruct(shape, F32))
     elif param_grads:
-        shape = (groups, 2, programs, boxes.chunks * boxes.cols)
+        shape = (groups, 2, programs // cluster, boxes.chunks * boxes.cols)
         out_type.append(jax.ShapeDtypeStruct(shape, F32))
     body = functools.partial(
         _backward_body,
@@ -940,8 +992,9 @@ def backward_call(
         slots=slots,
         clamp=clamp,
         staged_tails=staged_tails,
+        cluster=cluster,
     )
-    run = _rows_kernel(body, target, out_type, scratch, programs, groups, name)
+    run = _rows_kernel(body, target, out_type, scratch, programs, groups, name, cluster=cluster)
     inputs = [x_p, dy_p, *stats] + [a for a in (weight, dh_p) if a is not None]
     dx, *outs = run(*inputs)
     dres = outs.pop(0)[:, :rows] if len(d_dtypes) == 2 else None
@@ -992,6 +1045,97 @@ def backward_supported(d_dtypes, x, weight, dy, dh, shift, offset, rstd, fold: b
             return False
         dy = None
     return _all_supported(x, (x, weight, dy, dh), boxes)
+
+
+# --- one-group persistent backwards --------------------------------------------------------
+#
+# Gated RMSNorm's and DyT's backwards over `(rows, dim)` as one group ([`_one_group_call`][]):
+# persistent, their partials accumulated on chip and combined over a cluster, as the row
+# norms' backward's.
+
+
+class _Grid(NamedTuple):
+    """A one-group persistent backward's grid ([`_one_group_call`][]): `programs` in clusters
+    of `cluster`, each over `iterations` blocks (`clamp`: as [`_window`][]'s)."""
+
+    programs: int = 1
+    iterations: int = 1
+    cluster: int = 1
+    clamp: bool = False
+
+
+def _partials_scratch(rest: list, boxes: m.Boxes, grid: _Grid, kinds):
+    """`(accs, cluster barriers)` popped from the front of a body's scratch `rest`: for each
+    of `kinds` (whether the body has that kind of partial sums: per column, then per box
+    column, [`_one_group_call`][]) that it has, the program's partial sums on chip (`None`
+    where they accumulate in HBM, or the body has none), and `_mosaic_gpu.combine_partials`'
+    barriers."""
+    on_chip = boxes.partial_bytes > 0
+    accs = [rest.pop(0) if on_chip and kind else None for kind in kinds]
+    return accs, [rest.pop(0) for _ in m.cluster_barriers(grid.cluster) if on_chip]
+
+
+def _each_block(block, boxes: m.Boxes, grid: _Grid, rows: int):
+    """`block(rows, ours, first)` for each of this program's blocks of `rows` rows, in one
+    slot of staging: `rows` its window ([`_window`][]), `ours` the mask of its rows that
+    no block before it had (`None`: all), `first` whether it is the program's first (its
+    partial sums start there). Before a block is staged over the previous one, the previous
+    one's TMA stores have read their shared memory."""
+    i = m.program_index(grid.cluster)
+
+    def one(it, first: bool):
+        window, skip = _window(i + it * grid.programs, boxes, rows, grid.clamp)
+        ours = None
+        if skip is not None:
+            row = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 0, layout=boxes.layout)
+            ours = row >= skip
+        if not first:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.commit_smem()
+        block(window, ours, first)
+
+    one(0, True)
+    if grid.iterations > 1:
+
+        @pl.loop(1, grid.iterations)
+        def _(it):
+            one(it, False)
+
+
+def _accumulate(ref, value, first: bool, layout):
+    """`ref = value` for a program's first block, else `ref += value` (float32 partial sums
+    in `layout`, `ref` in shared memory or HBM)."""
+    if not first:
+        value = value + plgpu.load(ref, layout=layout, optimized=False)
+    plgpu.store(ref, value, optimized=False)
+
+
+def _partial_ref(partial_ref, acc, s: int, k, boxes: m.Boxes, grid: _Grid, columns=None):
+    """Where a one-group backward's partial sum `s` of box `k` accumulates: on chip
+    (`acc[s, k]`) or in the program's row of `partial_ref` `(1, programs, columns)` (its
+    `columns` of box `k`, or the given ones)."""
+    if acc is not None:
+        return acc.at[s, k]
+    if columns is None:
+        columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
+    return partial_ref.at[0, m.program_index(grid.cluster), columns]
+
+
+def _flush_partials(pairs, cluster_bars, boxes: m.Boxes, grid: _Grid):
+    """A one-group backward's partial sums kept on chip (`pairs` of the sums on chip, `None`
+    if in HBM, and their outputs, one per part), combined over the cluster and stored, one
+    row per cluster (`_mosaic_gpu.combine_partials`)."""
+    pairs = [(acc, refs) for acc, refs in pairs if acc is not None]
+    if not pairs:
+        return
+    row = lax.axis_index("rows")
+
+    def store(a, s, k, total):
+        columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
+        plgpu.store(pairs[a][1][s].at[0, row, columns], total, optimized=False)
+
+    accs = [acc for acc, _ in pairs]
+    m.combine_partials(accs, store, boxes.layout.reduce(0), grid.cluster, cluster_bars)
 
 
 # --- gated RMSNorm ---------------------------------------------------------------------------
@@ -1062,53 +1206,66 @@ def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight, 
 
 
 def _gated_backward_body(
-    *refs, boxes, width, eps, norm_before_gate, has_weight, param_grads, staged_tails=False
+    *refs,
+    boxes,
+    width,
+    eps,
+    norm_before_gate,
+    has_weight,
+    param_grads,
+    staged_tails=False,
+    grid: _Grid,
 ):
     x_ref, z_ref, dy_ref = refs[:3]
     w_ref = refs[3] if has_weight else None
     dx_ref, dz_ref, *rest = refs[3 + has_weight :]
-    partial_ref = rest.pop(0) if param_grads else None
+    partial_refs = [rest.pop(0)] if param_grads else []
+    (acc,), cluster_bars = _partials_scratch(rest, boxes, grid, [param_grads])
     x_smem, z_smem, dy_smem, *bars = rest
-    i, group = lax.axis_index("rows"), lax.axis_index("groups")
-    rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
-    tools = _box_tools(boxes, width, i * 0)
+    group = lax.axis_index("groups")
+    tools = _box_tools(boxes, width, group * 0)
     bcast, layout = tools[1], boxes.layout
     w_ref, bars = _staged_weight(w_ref, bars, staged_tails, group, boxes, tools)
     staged = ((x_ref, x_smem), (z_ref, z_smem), (dy_ref, dy_smem))
-    _stage(staged, bars, rows, boxes, tools, group)
 
-    def values(k):
-        x, n, gate, dgate = _gated_values(x_smem, z_smem, k, layout, norm_before_gate)
-        dy = _load(dy_smem, k, layout)
-        w = None if w_ref is None else _param(w_ref, k, rows, group, False, boxes, tools)
-        post = gate if norm_before_gate else 1.0
-        g = dy * post if w is None else dy * post * w
-        return x, n, gate, dgate, dy, w, g, post
+    def block(rows, ours, first):
+        _stage(staged, bars, rows, boxes, tools, group)
 
-    mean_square = row_total(lambda k: jnp.square(values(k)[1]) * (1.0 / width), boxes)
-    rstd = reference.inverse_std(mean_square, eps)
-    # mean(g n̂) = r · mean(g n), as in the Triton kernel.
-    mean_gn = row_total(lambda k: values(k)[6] * values(k)[1], boxes) * rstd * (1.0 / width)
+        def values(k):
+            x, n, gate, dgate = _gated_values(x_smem, z_smem, k, layout, norm_before_gate)
+            dy = _load(dy_smem, k, layout)
+            w = None if w_ref is None else _param(w_ref, k, rows, group, False, boxes, tools)
+            post = gate if norm_before_gate else 1.0
+            g = dy * post if w is None else dy * post * w
+            return x, n, gate, dgate, dy, w, g, post
 
-    @pl.loop(0, boxes.chunks)
-    def _(k):
-        x, n, gate, dgate, dy, w, g, post = values(k)
-        nhat = n * bcast(rstd, [0])
-        dn = (g - nhat * bcast(mean_gn, [0])) * bcast(rstd, [0])
-        if norm_before_gate:
-            dx, dz = dn, dy * (nhat if w is None else nhat * w) * dgate
-        else:
-            dx, dz = dn * gate, dn * x * dgate
-        if partial_ref is not None:
-            columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
-            partial = jnp.sum(dy * nhat * post, axis=0)
-            plgpu.store(partial_ref.at[group, i, columns], partial, optimized=False)
-        x_smem[k] = dx.astype(x_smem.dtype)
-        z_smem[k] = dz.astype(z_smem.dtype)
+        mean_square = row_total(lambda k: jnp.square(values(k)[1]) * (1.0 / width), boxes)
+        rstd = reference.inverse_std(mean_square, eps)
+        # mean(g n̂) = r · mean(g n), as in the Triton kernel.
+        mean_gn = row_total(lambda k: values(k)[6] * values(k)[1], boxes) * rstd * (1.0 / width)
 
-    plgpu.commit_smem()
-    _copy_out(x_smem, dx_ref, rows, boxes, tools, group)
-    _copy_out(z_smem, dz_ref, rows, boxes, tools, group)
+        @pl.loop(0, boxes.chunks)
+        def _(k):
+            x, n, gate, dgate, dy, w, g, post = values(k)
+            nhat = n * bcast(rstd, [0])
+            dn = (g - nhat * bcast(mean_gn, [0])) * bcast(rstd, [0])
+            if norm_before_gate:
+                dx, dz = dn, dy * (nhat if w is None else nhat * w) * dgate
+            else:
+                dx, dz = dn * gate, dn * x * dgate
+            if param_grads:
+                partial = jnp.sum(_masked(dy * nhat * post, ours), axis=0)
+                ref = _partial_ref(partial_refs[0], acc, 0, k, boxes, grid)
+                _accumulate(ref, partial, first, layout.reduce(0))
+            x_smem[k] = dx.astype(x_smem.dtype)
+            z_smem[k] = dz.astype(z_smem.dtype)
+
+        plgpu.commit_smem()
+        _copy_out(x_smem, dx_ref, rows, boxes, tools, group)
+        _copy_out(z_smem, dz_ref, rows, boxes, tools, group)
+
+    _each_block(block, boxes, grid, x_ref.shape[1])
+    _flush_partials([(acc, partial_refs)], cluster_bars, boxes, grid)
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -1123,20 +1280,43 @@ def _one_group_call(
     name,
     tails=False,
     auto_barriers=True,
+    backward=False,
+    box_partials=0,
     **settings,
 ):
     """The launch of `body` over the rows of `staged` (each `(rows, dim)`, staged whole) as
     one group, with `params` per column (each `(dim,)`, read from HBM): outputs of
-    `out_dtypes` in the rows' shape, and `partials` float32 partial sums per program and
-    column, `(programs, dim)`. `body` takes the staged arrays, then the parameters; with
-    `tails` (a body that takes `staged_tails`: one parameter, the weight) their last box
-    staged where TMA can ([`_tail_staged`][]), else their columns padded; `auto_barriers` as
-    [`_rows_kernel`][]'s."""
+    `out_dtypes` in the rows' shape, then `box_partials` float32 partial sums per column of
+    a box (summed over a row's boxes too), `(programs, cols)`, and `partials` per column,
+    `(programs, dim)` (summed by the caller). `body` takes the staged arrays, then the
+    parameters; with `tails` (a body that takes `staged_tails`: one parameter, the weight)
+    their last box staged where TMA can ([`_tail_staged`][]), else their columns padded;
+    `auto_barriers` as [`_rows_kernel`][]'s. A forward runs a program per block; a
+    `backward` a persistent grid (its `grid`, [`_Grid`][], [`_each_block`][]) as the row
+    norms' backward's ([`_grid`][]), the partials accumulated over a program's blocks: on
+    chip and combined over a cluster where `boxes` keeps room for them (one row per
+    cluster), else in the program's row in HBM."""
     rows, width = staged[0].shape
-    padded = [_pad_rows(a[None], boxes.block_rows) for a in staged]
-    programs = -(-padded[0].shape[1] // boxes.block_rows)
-    box = (boxes.chunks, boxes.block_rows, boxes.cols)
-    scratch = [plgpu.SMEM(box, a.dtype) for a in staged] + [_barrier(boxes)] * len(staged)
+    br = boxes.block_rows
+    padded = [_pad_rows(a[None], br) for a in staged]
+    blocks = -(-padded[0].shape[1] // br)
+    grid = _Grid(blocks)
+    if backward:
+        read = width * sum(jnp.dtype(a.dtype).itemsize for a in staged)
+        row_bytes = boxes.chunks * boxes.cols * sum(jnp.dtype(a.dtype).itemsize for a in staged)
+        fewest = _min_iterations(boxes, blocks, 1, br, read)
+        program_bytes = br * row_bytes + boxes.partial_bytes
+        programs, iterations, cluster = _grid(boxes, blocks, program_bytes, 1, fewest)
+        clamp = programs * iterations * br != padded[0].shape[1]
+        grid = _Grid(programs, iterations, cluster, clamp)
+        settings["grid"] = grid
+    box = (boxes.chunks, br, boxes.cols)
+    scratch = []
+    if boxes.partial_bytes:  # the order of `_partials_scratch`
+        scratch += [plgpu.SMEM((partials, boxes.chunks, boxes.cols), F32)] if partials else []
+        scratch += [plgpu.SMEM((box_partials, 1, boxes.cols), F32)] if box_partials else []
+        scratch += m.cluster_barriers(grid.cluster)
+    scratch += [plgpu.SMEM(box, a.dtype) for a in staged] + [_barrier(boxes)] * len(staged)
     params = [p[None] for p in params]
     if tails:
         settings["staged_tails"] = _tail_staged(params, boxes, width)
@@ -1144,9 +1324,13 @@ def _one_group_call(
     if not settings.get("staged_tails"):
         params = [_pad_columns(p, boxes) for p in params]
     out_type = [jax.ShapeDtypeStruct(padded[0].shape, d) for d in out_dtypes]
-    out_type += [jax.ShapeDtypeStruct((1, programs, boxes.chunks * boxes.cols), F32)] * partials
+    partial_rows = grid.programs // grid.cluster
+    out_type += [jax.ShapeDtypeStruct((1, partial_rows, boxes.cols), F32)] * box_partials
+    out_type += [jax.ShapeDtypeStruct((1, partial_rows, boxes.chunks * boxes.cols), F32)] * partials
     kernel = functools.partial(body, boxes=boxes, width=width, **settings)
-    run = _rows_kernel(kernel, target, out_type, scratch, programs, 1, name, auto_barriers)
+    run = _rows_kernel(
+        kernel, target, out_type, scratch, grid.programs, 1, name, auto_barriers, grid.cluster
+    )
     outs = run(*padded, *params)
     rows_out = [o[0, :rows] for o in outs[: len(out_dtypes)]]
     return rows_out, [p[0, :, :width] for p in outs[len(out_dtypes) :]]
@@ -1178,7 +1362,9 @@ def gated_rms_norm_backward_on(
 ):
     """`(dx, dz, dweight)` as `row_norm._gated_rms_norm_bwd_on`, with one Mosaic GPU kernel;
     `dweight` the sum of the programs' float32 partial sums."""
-    boxes = _boxes((x, z, dy), (weight,), (1, *x.shape), layout_dtype=F32)
+    boxes = _boxes(
+        (x, z, dy), (weight,), (1, *x.shape), layout_dtype=F32, partials=int(param_grads)
+    )
     (dx, dz), partials = _one_group_call(
         _gated_backward_body,
         target,
@@ -1188,6 +1374,7 @@ def gated_rms_norm_backward_on(
         (x.dtype, z.dtype),
         int(param_grads),
         "eqxnorm_gated_rms_norm_bwd",
+        backward=True,
         tails=True,
         eps=eps,
         norm_before_gate=norm_before_gate,
@@ -1242,32 +1429,43 @@ def _dyt_forward_body(*refs, boxes, width, has_weight, has_bias):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dyt_backward_body(*refs, boxes, width, has_weight):
+def _dyt_backward_body(*refs, boxes, width, has_weight, grid: _Grid):
     x_ref, dy_ref, alpha_ref = refs[:3]
     w_ref = refs[3] if has_weight else None
-    dx_ref, *partial_refs = refs[3 + has_weight : 7 + has_weight]
-    x_smem, dy_smem, *bars = refs[7 + has_weight :]
-    i, group = lax.axis_index("rows"), lax.axis_index("groups")
-    rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
-    tools = _box_tools(boxes, width, i * 0)
-    _stage(((x_ref, x_smem), (dy_ref, dy_smem)), bars, rows, boxes, tools, group)
+    dx_ref, *rest = refs[3 + has_weight :]
+    alpha_part, *param_parts = (rest.pop(0) for _ in range(3))
+    (acc, alpha_acc), cluster_bars = _partials_scratch(rest, boxes, grid, [True, True])
+    x_smem, dy_smem, *bars = rest
+    group = lax.axis_index("groups")
+    tools = _box_tools(boxes, width, group * 0)
+    layout, column = boxes.layout, boxes.layout.reduce(0)
 
-    @pl.loop(0, boxes.chunks)
-    def _(k):
-        alpha = _param(alpha_ref, k, rows, group, False, boxes, tools)
-        x, dy = _load(x_smem, k, boxes.layout), _load(dy_smem, k, boxes.layout)
-        t = jnp.tanh(alpha * x)
-        e = dy * (1 - t * t)
-        if w_ref is not None:
-            e = e * _param(w_ref, k, rows, group, False, boxes, tools)
-        # Per program and column, straight to HBM: α's (summed over the columns too), γ's, β's.
-        columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
-        for ref, value in zip(partial_refs, (e * x, dy * t, dy), strict=True):
-            plgpu.store(ref.at[group, i, columns], jnp.sum(value, axis=0), optimized=False)
-        x_smem[k] = (alpha * e).astype(x_smem.dtype)
+    def block(rows, ours, first):
+        _stage(((x_ref, x_smem), (dy_ref, dy_smem)), bars, rows, boxes, tools, group)
 
-    plgpu.commit_smem()
-    _copy_out(x_smem, dx_ref, rows, boxes, tools, group)
+        def box(k, alpha_sum):
+            alpha = _param(alpha_ref, k, rows, group, False, boxes, tools)
+            x, dy = _load(x_smem, k, layout), _load(dy_smem, k, layout)
+            t = jnp.tanh(alpha * x)
+            e = dy * (1 - t * t)
+            if w_ref is not None:
+                e = e * _param(w_ref, k, rows, group, False, boxes, tools)
+            # Per program and column: γ's and β's; α's summed over the boxes too.
+            for s, value in enumerate((dy * t, dy)):
+                ref = _partial_ref(param_parts[s], acc, s, k, boxes, grid)
+                _accumulate(ref, jnp.sum(_masked(value, ours), axis=0), first, column)
+            x_smem[k] = (alpha * e).astype(x_smem.dtype)
+            return alpha_sum + jnp.sum(_masked(e * x, ours), axis=0)
+
+        zero = plgpu.layout_cast(jnp.zeros((boxes.cols,), F32), column)
+        alpha_sum = lax.fori_loop(0, boxes.chunks, box, zero)
+        ref = _partial_ref(alpha_part, alpha_acc, 0, 0, boxes, grid, pl.ds(0, boxes.cols))
+        _accumulate(ref, alpha_sum, first, column)
+        plgpu.commit_smem()
+        _copy_out(x_smem, dx_ref, rows, boxes, tools, group)
+
+    _each_block(block, boxes, grid, x_ref.shape[1])
+    _flush_partials([(acc, param_parts), (alpha_acc, [alpha_part])], cluster_bars, boxes, grid)
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -1299,7 +1497,7 @@ def dyt_forward_on(target: Target, x, alpha, weight, bias):
 def dyt_backward_on(target: Target, x, alpha, weight, dy):
     """`(dx, dalpha, dweight, dbias)` as `row_norm._dyt_bwd_on`, with one Mosaic GPU kernel."""
     params = [_alpha_row(alpha, x)] + ([] if weight is None else [weight.astype(F32)])
-    boxes = _boxes((x, dy), [F32], (1, *x.shape), layout_dtype=F32)
+    boxes = _boxes((x, dy), [F32], (1, *x.shape), layout_dtype=F32, partials=2, box_partials=1)
     (dx,), (dalpha, dw, db) = _one_group_call(
         _dyt_backward_body,
         target,
@@ -1307,12 +1505,14 @@ def dyt_backward_on(target: Target, x, alpha, weight, dy):
         params,
         boxes,
         (x.dtype,),
-        3,
+        2,
         "eqxnorm_dyt_bwd",
+        backward=True,
+        box_partials=1,
         has_weight=weight is not None,
     )
     # The three gradients' partials summed over the programs in one reduction; α's are per
-    # column, their sum one more (smaller) reduction.
+    # column of a box, their sum one more (smaller) reduction.
     dalpha, dw, db = sum_parts([dalpha, dw, db], axes=(0,), like=weight)
     return dx, dalpha.sum(), dw, db
 
@@ -1428,7 +1628,7 @@ def lengths_forward_on(target: Target, x, lengths, weight, bias, *, op: str, eps
     """`(y, shift, offset, rstd)` as `row_norm._lengths_forward_on`, one Mosaic GPU kernel."""
     groups, rows, width = x.shape
     params = [p for p in (weight, bias) if p is not None]
-    params = [p.astype(jnp.result_type(*params)) for p in params]
+    params = [p.astype(_params_dtype(params)) for p in params] if params else []
     boxes = forward_boxes(x, None, weight, bias, fold=False)
     x_p = _pad_rows(x, boxes.block_rows)
     n = _whole_programs(lengths, boxes, rows)
@@ -1518,7 +1718,7 @@ def lengths_backward_on(
     """`(dx, dweight, dbias)` as `row_norm._lengths_backward_on`, one Mosaic GPU kernel."""
     groups, rows, width = x.shape
     d_dtypes = (jnp.dtype(x.dtype),)
-    boxes = backward_boxes(x, weight, dy, None, d_dtypes, fold=False)
+    boxes = backward_boxes(x, weight, dy, None, d_dtypes, fold=False, partials=False)
     own_dx = _out_buffers(dy, None, d_dtypes)[0] is None
     x_p, dy_p = (_pad_rows(a, boxes.block_rows) for a in (x, dy))
     per_row = [_whole_programs(a, boxes, rows) for a in (lengths, shift, offset, rstd)]

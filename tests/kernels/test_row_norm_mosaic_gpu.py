@@ -192,6 +192,89 @@ def test_staging_heuristic():
     assert not _mosaic_gpu.supports(jnp.float64, 760)
 
 
+def test_partials_kept_on_chip_where_they_fit():
+    if not USABLE:
+        return
+    # 1024 bfloat16 columns: 8 KiB of float32 partials beside 16 rows of x and dy.
+    boxes = _mosaic_gpu.boxes((jnp.bfloat16, jnp.float32), 4096, 1024, 4, partials=2)
+    assert (boxes.block_rows, boxes.partial_bytes) == (16, 8 * 1024)
+    # 8192: 64 KiB beside 4 rows (128 KiB); float32, folded: 64 KiB beside one row's 64 KiB.
+    boxes = _mosaic_gpu.boxes((jnp.bfloat16, jnp.float32), 1024, 8192, 4, partials=2, fold=True)
+    assert (boxes.block_rows, boxes.folded, boxes.partial_bytes) == (4, False, 64 * 1024)
+    boxes = _mosaic_gpu.boxes((jnp.float32,), 1024, 8192, 8, partials=2, fold=True)
+    assert boxes.folded and boxes.partial_bytes == 64 * 1024
+    # 51200 bfloat16 (200 KiB staged): no room, the partials accumulate in HBM.
+    boxes = _mosaic_gpu.boxes((jnp.bfloat16, jnp.float32), 64, 51200, 4, partials=2, fold=True)
+    assert boxes.folded and boxes.partial_bytes == 0
+    # Where they would shrink a tile of rows to nothing, they stay in HBM (16 KiB: 2 rows of
+    # x and dy, 1024 bfloat16, fit, a tile of 4 does not beside 8 KiB of partials).
+    assert _mosaic_gpu.boxes((jnp.bfloat16,), 4096, 1024, 4).partial_bytes == 0
+
+
+def test_clustered_programs(monkeypatch):
+    # An H200: a full wave of programs in clusters of 8 is the 128 SMs of whole clusters (GPCs
+    # of 16 SMs): 256 blocks of 192 KiB, one program per SM, 2 each.
+    assert _mosaic_gpu.clustered_programs(256, 192 * 1024) == (128, 2, 8)
+    # 132 blocks: one wave of 132 programs unclustered, 128 of 2 blocks clustered; 72 suffice.
+    assert _mosaic_gpu.persistent_programs(132, 192 * 1024) == (132, 1)
+    assert _mosaic_gpu.clustered_programs(132, 192 * 1024) == (72, 2, 8)
+    # Few programs: a cluster of as many as there are (a power of two), the grid rounded up.
+    assert _mosaic_gpu.clustered_programs(3, 192 * 1024) == (4, 1, 2)
+    assert _mosaic_gpu.clustered_programs(1, 192 * 1024) == (1, 1, 1)
+    # Programs of 8 KiB: 4 per SM (`MAX_RESIDENT`); per group of 2.
+    assert _mosaic_gpu.clustered_programs(4096, 8 * 1024, groups=2) == (256, 16, 8)
+    monkeypatch.setattr(_mosaic_gpu, "_sm_count", lambda: 1)
+    assert _mosaic_gpu.clustered_programs(13, 8 * 1024) == (4, 4, 4)
+
+
+@pytest.mark.parametrize("cluster", [1, 2, 4])
+def test_combine_partials_across_a_cluster(cluster):
+    """Each program of a cluster sums its share of the cluster's partial sums from their
+    shared memory (distributed shared memory, in Mosaic GPU's interpreter as on a GPU), in
+    the programs' order."""
+    if not USABLE:
+        return
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    programs, n = 8, 3
+    layout = plgpu.Layout.TILED(
+        plgpu.Tiling(((4, 128), (4,))), warp_dims=(-3,), lane_dims=(-2,), vector_dim=-1
+    ).reduce(0)
+    values = jax.random.normal(jax.random.key(0), (programs, 2, n, 128))
+
+    def body(v_ref, out_ref, acc, *barriers):
+        p = _mosaic_gpu.program_index(cluster)
+        for s in range(2):
+            for k in range(n):
+                acc[s, k] = plgpu.load(v_ref.at[p, s, k], layout=layout, optimized=False)
+
+        def store(a, s, k, total):
+            assert a == 0
+            plgpu.store(out_ref.at[jax.lax.axis_index("rows"), s, k], total, optimized=False)
+
+        _mosaic_gpu.combine_partials([acc], store, layout, cluster, barriers)
+
+    kernel = _mosaic_gpu.kernel(
+        body,
+        interpret=True,
+        cluster=cluster,
+        out_type=jax.ShapeDtypeStruct((programs // cluster, 2, n, 128), jnp.float32),
+        scratch_types=[
+            plgpu.SMEM((2, n, 128), jnp.float32),
+            *_mosaic_gpu.cluster_barriers(cluster),
+        ],
+        grid=(programs // cluster,),
+        grid_names=("rows",),
+    )
+    out = jax.jit(kernel)(values)
+    # Summed in the cluster's order, as float32 (bit for bit).
+    parts = values.reshape(programs // cluster, cluster, 2, n, 128)
+    expected = parts[:, 0]
+    for c in range(1, cluster):
+        expected = expected + parts[:, c]
+    np.testing.assert_array_equal(out, expected)
+
+
 # --- folded rows: a row too wide for a tile of 4 on chip, staged alone across the 4 warps -----
 
 # Shared memory shrunk so that rows of 1304 fold cheaply in the interpreter (11 boxes of 128
@@ -258,21 +341,27 @@ def test_folded_rows_match_reference(case, monkeypatch):
         ks.assert_matches(grad, grad_ref, jnp.bfloat16 if grad.dtype == x.dtype else None)
 
 
-def test_folded_backward_loops_over_rows_in_two_slots(monkeypatch):
+@pytest.mark.parametrize("on_chip", [False, True], ids=["partials-in-hbm", "partials-on-chip"])
+def test_folded_backward_loops_over_rows_in_two_slots(on_chip, monkeypatch):
     # One SM: 5 folded rows over 3 programs of 2 blocks (one past the end: TMA's zeros, rstd
     # 0), each staging the next row while it computes one; the forward's 4-row tiles fit
     # (a forward and a backward staged differently share the statistics). At least 2 rows a
-    # program (8 by default: one program of 5 rows).
+    # program (8 by default: one program of 5 rows). With the partials on chip (12 KiB beside
+    # a slot of 6 KiB in 20 KiB, where 4 rows of 1408 columns, 22.5 KiB, do not fit): one
+    # slot, 2 programs of 3 rows in a cluster of 2.
     monkeypatch.setattr(_mosaic_gpu, "_sm_count", lambda: 1)
     monkeypatch.setattr(_mosaic_gpu, "FOLDED_ROWS_PER_PROGRAM", 2)
-    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", 16 * 1024)
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", (20 if on_chip else 16) * 1024)
     x = ks.data((5, 1304), jnp.bfloat16, seed=5)
     weight, bias = ks.params(1304)
     cotangent = ks.data(x.shape, jnp.float32, seed=9, loc=0.0, scale=1.0)
     if USABLE:
         boxes = _row_norm_mosaic_gpu.backward_boxes(x[None], weight, x[None], None, (x.dtype,))
-        assert boxes.folded and _row_norm_mosaic_gpu._stages(boxes, 1, 5, 6144, 6144)[0] == 2
-        assert _mosaic_gpu.persistent_programs(5, 2 * 6144, 1, 2) == (3, 2)
+        slots = _row_norm_mosaic_gpu._stages(boxes, 1, 5, 6144, 6144)[0]
+        assert boxes.folded and slots == (1 if on_chip else 2)
+        assert boxes.partial_bytes == (12 * 1024 if on_chip else 0)
+        grid = _row_norm_mosaic_gpu._grid(boxes, 5, slots * 6144 + boxes.partial_bytes, 1, 2)
+        assert grid == ((2, 3, 2) if on_chip else (3, 2, 1))
         assert _mosaic_gpu.persistent_programs(5, 2 * 6144, 1, 8) == (1, 5)
 
     def run(module):
@@ -384,6 +473,9 @@ def test_ensemble_of_parameters():
 
 
 # --- gated RMSNorm and DyT (QK-norm has no Mosaic GPU kernel: it runs Triton on a GPU) ------
+#
+# Their backwards are persistent: 199 rows of 760 are 2 clusters of 8 (gated RMSNorm) and of 4
+# (DyT) programs, the last block overlapping the one before it.
 
 
 def _gated_and_dyt(module, x, z, weight, bias, norm_before_gate):
@@ -403,8 +495,8 @@ def _gated_and_dyt(module, x, z, weight, bias, norm_before_gate):
 
 @pytest.mark.parametrize(
     "case",
-    [(37, 160, jnp.float32, True), (19, 512, jnp.bfloat16, False)],
-    ids=["37x160-float32-before", "19x512-bfloat16-after"],
+    [(37, 160, jnp.float32, True), (19, 512, jnp.bfloat16, False), (199, 760, jnp.float32, True)],
+    ids=["37x160-float32-before", "19x512-bfloat16-after", "199x760-float32-before"],
 )
 def test_gated_rms_norm_and_dyt_match_reference(case):
     rows, width, dtype, norm_before_gate = case
