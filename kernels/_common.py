@@ -647,9 +647,21 @@ def sum_pair(
     half; with `droppable` (RMSNorm, whose bias is usually absent), from one reduction each,
     so that XLA drops the bias's when nothing uses it (with a bias: two launches).
     `like=None`: the parameters' dtype is unknown, taken as not float32. (The two halves
-    are [`sum_parts`][]' parts.)"""
+    are [`sum_halves`][]'.)"""
     halves = [jnp.take(partials, i, axis=pair_axis) for i in range(2)]
-    axis = sum_axis - (sum_axis > pair_axis)
+    return sum_halves(
+        halves, axis=sum_axis - (sum_axis > pair_axis), like=like, droppable=droppable
+    )
+
+
+def sum_halves(
+    halves: Sequence[jax.Array], *, axis: int, like: Any, droppable: bool = False
+) -> list:
+    """[`sum_pair`][] of the two gradients' partials as two arrays (each summed over
+    `axis`): [`sum_parts`][]' parts, or with `droppable` and gradients not float32, one
+    reduction each. Mosaic GPU's backward writes float32 gradients' partials apart, so that
+    where each has one row per group the sums are reshapes (no XLA launch, where slices of
+    one array are copies)."""
     float32 = like is not None and jnp.dtype(like.dtype) == F32
     if droppable and not float32:
         return [half.sum(axis=axis) for half in halves]

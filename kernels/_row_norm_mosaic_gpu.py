@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _mosaic_gpu as m, reference
-from ._common import F32, Target, partial_iterations, sum_pair, sum_parts
+from ._common import F32, Target, partial_iterations, sum_halves, sum_pair, sum_parts
 
 plgpu = m.plgpu
 
@@ -645,9 +645,10 @@ def _backward_body(
     clamp=False,
     staged_tails=False,
     cluster=1,
+    split_partials=False,
 ):
     n_in = 5 + has_weight + has_dh
-    n_partials = int(param_grads)
+    n_partials = (1 + split_partials) * param_grads
     ins, outs = refs[:n_in], refs[n_in : n_in + n_outs + n_partials]
     scratch = list(refs[n_in + n_outs + n_partials :])
     x_ref, dy_ref, *stat_refs = ins[:5]
@@ -677,15 +678,20 @@ def _backward_body(
     targets = [extra.pop(0) if reuse is None else buffers[reuse] for reuse in out_reuse]
 
     # The partials: per program and column `(groups, 2, programs, chunks · cols)`, a folded
-    # row's `(..., 4 · chunks, cols)` (a cluster's combined: one row per cluster).
+    # row's `(..., 4 · chunks, cols)` (a cluster's combined: one row per cluster), or with
+    # `split_partials` one array per gradient, `(groups, programs, ...)`.
     part_layout = layout if boxes.folded else layout.reduce(0)
+
+    def partial_at(s, row, columns):
+        if split_partials:
+            return partial_refs[s].at[group, row, columns]
+        return partial_refs[0].at[group, s, row, columns]
 
     def partial_part(s, row, k):
         if boxes.folded:
             tile = pl.ds(pl.multiple_of(k * boxes.tile_rows, boxes.tile_rows), boxes.tile_rows)
-            return partial_refs[0].at[group, s, row, tile]
-        columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
-        return partial_refs[0].at[group, s, row, columns]
+            return partial_at(s, row, tile)
+        return partial_at(s, row, pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols))
 
     def window(it):
         # Block `i + it · programs` of the persistent grid (`_mosaic_gpu.persistent_programs`).
@@ -796,7 +802,7 @@ def _backward_body(
 
                 sums = lax.fori_loop(1, n, add, box(c * n)) if n > 1 else box(c * n)
                 for s, value in enumerate(sums):
-                    ref = partial_refs[0].at[group, s, rows, c]
+                    ref = partial_at(s, rows, c)
                     plgpu.store(ref, value, optimized=False)
         else:
             pl.loop(0, boxes.chunks)(box)
@@ -873,6 +879,10 @@ def backward_on(
     kernel; `dweight`/`dbias` are the sums of the programs' float32 partial sums."""
     width = x.shape[2]
     boxes = backward_boxes(x, weight, dy, dh, d_dtypes, partials=param_grads)
+    # Float32 gradients: each one's partials an array of its own, so that where a group's are
+    # one row (adaLN's examples, a cluster each) its sum is a reshape, no XLA launch (slices
+    # of one array would be copied out). Otherwise one array: the gradients' casts read it.
+    split = weight is not None and jnp.dtype(weight.dtype) == F32
     dx, dres, *partials = backward_call(
         target,
         x,
@@ -888,14 +898,19 @@ def backward_on(
         d_dtypes=d_dtypes,
         name=f"eqxnorm_{op}_bwd",
         per_box=False,
+        split_partials=split,
     )
     if not param_grads:
         return dx, dres, None, None
     # One reduction of the programs' partials, both gradients at once, reading their first
     # `width` columns in place (a folded row's partials are `(4 · chunks, cols)`).
-    per_program = partials[0].reshape(*partials[0].shape[:3], -1)[..., :width]
     center = op.endswith("layer_norm")
-    dw, db = sum_pair(per_program, pair_axis=1, sum_axis=2, like=weight, droppable=not center)
+    if split:
+        halves = [p.reshape(*p.shape[:2], -1)[..., :width] for p in partials]
+        dw, db = sum_halves(halves, axis=1, like=weight, droppable=not center)
+    else:
+        per_program = partials[0].reshape(*partials[0].shape[:3], -1)[..., :width]
+        dw, db = sum_pair(per_program, pair_axis=1, sum_axis=2, like=weight, droppable=not center)
     return dx, dres, dw, db
 
 
@@ -915,12 +930,15 @@ def backward_call(
     d_dtypes,
     name,
     per_box,
+    split_partials=False,
 ):
     """The backward kernel over `x` `(groups, rows, width)` staged as `boxes`: `(dx,
     dresidual, *partials)`, the partial parameter gradients (with `param_grads`): both in
-    one array per program (of a persistent grid, `_mosaic_gpu.persistent_programs`) and
-    column `(groups, 2, programs, chunks · cols)`, or with `per_box` (the weight a table,
-    [`PerBox`][]) per row and table column `(groups, 2, padded rows, columns)`."""
+    one array per program (of a persistent grid, `_mosaic_gpu.persistent_programs`; per
+    cluster of them where they are combined on chip) and column `(groups, 2, programs,
+    chunks · cols)`, or with `per_box` (the weight a table, [`PerBox`][]) per row and table
+    column `(groups, 2, padded rows, columns)`; with `split_partials`, one array each
+    (`(groups, programs, ...)`)."""
     groups, rows, width = x.shape
     out_reuse = _out_buffers(dy, dh, d_dtypes)
     staged_dtypes = [a.dtype for a in (x, dy, dh) if a is not None]
@@ -967,15 +985,17 @@ def backward_call(
     if staged_tails:
         scratch += _tails_scratch(params, boxes)
     out_type = [jax.ShapeDtypeStruct(x_p.shape, d) for d in d_dtypes]
-    if param_grads and per_box:
-        columns = boxes.chunks // per_box.boxes_per_column
-        out_type.append(jax.ShapeDtypeStruct((groups, 2, stat_rows, columns), F32))
-    elif param_grads and boxes.folded:
-        shape = (groups, 2, programs // cluster, boxes.chunks * boxes.tile_rows, boxes.cols)
-        out_type.append(jax.ShapeDtypeStruct(shape, F32))
-    elif param_grads:
-        shape = (groups, 2, programs // cluster, boxes.chunks * boxes.cols)
-        out_type.append(jax.ShapeDtypeStruct(shape, F32))
+    if param_grads:
+        if per_box:
+            shape = (groups, stat_rows, boxes.chunks // per_box.boxes_per_column)
+        elif boxes.folded:
+            shape = (groups, programs // cluster, boxes.chunks * boxes.tile_rows, boxes.cols)
+        else:
+            shape = (groups, programs // cluster, boxes.chunks * boxes.cols)
+        if split_partials:
+            out_type += [jax.ShapeDtypeStruct(shape, F32)] * 2
+        else:
+            out_type.append(jax.ShapeDtypeStruct((shape[0], 2, *shape[1:]), F32))
     body = functools.partial(
         _backward_body,
         boxes=boxes,
@@ -993,6 +1013,7 @@ def backward_call(
         clamp=clamp,
         staged_tails=staged_tails,
         cluster=cluster,
+        split_partials=split_partials,
     )
     run = _rows_kernel(body, target, out_type, scratch, programs, groups, name, cluster=cluster)
     inputs = [x_p, dy_p, *stats] + [a for a in (weight, dh_p) if a is not None]
