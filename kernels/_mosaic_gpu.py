@@ -473,7 +473,8 @@ def combine_partials(accs, store, layout, cluster: int, barriers) -> None:
     `cluster`), reading the others' from their shared memory (distributed shared memory,
     `plgpu.cluster_ref`). Every program has written its `accs` when any reads them, and has
     read all it needs before any exits (`barriers`, [`cluster_barriers`][]). With `cluster`
-    1, the program's own sums. A cluster of $c$ programs writes one row of partials to HBM
+    1, the program's own sums (read after Mosaic GPU's automatic barrier after their stores:
+    the backwards keep `auto_barriers`). A cluster of $c$ programs writes one row of partials to HBM
     for the $c$ rows its programs would: the row norms' backward at 1024 × 8192 bfloat16, 128
     programs writing and XLA re-reading `2 × 8192` float32 each, moved 16 MiB beside its 80
     MiB step (1.20×), in clusters of 8 2 MiB (1.03×)."""
