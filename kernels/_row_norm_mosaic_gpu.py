@@ -181,6 +181,13 @@ def _window(block, boxes: m.Boxes, rows: int, clamp: bool):
     return pl.ds(inside, boxes.block_rows), start - inside
 
 
+def _ours(skip, boxes: m.Boxes):
+    """The mask of a block's rows from `skip` on (its own, [`_window`][]), `None` for all."""
+    if skip is None:
+        return None
+    return plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 0, layout=boxes.layout) >= skip
+
+
 class PerBox(NamedTuple):
     """The group norms' parameters: one value per row and box, read from a table `(groups,
     table rows, columns)`. Box `k` of a row reads column `k // boxes_per_column` (the
@@ -743,11 +750,7 @@ def _backward_body(
             )
 
         # A clamped block's rows before `skip` are the blocks' before it: out of its sums.
-        skip = window(it)[1]
-        ours = None
-        if skip is not None:
-            row = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 0, layout=layout)
-            ours = row >= skip
+        ours = _ours(window(it)[1], boxes)
 
         def values(k):
             xhat = (_load(x_s, k, layout) - bcast(shift, [0])) - bcast(offset, [0])
@@ -1106,10 +1109,7 @@ def _each_block(block, boxes: m.Boxes, grid: _Grid, rows: int):
 
     def one(it, first: bool):
         window, skip = _window(i + it * grid.programs, boxes, rows, grid.clamp)
-        ours = None
-        if skip is not None:
-            row = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 0, layout=boxes.layout)
-            ours = row >= skip
+        ours = _ours(skip, boxes)
         if not first:
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             plgpu.commit_smem()
@@ -1323,9 +1323,9 @@ def _one_group_call(
     blocks = -(-padded[0].shape[1] // br)
     grid = _Grid(blocks)
     if backward:
-        read = width * sum(jnp.dtype(a.dtype).itemsize for a in staged)
-        row_bytes = boxes.chunks * boxes.cols * sum(jnp.dtype(a.dtype).itemsize for a in staged)
-        fewest = _min_iterations(boxes, blocks, 1, br, read)
+        itemsizes = sum(jnp.dtype(a.dtype).itemsize for a in staged)
+        row_bytes = boxes.chunks * boxes.cols * itemsizes
+        fewest = _min_iterations(boxes, blocks, 1, br, width * itemsizes)
         program_bytes = br * row_bytes + boxes.partial_bytes
         programs, iterations, cluster = _grid(boxes, blocks, program_bytes, 1, fewest)
         clamp = programs * iterations * br != padded[0].shape[1]
@@ -1649,7 +1649,7 @@ def lengths_forward_on(target: Target, x, lengths, weight, bias, *, op: str, eps
     """`(y, shift, offset, rstd)` as `row_norm._lengths_forward_on`, one Mosaic GPU kernel."""
     groups, rows, width = x.shape
     params = [p for p in (weight, bias) if p is not None]
-    params = [p.astype(_params_dtype(params)) for p in params] if params else []
+    params = [p.astype(_params_dtype(params)) for p in params]
     boxes = forward_boxes(x, None, weight, bias, fold=False)
     x_p = _pad_rows(x, boxes.block_rows)
     n = _whole_programs(lengths, boxes, rows)
