@@ -153,7 +153,7 @@ def _call(target, x, more, channel_arrays, compute, *, out_dtype, n_sums, name):
 
 def _moments(load, tables, tools, *, boxes, width):
     shift, d0 = tables
-    _, bcast, valid = tools
+    bcast, valid = tools.bcast, tools.valid
 
     def d(k):
         return r._masked((load(0, k) - bcast(shift, [0])) - bcast(d0, [0]), valid(k))
@@ -185,7 +185,7 @@ def moments_on(target: Target, x, shift, d0):
 def _normalize(load, tables, tools, *, boxes, width):
     del boxes, width
     shift, offset, scale, bias = tables
-    bcast = tools[1]
+    bcast = tools.bcast
 
     def y(k):
         centred = (load(0, k) - bcast(shift, [0])) - bcast(offset, [0])
@@ -212,7 +212,7 @@ def normalize_on(target: Target, x, shift, offset, scale, bias):
 def _sums(load, tables, tools, *, boxes, width):
     del width
     shift, offset = tables
-    bcast = tools[1]
+    bcast = tools.bcast
 
     total = functools.partial(r.row_total, boxes=boxes)
 

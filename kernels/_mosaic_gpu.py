@@ -33,8 +33,11 @@ was found to fail or take minutes).
 `SMEM_BYTES`. A row too wide for a tile of 4 but that fits alone is **folded** (for the kernels
 that take it, the row norms' forward and backward): one row per program, its boxes dealt
 round the 4 warps (box `4j + w` to warp `w`'s `j`-th tile), so that a tile holds 4 parts of
-the same row and a row's sums are combined across the warps ([`across_warps`][]). Wider rows
-run the Triton kernels, which read them twice.
+the same row and a row's sums are combined across the warps ([`across_warps`][]). A row too
+wide for one program is **split** across a cluster of up to 8 ([`boxes`][]' `split`): each
+program stages a slice of its tiles, and the programs exchange their per-row sums through
+distributed shared memory ([`across_cluster`][]). Wider rows still run the Triton kernels,
+which read them twice.
 
 **Clusters.** A persistent backward's programs each sum their blocks' float32 partial
 parameter gradients per column, which XLA then reduces over the programs: written and read
@@ -151,10 +154,16 @@ class Boxes(NamedTuple):
     # Shared memory kept beside the staging for the program's float32 partial sums
     # ([`boxes`][]' `partials`): 0 where they accumulate in HBM.
     partial_bytes: int = 0
+    # A folded row **split** across a cluster of `split` programs ([`boxes`][]' `split`): each
+    # stages `chunks` tiles (`4 · chunks` boxes) of the row's `row_boxes`, program `p` of the
+    # cluster boxes `4 · chunks · p` on (the last ones past the row's end: TMA's zeros).
+    split: int = 1
 
     @property
     def arrivals(self) -> int:
         """The TMA copies of one staged array of a program (one barrier arrival each)."""
+        if self.split > 1:
+            return self.chunks * self.tile_rows
         return self.row_boxes if self.folded else self.chunks
 
     @property
@@ -173,6 +182,7 @@ def boxes(
     fold: bool = False,
     partials: int = 0,
     box_partials: int = 0,
+    split: bool = False,
 ) -> Boxes:
     r"""The staging of `rows` rows of `width` elements by a kernel that loads arrays of
     `dtypes` into registers and keeps `staged_bytes_per_element` bytes on chip per element
@@ -220,11 +230,29 @@ def boxes(
       a block of the Triton chunked backward it replaces (256 × 32768 bf16: 32 programs,
       1.10× the ideal bytes per training step, each row read once; one row a program would
       be 1.40×). Folded boxes are not tuned.
+    - with `split` too (a kernel that takes split rows, the row norms' forward and
+      backward), when not even one row fits: the row folded and **split** across a cluster
+      of `split` programs (the fewest, a power of two up to `CLUSTER`), each staging a
+      slice of whole tiles and exchanging its per-row sums with the others through
+      distributed shared memory ([`across_cluster`][]): every row read once up to 8 × 200
+      KiB staged, where the Triton kernels read it twice from 16384 on. A split backward's
+      partials are its own columns, which no other program of the cluster has: they must
+      stay on chip (its slice chosen with room for them: 70000 bf16, `x` and `dy` 4 bytes
+      and the partials 8 bytes per column, in 8 slices of 72 boxes, 108 KiB), or the row is
+      not split. So rows up to 819200 bf16 (409600 float32) in the forward, 135168 bf16
+      (102400 float32) in the backward.
     """
     staging = functools.partial(
         _staging, dtypes, rows, width, staged_bytes_per_element, segment, groups, fold
     )
-    kept = staging(SMEM_BYTES)
+    kept = staging(SMEM_BYTES, split)
+    if kept.split > 1 and (partials or box_partials):
+        budget = SMEM_BYTES - 4 * box_partials * 128
+        joint = _folded(width, staged_bytes_per_element + 4 * partials, budget, CLUSTER)
+        if joint is None:
+            return kept._replace(block_rows=0)
+        columns = joint.chunks * joint.tile_rows * joint.cols
+        return joint._replace(partial_bytes=4 * (partials * columns + box_partials * joint.cols))
     if not (partials or box_partials) or not kept.block_rows:
         return kept
     # The partials' bytes depend on the staging's columns (whole boxes, a folded row's whole
@@ -243,7 +271,7 @@ def boxes(
 
 
 def _staging(
-    dtypes, rows, width, staged_bytes_per_element, segment, groups, fold, budget: int
+    dtypes, rows, width, staged_bytes_per_element, segment, groups, fold, budget: int, split=False
 ) -> Boxes:
     """[`boxes`][] within `budget` bytes of shared memory."""
     vector = 16 // max(jnp.dtype(d).itemsize for d in dtypes)
@@ -271,24 +299,33 @@ def _staging(
     in_segments = segment is None or segment % cols == 0
     chosen = Boxes(min(fit, want) if in_segments else 0, cols, n_chunks, tile_rows, layout)
     if fold and fit == 0 and lane_rows == 1 and in_segments:
-        return _folded(width, staged_bytes_per_element, budget) or chosen
+        most = CLUSTER if split else 1
+        return _folded(width, staged_bytes_per_element, budget, most) or chosen
     return _tuning.tuned(chosen, "mosaic_gpu", rows, width, most_rows=fit)
 
 
-def _folded(width: int, staged_bytes_per_element: int, budget: int) -> Boxes | None:
-    """The folded staging of a row of `width` elements ([`boxes`][]), or `None` if it does
-    not fit in `budget` bytes: boxes of 32 lanes of 4 elements (a float32 layout: Mosaic
+def _folded(
+    width: int, staged_bytes_per_element: int, budget: int, most_split: int = 1
+) -> Boxes | None:
+    """The folded staging of a row of `width` elements ([`boxes`][]), split across the fewest
+    programs (a power of two up to `most_split`) whose slices of whole tiles fit in `budget`
+    bytes, or `None` if none does: boxes of 32 lanes of 4 elements (a float32 layout: Mosaic
     GPU reduces across warps, [`across_warps`][], vectors of up to 4 float32)."""
     vector = 4
     cols = 32 * vector
     n_chunks = -(-width // cols)
-    tiles = -(-n_chunks // WARPS)
-    if tiles * WARPS * cols * staged_bytes_per_element > budget:
-        return None
     layout = plgpu.Layout.TILED(
         plgpu.Tiling(((WARPS, cols), (vector,))), warp_dims=(-3,), lane_dims=(-2,), vector_dim=-1
     )
-    return Boxes(1, cols, tiles, WARPS, layout, folded=True, row_boxes=n_chunks)
+    split = 1
+    while split <= most_split:
+        tiles = -(-n_chunks // (WARPS * split))
+        if tiles * WARPS * cols * staged_bytes_per_element <= budget:
+            return Boxes(
+                1, cols, tiles, WARPS, layout, folded=True, row_boxes=n_chunks, split=split
+            )
+        split *= 2
+    return None
 
 
 def across_warps(v: Any, boxes: Boxes, op: str = "sum") -> Any:
@@ -372,6 +409,21 @@ def clustered_programs(
     per_iteration = -(-blocks // iterations)
     programs = -(-per_iteration // size) * size
     return programs, iterations, size
+
+
+def split_programs(
+    blocks: int, program_smem_bytes: int, split: int, groups: int = 1, min_iterations: int = 1
+) -> tuple[int, int]:
+    """`(clusters, iterations)` per group of a persistent grid over `blocks` rows, each split
+    across a cluster of `split` programs ([`boxes`][]' `split`): as many clusters as run at
+    once (whole clusters per GPC, [`clustered_programs`][]), each visiting at least
+    `min_iterations` rows (a folded backward's `FOLDED_ROWS_PER_PROGRAM`: one row of partials
+    per cluster), and then as few clusters as give each one `iterations` rows."""
+    per_gpc = GPC_SMS * _resident(program_smem_bytes) // split
+    at_once = max(1, _sm_count() // GPC_SMS * per_gpc // groups)
+    iterations = min(max(-(-blocks // at_once), min_iterations), blocks)
+    clusters = -(-blocks // iterations)
+    return clusters, -(-blocks // clusters)
 
 
 # Shared memory for reductions across the warps (a box's column sums: 4 warps × 256 float32).
@@ -509,6 +561,43 @@ def _combine_one(acc, store, layout, cluster: int, me) -> None:
             pl.when(k < n)(combine)
         else:
             combine()
+
+
+def exchange_scratch(boxes: Boxes, values: int, slots: int) -> list:
+    """The scratch of [`across_cluster`][]: `slots` exchanges of up to `values` per-row values
+    (a tile each) and their cluster barriers."""
+    return [
+        plgpu.SMEM((slots, values, *boxes.tile[1:]), jnp.float32),
+        plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=slots),
+    ]
+
+
+def across_cluster(values, boxes: Boxes, scratch, slot, op: str = "sum") -> list:
+    """A split row's per-row `values` (each `(4,)`, already combined across the program's
+    warps, [`across_warps`][]) combined across the `boxes.split` programs of its cluster
+    (`op`: `"sum"` or `"max"`), in their order (the same bits in every program): each value
+    broadcast to a tile and written to the program's shared memory `scratch[0][slot]`
+    ([`exchange_scratch`][]), every program's read through distributed shared memory after
+    [`cluster_sync`][] on `scratch[1][slot]`. A slot is written again no sooner than two
+    exchanges later (`slot` alternating; one exchange is the cluster's barrier: every
+    program has read the slot's values before any passes the next exchange), and each
+    program synchronises once more before it exits (`across_cluster([], ...)`), so that no
+    program's shared memory is read after it has ended."""
+    buf, barrier = scratch
+    for v, value in enumerate(values):
+        spread = jax.lax.broadcast_in_dim(value, boxes.tile[1:], [0])
+        buf[slot, v] = plgpu.layout_cast(spread, boxes.layout)
+    cluster_sync(barrier.at[slot])
+    combine = jnp.add if op == "sum" else jnp.maximum
+    out = []
+    for v in range(len(values)):
+        total = None
+        for p in range(boxes.split):
+            peer = plgpu.cluster_ref(buf, {"cluster": p}).at[slot, v]
+            tile = plgpu.load(peer, layout=boxes.layout, optimized=False)
+            total = tile if total is None else combine(total, tile)
+        out.append(jnp.max(total, axis=1))
+    return out
 
 
 @functools.cache

@@ -14,6 +14,14 @@ are stored and read as one value per row, the parameters read per warp ([`_param
 the backward's partial parameter gradients kept per column of a tile (no sum over its rows,
 which are different columns).
 
+**Split rows** (a row too wide for one program even folded, `_mosaic_gpu.boxes`' `split`):
+a cluster of `split` programs owns a row, program `p` its tiles from `p · chunks` on, folded
+as above; each per-row sum is the programs' combined through distributed shared memory
+(`_mosaic_gpu.across_cluster`, in the same order in every program), the statistics stored by
+the first. The forward is one row per cluster; the backward loops each cluster over rows
+(persistent, `_mosaic_gpu.split_programs`), each program's partial parameter gradients its
+own columns', on chip, written once at the end (no other program has them to combine).
+
 **Forward.** Staged `h` (`x`, or `x + residual` rounded to the residual's dtype, written over
 the residual's box and stored as the output `h`). The statistics are
 `eqxnorm.kernels.reference.moments`' corrected two-pass over the boxes of a row (the Triton
@@ -35,7 +43,7 @@ else in its row of the partials in HBM.
 """
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,32 +56,44 @@ from ._common import F32, Target, partial_iterations, sum_halves, sum_pair, sum_
 plgpu = m.plgpu
 
 
-def _box_tools(boxes: m.Boxes, width: int, zero):
-    """`(cols(j), bcast(v, dims), valid(k))` for a program: the columns of box `j` (a
-    traced start, see [`m.dynamic_index`][]), a per-row or per-column vector broadcast to a
-    box in the row layout, and the mask of a box's columns inside the row (`None` when every
-    box is full). A folded row's tile `k` is its boxes `4k + w` (`w` the tile's row)."""
+class Tools(NamedTuple):
+    """A program's helpers ([`_box_tools`][])."""
+
+    cols: Any
+    bcast: Any
+    valid: Any
+    first_tile: Any = 0
+
+
+def _box_tools(boxes: m.Boxes, width: int, zero, first_tile=0) -> Tools:
+    """`(cols(j), bcast(v, dims), valid(k), first_tile)` for a program: the columns of box
+    `j` (a traced start, see [`m.dynamic_index`][]), a per-row or per-column vector broadcast
+    to a box in the row layout, and the mask of a box's columns inside the row (`None` when
+    every box is full). A folded row's tile `k` is its boxes `4k + w` (`w` the tile's row);
+    a split row's program ([`m.Boxes`][]' `split`) stages the row's tiles from `first_tile`
+    on, its box `j` the row's `4 · first_tile + j`."""
     shape = boxes.tile[1:]
+    first_box = first_tile * boxes.tile_rows
 
     def cols(j):
-        return pl.ds(m.dynamic_index(zero, j * boxes.cols), boxes.cols)
+        return pl.ds(m.dynamic_index(zero, (first_box + j) * boxes.cols), boxes.cols)
 
     def bcast(v, dims):
         return plgpu.layout_cast(lax.broadcast_in_dim(v, shape, dims), boxes.layout)
 
     def valid(k):
         if boxes.folded:
-            if boxes.chunks * boxes.tile_rows * boxes.cols == width:
+            if boxes.split * boxes.chunks * boxes.tile_rows * boxes.cols == width:
                 return None
             col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=boxes.layout)
             part = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=boxes.layout)
-            return col + (k * boxes.tile_rows + part) * boxes.cols < width
+            return col + ((first_tile + k) * boxes.tile_rows + part) * boxes.cols < width
         if width % boxes.cols == 0:
             return None
         col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=boxes.layout)
         return col + k * boxes.cols < width
 
-    return cols, bcast, valid
+    return Tools(cols, bcast, valid, first_tile)
 
 
 def _load(smem, k, layout):
@@ -93,12 +113,31 @@ def row_total(fn, boxes: m.Boxes):
     return m.across_warps(lax.fori_loop(1, boxes.chunks, body, jnp.sum(fn(0), axis=1)), boxes)
 
 
-def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools):
-    """`(shift, offset, var)` per row of the staged boxes (`load_h(k)`: box `k` as float32,
-    zero past the row's end), as `eqxnorm.kernels.reference.moments` defines them."""
-    _, bcast, valid = tools
+def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools, exchange=None):
+    r"""`(shift, offset, var)` per row of the staged boxes (`load_h(k)`: box `k` as float32,
+    zero past the row's end), as `eqxnorm.kernels.reference.moments` defines them. A split
+    row's ([`m.Boxes`][]' `split`) sums are its programs' combined by `exchange(values)`
+    (`_mosaic_gpu.across_cluster`), two exchanges (one for RMSNorm): the row's first
+    element is one program's, so its offset is the plain corrected two-pass $\overline{d}$
+    ($d_0 = 0$)."""
+    bcast, valid = tools.bcast, tools.valid
     scale = 1.0 / width
     total = functools.partial(row_total, boxes=boxes)
+
+    if exchange is not None:
+        if not center:
+            (mean_square,) = exchange([total(lambda k: jnp.square(load_h(k)) * scale)])
+            zeros = mean_square * 0.0
+            return zeros, zeros, mean_square
+        (shift,) = exchange([total(lambda k: load_h(k) * scale)])
+
+        def d(k):
+            return _masked(load_h(k) - bcast(shift, [0]), valid(k))
+
+        offset, mean_square = exchange(
+            [total(lambda k: d(k) * scale), total(lambda k: jnp.square(d(k)) * scale)]
+        )
+        return shift, offset, jnp.maximum(mean_square - offset * offset, 0.0)
 
     if not center:
         mean_square = total(lambda k: jnp.square(load_h(k)) * scale)
@@ -124,10 +163,10 @@ def _copy_in(src, dst, barrier, rows, boxes, tools, group):
     boxes of `dst` `(chunks, block_rows, cols)`, all arriving on `barrier` (which expects
     `chunks` arrivals, [`_barrier`][]); a folded row's box `b` into tile `b // 4`, row `b % 4`
     of `dst` `(chunks, 4, cols)`."""
-    cols = tools[0]
+    cols = tools.cols
     if boxes.folded:
 
-        @pl.loop(0, boxes.row_boxes)
+        @pl.loop(0, boxes.arrivals)
         def _(b):
             part = dst.at[b // boxes.tile_rows, pl.ds(b % boxes.tile_rows, 1)]
             plgpu.copy_gmem_to_smem(src.at[group, rows, cols(b)], part, barrier)
@@ -139,9 +178,10 @@ def _copy_in(src, dst, barrier, rows, boxes, tools, group):
 
 def _zero_tail(smem, boxes: m.Boxes, tools):
     """A folded row's last tile with zeros past the row's end, where no box was copied (or
-    a box ran past it): what TMA's zero fill gives an unfolded row. Each thread rewrites its
-    own elements, in the layout it will read them in."""
-    valid = tools[2](boxes.chunks - 1) if boxes.folded else None
+    a box ran past it): what TMA's zero fill gives an unfolded row (and a split row, whose
+    programs copy every box of their tiles). Each thread rewrites its own elements, in the
+    layout it will read them in."""
+    valid = tools.valid(boxes.chunks - 1) if boxes.folded and boxes.split == 1 else None
     if valid is None:
         return
     last = plgpu.load(smem.at[boxes.chunks - 1], layout=boxes.layout)
@@ -154,10 +194,10 @@ def _barrier(boxes: m.Boxes):
 
 
 def _copy_out(src, dst, rows, boxes, tools, group):
-    cols = tools[0]
+    cols = tools.cols
     if boxes.folded:
 
-        @pl.loop(0, boxes.row_boxes)
+        @pl.loop(0, boxes.arrivals)
         def _(b):
             part = src.at[b // boxes.tile_rows, pl.ds(b % boxes.tile_rows, 1)]
             plgpu.copy_smem_to_gmem(part, dst.at[group, rows, cols(b)])
@@ -220,7 +260,7 @@ def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
     read whole by every warp and kept by its own) is read while the tile lies inside the row,
     and for the row's last (partial) tile `tails[p]`, its boxes staged by TMA
     ([`_stage_tails`][]: a plain read of a partial box would run past the parameter's end)."""
-    bcast, layout = tools[1], boxes.layout
+    bcast, layout = tools.bcast, boxes.layout
     if boxes.folded:
         main, tails, p = ref
         size = boxes.tile_rows * boxes.cols
@@ -228,18 +268,20 @@ def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
         last = plgpu.load(tails.at[p], layout=layout)
         if whole == 0:
             return last.astype(F32)
-        # Tiles past the whole ones read the last whole one (in bounds), then replaced.
-        start = jnp.minimum(k, whole - 1) * size
+        # The row's tile (a split row's program stages tiles from `first_tile` on); tiles
+        # past the whole ones read the last whole one (in bounds), then replaced.
+        tile = tools.first_tile + k
+        start = jnp.minimum(tile, whole - 1) * size
         part = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 0, layout=layout)
         value = last
         for w in range(boxes.tile_rows):
             columns = pl.ds(pl.multiple_of(start + w * boxes.cols, boxes.cols), boxes.cols)
             box = plgpu.load(main.at[group, columns], layout=layout.reduce(0), optimized=False)
             value = jnp.where(part == w, bcast(box, [1]), value)
-        if whole < boxes.chunks:
-            value = jnp.where(k < whole, value, last)
+        if whole < _row_tiles(boxes):
+            value = jnp.where(tile < whole, value, last)
         # Zeros past the row's end (where no box was staged), as padded columns are.
-        valid = tools[2](k)
+        valid = tools.valid(k)
         return _masked(value.astype(F32), valid)
     if per_box:
         table_rows = _per_box_rows(ref, rows, per_box, boxes.block_rows)
@@ -284,6 +326,9 @@ def _forward_body(
     ins, outs, scratch = refs[:n_in], refs[n_in : n_in + n_out], list(refs[n_in + n_out :])
     x_ref, r_ref = ins[0], ins[1] if has_residual else None
     param_refs = ins[1 + has_residual :]
+    # A split row's exchanges (`_mosaic_gpu.across_cluster`): the statistics, the amax, exit.
+    split = boxes.split > 1
+    ex_scratch, scratch = (scratch[-2:], scratch[:-2]) if split else (None, scratch)
     # The parameters' last tiles (or boxes), staged (see `_param`).
     tails, tail_bar = scratch[-2:] if staged_tails else (None, None)
     scratch = scratch[:-2] if tails is not None else scratch
@@ -297,10 +342,17 @@ def _forward_body(
     x_bars, *bars = scratch
     r_bars = bars[0] if has_residual else None
 
+    # A split row's cluster is its row (one per cluster), its program a slice of the tiles.
     i, group = lax.axis_index("rows"), lax.axis_index("groups")
     rows, _ = _window(i, boxes, x_ref.shape[1], clamp)
-    tools = _box_tools(boxes, width, i * 0)
-    _, bcast, _ = tools
+    rank = lax.axis_index("cluster") if split else None
+    tools = _box_tools(boxes, width, i * 0, rank * boxes.chunks if split else 0)
+    bcast = tools.bcast
+    exchanges = iter(range(4))
+
+    def exchange(values, op="sum"):
+        return m.across_cluster(values, boxes, ex_scratch, next(exchanges), op)
+
     _copy_in(x_ref, x_smem, x_bars, rows, boxes, tools, group)
     if r_ref is not None:
         _copy_in(r_ref, r_smem, r_bars, rows, boxes, tools, group)
@@ -328,7 +380,9 @@ def _forward_body(
     def load_h(k):
         return _load(h_smem, k, layout)
 
-    shift, offset, var = _row_stats(load_h, boxes, width, center, tools)
+    shift, offset, var = _row_stats(
+        load_h, boxes, width, center, tools, exchange if split else None
+    )
     rstd = reference.inverse_std(var, eps)
 
     def param(p, k):
@@ -346,12 +400,13 @@ def _forward_body(
         # FP8: the reference's saturating clip, and the row's max |y| over its columns.
         scaled = reference.saturated(y, param(n_params - 1, k), y_smem.dtype)
         y_smem[k] = scaled.astype(y_smem.dtype)
-        return jnp.max(jnp.abs(_masked(y, tools[2](k))), axis=1)
+        return jnp.max(jnp.abs(_masked(y, tools.valid(k))), axis=1)
 
     stats = [shift, offset, rstd]
     if has_scale:
         amax = lax.fori_loop(1, boxes.chunks, lambda k, a: jnp.maximum(a, write(k)), write(0))
-        stats.append(m.across_warps(amax, boxes, "max"))
+        amax = m.across_warps(amax, boxes, "max")
+        stats.append(exchange([amax], "max")[0] if split else amax)
     else:
 
         @pl.loop(0, boxes.chunks)
@@ -360,16 +415,24 @@ def _forward_body(
 
     # The statistics, stored by the threads (a program's are 16 to 64 bytes: too few for a
     # TMA copy, whose strides would also ask rows of 16 bytes); a folded row's, the same in
-    # every warp, as one value.
-    for ref, value in zip(stat_refs, stats, strict=True):
-        if boxes.folded:
-            ref[group, i] = jnp.max(value)
-        else:
-            plgpu.store(ref.at[group, rows], value, optimized=False)
+    # every warp, as one value (a split row's by its cluster's first program).
+    def store_stats():
+        for ref, value in zip(stat_refs, stats, strict=True):
+            if boxes.folded:
+                ref[group, i] = jnp.max(value)
+            else:
+                plgpu.store(ref.at[group, rows], value, optimized=False)
+
+    if split:
+        pl.when(rank == 0)(store_stats)
+    else:
+        store_stats()
     plgpu.commit_smem()
     _copy_out(y_smem, y_ref, rows, boxes, tools, group)
     if h_ref is not None:
         _copy_out(r_smem, h_ref, rows, boxes, tools, group)
+    if split:
+        exchange([])  # no program's exchanges read after it has ended
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -409,11 +472,16 @@ def _pad_columns(p, boxes: m.Boxes):
     return p if p.shape[1] == padded else jnp.pad(p, ((0, 0), (0, padded - p.shape[1])))
 
 
+def _row_tiles(boxes: m.Boxes) -> int:
+    """A folded row's tiles (a split row's, over its programs)."""
+    return -(-boxes.row_boxes // boxes.tile_rows)
+
+
 def _tail_boxes(boxes: m.Boxes) -> range:
     """The boxes of a folded row's last tile, or an unfolded row's last box."""
     if not boxes.folded:
         return range(boxes.chunks - 1, boxes.chunks)
-    return range((boxes.chunks - 1) * boxes.tile_rows, boxes.row_boxes)
+    return range((_row_tiles(boxes) - 1) * boxes.tile_rows, boxes.row_boxes)
 
 
 def _tail_staged(params, boxes: m.Boxes, width: int) -> bool:
@@ -445,11 +513,13 @@ def _stage_tails(param_refs, tails, barrier, group, boxes: m.Boxes, tools):
     into `tails` `(parameters, 4, cols)`, or an unfolded row's last box into `tails`
     `(parameters, 1, cols)` (past the row's end: TMA's zeros, or nothing where no box is
     copied, columns that are never stored), arriving on `barrier`."""
-    cols, first = tools[0], _tail_boxes(boxes)[0]
+    first = _tail_boxes(boxes)[0]
     for p, ref in enumerate(param_refs):
         for b in _tail_boxes(boxes):
             part = tails.at[p, pl.ds(b - first, 1)]
-            plgpu.copy_gmem_to_smem(ref.at[pl.ds(group, 1), cols(b)], part, barrier)
+            # The row's box `b` (whichever boxes the program stages).
+            columns = pl.ds(m.dynamic_index(group * 0, b * boxes.cols), boxes.cols)
+            plgpu.copy_gmem_to_smem(ref.at[pl.ds(group, 1), columns], part, barrier)
 
 
 def _pad_rows(a, rows: int):
@@ -480,6 +550,7 @@ def _boxes(
     rows_in = [a.dtype for a in rows_in if a is not None] + list(more_rows)
     params = [p for p in params if p is not None]
     param_dtype = [_params_dtype(params)] if params else []
+    # A kernel that takes folded rows takes split ones too (the row norms').
     return m.boxes(
         tuple(rows_in) + tuple(param_dtype) + ((layout_dtype,) if layout_dtype else ()),
         shape[1],
@@ -487,6 +558,7 @@ def _boxes(
         sum(jnp.dtype(d).itemsize for d in rows_in),
         groups=shape[0],
         fold=fold,
+        split=fold,
         partials=partials,
         box_partials=box_partials,
     )
@@ -613,6 +685,8 @@ def forward_call(
     scratch += [_barrier(boxes)] * n_barriers
     if staged_tails:
         scratch += _tails_scratch(params, boxes)
+    if boxes.split > 1:
+        scratch += m.exchange_scratch(boxes, 2, 4)
     body = functools.partial(
         _forward_body,
         boxes=boxes,
@@ -628,7 +702,19 @@ def forward_call(
         clamp=clamp,
         staged_tails=staged_tails,
     )
-    run = _rows_kernel(body, target, out_type, scratch, programs, groups, name, auto_barriers=False)
+    # A split row: a cluster of `split` programs per row.
+    programs, cluster = programs * boxes.split, boxes.split
+    run = _rows_kernel(
+        body,
+        target,
+        out_type,
+        scratch,
+        programs,
+        groups,
+        name,
+        auto_barriers=False,
+        cluster=cluster,
+    )
     y, *outs = run(*(a for a in (x_p, r_p) if a is not None), *params)
     h = outs.pop(0) if residual is not None else None
     cut = lambda a: None if a is None else a[:, :rows]  # noqa: E731
@@ -667,14 +753,21 @@ def _backward_body(
     extra = [scratch.pop(0) for reuse in out_reuse if reuse is None]
     # The program's partial sums on chip (`_mosaic_gpu.combine_partials`), if they fit.
     acc = scratch.pop(0) if boxes.partial_bytes else None
-    cluster_bars = [scratch.pop(0) for _ in m.cluster_barriers(cluster)]
+    # A split row's ([`m.Boxes`][]' `split`): its exchanges (`_mosaic_gpu.across_cluster`);
+    # its program's partials are of its own columns, no other's: not combined.
+    split = boxes.split > 1
+    n_cluster_scratch = 2 if split else len(m.cluster_barriers(cluster))
+    cluster_bars = [scratch.pop(0) for _ in range(n_cluster_scratch)]
     # The weight's last tile (or box), staged (see `_param`).
     tails, tail_bar = scratch[-2:] if staged_tails else (None, None)
     bars = scratch[:-2] if tails is not None else scratch
 
-    i, group = m.program_index(cluster), lax.axis_index("groups")
-    tools = _box_tools(boxes, width, i * 0)
-    _, bcast, _ = tools
+    group = lax.axis_index("groups")
+    # A split row's cluster loops over rows, its program over a slice of their tiles.
+    i = lax.axis_index("rows") if split else m.program_index(cluster)
+    first_tile = lax.axis_index("cluster") * boxes.chunks if split else 0
+    tools = _box_tools(boxes, width, i * 0, first_tile)
+    bcast = tools.bcast
     layout = boxes.layout
     if tails is not None:
         _stage_tails([w_ref], tails, tail_bar, group, boxes, tools)
@@ -769,6 +862,10 @@ def _backward_body(
         sum_gx, sum_g = lax.fori_loop(0, boxes.chunks, sums, (zero, zero))
         sum_gx = m.across_warps(sum_gx, boxes)
         sum_g = m.across_warps(sum_g, boxes) if center else sum_g
+        if split:
+            totals = [sum_gx, sum_g] if center else [sum_gx]
+            sum_gx, *rest = m.across_cluster(totals, boxes, cluster_bars, it % 2)
+            sum_g = rest[0] if center else sum_g
         mean_gx, mean_g = sum_gx * (1.0 / width), sum_g * (1.0 / width)
         outs = [t.at[slot] for t in targets]
 
@@ -826,7 +923,19 @@ def _backward_body(
         # The staging past the last block (zeros) has landed before the kernel ends.
         for bar in bars:
             plgpu.barrier_wait(bar.at[iterations % 2])
-    if acc is not None:
+    if split:
+        # The program's columns of its cluster's row of partials; then no program's exchanges
+        # read after it has ended.
+        if acc is not None:
+
+            @pl.loop(0, boxes.chunks)
+            def _(k):
+                for s in range(2):
+                    value = plgpu.load(acc.at[s, k], layout=part_layout, optimized=False)
+                    plgpu.store(partial_part(s, i, first_tile + k), value, optimized=False)
+
+        m.across_cluster([], boxes, cluster_bars, iterations % 2)
+    elif acc is not None:
         cluster_row = lax.axis_index("rows")
 
         def store(_, s, k, total):
@@ -869,7 +978,11 @@ def _stages(
 def _grid(boxes: m.Boxes, blocks: int, program_bytes: int, groups: int, fewest: int):
     """`(programs, iterations, cluster)` of the persistent backward: in clusters that
     combine their partial sums on chip where `boxes` keeps them there
-    (`_mosaic_gpu.clustered_programs`), else unclustered (`persistent_programs`)."""
+    (`_mosaic_gpu.clustered_programs`), else unclustered (`persistent_programs`); a split
+    row's, in clusters of its `split` programs (`split_programs`)."""
+    if boxes.split > 1:
+        clusters, iterations = m.split_programs(blocks, program_bytes, boxes.split, groups, fewest)
+        return clusters * boxes.split, iterations, boxes.split
     if boxes.partial_bytes:
         return m.clustered_programs(blocks, program_bytes, groups, fewest)
     return (*m.persistent_programs(blocks, program_bytes, groups, fewest), 1)
@@ -982,6 +1095,9 @@ def backward_call(
     if on_chip:
         per_program = boxes.tile if boxes.folded else boxes.tile[::2]
         scratch.append(plgpu.SMEM((2, *per_program), F32))
+    if boxes.split > 1:
+        scratch += m.exchange_scratch(boxes, 2, 2)
+    elif on_chip:
         scratch += m.cluster_barriers(cluster)
     n_staged = 2 + (dh is not None)
     scratch += [plgpu.Barrier(num_arrivals=boxes.arrivals, num_barriers=slots)] * n_staged
@@ -992,7 +1108,9 @@ def backward_call(
         if per_box:
             shape = (groups, stat_rows, boxes.chunks // per_box.boxes_per_column)
         elif boxes.folded:
-            shape = (groups, programs // cluster, boxes.chunks * boxes.tile_rows, boxes.cols)
+            # A split row's: its cluster's programs' tiles side by side.
+            tiles = boxes.split * boxes.chunks
+            shape = (groups, programs // cluster, tiles * boxes.tile_rows, boxes.cols)
         else:
             shape = (groups, programs // cluster, boxes.chunks * boxes.cols)
         if split_partials:
@@ -1010,7 +1128,8 @@ def backward_call(
         n_outs=len(d_dtypes),
         param_grads=param_grads,
         per_box=per_box,
-        programs=programs,
+        # A split row's cluster is one row at a time: the row stride is the clusters.
+        programs=programs // boxes.split,
         iterations=iterations,
         slots=slots,
         clamp=clamp,
@@ -1203,7 +1322,7 @@ def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight, 
     i, group = lax.axis_index("rows"), lax.axis_index("groups")
     rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
     tools = _box_tools(boxes, width, i * 0)
-    bcast, layout = tools[1], boxes.layout
+    bcast, layout = tools.bcast, boxes.layout
     w_ref, bars = _staged_weight(w_ref, bars, staged_tails, group, boxes, tools)
     _stage(((x_ref, x_smem), (z_ref, z_smem)), bars, rows, boxes, tools, group)
 
@@ -1245,7 +1364,7 @@ def _gated_backward_body(
     x_smem, z_smem, dy_smem, *bars = rest
     group = lax.axis_index("groups")
     tools = _box_tools(boxes, width, group * 0)
-    bcast, layout = tools[1], boxes.layout
+    bcast, layout = tools.bcast, boxes.layout
     w_ref, bars = _staged_weight(w_ref, bars, staged_tails, group, boxes, tools)
     staged = ((x_ref, x_smem), (z_ref, z_smem), (dy_ref, dy_smem))
 
@@ -1557,7 +1676,7 @@ def dyt_supported(x, *operands) -> bool:
 def _counted(boxes: m.Boxes, tools, n):
     """`counted(k)`: the mask of box `k`'s columns inside their row's valid length `n`
     (float32 per row), and `nonempty()`: the mask of the rows with `n > 0`."""
-    bcast = tools[1]
+    bcast = tools.bcast
     shape = (boxes.block_rows, boxes.cols)
 
     def counted(k):
@@ -1570,7 +1689,7 @@ def _counted(boxes: m.Boxes, tools, n):
 def _lengths_stats(load_h, boxes: m.Boxes, center: bool, tools, n):
     """`(shift, offset, var)` per row over its valid columns: `reference.masked_moments`
     (each mean a sum of `v / n`, 0 for an empty row)."""
-    bcast = tools[1]
+    bcast = tools.bcast
     counted, _ = _counted(boxes, tools, n)
     inv = jnp.where(n > 0.0, 1.0 / jnp.maximum(n, 1.0), 0.0)
     total = functools.partial(row_total, boxes=boxes)
@@ -1608,7 +1727,7 @@ def _lengths_forward_body(*refs, boxes, width, eps, center, has_weight, has_bias
     i, group = lax.axis_index("rows"), lax.axis_index("groups")
     rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
     tools = _box_tools(boxes, width, i * 0)
-    bcast, layout = tools[1], boxes.layout
+    bcast, layout = tools.bcast, boxes.layout
     _copy_in(x_ref, x_smem, x_bars, rows, boxes, tools, group)
     n = _load_rows(len_ref, group, rows, layout)
     _, nonempty = _counted(boxes, tools, n)
@@ -1685,7 +1804,7 @@ def _lengths_backward_body(*refs, boxes, width, center, has_weight, param_grads,
     i, group = lax.axis_index("rows"), lax.axis_index("groups")
     rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
     tools = _box_tools(boxes, width, i * 0)
-    bcast, layout = tools[1], boxes.layout
+    bcast, layout = tools.bcast, boxes.layout
     _copy_in(x_ref, x_smem, x_bars, rows, boxes, tools, group)
     _copy_in(dy_ref, dy_smem, dy_bars, rows, boxes, tools, group)
     n, shift, offset, rstd = (

@@ -250,6 +250,36 @@ def test_backward_partials_are_combined_in_clusters_on_mosaic_gpu(op):
     assert ratio <= 1.03 and deviceless.missed(result) == []
 
 
+def test_wide_float32_rows_are_split_across_a_cluster_on_mosaic_gpu():
+    """Issue 17: a 64 × 70000 float32 LayerNorm training step reads each row once. A row (274
+    KiB) does not fit one program: it is split across a cluster (`_mosaic_gpu.boxes`' `split`),
+    the forward's 2 programs a row, the backward's 8 (x, dy and the partials of its columns
+    on chip, 8 clusters of 8 rows), their row sums exchanged through distributed shared
+    memory (`_mosaic_gpu.across_cluster`). Triton's chunked kernels read x twice in the
+    forward and x and dy twice in the backward (1.49× and 1.61× their bytes), and still do on
+    a JAX without Mosaic GPU."""
+    case = deviceless.cases(["layer_norm"], ["64x70000"], ["float32"], ["fwd+bwd"])[0]
+    [result] = deviceless.run([dataclasses.replace(case, backend="mosaic_gpu")], timeout=600)
+    assert deviceless.problems(result) == []
+    ratio = result["program"]["bytes"] / result["ideal_bytes"]
+    if not mosaic_gpu.usable():
+        assert result["mosaic_gpu"] == [] and len(result["kernels"]) == 2
+        assert all(k["access_bytes"] > 1.4 * k["dram_bytes"] for k in result["kernels"])
+        return
+    assert result["kernels"] == []  # no Triton call
+    grids = {k["name"].split("_")[-4]: k["grid"] for k in result["mosaic_gpu"]}
+    # Mosaic GPU launches the cluster along CUDA's x, the grid's rows on y.
+    assert grids == {"fwd": [2, 64, 1], "bwd": [8, 8, 1]}
+    assert all(k["spill_bytes"] == 0 for k in result["mosaic_gpu"])
+    # What remains: 8 rows of partials (8.5 MiB written and read back, one per cluster of 8
+    # rows, as the folded backward's programs), and the forward's cross-warp reductions.
+    assert 1.05 < ratio <= 1.11
+    assert [m.split(" (")[0] for m in deviceless.missed(result)] == [
+        "bytes <= 1.05x ideal",
+        "eqxnorm_layer_norm_fwd: barriers <= 5",
+    ]
+
+
 # QK-norm, gated RMSNorm and DyT are not yet compiled for a TPU here (QK-norm runs XLA there).
 TPU_OPS = [op for op in _ops.OPS if op not in _ops.EQXNORM_ONLY]
 

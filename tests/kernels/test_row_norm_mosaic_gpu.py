@@ -395,6 +395,109 @@ def test_folded_forward_with_a_backward_on_triton(monkeypatch):
     assert (mosaic, triton) == ((1, 1) if USABLE else (0, 2))
 
 
+# --- split rows: a row too wide for one program, sliced across a cluster of programs -------
+
+# Shared memory shrunk (KiB) so that rows split in the interpreter as 70000 do in 200 KiB:
+# 3000 float32 (24 boxes, 6 tiles of 4) in a forward staging `x` (4 bytes a column) in 2
+# slices of 3 tiles, in a backward staging `x`, `dy` and the partials (16 bytes a column) in
+# 8 slices of one tile, the last two wholly past the row's end (TMA's zeros); 8000 bfloat16
+# (63 boxes) in 2 and 8 slices; 3000 bfloat16 added to a float32 residual (the forward
+# staging 6 bytes a column, the backward 20) in 2 and 8.
+SPLIT_CASES = {
+    "layer_norm-9x3000-float32": ("layer_norm", 9, 3000, "float32", 8, (2, 8)),
+    "rms_norm-3x8000-bfloat16": ("rms_norm", 3, 8000, "bfloat16", 12, (2, 8)),
+    "add_layer_norm-3x3000-bfloat16+float32": ("add_layer_norm", 3, 3000, "mixed", 10, (2, 8)),
+}
+
+
+def test_split_staging_heuristic():
+    if not USABLE:
+        return
+    boxes = functools.partial(_mosaic_gpu.boxes, rows=64, fold=True, split=True)
+    # 70000 float32: the forward's row (274 KiB) in 2 slices of 69 tiles (276 boxes each).
+    fwd = boxes((jnp.float32,), width=70000, staged_bytes_per_element=4)
+    assert (fwd.split, fwd.chunks, fwd.row_boxes, fwd.arrivals) == (2, 69, 547, 276)
+    # 70000 bfloat16's backward: x, dy and the partials in 8 slices of 18 tiles (108 KiB).
+    bwd = boxes((jnp.bfloat16, jnp.float32), width=70000, staged_bytes_per_element=4, partials=2)
+    assert (bwd.split, bwd.chunks, bwd.partial_bytes) == (8, 18, 72 * 1024)
+    # A row that folds whole is not split (70000 bfloat16's forward); one that 8 slices do
+    # not hold is not staged, nor a backward's whose partials do not fit beside its slice.
+    assert boxes((jnp.bfloat16,), width=70000, staged_bytes_per_element=2).split == 1
+    assert boxes((jnp.bfloat16,), width=819200, staged_bytes_per_element=2).split == 8
+    assert boxes((jnp.bfloat16,), width=820224, staged_bytes_per_element=2).block_rows == 0
+    wide = boxes((jnp.bfloat16, jnp.float32), width=204800, staged_bytes_per_element=4, partials=2)
+    assert wide.block_rows == 0
+    # Only for a kernel that takes split rows.
+    assert _mosaic_gpu.boxes((jnp.float32,), 64, 70000, 4, fold=True).block_rows == 0
+    # 64 rows: 8 clusters of 8 rows (a cluster writes one row of partials, as a folded
+    # backward's program does); 4096 rows: as many clusters as run at once (16, 128 SMs).
+    assert _mosaic_gpu.split_programs(64, 216 * 1024, 8, 1, 8) == (8, 8)
+    assert _mosaic_gpu.split_programs(4096, 216 * 1024, 8, 1, 8) == (16, 256)
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES.values()), ids=list(SPLIT_CASES))
+def test_split_rows_match_reference(case, monkeypatch):
+    """Forward and every gradient through split rows: statistics and the backward's row sums
+    combined across the cluster, each program's parameter-gradient partials its columns'."""
+    op, rows, width, dtype, smem, splits = case
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", smem * 1024)
+    x = ks.data((rows, width), jnp.bfloat16 if dtype == "mixed" else dtype, seed=rows)
+    weight, bias = ks.params(width)
+    residual = ks.data(x.shape, jnp.float32, seed=4) if dtype == "mixed" else None
+    args = (x, weight, bias) if residual is None else (x, residual, weight, bias)
+    cotangent = ks.data(x.shape, jnp.float32, seed=9, loc=0.0, scale=1.0)
+    if USABLE:
+        fwd = _row_norm_mosaic_gpu.forward_boxes(x[None], residual, weight, bias)
+        d_dtypes = (x.dtype,) if residual is None else (x.dtype, residual.dtype)
+        dh = None if residual is None else residual[None]
+        bwd = _row_norm_mosaic_gpu.backward_boxes(x[None], weight, x[None], dh, d_dtypes)
+        assert (fwd.split, bwd.split) == splits and bwd.partial_bytes > 0
+
+    def run(module):
+        def loss(*args):
+            out = getattr(module, op)(*args, eps=EPS)
+            y = out if residual is None else out[0] + out[1].astype(out[0].dtype)
+            return jnp.sum(y.astype(jnp.float32) * cotangent), out
+
+        fn = jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)
+        return jax.jit(fn)(*args)
+
+    out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
+    if out is None:
+        return
+    (_, y), grads = out
+    (_, y_ref), grads_ref = run(reference)
+    ks.assert_trees_match(y, y_ref)
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        ks.assert_matches(grad, grad_ref, jnp.bfloat16 if grad.dtype == x.dtype else None)
+
+
+def test_split_forward_at_large_mean_and_fp8(monkeypatch):
+    """A split row's statistics at a large mean (the mean combined first, then the centred
+    sums), and its FP8 output's amax, the maximum over the cluster."""
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", 8 * 1024)
+    x = ks.data((2, 3000), jnp.float32, loc=1e4, scale=1.0)
+    weight, bias = ks.params(3000)
+    if USABLE:
+        assert _row_norm_mosaic_gpu.forward_boxes(x[None], None, weight, bias).split == 2
+    y = ks.run_mosaic_gpu(lambda: MOSAIC_GPU.layer_norm(x, weight, bias, eps=EPS))
+    if y is None:
+        return
+    np.testing.assert_allclose(y, oracle.layer_norm(x, weight, bias, EPS), atol=5e-5)
+    # FP8 rows: a multiple of 16 elements.
+    scale = jnp.float32(3.0)
+    q_dtype = jnp.float8_e4m3fn
+    fp8 = dict(out_dtype=q_dtype, fp8_scale=scale)
+    x = ks.data((2, 3008), jnp.float32, seed=7)
+    weight, bias = ks.params(3008)
+    if USABLE:
+        boxes = _row_norm_mosaic_gpu.forward_boxes(x[None], None, weight, bias, scale, q_dtype)
+        assert boxes.split == 2
+    q, amax = MOSAIC_GPU.layer_norm(x, weight, bias, eps=EPS, **fp8)
+    y32 = MOSAIC_GPU.layer_norm(x, weight, bias, eps=EPS, out_dtype=jnp.float32)
+    ks.assert_fp8_exact(q, amax, y32, scale, *reference.layer_norm(x, weight, bias, eps=EPS, **fp8))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_training_step_over_awkward_rows_pads_nothing(dtype):
     # 37 rows of 760 (blocks of 4 rows, boxes of 128 or 256 columns): the last partial block
