@@ -399,6 +399,8 @@ class Layout(NamedTuple):
     - `param(p)`: the view of a parameter (weight, bias or their tangents; `None` stays).
     - `stat(s)`: the view of a per-row statistic, the reduced axes of size 1 (and back,
       `unstat`).
+    - `weight_offset`: added to the weight (in float32) where the norm applies it: a kernel
+      that takes γ and applies `offset + γ` itself (adaLN's `1 + scale`).
     """
 
     axis: int | tuple[int, ...]
@@ -408,6 +410,7 @@ class Layout(NamedTuple):
     param: Callable
     stat: Callable
     unstat: Callable
+    weight_offset: float = 0.0
 
 
 def tangent(layout: Layout, residuals, tangents):
@@ -421,6 +424,7 @@ def tangent(layout: Layout, residuals, tangents):
     (vx, vtx), (vs, vo, vr) = view, stats
     params = (layout.param(p) for p in (weight, tw, tb))
     vw, vtw, vtb = params
+    vw = reference.offset_weight(vw, layout.weight_offset, jnp.float32)
     return reference._normalized_tangent(
         layout.axis, layout.center, None, vx, vs, vo, vr, vw, vtx, vtw, vtb
     )

@@ -319,6 +319,7 @@ def _forward_body(
     has_scale=False,
     clamp=False,
     staged_tails=False,
+    weight_offset=0.0,
 ):
     n_params = has_weight + has_bias + has_scale
     n_in = 1 + has_residual + n_params
@@ -391,7 +392,7 @@ def _forward_body(
     def write(k):
         y = ((load_h(k) - bcast(shift, [0])) - bcast(offset, [0])) * bcast(rstd, [0])
         if has_weight:
-            y = y * param(0, k)
+            y = y * reference.offset_weight(param(0, k), weight_offset, F32)
         if has_bias:
             y = y + param(int(has_weight), k)
         if not has_scale:
@@ -608,10 +609,20 @@ def backward_boxes(
 
 
 def forward_on(
-    target: Target, x, residual, weight, bias, scale=None, *, op: str, eps: float, out_dtype=None
+    target: Target,
+    x,
+    residual,
+    weight,
+    bias,
+    scale=None,
+    *,
+    op: str,
+    eps: float,
+    out_dtype=None,
+    weight_offset=0.0,
 ):
     """`(y, h, shift, offset, rstd)` as `row_norm._forward_on` (and the rows' amax with a
-    FP8 `scale`), with one Mosaic GPU kernel."""
+    FP8 `scale`; `weight_offset + weight` applied), with one Mosaic GPU kernel."""
     params = [p for p in (weight, bias, scale) if p is not None]
     # The parameters in their common dtype (float32 with a scale), read in one layout.
     if params:
@@ -631,6 +642,7 @@ def forward_on(
         eps=eps,
         name=f"eqxnorm_{op}_fwd",
         per_box=False,
+        weight_offset=weight_offset,
         **flags,
     )
 
@@ -650,6 +662,7 @@ def forward_call(
     has_bias,
     has_scale=False,
     out_dtype=None,
+    weight_offset=0.0,
 ):
     """The forward kernel over `x` `(groups, rows, width)` staged as `boxes`: parameters
     `params` `(groups, width)` per column, or with `per_box` tables, one value per row and
@@ -701,6 +714,7 @@ def forward_call(
         has_scale=has_scale,
         clamp=clamp,
         staged_tails=staged_tails,
+        weight_offset=weight_offset,
     )
     # A split row: a cluster of `split` programs per row.
     programs, cluster = programs * boxes.split, boxes.split
@@ -739,6 +753,7 @@ def _backward_body(
     staged_tails=False,
     cluster=1,
     split_partials=False,
+    weight_offset=0.0,
 ):
     n_in = 5 + has_weight + has_dh
     n_partials = (1 + split_partials) * param_grads
@@ -851,7 +866,8 @@ def _backward_body(
             dy = _load(dy_s, k, layout)
             if w_ref is None:
                 return xhat, dy, dy
-            return xhat, dy, dy * _param(w_ref, k, rows, group, per_box, boxes, tools)
+            w = _param(w_ref, k, rows, group, per_box, boxes, tools)
+            return xhat, dy, dy * reference.offset_weight(w, weight_offset, F32)
 
         def sums(k, acc):
             xhat, _, g = values(k)
@@ -989,7 +1005,19 @@ def _grid(boxes: m.Boxes, blocks: int, program_bytes: int, groups: int, fewest: 
 
 
 def backward_on(
-    target: Target, x, weight, dy, dh, shift, offset, rstd, *, op, param_grads, d_dtypes
+    target: Target,
+    x,
+    weight,
+    dy,
+    dh,
+    shift,
+    offset,
+    rstd,
+    *,
+    op,
+    param_grads,
+    d_dtypes,
+    weight_offset=0.0,
 ):
     """`(dx, dresidual, dweight, dbias)` as `row_norm._backward_on`, with one Mosaic GPU
     kernel; `dweight`/`dbias` are the sums of the programs' float32 partial sums."""
@@ -1015,6 +1043,7 @@ def backward_on(
         name=f"eqxnorm_{op}_bwd",
         per_box=False,
         split_partials=split,
+        weight_offset=weight_offset,
     )
     if not param_grads:
         return dx, dres, None, None
@@ -1047,6 +1076,7 @@ def backward_call(
     name,
     per_box,
     split_partials=False,
+    weight_offset=0.0,
 ):
     """The backward kernel over `x` `(groups, rows, width)` staged as `boxes`: `(dx,
     dresidual, *partials)`, the partial parameter gradients (with `param_grads`): both in
@@ -1136,6 +1166,7 @@ def backward_call(
         staged_tails=staged_tails,
         cluster=cluster,
         split_partials=split_partials,
+        weight_offset=weight_offset,
     )
     run = _rows_kernel(body, target, out_type, scratch, programs, groups, name, cluster=cluster)
     inputs = [x_p, dy_p, *stats] + [a for a in (weight, dh_p) if a is not None]

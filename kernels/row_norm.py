@@ -125,12 +125,14 @@ def _row_norm_fwd_kernel(
     has_bias,
     row_block=None,
     has_scale=False,
+    weight_offset=0.0,
 ):
     r"""$y = ((h - \text{shift}) - \text{offset})\, r\, \gamma + \beta$ for a block of rows,
     saving shift, offset and $r = (\sigma^2 + \varepsilon)^{-1/2}$ per row. $h = x$, or with
     a residual $h = x + \text{residual}$ summed in float32, rounded to the residual's dtype
     and written out: the statistics are those of $h$ as stored. With a scale (FP8 output,
-    see [`_quantized`][]) `y` is stored as `clip(y · scale)` and each row's `max |y|` saved."""
+    see [`_quantized`][]) `y` is stored as `clip(y · scale)` and each row's `max |y|` saved.
+    With a `weight_offset`, $\gamma$ is the weight read plus it (in float32)."""
     r_ref, w_ref, b_ref, s_ref, h_ref, y_ref, shift_ref, offset_ref, rstd_ref, *amax_ref = (
         c.split_refs(refs, has_residual, has_weight, has_bias, has_scale, has_residual)
     )
@@ -153,6 +155,7 @@ def _row_norm_fwd_kernel(
 
     def write(stats, rstd, h, col_mask, mask, view):
         w, b = _params(view(w_ref), view(b_ref), col_mask, target)
+        w = reference.offset_weight(w, weight_offset, F32)
         y = c.affine(c.centred(h, mask, stats) * rstd, w, b)
         amax = None
         if s_ref is not None:
@@ -262,14 +265,24 @@ def _center(op: str) -> bool:
 
 
 def _forward_on(
-    target: Target, x, residual, weight, bias, scale=None, *, op: str, eps: float, out_dtype=None
+    target: Target,
+    x,
+    residual,
+    weight,
+    bias,
+    scale=None,
+    *,
+    op: str,
+    eps: float,
+    out_dtype=None,
+    weight_offset=0.0,
 ):
     """`(y, h, shift, offset, rstd)` of `x` `(groups, rows, dim)` (plus `residual`, when not
     `None`, then `h` is the rounded sum, else `None`) and per-group parameters `(groups,
     dim)`, with one `pallas_call` on `target`; the statistics are `(groups, rows)` float32.
     `y` is in `out_dtype` (default `x.dtype`); with a `scale` `(groups, dim)` (one value
     broadcast over a row's columns) `y` is the FP8 `clip(y · scale)` and each row's amax
-    `(groups, rows)` follows the statistics."""
+    `(groups, rows)` follows the statistics. The kernel applies `weight_offset + weight`."""
     groups, rows, width = x.shape
     launch = _launch(target, x.shape, one_row=True)
     rows_in = [a for a in (x, residual) if a is not None]
@@ -291,6 +304,7 @@ def _forward_on(
         has_weight=weight is not None,
         has_bias=bias is not None,
         has_scale=scale is not None,
+        weight_offset=weight_offset,
     )
     outs = c.pallas_call(
         kernel,
@@ -370,6 +384,7 @@ def _row_norm_bwd_kernel(
     iterations=None,
     has_lengths=False,
     has_dbias=True,
+    weight_offset=0.0,
 ):
     r"""$\partial x = r(g - \overline{g} - \hat{x}\,\overline{g\hat{x}}) + \partial h$
     (without $\overline{g}$ for RMSNorm; $\partial h$, the gradient of the fused add's `h`,
@@ -430,8 +445,10 @@ def _row_norm_bwd_kernel(
             if n is not None:
                 xhat = jnp.where(n > 0, xhat, 0.0)
             dy = c.load(view(dy_ref), mask, target)
-            g = dy if w_ref is None else dy * c.load(_view(config, k)(w_ref), col_mask, target)
-            return xhat, dy, g, mask, view
+            if w_ref is None:
+                return xhat, dy, dy, mask, view
+            w = c.load(_view(config, k)(w_ref), col_mask, target)
+            return xhat, dy, dy * reference.offset_weight(w, weight_offset, F32), mask, view
 
         def dx_and_sums(k, xhat, dy, g, mask, view, mean_gx, mean_g):
             if n is None:
@@ -522,6 +539,7 @@ def _backward_on(
     param_grads: bool,
     d_dtypes: tuple[jnp.dtype, ...],
     lengths=None,
+    weight_offset=0.0,
 ):
     """`(dx, dresidual, dweight, dbias)` of the rows of `x` `(groups, rows, dim)` with one
     `pallas_call` on `target`. The input gradient (plus `dh` when not `None`) is written in
@@ -546,8 +564,12 @@ def _backward_on(
     # be a copy each, two launches).
     one_program = launch.grid[0] == 1
     if param_grads and one_program:
+        # Of one block too (adaLN's examples of a token), each column written once and never
+        # read back: stored in the weight's dtype, the gradients with no cast after them.
+        one_block = weight is not None and (iterations or 1) == 1
+        dtype = c.stored_dtype(target, weight.dtype) if one_block else F32
         out_specs += [launch.partials] * 2
-        out_shape += [jax.ShapeDtypeStruct((groups, 1, 1, width), F32)] * 2
+        out_shape += [jax.ShapeDtypeStruct((groups, 1, 1, width), dtype)] * 2
     elif param_grads:
         # One partial row per program of each gradient, `(dweight, dbias)`, in one array of
         # `width` columns, not the padded block's: every element is written (masked like x).
@@ -567,6 +589,7 @@ def _backward_on(
         param_grads=param_grads,
         iterations=iterations,
         has_lengths=lengths is not None,
+        weight_offset=weight_offset,
     )
     dx, *outs = c.pallas_call(
         kernel,
@@ -625,17 +648,20 @@ def _all_batched(out):
 
 
 @functools.cache
-def _forward(op: str, eps: float, backend: str, out_dtype=None, fp8: bool = False):
+def _forward(
+    op: str, eps: float, backend: str, out_dtype=None, fp8: bool = False, weight_offset=0.0
+):
     """`(x, residual, weight, bias, scale) -> (y, h, shift, offset, rstd)` on `(groups, rows,
     dim)` (`residual`, `h` and `scale` may be `None`; `y` in `out_dtype`, default `x`'s; with
-    `fp8`, a `scale` `(groups, dim)` and each row's amax after the statistics). Under `vmap`
+    `fp8`, a `scale` `(groups, dim)` and each row's amax after the statistics; the kernels
+    apply `weight_offset + weight`). Under `vmap`
     the batch is folded into the rows of every group when the parameters are shared by the
     examples, else into the groups (each example with its own parameters); nested `vmap`s
     fold one after the other."""
 
     @custom_vmap
     def forward(x, residual, weight, bias, scale=None):
-        options = dict(op=op, eps=eps, out_dtype=out_dtype)
+        options = dict(op=op, eps=eps, out_dtype=out_dtype, weight_offset=weight_offset)
         fn = functools.partial(_forward_on, **options)
         mosaic_gpu = c.MosaicGPU(
             functools.partial(_mgpu.forward_on, **options),
@@ -671,14 +697,22 @@ def _fold_forward(forward, axis_size: int, in_batched, args):
 
 
 @functools.cache
-def _backward(op: str, param_grads: bool, d_dtypes: tuple[jnp.dtype, ...], backend: str):
+def _backward(
+    op: str,
+    param_grads: bool,
+    d_dtypes: tuple[jnp.dtype, ...],
+    backend: str,
+    weight_offset=0.0,
+):
     """`(x, weight, dy, dh, shift, offset, rstd) -> (dx, dresidual, dweight, dbias)` (see
     [`_backward_on`][]), batching like [`_forward`][]: per-example parameter gradients either
     way (JAX sums them when the parameters are shared)."""
 
     @custom_vmap
     def backward(x, weight, dy, dh, shift, offset, rstd):
-        kwargs = dict(op=op, param_grads=param_grads, d_dtypes=d_dtypes)
+        kwargs = dict(
+            op=op, param_grads=param_grads, d_dtypes=d_dtypes, weight_offset=weight_offset
+        )
         fn = functools.partial(_backward_on, **kwargs)
         mosaic_gpu = c.MosaicGPU(
             functools.partial(_mgpu.backward_on, **kwargs),
@@ -702,7 +736,8 @@ def _backward(op: str, param_grads: bool, d_dtypes: tuple[jnp.dtype, ...], backe
             _batched(axis_size, in_batched[i], args[i]) for i in (0, 2, 3, 4, 5, 6)
         )
         rows = [_into_rows(axis_size, True, a) for a in (x, dy, dh, shift, offset, rstd)]
-        dx, dres, _, _ = _backward(op, False, d_dtypes, backend)(rows[0], weight, *rows[1:])
+        no_grads = _backward(op, False, d_dtypes, backend, weight_offset)
+        dx, dres, _, _ = no_grads(rows[0], weight, *rows[1:])
         out = (_from_rows(axis_size, dx), _from_rows(axis_size, dres), None, None)
         if param_grads:
             # The kernel's partial sums mix examples, so these sums (which XLA fuses into one
@@ -716,27 +751,29 @@ def _backward(op: str, param_grads: bool, d_dtypes: tuple[jnp.dtype, ...], backe
 
 
 @functools.cache
-def _grouped_norm(op: str, eps: float, backend: str, out_dtype=None):
+def _grouped_norm(op: str, eps: float, backend: str, out_dtype=None, weight_offset=0.0):
     """The differentiable function `(x, weight, bias) -> y` on `(groups, rows, dim)` with
     parameters `(groups, dim)` (or `None`), on the GPU `backend` (`c.GPU_BACKENDS`); `y` in
-    `out_dtype` (default `x.dtype`)."""
-    forward = _forward(op, eps, backend, out_dtype)
+    `out_dtype` (default `x.dtype`); the kernels apply `weight_offset + weight` (in float32,
+    no XLA launch before them: adaLN's `1 + scale`, a zero-centred weight's offset)."""
+    forward = _forward(op, eps, backend, out_dtype, weight_offset=weight_offset)
 
     def norm_forward(x, weight, bias):
         y, _, *stats = forward(x, None, weight, bias)
         return y, *stats
 
-    layout = _ROWS[_center(op)]
-    backward = functools.partial(_norm_backward, op, backend)
+    layout = _ROWS[_center(op)]._replace(weight_offset=weight_offset)
+    backward = functools.partial(_norm_backward, op, backend, weight_offset)
     return _autodiff.norm_with_jvp(norm_forward, backward, None, layout, out_dtype)
 
 
-def _norm_backward(op: str, backend: str, param_grads: bool):
+def _norm_backward(op: str, backend: str, weight_offset: float, param_grads: bool):
     """`(x, weight, dy, *stats) -> (dx, dweight, dbias)`: the backward kernel of a row norm
-    without a residual (see `eqxnorm.kernels._autodiff.norm_with_jvp`)."""
+    without a residual (see `eqxnorm.kernels._autodiff.norm_with_jvp`), applying
+    `weight_offset + weight`."""
 
     def run(x, weight, dy, *stats):
-        backward = _backward(op, param_grads, (jnp.dtype(x.dtype),), backend)
+        backward = _backward(op, param_grads, (jnp.dtype(x.dtype),), backend, weight_offset)
         dx, _, dw, db = backward(x, weight, dy, None, *stats)
         return dx, dw, db
 
@@ -773,7 +810,7 @@ def _grouped_norm_fp8(op: str, eps: float, backend: str, out_dtype):
     forward = _forward(op, eps, backend, out_dtype, fp8=True)
     layout = _ROWS[_center(op)]
 
-    backward = functools.partial(_norm_backward, op, backend)
+    backward = functools.partial(_norm_backward, op, backend, 0.0)
     apply, transpose = _autodiff.norm_map(backward, None, layout, out_dtype)
 
     def rule(primals, tangents):
@@ -883,12 +920,14 @@ def _fp8_scale(fp8_scale, x):
 
 def _row_norm(op: str, x, weight, bias, eps: float, backend: str, options=(0.0, None, None)):
     weight_offset, out_dtype, fp8_scale = options
-    weight = reference.offset_weight(weight, weight_offset, F32)
     if fp8_scale is not None:
+        weight = reference.offset_weight(weight, weight_offset, F32)
         norm = _grouped_norm_fp8(op, float(eps), backend, _out_dtype(out_dtype))
         y, amax = norm(x[None], _one_group(weight), _one_group(bias), _fp8_scale(fp8_scale, x))
         return y[0], jnp.max(amax)
-    norm = _grouped_norm(op, float(eps), backend, _out_dtype(out_dtype))
+    # A zero-centred weight's offset applied by the kernels (no XLA launch before them).
+    offset = 0.0 if weight is None else float(weight_offset)
+    norm = _grouped_norm(op, float(eps), backend, _out_dtype(out_dtype), offset)
     return norm(x[None], _one_group(weight), _one_group(bias))[0]
 
 
@@ -923,6 +962,11 @@ def _adaptive_row_norm(
     op: str, x, scale, shift, weight, bias, eps: float, backend: str, options=(0.0, None)
 ):
     weight_offset, out_dtype = options
+    if weight is None and bias is None:
+        # $W = 1 + s$, $B = t$ (`reference.modulation`): `scale` the kernels' weight, its
+        # `1 +` applied by them (no XLA launch before them), `shift` their bias.
+        norm = _grouped_norm(op, float(eps), backend, _out_dtype(out_dtype), 1.0)
+        return norm(x, scale, shift)
     weight = reference.offset_weight(weight, weight_offset, F32)
     modulated = reference.modulation(scale, shift, weight, bias, F32)
     return _grouped_norm(op, float(eps), backend, _out_dtype(out_dtype))(x, *modulated)

@@ -56,6 +56,16 @@ OPS = {
         lambda impl: functools.partial(F.adaptive_rms_norm, impl=impl),
         lambda: (_data((2, 3, 8), 0), 0.1 * _data((2, 8), 3), _data((2, 8), 4), *_params(8)),
     ),
+    # The kernels applying `offset + weight` themselves: adaLN without affine parameters
+    # (`1 + scale`), a zero-centred RMSNorm weight.
+    "adaptive_layer_norm_plain": (
+        lambda impl: lambda x, s, t: F.adaptive_layer_norm(x, s, t, impl=impl),
+        lambda: (_data((2, 3, 8), 0), 0.1 * _data((2, 8), 3), _data((2, 8), 4)),
+    ),
+    "rms_norm_zero_centred": (
+        lambda impl: functools.partial(F.rms_norm, weight_offset=1.0, impl=impl),
+        lambda: (_data((3, 8), 0), 0.1 * _data((8,), 3)),
+    ),
     "group_norm": (
         lambda impl: lambda x, w, b: F.group_norm(x, 2, w, b, impl=impl),
         lambda: (_data((2, 4, 3), 0), *_params(4)),
@@ -158,6 +168,12 @@ def test_derivatives_match_the_reference(op):
 # family at shapes TMA can stage (rows of a multiple of 16 bytes).
 _MOSAIC_GPU_ARGS = {
     "layer_norm": lambda: (_data((3, 8), 0), *_params(8)),
+    # One example (Mosaic GPU stages groups of at least a layout tile's rows, 64 here).
+    "adaptive_layer_norm_plain": lambda: (
+        _data((1, 3, 8), 0),
+        0.1 * _data((1, 8), 3),
+        _data((1, 8), 4),
+    ),
     "group_norm": lambda: (_data((2, 4, 8), 0), *_params(4)),
     "batch_norm": lambda: (_data((4, 3, 8), 0), *_params(3)),
 }
