@@ -542,7 +542,15 @@ def _params_dtype(params) -> jnp.dtype:
 
 
 def _boxes(
-    rows_in, params, shape, more_rows=(), layout_dtype=None, fold=False, partials=0, box_partials=0
+    rows_in,
+    params,
+    shape,
+    more_rows=(),
+    layout_dtype=None,
+    fold=False,
+    partials=0,
+    box_partials=0,
+    split=None,
 ) -> m.Boxes:
     """The staging of a kernel over `shape` `(groups, rows, width)` that keeps the row
     arrays `rows_in` (plus row buffers of dtypes `more_rows`) on chip and reads the
@@ -551,7 +559,8 @@ def _boxes(
     rows_in = [a.dtype for a in rows_in if a is not None] + list(more_rows)
     params = [p for p in params if p is not None]
     param_dtype = [_params_dtype(params)] if params else []
-    # A kernel that takes folded rows takes split ones too (the row norms').
+    # A kernel that takes folded rows takes split ones too (the row norms'), unless not
+    # `split` (gated RMSNorm's).
     return m.boxes(
         tuple(rows_in) + tuple(param_dtype) + ((layout_dtype,) if layout_dtype else ()),
         shape[1],
@@ -559,7 +568,7 @@ def _boxes(
         sum(jnp.dtype(d).itemsize for d in rows_in),
         groups=shape[0],
         fold=fold,
-        split=fold,
+        split=fold if split is None else split,
         partials=partials,
         box_partials=box_partials,
     )
@@ -1302,11 +1311,15 @@ def _flush_partials(pairs, cluster_bars, boxes: m.Boxes, grid: _Grid):
     row = lax.axis_index("rows")
 
     def store(a, s, k, total):
-        columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
+        if boxes.folded:  # a folded row's partials: `(..., 4 · chunks, cols)`, a tile each
+            columns = pl.ds(pl.multiple_of(k * boxes.tile_rows, boxes.tile_rows), boxes.tile_rows)
+        else:
+            columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
         plgpu.store(pairs[a][1][s].at[0, row, columns], total, optimized=False)
 
+    layout = boxes.layout if boxes.folded else boxes.layout.reduce(0)
     accs = [acc for acc, _ in pairs]
-    m.combine_partials(accs, store, boxes.layout.reduce(0), grid.cluster, cluster_bars)
+    m.combine_partials(accs, store, layout, grid.cluster, cluster_bars)
 
 
 # --- gated RMSNorm ---------------------------------------------------------------------------
@@ -1346,6 +1359,14 @@ def _staged_weight(w_ref, scratch: list, staged_tails: bool, group, boxes: m.Box
     return (w_ref, tails, 0), bars
 
 
+def _stage_rows(refs_and_smems, bars, rows, boxes, tools, group):
+    """[`_stage`][], then a folded row's last tile zeroed past the row's end
+    ([`_zero_tail`][])."""
+    _stage(refs_and_smems, bars, rows, boxes, tools, group)
+    for _, smem in refs_and_smems:
+        _zero_tail(smem, boxes, tools)
+
+
 def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight, staged_tails=False):
     x_ref, z_ref = refs[:2]
     w_ref = refs[2] if has_weight else None
@@ -1355,7 +1376,7 @@ def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight, 
     tools = _box_tools(boxes, width, i * 0)
     bcast, layout = tools.bcast, boxes.layout
     w_ref, bars = _staged_weight(w_ref, bars, staged_tails, group, boxes, tools)
-    _stage(((x_ref, x_smem), (z_ref, z_smem)), bars, rows, boxes, tools, group)
+    _stage_rows(((x_ref, x_smem), (z_ref, z_smem)), bars, rows, boxes, tools, group)
 
     def values(k):
         return _gated_values(x_smem, z_smem, k, layout, norm_before_gate)
@@ -1396,11 +1417,13 @@ def _gated_backward_body(
     group = lax.axis_index("groups")
     tools = _box_tools(boxes, width, group * 0)
     bcast, layout = tools.bcast, boxes.layout
+    # A folded row's partials per column of its tiles, as they are.
+    part_layout = layout if boxes.folded else layout.reduce(0)
     w_ref, bars = _staged_weight(w_ref, bars, staged_tails, group, boxes, tools)
     staged = ((x_ref, x_smem), (z_ref, z_smem), (dy_ref, dy_smem))
 
     def block(rows, ours, first):
-        _stage(staged, bars, rows, boxes, tools, group)
+        _stage_rows(staged, bars, rows, boxes, tools, group)
 
         def values(k):
             x, n, gate, dgate = _gated_values(x_smem, z_smem, k, layout, norm_before_gate)
@@ -1411,9 +1434,10 @@ def _gated_backward_body(
             return x, n, gate, dgate, dy, w, g, post
 
         mean_square = row_total(lambda k: jnp.square(values(k)[1]) * (1.0 / width), boxes)
+        sum_gn = row_total(lambda k: values(k)[6] * values(k)[1], boxes)
         rstd = reference.inverse_std(mean_square, eps)
         # mean(g n̂) = r · mean(g n), as in the Triton kernel.
-        mean_gn = row_total(lambda k: values(k)[6] * values(k)[1], boxes) * rstd * (1.0 / width)
+        mean_gn = sum_gn * rstd * (1.0 / width)
 
         @pl.loop(0, boxes.chunks)
         def _(k):
@@ -1425,9 +1449,11 @@ def _gated_backward_body(
             else:
                 dx, dz = dn * gate, dn * x * dgate
             if param_grads:
-                partial = jnp.sum(_masked(dy * nhat * post, ours), axis=0)
+                partial = dy * nhat * post
+                if not boxes.folded:
+                    partial = jnp.sum(_masked(partial, ours), axis=0)
                 ref = _partial_ref(partial_refs[0], acc, 0, k, boxes, grid)
-                _accumulate(ref, partial, first, layout.reduce(0))
+                _accumulate(ref, partial, first, part_layout)
             x_smem[k] = dx.astype(x_smem.dtype)
             z_smem[k] = dz.astype(z_smem.dtype)
 
@@ -1466,7 +1492,8 @@ def _one_group_call(
     `backward` a persistent grid (its `grid`, [`_Grid`][], [`_each_block`][]) as the row
     norms' backward's ([`_grid`][]), the partials accumulated over a program's blocks: on
     chip and combined over a cluster where `boxes` keeps room for them (one row per
-    cluster), else in the program's row in HBM."""
+    cluster), else in the program's row in HBM. Folded rows (one a block, its partials on
+    chip) as the row norms'; not split ones (`boxes` from `_boxes(split=False)`)."""
     rows, width = staged[0].shape
     br = boxes.block_rows
     padded = [_pad_rows(a[None], br) for a in staged]
@@ -1475,19 +1502,21 @@ def _one_group_call(
     if backward:
         itemsizes = sum(jnp.dtype(a.dtype).itemsize for a in staged)
         row_bytes = boxes.chunks * boxes.cols * itemsizes
+        row_bytes *= boxes.tile_rows if boxes.folded else 1
         fewest = _min_iterations(boxes, blocks, 1, br, width * itemsizes)
         program_bytes = br * row_bytes + boxes.partial_bytes
         programs, iterations, cluster = _grid(boxes, blocks, program_bytes, 1, fewest)
-        clamp = programs * iterations * br != padded[0].shape[1]
+        clamp = not boxes.folded and programs * iterations * br != padded[0].shape[1]
         grid = _Grid(programs, iterations, cluster, clamp)
         settings["grid"] = grid
-    box = (boxes.chunks, br, boxes.cols)
     scratch = []
     if boxes.partial_bytes:  # the order of `_partials_scratch`
-        scratch += [plgpu.SMEM((partials, boxes.chunks, boxes.cols), F32)] if partials else []
+        per_column = boxes.tile if boxes.folded else (boxes.chunks, boxes.cols)
+        scratch += [plgpu.SMEM((partials, *per_column), F32)] if partials else []
         scratch += [plgpu.SMEM((box_partials, 1, boxes.cols), F32)] if box_partials else []
         scratch += m.cluster_barriers(grid.cluster)
-    scratch += [plgpu.SMEM(box, a.dtype) for a in staged] + [_barrier(boxes)] * len(staged)
+    scratch += [plgpu.SMEM(boxes.tile, a.dtype) for a in staged]
+    scratch += [_barrier(boxes)] * len(staged)
     params = [p[None] for p in params]
     if tails:
         settings["staged_tails"] = _tail_staged(params, boxes, width)
@@ -1497,19 +1526,24 @@ def _one_group_call(
     out_type = [jax.ShapeDtypeStruct(padded[0].shape, d) for d in out_dtypes]
     partial_rows = grid.programs // grid.cluster
     out_type += [jax.ShapeDtypeStruct((1, partial_rows, boxes.cols), F32)] * box_partials
-    out_type += [jax.ShapeDtypeStruct((1, partial_rows, boxes.chunks * boxes.cols), F32)] * partials
+    # A folded row's partials a tile of columns each.
+    folded = (boxes.chunks * boxes.tile_rows, boxes.cols)
+    per_row = folded if boxes.folded else (boxes.chunks * boxes.cols,)
+    out_type += [jax.ShapeDtypeStruct((1, partial_rows, *per_row), F32)] * partials
     kernel = functools.partial(body, boxes=boxes, width=width, **settings)
     run = _rows_kernel(
         kernel, target, out_type, scratch, grid.programs, 1, name, auto_barriers, grid.cluster
     )
     outs = run(*padded, *params)
     rows_out = [o[0, :rows] for o in outs[: len(out_dtypes)]]
-    return rows_out, [p[0, :, :width] for p in outs[len(out_dtypes) :]]
+    # A folded row's partials: its tiles' columns in order.
+    flat = [p if p.ndim == 3 else p.reshape(*p.shape[:2], -1) for p in outs[len(out_dtypes) :]]
+    return rows_out, [p[0, :, :width] for p in flat]
 
 
 def gated_rms_norm_forward_on(target: Target, x, z, weight, *, eps, norm_before_gate):
     """`y` as `row_norm._gated_rms_norm_fwd_on`, with one Mosaic GPU kernel."""
-    boxes = _boxes((x, z), (weight,), (1, *x.shape))
+    boxes = _boxes((x, z), (weight,), (1, *x.shape), fold=True, split=False)
     (y,), _ = _one_group_call(
         _gated_forward_body,
         target,
@@ -1534,7 +1568,13 @@ def gated_rms_norm_backward_on(
     """`(dx, dz, dweight)` as `row_norm._gated_rms_norm_bwd_on`, with one Mosaic GPU kernel;
     `dweight` the sum of the programs' float32 partial sums."""
     boxes = _boxes(
-        (x, z, dy), (weight,), (1, *x.shape), layout_dtype=F32, partials=int(param_grads)
+        (x, z, dy),
+        (weight,),
+        (1, *x.shape),
+        layout_dtype=F32,
+        fold=True,
+        split=False,
+        partials=int(param_grads),
     )
     (dx, dz), partials = _one_group_call(
         _gated_backward_body,
@@ -1557,13 +1597,25 @@ def gated_rms_norm_backward_on(
 
 def gated_rms_norm_forward_supported(x, z, weight) -> bool:
     """Whether [`gated_rms_norm_forward_on`][] runs these operands."""
-    boxes = _boxes((x, z), (weight,), (1, *x.shape))
+    boxes = _boxes((x, z), (weight,), (1, *x.shape), fold=True, split=False)
     return _all_supported(x[None], (x, z, weight), boxes)
 
 
 def gated_rms_norm_backward_supported(x, z, weight, dy) -> bool:
-    """Whether [`gated_rms_norm_backward_on`][] runs these operands."""
-    boxes = _boxes((x, z, dy), (weight,), (1, *x.shape), layout_dtype=F32)
+    """Whether [`gated_rms_norm_backward_on`][] runs these operands: a folded row's weight
+    gradient partials kept on chip (its folded tiles have no row of partials in HBM)."""
+    partials = int(weight is not None)
+    boxes = _boxes(
+        (x, z, dy),
+        (weight,),
+        (1, *x.shape),
+        layout_dtype=F32,
+        fold=True,
+        split=False,
+        partials=partials,
+    )
+    if boxes.folded and partials and not boxes.partial_bytes:
+        return False
     return _all_supported(x[None], (x, z, weight, dy), boxes)
 
 
