@@ -301,6 +301,31 @@ def test_folded_staging_heuristic(monkeypatch):
     assert _mosaic_gpu.boxes((jnp.float32,), 3, 1304, 6, fold=True).row_boxes == 11
 
 
+def _assert_outputs_and_gradients_match(op, args, added: bool, cotangent):
+    """`op(*args)` (the fused add's `(y, h)` when `added`) and the gradients of `sum((y [+ h])
+    · cotangent)` for every argument, on Mosaic GPU (its interpreter) and the reference; the
+    gradients of `x`'s half-precision dtype to its tolerance."""
+    x = args[0]
+
+    def run(module):
+        def loss(*args):
+            out = getattr(module, op)(*args, eps=EPS)
+            y = out[0] + out[1].astype(out[0].dtype) if added else out
+            return jnp.sum(y.astype(jnp.float32) * cotangent), out
+
+        fn = jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)
+        return jax.jit(fn)(*args)
+
+    out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
+    if out is None:
+        return
+    (_, y), grads = out
+    (_, y_ref), grads_ref = run(reference)
+    ks.assert_trees_match(y, y_ref)
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        ks.assert_matches(grad, grad_ref, jnp.bfloat16 if grad.dtype == x.dtype else None)
+
+
 @pytest.mark.parametrize(
     "case",
     [("layer_norm", 3, "bfloat16"), ("rms_norm", 1, "float32"), ("add_layer_norm", 3, "mixed")],
@@ -322,23 +347,7 @@ def test_folded_rows_match_reference(case, monkeypatch):
         boxes = _row_norm_mosaic_gpu.backward_boxes(x[None], weight, x[None], dh, d_dtypes)
         assert boxes.folded and boxes.chunks == 3
 
-    def run(module):
-        def loss(*args):
-            out = getattr(module, op)(*args, eps=EPS)
-            y = out if residual is None else out[0] + out[1].astype(out[0].dtype)
-            return jnp.sum(y.astype(jnp.float32) * cotangent), out
-
-        fn = jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)
-        return jax.jit(fn)(*args)
-
-    out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
-    if out is None:
-        return
-    (_, y), grads = out
-    (_, y_ref), grads_ref = run(reference)
-    ks.assert_trees_match(y, y_ref)
-    for grad, grad_ref in zip(grads, grads_ref, strict=True):
-        ks.assert_matches(grad, grad_ref, jnp.bfloat16 if grad.dtype == x.dtype else None)
+    _assert_outputs_and_gradients_match(op, args, residual is not None, cotangent)
 
 
 @pytest.mark.parametrize("on_chip", [False, True], ids=["partials-in-hbm", "partials-on-chip"])
@@ -453,23 +462,7 @@ def test_split_rows_match_reference(case, monkeypatch):
         bwd = _row_norm_mosaic_gpu.backward_boxes(x[None], weight, x[None], dh, d_dtypes)
         assert (fwd.split, bwd.split) == splits and bwd.partial_bytes > 0
 
-    def run(module):
-        def loss(*args):
-            out = getattr(module, op)(*args, eps=EPS)
-            y = out if residual is None else out[0] + out[1].astype(out[0].dtype)
-            return jnp.sum(y.astype(jnp.float32) * cotangent), out
-
-        fn = jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True)
-        return jax.jit(fn)(*args)
-
-    out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
-    if out is None:
-        return
-    (_, y), grads = out
-    (_, y_ref), grads_ref = run(reference)
-    ks.assert_trees_match(y, y_ref)
-    for grad, grad_ref in zip(grads, grads_ref, strict=True):
-        ks.assert_matches(grad, grad_ref, jnp.bfloat16 if grad.dtype == x.dtype else None)
+    _assert_outputs_and_gradients_match(op, args, residual is not None, cotangent)
 
 
 def test_split_forward_at_large_mean_and_fp8(monkeypatch):
