@@ -239,8 +239,9 @@ def boxes(
       partials are its own columns, which no other program of the cluster has: they must
       stay on chip (its slice chosen with room for them: 70000 bf16, `x` and `dy` 4 bytes
       and the partials 8 bytes per column, in 8 slices of 72 boxes, 108 KiB), or the row is
-      not split. So rows up to 819200 bf16 (409600 float32) in the forward, 135168 bf16
-      (102400 float32) in the backward.
+      not split. A split program also keeps `EXCHANGE_BYTES` for its exchanges. So rows up to
+      753664 bf16 (376832 float32) in the forward, 122880 bf16 (94208 float32) in the
+      backward.
     """
     staging = functools.partial(
         _staging, dtypes, rows, width, staged_bytes_per_element, segment, groups, fold
@@ -320,7 +321,9 @@ def _folded(
     split = 1
     while split <= most_split:
         tiles = -(-n_chunks // (WARPS * split))
-        if tiles * WARPS * cols * staged_bytes_per_element <= budget:
+        # A split row's programs keep their exchanges' tiles beside the staging.
+        room = budget - (EXCHANGE_BYTES if split > 1 else 0)
+        if tiles * WARPS * cols * staged_bytes_per_element <= room:
             return Boxes(
                 1, cols, tiles, WARPS, layout, folded=True, row_boxes=n_chunks, split=split
             )
@@ -561,6 +564,12 @@ def _combine_one(acc, store, layout, cluster: int, me) -> None:
             pl.when(k < n)(combine)
         else:
             combine()
+
+
+# Shared memory a split row's program keeps for its exchanges ([`exchange_scratch`][]): at most
+# 4 slots of 2 per-row values, each a float32 tile of 4 × 128 (the forward's), taken from the
+# staging's `SMEM_BYTES` (without it a slice of 200 KiB overflowed an sm_90 block's 227 KiB).
+EXCHANGE_BYTES = 4 * 2 * WARPS * 128 * 4
 
 
 def exchange_scratch(boxes: Boxes, values: int, slots: int) -> list:
