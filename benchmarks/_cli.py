@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -325,11 +326,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner = _runner.Runner(args, contenders)
     progress = Progress(sum(runner.steps(case) for case in cases) + len(args.blocks))
     rows: list[dict] = []
-    for case in cases:
-        rows += runner.run(case, progress)
-    for block in args.blocks:
-        progress.step(f"{block} block training step: {', '.join(_blocks.LIBRARIES)}")
-        rows += _blocks.run((block,), args.repeats, args.warmup)
+    done = 0
+    # Interrupted (Ctrl-C, or SIGTERM: `timeout` on a lent machine), the run still reports
+    # the cases it finished, marked as an interrupted run.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for case in cases:
+            rows += runner.run(case, progress)
+            done += 1
+        for block in args.blocks:
+            progress.step(f"{block} block training step: {', '.join(_blocks.LIBRARIES)}")
+            rows += _blocks.run((block,), args.repeats, args.warmup)
+        interrupted = None
+    except KeyboardInterrupt:
+        interrupted = f"interrupted after {done} of {len(cases)} cases"
+        print(f"\n{interrupted}: reporting what was measured.", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     progress.close()
     _report.fill_derived(rows)
 
@@ -349,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "min_sample_s": _timing.MIN_SAMPLE_S,
             "cache_bytes": runner.cache,
             "interleave_budget_bytes": runner.budget,
+            "interrupted": interrupted,
         },
         "rows": rows,
         "targets": [dataclasses.asdict(r) for r in results],
@@ -371,4 +385,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         print(f"{len(failed)} row(s) failed: see 'Not run' above.", file=sys.stderr)
+    if interrupted:
+        print(f"Incomplete: {interrupted}.", file=sys.stderr)
+        return 130
     return 1 if failed else 0
+
+
+def _interrupt(signum, frame):
+    """SIGTERM as Ctrl-C: the run stops at the next Python instruction and reports."""
+    raise KeyboardInterrupt

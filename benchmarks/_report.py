@@ -597,6 +597,10 @@ def summary_markdown(document: dict, results: list[Result], plots: list[Path]) -
         f"{document['settings']['warmup']}). GB/s counts the bytes each direction must move (see "
         "benchmarks/README.md); %copy is against a device copy of the same bytes.",
         "",
+    ]
+    if document["settings"].get("interrupted"):
+        lines += [f"**Incomplete run** ({document['settings']['interrupted']}).", ""]
+    lines += [
         "## Targets",
         "",
         "| status | target | measured |",

@@ -1,33 +1,36 @@
 #!/usr/bin/env bash
-# The GPU runbook: everything a session with a GPU at hand runs, in one go, in 10 minutes at most
-# (the steps' limits add up to 600 s; the device tool allows 600 s a command).
+# The GPU runbook: everything a session with a GPU at hand runs, in one go, in under 9 minutes
+# (the steps' limits add up to about 500 s; the device tool allows 600 s a command).
 #
 #   bash benchmarks/gpu_runbook.sh [RESULTS_DIR]
 #   RUNBOOK_SKIP="tests tune" bash benchmarks/gpu_runbook.sh    # leave steps out (their keys below)
+#   RUNBOOK_BENCH="--full" bash benchmarks/gpu_runbook.sh       # the benchmark's arguments
 #
 # 1. eqxnorm installed from this checkout without the network (`--no-index`): a machine
 #    whose image lacks a dependency gets it from wheels in `.whl/` (made where pip works:
-#    `pip download --no-deps --only-binary=:all: -d .whl beartype`).
+#    `pip download --no-deps --only-binary=:all: -d .whl beartype liger-kernel`).
 # 2. `tests`: the kernel tests natively on the GPU (`JAX_PLATFORMS=cuda`: the kernels
 #    `impl="auto"` picks there, Mosaic GPU's on Hopper and newer with JAX 0.12+, else Triton's,
 #    and the Mosaic GPU kernels pinned, compiled and run on the device against the reference
-#    compiled by XLA for it), 3 minutes at most.
+#    compiled by XLA for it), 3 minutes at most, in parallel where pytest-xdist is installed;
+#    the verdicts also in RESULTS_DIR/tests.xml.
 # 3. `tune`: the tuner (`python -m eqxnorm.tune`) on LayerNorm and RMSNorm, bf16 4096x1024: the
 #    block configurations of both GPU backends and XLA timed, the cache written to
 #    RESULTS_DIR/tuning.json (the file a user's `~/.cache/eqxnorm/tuning.json` would be),
-#    90 s at most.
-# 4. `bench`: the full benchmark (`python -m benchmarks --full`: every op at the GPU suite's
-#    shapes, bf16, against XLA, eqx.nn, Flax, PyTorch eager and torch.compile, Liger and
-#    tokamax where installed, and a device copy) with the tuning cache of step 3, 3.5 minutes
-#    at most, its results (CSV, JSON, plots, and `summary.md` with the target verdicts: issue
-#    17's as MET/MISSED lines, the peers' time ratios from this run and the deviceless check's
-#    verdicts on the committed deviceless tables, `benchmarks/results/deviceless-h200*/`, made
-#    on a CPU machine: bytes, launches, spills, single reads, occupancy) under RESULTS_DIR
-#    (default `benchmarks/results/<gpu name>/`, the folder to commit).
+#    75 s at most.
+# 4. `bench`: the benchmark (`python -m benchmarks`, bf16: the row norms at 4096 rows of 1024,
+#    8192 and 65536, the channel norms at 32x128x56x56, the transformer block's training step,
+#    against XLA, eqx.nn, Flax, PyTorch eager, Liger where installed, and a device copy) with
+#    the tuning cache of step 3, 3 minutes at most, its results (CSV, JSON, plots, and
+#    `summary.md` with the target verdicts: issue 17's as MET/MISSED lines, the peers' time
+#    ratios from this run and the deviceless check's verdicts on the committed deviceless
+#    tables, `benchmarks/results/deviceless-h200*/`, made on a CPU machine: bytes, launches,
+#    spills, single reads, occupancy) under RESULTS_DIR (default `benchmarks/results/<gpu
+#    name>/`, the folder to commit).
 #
 # Each step is bounded by `timeout`, and a failed step does not stop the next; the exit status
-# is the first failure's. Logs go to RESULTS_DIR/runbook.log (and to $OUT when set, as the
-# device tool of this workplace collects it).
+# is the first failure's. Logs go to RESULTS_DIR/runbook.log; with $OUT set (the device tool of
+# this workplace), the results come back as $OUT/results.tar.gz beside summary.md and the log.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -65,20 +68,37 @@ step install 45 "eqxnorm from this checkout" \
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 step environment 30 "environment" bash -c "nvidia-smi; $python -c 'import jax, eqxnorm; print(jax.__version__, jax.devices())'"
 
-# `-P`: the checkout's root must not shadow the installed package (see the README).
-step tests 180 "kernel tests on the GPU" env JAX_PLATFORMS=cuda "$python" -P -m pytest -q -x -p no:cacheprovider \
-    tests/kernels/test_row_norm.py tests/kernels/test_group_norm.py \
-    tests/kernels/test_batch_norm.py tests/kernels/test_reference.py \
+# `-P`: the checkout's root must not shadow the installed package (see the README). Mosaic GPU's
+# tests first, then Triton's (what `impl="auto"` runs on older GPUs and JAX), the autodiff rules,
+# the reference last. Where pytest-xdist is installed the tests run in parallel (compiles are
+# CPU-bound; no process takes the GPU's memory up front), and where pytest-timeout is, a test
+# that hangs (a cluster barrier never met) is stopped and reported rather than eating the step.
+pytest_args=(-q -p no:cacheprovider -rfE --durations 15 --junitxml "$results/tests.xml")
+if "$python" -c "import xdist" 2>/dev/null; then pytest_args+=(-n "${RUNBOOK_WORKERS:-8}"); fi
+if "$python" -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout 120); fi
+step tests 180 "kernel tests on the GPU" env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    "$python" -P -m pytest "${pytest_args[@]}" \
     tests/kernels/test_row_norm_mosaic_gpu.py tests/kernels/test_group_norm_mosaic_gpu.py \
-    tests/kernels/test_batch_norm_mosaic_gpu.py
-step tune 90 "tuner" env JAX_PLATFORMS=cuda "$python" -P -m eqxnorm.tune \
+    tests/kernels/test_batch_norm_mosaic_gpu.py tests/kernels/test_row_norm.py \
+    tests/kernels/test_group_norm.py tests/kernels/test_batch_norm.py \
+    tests/kernels/test_autodiff.py tests/kernels/test_reference.py
+step tune 75 "tuner" env JAX_PLATFORMS=cuda "$python" -P -m eqxnorm.tune \
     --ops layer_norm rms_norm --shapes 4096x1024 --dtypes bfloat16 --out "$results/tuning.json"
-step bench 210 "full benchmark" env JAX_PLATFORMS=cuda EQXNORM_TUNING_CACHE="$results/tuning.json" \
-    "$python" -m benchmarks --full --dtypes bfloat16 --out "$results" \
+# The benchmark of what fits the step (`RUNBOOK_BENCH` overrides its arguments; `--full`, every
+# op at the GPU suite's shapes, takes far longer): the row norms at a narrow, a wide and a
+# one-read-only-by-cluster width, the channel norms on one NCHW shape, the transformer block's
+# training step. Stopped at its limit, it reports the cases it finished (SIGTERM).
+bench_args=${RUNBOOK_BENCH:---ops layer_norm,rms_norm,add_rms_norm,adaptive_layer_norm,group_norm,batch_norm,rms_norm_fp8 --shapes 4096x1024,4096x8192,4096x65536,32x128x56x56 --direction fwd fwd+bwd --impls pallas,reference,module,eqx,flax,torch,liger,copy --blocks transformer --repeats 20}
+# shellcheck disable=SC2086  # word-split on purpose
+step bench 180 "benchmark" env JAX_PLATFORMS=cuda EQXNORM_TUNING_CACHE="$results/tuning.json" \
+    "$python" -m benchmarks $bench_args --dtypes bfloat16 --out "$results" \
     --deviceless benchmarks/results/deviceless-h200 benchmarks/results/deviceless-h200-mosaic-gpu
 
 if [ -n "${OUT:-}" ]; then
-    cp -r "$results"/. "$OUT"/ 2>/dev/null || true
+    # The device tool brings back at most 8 files: the folder as one archive, and beside it
+    # what to read first.
+    tar -czf "$OUT/results.tar.gz" -C "$results" . 2>/dev/null || true
+    cp "$results"/summary.md "$results"/runbook.log "$OUT"/ 2>/dev/null || true
 fi
 echo "== runbook done: exit status $status; results in $results" | tee -a "$log"
 exit "$status"
