@@ -176,11 +176,20 @@ def _on_cuda(fn, mosaic_gpu: MosaicGPU | None, backend: str, operands) -> Callab
 
     if backend == "mosaic_gpu":
         _check_mosaic_gpu(mosaic_gpu, operands)
-        return functools.partial(mosaic_gpu.launch, MOSAIC_GPU)
+        return functools.partial(_as_triton_gives, fn, mosaic_gpu.launch)
     if backend == "auto" and _mosaic_gpu_runs(mosaic_gpu, operands):
         if _mosaic_gpu.target_supported():
-            return functools.partial(mosaic_gpu.launch, MOSAIC_GPU)
+            return functools.partial(_as_triton_gives, fn, mosaic_gpu.launch)
     return functools.partial(fn, TRITON)
+
+
+def _as_triton_gives(fn, launch, *operands: Any) -> Any:
+    """`launch(MOSAIC_GPU, *operands)` with its outputs in the dtypes `fn` gives on Triton
+    (the rocm branch beside it, whose outputs must match: a one-block Triton backward writes
+    the parameter gradients in the weight's dtype, Mosaic GPU in float32; a GPU run found
+    the mismatch, which no CPU lowering traces)."""
+    expected = jax.eval_shape(functools.partial(fn, TRITON), *operands)
+    return jax.tree.map(lambda o, e: o.astype(e.dtype), launch(MOSAIC_GPU, *operands), expected)
 
 
 def stored_dtype(target: Target, dtype: Any) -> Any:

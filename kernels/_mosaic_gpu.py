@@ -55,6 +55,7 @@ written for (0.12; 0.11.2 lacks `plgpu.store`, which the per-row stores need).
 """
 
 import functools
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -442,6 +443,11 @@ def compiler_params(auto_barriers: bool = True) -> Any:
     )
 
 
+# Set to 1, every kernel keeps Mosaic GPU's automatic barriers (a diagnosis: whether a result
+# that differs on a GPU comes from a barrier a body leaves out).
+AUTO_BARRIERS_ENV = "EQXNORM_MOSAIC_GPU_AUTO_BARRIERS"
+
+
 def kernel(body, *, interpret: bool, auto_barriers: bool = True, cluster: int = 1, **kwargs) -> Any:
     """`plgpu.kernel(body, **kwargs)` with eqxnorm's compiler parameters, run by Mosaic GPU's
     interpreter when `interpret` (on CPU: the tests).
@@ -462,7 +468,10 @@ def kernel(body, *, interpret: bool, auto_barriers: bool = True, cluster: int = 
     (axis `"cluster"` within one, [`program_index`][]), which may read each other's shared
     memory ([`combine_partials`][]). The interpreter ignores the fences of [`cluster_sync`][]
     (it orders memory by its barriers alone) and reads a peer's shared memory as
-    [`_interpret_cluster_refs`][] teaches it."""
+    [`_interpret_cluster_refs`][] teaches it. `EQXNORM_MOSAIC_GPU_AUTO_BARRIERS=1` keeps the
+    automatic barriers in every kernel."""
+    if os.environ.get(AUTO_BARRIERS_ENV) == "1":
+        auto_barriers = True
     if cluster > 1:
         kwargs.update(cluster=(cluster,), cluster_names=("cluster",))
         if interpret:
@@ -641,7 +650,8 @@ def _interpret_cluster_refs() -> None:
 def dynamic_index(zero: Any, index: int) -> Any:
     """`index` as a traced integer (`zero` is a traced 0): a TMA box's start is then not
     checked statically against the array's bounds, so the last box may run past the end of a
-    row, where the TMA fills zeros on load and drops the store."""
+    row, where the TMA fills zeros on load. A store must not (`_row_norm_mosaic_gpu._copy_out`:
+    a one-row box is stored as contiguous bytes, bounded by the array's end alone)."""
     return zero + index
 
 

@@ -194,17 +194,43 @@ def _barrier(boxes: m.Boxes):
 
 
 def _copy_out(src, dst, rows, boxes, tools, group):
+    """Start the TMA stores of `src`'s boxes (as [`_copy_in`][] staged them) into a
+    program's rows of `dst` `(groups, rows, width)`, each within its row.
+
+    A box of one row (a folded or split row's, or a block of one row) is contiguous in HBM,
+    and Mosaic GPU stores such a box as one bulk copy bounded by the array's end, not the
+    row's (loads, with their zero fill, are bounded per axis): a box running past a row's end
+    would write its padding over the next row's first columns. Seen on an H200, where a
+    folded row's last box overwrote the next row's first `cols - width % cols` columns; the
+    interpreter clips per axis. So the box crossing the row's end is stored as its first
+    `width % cols` columns (a multiple of 16 bytes, as `supports` asks of a row), and a split
+    row's boxes wholly past the end are not stored. Boxes of several rows are strided in HBM:
+    their stores are clipped per axis."""
     cols = tools.cols
+    full, tail = divmod(dst.shape[-1], boxes.cols)
     if boxes.folded:
+        first_box = tools.first_tile * boxes.tile_rows
 
         @pl.loop(0, boxes.arrivals)
         def _(b):
             part = src.at[b // boxes.tile_rows, pl.ds(b % boxes.tile_rows, 1)]
-            plgpu.copy_smem_to_gmem(part, dst.at[group, rows, cols(b)])
+            box = first_box + b
+            whole = functools.partial(plgpu.copy_smem_to_gmem, part, dst.at[group, rows, cols(b)])
+            if tail or boxes.split > 1:
+                pl.when(box < full)(whole)
+            else:
+                whole()
+            if tail:
+                end = dst.at[group, rows, pl.ds(cols(b).start, tail)]
+                pl.when(box == full)(lambda: plgpu.copy_smem_to_gmem(part.at[:, :tail], end))
 
         return
     for j in range(boxes.chunks):
-        plgpu.copy_smem_to_gmem(src.at[j], dst.at[group, rows, cols(j)])
+        if boxes.block_rows == 1 and tail and j == full:
+            end = dst.at[group, rows, pl.ds(cols(j).start, tail)]
+            plgpu.copy_smem_to_gmem(src.at[j, :, :tail], end)
+        else:
+            plgpu.copy_smem_to_gmem(src.at[j], dst.at[group, rows, cols(j)])
 
 
 def _window(block, boxes: m.Boxes, rows: int, clamp: bool):

@@ -4,11 +4,13 @@ the awkward shapes; their staging heuristic; their choice by `impl="pallas"` whe
 cuda; and, on a JAX without Mosaic GPU's API (0.10, 0.11), the error that says so."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 import kernel_support as ks
 import oracle
@@ -404,6 +406,87 @@ def test_folded_forward_with_a_backward_on_triton(monkeypatch):
     assert (mosaic, triton) == ((1, 1) if USABLE else (0, 2))
 
 
+# --- TMA stores: each within its row ------------------------------------------------------
+
+
+class _Ref:
+    """A kernel's ref outside a kernel: `.at[...]` records the indexing."""
+
+    def __init__(self, shape, key=()):
+        self.shape, self.key = shape, key
+
+    @property
+    def at(self):
+        return _At(self)
+
+
+class _At:
+    def __init__(self, ref):
+        self.ref = ref
+
+    def __getitem__(self, key):
+        return _Ref(self.ref.shape, (*self.ref.key, key if isinstance(key, tuple) else (key,)))
+
+
+def _stored(boxes, width, rows, programs, monkeypatch):
+    """How many times `_copy_out` writes each element of an array `(1, rows, width)` when each
+    of `programs` `(row, first_tile)` stores its boxes, a one-row box written as Mosaic GPU
+    writes it: one bulk copy of contiguous bytes, bounded by the array's end alone."""
+    counts = np.zeros(rows * width, np.int64)
+
+    def copy_smem_to_gmem(src, dst):
+        _, row, cols = dst.key[-1]
+        for r in range(row.start, row.start + row.size):
+            if row.size == 1:  # contiguous: bounded by the array's end
+                start = r * width + cols.start
+                counts[start : min(start + cols.size, rows * width)] += 1
+            else:  # strided, a tensor copy: clipped per axis
+                end = min(cols.start + cols.size, width)
+                counts[r * width + cols.start : r * width + end] += 1
+
+    def loop(lo, hi):
+        return lambda body: [body(i) for i in range(lo, hi)]
+
+    def when(condition):
+        return lambda body: body() if condition else None
+
+    fake_pl = types.SimpleNamespace(loop=loop, when=when, ds=pl.ds)
+    monkeypatch.setattr(_row_norm_mosaic_gpu, "pl", fake_pl)
+    monkeypatch.setattr(
+        _row_norm_mosaic_gpu, "plgpu", types.SimpleNamespace(copy_smem_to_gmem=copy_smem_to_gmem)
+    )
+    src, dst = _Ref(boxes.tile), _Ref((1, rows, width))
+    for row, first_tile in programs:
+        tools = _row_norm_mosaic_gpu._box_tools(boxes, width, 0, first_tile)
+        rows_ = pl.ds(row, boxes.block_rows)
+        _row_norm_mosaic_gpu._copy_out(src, dst, rows_, boxes, tools, 0)
+    return counts.reshape(rows, width)
+
+
+def test_stores_stay_within_their_rows(monkeypatch):
+    # A GPU run found a folded row's last box overwriting the next row's first columns:
+    # Mosaic GPU stores a one-row box as contiguous bytes, not clipped at the row's end. Each
+    # element must be written exactly once, by its own row's programs.
+    if not USABLE:
+        return
+    boxes = functools.partial(_mosaic_gpu.boxes, rows=64, width=70000, fold=True)
+    # Folded (547 boxes of 128, the last 112 columns inside the row), 3 rows.
+    folded = boxes((jnp.bfloat16,), staged_bytes_per_element=2)
+    assert folded.folded and folded.split == 1
+    counts = _stored(folded, 70000, 3, [(r, 0) for r in range(3)], monkeypatch)
+    assert (counts == 1).all()
+    # Split in 2 slices of 69 tiles (552 boxes: 5 wholly past the row's end), 3 rows.
+    split = boxes((jnp.float32,), staged_bytes_per_element=4, split=True)
+    assert split.split == 2
+    programs = [(r, p * split.chunks) for r in range(3) for p in range(split.split)]
+    assert (_stored(split, 70000, 3, programs, monkeypatch) == 1).all()
+    # Blocks of several rows (strided boxes, clipped per axis): 8 rows of 760.
+    block = _mosaic_gpu.boxes((jnp.bfloat16,), 8, 760, 2)
+    assert block.block_rows > 1 and 760 % block.cols
+    rows = range(0, 8, block.block_rows)
+    assert (_stored(block, 760, 8, [(r, 0) for r in rows], monkeypatch) == 1).all()
+
+
 # --- split rows: a row too wide for one program, sliced across a cluster of programs -------
 
 # Shared memory shrunk (KiB) so that rows split in the interpreter as 70000 do in 200 KiB:
@@ -519,8 +602,8 @@ def test_training_step_over_awkward_rows_pads_nothing(dtype):
     assert (boxes.block_rows, programs) == (4, 2 if dtype == jnp.float32 else 1)
 
 
-def _cuda_calls(impl, width):
-    x = jnp.ones((37, width), jnp.bfloat16)
+def _cuda_calls(impl, width, rows=37):
+    x = jnp.ones((rows, width), jnp.bfloat16)
     weight, bias = ks.params(width)
 
     def step(x, weight, bias):
@@ -543,6 +626,14 @@ def test_pallas_chooses_mosaic_gpu_on_cuda_where_it_can():
     assert _cuda_calls("pallas", 37) == (0, 2)
     # impl="triton" pins Triton.
     assert _cuda_calls(pallas.backend("triton"), 760) == (0, 2)
+
+
+def test_one_row_training_step_lowers_for_cuda():
+    # One row: the Triton backward (the rocm branch beside Mosaic GPU's) writes the parameter
+    # gradients in the weight's dtype, Mosaic GPU in float32; the branches' outputs must agree
+    # (a GPU run found them differ: "switch branches must have equal output types").
+    mosaic, triton = _cuda_calls("pallas", 760, rows=1)
+    assert mosaic + triton == 2
 
 
 def test_pinned_mosaic_gpu_refuses_what_it_cannot_run():
