@@ -66,7 +66,7 @@ fi
 step install 45 "eqxnorm from this checkout" \
     "$python" -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" .
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
-step environment 30 "environment" bash -c "nvidia-smi; $python -c 'import jax, eqxnorm; print(jax.__version__, jax.devices())'"
+step environment 30 "environment" bash -c "nvidia-smi; $python -P -c 'import jax, eqxnorm; print(jax.__version__, jax.devices())'"
 
 # `-P`: the checkout's root must not shadow the installed package (see the README). Mosaic GPU's
 # tests first, then Triton's (what `impl="auto"` runs on older GPUs and JAX), the autodiff rules,
@@ -76,7 +76,11 @@ step environment 30 "environment" bash -c "nvidia-smi; $python -c 'import jax, e
 pytest_args=(-q -p no:cacheprovider -rfE --durations 15 --junitxml "$results/tests.xml")
 if "$python" -c "import xdist" 2>/dev/null; then pytest_args+=(-n "${RUNBOOK_WORKERS:-8}"); fi
 if "$python" -c "import pytest_timeout" 2>/dev/null; then pytest_args+=(--timeout 120); fi
-step tests 180 "kernel tests on the GPU" env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false \
+# pytest-benchmark warns under xdist, and the suite makes warnings errors.
+if "$python" -c "import pytest_benchmark" 2>/dev/null; then pytest_args+=(-p no:benchmark); fi
+# `cuda,cpu`: the GPU is the default device; the host's CPU devices serve the tests that run
+# an interpreter explicitly (its callbacks) and those that shard across 8 devices.
+step tests 180 "kernel tests on the GPU" env JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false \
     "$python" -P -m pytest "${pytest_args[@]}" \
     tests/kernels/test_row_norm_mosaic_gpu.py tests/kernels/test_group_norm_mosaic_gpu.py \
     tests/kernels/test_batch_norm_mosaic_gpu.py tests/kernels/test_row_norm.py \
@@ -90,7 +94,7 @@ step tune 75 "tuner" env JAX_PLATFORMS=cuda "$python" -P -m eqxnorm.tune \
 # training step. Stopped at its limit, it reports the cases it finished (SIGTERM).
 bench_args=${RUNBOOK_BENCH:---ops layer_norm,rms_norm,add_rms_norm,adaptive_layer_norm,group_norm,batch_norm,rms_norm_fp8 --shapes 4096x1024,4096x8192,4096x65536,32x128x56x56 --direction fwd fwd+bwd --impls pallas,reference,module,eqx,flax,torch,liger,copy --blocks transformer --repeats 20}
 # shellcheck disable=SC2086  # word-split on purpose
-step bench 180 "benchmark" env JAX_PLATFORMS=cuda EQXNORM_TUNING_CACHE="$results/tuning.json" \
+step bench 240 "benchmark" env JAX_PLATFORMS=cuda EQXNORM_TUNING_CACHE="$results/tuning.json" \
     "$python" -m benchmarks $bench_args --dtypes bfloat16 --out "$results" \
     --deviceless benchmarks/results/deviceless-h200 benchmarks/results/deviceless-h200-mosaic-gpu
 

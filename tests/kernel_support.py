@@ -57,6 +57,13 @@ def assert_matches(actual, expected, dtype=None):
     )
 
 
+def devices(n):
+    """`n` devices of JAX's default backend, or the host's CPU devices where it has fewer (a
+    GPU run of the suite, `JAX_PLATFORMS=cuda,cpu`: one GPU, and conftest's 8 CPU devices)."""
+    found = jax.devices()
+    return found[:n] if len(found) >= n else jax.devices("cpu")[:n]
+
+
 def lowered(fn, args, platform):
     """The StableHLO text of `jax.jit(fn)` exported for `platform` ("cuda" or "tpu") from this
     CPU machine, with the kernels' custom calls allowed."""

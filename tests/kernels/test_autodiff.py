@@ -284,7 +284,7 @@ def test_under_vmap_the_examples_fold_into_one_launch():
 
 
 def test_jit_with_the_batch_sharded():
-    mesh = jax.make_mesh((8,), ("batch",))
+    mesh = jax.make_mesh((8,), ("batch",), devices=ks.devices(8))
     batch = NamedSharding(mesh, P("batch"))
     x = jax.device_put(_data((16, 4, 3), 0), batch)
     weight, bias = _params(4)
