@@ -195,8 +195,10 @@ def assert_fp8_exact(q, amax, y32, scale, q_ref, amax_ref):
     """The FP8 contract: `(q, amax)` is `reference.quantize_fp8` of the kernel's own float32
     output `y32`, bit for bit (the clip, the rounding and the amax are the reference's); and
     against the reference's `(q_ref, amax_ref)`, whose float32 output differs from `y32` in
-    the last bit (its statistics are summed in another order), the codes within one float8
-    step and the amax within float32 rounding."""
+    the last bits (its statistics are summed in another order), the codes within one float8
+    step, or where `y` nearly cancels to 0, within that float32 rounding scaled: a few
+    float32 steps of the row's largest `|y|`, times `scale` (an H200 found a code two float8
+    steps apart at `y` of 4e-7 among values of 7, scaled by 1e5)."""
     from eqxnorm.kernels import reference
 
     q_y32, amax_y32 = reference.quantize_fp8(y32.astype(jnp.float32), scale, q.dtype)
@@ -204,5 +206,8 @@ def assert_fp8_exact(q, amax, y32, scale, q_ref, amax_ref):
     assert float(amax) == float(amax_y32)
     assert np.mean(bits(q) != bits(q_ref)) < 0.01
     step = float(jnp.finfo(q.dtype).eps)
-    np.testing.assert_allclose(q.astype(np.float32), q_ref.astype(np.float32), rtol=step)
+    rounding = 4 * float(jnp.finfo(jnp.float32).eps) * float(amax) * float(scale)
+    np.testing.assert_allclose(
+        q.astype(np.float32), q_ref.astype(np.float32), rtol=step, atol=rounding
+    )
     np.testing.assert_allclose(amax, amax_ref, rtol=1e-6)

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, strategies as st
 from jax.test_util import check_grads
 
+import kernel_support as ks
 import oracle
 from eqxnorm.kernels import reference
 
@@ -175,7 +176,12 @@ def test_jit_equals_eager_and_float64_at_large_values(op, dtype):
     }
     for x in cases:
         eager, jitted = fns[op](x), jax.jit(fns[op])(x)
-        np.testing.assert_array_equal(np.asarray(jitted), np.asarray(eager))
+        if jax.default_backend() == "cpu":
+            np.testing.assert_array_equal(np.asarray(jitted), np.asarray(eager))
+        else:
+            # XLA's GPU reductions sum in another order when fused (an H200 differed in the
+            # last bit of float32 RMSNorm and GroupNorm at 1e3 + spread): within rounding.
+            ks.assert_matches(jitted, eager)
         oracle.assert_close(jitted, oracles[op](x))
 
 
