@@ -15,8 +15,9 @@ once, backward reads `x`, the weight and the cotangents and writes the gradients
     python -m benchmarks.deviceless --ops layer_norm --shapes 4096x8192 --dtypes float32
     python -m benchmarks.deviceless --out benchmarks/results/deviceless-h200 --check
 
-`--backend mosaic_gpu` compiles `impl="pallas"` instead, what `impl="auto"` runs on an H200
-with JAX 0.12+ (the row norms' Mosaic GPU kernels, Triton's for what has none): one row per
+`--backend mosaic_gpu` compiles `impl="pallas"` instead, taking the row norms' Mosaic GPU
+kernels (`row_norm.taking_mosaic_gpu`: `impl="auto"` runs them on Triton, measured faster on
+an H200), what it runs on an H200 with JAX 0.12+ (Triton's for what has none): one row per
 Mosaic GPU kernel with ptxas's registers and spills (`benchmarks._gpu_static.mosaic_gpu_compile`),
 and the program's bytes against the ideal.
 
@@ -100,8 +101,8 @@ def _program(case: Case):
     from ._ops import OPS, make_problem, parse_shape
 
     problem = make_problem(OPS[case.op], parse_shape(case.shape), case.dtype)
-    # Mosaic GPU through `impl="pallas"`: what `impl="auto"` runs on an H200 (pinning
-    # `impl="mosaic_gpu"` would trace its CPU interpreter's effects into the program too).
+    # Mosaic GPU through `impl="pallas"`, the row norms' taken (`run_case`): pinning
+    # `impl="mosaic_gpu"` would trace its CPU interpreter's effects into the program too.
     impl = "triton" if case.target == "h200" and case.backend == "triton" else "pallas"
     built = eqxnorm_fused(impl)(problem)
     if case.direction == "fwd":
@@ -128,8 +129,11 @@ def run_case(case: Case, workdir: str) -> dict:
         return {"case": dataclasses.asdict(case), **dataclasses.asdict(report)}
     start = time.time()
     if case.backend == "mosaic_gpu":
-        kernels = g.kernel_reports(fn, *args, workdir=workdir)  # Triton's, if any are left
-        program, mosaic = g.mosaic_gpu_compile(fn, *args, workdir=workdir)
+        from eqxnorm.kernels import row_norm
+
+        with row_norm.taking_mosaic_gpu():
+            kernels = g.kernel_reports(fn, *args, workdir=workdir)  # Triton's, if any left
+            program, mosaic = g.mosaic_gpu_compile(fn, *args, workdir=workdir)
     else:
         kernels = g.kernel_reports(fn, *args, workdir=workdir)
         program, mosaic = g.xla_compile(fn, *args, workdir=workdir), []

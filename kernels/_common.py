@@ -89,10 +89,13 @@ GPU_BACKENDS = ("auto", "triton", "mosaic_gpu")
 class MosaicGPU(NamedTuple):
     """A kernel family's Mosaic GPU launch, `launch(target, *operands)` with the contract of
     the Triton-style `fn` it stands beside, and `supported(*operands)`: whether it can run
-    those operands (dtypes, and rows that TMA can stage and that fit on chip)."""
+    those operands (dtypes, and rows that TMA can stage and that fit on chip). `auto`: whether
+    `backend="auto"` takes it where it runs (else it runs only when pinned, `"mosaic_gpu"`):
+    as measured on a GPU against the Triton kernels beside it."""
 
     launch: Callable[..., Any]
     supported: Callable[..., bool]
+    auto: bool = True
 
 
 def per_platform(
@@ -110,8 +113,9 @@ def per_platform(
     (`_sharding.gathered`).
 
     On cuda, with a `mosaic_gpu` launch, `backend` chooses between it and `fn` on Triton:
-    `"auto"` takes Mosaic GPU where the installed JAX has it (0.12+), the GPU compiled for has
-    compute capability 9.0 or more, and `mosaic_gpu.supported(*operands)`, else Triton;
+    `"auto"` takes Mosaic GPU where the family's launch says so (`mosaic_gpu.auto`), the
+    installed JAX has it (0.12+), the GPU compiled for has compute capability 9.0 or more,
+    and `mosaic_gpu.supported(*operands)`, else Triton;
     `"mosaic_gpu"` takes it or raises; `"triton"` takes Triton. A call pinned to
     `"mosaic_gpu"` is not staged per platform (see [`_pinned_mosaic_gpu`][]): off a GPU it
     runs Mosaic GPU's interpreter (the tests on CPU)."""
@@ -177,7 +181,7 @@ def _on_cuda(fn, mosaic_gpu: MosaicGPU | None, backend: str, operands) -> Callab
     if backend == "mosaic_gpu":
         _check_mosaic_gpu(mosaic_gpu, operands)
         return functools.partial(_as_triton_gives, fn, mosaic_gpu.launch)
-    if backend == "auto" and _mosaic_gpu_runs(mosaic_gpu, operands):
+    if backend == "auto" and _mosaic_gpu_runs(mosaic_gpu, operands) and mosaic_gpu.auto:
         if _mosaic_gpu.target_supported():
             return functools.partial(_as_triton_gives, fn, mosaic_gpu.launch)
     return functools.partial(fn, TRITON)

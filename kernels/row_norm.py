@@ -69,6 +69,7 @@ only the normalized input (`x`, or the output `h`), the parameters and the per-r
 as residuals.
 """
 
+import contextlib
 import functools
 from typing import Any, NamedTuple
 
@@ -83,6 +84,32 @@ from . import _autodiff, _common as c, _row_norm_mosaic_gpu as _mgpu, reference
 from ._common import F32, Target
 
 _SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
+
+# Whether `backend="auto"` runs the row norms' Mosaic GPU kernels on cuda. Not: on an H200
+# (JAX 0.12, bf16, 4096 rows, a LayerNorm / RMSNorm training step, the tuner's medians) the
+# Triton kernels took 0.13 / 0.13 ms at 1024 columns and 0.29-0.43 / 0.25 ms at 8192 where
+# Mosaic GPU's took 0.15 / 0.17 and 1.17-1.28 / 1.14 (XLA 0.20 / 0.24 and 0.71 / 0.51), and
+# the benchmark's adaptive, add + norm and FP8 forms were as slow on Mosaic GPU at 8192 and
+# 65536. They stay one `backend="mosaic_gpu"` away (the group norms' run by default, faster
+# than XLA there). See benchmarks/results/nvidia-h200/.
+MOSAIC_GPU_AUTO = False
+
+
+@contextlib.contextmanager
+def taking_mosaic_gpu(take: bool = True):
+    """Within it, `impl="auto"` takes the row norms' Mosaic GPU kernels where they run (with
+    `take`; else not, the default): [`MOSAIC_GPU_AUTO`][] set, and JAX's tracing caches cleared
+    on entry and exit, since the flag is read when a kernel call is traced. For the tests and
+    the deviceless check of the Mosaic GPU kernels."""
+    global MOSAIC_GPU_AUTO
+    before = MOSAIC_GPU_AUTO
+    jax.clear_caches()
+    MOSAIC_GPU_AUTO = take
+    try:
+        yield
+    finally:
+        MOSAIC_GPU_AUTO = before
+        jax.clear_caches()
 
 
 def _masks(config: c.BlockConfig, rows: int, width: int, start_col: Any = 0):
@@ -666,6 +693,7 @@ def _forward(
         mosaic_gpu = c.MosaicGPU(
             functools.partial(_mgpu.forward_on, **options),
             functools.partial(_mgpu.forward_supported, out_dtype=out_dtype),
+            auto=MOSAIC_GPU_AUTO,
         )
         spec = "g r d, g r d, g d, g d, g d -> g r d, g r d, g r, g r, g r"
         rule = c.Rule(spec + ", g r" if fp8 else spec, split="g r")
@@ -717,6 +745,7 @@ def _backward(
         mosaic_gpu = c.MosaicGPU(
             functools.partial(_mgpu.backward_on, **kwargs),
             functools.partial(_mgpu.backward_supported, d_dtypes),
+            auto=MOSAIC_GPU_AUTO,
         )
         rule = c.Rule("g r d, g d, g r d, g r d, g r, g r, g r -> g r d, g r d, g d, g d", "g r")
         args = (x, weight, dy, dh, shift, offset, rstd)
@@ -1862,6 +1891,7 @@ def _gated_rms_norm(eps: float, norm_before_gate: bool, backend: str):
         mosaic_gpu = c.MosaicGPU(
             functools.partial(_mgpu.gated_rms_norm_forward_on, **settings),
             _mgpu.gated_rms_norm_forward_supported,
+            auto=MOSAIC_GPU_AUTO,
         )
         rule = c.Rule("r d, r d, d -> r d", split="r")
         args = (x, z, weight)
@@ -1873,6 +1903,7 @@ def _gated_rms_norm(eps: float, norm_before_gate: bool, backend: str):
         mosaic_gpu = c.MosaicGPU(
             functools.partial(_mgpu.gated_rms_norm_backward_on, **kwargs),
             _mgpu.gated_rms_norm_backward_supported,
+            auto=MOSAIC_GPU_AUTO,
         )
         args = (x, z, weight, dy)
         # The weight's gradient is a sum over the rows: added across the devices.
@@ -2061,7 +2092,7 @@ def _dyt(backend: str):
     """The differentiable `(x, alpha, weight, bias) -> y` (rows `(rows, dim)`)."""
 
     def launch_forward(x, alpha, weight, bias):
-        mosaic_gpu = c.MosaicGPU(_mgpu.dyt_forward_on, _mgpu.dyt_supported)
+        mosaic_gpu = c.MosaicGPU(_mgpu.dyt_forward_on, _mgpu.dyt_supported, auto=MOSAIC_GPU_AUTO)
         args = (x, alpha, weight, bias)
         rule = c.Rule("r d, , d, d -> r d", split="r")
         return c.per_platform(
@@ -2069,7 +2100,7 @@ def _dyt(backend: str):
         )
 
     def launch_backward(x, dy, alpha, weight):
-        mosaic_gpu = c.MosaicGPU(_mgpu.dyt_backward_on, _mgpu.dyt_supported)
+        mosaic_gpu = c.MosaicGPU(_mgpu.dyt_backward_on, _mgpu.dyt_supported, auto=MOSAIC_GPU_AUTO)
         args = (x, alpha, weight, dy)
         rule = c.Rule("r d, , d, r d -> r d, , d, d", split="r")
         return c.per_platform(
@@ -2292,6 +2323,7 @@ def _lengths_forward(op: str, eps: float, backend: str):
         mosaic_gpu = c.MosaicGPU(
             functools.partial(_mgpu.lengths_forward_on, op=op, eps=eps),
             _mgpu.lengths_forward_supported,
+            auto=MOSAIC_GPU_AUTO,
         )
         rule = c.Rule("g r d, g r, g d, g d -> g r d, g r, g r, g r", split="g r")
         args = (x, lengths, weight, bias)
@@ -2315,6 +2347,7 @@ def _lengths_backward(op: str, param_grads: bool, backend: str):
         mosaic_gpu = c.MosaicGPU(
             functools.partial(_mgpu.lengths_backward_on, op=op, param_grads=param_grads),
             _mgpu.lengths_backward_supported,
+            auto=MOSAIC_GPU_AUTO,
         )
         rule = c.Rule("g r d, g r, g d, g r d, g r, g r, g r -> g r d, g d, g d", "g r")
         args = (x, lengths, weight, dy, shift, offset, rstd)

@@ -11,6 +11,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["EQXNORM_TUNING_CACHE"] = "off"
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -21,3 +22,13 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # within CI's budget on 2 cores.
 settings.register_profile("eqxnorm", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile("eqxnorm")
+
+
+@pytest.fixture
+def mosaic_gpu_auto():
+    """`impl="auto"` taking the row norms' Mosaic GPU kernels where they run, which by default
+    it does not (`row_norm.taking_mosaic_gpu`)."""
+    from eqxnorm.kernels import row_norm
+
+    with row_norm.taking_mosaic_gpu():
+        yield

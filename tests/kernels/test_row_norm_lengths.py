@@ -149,9 +149,14 @@ def test_functional_lengths_over_several_axes_run_the_kernels():
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_lowers_to_the_kernels_with_gradient(platform):
+@pytest.mark.parametrize("mosaic", [False, True], ids=["default", "mosaic-gpu-auto"])
+def test_lowers_to_the_kernels_with_gradient(platform, mosaic, request):
     # On a GPU or TPU, `lengths=` runs the two kernels and nothing else: no mask array, no
-    # reference.
+    # reference. On cuda, Triton's (measured faster, `row_norm.MOSAIC_GPU_AUTO`), or Mosaic
+    # GPU's where `impl="auto"` takes them and JAX has them (0.12+).
+    if mosaic:
+        request.getfixturevalue("mosaic_gpu_auto")
+
     def value_and_grads(x, lengths, weight, bias):
         def loss(x, weight, bias):
             y = functional.layer_norm(x, weight, bias, lengths=lengths, impl="pallas")
@@ -164,8 +169,9 @@ def test_lowers_to_the_kernels_with_gradient(platform):
     text = ks.lowered(value_and_grads, args, platform)
     assert ks.kernel_count(text, platform) == 2
     assert "eqxnorm_layer_norm_lengths_fwd" in text and "eqxnorm_layer_norm_lengths_bwd" in text
-    if platform == "cuda":  # Mosaic GPU's where JAX has it (0.12+), else Triton's
-        assert text.count(ks.MOSAIC_GPU_CALL) == (2 if _mosaic_gpu.usable() else 0)
+    if platform == "cuda":
+        runs = mosaic and _mosaic_gpu.usable()
+        assert text.count(ks.MOSAIC_GPU_CALL) == (2 if runs else 0)
 
 
 @pytest.mark.parametrize(
