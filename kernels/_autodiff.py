@@ -455,7 +455,8 @@ def norm_map(
         x, weight, shift, offset, rstd = residuals
         like_x, *like_params = like
         given = [p for p in like_params if p is not None]
-        dx, *grads = backward(bool(given))(x, weight, dy, shift, offset, rstd)
+        dtypes = tuple(None if p is None else jnp.dtype(p.dtype) for p in like_params)
+        dx, *grads = backward(bool(given), dtypes)(x, weight, dy, shift, offset, rstd)
         if given and reduce_param_grads is not None:
             # Both gradients at once: one XLA launch can reduce the pair.
             grads = reduce_param_grads(grads, given[0])
@@ -479,11 +480,13 @@ def norm_with_jvp(
 
     - `forward(x, weight, bias) -> (y, shift, offset, rstd)`: the forward kernel, the
       statistics float32 and per row, `y` in `out_dtype` (default `x.dtype`).
-    - `backward(param_grads)(x, weight, dy, shift, offset, rstd) -> (dx, dweight, dbias)`:
-      the backward kernel, the parameter gradients float32 partial sums (`None` unless
-      `param_grads`), reduced to the parameters' shapes by `reduce_param_grads(grads,
-      like) -> grads` (`grads` both gradients, `like` a parameter's struct, for its dtype;
-      `None`: they have the parameters' shapes already).
+    - `backward(param_grads, param_dtypes)(x, weight, dy, shift, offset, rstd) -> (dx,
+      dweight, dbias)`: the backward kernel (`param_dtypes` the parameters' dtypes, `None`
+      for one absent), the parameter gradients float32 partial sums (`None` unless
+      `param_grads`; a kernel may write final sums in the parameters' dtypes), reduced to
+      the parameters' shapes by `reduce_param_grads(grads, like) -> grads` (`grads` both
+      gradients, `like` a parameter's struct, for its dtype; `None`: they have the
+      parameters' shapes already).
 
     The kernel's `(y, shift, offset, rstd)` [`with_jvp`][]: `y`'s tangent a [`linear`][] map
     of the reference's maths whose transpose is `backward`, the statistics' the reference's

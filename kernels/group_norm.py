@@ -650,7 +650,7 @@ def _group_norm(groups: int, eps: float, per_example: bool, backend: str, channe
     layout = _layout_of_groups_channels_last if channels_last else _layout_of_groups
     return _autodiff.norm_with_jvp(
         _forward(groups, eps, per_example, backend, channels_last),
-        functools.partial(_backward, groups, per_example, backend, channels_last),
+        lambda param_grads, _: _backward(groups, per_example, backend, channels_last, param_grads),
         None if per_example else _sum_over_examples,
         layout(groups),
     )

@@ -567,6 +567,7 @@ def _backward_on(
     d_dtypes: tuple[jnp.dtype, ...],
     lengths=None,
     weight_offset=0.0,
+    bias_dtype=None,
 ):
     """`(dx, dresidual, dweight, dbias)` of the rows of `x` `(groups, rows, dim)` with one
     `pallas_call` on `target`. The input gradient (plus `dh` when not `None`) is written in
@@ -592,11 +593,13 @@ def _backward_on(
     one_program = launch.grid[0] == 1
     if param_grads and one_program:
         # Of one block too (adaLN's examples of a token), each column written once and never
-        # read back: stored in the weight's dtype, the gradients with no cast after them.
+        # read back: stored in the parameters' dtypes, the gradients with no cast after them.
         one_block = weight is not None and (iterations or 1) == 1
-        dtype = c.stored_dtype(target, weight.dtype) if one_block else F32
+        dtypes = (weight.dtype, bias_dtype or weight.dtype) if one_block else (F32, F32)
         out_specs += [launch.partials] * 2
-        out_shape += [jax.ShapeDtypeStruct((groups, 1, 1, width), dtype)] * 2
+        out_shape += [
+            jax.ShapeDtypeStruct((groups, 1, 1, width), c.stored_dtype(target, d)) for d in dtypes
+        ]
     elif param_grads:
         # One partial row per program of each gradient, `(dweight, dbias)`, in one array of
         # `width` columns, not the padded block's: every element is written (masked like x).
@@ -731,6 +734,7 @@ def _backward(
     d_dtypes: tuple[jnp.dtype, ...],
     backend: str,
     weight_offset=0.0,
+    bias_dtype=None,
 ):
     """`(x, weight, dy, dh, shift, offset, rstd) -> (dx, dresidual, dweight, dbias)` (see
     [`_backward_on`][]), batching like [`_forward`][]: per-example parameter gradients either
@@ -741,7 +745,7 @@ def _backward(
         kwargs = dict(
             op=op, param_grads=param_grads, d_dtypes=d_dtypes, weight_offset=weight_offset
         )
-        fn = functools.partial(_backward_on, **kwargs)
+        fn = functools.partial(_backward_on, bias_dtype=bias_dtype, **kwargs)
         mosaic_gpu = c.MosaicGPU(
             functools.partial(_mgpu.backward_on, **kwargs),
             functools.partial(_mgpu.backward_supported, d_dtypes),
@@ -796,13 +800,16 @@ def _grouped_norm(op: str, eps: float, backend: str, out_dtype=None, weight_offs
     return _autodiff.norm_with_jvp(norm_forward, backward, None, layout, out_dtype)
 
 
-def _norm_backward(op: str, backend: str, weight_offset: float, param_grads: bool):
+def _norm_backward(op: str, backend: str, weight_offset: float, param_grads: bool, dtypes=()):
     """`(x, weight, dy, *stats) -> (dx, dweight, dbias)`: the backward kernel of a row norm
     without a residual (see `eqxnorm.kernels._autodiff.norm_with_jvp`), applying
-    `weight_offset + weight`."""
+    `weight_offset + weight`; `dtypes` the parameters' (the bias's, for a gradient written
+    in its dtype)."""
+    bias_dtype = dtypes[1] if len(dtypes) > 1 else None
 
     def run(x, weight, dy, *stats):
-        backward = _backward(op, param_grads, (jnp.dtype(x.dtype),), backend, weight_offset)
+        d_dtypes = (jnp.dtype(x.dtype),)
+        backward = _backward(op, param_grads, d_dtypes, backend, weight_offset, bias_dtype)
         dx, _, dw, db = backward(x, weight, dy, None, *stats)
         return dx, dw, db
 

@@ -466,6 +466,20 @@ def test_adaptive_norm_without_affine(op):
         ks.assert_matches(grad, grad_ref)
 
 
+@pytest.mark.parametrize("op", ADAPTIVE_OPS)
+def test_adaptive_gradients_of_few_tokens_in_each_parameters_dtype(op):
+    # A few tokens per example (one program and block per group): the gradients are written in
+    # the parameters' dtypes, a float32 shift's in float32 beside a bfloat16 scale's (they
+    # were both bfloat16: the shift's sum rounded before its cast back).
+    x, scale, _, _, _, dy = _adaptive_inputs(8, 5, 160, jnp.bfloat16)
+    shift = ks.data((8, 160), jnp.float32, seed=9)
+    y, grads = _adaptive_value_and_grads(row_norm, op)(x, scale, shift, None, None, dy)
+    _, grads_ref = _adaptive_value_and_grads(reference, op)(x, scale, shift, None, None, dy)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        ks.assert_matches(grad, grad_ref)
+
+
 def _one_adaptive_example(module, op, weight, bias):
     """The adaptive module's convention: one example `(tokens, dim)` and its `(dim,)`
     modulation, as the kernel's one group."""
