@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU runbook: everything a session with a GPU at hand runs, in one go, in under 9 minutes
-# (the steps' limits add up to about 500 s; the device tool allows 600 s a command).
+# The GPU runbook: everything a session with a GPU at hand runs, in one go, in under 10 minutes
+# (the steps' limits add up to about 600 s, the device tool's limit a command; on the H200 the
+# steps took about 300 s).
 #
 #   bash benchmarks/gpu_runbook.sh [RESULTS_DIR]
 #   RUNBOOK_SKIP="tests tune" bash benchmarks/gpu_runbook.sh    # leave steps out (their keys below)
@@ -18,10 +19,13 @@
 #    block configurations of both GPU backends and XLA timed, the cache written to
 #    RESULTS_DIR/tuning.json (the file a user's `~/.cache/eqxnorm/tuning.json` would be),
 #    75 s at most.
-# 4. `bench`: the benchmark (`python -m benchmarks`, bf16: the row norms at 4096 rows of 1024,
+# 4. `profile`: Nsight Compute (`ncu`, where installed) on a LayerNorm training step, bf16
+#    4096x8192, Mosaic GPU and Triton (`benchmarks/gpu_profile.py`): RESULTS_DIR/profile.csv,
+#    90 s at most.
+# 5. `bench`: the benchmark (`python -m benchmarks`, bf16: the row norms at 4096 rows of 1024,
 #    8192 and 65536, the channel norms at 32x128x56x56, the transformer block's training step,
 #    against XLA, eqx.nn, Flax, PyTorch eager, Liger where installed, and a device copy) with
-#    the tuning cache of step 3, 3 minutes at most, its results (CSV, JSON, plots, and
+#    the tuning cache of step 3, 200 s at most, its results (CSV, JSON, plots, and
 #    `summary.md` with the target verdicts: issue 17's as MET/MISSED lines, the peers' time
 #    ratios from this run and the deviceless check's verdicts on the committed deviceless
 #    tables, `benchmarks/results/deviceless-h200*/`, made on a CPU machine: bytes, launches,
@@ -93,13 +97,27 @@ step tests 180 "kernel tests on the GPU" env JAX_PLATFORMS=cuda,cpu XLA_PYTHON_C
     tests/kernels/test_autodiff.py tests/kernels/test_reference.py
 step tune 75 "tuner" env JAX_PLATFORMS=cuda "$python" -P -m eqxnorm.tune \
     --ops layer_norm rms_norm --shapes 4096x1024 --dtypes bfloat16 --out "$results/tuning.json"
+# Nsight Compute on a LayerNorm training step (bf16, 4096x8192) on both GPU backends: where
+# the Mosaic GPU kernels' time goes (on the H200 they were 4.5x slower than Triton's there,
+# moving the ideal bytes). Skipped where `ncu` is missing; clocks left as they are.
+ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+if [ -n "$ncu" ]; then
+    step profile 90 "kernel profile (ncu)" env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false \
+        "$ncu" --clock-control none --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats \
+        -k regex:eqxnorm --csv --log-file "$results/profile.csv" \
+        "$python" -P benchmarks/gpu_profile.py --shape 4096x8192 --warmup 1 --repeats 1
+else
+    echo "== kernel profile: skipped (no ncu)" | tee -a "$log"
+fi
+
 # The benchmark of what fits the step (`RUNBOOK_BENCH` overrides its arguments; `--full`, every
 # op at the GPU suite's shapes, takes far longer): the row norms at a narrow, a wide and a
 # one-read-only-by-cluster width, the channel norms on one NCHW shape, the transformer block's
 # training step. Stopped at its limit, it reports the cases it finished (SIGTERM).
 bench_args=${RUNBOOK_BENCH:---ops layer_norm,rms_norm,add_rms_norm,adaptive_layer_norm,group_norm,batch_norm,rms_norm_fp8 --shapes 4096x1024,4096x8192,4096x65536,32x128x56x56 --direction fwd fwd+bwd --impls pallas,reference,module,eqx,flax,torch,liger,copy --blocks transformer --repeats 20}
 # shellcheck disable=SC2086  # word-split on purpose
-step bench 240 "benchmark" env JAX_PLATFORMS=cuda EQXNORM_TUNING_CACHE="$results/tuning.json" \
+step bench 200 "benchmark" env JAX_PLATFORMS=cuda EQXNORM_TUNING_CACHE="$results/tuning.json" \
     "$python" -m benchmarks $bench_args --dtypes bfloat16 --out "$results" \
     --deviceless benchmarks/results/deviceless-h200 benchmarks/results/deviceless-h200-mosaic-gpu
 

@@ -155,6 +155,47 @@ def test_pallas_on_cpu_warns_and_list_lists(tmp_path):
         assert name in listed.stdout
 
 
+def test_interrupted_run_reports_what_it_finished(tmp_path, monkeypatch):
+    # Stopped (SIGTERM from `timeout` on a lent GPU, or Ctrl-C) during its second case, the
+    # run still writes the first case's rows, marked incomplete, and exits 130.
+    run, calls = _runner.Runner.run, []
+
+    def interrupted(self, case, progress):
+        calls.append(case)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run(self, case, progress)
+
+    monkeypatch.setattr(_runner.Runner, "run", interrupted)
+    args = ["--ops", "rms_norm", "--shapes", "16x128,32x128", "--impls", "reference"]
+    args += ["--dtypes", "float32", "--direction", "fwd", "--repeats", "1", "--no-plots"]
+    assert _cli.main([*args, "--blocks", "none", "--out", str(tmp_path)]) == 130
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["settings"]["interrupted"] == "interrupted after 1 of 2 cases"
+    assert [r["shape"] for r in document["rows"]] == ["16x128"]
+    assert "Incomplete run" in (tmp_path / "summary.md").read_text()
+
+
+def test_gpu_profile_runs_each_backend(capsys):
+    # The `ncu` target of the GPU runbook; on CPU the Mosaic GPU kernels run in its
+    # interpreter.
+    spec = importlib.util.spec_from_file_location("gpu_profile", ROOT / "benchmarks/gpu_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--shape", "8x256", "--warmup", "0", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "layer_norm 8x256 bfloat16 mosaic_gpu",
+        "layer_norm 8x256 bfloat16 triton",
+    ]
+    # On a JAX without Mosaic GPU's API, its line says why it did not run.
+    from eqxnorm.kernels import _mosaic_gpu
+
+    assert ("not run" in lines[0]) == (not _mosaic_gpu.usable()) and "ms (median)" in lines[1]
+    with pytest.raises(SystemExit):
+        module.main(["--shape", "4096"])
+
+
 # --- byte and residual counting ------------------------------------------------------------
 
 
