@@ -86,9 +86,10 @@ from ._common import F32, Target
 _SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
 
 # Whether `backend="auto"` runs the row norms' Mosaic GPU kernels on cuda. Not: on an H200
-# (JAX 0.12, bf16, 4096 rows, a LayerNorm / RMSNorm training step, the tuner's medians) the
-# Triton kernels took 0.13 / 0.13 ms at 1024 columns and 0.29-0.43 / 0.25 ms at 8192 where
-# Mosaic GPU's took 0.15 / 0.17 and 1.17-1.28 / 1.14 (XLA 0.20 / 0.24 and 0.71 / 0.51), and
+# (JAX 0.12, bf16, 4096 rows, a LayerNorm / RMSNorm training step, the tuner's medians, tuned)
+# the Triton kernels took 0.115-0.131 / 0.115-0.130 ms at 1024 columns (two runs) and 0.29 /
+# 0.25 ms at 8192 where Mosaic GPU's took 0.137-0.150 / 0.156-0.170 and 1.17 / 1.14 (XLA
+# 0.18-0.20 / 0.24 and 0.71 / 0.51), and
 # the benchmark's adaptive, add + norm and FP8 forms were as slow on Mosaic GPU at 8192 and
 # 65536. They stay one `backend="mosaic_gpu"` away (the group norms' run by default, faster
 # than XLA there). See benchmarks/results/nvidia-h200/.
