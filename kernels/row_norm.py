@@ -99,18 +99,26 @@ MOSAIC_GPU_AUTO = False
 @contextlib.contextmanager
 def taking_mosaic_gpu(take: bool = True):
     """Within it, `impl="auto"` takes the row norms' Mosaic GPU kernels where they run (with
-    `take`; else not, the default): [`MOSAIC_GPU_AUTO`][] set, and JAX's tracing caches cleared
-    on entry and exit, since the flag is read when a kernel call is traced. For the tests and
-    the deviceless check of the Mosaic GPU kernels."""
+    `take`; else not, the default): [`MOSAIC_GPU_AUTO`][] set, and this module's cached
+    differentiable functions built anew on entry and exit (the flag is read when a kernel call
+    is traced, and JAX keeps the traces of a function it has seen). For the tests and the
+    deviceless check of the Mosaic GPU kernels."""
     global MOSAIC_GPU_AUTO
     before = MOSAIC_GPU_AUTO
-    jax.clear_caches()
+    _rebuild()
     MOSAIC_GPU_AUTO = take
     try:
         yield
     finally:
         MOSAIC_GPU_AUTO = before
-        jax.clear_caches()
+        _rebuild()
+
+
+def _rebuild() -> None:
+    """Empty this module's `functools.cache`s of differentiable functions."""
+    for value in list(globals().values()):
+        if getattr(value, "__module__", None) == __name__ and hasattr(value, "cache_clear"):
+            value.cache_clear()
 
 
 def _masks(config: c.BlockConfig, rows: int, width: int, start_col: Any = 0):
