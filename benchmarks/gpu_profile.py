@@ -20,37 +20,23 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from eqxnorm.kernels import pallas
+from eqxnorm import tune
 
 OPS = ("layer_norm", "rms_norm")
 BACKENDS = ("mosaic_gpu", "triton")
 
 
-def training_step(op: str, backend: str):
-    """`(x, weight, bias, dy) -> (dx, dweight, dbias)` of `sum(y · dy)`, jitted, on `backend`."""
-    fn = getattr(pallas.backend(backend), op)
-
-    def loss(x, weight, bias, dy):
-        return jnp.sum(fn(x, weight, bias, eps=1e-5).astype(jnp.float32) * dy)
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-
 def run(op: str, shape: tuple[int, int], dtype, backend: str, warmup: int, repeats: int):
-    """The step's wall-clock seconds, `repeats` times after `warmup` runs."""
-    rows, width = shape
-    keys = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(keys[0], shape, jnp.float32).astype(dtype)
-    weight = (1 + 0.1 * jax.random.normal(keys[1], (width,))).astype(dtype)
-    bias = (0.1 * jax.random.normal(keys[2], (width,))).astype(dtype)
-    dy = jax.random.normal(keys[3], shape, jnp.float32)
-    step = training_step(op, backend)
+    """The training step's wall-clock seconds (`eqxnorm.tune`'s step and operands, on
+    `backend`), `repeats` times after `warmup` runs."""
+    args = tune.operands(op, shape, dtype)
+    step = jax.jit(tune.training_step(op, backend))
     for _ in range(warmup):
-        jax.block_until_ready(step(x, weight, bias, dy))
+        jax.block_until_ready(step(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(step(x, weight, bias, dy))
+        jax.block_until_ready(step(*args))
         times.append(time.perf_counter() - start)
     return times
 
@@ -68,10 +54,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
-    rows, _, width = args.shape.partition("x")
-    if not (rows.isdigit() and width.isdigit()):
-        p.error(f"--shape is ROWSxDIM, e.g. 4096x8192, but got {args.shape!r}")
-    shape = (int(rows), int(width))
+    try:
+        shape = tune.parse_shape(args.shape)
+    except ValueError as error:
+        p.error(str(error))
     for backend in args.backends:
         label = f"{args.op} {args.shape} {args.dtype} {backend}"
         try:
