@@ -114,6 +114,11 @@ def taking_mosaic_gpu(take: bool = True):
         _rebuild()
 
 
+def _mosaic_gpu(launch, supported) -> c.MosaicGPU:
+    """A row norm's Mosaic GPU launch, which `impl="auto"` takes as [`MOSAIC_GPU_AUTO`][] says."""
+    return c.MosaicGPU(launch, supported, auto=MOSAIC_GPU_AUTO)
+
+
 def _rebuild() -> None:
     """Empty this module's `functools.cache`s of differentiable functions."""
     for value in list(globals().values()):
@@ -702,10 +707,9 @@ def _forward(
     def forward(x, residual, weight, bias, scale=None):
         options = dict(op=op, eps=eps, out_dtype=out_dtype, weight_offset=weight_offset)
         fn = functools.partial(_forward_on, **options)
-        mosaic_gpu = c.MosaicGPU(
+        mosaic_gpu = _mosaic_gpu(
             functools.partial(_mgpu.forward_on, **options),
             functools.partial(_mgpu.forward_supported, out_dtype=out_dtype),
-            auto=MOSAIC_GPU_AUTO,
         )
         spec = "g r d, g r d, g d, g d, g d -> g r d, g r d, g r, g r, g r"
         rule = c.Rule(spec + ", g r" if fp8 else spec, split="g r")
@@ -755,10 +759,9 @@ def _backward(
             op=op, param_grads=param_grads, d_dtypes=d_dtypes, weight_offset=weight_offset
         )
         fn = functools.partial(_backward_on, bias_dtype=bias_dtype, **kwargs)
-        mosaic_gpu = c.MosaicGPU(
+        mosaic_gpu = _mosaic_gpu(
             functools.partial(_mgpu.backward_on, **kwargs),
             functools.partial(_mgpu.backward_supported, d_dtypes),
-            auto=MOSAIC_GPU_AUTO,
         )
         rule = c.Rule("g r d, g d, g r d, g r d, g r, g r, g r -> g r d, g r d, g d, g d", "g r")
         args = (x, weight, dy, dh, shift, offset, rstd)
@@ -809,12 +812,12 @@ def _grouped_norm(op: str, eps: float, backend: str, out_dtype=None, weight_offs
     return _autodiff.norm_with_jvp(norm_forward, backward, None, layout, out_dtype)
 
 
-def _norm_backward(op: str, backend: str, weight_offset: float, param_grads: bool, dtypes=()):
+def _norm_backward(op: str, backend: str, weight_offset: float, param_grads: bool, dtypes):
     """`(x, weight, dy, *stats) -> (dx, dweight, dbias)`: the backward kernel of a row norm
     without a residual (see `eqxnorm.kernels._autodiff.norm_with_jvp`), applying
     `weight_offset + weight`; `dtypes` the parameters' (the bias's, for a gradient written
     in its dtype)."""
-    bias_dtype = dtypes[1] if len(dtypes) > 1 else None
+    bias_dtype = dtypes[1]
 
     def run(x, weight, dy, *stats):
         d_dtypes = (jnp.dtype(x.dtype),)
@@ -1904,10 +1907,9 @@ def _gated_rms_norm(eps: float, norm_before_gate: bool, backend: str):
 
     def launch_forward(x, z, weight):
         fn = functools.partial(_gated_rms_norm_fwd_on, **settings)
-        mosaic_gpu = c.MosaicGPU(
+        mosaic_gpu = _mosaic_gpu(
             functools.partial(_mgpu.gated_rms_norm_forward_on, **settings),
             _mgpu.gated_rms_norm_forward_supported,
-            auto=MOSAIC_GPU_AUTO,
         )
         rule = c.Rule("r d, r d, d -> r d", split="r")
         args = (x, z, weight)
@@ -1916,10 +1918,9 @@ def _gated_rms_norm(eps: float, norm_before_gate: bool, backend: str):
     def launch_backward(param_grads, x, z, dy, weight):
         kwargs = dict(param_grads=param_grads, **settings)
         fn = functools.partial(_gated_rms_norm_bwd_on, **kwargs)
-        mosaic_gpu = c.MosaicGPU(
+        mosaic_gpu = _mosaic_gpu(
             functools.partial(_mgpu.gated_rms_norm_backward_on, **kwargs),
             _mgpu.gated_rms_norm_backward_supported,
-            auto=MOSAIC_GPU_AUTO,
         )
         args = (x, z, weight, dy)
         # The weight's gradient is a sum over the rows: added across the devices.
@@ -2108,7 +2109,7 @@ def _dyt(backend: str):
     """The differentiable `(x, alpha, weight, bias) -> y` (rows `(rows, dim)`)."""
 
     def launch_forward(x, alpha, weight, bias):
-        mosaic_gpu = c.MosaicGPU(_mgpu.dyt_forward_on, _mgpu.dyt_supported, auto=MOSAIC_GPU_AUTO)
+        mosaic_gpu = _mosaic_gpu(_mgpu.dyt_forward_on, _mgpu.dyt_supported)
         args = (x, alpha, weight, bias)
         rule = c.Rule("r d, , d, d -> r d", split="r")
         return c.per_platform(
@@ -2116,7 +2117,7 @@ def _dyt(backend: str):
         )
 
     def launch_backward(x, dy, alpha, weight):
-        mosaic_gpu = c.MosaicGPU(_mgpu.dyt_backward_on, _mgpu.dyt_supported, auto=MOSAIC_GPU_AUTO)
+        mosaic_gpu = _mosaic_gpu(_mgpu.dyt_backward_on, _mgpu.dyt_supported)
         args = (x, alpha, weight, dy)
         rule = c.Rule("r d, , d, r d -> r d, , d, d", split="r")
         return c.per_platform(
@@ -2336,10 +2337,9 @@ def _lengths_forward(op: str, eps: float, backend: str):
     @custom_vmap
     def forward(x, lengths, weight, bias):
         fn = functools.partial(_lengths_forward_on, op=op, eps=eps)
-        mosaic_gpu = c.MosaicGPU(
+        mosaic_gpu = _mosaic_gpu(
             functools.partial(_mgpu.lengths_forward_on, op=op, eps=eps),
             _mgpu.lengths_forward_supported,
-            auto=MOSAIC_GPU_AUTO,
         )
         rule = c.Rule("g r d, g r, g d, g d -> g r d, g r, g r, g r", split="g r")
         args = (x, lengths, weight, bias)
@@ -2360,10 +2360,9 @@ def _lengths_backward(op: str, param_grads: bool, backend: str):
     @custom_vmap
     def backward(x, lengths, weight, dy, shift, offset, rstd):
         fn = functools.partial(_lengths_backward_on, op=op, param_grads=param_grads)
-        mosaic_gpu = c.MosaicGPU(
+        mosaic_gpu = _mosaic_gpu(
             functools.partial(_mgpu.lengths_backward_on, op=op, param_grads=param_grads),
             _mgpu.lengths_backward_supported,
-            auto=MOSAIC_GPU_AUTO,
         )
         rule = c.Rule("g r d, g r, g d, g r d, g r, g r, g r -> g r d, g d, g d", "g r")
         args = (x, lengths, weight, dy, shift, offset, rstd)
