@@ -55,6 +55,7 @@ written for (0.12; 0.11.2 lacks `plgpu.store`, which the per-row stores need).
 """
 
 import functools
+import math
 import os
 from typing import Any, NamedTuple
 
@@ -187,8 +188,9 @@ def boxes(
 ) -> Boxes:
     r"""The staging of `rows` rows of `width` elements by a kernel that loads arrays of
     `dtypes` into registers and keeps `staged_bytes_per_element` bytes on chip per element
-    of its rows (the summed itemsizes of the row arrays it stages; per-row and per-column
-    parameters are read from HBM):
+    of its rows (the summed itemsizes of the row arrays it stages; per-row parameters are
+    read from HBM, per-column ones staged beside the rows where they fit, by the kernels,
+    `_row_norm_mosaic_gpu._staged_boxes`):
 
     - a lane holds 16 contiguous bytes of the widest of `dtypes` (`vector` elements; every
       array shares the layout, so that they combine elementwise); a row's box is `cols = lanes ×
@@ -432,6 +434,31 @@ def split_programs(
 
 # Shared memory for reductions across the warps (a box's column sums: 4 warps × 256 float32).
 REDUCTION_SCRATCH_BYTES = 8 * 1024
+# The most shared memory one block may have on sm_90 (227 KiB), and what is kept of it for
+# the barriers and their alignment.
+BLOCK_SMEM_BYTES = 227 * 1024
+BARRIER_SLACK_BYTES = 1024
+
+
+def smem_bytes(scratch: list) -> int:
+    """The bytes of the shared memory buffers (`plgpu.SMEM`) among a kernel's `scratch`
+    types (barriers are `BARRIER_SLACK_BYTES`' concern)."""
+    return sum(
+        math.prod(t.shape) * jnp.dtype(t.dtype).itemsize
+        for t in scratch
+        if hasattr(t, "shape") and hasattr(t, "dtype")
+    )
+
+
+def fits_block(program_bytes: int) -> bool:
+    """Whether a program whose buffers take `program_bytes` of shared memory (staging, and
+    what it keeps beside it) fits in one block, with the reduction scratch and barriers."""
+    return program_bytes + REDUCTION_SCRATCH_BYTES + BARRIER_SLACK_BYTES <= BLOCK_SMEM_BYTES
+
+
+def resident_by_smem(program_bytes: int) -> int:
+    """Programs with buffers of `program_bytes` that one SM's shared memory holds at once."""
+    return SMEM_PER_SM // (program_bytes + REDUCTION_SCRATCH_BYTES + BARRIER_SLACK_BYTES)
 
 
 def compiler_params(auto_barriers: bool = True) -> Any:

@@ -105,7 +105,9 @@ def _masked(v, mask):
 
 
 def row_total(fn, boxes: m.Boxes):
-    """The per-row sum of `fn(k)` (a box, float32) over a row's boxes, box by box."""
+    """The per-row sum of `fn(k)` (a box, float32) over a row's boxes, box by box. (Adding
+    the boxes up in registers and reducing once saves shuffles, but took a LayerNorm float32
+    forward at 4096 × 1024 from 48 to 127 registers: deviceless H200.)"""
 
     def body(k, acc):
         return acc + jnp.sum(fn(k), axis=1)
@@ -276,11 +278,12 @@ def _per_box_rows(ref, rows, per_box: PerBox, block_rows: int):
 
 
 def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
-    """Box `k`'s parameter as a box, read straight from HBM (the parameters are small, and
-    a TMA load of under 128 bytes, a narrow row's, is refused under this lowering): with
-    columns padded to whole boxes, a row of the group's parameter `(groups, chunks · cols)`
-    broadcast over the rows, or `(parameter, tails, p)` with its last box staged in
-    `tails[p]` ([`_tail_staged`][]: the parameter in its own shape); with `per_box` tables
+    """Box `k`'s parameter as a box: `(parameter, staged, p)` with its boxes staged in shared
+    memory ([`_staged_boxes`][]: the parameter in its own shape), box `k` read from
+    `staged[p]` where every box is staged, else (only its last box staged) from HBM but for
+    the last; or read straight from HBM (a TMA load of under 128 bytes, a narrow row's, is
+    refused under this lowering), its columns padded to whole boxes, a row of the group's
+    parameter `(groups, chunks · cols)` broadcast over the rows; with `per_box` tables
     ([`PerBox`][]), each row's value broadcast over the box's columns. A folded row's parameter
     is `(parameter, tails, p)`: the parameter, whose tile `k` (boxes `4k` to `4k + 3`, each
     read whole by every warp and kept by its own) is read while the tile lies inside the row,
@@ -317,8 +320,11 @@ def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
         )
         return bcast(value.astype(F32), [0])
     if isinstance(ref, tuple):
-        # The last box staged ([`_tail_staged`][]); the others read in bounds, as above.
         main, tails, p = ref
+        if tails.shape[1] == boxes.chunks:  # every box staged
+            value = plgpu.load(tails.at[p, k], layout=layout.reduce(0), optimized=False)
+            return bcast(value.astype(F32), [1])
+        # The last box staged; the others read in bounds from HBM.
         last = plgpu.load(tails.at[p, 0], layout=layout.reduce(0), optimized=False)
         whole = boxes.chunks - 1  # at least 1: a box is no wider than the row
         start = pl.multiple_of(jnp.minimum(k, whole - 1) * boxes.cols, boxes.cols)
@@ -511,24 +517,53 @@ def _tail_boxes(boxes: m.Boxes) -> range:
     return range((_row_tiles(boxes) - 1) * boxes.tile_rows, boxes.row_boxes)
 
 
-def _tail_staged(params, boxes: m.Boxes, width: int) -> bool:
-    """Whether the parameters `(groups, width)` are read in their own shape, the boxes of
-    their last tile staged by TMA ([`_stage_tails`][]): always for a folded row; for
-    unfolded rows whose last box runs past the width, when TMA can copy it (a box of a
-    multiple of 128 bytes, rows of a multiple of 16). Otherwise their columns are padded
-    to whole boxes ([`_pad_columns`][]), a copy."""
-    if boxes.folded or not params:
-        return bool(params)
-    if width % boxes.cols == 0:
-        return False
+# A forward program of at most this many boxes a row reads its parameters from HBM where
+# staging them would leave fewer programs resident per SM ([`_staged_boxes`][]).
+FEW_BOXES = 8
+
+
+def _staged_boxes(
+    params, boxes: m.Boxes, width: int, program_bytes: int, persistent: bool = True
+) -> range:
+    """The boxes of each parameter `(groups, width)` a program stages in shared memory by
+    TMA, [`_stage_tails`][] (none: the parameters are read from HBM, their columns padded to
+    whole boxes, [`_pad_columns`][]), beside its other buffers of `program_bytes`:
+
+    - an unfolded row's **every box**, where TMA can copy them (boxes of a multiple of 128
+      bytes, rows of a multiple of 16) and they fit in the block
+      ([`_mosaic_gpu.fits_block`][]). A box read from HBM is a round trip that the program's
+      one warpgroup waits for, once per box of each block: the loops over a row's boxes are
+      not unrolled, and there is no other work on the warps to hide it behind. Staged, the
+      parameters arrive with the rows, and a `persistent` backward reads its weight from HBM
+      once instead of once per block and pass. A forward (not `persistent`) program visits
+      one block: where staging would leave fewer programs resident per SM
+      ([`_mosaic_gpu.resident_by_smem`][]; add + LayerNorm bf16 at 4096 × 1024: 3, then 2)
+      and its rows are at most `FEW_BOXES` boxes, a few round trips cost less than the
+      programs lost.
+    - else an unfolded row's last box where it runs past the width (then the others are read
+      from HBM, and the parameters keep their own shape: no padding copy);
+    - a folded row's last tile (its parameters are read per tile from HBM: their partial
+      tile would run past the parameter's end)."""
+    if not params:
+        return range(0)
+    if boxes.folded:
+        return _tail_boxes(boxes)
     itemsize = jnp.dtype(params[0].dtype).itemsize
-    return boxes.cols * itemsize % 128 == 0 and width * itemsize % 16 == 0
+    if boxes.cols * itemsize % 128 or width * itemsize % 16:
+        return range(0)
+    every = len(params) * boxes.chunks * boxes.cols * itemsize
+    kept = m.resident_by_smem(program_bytes + every) == m.resident_by_smem(program_bytes)
+    if m.fits_block(program_bytes + every) and (persistent or kept or boxes.chunks > FEW_BOXES):
+        return range(boxes.chunks)
+    return _tail_boxes(boxes) if width % boxes.cols else range(0)
 
 
-def _tails_scratch(params, boxes: m.Boxes) -> list:
-    """The shared memory and barrier of [`_stage_tails`][] for `params`."""
-    shape = boxes.tile[1:] if boxes.folded else (1, boxes.cols)
-    arrivals = len(params) * len(_tail_boxes(boxes))
+def _tails_scratch(params, boxes: m.Boxes, staged: range) -> list:
+    """The shared memory and barrier of [`_stage_tails`][] for the `staged` boxes of
+    `params`: `(parameters, 4, cols)` for a folded row's tile, else `(parameters, boxes,
+    cols)`."""
+    shape = boxes.tile[1:] if boxes.folded else (len(staged), boxes.cols)
+    arrivals = len(params) * len(staged)
     return [
         plgpu.SMEM((len(params), *shape), params[0].dtype),
         plgpu.Barrier(num_arrivals=arrivals),
@@ -536,17 +571,26 @@ def _tails_scratch(params, boxes: m.Boxes) -> list:
 
 
 def _stage_tails(param_refs, tails, barrier, group, boxes: m.Boxes, tools):
-    """Stage the boxes of the last tile of each parameter `(groups, width)` of a folded row
-    into `tails` `(parameters, 4, cols)`, or an unfolded row's last box into `tails`
-    `(parameters, 1, cols)` (past the row's end: TMA's zeros, or nothing where no box is
-    copied, columns that are never stored), arriving on `barrier`."""
-    first = _tail_boxes(boxes)[0]
-    for p, ref in enumerate(param_refs):
-        for b in _tail_boxes(boxes):
-            part = tails.at[p, pl.ds(b - first, 1)]
-            # The row's box `b` (whichever boxes the program stages).
-            columns = pl.ds(m.dynamic_index(group * 0, b * boxes.cols), boxes.cols)
+    """Start the TMA copies of the staged boxes ([`_staged_boxes`][]) of each parameter
+    `(groups, width)` into `tails`, arriving on `barrier`: a folded row's last tile into
+    `(parameters, 4, cols)`, an unfolded row's last `n` boxes (every box, or the last) into
+    `(parameters, n, cols)` (past the row's end: TMA's zeros, or nothing where no box is
+    copied, columns that are never stored)."""
+    n = tails.shape[1]
+    staged = _tail_boxes(boxes) if boxes.folded else range(boxes.chunks - n, boxes.chunks)
+
+    def copy(j):
+        # The row's box `staged[0] + j` (whichever boxes the program stages).
+        columns = pl.ds(m.dynamic_index(group * 0, (staged[0] + j) * boxes.cols), boxes.cols)
+        for p, ref in enumerate(param_refs):
+            part = tails.at[p, pl.ds(j, 1)]
             plgpu.copy_gmem_to_smem(ref.at[pl.ds(group, 1), columns], part, barrier)
+
+    if len(staged) > 4:
+        pl.loop(0, len(staged))(copy)
+    else:
+        for j in range(len(staged)):
+            copy(j)
 
 
 def _pad_rows(a, rows: int):
@@ -580,7 +624,8 @@ def _boxes(
 ) -> m.Boxes:
     """The staging of a kernel over `shape` `(groups, rows, width)` that keeps the row
     arrays `rows_in` (plus row buffers of dtypes `more_rows`) on chip and reads the
-    parameters `params` (their common dtype) from HBM in the same layout (`fold`: the
+    parameters `params` (their common dtype; staged or from HBM, [`_staged_boxes`][]) in
+    the same layout (`fold`: the
     kernel takes folded rows; `partials`: float32 sums per column on chip, [`m.boxes`][])."""
     rows_in = [a.dtype for a in rows_in if a is not None] + list(more_rows)
     params = [p for p in params if p is not None]
@@ -726,13 +771,16 @@ def forward_call(
         scratch.append(plgpu.SMEM(box, residual.dtype))
     if out_separate:
         scratch.append(plgpu.SMEM(box, y_dtype))
-    staged_tails = not per_box and _tail_staged(params, boxes, width)
+    staged = range(0)
+    if not per_box:
+        staged = _staged_boxes(params, boxes, width, m.smem_bytes(scratch), persistent=False)
+    staged_tails = bool(staged)
     if not per_box and not boxes.folded and not staged_tails:
         params = [_pad_columns(p, boxes) for p in params]
     n_barriers = 1 + (residual is not None)
     scratch += [_barrier(boxes)] * n_barriers
     if staged_tails:
-        scratch += _tails_scratch(params, boxes)
+        scratch += _tails_scratch(params, boxes, staged)
     if boxes.split > 1:
         scratch += m.exchange_scratch(boxes, 2, 4)
     body = functools.partial(
@@ -819,9 +867,8 @@ def _backward_body(
     tools = _box_tools(boxes, width, i * 0, first_tile)
     bcast = tools.bcast
     layout = boxes.layout
-    if tails is not None:
+    if tails is not None:  # waited for once the first block's staging has started
         _stage_tails([w_ref], tails, tail_bar, group, boxes, tools)
-        plgpu.barrier_wait(tail_bar)
         w_ref = (w_ref, tails, 0)
     staged = [(x_ref, x_smem), (dy_ref, dy_smem)] + ([(dh_ref, dh_smem)] if has_dh else [])
     buffers = {"dy": dy_smem, "dh": dh_smem}
@@ -963,6 +1010,8 @@ def _backward_body(
             _copy_out(out, ref, rows, boxes, tools, group)
 
     stage(0, 0)
+    if tail_bar is not None:
+        plgpu.barrier_wait(tail_bar)
     block(0, first=True)
     if iterations > 1:
 
@@ -1136,6 +1185,11 @@ def backward_call(
     # The group norms' per-row partials cost nothing more per program.
     fewest = 1 if per_box else _min_iterations(boxes, blocks, groups, br, read)
     program_bytes = slots * br * row_bytes + boxes.partial_bytes
+    params = [] if weight is None else [weight]
+    staged = range(0) if per_box else _staged_boxes(params, boxes, width, program_bytes)
+    staged_tails = bool(staged)
+    if staged_tails:  # the residency the grid is sized by counts the staged weight
+        program_bytes += m.smem_bytes(_tails_scratch(params, boxes, staged)[:1])
     programs, iterations, cluster = _grid(boxes, blocks, program_bytes, groups, fewest)
     on_chip = boxes.partial_bytes > 0
     # Every block a program visits, past the end included, in bounds ([`_window`][]; a
@@ -1152,8 +1206,6 @@ def backward_call(
     scratch = [plgpu.SMEM(box, x.dtype), plgpu.SMEM(box, dy.dtype)]
     if dh is not None:
         scratch.append(plgpu.SMEM(box, dh.dtype))
-    params = [] if weight is None else [weight]
-    staged_tails = not per_box and _tail_staged(params, boxes, width)
     if weight is not None and not per_box and not boxes.folded and not staged_tails:
         weight = _pad_columns(weight, boxes)
     scratch += [plgpu.SMEM(box, d) for d, r in zip(d_dtypes, out_reuse, strict=True) if r is None]
@@ -1167,7 +1219,7 @@ def backward_call(
     n_staged = 2 + (dh is not None)
     scratch += [plgpu.Barrier(num_arrivals=boxes.arrivals, num_barriers=slots)] * n_staged
     if staged_tails:
-        scratch += _tails_scratch(params, boxes)
+        scratch += _tails_scratch(params, boxes, staged)
     out_type = [jax.ShapeDtypeStruct(x_p.shape, d) for d in d_dtypes]
     if param_grads:
         if per_box:
@@ -1375,7 +1427,7 @@ def _stage(refs_and_smems, bars, rows, boxes, tools, group):
 
 def _staged_weight(w_ref, scratch: list, staged_tails: bool, group, boxes: m.Boxes, tools):
     """`(weight, barriers)`: with `staged_tails` (the last two of `scratch`, see
-    [`_tail_staged`][]) the weight's last box staged and the weight as [`_param`][] reads it
+    [`_staged_boxes`][]) the weight's boxes staged and the weight as [`_param`][] reads it
     then; the barriers of the staged rows, the rest of `scratch`."""
     if not staged_tails:
         return w_ref, scratch
@@ -1508,12 +1560,12 @@ def _one_group_call(
     **settings,
 ):
     """The launch of `body` over the rows of `staged` (each `(rows, dim)`, staged whole) as
-    one group, with `params` per column (each `(dim,)`, read from HBM): outputs of
+    one group, with `params` per column (each `(dim,)`): outputs of
     `out_dtypes` in the rows' shape, then `box_partials` float32 partial sums per column of
     a box (summed over a row's boxes too), `(programs, cols)`, and `partials` per column,
     `(programs, dim)` (summed by the caller). `body` takes the staged arrays, then the
     parameters; with `tails` (a body that takes `staged_tails`: one parameter, the weight)
-    their last box staged where TMA can ([`_tail_staged`][]), else their columns padded;
+    their boxes staged where TMA can ([`_staged_boxes`][]), else their columns padded;
     `auto_barriers` as [`_rows_kernel`][]'s. A forward runs a program per block; a
     `backward` a persistent grid (its `grid`, [`_Grid`][], [`_each_block`][]) as the row
     norms' backward's ([`_grid`][]), the partials accumulated over a program's blocks: on
@@ -1525,12 +1577,18 @@ def _one_group_call(
     padded = [_pad_rows(a[None], br) for a in staged]
     blocks = -(-padded[0].shape[1] // br)
     grid = _Grid(blocks)
+    itemsizes = sum(jnp.dtype(a.dtype).itemsize for a in staged)
+    row_bytes = boxes.chunks * boxes.cols * itemsizes
+    row_bytes *= boxes.tile_rows if boxes.folded else 1
+    program_bytes = br * row_bytes + boxes.partial_bytes
+    params = [p[None] for p in params]
+    staged_params = range(0)
+    if tails:
+        staged_params = _staged_boxes(params, boxes, width, program_bytes, persistent=backward)
+    if staged_params:  # the residency the grid is sized by counts the staged weight
+        program_bytes += m.smem_bytes(_tails_scratch(params, boxes, staged_params)[:1])
     if backward:
-        itemsizes = sum(jnp.dtype(a.dtype).itemsize for a in staged)
-        row_bytes = boxes.chunks * boxes.cols * itemsizes
-        row_bytes *= boxes.tile_rows if boxes.folded else 1
         fewest = _min_iterations(boxes, blocks, 1, br, width * itemsizes)
-        program_bytes = br * row_bytes + boxes.partial_bytes
         programs, iterations, cluster = _grid(boxes, blocks, program_bytes, 1, fewest)
         clamp = not boxes.folded and programs * iterations * br != padded[0].shape[1]
         grid = _Grid(programs, iterations, cluster, clamp)
@@ -1543,11 +1601,10 @@ def _one_group_call(
         scratch += m.cluster_barriers(grid.cluster)
     scratch += [plgpu.SMEM(boxes.tile, a.dtype) for a in staged]
     scratch += [_barrier(boxes)] * len(staged)
-    params = [p[None] for p in params]
     if tails:
-        settings["staged_tails"] = _tail_staged(params, boxes, width)
-        scratch += _tails_scratch(params, boxes) if settings["staged_tails"] else []
-    if not settings.get("staged_tails"):
+        settings["staged_tails"] = bool(staged_params)
+        scratch += _tails_scratch(params, boxes, staged_params) if staged_params else []
+    if not staged_params:
         params = [_pad_columns(p, boxes) for p in params]
     out_type = [jax.ShapeDtypeStruct(padded[0].shape, d) for d in out_dtypes]
     partial_rows = grid.programs // grid.cluster

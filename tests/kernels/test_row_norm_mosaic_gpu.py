@@ -170,6 +170,75 @@ def test_vmap_folds_into_one_kernel():
         ks.assert_matches(y, expected.reshape(x.shape))
 
 
+def _hbm_loads(jaxpr, shape_of) -> list:
+    """The `load`s, anywhere in `jaxpr` and the jaxprs it holds (kernel bodies, loops), of a
+    ref in HBM (`Ref<gmem>`) whose shape `shape_of(shape)` picks out."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "load":
+            aval = eqn.invars[0].aval
+            if "gmem" in str(aval) and shape_of(tuple(aval.shape)):
+                found.append(str(aval))
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's
+                if hasattr(inner, "eqns"):
+                    found += _hbm_loads(inner, shape_of)
+    return found
+
+
+@pytest.mark.parametrize(
+    "op, rows, width, dtype, forward_staged",
+    [
+        ("layer_norm", 37, 4096, jnp.float32, True),
+        ("rms_norm", 199, 760, jnp.float32, False),
+        ("layer_norm", 37, 8192, jnp.bfloat16, True),
+        ("add_layer_norm", 37, 760, jnp.bfloat16, False),
+    ],
+)
+def test_parameters_staged_not_read_per_box(op, rows, width, dtype, forward_staged):
+    # Unfolded rows: the persistent backward's weight arrives by TMA into shared memory with
+    # the first block (every box), and no body reads it from HBM, where each box's read
+    # would be a round trip the warpgroup waits for, per block and pass. A forward stages
+    # its parameters too where its rows are many boxes (4096 float32 columns: 32 boxes of
+    # 128) or staging them leaves as many programs resident; a forward of a few boxes whose
+    # residency they would lower (199 x 760 float32: blocks of 4 rows in 12 KiB, 10
+    # programs per SM, 8 with their 6 KiB of parameters beside; add + norm at 37 x 760
+    # bf16, 10 then 9) reads them from HBM.
+    # The statistics `(groups, rows)` are still read per block.
+    if not USABLE:
+        return
+    x = ks.data((rows, width), dtype)
+    weight, bias = ks.params(width, dtype)
+
+    def forward(x, weight, bias):
+        if op == "add_layer_norm":
+            y, h = MOSAIC_GPU.add_layer_norm(x, x, weight, bias, eps=EPS)
+            return y + h
+        return getattr(MOSAIC_GPU, op)(x, weight, bias, eps=EPS)
+
+    def param_loads(jaxpr):
+        return _hbm_loads(jaxpr.jaxpr, lambda shape: len(shape) == 2 and shape[-1] >= width)
+
+    y, backward = jax.vjp(forward, x, weight, bias)
+    backward_jaxpr = jax.make_jaxpr(backward)(y)
+    assert _hbm_loads(backward_jaxpr.jaxpr, lambda shape: shape[-1] == rows), "statistics"
+    assert param_loads(backward_jaxpr) == []
+    forward_loads = param_loads(jax.make_jaxpr(forward)(x, weight, bias))
+    assert (forward_loads == []) == forward_staged
+    # Where they do not fit beside a backward's staging and partials (4096 rows of 8192
+    # bfloat16: 4 rows of x and dy, 128 KiB, and 64 KiB of partials), none: a bfloat16 weight
+    # (16 KiB) fits in the block's 227 KiB with the reduction scratch, a float32 one does not.
+    x = jax.ShapeDtypeStruct((1, 4096, 8192), jnp.bfloat16)
+    for weight_dtype, staged in ((jnp.bfloat16, 64), (jnp.float32, 0)):
+        weight = jax.ShapeDtypeStruct((1, 8192), weight_dtype)
+        boxes = _row_norm_mosaic_gpu.backward_boxes(x, weight, x, None, (jnp.bfloat16,))
+        assert (boxes.block_rows, boxes.chunks, boxes.partial_bytes) == (4, 64, 64 * 1024)
+        program_bytes = 4 * 8192 * 4 + boxes.partial_bytes
+        found = _row_norm_mosaic_gpu._staged_boxes([weight], boxes, 8192, program_bytes)
+        assert len(found) == staged
+
+
 # --- staging and choice ------------------------------------------------------------------------
 
 
