@@ -285,13 +285,17 @@ def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
     refused under this lowering), its columns padded to whole boxes, a row of the group's
     parameter `(groups, chunks · cols)` broadcast over the rows; with `per_box` tables
     ([`PerBox`][]), each row's value broadcast over the box's columns. A folded row's parameter
-    is `(parameter, tails, p)`: the parameter, whose tile `k` (boxes `4k` to `4k + 3`, each
-    read whole by every warp and kept by its own) is read while the tile lies inside the row,
-    and for the row's last (partial) tile `tails[p]`, its boxes staged by TMA
-    ([`_stage_tails`][]: a plain read of a partial box would run past the parameter's end)."""
+    is `(parameter, tails, p)`: with the program's every tile staged (`tails` `(parameters,
+    tiles, 4, cols)`), its tile `k` read from there in the tile's layout (each warp its own
+    box); else the parameter, whose tile `k` (boxes `4k` to `4k + 3`, each read whole by
+    every warp and kept by its own) is read while the tile lies inside the row, and for the
+    row's last (partial) tile `tails[p]`, its boxes staged by TMA ([`_stage_tails`][]: a
+    plain read of a partial box would run past the parameter's end)."""
     bcast, layout = tools.bcast, boxes.layout
     if boxes.folded:
         main, tails, p = ref
+        if tails.ndim == 4:  # every tile staged (zeros past the row's end)
+            return plgpu.load(tails.at[p, k], layout=layout).astype(F32)
         size = boxes.tile_rows * boxes.cols
         whole = main.shape[-1] // size
         last = plgpu.load(tails.at[p], layout=layout)
@@ -540,29 +544,43 @@ def _staged_boxes(
       ([`_mosaic_gpu.resident_by_smem`][]; add + LayerNorm bf16 at 4096 × 1024: 3, then 2)
       and its rows are at most `FEW_BOXES` boxes, a few round trips cost less than the
       programs lost.
+      A folded row's every box likewise, its program's tiles (`range(tiles × 4)`, from the
+      program's first tile; a split row's program stages its own slice), each warp then
+      reading its own box of a tile where it read all four from HBM.
     - else an unfolded row's last box where it runs past the width (then the others are read
-      from HBM, and the parameters keep their own shape: no padding copy);
-    - a folded row's last tile (its parameters are read per tile from HBM: their partial
-      tile would run past the parameter's end)."""
+      from HBM, and the parameters keep their own shape: no padding copy), a folded row's
+      last tile (its other tiles read from HBM: a partial tile would run past the
+      parameter's end)."""
     if not params:
         return range(0)
+    itemsize = jnp.dtype(params[0].dtype).itemsize
+    staged = boxes.chunks * (boxes.tile_rows if boxes.folded else 1)
+    every = len(params) * staged * boxes.cols * itemsize
+    kept = m.resident_by_smem(program_bytes + every) == m.resident_by_smem(program_bytes)
+    worth = persistent or kept or staged > FEW_BOXES
+    tma = boxes.cols * itemsize % 128 == 0 and width * itemsize % 16 == 0
+    if tma and worth and m.fits_block(program_bytes + every):
+        return range(staged)
     if boxes.folded:
         return _tail_boxes(boxes)
-    itemsize = jnp.dtype(params[0].dtype).itemsize
-    if boxes.cols * itemsize % 128 or width * itemsize % 16:
-        return range(0)
-    every = len(params) * boxes.chunks * boxes.cols * itemsize
-    kept = m.resident_by_smem(program_bytes + every) == m.resident_by_smem(program_bytes)
-    if m.fits_block(program_bytes + every) and (persistent or kept or boxes.chunks > FEW_BOXES):
-        return range(boxes.chunks)
-    return _tail_boxes(boxes) if width % boxes.cols else range(0)
+    return _tail_boxes(boxes) if tma and width % boxes.cols else range(0)
+
+
+def _every_tile(boxes: m.Boxes, staged: range) -> bool:
+    """Whether a folded row's `staged` boxes ([`_staged_boxes`][]) are its program's every
+    tile (else its row's last tile)."""
+    return staged.start == 0 and len(staged) == boxes.chunks * boxes.tile_rows
 
 
 def _tails_scratch(params, boxes: m.Boxes, staged: range) -> list:
     """The shared memory and barrier of [`_stage_tails`][] for the `staged` boxes of
-    `params`: `(parameters, 4, cols)` for a folded row's tile, else `(parameters, boxes,
-    cols)`."""
-    shape = boxes.tile[1:] if boxes.folded else (len(staged), boxes.cols)
+    `params`: `(parameters, tiles, 4, cols)` for a folded row's every tile, `(parameters, 4,
+    cols)` for its last, else `(parameters, boxes, cols)`."""
+    if boxes.folded:
+        every = _every_tile(boxes, staged)
+        shape = (boxes.chunks, *boxes.tile[1:]) if every else boxes.tile[1:]
+    else:
+        shape = (len(staged), boxes.cols)
     arrivals = len(params) * len(staged)
     return [
         plgpu.SMEM((len(params), *shape), params[0].dtype),
@@ -572,24 +590,34 @@ def _tails_scratch(params, boxes: m.Boxes, staged: range) -> list:
 
 def _stage_tails(param_refs, tails, barrier, group, boxes: m.Boxes, tools):
     """Start the TMA copies of the staged boxes ([`_staged_boxes`][]) of each parameter
-    `(groups, width)` into `tails`, arriving on `barrier`: a folded row's last tile into
-    `(parameters, 4, cols)`, an unfolded row's last `n` boxes (every box, or the last) into
-    `(parameters, n, cols)` (past the row's end: TMA's zeros, or nothing where no box is
-    copied, columns that are never stored)."""
-    n = tails.shape[1]
-    staged = _tail_boxes(boxes) if boxes.folded else range(boxes.chunks - n, boxes.chunks)
+    `(groups, width)` into `tails`, arriving on `barrier`: a folded row's every tile of its
+    program into `(parameters, tiles, 4, cols)` (box `4t + w` of the program's into tile `t`,
+    row `w`, as the rows are staged), or its last tile into `(parameters, 4, cols)`; an
+    unfolded row's last `n` boxes (every box, or the last) into `(parameters, n, cols)`
+    (past the row's end: TMA's zeros, or nothing where no box is copied, columns that are
+    never stored)."""
+    zero = group * 0
+    if tails.ndim == 4:
+        first, count = zero + tools.first_tile * boxes.tile_rows, tails.shape[1] * tails.shape[2]
+    else:
+        n = tails.shape[1]
+        staged = _tail_boxes(boxes) if boxes.folded else range(boxes.chunks - n, boxes.chunks)
+        first, count = staged[0], len(staged)
 
     def copy(j):
-        # The row's box `staged[0] + j` (whichever boxes the program stages).
-        columns = pl.ds(m.dynamic_index(group * 0, (staged[0] + j) * boxes.cols), boxes.cols)
+        # The row's box `first + j` (whichever boxes the program stages).
+        columns = pl.ds(m.dynamic_index(zero, (first + j) * boxes.cols), boxes.cols)
         for p, ref in enumerate(param_refs):
-            part = tails.at[p, pl.ds(j, 1)]
+            if tails.ndim == 4:
+                part = tails.at[p, j // boxes.tile_rows, pl.ds(j % boxes.tile_rows, 1)]
+            else:
+                part = tails.at[p, pl.ds(j, 1)]
             plgpu.copy_gmem_to_smem(ref.at[pl.ds(group, 1), columns], part, barrier)
 
-    if len(staged) > 4:
-        pl.loop(0, len(staged))(copy)
+    if count > 4:
+        pl.loop(0, count)(copy)
     else:
-        for j in range(len(staged)):
+        for j in range(count):
             copy(j)
 
 
@@ -773,7 +801,9 @@ def forward_call(
         scratch.append(plgpu.SMEM(box, y_dtype))
     staged = range(0)
     if not per_box:
-        staged = _staged_boxes(params, boxes, width, m.smem_bytes(scratch), persistent=False)
+        exchange = m.exchange_scratch(boxes, 2, 4) if boxes.split > 1 else []
+        program_bytes = m.smem_bytes(scratch + exchange)
+        staged = _staged_boxes(params, boxes, width, program_bytes, persistent=False)
     staged_tails = bool(staged)
     if not per_box and not boxes.folded and not staged_tails:
         params = [_pad_columns(p, boxes) for p in params]
@@ -1186,7 +1216,11 @@ def backward_call(
     fewest = 1 if per_box else _min_iterations(boxes, blocks, groups, br, read)
     program_bytes = slots * br * row_bytes + boxes.partial_bytes
     params = [] if weight is None else [weight]
-    staged = range(0) if per_box else _staged_boxes(params, boxes, width, program_bytes)
+    staged = range(0)
+    if not per_box:  # a split row's exchanges are kept beside too
+        exchange = m.exchange_scratch(boxes, 2, 2) if boxes.split > 1 else []
+        other = program_bytes + m.smem_bytes(exchange)
+        staged = _staged_boxes(params, boxes, width, other)
     staged_tails = bool(staged)
     if staged_tails:  # the residency the grid is sized by counts the staged weight
         program_bytes += m.smem_bytes(_tails_scratch(params, boxes, staged)[:1])

@@ -556,6 +556,43 @@ def test_stores_stay_within_their_rows(monkeypatch):
     assert (_stored(block, 760, 8, [(r, 0) for r in rows], monkeypatch) == 1).all()
 
 
+@pytest.mark.parametrize("smem_kib, split", [(FOLD_SMEM["float32"], 1), (8, 2)])
+def test_folded_and_split_rows_stage_their_parameters(smem_kib, split, monkeypatch):
+    # A folded row's program (or a split row's, its slice) stages its every tile of the weight
+    # and bias beside the row, each warp then reading its own box, where it read all four
+    # of a tile from HBM, tile by tile: no parameter read from HBM left, forward or backward.
+    # As rows of 1304 and 3000 float32 fold and split in the shrunk shared memory.
+    if not USABLE:
+        return
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", smem_kib * 1024)
+    monkeypatch.setattr(_mosaic_gpu, "EXCHANGE_BYTES", 0)  # as the split rows' tests below
+    width = 1304 if split == 1 else 3000
+    x = ks.data((9, width), jnp.float32)
+    weight, bias = ks.params(width)
+    boxes = _row_norm_mosaic_gpu.forward_boxes(x[None], None, weight[None], bias[None])
+    assert boxes.folded and boxes.split == split
+
+    def forward(x, weight, bias):
+        return MOSAIC_GPU.layer_norm(x, weight, bias, eps=EPS)
+
+    def param_loads(jaxpr):
+        return _hbm_loads(jaxpr.jaxpr, lambda shape: len(shape) == 2 and shape[-1] >= width)
+
+    y, backward = jax.vjp(forward, x, weight, bias)
+    assert param_loads(jax.make_jaxpr(forward)(x, weight, bias)) == []
+    assert param_loads(jax.make_jaxpr(backward)(y)) == []
+    cotangent = ks.data(x.shape, jnp.float32, seed=9, loc=0.0, scale=1.0)
+    expected = _vjp_reference(x, weight, bias, cotangent)
+    for actual, wanted in zip(backward(cotangent), expected, strict=True):
+        ks.assert_matches(actual, wanted)
+    ks.assert_matches(y, reference.layer_norm(x, weight, bias, eps=EPS))
+
+
+def _vjp_reference(x, weight, bias, cotangent):
+    _, backward = jax.vjp(lambda *a: reference.layer_norm(*a, eps=EPS), x, weight, bias)
+    return backward(cotangent)
+
+
 # --- split rows: a row too wide for one program, sliced across a cluster of programs -------
 
 # Shared memory shrunk (KiB) so that rows split in the interpreter as 70000 do in 200 KiB:
