@@ -311,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if backend == "cpu" and any(c.name in ("pallas", "pallas-unfused") for c in contenders):
+    kernels = ("pallas", "pallas-unfused", "mosaic_gpu")
+    if backend == "cpu" and any(c.name in kernels for c in contenders):
         print(
             "warning: on CPU the Pallas kernels run in interpret mode (an exact emulation, "
             "orders of magnitude slower than a compiled kernel): their timings say nothing "

@@ -169,7 +169,7 @@ def _require_eqxnorm(name: str, kernel: str, impl: str) -> None:
 
     if not hasattr(eqxnorm.functional, name):
         raise Skip(f"eqxnorm.functional.{name} does not exist in this version of eqxnorm")
-    if impl == "pallas":
+    if impl in ("pallas", "mosaic_gpu"):
         import eqxnorm.kernels.pallas
 
         if not hasattr(eqxnorm.kernels.pallas, kernel):
@@ -178,7 +178,8 @@ def _require_eqxnorm(name: str, kernel: str, impl: str) -> None:
 
 def _interpret_note(impl: str) -> str:
     on_cpu = jax.default_backend() == "cpu"
-    return "interpret mode on CPU: not a speed figure" if impl == "pallas" and on_cpu else ""
+    kernels = impl in ("pallas", "mosaic_gpu")
+    return "interpret mode on CPU: not a speed figure" if kernels and on_cpu else ""
 
 
 def eqxnorm_fused(impl: str) -> Callable[[Problem], JaxCase]:
@@ -667,6 +668,16 @@ def _check_tokamax() -> str | None:
     return None
 
 
+def _check_mosaic_gpu() -> str | None:
+    from eqxnorm.kernels import _mosaic_gpu
+
+    if not _mosaic_gpu.usable():
+        return f"the Mosaic GPU kernels need JAX 0.12+ (this is {jax.__version__})"
+    if jax.default_backend() == "gpu" and not _mosaic_gpu.target_supported():
+        return "the Mosaic GPU kernels need compute capability 9.0+ (TMA)"
+    return None
+
+
 def _check_flax() -> str | None:
     try:
         importlib.import_module("flax.nnx")
@@ -705,6 +716,14 @@ CONTENDERS: dict[str, Contender] = {
             fused_only=True,
         ),
         Contender(
+            "mosaic_gpu",
+            "jax",
+            "eqxnorm, impl='mosaic_gpu': the Mosaic GPU kernels pinned, where impl='auto' "
+            "runs the row norms on Triton (Hopper+, JAX 0.12+; interpret mode on CPU)",
+            eqxnorm_fused("mosaic_gpu"),
+            _check_mosaic_gpu,
+        ),
+        Contender(
             "module",
             "jax",
             "eqxnorm's layers, impl='auto', vmapped over the batch as users call them",
@@ -739,6 +758,7 @@ CONTENDERS: dict[str, Contender] = {
 CPU_OPT_IN = {
     "pallas": "interpret mode on CPU is an exact emulation, not a speed figure",
     "pallas-unfused": "interpret mode on CPU is an exact emulation, not a speed figure",
+    "mosaic_gpu": "interpret mode on CPU is an exact emulation, not a speed figure",
     "torch.compile": "inductor's cold C++ compiles cost about 5 s per case on a 2-core CPU, "
     "more than the rest of the quick run",
     "liger": "Liger-Kernel runs on CUDA GPUs only",

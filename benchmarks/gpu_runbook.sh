@@ -115,7 +115,7 @@ fi
 # op at the GPU suite's shapes, takes far longer): the row norms at a narrow, a wide and a
 # one-read-only-by-cluster width, the channel norms on one NCHW shape, the transformer block's
 # training step. Stopped at its limit, it reports the cases it finished (SIGTERM).
-bench_args=${RUNBOOK_BENCH:---ops layer_norm,rms_norm,add_rms_norm,adaptive_layer_norm,group_norm,batch_norm,rms_norm_fp8 --shapes 4096x1024,4096x8192,4096x65536,32x128x56x56 --direction fwd fwd+bwd --impls pallas,reference,module,eqx,flax,torch,liger,copy --blocks transformer --repeats 20}
+bench_args=${RUNBOOK_BENCH:---ops layer_norm,rms_norm,add_rms_norm,adaptive_layer_norm,group_norm,batch_norm,rms_norm_fp8 --shapes 4096x1024,4096x8192,4096x65536,32x128x56x56 --direction fwd fwd+bwd --impls pallas,mosaic_gpu,reference,module,eqx,flax,torch,liger,copy --blocks transformer --repeats 20}
 # shellcheck disable=SC2086  # word-split on purpose
 step bench 200 "benchmark" env JAX_PLATFORMS=cuda EQXNORM_TUNING_CACHE="$results/tuning.json" \
     "$python" -m benchmarks $bench_args --dtypes bfloat16 --out "$results" \

@@ -535,3 +535,16 @@ def test_tokamax_is_skipped_off_a_gpu_with_the_reason():
     )
     assert "tokamax" in _contenders.CPU_OPT_IN
     assert "torch.compile" in _contenders.CONTENDERS
+
+
+def test_mosaic_gpu_contender_needs_jax_0_12():
+    # The Mosaic GPU kernels pinned (the row norms' are not what `impl="auto"` runs on a
+    # GPU): opt-in on CPU, where they are interpreted; skipped with the reason on JAX < 0.12.
+    from eqxnorm.kernels import _mosaic_gpu
+
+    assert "mosaic_gpu" in _contenders.CPU_OPT_IN
+    reason = _contenders.CONTENDERS["mosaic_gpu"].check()
+    if _mosaic_gpu.usable():
+        assert reason is None
+    else:
+        assert reason == f"the Mosaic GPU kernels need JAX 0.12+ (this is {jax.__version__})"
