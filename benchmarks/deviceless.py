@@ -394,6 +394,27 @@ def tpu_table(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _mosaic_gpu_grid(kernel: dict) -> str:
+    """A Mosaic GPU kernel's grid as recorded from its launch (blank where it was not)."""
+    return "x".join(map(str, kernel["grid"])) if kernel.get("grid") else ""
+
+
+def _mosaic_gpu_occupancy(kernel: dict) -> str:
+    """A Mosaic GPU kernel's occupancy (resident warps over sm_90's 64) as its registers and
+    its block's shared memory allow, with what limits it: one warpgroup a block, so a block
+    that stages most of an SM's shared memory leaves 4 warps on it, 6 %, however few
+    registers it takes (the registers' bound alone where the launch was not recorded)."""
+    from ._gpu_static import SM90, fmt_bytes, occupancy
+
+    if "smem_bytes" not in kernel:
+        return f"{kernel['register_occupancy']:.0%} (registers)"
+    occ = occupancy(kernel["registers"], 4, kernel["smem_bytes"], SM90)
+    return (
+        f"{occ['occupancy']:.0%} ({occ['blocks_per_sm']} x {fmt_bytes(kernel['smem_bytes'])}; "
+        f"registers {kernel['register_occupancy']:.0%})"
+    )
+
+
 def table(results: Sequence[dict]) -> str:
     """The Markdown table of `results`: one row per kernel, one per whole program (GPU), or
     one per case (TPU)."""
@@ -412,8 +433,8 @@ def table(results: Sequence[dict]) -> str:
         label = f"{c.op} {c.dtype} {c.shape} {c.direction}"
         for k in r.get("mosaic_gpu", []):
             lines.append(
-                f"| {label} | `{k['name']}` (Mosaic GPU) | | 4 | {k['registers']} "
-                f"| {k['spill_bytes']} | {k['register_occupancy']:.0%} (registers) | - | | | "
+                f"| {label} | `{k['name']}` (Mosaic GPU) | {_mosaic_gpu_grid(k)} | 4 "
+                f"| {k['registers']} | {k['spill_bytes']} | {_mosaic_gpu_occupancy(k)} | - | | | "
                 f"{'none' if not (k['spill_bytes'] or k['stack_bytes']) else 'spills'} |"
             )
         for k in r["kernels"]:

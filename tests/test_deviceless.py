@@ -502,3 +502,14 @@ def test_branches_on_the_program_id_are_counted_per_program():
     assert x_access.read == x_access.read_unique == 128  # each block read once
     assert out.written == out.written_unique == 128 and out.max_writes == 1
     assert report.problems == []
+
+
+def test_mosaic_gpu_occupancy_counts_shared_memory():
+    # One warpgroup a block: a block staging most of an SM's shared memory leaves 4 of its 64
+    # warps resident whatever its registers allow (LayerNorm's backward, bf16 at 1024 x 8192).
+    backward = {"registers": 65, "smem_bytes": 221224, "register_occupancy": 0.4375}
+    assert deviceless._mosaic_gpu_occupancy(backward) == "6% (1 x 216.04 KiB; registers 44%)"
+    assert deviceless._mosaic_gpu_grid({"grid": [8, 16, 1]}) == "8x16x1"
+    # A launch that was not recorded: the registers' bound alone, as it says.
+    assert deviceless._mosaic_gpu_occupancy({"register_occupancy": 0.5}) == "50% (registers)"
+    assert deviceless._mosaic_gpu_grid({}) == ""
