@@ -482,13 +482,17 @@ def kernel(body, *, interpret: bool, auto_barriers: bool = True, cluster: int = 
     By default Mosaic GPU puts a warpgroup barrier (`bar.sync`, a whole block here) before
     and after every store to shared memory and before every TMA load, in case another thread
     reads or writes the same bytes: the forward kernels had 15 to 41 of them (issue 17 asks
-    at most 5). A body may turn them off (`auto_barriers=False`) when it keeps this
-    discipline, which makes them needless: its shared memory is written only by TMA loads
+    at most 5), and the row norms' backward 10 in each box's pass of 104 instructions (6 in
+    a folded tile's 72; bf16 LayerNorm at 4096 × 8192, SASS; now 4, its sums', and 0). A body may
+    turn them off (`auto_barriers=False`) when it keeps this discipline, which makes them
+    needless: its shared memory is written only by TMA loads
     into buffers no thread has used yet (after their barrier's wait) and by each thread over
     the elements it has itself read, in the layout it read them in (a box's `y` over its
     `x`); the only other reader is a TMA store, after `plgpu.commit_smem` (a fence and a
-    barrier). What stays: the barrier after the barriers' initialisation, `commit_smem`'s,
-    the final `wait_smem_to_gmem`'s, and those of reductions across warps (Mosaic GPU's own,
+    barrier); sums that are the same in every warp (a box's column sums) are read before a
+    reduction across the warps and written after it, whose barriers order them. What stays:
+    the barrier after the barriers' initialisation, `commit_smem`'s, the final
+    `wait_smem_to_gmem`'s, and those of reductions across warps (Mosaic GPU's own,
     through its reduction scratch). The interpreter runs such a body as before.
 
     With `cluster` > 1 the first grid axis is launched in clusters of that many programs
@@ -564,13 +568,16 @@ def combine_partials(accs, store, layout, cluster: int, barriers) -> None:
     `cluster`), reading the others' from their shared memory (distributed shared memory,
     `plgpu.cluster_ref`). Every program has written its `accs` when any reads them, and has
     read all it needs before any exits (`barriers`, [`cluster_barriers`][]). With `cluster`
-    1, the program's own sums (read after Mosaic GPU's automatic barrier after their stores:
-    the backwards keep `auto_barriers`). A cluster of $c$ programs writes one row of partials to HBM
+    1, the program's own sums, read after a barrier (`plgpu.commit_smem`'s: the row norms'
+    backward has no automatic barriers, and sums the same in every warp may have been
+    stored by one). A cluster of $c$ programs writes one row of partials to HBM
     for the $c$ rows its programs would: the row norms' backward at 1024 × 8192 bfloat16, 128
     programs writing and XLA re-reading `2 × 8192` float32 each, moved 16 MiB beside its 80
     MiB step (1.20×), in clusters of 8 2 MiB (1.03×)."""
     if cluster > 1:
         cluster_sync(barriers[0].at[0])
+    else:  # every warp's stores before any warp's reads (without automatic barriers too)
+        plgpu.commit_smem()
     me = jax.lax.axis_index("cluster") if cluster > 1 else 0
     for a, acc in enumerate(accs):
         _combine_one(acc, functools.partial(store, a), layout, cluster, me)

@@ -1011,11 +1011,15 @@ def _backward_body(
                 # Per program and column, accumulated over the program's blocks on chip
                 # (`acc`) or in its own row of the partials in HBM (columns padded to whole
                 # boxes); a folded row's tile is 4 boxes of its columns: per column as it is.
-                for s, value in enumerate((dy * xhat, dy)):
-                    ref = acc.at[s, k] if acc is not None else partial_part(s, i, k)
+                # The sums so far are read before the sums across the warps below: a box's
+                # column sums are the same in every warp, and those sums' barriers order every
+                # warp's read before any warp's write (no automatic barriers here).
+                refs = [acc.at[s, k] if acc is not None else partial_part(s, i, k) for s in (0, 1)]
+                olds = [None] * 2 if first else [_load_sums(ref, part_layout) for ref in refs]
+                for ref, old, value in zip(refs, olds, (dy * xhat, dy), strict=True):
                     if not boxes.folded:
                         value = jnp.sum(_masked(value, ours), axis=0)
-                    _accumulate(ref, value, first, part_layout)
+                    plgpu.store(ref, value if old is None else old + value, optimized=False)
             return None
 
         if param_grads and per_box:
@@ -1289,7 +1293,20 @@ def backward_call(
         split_partials=split_partials,
         weight_offset=weight_offset,
     )
-    run = _rows_kernel(body, target, out_type, scratch, programs, groups, name, cluster=cluster)
+    # The row norms' backward keeps the forwards' discipline (`_mosaic_gpu.kernel`): no
+    # automatic barriers. The group norms' (`per_box`), which `impl="auto"` runs, keeps them
+    # until a GPU has run it without.
+    run = _rows_kernel(
+        body,
+        target,
+        out_type,
+        scratch,
+        programs,
+        groups,
+        name,
+        auto_barriers=bool(per_box),
+        cluster=cluster,
+    )
     inputs = [x_p, dy_p, *stats] + [a for a in (weight, dh_p) if a is not None]
     dx, *outs = run(*inputs)
     dres = outs.pop(0)[:, :rows] if len(d_dtypes) == 2 else None
@@ -1392,6 +1409,11 @@ def _each_block(block, boxes: m.Boxes, grid: _Grid, rows: int):
         @pl.loop(1, grid.iterations)
         def _(it):
             one(it, False)
+
+
+def _load_sums(ref, layout):
+    """Float32 partial sums in `layout` from `ref` (shared memory or HBM)."""
+    return plgpu.load(ref, layout=layout, optimized=False)
 
 
 def _accumulate(ref, value, first: bool, layout):

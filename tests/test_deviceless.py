@@ -513,3 +513,54 @@ def test_mosaic_gpu_occupancy_counts_shared_memory():
     # A launch that was not recorded: the registers' bound alone, as it says.
     assert deviceless._mosaic_gpu_occupancy({"register_occupancy": 0.5}) == "50% (registers)"
     assert deviceless._mosaic_gpu_grid({}) == ""
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDS R2, [R3] ;
+.L_x_1:
+        /*0020*/                   SHFL.BFLY PT, R4, R2, 0x1, 0x1f ;
+        /*0030*/                   FADD R2, R2, R4 ;
+        /*0032*/                   FADD R2, R2, R4 ;
+        /*0034*/                   FADD R2, R2, R4 ;
+        /*0036*/                   FADD R2, R2, R4 ;
+        /*0038*/                   FADD R2, R2, R4 ;
+        /*003a*/                   FADD R2, R2, R4 ;
+        /*003c*/                   FADD R2, R2, R4 ;
+        /*0040*/               @P0 BRA `(.L_x_1) ;
+        /*0050*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0060*/                   STS [R3], R2 ;
+        /*0070*/              @!P1 BRA `(.L_x_0) ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_sass_loops_and_their_instructions():
+    # `benchmarks.sass` reads `nvdisasm -c` listings: a loop is a branch back to a label, the
+    # innermost ones hold no other, and each counts its instructions by opcode.
+    from benchmarks import sass
+
+    found = sass.loops(SASS)
+    assert [(loop.first, loop.last) for loop in found] == [(2, 10), (1, 13)]
+    [inner] = sass.innermost(found)
+    assert inner.size == 9 and inner.counts == {"SHFL": 1, "FADD": 7, "BRA": 1}
+    assert found[1].counts["BAR"] == 1 and found[1].counts["STS"] == 1
+    assert sass.opcode("@!P1 BAR.SYNC.DEFER_BLOCKING 0x0") == "BAR"
+    row = sass.table({"k": SASS}).splitlines()[2]
+    assert row.startswith("| `k` | 2-10 | 9 | 0 | 0 | 0 | 0 | 0 | 1 | 7 |")
+    # A wait (an mbarrier's try-wait loop, a few instructions) is left out.
+    wait = """
+.L_x_5:
+        /*0100*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R2 ;
+        /*0110*/              @!P0 BRA `(.L_x_5) ;
+"""
+    assert [loop.size for loop in sass.loops(wait)] == [2]
+    assert len(sass.table({"k": wait}).splitlines()) == 2
+
+
+def test_sass_names_what_it_needs(capsys):
+    from benchmarks import sass
+
+    assert sass.main(["--nvdisasm", "/nonexistent/nvdisasm"]) == 2
+    assert "needs nvdisasm ('/nonexistent/nvdisasm') on PATH" in capsys.readouterr().err
