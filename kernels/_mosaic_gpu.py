@@ -482,17 +482,17 @@ def kernel(body, *, interpret: bool, auto_barriers: bool = True, cluster: int = 
     By default Mosaic GPU puts a warpgroup barrier (`bar.sync`, a whole block here) before
     and after every store to shared memory and before every TMA load, in case another thread
     reads or writes the same bytes: the forward kernels had 15 to 41 of them (issue 17 asks
-    at most 5), and the row norms' backward 10 in each box's pass of 104 instructions (6 in
-    a folded tile's 72; bf16 LayerNorm at 4096 × 8192, SASS; now 4, its sums', and 0). A body may
-    turn them off (`auto_barriers=False`) when it keeps this discipline, which makes them
-    needless: its shared memory is written only by TMA loads
-    into buffers no thread has used yet (after their barrier's wait) and by each thread over
-    the elements it has itself read, in the layout it read them in (a box's `y` over its
-    `x`); the only other reader is a TMA store, after `plgpu.commit_smem` (a fence and a
-    barrier); sums that are the same in every warp (a box's column sums) are read before a
-    reduction across the warps and written after it, whose barriers order them. What stays:
-    the barrier after the barriers' initialisation, `commit_smem`'s, the final
-    `wait_smem_to_gmem`'s, and those of reductions across warps (Mosaic GPU's own,
+    at most 5), and the row norms' backward 10 in each box's pass (104 instructions of SASS,
+    bf16 LayerNorm at 4096 × 8192; 6 in a folded tile's 72), where without them it has 4
+    (its two sums across the warps) and 0. A body may turn them off (`auto_barriers=False`)
+    when it keeps this discipline, which makes them needless: its shared memory is written
+    only by TMA loads into buffers no thread has used yet (after their barrier's wait) and
+    by each thread over the elements it has itself read, in the layout it read them in (a
+    box's `y` over its `x`); the only other reader is a TMA store, after `plgpu.commit_smem`
+    (a fence and a barrier); sums that are the same in every warp (a box's column sums) are
+    read before a reduction across the warps and written after it, whose barriers order
+    them. What stays: the barrier after the barriers' initialisation, `commit_smem`'s, the
+    final `wait_smem_to_gmem`'s, and those of reductions across warps (Mosaic GPU's own,
     through its reduction scratch). The interpreter runs such a body as before.
 
     With `cluster` > 1 the first grid axis is launched in clusters of that many programs

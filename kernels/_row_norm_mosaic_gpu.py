@@ -1420,7 +1420,7 @@ def _accumulate(ref, value, first: bool, layout):
     """`ref = value` for a program's first block, else `ref += value` (float32 partial sums
     in `layout`, `ref` in shared memory or HBM)."""
     if not first:
-        value = value + plgpu.load(ref, layout=layout, optimized=False)
+        value = value + _load_sums(ref, layout)
     plgpu.store(ref, value, optimized=False)
 
 
