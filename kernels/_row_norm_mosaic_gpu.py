@@ -799,9 +799,10 @@ def forward_call(
         scratch.append(plgpu.SMEM(box, residual.dtype))
     if out_separate:
         scratch.append(plgpu.SMEM(box, y_dtype))
+    # A split row's exchanges (kept beside the staging, counted in its room).
+    exchange = m.exchange_scratch(boxes, 2, 4) if boxes.split > 1 else []
     staged = range(0)
     if not per_box:
-        exchange = m.exchange_scratch(boxes, 2, 4) if boxes.split > 1 else []
         program_bytes = m.smem_bytes(scratch + exchange)
         staged = _staged_boxes(params, boxes, width, program_bytes, persistent=False)
     staged_tails = bool(staged)
@@ -811,8 +812,7 @@ def forward_call(
     scratch += [_barrier(boxes)] * n_barriers
     if staged_tails:
         scratch += _tails_scratch(params, boxes, staged)
-    if boxes.split > 1:
-        scratch += m.exchange_scratch(boxes, 2, 4)
+    scratch += exchange
     body = functools.partial(
         _forward_body,
         boxes=boxes,
@@ -1220,9 +1220,10 @@ def backward_call(
     fewest = 1 if per_box else _min_iterations(boxes, blocks, groups, br, read)
     program_bytes = slots * br * row_bytes + boxes.partial_bytes
     params = [] if weight is None else [weight]
+    # A split row's exchanges (kept beside the staging, counted in its room).
+    exchange = m.exchange_scratch(boxes, 2, 2) if boxes.split > 1 else []
     staged = range(0)
-    if not per_box:  # a split row's exchanges are kept beside too
-        exchange = m.exchange_scratch(boxes, 2, 2) if boxes.split > 1 else []
+    if not per_box:
         other = program_bytes + m.smem_bytes(exchange)
         staged = _staged_boxes(params, boxes, width, other)
     staged_tails = bool(staged)
@@ -1251,7 +1252,7 @@ def backward_call(
         per_program = boxes.tile if boxes.folded else boxes.tile[::2]
         scratch.append(plgpu.SMEM((2, *per_program), F32))
     if boxes.split > 1:
-        scratch += m.exchange_scratch(boxes, 2, 2)
+        scratch += exchange
     elif on_chip:
         scratch += m.cluster_barriers(cluster)
     n_staged = 2 + (dh is not None)
