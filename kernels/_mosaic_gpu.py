@@ -57,6 +57,7 @@ written for (0.12; 0.11.2 lacks `plgpu.store`, which the per-row stores need).
 import functools
 import math
 import os
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -334,19 +335,37 @@ def _folded(
     return None
 
 
-def across_warps(v: Any, boxes: Boxes, op: str = "sum") -> Any:
-    """A folded row's per-warp values `v` `(4,)` (sums or maxima over each warp's part of the
-    row) combined across the 4 warps (`op`: `"sum"` or `"max"`), the result in every one: a
-    reduction across warps through the reduction scratch (as a box's column sums), and back.
-    Unfolded rows (one row per warp, or per lane group) are returned as they are."""
+def across_warps(values: Sequence, boxes: Boxes, op: str = "sum") -> list:
+    """A folded row's per-warp `values` (each `(4,)`: sums or maxima over each warp's part of
+    the row) each combined across the 4 warps (`op`: `"sum"` or `"max"`), the results in every
+    warp: one reduction across warps through the reduction scratch (as a box's column sums),
+    and back. Value `j` rides in column `j` of one tile, so that the values, up to a box's
+    columns, share one reduction and its two barriers (LayerNorm's offset and mean square:
+    one exchange, not two). Unfolded rows (one row per warp, or per lane group) are returned
+    as they are."""
+    values = list(values)
     if not boxes.folded:
-        return v
-    shape = (boxes.tile_rows, boxes.cols)
+        return values
+    shape = boxes.tile[1:]
+    if len(values) > shape[1]:
+        raise ValueError(
+            f"{len(values)} values combined across warps at once, more than a box's "
+            f"{shape[1]} columns: combine them in groups of at most {shape[1]}."
+        )
     reduce = jnp.sum if op == "sum" else jnp.max
-    spread = plgpu.layout_cast(jax.lax.broadcast_in_dim(v, shape, [0]), boxes.layout)
+    col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=boxes.layout)
+
+    def tile(v):
+        return plgpu.layout_cast(jax.lax.broadcast_in_dim(v, shape, [0]), boxes.layout)
+
+    spread = tile(values[0])
+    for j, v in enumerate(values[1:], 1):
+        spread = jnp.where(col == j, tile(v), spread)
     column = reduce(spread, axis=0)
     back = plgpu.layout_cast(jax.lax.broadcast_in_dim(column, shape, [1]), boxes.layout)
-    return jnp.max(back, axis=1)
+    if len(values) == 1:  # every column holds it
+        return [jnp.max(back, axis=1)]
+    return [jnp.max(jnp.where(col == j, back, -jnp.inf), axis=1) for j in range(len(values))]
 
 
 # A folded backward's program visits at least this many rows (one per block): as many as a

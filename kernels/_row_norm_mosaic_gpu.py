@@ -104,15 +104,31 @@ def _masked(v, mask):
     return v if mask is None else jnp.where(mask, v, 0.0)
 
 
-def row_total(fn, boxes: m.Boxes):
-    """The per-row sum of `fn(k)` (a box, float32) over a row's boxes, box by box. (Adding
-    the boxes up in registers and reducing once saves shuffles, but took a LayerNorm float32
-    forward at 4096 × 1024 from 48 to 127 registers: deviceless H200.)"""
+def warp_totals(fn, boxes: m.Boxes) -> list:
+    """The per-row sums of each of the boxes `fn(k)` returns (a sequence of float32 boxes:
+    several sums of one box's values read once) over a row's boxes, box by box in one loop:
+    a folded row's over each warp's part of it. (Adding the boxes up in registers and
+    reducing once saves shuffles, but took a LayerNorm float32 forward at 4096 × 1024 from 48
+    to 127 registers: deviceless H200.)"""
+
+    def box(k):
+        return [jnp.sum(v, axis=1) for v in fn(k)]
 
     def body(k, acc):
-        return acc + jnp.sum(fn(k), axis=1)
+        return [a + b for a, b in zip(acc, box(k), strict=True)]
 
-    return m.across_warps(lax.fori_loop(1, boxes.chunks, body, jnp.sum(fn(0), axis=1)), boxes)
+    return lax.fori_loop(1, boxes.chunks, body, box(0))
+
+
+def row_totals(fn, boxes: m.Boxes) -> list:
+    """[`warp_totals`][], a folded row's combined across its warps at once
+    ([`_mosaic_gpu.across_warps`][])."""
+    return m.across_warps(warp_totals(fn, boxes), boxes)
+
+
+def row_total(fn, boxes: m.Boxes):
+    """The per-row sum of the box `fn(k)` over a row's boxes ([`row_totals`][])."""
+    return row_totals(lambda k: [fn(k)], boxes)[0]
 
 
 def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools, exchange=None):
@@ -121,7 +137,8 @@ def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools, exchange
     row's ([`m.Boxes`][]' `split`) sums are its programs' combined by `exchange(values)`
     (`_mosaic_gpu.across_cluster`), two exchanges (one for RMSNorm): the row's first
     element is one program's, so its offset is the plain corrected two-pass $\overline{d}$
-    ($d_0 = 0$)."""
+    ($d_0 = 0$). A folded row's warps combine their sums twice for LayerNorm (the mean with
+    the row's first element, then the offset with the mean square), once for RMSNorm."""
     bcast, valid = tools.bcast, tools.valid
     scale = 1.0 / width
     total = functools.partial(row_total, boxes=boxes)
@@ -133,30 +150,41 @@ def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools, exchange
             return zeros, zeros, mean_square
         (shift,) = exchange([total(lambda k: load_h(k) * scale)])
 
-        def d(k):
-            return _masked(load_h(k) - bcast(shift, [0]), valid(k))
+        def sums(k):
+            d = _masked(load_h(k) - bcast(shift, [0]), valid(k))
+            return d * scale, jnp.square(d) * scale
 
-        offset, mean_square = exchange(
-            [total(lambda k: d(k) * scale), total(lambda k: jnp.square(d(k)) * scale)]
-        )
+        offset, mean_square = exchange(row_totals(sums, boxes))
         return shift, offset, jnp.maximum(mean_square - offset * offset, 0.0)
 
     if not center:
         mean_square = total(lambda k: jnp.square(load_h(k)) * scale)
         zeros = mean_square * 0.0
         return zeros, zeros, mean_square
-    shift = total(lambda k: load_h(k) * scale)
+    # The row's first element (the first warp's, of a folded row) taken with the first pass:
+    # d₀ = h₀ − shift, as the centred value it is, without an exchange of its own.
+    first = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 1, layout=boxes.layout) == 0
+    if boxes.folded:
+        part = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 0, layout=boxes.layout)
+        first = first & (part == 0)
+    shift, h0 = m.across_warps(
+        [
+            *warp_totals(lambda k: [load_h(k) * scale], boxes),
+            jnp.sum(jnp.where(first, load_h(0), 0.0), axis=1),
+        ],
+        boxes,
+    )
+    d0 = h0 - shift
 
     def centred(k):
         return _masked(load_h(k) - bcast(shift, [0]), valid(k))
 
-    first = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 1, layout=boxes.layout) == 0
-    if boxes.folded:  # the row's first column is the first warp's
-        part = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 0, layout=boxes.layout)
-        first = first & (part == 0)
-    d0 = m.across_warps(jnp.sum(jnp.where(first, centred(0), 0.0), axis=1), boxes)
-    offset = d0 + total(lambda k: _masked(centred(k) - bcast(d0, [0]), valid(k)) * scale)
-    mean_square = total(lambda k: jnp.square(centred(k)) * scale)
+    def sums(k):
+        c = centred(k)
+        return _masked(c - bcast(d0, [0]), valid(k)) * scale, jnp.square(c) * scale
+
+    offset, mean_square = row_totals(sums, boxes)
+    offset = d0 + offset
     return shift, offset, jnp.maximum(mean_square - offset * offset, 0.0)
 
 
@@ -363,6 +391,8 @@ def _forward_body(
     ins, outs, scratch = refs[:n_in], refs[n_in : n_in + n_out], list(refs[n_in + n_out :])
     x_ref, r_ref = ins[0], ins[1] if has_residual else None
     param_refs = ins[1 + has_residual :]
+    # A folded row's statistics on their way out (`store_stats`).
+    stat_smem = scratch.pop() if boxes.folded else None
     # A split row's exchanges (`_mosaic_gpu.across_cluster`): the statistics, the amax, exit.
     split = boxes.split > 1
     ex_scratch, scratch = (scratch[-2:], scratch[:-2]) if split else (None, scratch)
@@ -442,7 +472,7 @@ def _forward_body(
     stats = [shift, offset, rstd]
     if has_scale:
         amax = lax.fori_loop(1, boxes.chunks, lambda k, a: jnp.maximum(a, write(k)), write(0))
-        amax = m.across_warps(amax, boxes, "max")
+        (amax,) = m.across_warps([amax], boxes, "max")
         stats.append(exchange([amax], "max")[0] if split else amax)
     else:
 
@@ -451,20 +481,27 @@ def _forward_body(
             write(k)
 
     # The statistics, stored by the threads (a program's are 16 to 64 bytes: too few for a
-    # TMA copy, whose strides would also ask rows of 16 bytes); a folded row's, the same in
-    # every warp, as one value (a split row's by its cluster's first program).
-    def store_stats():
-        for ref, value in zip(stat_refs, stats, strict=True):
-            if boxes.folded:
-                ref[group, i] = jnp.max(value)
-            else:
-                plgpu.store(ref.at[group, rows], value, optimized=False)
-
-    if split:
-        pl.when(rank == 0)(store_stats)
+    # TMA copy, whose strides would also ask rows of 16 bytes). A folded row's, the same in
+    # every warp, each warp's copy into `stat_smem` and, past the barrier that `y`'s copy
+    # out waits for anyway, the first warp's from there as one value (a split row's by its
+    # cluster's first program): a reduction across the warps would cost two barriers each.
+    if boxes.folded:
+        for j, value in enumerate(stats):
+            plgpu.store(stat_smem.at[j], value, optimized=False)
     else:
-        store_stats()
+        for ref, value in zip(stat_refs, stats, strict=True):
+            plgpu.store(ref.at[group, rows], value, optimized=False)
     plgpu.commit_smem()
+    if boxes.folded:
+
+        def store_stats():
+            for j, ref in enumerate(stat_refs):
+                ref[group, i] = stat_smem[j, 0]
+
+        if split:
+            pl.when(rank == 0)(store_stats)
+        else:
+            store_stats()
     _copy_out(y_smem, y_ref, rows, boxes, tools, group)
     if h_ref is not None:
         _copy_out(r_smem, h_ref, rows, boxes, tools, group)
@@ -813,6 +850,8 @@ def forward_call(
     if staged_tails:
         scratch += _tails_scratch(params, boxes, staged)
     scratch += exchange
+    if boxes.folded:  # the statistics on their way out
+        scratch.append(plgpu.SMEM((n_stats, boxes.tile_rows), F32))
     body = functools.partial(
         _forward_body,
         boxes=boxes,
@@ -988,8 +1027,10 @@ def _backward_body(
 
         zero = shift * 0.0
         sum_gx, sum_g = lax.fori_loop(0, boxes.chunks, sums, (zero, zero))
-        sum_gx = m.across_warps(sum_gx, boxes)
-        sum_g = m.across_warps(sum_g, boxes) if center else sum_g
+        # Combined across the warps one at a time: at once, the split LayerNorm float32
+        # backward at 70000 took 255 registers and spilled (deviceless H200; 108 apart).
+        (sum_gx,) = m.across_warps([sum_gx], boxes)
+        sum_g = m.across_warps([sum_g], boxes)[0] if center else sum_g
         if split:
             totals = [sum_gx, sum_g] if center else [sum_gx]
             sum_gx, *rest = m.across_cluster(totals, boxes, cluster_bars, it % 2)
@@ -1568,8 +1609,11 @@ def _gated_backward_body(
             g = dy * post if w is None else dy * post * w
             return x, n, gate, dgate, dy, w, g, post
 
-        mean_square = row_total(lambda k: jnp.square(values(k)[1]) * (1.0 / width), boxes)
-        sum_gn = row_total(lambda k: values(k)[6] * values(k)[1], boxes)
+        def sums(k):
+            v = values(k)
+            return jnp.square(v[1]) * (1.0 / width), v[6] * v[1]
+
+        mean_square, sum_gn = row_totals(sums, boxes)
         rstd = reference.inverse_std(mean_square, eps)
         # mean(g n̂) = r · mean(g n), as in the Triton kernel.
         mean_gn = sum_gn * rstd * (1.0 / width)

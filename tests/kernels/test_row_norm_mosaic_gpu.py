@@ -14,7 +14,7 @@ from jax.experimental import pallas as pl
 
 import kernel_support as ks
 import oracle
-from eqxnorm.kernels import _mosaic_gpu, _row_norm_mosaic_gpu, pallas, reference
+from eqxnorm.kernels import _common, _mosaic_gpu, _row_norm_mosaic_gpu, pallas, reference
 
 EPS = 1e-5
 MOSAIC_GPU = pallas.backend("mosaic_gpu")
@@ -500,6 +500,35 @@ def test_folded_forward_at_large_mean(monkeypatch):
     y = ks.run_mosaic_gpu(lambda: MOSAIC_GPU.layer_norm(x, weight, bias, eps=EPS))
     if y is not None:
         np.testing.assert_allclose(y, oracle.layer_norm(x, weight, bias, EPS), atol=5e-5)
+
+
+@pytest.mark.parametrize("split", [1, 2], ids=["folded", "split"])
+def test_folded_and_split_statistics(split, monkeypatch):
+    # A folded row's statistics leave through shared memory, the first warp's copy (a split
+    # row's, its cluster's first program's); its mean is combined with its first element, then
+    # its offset with its mean square: each row's shift, offset and rstd as the reference's,
+    # a constant row's output exactly its bias, a large mean's within float32's reach.
+    width = 1304 if split == 1 else 3000
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", (16 if split == 1 else 8) * 1024)
+    monkeypatch.setattr(_mosaic_gpu, "EXCHANGE_BYTES", 0)
+    x = ks.data((3, width), jnp.float32, seed=3)
+    x = x.at[0].set(7.25).at[1].add(1e4)
+    weight, bias = ks.params(width)
+    if not USABLE:
+        return
+    boxes = _row_norm_mosaic_gpu.forward_boxes(x[None], None, weight, bias)
+    assert boxes.folded and boxes.split == split
+    target = _common.MOSAIC_GPU_INTERPRET
+    y, _, shift, offset, rstd = _row_norm_mosaic_gpu.forward_on(
+        target, x[None], None, jnp.ones((1, width)), bias[None], op="layer_norm", eps=EPS
+    )
+    moments = reference.moments(x, -1)
+    ks.assert_matches(shift[0], moments.shift[:, 0])
+    ks.assert_matches(offset[0], moments.offset[:, 0])
+    ks.assert_matches(rstd[0], reference.inverse_std(moments.var, EPS)[:, 0])
+    np.testing.assert_array_equal(y[0, 0], bias)
+    expected = oracle.layer_norm(x[1:], jnp.ones(width), bias, EPS)
+    np.testing.assert_allclose(y[0, 1:], expected, atol=5e-5)
 
 
 def test_folded_forward_with_a_backward_on_triton(monkeypatch, mosaic_gpu_auto):
