@@ -186,6 +186,7 @@ def boxes(
     partials: int = 0,
     box_partials: int = 0,
     split: bool = False,
+    together: int = 1,
 ) -> Boxes:
     r"""The staging of `rows` rows of `width` elements by a kernel that loads arrays of
     `dtypes` into registers and keeps `staged_bytes_per_element` bytes on chip per element
@@ -206,7 +207,14 @@ def boxes(
       give every SM `FILL` programs: `ceil(groups × rows / (FILL × SMs))` rounded up to
       whole tiles (`groups` grids of `rows` rows each). Larger blocks leave SMs idle or alone
       with one program that waits for its staging (GroupNorm's 512 rows of 4096 elements in
-      blocks of 16 rows would run on 32 of an H200's 132 SMs).
+      blocks of 16 rows would run on 32 of an H200's 132 SMs). With `together` (a kernel
+      whose program stages one block, the row norms' forward: `FILL`), no more rows than
+      leave room for that many programs on an SM at once (`SMEM_PER_SM / together`, less
+      what a block keeps beside its staging), where a tile's rows do: one program alone on
+      its SM waits for its staging, computes, then waits for its stores, with nothing
+      beside it. At 4096 × 8192 bfloat16 the forward's 8 rows (128 KiB) were alone; 4 rows
+      (64 KiB) are 3 at once, and the H200's tuner found LayerNorm's training step faster
+      with them (1.17 ms against 1.28, benchmarks/results/nvidia-h200/diagnosis).
     - a `block_rows` measured faster on this device (`python -m eqxnorm.tune`) replaces it,
       halved or doubled within what fits (`eqxnorm.kernels._tuning.tuned`).
     - with `partials` (float32 values per column a program accumulates over its rows: the
@@ -248,7 +256,16 @@ def boxes(
       backward.
     """
     staging = functools.partial(
-        _staging, dtypes, rows, width, staged_bytes_per_element, segment, groups, fold
+        _staging,
+        dtypes,
+        rows,
+        width,
+        staged_bytes_per_element,
+        segment,
+        groups,
+        fold,
+        fold_tile=bool(partials) and segment is None,
+        together=together,
     )
     kept = staging(SMEM_BYTES, split)
     if kept.split > 1 and (partials or box_partials):
@@ -276,7 +293,17 @@ def boxes(
 
 
 def _staging(
-    dtypes, rows, width, staged_bytes_per_element, segment, groups, fold, budget: int, split=False
+    dtypes,
+    rows,
+    width,
+    staged_bytes_per_element,
+    segment,
+    groups,
+    fold,
+    budget: int,
+    split=False,
+    fold_tile=False,
+    together=1,
 ) -> Boxes:
     """[`boxes`][] within `budget` bytes of shared memory."""
     vector = 16 // max(jnp.dtype(d).itemsize for d in dtypes)
@@ -292,6 +319,10 @@ def _staging(
     fit = floor_pow2(max(budget, 0) // per_row // tile_rows) * tile_rows
     per_sm = -(-rows * groups // (FILL * _sm_count()))
     want = max(tile_rows, min(MAX_BLOCK_ROWS, -(-per_sm // tile_rows) * tile_rows))
+    room = SMEM_PER_SM // together - (BLOCK_SMEM_BYTES - SMEM_BYTES)
+    at_once = floor_pow2(max(room, 0) // per_row // tile_rows) * tile_rows
+    if together > 1 and at_once:
+        want = min(want, at_once)
     lane_rows = 32 // lanes
     if lane_rows == 1:
         tiling, warp_dims, lane_dims = ((tile_rows, cols), (vector,)), (-3,), (-2,)
@@ -303,7 +334,7 @@ def _staging(
     )
     in_segments = segment is None or segment % cols == 0
     chosen = Boxes(min(fit, want) if in_segments else 0, cols, n_chunks, tile_rows, layout)
-    if fold and fit == 0 and lane_rows == 1 and in_segments:
+    if fold and (fit == 0 or (fold_tile and fit == tile_rows)) and lane_rows == 1 and in_segments:
         most = CLUSTER if split else 1
         return _folded(width, staged_bytes_per_element, budget, most) or chosen
     return _tuning.tuned(chosen, "mosaic_gpu", rows, width, most_rows=fit)

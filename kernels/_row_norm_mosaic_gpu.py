@@ -104,26 +104,48 @@ def _masked(v, mask):
     return v if mask is None else jnp.where(mask, v, 0.0)
 
 
-def warp_totals(fn, boxes: m.Boxes) -> list:
-    """The per-row sums of each of the boxes `fn(k)` returns (a sequence of float32 boxes:
-    several sums of one box's values read once) over a row's boxes, box by box in one loop:
-    a folded row's over each warp's part of it. (Adding the boxes up in registers and
-    reducing once saves shuffles, but took a LayerNorm float32 forward at 4096 × 1024 from 48
-    to 127 registers: deviceless H200.)"""
+# A box of at most this many elements a thread has its row sums added up in registers, box
+# by box, and reduced across the lanes once per row ([`warp_totals`][]).
+REGISTER_SUM_ELEMENTS = 8
 
-    def box(k):
-        return [jnp.sum(v, axis=1) for v in fn(k)]
+
+def warp_totals(fn, boxes: m.Boxes, count: int = 1) -> list:
+    """The per-row sums of each of the `count` boxes `fn(k)` returns (float32 boxes: several
+    sums of one box's values read once) over a row's boxes, in one loop: a folded
+    row's over each warp's part of it.
+
+    - A box of at most `REGISTER_SUM_ELEMENTS` a thread (wide rows: 4 rows of 8192 bfloat16
+      hold 8 in a box of 256 columns, a folded row 4): the boxes added up elementwise in
+      registers, then reduced across the lanes once. Reduced box by box, each box's sum was
+      5 dependent warp shuffles, which the one warpgroup of a program has nothing to hide
+      behind: LayerNorm bfloat16's forward at 8192 spent 10 of each of its statistics
+      loops' 68 and 154 instructions on them (`python -m benchmarks.sass`); now 46 and 110,
+      none a shuffle.
+    - A larger box, reduced box by box: its shuffles are shared by more elements, and
+      summed in registers its accumulators would cost as many (a LayerNorm float32 forward
+      at 4096 × 1024, 16 a thread: 48 registers, 96 summed in registers; the folded 64 ×
+      70000 backwards spilled)."""
+    shape = boxes.tile[1:]
+    if shape[0] * shape[1] // (32 * m.WARPS) <= REGISTER_SUM_ELEMENTS:
+        zero = plgpu.layout_cast(jnp.zeros(shape, F32), boxes.layout)
+
+        def add(k, acc):
+            return [a + b for a, b in zip(acc, fn(k), strict=True)]
+
+        sums = lax.fori_loop(0, boxes.chunks, add, [zero] * count)
+        return [jnp.sum(a, axis=1) for a in sums]
+    zero = plgpu.layout_cast(jnp.zeros(shape[:1], F32), boxes.layout.reduce(1))
 
     def body(k, acc):
-        return [a + b for a, b in zip(acc, box(k), strict=True)]
+        return [a + jnp.sum(b, axis=1) for a, b in zip(acc, fn(k), strict=True)]
 
-    return lax.fori_loop(1, boxes.chunks, body, box(0))
+    return lax.fori_loop(0, boxes.chunks, body, [zero] * count)
 
 
-def row_totals(fn, boxes: m.Boxes) -> list:
+def row_totals(fn, boxes: m.Boxes, count: int = 1) -> list:
     """[`warp_totals`][], a folded row's combined across its warps at once
     ([`_mosaic_gpu.across_warps`][])."""
-    return m.across_warps(warp_totals(fn, boxes), boxes)
+    return m.across_warps(warp_totals(fn, boxes, count), boxes)
 
 
 def row_total(fn, boxes: m.Boxes):
@@ -133,57 +155,39 @@ def row_total(fn, boxes: m.Boxes):
 
 def _row_stats(load_h, boxes: m.Boxes, width: int, center: bool, tools, exchange=None):
     r"""`(shift, offset, var)` per row of the staged boxes (`load_h(k)`: box `k` as float32,
-    zero past the row's end), as `eqxnorm.kernels.reference.moments` defines them. A split
-    row's ([`m.Boxes`][]' `split`) sums are its programs' combined by `exchange(values)`
-    (`_mosaic_gpu.across_cluster`), two exchanges (one for RMSNorm): the row's first
-    element is one program's, so its offset is the plain corrected two-pass $\overline{d}$
-    ($d_0 = 0$). A folded row's warps combine their sums twice for LayerNorm (the mean with
-    the row's first element, then the offset with the mean square), once for RMSNorm."""
+    zero past the row's end), as `eqxnorm.kernels.reference.moments` defines them. A folded
+    row's warps combine their sums twice for LayerNorm (the mean with the row's first
+    element, then the offset with the mean square), once for RMSNorm; a split row's
+    ([`m.Boxes`][]' `split`) are then its programs' combined by `exchange(values)`
+    (`_mosaic_gpu.across_cluster`), as many exchanges. The first element is the first
+    warp's of the cluster's first program, $d_0 = h_0 - \text{shift}$ in every one, so that
+    a constant row normalizes to exactly its bias however it is staged."""
     bcast, valid = tools.bcast, tools.valid
     scale = 1.0 / width
-    total = functools.partial(row_total, boxes=boxes)
 
-    if exchange is not None:
-        if not center:
-            (mean_square,) = exchange([total(lambda k: jnp.square(load_h(k)) * scale)])
-            zeros = mean_square * 0.0
-            return zeros, zeros, mean_square
-        (shift,) = exchange([total(lambda k: load_h(k) * scale)])
-
-        def sums(k):
-            d = _masked(load_h(k) - bcast(shift, [0]), valid(k))
-            return d * scale, jnp.square(d) * scale
-
-        offset, mean_square = exchange(row_totals(sums, boxes))
-        return shift, offset, jnp.maximum(mean_square - offset * offset, 0.0)
+    def combined(values):
+        values = m.across_warps(values, boxes)
+        return values if exchange is None else exchange(values)
 
     if not center:
-        mean_square = total(lambda k: jnp.square(load_h(k)) * scale)
+        (mean_square,) = combined(warp_totals(lambda k: [jnp.square(load_h(k)) * scale], boxes))
         zeros = mean_square * 0.0
         return zeros, zeros, mean_square
-    # The row's first element (the first warp's, of a folded row) taken with the first pass:
-    # d₀ = h₀ − shift, as the centred value it is, without an exchange of its own.
     first = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 1, layout=boxes.layout) == 0
     if boxes.folded:
         part = plgpu.broadcasted_iota(jnp.int32, boxes.tile[1:], 0, layout=boxes.layout)
         first = first & (part == 0)
-    shift, h0 = m.across_warps(
-        [
-            *warp_totals(lambda k: [load_h(k) * scale], boxes),
-            jnp.sum(jnp.where(first, load_h(0), 0.0), axis=1),
-        ],
-        boxes,
-    )
+    h0 = jnp.sum(jnp.where(first, load_h(0), 0.0), axis=1)
+    if exchange is not None:  # the cluster's first program's
+        h0 = jnp.where(tools.first_tile == 0, h0, 0.0)
+    shift, h0 = combined([*warp_totals(lambda k: [load_h(k) * scale], boxes), h0])
     d0 = h0 - shift
 
-    def centred(k):
-        return _masked(load_h(k) - bcast(shift, [0]), valid(k))
-
     def sums(k):
-        c = centred(k)
+        c = _masked(load_h(k) - bcast(shift, [0]), valid(k))
         return _masked(c - bcast(d0, [0]), valid(k)) * scale, jnp.square(c) * scale
 
-    offset, mean_square = row_totals(sums, boxes)
+    offset, mean_square = combined(warp_totals(sums, boxes, 2))
     offset = d0 + offset
     return shift, offset, jnp.maximum(mean_square - offset * offset, 0.0)
 
@@ -686,6 +690,7 @@ def _boxes(
     partials=0,
     box_partials=0,
     split=None,
+    together=1,
 ) -> m.Boxes:
     """The staging of a kernel over `shape` `(groups, rows, width)` that keeps the row
     arrays `rows_in` (plus row buffers of dtypes `more_rows`) on chip and reads the
@@ -707,6 +712,7 @@ def _boxes(
         split=fold if split is None else split,
         partials=partials,
         box_partials=box_partials,
+        together=together,
     )
 
 
@@ -719,7 +725,7 @@ def forward_boxes(
     more = [] if _same_dtype(x, out_dtype) else [jnp.dtype(out_dtype)]
     # With a (float32) FP8 scale the parameters are read in float32 (see `forward_on`).
     params = (weight, bias) if scale is None else (scale,)
-    return _boxes((x, residual), params, x.shape, more, fold=fold)
+    return _boxes((x, residual), params, x.shape, more, fold=fold, together=m.FILL)
 
 
 def _same_dtype(x, out_dtype) -> bool:
@@ -1020,13 +1026,12 @@ def _backward_body(
             w = _param(w_ref, k, rows, group, per_box, boxes, tools)
             return xhat, dy, dy * reference.offset_weight(w, weight_offset, F32)
 
-        def sums(k, acc):
+        def sums(k):
             xhat, _, g = values(k)
-            gx = acc[0] + jnp.sum(g * xhat, axis=1)
-            return (gx, acc[1] + jnp.sum(g, axis=1)) if center else (gx, acc[1])
+            return [g * xhat, g] if center else [g * xhat]
 
-        zero = shift * 0.0
-        sum_gx, sum_g = lax.fori_loop(0, boxes.chunks, sums, (zero, zero))
+        sum_gx, *sum_g = warp_totals(sums, boxes, 1 + center)
+        sum_g = sum_g[0] if center else shift * 0.0
         # Combined across the warps one at a time: at once, the split LayerNorm float32
         # backward at 70000 took 255 registers and spilled (deviceless H200; 108 apart).
         (sum_gx,) = m.across_warps([sum_gx], boxes)
@@ -1609,11 +1614,10 @@ def _gated_backward_body(
             g = dy * post if w is None else dy * post * w
             return x, n, gate, dgate, dy, w, g, post
 
-        def sums(k):
-            v = values(k)
-            return jnp.square(v[1]) * (1.0 / width), v[6] * v[1]
-
-        mean_square, sum_gn = row_totals(sums, boxes)
+        # Two loops: in one, the float32 backward at 1024 × 8192 took 255 registers and
+        # spilled (64 apart; deviceless H200).
+        mean_square = row_total(lambda k: jnp.square(values(k)[1]) * (1.0 / width), boxes)
+        sum_gn = row_total(lambda k: values(k)[6] * values(k)[1], boxes)
         rstd = reference.inverse_std(mean_square, eps)
         # mean(g n̂) = r · mean(g n), as in the Triton kernel.
         mean_gn = sum_gn * rstd * (1.0 / width)
@@ -2091,13 +2095,12 @@ def _lengths_backward_body(*refs, boxes, width, center, has_weight, param_grads,
             return xhat, dy, dy
         return xhat, dy, dy * _param(w_ref, k, rows, group, False, boxes, tools)
 
-    def sums(k, acc):
+    def sums(k):
         xhat, _, g = values(k)
-        gx = acc[0] + jnp.sum(g * xhat, axis=1)
-        return (gx, acc[1] + jnp.sum(g, axis=1)) if center else (gx, acc[1])
+        return [g * xhat, g] if center else [g * xhat]
 
-    zero = shift * 0.0
-    sum_gx, sum_g = lax.fori_loop(0, boxes.chunks, sums, (zero, zero))
+    sum_gx, *sum_g = warp_totals(sums, boxes, 1 + center)
+    sum_g = sum_g[0] if center else shift * 0.0
     inv = jnp.where(n > 0.0, 1.0 / jnp.maximum(n, 1.0), 0.0)
     mean_gx, mean_g = sum_gx * inv, sum_g * inv
 

@@ -190,9 +190,9 @@ def _hbm_loads(jaxpr, shape_of) -> list:
 @pytest.mark.parametrize(
     "op, rows, width, dtype, forward_staged",
     [
-        ("layer_norm", 37, 4096, jnp.float32, True),
+        ("layer_norm", 37, 2048, jnp.float32, True),
         ("rms_norm", 199, 760, jnp.float32, False),
-        ("layer_norm", 37, 8192, jnp.bfloat16, True),
+        ("layer_norm", 37, 4096, jnp.bfloat16, True),
         ("add_layer_norm", 37, 760, jnp.bfloat16, False),
     ],
 )
@@ -200,7 +200,7 @@ def test_parameters_staged_not_read_per_box(op, rows, width, dtype, forward_stag
     # Unfolded rows: the persistent backward's weight arrives by TMA into shared memory with
     # the first block (every box), and no body reads it from HBM, where each box's read
     # would be a round trip the warpgroup waits for, per block and pass. A forward stages
-    # its parameters too where its rows are many boxes (4096 float32 columns: 32 boxes of
+    # its parameters too where its rows are many boxes (2048 float32 columns: 16 boxes of
     # 128) or staging them leaves as many programs resident; a forward of a few boxes whose
     # residency they would lower (199 x 760 float32: blocks of 4 rows in 12 KiB, 10
     # programs per SM, 8 with their 6 KiB of parameters beside; add + norm at 37 x 760
@@ -226,17 +226,19 @@ def test_parameters_staged_not_read_per_box(op, rows, width, dtype, forward_stag
     assert param_loads(backward_jaxpr) == []
     forward_loads = param_loads(jax.make_jaxpr(forward)(x, weight, bias))
     assert (forward_loads == []) == forward_staged
-    # Where they do not fit beside a backward's staging and partials (4096 rows of 8192
-    # bfloat16: 4 rows of x and dy, 128 KiB, and 64 KiB of partials), none: a bfloat16 weight
-    # (16 KiB) fits in the block's 227 KiB with the reduction scratch, a float32 one does not.
+    # Where they do not fit beside a backward's staging and partials (192 KiB: 4 rows of
+    # 8192 bfloat16 x and dy and 64 KiB of partials, as the unfolded staging of 4096 rows of
+    # 8192 was), none: a bfloat16 weight (16 KiB) fits in the block's 227 KiB with the
+    # reduction scratch (the folded row's 16 tiles, 64 boxes), a float32 one does not (its
+    # last tile only, which would run past the parameter's end read from HBM).
     x = jax.ShapeDtypeStruct((1, 4096, 8192), jnp.bfloat16)
-    for weight_dtype, staged in ((jnp.bfloat16, 64), (jnp.float32, 0)):
+    for weight_dtype, staged in ((jnp.bfloat16, range(64)), (jnp.float32, range(60, 64))):
         weight = jax.ShapeDtypeStruct((1, 8192), weight_dtype)
         boxes = _row_norm_mosaic_gpu.backward_boxes(x, weight, x, None, (jnp.bfloat16,))
-        assert (boxes.block_rows, boxes.chunks, boxes.partial_bytes) == (4, 64, 64 * 1024)
+        assert (boxes.folded, boxes.chunks, boxes.partial_bytes) == (True, 16, 64 * 1024)
         program_bytes = 4 * 8192 * 4 + boxes.partial_bytes
         found = _row_norm_mosaic_gpu._staged_boxes([weight], boxes, 8192, program_bytes)
-        assert len(found) == staged
+        assert found == staged
 
 
 def _barrier_settings(jaxpr) -> dict:
@@ -305,9 +307,16 @@ def test_partials_kept_on_chip_where_they_fit():
     # 1024 bfloat16 columns: 8 KiB of float32 partials beside 16 rows of x and dy.
     boxes = _mosaic_gpu.boxes((jnp.bfloat16, jnp.float32), 4096, 1024, 4, partials=2)
     assert (boxes.block_rows, boxes.partial_bytes) == (16, 8 * 1024)
-    # 8192: 64 KiB beside 4 rows (128 KiB); float32, folded: 64 KiB beside one row's 64 KiB.
+    # 8192: 64 KiB beside one tile of 4 rows (128 KiB) would fit; the row is folded instead
+    # (its partials summed within each warp, no reduction across warps per box), 64 KiB
+    # beside one row's 32 KiB. Unless folding is off (a kernel that takes no folded rows).
     boxes = _mosaic_gpu.boxes((jnp.bfloat16, jnp.float32), 1024, 8192, 4, partials=2, fold=True)
+    assert (boxes.block_rows, boxes.folded, boxes.partial_bytes) == (1, True, 64 * 1024)
+    boxes = _mosaic_gpu.boxes((jnp.bfloat16, jnp.float32), 1024, 8192, 4, partials=2)
     assert (boxes.block_rows, boxes.folded, boxes.partial_bytes) == (4, False, 64 * 1024)
+    # Two tiles of rows (4096 bfloat16): unfolded, 8 rows a block.
+    boxes = _mosaic_gpu.boxes((jnp.bfloat16, jnp.float32), 4096, 4096, 4, partials=2, fold=True)
+    assert (boxes.block_rows, boxes.folded, boxes.partial_bytes) == (8, False, 32 * 1024)
     boxes = _mosaic_gpu.boxes((jnp.float32,), 1024, 8192, 8, partials=2, fold=True)
     assert boxes.folded and boxes.partial_bytes == 64 * 1024
     # 51200 bfloat16 (200 KiB staged): no room, the partials accumulate in HBM.
