@@ -104,9 +104,11 @@ def _masked(v, mask):
     return v if mask is None else jnp.where(mask, v, 0.0)
 
 
-# A box of at most this many elements a thread has its row sums added up in registers, box
-# by box, and reduced across the lanes once per row ([`warp_totals`][]).
+# A row of at least `REGISTER_SUM_BOXES` boxes (or folded tiles) of at most
+# `REGISTER_SUM_ELEMENTS` elements a thread has its row sums added up in registers, box by
+# box, and reduced across the lanes once per row ([`warp_totals`][]).
 REGISTER_SUM_ELEMENTS = 8
+REGISTER_SUM_BOXES = 16
 
 
 def warp_totals(fn, boxes: m.Boxes, count: int = 1) -> list:
@@ -114,19 +116,21 @@ def warp_totals(fn, boxes: m.Boxes, count: int = 1) -> list:
     sums of one box's values read once) over a row's boxes, in one loop: a folded
     row's over each warp's part of it.
 
-    - A box of at most `REGISTER_SUM_ELEMENTS` a thread (wide rows: 4 rows of 8192 bfloat16
-      hold 8 in a box of 256 columns, a folded row 4): the boxes added up elementwise in
-      registers, then reduced across the lanes once. Reduced box by box, each box's sum was
+    - Many small boxes (`REGISTER_SUM_BOXES` of at most `REGISTER_SUM_ELEMENTS` a thread:
+      wide rows, 4 rows of 8192 bfloat16 are 32 boxes of 256 columns, 8 elements a thread,
+      a folded row's tiles 4): the boxes added up elementwise in registers, then reduced
+      across the lanes once. Reduced box by box, each box's sum was
       5 dependent warp shuffles, which the one warpgroup of a program has nothing to hide
       behind: LayerNorm bfloat16's forward at 8192 spent 10 of each of its statistics
       loops' 68 and 154 instructions on them (`python -m benchmarks.sass`); now 46 and 110,
       none a shuffle.
-    - A larger box, reduced box by box: its shuffles are shared by more elements, and
-      summed in registers its accumulators would cost as many (a LayerNorm float32 forward
-      at 4096 × 1024, 16 a thread: 48 registers, 96 summed in registers; the folded 64 ×
-      70000 backwards spilled)."""
+    - Fewer or larger boxes, reduced box by box: their shuffles are fewer a row or shared by
+      more elements, and summed in registers the accumulators cost more than they save (a
+      LayerNorm float32 forward at 4096 × 1024, 16 a thread: 48 registers, 96 summed in
+      registers; BatchNorm's statistics over 32 × 32 images, 8 boxes of 8: 30, then 79)."""
     shape = boxes.tile[1:]
-    if shape[0] * shape[1] // (32 * m.WARPS) <= REGISTER_SUM_ELEMENTS:
+    small = shape[0] * shape[1] // (32 * m.WARPS) <= REGISTER_SUM_ELEMENTS
+    if small and boxes.chunks >= REGISTER_SUM_BOXES:
         zero = plgpu.layout_cast(jnp.zeros(shape, F32), boxes.layout)
 
         def add(k, acc):
@@ -134,12 +138,14 @@ def warp_totals(fn, boxes: m.Boxes, count: int = 1) -> list:
 
         sums = lax.fori_loop(0, boxes.chunks, add, [zero] * count)
         return [jnp.sum(a, axis=1) for a in sums]
-    zero = plgpu.layout_cast(jnp.zeros(shape[:1], F32), boxes.layout.reduce(1))
+
+    def box(k):
+        return [jnp.sum(v, axis=1) for v in fn(k)]
 
     def body(k, acc):
-        return [a + jnp.sum(b, axis=1) for a, b in zip(acc, fn(k), strict=True)]
+        return [a + b for a, b in zip(acc, box(k), strict=True)]
 
-    return lax.fori_loop(0, boxes.chunks, body, [zero] * count)
+    return lax.fori_loop(1, boxes.chunks, body, box(0))
 
 
 def row_totals(fn, boxes: m.Boxes, count: int = 1) -> list:

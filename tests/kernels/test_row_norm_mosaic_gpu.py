@@ -241,6 +241,48 @@ def test_parameters_staged_not_read_per_box(op, rows, width, dtype, forward_stag
         assert found == staged
 
 
+def _sums_by_depth(jaxpr, depth: int = 0) -> tuple[list, int]:
+    """`(the loop depth of each reduce_sum, the deepest loop)` in `jaxpr` and the jaxprs it
+    holds (a kernel's loops: `scan`, `while`)."""
+    found, deepest = [], depth
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "reduce_sum":
+            found.append(depth)
+        inner_depth = depth + (eqn.primitive.name in ("scan", "while"))
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    sums, most = _sums_by_depth(inner, inner_depth)
+                    found, deepest = found + sums, max(deepest, most)
+    return found, deepest
+
+
+@pytest.mark.parametrize("width", [1024, 8192])
+def test_wide_rows_sum_no_box_across_lanes_or_warps(width):
+    # At 8192 bfloat16 columns a box is 8 elements a thread (the forward's 4 rows of 256) or 4
+    # (the backward's folded tile): the boxes' row sums are added up in registers and reduced
+    # across the lanes once per row (`warp_totals`), and the folded backward's column sums
+    # stay within each warp: no reduction in the loops over a row's boxes, the innermost. At
+    # 1024 columns a box is 16 or 32 elements a thread: each reduced as it comes, the
+    # backward's column sums across the warps.
+    if not USABLE:
+        return
+    x = jax.ShapeDtypeStruct((4096, width), jnp.bfloat16)
+    weight = jax.ShapeDtypeStruct((width,), jnp.bfloat16)
+
+    def forward(x, weight, bias):
+        return MOSAIC_GPU.layer_norm(x, weight, bias, eps=EPS)
+
+    def backward(x, weight, bias, dy):
+        return jax.vjp(forward, x, weight, bias)[1](dy)
+
+    for fn, args in ((forward, (x, weight, weight)), (backward, (x, weight, weight, x))):
+        depths, deepest = _sums_by_depth(jax.make_jaxpr(fn)(*args).jaxpr)
+        assert deepest >= 1 and depths
+        assert (deepest in depths) == (width == 1024)
+
+
 def _barrier_settings(jaxpr) -> dict:
     """`{kernel name: whether Mosaic GPU's automatic barriers are off}` of the kernels in
     `jaxpr` and the jaxprs it holds."""
@@ -296,6 +338,15 @@ def test_staging_heuristic():
     assert _mosaic_gpu.boxes((jnp.float32,), 64, 70000, 8).block_rows == 0
     # Fewer rows than a program holds: one tile.
     assert _mosaic_gpu.boxes((jnp.float32,), 1, 760, 4).block_rows == 4
+    # A forward's program stages one block: its rows leave room for `FILL` programs on an SM
+    # at once (4096 rows of 8192 bfloat16: 4 rows, 64 KiB, 3 at once; were 8, 128 KiB, one
+    # alone). The tuner may still try what fits (8), and a kernel of other programs keeps it.
+    boxes = _mosaic_gpu.boxes((jnp.bfloat16,), 4096, 8192, 2, together=_mosaic_gpu.FILL)
+    assert boxes.block_rows == 4
+    assert _mosaic_gpu.resident_by_smem(4 * 8192 * 2) == 3
+    assert _mosaic_gpu.boxes((jnp.bfloat16,), 4096, 8192, 2).block_rows == 8
+    x = jnp.zeros((1, 4096, 8192), jnp.bfloat16)
+    assert _row_norm_mosaic_gpu.forward_boxes(x, None, x[0, 0], x[0, 0]).block_rows == 4
     # TMA needs rows of a multiple of 16 bytes.
     assert _mosaic_gpu.supports(jnp.bfloat16, 760) and not _mosaic_gpu.supports(jnp.bfloat16, 37)
     assert not _mosaic_gpu.supports(jnp.float64, 760)
