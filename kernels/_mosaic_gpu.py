@@ -227,7 +227,11 @@ def boxes(
       float32 values per column of one box, summed over a row's boxes too (DyT's α).
     - with `fold` (a kernel that takes folded rows), when not even a tile's rows fit but one
       row does (its `ceil(chunks / 4)` tiles of `4 × cols`): that row **folded**, one per
-      program (see the module docstring). The budget is an sm_90 block's 227 KiB of shared
+      program (see the module docstring). With `partials` too (a persistent backward), when
+      no more than one tile's rows fit: a tile of rows sums each box's columns across the
+      warps (two barriers a box), a folded row's partials are summed within each warp (the
+      row norms' backward at 4096 × 8192 bfloat16: each box's pass 98 instructions with 4
+      `BAR`, folded 59 with none; deviceless H200, `python -m benchmarks.sass`). The budget is an sm_90 block's 227 KiB of shared
       memory: `SMEM_BYTES` (200 KiB) staged, the rest the statistics, barriers and
       `REDUCTION_SCRATCH_BYTES`. The forward stages `x` alone (2 bytes per bf16 element:
       rows up to 102400 bf16, 51200 float32, on chip and read once; a whole 4-row tile
