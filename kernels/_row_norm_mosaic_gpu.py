@@ -1668,10 +1668,12 @@ def _one_group_call(
     auto_barriers=True,
     backward=False,
     box_partials=0,
+    scalars=(),
     **settings,
 ):
     """The launch of `body` over the rows of `staged` (each `(rows, dim)`, staged whole) as
-    one group, with `params` per column (each `(dim,)`): outputs of
+    one group, with `scalars` (each `(1,)`, read in place: DyT's α) and `params` per column
+    (each `(dim,)`): outputs of
     `out_dtypes` in the rows' shape, then `box_partials` float32 partial sums per column of
     a box (summed over a row's boxes too), `(programs, cols)`, and `partials` per column,
     `(programs, dim)` (summed by the caller). `body` takes the staged arrays, then the
@@ -1728,7 +1730,7 @@ def _one_group_call(
     run = _rows_kernel(
         kernel, target, out_type, scratch, grid.programs, 1, name, auto_barriers, grid.cluster
     )
-    outs = run(*padded, *params)
+    outs = run(*padded, *scalars, *params)
     rows_out = [o[0, :rows] for o in outs[: len(out_dtypes)]]
     # A folded row's partials: its tiles' columns in order.
     flat = [p if p.ndim == 3 else p.reshape(*p.shape[:2], -1) for p in outs[len(out_dtypes) :]]
@@ -1815,9 +1817,9 @@ def gated_rms_norm_backward_supported(x, z, weight, dy) -> bool:
 
 # --- Dynamic Tanh ----------------------------------------------------------------------------
 #
-# `row_norm._dyt_fwd_on` / `_dyt_bwd_on`'s contracts; the scalar α is read like a parameter, a
-# row of α's (broadcast by XLA, `dim` values), so that every value a box needs comes in one
-# layout.
+# `row_norm._dyt_fwd_on` / `_dyt_bwd_on`'s contracts; the scalar α is read in place, one
+# value every thread loads (it was a row of α's broadcast by XLA and read like a parameter, a
+# launch before each kernel), γ and β in their dtype (they were float32 copies).
 
 
 def _dyt_forward_body(*refs, boxes, width, has_weight, has_bias):
@@ -1832,9 +1834,11 @@ def _dyt_forward_body(*refs, boxes, width, has_weight, has_bias):
     def param(ref, k):
         return _param(ref, k, rows, group, False, boxes, tools)
 
+    alpha = alpha_ref[0].astype(F32)
+
     @pl.loop(0, boxes.chunks)
     def _(k):
-        y = jnp.tanh(param(alpha_ref, k) * _load(x_smem, k, boxes.layout))
+        y = jnp.tanh(alpha * _load(x_smem, k, boxes.layout))
         if has_weight:
             y = y * param(param_refs[0], k)
         if has_bias:
@@ -1856,12 +1860,12 @@ def _dyt_backward_body(*refs, boxes, width, has_weight, grid: _Grid):
     group = lax.axis_index("groups")
     tools = _box_tools(boxes, width, group * 0)
     layout, column = boxes.layout, boxes.layout.reduce(0)
+    alpha = alpha_ref[0].astype(F32)
 
     def block(rows, ours, first):
         _stage(((x_ref, x_smem), (dy_ref, dy_smem)), bars, rows, boxes, tools, group)
 
         def box(k, alpha_sum):
-            alpha = _param(alpha_ref, k, rows, group, False, boxes, tools)
             x, dy = _load(x_smem, k, layout), _load(dy_smem, k, layout)
             t = jnp.tanh(alpha * x)
             e = dy * (1 - t * t)
@@ -1886,59 +1890,73 @@ def _dyt_backward_body(*refs, boxes, width, has_weight, grid: _Grid):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _alpha_row(alpha, x):
-    """α as a row of `x.shape[1]` values (read like a parameter)."""
-    return jnp.broadcast_to(alpha.astype(F32), (x.shape[1],))
+def _dyt_boxes(x, params, dy=None) -> m.Boxes:
+    """The staging of DyT's forward (`x`; the parameters `params` in their common dtype's
+    layout) or, with `dy`, its backward (`x` and `dy` in a float32 layout: its partials
+    reduce across warps; γ's and β's partials per column, α's per column of a box)."""
+    if dy is None:
+        return _boxes((x,), params, (1, *x.shape))
+    return _boxes((x, dy), params, (1, *x.shape), layout_dtype=F32, partials=2, box_partials=1)
 
 
 def dyt_forward_on(target: Target, x, alpha, weight, bias):
-    """`y` as `row_norm._dyt_fwd_on`, with one Mosaic GPU kernel."""
-    params = [_alpha_row(alpha, x)] + [p.astype(F32) for p in (weight, bias) if p is not None]
-    boxes = _boxes((x,), [F32], (1, *x.shape), layout_dtype=F32)
+    """`y` as `row_norm._dyt_fwd_on`, with one Mosaic GPU kernel: α read in place (a scalar,
+    in its dtype), the parameters in theirs (no XLA launch before the kernel)."""
+    params = [p for p in (weight, bias) if p is not None]
+    if params:
+        params = [p.astype(_params_dtype(params)) for p in params]
     flags = dict(has_weight=weight is not None, has_bias=bias is not None)
     (y,), _ = _one_group_call(
         _dyt_forward_body,
         target,
         (x,),
         params,
-        boxes,
+        _dyt_boxes(x, params),
         (x.dtype,),
         0,
         "eqxnorm_dyt_fwd",
         auto_barriers=False,
+        scalars=(alpha.reshape(1),),
         **flags,
     )
     return y
 
 
 def dyt_backward_on(target: Target, x, alpha, weight, dy):
-    """`(dx, dalpha, dweight, dbias)` as `row_norm._dyt_bwd_on`, with one Mosaic GPU kernel."""
-    params = [_alpha_row(alpha, x)] + ([] if weight is None else [weight.astype(F32)])
-    boxes = _boxes((x, dy), [F32], (1, *x.shape), layout_dtype=F32, partials=2, box_partials=1)
+    """`(dx, dalpha, dweight, dbias)` as `row_norm._dyt_bwd_on`, with one Mosaic GPU kernel
+    (α and the weight read as the forward reads them)."""
+    params = [] if weight is None else [weight]
     (dx,), (dalpha, dw, db) = _one_group_call(
         _dyt_backward_body,
         target,
         (x, dy),
         params,
-        boxes,
+        _dyt_boxes(x, params, dy),
         (x.dtype,),
         2,
         "eqxnorm_dyt_bwd",
         backward=True,
         box_partials=1,
+        scalars=(alpha.reshape(1),),
         has_weight=weight is not None,
     )
-    # The three gradients' partials summed over the programs in one reduction; α's are per
-    # column of a box, their sum one more (smaller) reduction.
-    dalpha, dw, db = sum_parts([dalpha, dw, db], axes=(0,), like=weight)
+    # γ's and β's partials summed over the programs in one reduction (their casts to a
+    # half-precision weight's dtype fused into it); α's, per column of a box, summed whole in
+    # another. Summed with them (a concatenation), α's needed a third launch, the casts
+    # apart (bf16 at 4096 × 1024: 3 launches, now 2).
+    dw, db = sum_parts([dw, db], axes=(0,), like=weight)
     return dx, dalpha.sum(), dw, db
 
 
 def dyt_supported(x, *operands) -> bool:
     """Whether [`dyt_forward_on`][]/[`dyt_backward_on`][] run these operands (`x`'s rows
     staged, with `dy`'s in the backward)."""
-    rows = [a for a in operands if a is not None and a.shape == x.shape]
-    boxes = _boxes((x, *rows), [F32], (1, *x.shape), layout_dtype=F32)
+    operands = [a for a in operands if a is not None]
+    rows = [a for a in operands if a.shape == x.shape]
+    params = [a for a in operands if a.ndim == 1]
+    if params:
+        params = [p.astype(_params_dtype(params)) for p in params]
+    boxes = _dyt_boxes(x, params, rows[0] if rows else None)
     return _all_supported(x[None], (x, *rows), boxes)
 
 

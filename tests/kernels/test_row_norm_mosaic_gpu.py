@@ -916,7 +916,8 @@ def _gated_and_dyt(module, x, z, weight, bias, norm_before_gate):
         total = jnp.sum(gated.astype(jnp.float32) * jnp.cos(z.astype(jnp.float32)))
         return total + jnp.sum(dyt.astype(jnp.float32) ** 2), (gated, dyt)
 
-    alpha = jnp.asarray(0.7, jnp.float32)
+    # α in `x`'s dtype (read in place by the kernels, whatever its dtype).
+    alpha = jnp.asarray(0.7, x.dtype)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
         x, z, weight, bias, alpha
     )
