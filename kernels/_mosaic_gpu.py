@@ -231,7 +231,8 @@ def boxes(
       no more than one tile's rows fit: a tile of rows sums each box's columns across the
       warps (two barriers a box), a folded row's partials are summed within each warp (the
       row norms' backward at 4096 × 8192 bfloat16: each box's pass 98 instructions with 4
-      `BAR`, folded 59 with none; deviceless H200, `python -m benchmarks.sass`). The budget is an sm_90 block's 227 KiB of shared
+      `BAR`, folded 59 with none; deviceless H200, `python -m benchmarks.sass`). The budget
+      is an sm_90 block's 227 KiB of shared
       memory: `SMEM_BYTES` (200 KiB) staged, the rest the statistics, barriers and
       `REDUCTION_SCRATCH_BYTES`. The forward stages `x` alone (2 bytes per bf16 element:
       rows up to 102400 bf16, 51200 float32, on chip and read once; a whole 4-row tile
