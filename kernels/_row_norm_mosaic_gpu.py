@@ -395,12 +395,14 @@ def _forward_body(
     staged_tails=False,
     weight_offset=0.0,
 ):
-    n_params = has_weight + has_bias + has_scale
-    n_in = 1 + has_residual + n_params
+    n_params = has_weight + has_bias
+    n_in = 1 + has_residual + n_params + has_scale
     n_out = 4 + has_residual + has_scale
     ins, outs, scratch = refs[:n_in], refs[n_in : n_in + n_out], list(refs[n_in + n_out :])
     x_ref, r_ref = ins[0], ins[1] if has_residual else None
-    param_refs = ins[1 + has_residual :]
+    param_refs = ins[1 + has_residual : 1 + has_residual + n_params]
+    # The FP8 scale, one value per group read in place.
+    scale_ref = ins[-1] if has_scale else None
     # A folded row's statistics on their way out (`store_stats`).
     stat_smem = scratch.pop() if boxes.folded else None
     # A split row's exchanges (`_mosaic_gpu.across_cluster`): the statistics, the amax, exit.
@@ -475,7 +477,7 @@ def _forward_body(
             y_smem[k] = y.astype(y_smem.dtype)
             return None
         # FP8: the reference's saturating clip, and the row's max |y| over its columns.
-        scaled = reference.saturated(y, param(n_params - 1, k), y_smem.dtype)
+        scaled = reference.saturated(y, scale_ref[group, 0], y_smem.dtype)
         y_smem[k] = scaled.astype(y_smem.dtype)
         return jnp.max(jnp.abs(_masked(y, tools.valid(k))), axis=1)
 
@@ -729,9 +731,10 @@ def forward_boxes(
     from `x`'s) per row; a row too wide for a tile of rows folded, unless not `fold` (a
     kernel that does not take folded rows)."""
     more = [] if _same_dtype(x, out_dtype) else [jnp.dtype(out_dtype)]
-    # With a (float32) FP8 scale the parameters are read in float32 (see `forward_on`).
-    params = (weight, bias) if scale is None else (scale,)
-    return _boxes((x, residual), params, x.shape, more, fold=fold, together=m.FILL)
+    # With a (float32) FP8 scale the values are scaled in float32's layout (see `forward_on`).
+    layout = None if scale is None else F32
+    params = (weight, bias)
+    return _boxes((x, residual), params, x.shape, more, layout, fold=fold, together=m.FILL)
 
 
 def _same_dtype(x, out_dtype) -> bool:
@@ -780,11 +783,10 @@ def forward_on(
 ):
     """`(y, h, shift, offset, rstd)` as `row_norm._forward_on` (and the rows' amax with a
     FP8 `scale`; `weight_offset + weight` applied), with one Mosaic GPU kernel."""
-    params = [p for p in (weight, bias, scale) if p is not None]
-    # The parameters in their common dtype (float32 with a scale), read in one layout.
+    params = [p for p in (weight, bias) if p is not None]
+    # The parameters in their common dtype, read in one layout.
     if params:
-        dtype = F32 if scale is not None else _params_dtype(params)
-        params = [p.astype(dtype) for p in params]
+        params = [p.astype(_params_dtype(params)) for p in params]
     boxes = forward_boxes(x, residual, weight, bias, scale, out_dtype)
     flags = dict(has_weight=weight is not None, has_bias=bias is not None)
     if scale is not None or not _same_dtype(x, out_dtype):
@@ -800,6 +802,9 @@ def forward_on(
         name=f"eqxnorm_{op}_fwd",
         per_box=False,
         weight_offset=weight_offset,
+        # The FP8 scale `(groups, dim)`, one value repeated (`row_norm._fp8_scale`): its
+        # first column, read in place (XLA makes the slice of its broadcast no copy).
+        scale=None if scale is None else scale[:, :1],
         **flags,
     )
 
@@ -820,12 +825,13 @@ def forward_call(
     has_scale=False,
     out_dtype=None,
     weight_offset=0.0,
+    scale=None,
 ):
     """The forward kernel over `x` `(groups, rows, width)` staged as `boxes`: parameters
     `params` `(groups, width)` per column, or with `per_box` tables, one value per row and
     box (the group norms', [`PerBox`][]). `y` in
-    `out_dtype` (default `x.dtype`); `has_scale`: the last parameter is the FP8 scale, and
-    each row's amax follows the statistics."""
+    `out_dtype` (default `x.dtype`); `has_scale`: `scale` `(groups, 1)` is the FP8 scale,
+    and each row's amax follows the statistics."""
     groups, rows, width = x.shape
     x_p, r_p = _pad_rows(x, boxes.block_rows), _pad_rows(residual, boxes.block_rows)
     padded_rows = x_p.shape[1]
@@ -893,7 +899,8 @@ def forward_call(
         auto_barriers=False,
         cluster=cluster,
     )
-    y, *outs = run(*(a for a in (x_p, r_p) if a is not None), *params)
+    scales = [scale.astype(F32)] if has_scale else []
+    y, *outs = run(*(a for a in (x_p, r_p) if a is not None), *params, *scales)
     h = outs.pop(0) if residual is not None else None
     cut = lambda a: None if a is None else a[:, :rows]  # noqa: E731
     return cut(y), cut(h), *(cut(s) for s in outs)

@@ -156,8 +156,9 @@ MOSAIC_GPU_MISSES = {
     # apart from γ's and β's: 2 launches (were 6 in bf16, 3 in float32, with α broadcast
     # to a row and the parameters copied to float32 before the kernels).
     ("dyt", "4096x1024"): {LAUNCHES},
-    # The FP8 output's parameter-sized XLA work beside the kernels: the scale broadcast, γ·s,
-    # the amax over the rows' maxima, a gradient cast (issue 18).
+    # The FP8 output's parameter-sized XLA work beside the kernels: γ·s for the backward, the
+    # amax over the rows' maxima, γ's gradient scaled and cast (issue 18); 3 launches (the
+    # forward reads the scale in place: was 4, with its broadcast to a row).
     ("rms_norm_fp8", "4096x1024"): {LAUNCHES},
 }
 
@@ -199,9 +200,11 @@ def test_mosaic_gpu_training_step_compiles_cleanly_for_h200(op):
             assert fwd["bar_syncs"] <= deviceless.FORWARD_BARRIERS
         missed = {v.target for v in deviceless.verdicts(result) if not v.met}
         case = result["case"]
+        others = [k for k in result["program"]["launches"] if "eqxnorm" not in k["name"]]
         if op == "dyt":  # γ's and β's partials summed in one launch, α's in one more
-            others = [k for k in result["program"]["launches"] if "eqxnorm" not in k["name"]]
             assert len(others) == 2, others
+        if op == "rms_norm_fp8" and case["shape"] == "4096x1024":
+            assert len(others) == 3, others
         expected = MOSAIC_GPU_MISSES.get(
             (op, case["shape"], case["dtype"]), MOSAIC_GPU_MISSES.get((op, case["shape"]), set())
         )
