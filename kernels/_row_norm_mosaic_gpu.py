@@ -467,6 +467,9 @@ def _forward_body(
     def param(p, k):
         return _param(param_refs[p], k, rows, group, per_box, boxes, tools)
 
+    # Read once, before the loop over the boxes (each read is a round trip to HBM).
+    scale = None if scale_ref is None else scale_ref[group, 0]
+
     def write(k):
         y = ((load_h(k) - bcast(shift, [0])) - bcast(offset, [0])) * bcast(rstd, [0])
         if has_weight:
@@ -477,7 +480,7 @@ def _forward_body(
             y_smem[k] = y.astype(y_smem.dtype)
             return None
         # FP8: the reference's saturating clip, and the row's max |y| over its columns.
-        scaled = reference.saturated(y, scale_ref[group, 0], y_smem.dtype)
+        scaled = reference.saturated(y, scale, y_smem.dtype)
         y_smem[k] = scaled.astype(y_smem.dtype)
         return jnp.max(jnp.abs(_masked(y, tools.valid(k))), axis=1)
 
