@@ -226,11 +226,11 @@ def test_parameters_staged_not_read_per_box(op, rows, width, dtype, forward_stag
     assert param_loads(backward_jaxpr) == []
     forward_loads = param_loads(jax.make_jaxpr(forward)(x, weight, bias))
     assert (forward_loads == []) == forward_staged
-    # Where they do not fit beside a backward's staging and partials (192 KiB: 4 rows of
-    # 8192 bfloat16 x and dy and 64 KiB of partials, as the unfolded staging of 4096 rows of
-    # 8192 was), none: a bfloat16 weight (16 KiB) fits in the block's 227 KiB with the
-    # reduction scratch (the folded row's 16 tiles, 64 boxes), a float32 one does not (its
-    # last tile only, which would run past the parameter's end read from HBM).
+    # Beside a backward's 192 KiB of staging and partials (4 rows of 8192 bfloat16 x and dy
+    # and 64 KiB of partials, as 4096 rows of 8192 were staged before they were folded): a
+    # bfloat16 weight (16 KiB) fits in the block's 227 KiB with the reduction scratch, every
+    # box of the folded row's 16 tiles staged; a float32 one does not, and only its last tile
+    # is (the others read from HBM).
     x = jax.ShapeDtypeStruct((1, 4096, 8192), jnp.bfloat16)
     for weight_dtype, staged in ((jnp.bfloat16, range(64)), (jnp.float32, range(60, 64))):
         weight = jax.ShapeDtypeStruct((1, 8192), weight_dtype)
