@@ -322,21 +322,22 @@ def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
     the last; or read straight from HBM (a TMA load of under 128 bytes, a narrow row's, is
     refused under this lowering), its columns padded to whole boxes, a row of the group's
     parameter `(groups, chunks · cols)` broadcast over the rows; with `per_box` tables
-    ([`PerBox`][]), each row's value broadcast over the box's columns. A folded row's parameter
-    is `(parameter, tails, p)`: with the program's every tile staged (`tails` `(parameters,
-    tiles, 4, cols)`), its tile `k` read from there in the tile's layout (each warp its own
-    box); else the parameter, whose tile `k` (boxes `4k` to `4k + 3`, each read whole by
-    every warp and kept by its own) is read while the tile lies inside the row, and for the
-    row's last (partial) tile `tails[p]`, its boxes staged by TMA ([`_stage_tails`][]: a
-    plain read of a partial box would run past the parameter's end)."""
+    ([`PerBox`][]), each row's value broadcast over the box's columns. A folded row's
+    parameter is `(parameter, param_smem, p)`: with the program's every tile staged
+    (`param_smem` `(parameters, tiles, 4, cols)`), its tile `k` read from there in the tile's
+    layout (each warp its own box); else the parameter, whose tile `k` (boxes `4k` to `4k +
+    3`, each read whole by every warp and kept by its own) is read while the tile lies inside
+    the row, and for the row's last (partial) tile `param_smem[p]`, its boxes staged by TMA
+    ([`_stage_params`][]: a plain read of a partial box would run past the parameter's
+    end)."""
     bcast, layout = tools.bcast, boxes.layout
     if boxes.folded:
-        main, tails, p = ref
-        if tails.ndim == 4:  # every tile staged (zeros past the row's end)
-            return plgpu.load(tails.at[p, k], layout=layout).astype(F32)
+        main, param_smem, p = ref
+        if param_smem.ndim == 4:  # every tile staged (zeros past the row's end)
+            return plgpu.load(param_smem.at[p, k], layout=layout).astype(F32)
         size = boxes.tile_rows * boxes.cols
         whole = main.shape[-1] // size
-        last = plgpu.load(tails.at[p], layout=layout)
+        last = plgpu.load(param_smem.at[p], layout=layout)
         if whole == 0:
             return last.astype(F32)
         # The row's tile (a split row's program stages tiles from `first_tile` on); tiles
@@ -362,12 +363,12 @@ def _param(ref, k, rows, group, per_box, boxes: m.Boxes, tools):
         )
         return bcast(value.astype(F32), [0])
     if isinstance(ref, tuple):
-        main, tails, p = ref
-        if tails.shape[1] == boxes.chunks:  # every box staged
-            value = plgpu.load(tails.at[p, k], layout=layout.reduce(0), optimized=False)
+        main, param_smem, p = ref
+        if param_smem.shape[1] == boxes.chunks:  # every box staged
+            value = plgpu.load(param_smem.at[p, k], layout=layout.reduce(0), optimized=False)
             return bcast(value.astype(F32), [1])
         # The last box staged; the others read in bounds from HBM.
-        last = plgpu.load(tails.at[p, 0], layout=layout.reduce(0), optimized=False)
+        last = plgpu.load(param_smem.at[p, 0], layout=layout.reduce(0), optimized=False)
         whole = boxes.chunks - 1  # at least 1: a box is no wider than the row
         start = pl.multiple_of(jnp.minimum(k, whole - 1) * boxes.cols, boxes.cols)
         value = plgpu.load(
@@ -392,7 +393,7 @@ def _forward_body(
     out_separate=False,
     has_scale=False,
     clamp=False,
-    staged_tails=False,
+    params_staged=False,
     weight_offset=0.0,
 ):
     n_params = has_weight + has_bias
@@ -408,9 +409,9 @@ def _forward_body(
     # A split row's exchanges (`_mosaic_gpu.across_cluster`): the statistics, the amax, exit.
     split = boxes.split > 1
     ex_scratch, scratch = (scratch[-2:], scratch[:-2]) if split else (None, scratch)
-    # The parameters' last tiles (or boxes), staged (see `_param`).
-    tails, tail_bar = scratch[-2:] if staged_tails else (None, None)
-    scratch = scratch[:-2] if tails is not None else scratch
+    # The parameters' staged boxes (every box, or the last tile or box; see `_param`).
+    param_smem, param_bar = scratch[-2:] if params_staged else (None, None)
+    scratch = scratch[:-2] if param_smem is not None else scratch
     y_ref, *outs = outs
     h_ref = outs.pop(0) if has_residual else None
     stat_refs = outs
@@ -435,10 +436,10 @@ def _forward_body(
     _copy_in(x_ref, x_smem, x_bars, rows, boxes, tools, group)
     if r_ref is not None:
         _copy_in(r_ref, r_smem, r_bars, rows, boxes, tools, group)
-    if tails is not None:
-        _stage_tails(param_refs, tails, tail_bar, group, boxes, tools)
-        plgpu.barrier_wait(tail_bar)
-        param_refs = [(ref, tails, p) for p, ref in enumerate(param_refs)]
+    if param_smem is not None:
+        _stage_params(param_refs, param_smem, param_bar, group, boxes, tools)
+        plgpu.barrier_wait(param_bar)
+        param_refs = [(ref, param_smem, p) for p, ref in enumerate(param_refs)]
     plgpu.barrier_wait(x_bars)
     _zero_tail(x_smem, boxes, tools)
     layout = boxes.layout
@@ -582,7 +583,7 @@ def _staged_boxes(
     params, boxes: m.Boxes, width: int, program_bytes: int, persistent: bool = True
 ) -> range:
     """The boxes of each parameter `(groups, width)` a program stages in shared memory by
-    TMA, [`_stage_tails`][] (none: the parameters are read from HBM, their columns padded to
+    TMA, [`_stage_params`][] (none: the parameters are read from HBM, their columns padded to
     whole boxes, [`_pad_columns`][]), beside its other buffers of `program_bytes`:
 
     - an unfolded row's **every box**, where TMA can copy them (boxes of a multiple of 128
@@ -624,8 +625,8 @@ def _every_tile(boxes: m.Boxes, staged: range) -> bool:
     return staged.start == 0 and len(staged) == boxes.chunks * boxes.tile_rows
 
 
-def _tails_scratch(params, boxes: m.Boxes, staged: range) -> list:
-    """The shared memory and barrier of [`_stage_tails`][] for the `staged` boxes of
+def _param_scratch(params, boxes: m.Boxes, staged: range) -> list:
+    """The shared memory and barrier of [`_stage_params`][] for the `staged` boxes of
     `params`: `(parameters, tiles, 4, cols)` for a folded row's every tile, `(parameters, 4,
     cols)` for its last, else `(parameters, boxes, cols)`."""
     if boxes.folded:
@@ -640,19 +641,22 @@ def _tails_scratch(params, boxes: m.Boxes, staged: range) -> list:
     ]
 
 
-def _stage_tails(param_refs, tails, barrier, group, boxes: m.Boxes, tools):
+def _stage_params(param_refs, param_smem, barrier, group, boxes: m.Boxes, tools):
     """Start the TMA copies of the staged boxes ([`_staged_boxes`][]) of each parameter
-    `(groups, width)` into `tails`, arriving on `barrier`: a folded row's every tile of its
-    program into `(parameters, tiles, 4, cols)` (box `4t + w` of the program's into tile `t`,
+    `(groups, width)` into `param_smem`, arriving on `barrier`: a folded row's every tile of
+    its program into `(parameters, tiles, 4, cols)` (box `4t + w` of the program's into tile `t`,
     row `w`, as the rows are staged), or its last tile into `(parameters, 4, cols)`; an
     unfolded row's last `n` boxes (every box, or the last) into `(parameters, n, cols)`
     (past the row's end: TMA's zeros, or nothing where no box is copied, columns that are
     never stored)."""
     zero = group * 0
-    if tails.ndim == 4:
-        first, count = zero + tools.first_tile * boxes.tile_rows, tails.shape[1] * tails.shape[2]
+    if param_smem.ndim == 4:
+        first, count = (
+            zero + tools.first_tile * boxes.tile_rows,
+            param_smem.shape[1] * param_smem.shape[2],
+        )
     else:
-        n = tails.shape[1]
+        n = param_smem.shape[1]
         staged = _tail_boxes(boxes) if boxes.folded else range(boxes.chunks - n, boxes.chunks)
         first, count = staged[0], len(staged)
 
@@ -660,10 +664,10 @@ def _stage_tails(param_refs, tails, barrier, group, boxes: m.Boxes, tools):
         # The row's box `first + j` (whichever boxes the program stages).
         columns = pl.ds(m.dynamic_index(zero, (first + j) * boxes.cols), boxes.cols)
         for p, ref in enumerate(param_refs):
-            if tails.ndim == 4:
-                part = tails.at[p, j // boxes.tile_rows, pl.ds(j % boxes.tile_rows, 1)]
+            if param_smem.ndim == 4:
+                part = param_smem.at[p, j // boxes.tile_rows, pl.ds(j % boxes.tile_rows, 1)]
             else:
-                part = tails.at[p, pl.ds(j, 1)]
+                part = param_smem.at[p, pl.ds(j, 1)]
             plgpu.copy_gmem_to_smem(ref.at[pl.ds(group, 1), columns], part, barrier)
 
     if count > 4:
@@ -863,13 +867,13 @@ def forward_call(
     if not per_box:
         program_bytes = m.smem_bytes(scratch + exchange)
         staged = _staged_boxes(params, boxes, width, program_bytes, persistent=False)
-    staged_tails = bool(staged)
-    if not per_box and not boxes.folded and not staged_tails:
+    params_staged = bool(staged)
+    if not per_box and not boxes.folded and not params_staged:
         params = [_pad_columns(p, boxes) for p in params]
     n_barriers = 1 + (residual is not None)
     scratch += [_barrier(boxes)] * n_barriers
-    if staged_tails:
-        scratch += _tails_scratch(params, boxes, staged)
+    if params_staged:
+        scratch += _param_scratch(params, boxes, staged)
     scratch += exchange
     if boxes.folded:  # the statistics on their way out
         scratch.append(plgpu.SMEM((n_stats, boxes.tile_rows), F32))
@@ -886,7 +890,7 @@ def forward_call(
         out_separate=out_separate,
         has_scale=has_scale,
         clamp=clamp,
-        staged_tails=staged_tails,
+        params_staged=params_staged,
         weight_offset=weight_offset,
     )
     # A split row: a cluster of `split` programs per row.
@@ -924,7 +928,7 @@ def _backward_body(
     iterations,
     slots,
     clamp=False,
-    staged_tails=False,
+    params_staged=False,
     cluster=1,
     split_partials=False,
     weight_offset=0.0,
@@ -947,9 +951,9 @@ def _backward_body(
     split = boxes.split > 1
     n_cluster_scratch = 2 if split else len(m.cluster_barriers(cluster))
     cluster_bars = [scratch.pop(0) for _ in range(n_cluster_scratch)]
-    # The weight's last tile (or box), staged (see `_param`).
-    tails, tail_bar = scratch[-2:] if staged_tails else (None, None)
-    bars = scratch[:-2] if tails is not None else scratch
+    # The weight's staged boxes (every box, or the last tile or box; see `_param`).
+    param_smem, param_bar = scratch[-2:] if params_staged else (None, None)
+    bars = scratch[:-2] if param_smem is not None else scratch
 
     group = lax.axis_index("groups")
     # A split row's cluster loops over rows, its program over a slice of their tiles.
@@ -958,9 +962,9 @@ def _backward_body(
     tools = _box_tools(boxes, width, i * 0, first_tile)
     bcast = tools.bcast
     layout = boxes.layout
-    if tails is not None:  # waited for once the first block's staging has started
-        _stage_tails([w_ref], tails, tail_bar, group, boxes, tools)
-        w_ref = (w_ref, tails, 0)
+    if param_smem is not None:  # waited for once the first block's staging has started
+        _stage_params([w_ref], param_smem, param_bar, group, boxes, tools)
+        w_ref = (w_ref, param_smem, 0)
     staged = [(x_ref, x_smem), (dy_ref, dy_smem)] + ([(dh_ref, dh_smem)] if has_dh else [])
     buffers = {"dy": dy_smem, "dh": dh_smem}
     targets = [extra.pop(0) if reuse is None else buffers[reuse] for reuse in out_reuse]
@@ -1106,8 +1110,8 @@ def _backward_body(
             _copy_out(out, ref, rows, boxes, tools, group)
 
     stage(0, 0)
-    if tail_bar is not None:
-        plgpu.barrier_wait(tail_bar)
+    if param_bar is not None:
+        plgpu.barrier_wait(param_bar)
     block(0, first=True)
     if iterations > 1:
 
@@ -1288,9 +1292,9 @@ def backward_call(
     if not per_box:
         other = program_bytes + m.smem_bytes(exchange)
         staged = _staged_boxes(params, boxes, width, other)
-    staged_tails = bool(staged)
-    if staged_tails:  # the residency the grid is sized by counts the staged weight
-        program_bytes += m.smem_bytes(_tails_scratch(params, boxes, staged)[:1])
+    params_staged = bool(staged)
+    if params_staged:  # the residency the grid is sized by counts the staged weight
+        program_bytes += m.smem_bytes(_param_scratch(params, boxes, staged)[:1])
     programs, iterations, cluster = _grid(boxes, blocks, program_bytes, groups, fewest)
     on_chip = boxes.partial_bytes > 0
     # Every block a program visits, past the end included, in bounds ([`_window`][]; a
@@ -1307,7 +1311,7 @@ def backward_call(
     scratch = [plgpu.SMEM(box, x.dtype), plgpu.SMEM(box, dy.dtype)]
     if dh is not None:
         scratch.append(plgpu.SMEM(box, dh.dtype))
-    if weight is not None and not per_box and not boxes.folded and not staged_tails:
+    if weight is not None and not per_box and not boxes.folded and not params_staged:
         weight = _pad_columns(weight, boxes)
     scratch += [plgpu.SMEM(box, d) for d, r in zip(d_dtypes, out_reuse, strict=True) if r is None]
     if on_chip:
@@ -1319,8 +1323,8 @@ def backward_call(
         scratch += m.cluster_barriers(cluster)
     n_staged = 2 + (dh is not None)
     scratch += [plgpu.Barrier(num_arrivals=boxes.arrivals, num_barriers=slots)] * n_staged
-    if staged_tails:
-        scratch += _tails_scratch(params, boxes, staged)
+    if params_staged:
+        scratch += _param_scratch(params, boxes, staged)
     out_type = [jax.ShapeDtypeStruct(x_p.shape, d) for d in d_dtypes]
     if param_grads:
         if per_box:
@@ -1351,7 +1355,7 @@ def backward_call(
         iterations=iterations,
         slots=slots,
         clamp=clamp,
-        staged_tails=staged_tails,
+        params_staged=params_staged,
         cluster=cluster,
         split_partials=split_partials,
         weight_offset=weight_offset,
@@ -1544,16 +1548,16 @@ def _stage(refs_and_smems, bars, rows, boxes, tools, group):
         plgpu.barrier_wait(bar)
 
 
-def _staged_weight(w_ref, scratch: list, staged_tails: bool, group, boxes: m.Boxes, tools):
-    """`(weight, barriers)`: with `staged_tails` (the last two of `scratch`, see
+def _staged_weight(w_ref, scratch: list, params_staged: bool, group, boxes: m.Boxes, tools):
+    """`(weight, barriers)`: with `params_staged` (the last two of `scratch`, see
     [`_staged_boxes`][]) the weight's boxes staged and the weight as [`_param`][] reads it
     then; the barriers of the staged rows, the rest of `scratch`."""
-    if not staged_tails:
+    if not params_staged:
         return w_ref, scratch
-    *bars, tails, tail_bar = scratch
-    _stage_tails([w_ref], tails, tail_bar, group, boxes, tools)
-    plgpu.barrier_wait(tail_bar)
-    return (w_ref, tails, 0), bars
+    *bars, param_smem, param_bar = scratch
+    _stage_params([w_ref], param_smem, param_bar, group, boxes, tools)
+    plgpu.barrier_wait(param_bar)
+    return (w_ref, param_smem, 0), bars
 
 
 def _stage_rows(refs_and_smems, bars, rows, boxes, tools, group):
@@ -1564,7 +1568,9 @@ def _stage_rows(refs_and_smems, bars, rows, boxes, tools, group):
         _zero_tail(smem, boxes, tools)
 
 
-def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight, staged_tails=False):
+def _gated_forward_body(
+    *refs, boxes, width, eps, norm_before_gate, has_weight, params_staged=False
+):
     x_ref, z_ref = refs[:2]
     w_ref = refs[2] if has_weight else None
     y_ref, x_smem, z_smem, *bars = refs[2 + has_weight :]
@@ -1572,7 +1578,7 @@ def _gated_forward_body(*refs, boxes, width, eps, norm_before_gate, has_weight, 
     rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
     tools = _box_tools(boxes, width, i * 0)
     bcast, layout = tools.bcast, boxes.layout
-    w_ref, bars = _staged_weight(w_ref, bars, staged_tails, group, boxes, tools)
+    w_ref, bars = _staged_weight(w_ref, bars, params_staged, group, boxes, tools)
     _stage_rows(((x_ref, x_smem), (z_ref, z_smem)), bars, rows, boxes, tools, group)
 
     def values(k):
@@ -1602,7 +1608,7 @@ def _gated_backward_body(
     norm_before_gate,
     has_weight,
     param_grads,
-    staged_tails=False,
+    params_staged=False,
     grid: _Grid,
 ):
     x_ref, z_ref, dy_ref = refs[:3]
@@ -1616,7 +1622,7 @@ def _gated_backward_body(
     bcast, layout = tools.bcast, boxes.layout
     # A folded row's partials per column of its tiles, as they are.
     part_layout = layout if boxes.folded else layout.reduce(0)
-    w_ref, bars = _staged_weight(w_ref, bars, staged_tails, group, boxes, tools)
+    w_ref, bars = _staged_weight(w_ref, bars, params_staged, group, boxes, tools)
     staged = ((x_ref, x_smem), (z_ref, z_smem), (dy_ref, dy_smem))
 
     def block(rows, ours, first):
@@ -1674,7 +1680,7 @@ def _one_group_call(
     out_dtypes,
     partials,
     name,
-    tails=False,
+    stage_params=False,
     auto_barriers=True,
     backward=False,
     box_partials=0,
@@ -1687,7 +1693,7 @@ def _one_group_call(
     `out_dtypes` in the rows' shape, then `box_partials` float32 partial sums per column of
     a box (summed over a row's boxes too), `(programs, cols)`, and `partials` per column,
     `(programs, dim)` (summed by the caller). `body` takes the staged arrays, then the
-    parameters; with `tails` (a body that takes `staged_tails`: one parameter, the weight)
+    parameters; with `stage_params` (a body that takes `params_staged`: one parameter, the weight)
     their boxes staged where TMA can ([`_staged_boxes`][]), else their columns padded;
     `auto_barriers` as [`_rows_kernel`][]'s. A forward runs a program per block; a
     `backward` a persistent grid (its `grid`, [`_Grid`][], [`_each_block`][]) as the row
@@ -1706,10 +1712,10 @@ def _one_group_call(
     program_bytes = br * row_bytes + boxes.partial_bytes
     params = [p[None] for p in params]
     staged_params = range(0)
-    if tails:
+    if stage_params:
         staged_params = _staged_boxes(params, boxes, width, program_bytes, persistent=backward)
     if staged_params:  # the residency the grid is sized by counts the staged weight
-        program_bytes += m.smem_bytes(_tails_scratch(params, boxes, staged_params)[:1])
+        program_bytes += m.smem_bytes(_param_scratch(params, boxes, staged_params)[:1])
     if backward:
         fewest = _min_iterations(boxes, blocks, 1, br, width * itemsizes)
         programs, iterations, cluster = _grid(boxes, blocks, program_bytes, 1, fewest)
@@ -1724,9 +1730,9 @@ def _one_group_call(
         scratch += m.cluster_barriers(grid.cluster)
     scratch += [plgpu.SMEM(boxes.tile, a.dtype) for a in staged]
     scratch += [_barrier(boxes)] * len(staged)
-    if tails:
-        settings["staged_tails"] = bool(staged_params)
-        scratch += _tails_scratch(params, boxes, staged_params) if staged_params else []
+    if stage_params:
+        settings["params_staged"] = bool(staged_params)
+        scratch += _param_scratch(params, boxes, staged_params) if staged_params else []
     if not staged_params:
         params = [_pad_columns(p, boxes) for p in params]
     out_type = [jax.ShapeDtypeStruct(padded[0].shape, d) for d in out_dtypes]
@@ -1760,7 +1766,7 @@ def gated_rms_norm_forward_on(target: Target, x, z, weight, *, eps, norm_before_
         0,
         "eqxnorm_gated_rms_norm_fwd",
         auto_barriers=False,
-        tails=True,
+        stage_params=True,
         eps=eps,
         norm_before_gate=norm_before_gate,
         has_weight=weight is not None,
@@ -1792,7 +1798,7 @@ def gated_rms_norm_backward_on(
         int(param_grads),
         "eqxnorm_gated_rms_norm_bwd",
         backward=True,
-        tails=True,
+        stage_params=True,
         eps=eps,
         norm_before_gate=norm_before_gate,
         has_weight=weight is not None,
