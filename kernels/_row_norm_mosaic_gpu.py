@@ -1969,9 +1969,8 @@ def dyt_supported(x, *operands) -> bool:
     staged, with `dy`'s in the backward)."""
     operands = [a for a in operands if a is not None]
     rows = [a for a in operands if a.shape == x.shape]
+    # The parameters' common dtype is `_boxes`' own choice: no cast needed to size it.
     params = [a for a in operands if a.ndim == 1]
-    if params:
-        params = [p.astype(_params_dtype(params)) for p in params]
     boxes = _dyt_boxes(x, params, rows[0] if rows else None)
     return _all_supported(x[None], (x, *rows), boxes)
 
