@@ -1483,12 +1483,21 @@ def _load_sums(ref, layout):
     return plgpu.load(ref, layout=layout, optimized=False)
 
 
-def _accumulate(ref, value, first: bool, layout):
-    """`ref = value` for a program's first block, else `ref += value` (float32 partial sums
-    in `layout`, `ref` in shared memory or HBM)."""
-    if not first:
-        value = value + _load_sums(ref, layout)
-    plgpu.store(ref, value, optimized=False)
+def _accumulate(ref, sums, first: bool, layout):
+    """`ref = sums()` for a program's first block, else `ref += sums()` (float32 partial sums
+    in `layout`, `ref` in shared memory or HBM). The sums so far are read before `sums()`
+    runs: a box's column sums are the same in every warp, and the reduction across the warps
+    that makes them orders every warp's read before any warp's write (the backwards keep no
+    automatic barriers, `_mosaic_gpu.kernel`; a folded row's partials are each warp's own)."""
+    old = None if first else _load_sums(ref, layout)
+    value = sums()
+    plgpu.store(ref, value if old is None else old + value, optimized=False)
+
+
+def _column_sums(value, ours):
+    """`sums()` for [`_accumulate`][]: the column sums of the box `value` over its rows
+    `ours` ([`_ours`][]; `None`: all)."""
+    return lambda: jnp.sum(_masked(value, ours), axis=0)
 
 
 def _partial_ref(partial_ref, acc, s: int, k, boxes: m.Boxes, grid: _Grid, columns=None):
@@ -1655,10 +1664,10 @@ def _gated_backward_body(
                 dx, dz = dn * gate, dn * x * dgate
             if param_grads:
                 partial = dy * nhat * post
-                if not boxes.folded:
-                    partial = jnp.sum(_masked(partial, ours), axis=0)
+
+                sums = (lambda: partial) if boxes.folded else _column_sums(partial, ours)
                 ref = _partial_ref(partial_refs[0], acc, 0, k, boxes, grid)
-                _accumulate(ref, partial, first, part_layout)
+                _accumulate(ref, sums, first, part_layout)
             x_smem[k] = dx.astype(x_smem.dtype)
             z_smem[k] = dz.astype(z_smem.dtype)
 
@@ -1681,7 +1690,6 @@ def _one_group_call(
     partials,
     name,
     stage_params=False,
-    auto_barriers=True,
     backward=False,
     box_partials=0,
     scalars=(),
@@ -1695,7 +1703,8 @@ def _one_group_call(
     `(programs, dim)` (summed by the caller). `body` takes the staged arrays, then the
     parameters; with `stage_params` (a body that takes `params_staged`: one parameter, the weight)
     their boxes staged where TMA can ([`_staged_boxes`][]), else their columns padded;
-    `auto_barriers` as [`_rows_kernel`][]'s. A forward runs a program per block; a
+    no automatic barriers (`_mosaic_gpu.kernel`: the bodies keep the row norms'
+    discipline, [`_accumulate`][]). A forward runs a program per block; a
     `backward` a persistent grid (its `grid`, [`_Grid`][], [`_each_block`][]) as the row
     norms' backward's ([`_grid`][]), the partials accumulated over a program's blocks: on
     chip and combined over a cluster where `boxes` keeps room for them (one row per
@@ -1744,7 +1753,7 @@ def _one_group_call(
     out_type += [jax.ShapeDtypeStruct((1, partial_rows, *per_row), F32)] * partials
     kernel = functools.partial(body, boxes=boxes, width=width, **settings)
     run = _rows_kernel(
-        kernel, target, out_type, scratch, grid.programs, 1, name, auto_barriers, grid.cluster
+        kernel, target, out_type, scratch, grid.programs, 1, name, False, grid.cluster
     )
     outs = run(*padded, *scalars, *params)
     rows_out = [o[0, :rows] for o in outs[: len(out_dtypes)]]
@@ -1765,7 +1774,6 @@ def gated_rms_norm_forward_on(target: Target, x, z, weight, *, eps, norm_before_
         (x.dtype,),
         0,
         "eqxnorm_gated_rms_norm_fwd",
-        auto_barriers=False,
         stage_params=True,
         eps=eps,
         norm_before_gate=norm_before_gate,
@@ -1881,23 +1889,25 @@ def _dyt_backward_body(*refs, boxes, width, has_weight, grid: _Grid):
     def block(rows, ours, first):
         _stage(((x_ref, x_smem), (dy_ref, dy_smem)), bars, rows, boxes, tools, group)
 
-        def box(k, alpha_sum):
+        def box(k, alpha_box):
             x, dy = _load(x_smem, k, layout), _load(dy_smem, k, layout)
             t = jnp.tanh(alpha * x)
             e = dy * (1 - t * t)
             if w_ref is not None:
                 e = e * _param(w_ref, k, rows, group, False, boxes, tools)
-            # Per program and column: γ's and β's; α's summed over the boxes too.
+            # Per program and column: γ's and β's, each box's summed across the warps.
             for s, value in enumerate((dy * t, dy)):
                 ref = _partial_ref(param_parts[s], acc, s, k, boxes, grid)
-                _accumulate(ref, jnp.sum(_masked(value, ours), axis=0), first, column)
+                _accumulate(ref, _column_sums(value, ours), first, column)
             x_smem[k] = (alpha * e).astype(x_smem.dtype)
-            return alpha_sum + jnp.sum(_masked(e * x, ours), axis=0)
+            return alpha_box + _masked(e * x, ours)
 
-        zero = plgpu.layout_cast(jnp.zeros((boxes.cols,), F32), column)
-        alpha_sum = lax.fori_loop(0, boxes.chunks, box, zero)
+        # α's: the boxes added up elementwise in registers, summed across the warps once a
+        # block (box by box, a third reduction across the warps in each box's pass).
+        zero = plgpu.layout_cast(jnp.zeros(boxes.tile[1:], F32), layout)
+        alpha_box = lax.fori_loop(0, boxes.chunks, box, zero)
         ref = _partial_ref(alpha_part, alpha_acc, 0, 0, boxes, grid, pl.ds(0, boxes.cols))
-        _accumulate(ref, alpha_sum, first, column)
+        _accumulate(ref, _column_sums(alpha_box, None), first, column)
         plgpu.commit_smem()
         _copy_out(x_smem, dx_ref, rows, boxes, tools, group)
 
@@ -1931,7 +1941,6 @@ def dyt_forward_on(target: Target, x, alpha, weight, bias):
         (x.dtype,),
         0,
         "eqxnorm_dyt_fwd",
-        auto_barriers=False,
         scalars=(alpha.reshape(1),),
         **flags,
     )
@@ -2190,7 +2199,7 @@ def lengths_backward_on(
         own_dx=own_dx,
     )
     name = f"eqxnorm_{op}_lengths_bwd"
-    run = _rows_kernel(body, target, out_type, scratch, programs, groups, name)
+    run = _rows_kernel(body, target, out_type, scratch, programs, groups, name, auto_barriers=False)
     weights = [] if weight is None else [_pad_columns(weight, boxes)]
     dx, *partials = run(x_p, dy_p, *per_row, *weights)
     if not param_grads:

@@ -14,7 +14,7 @@ from jax.experimental import pallas as pl
 
 import kernel_support as ks
 import oracle
-from eqxnorm.kernels import _common, _mosaic_gpu, _row_norm_mosaic_gpu, pallas, reference
+from eqxnorm.kernels import _common, _mosaic_gpu, _row_norm_mosaic_gpu, pallas, reference, row_norm
 
 EPS = 1e-5
 MOSAIC_GPU = pallas.backend("mosaic_gpu")
@@ -311,12 +311,55 @@ def test_row_norm_backward_runs_without_automatic_barriers():
     weight, bias = ks.params(760, jnp.bfloat16)
     y, backward = jax.vjp(lambda *a: MOSAIC_GPU.layer_norm(*a, eps=EPS), x, weight, bias)
     assert _barrier_settings(jax.make_jaxpr(backward)(y).jaxpr) == {"eqxnorm_layer_norm_bwd": True}
+    # Gated RMSNorm's, DyT's and the per-row lengths' backwards keep it too: PTX `bar.sync`
+    # at 1024 x 8192 bf16 (deviceless H200) gated 88 -> 16, DyT 298 -> 20.
+    z = ks.data((37, 760), jnp.bfloat16, seed=1)
+    alpha = jnp.asarray(0.5, jnp.bfloat16)
+    lengths = jnp.arange(37, dtype=jnp.int32) * 20
+    for name, fn, args in (
+        ("gated_rms_norm", functools.partial(MOSAIC_GPU.gated_rms_norm, eps=EPS), (x, z, weight)),
+        ("dyt", MOSAIC_GPU.dyt, (x, alpha, weight, bias)),
+        (
+            "layer_norm_lengths",
+            lambda x, w, b: row_norm.layer_norm_lengths(
+                x, lengths, w, b, eps=EPS, backend="mosaic_gpu"
+            ),
+            (x, weight, bias),
+        ),
+    ):
+        y, backward = jax.vjp(fn, *args)
+        settings = _barrier_settings(jax.make_jaxpr(backward)(y).jaxpr)
+        assert settings == {f"eqxnorm_{name}_bwd": True}, settings
     images = ks.data((2, 8, 64), jnp.float32)
     scale, shift = ks.params(8)
     norm = functools.partial(MOSAIC_GPU.group_norm, groups=2, eps=EPS)
     y, backward = jax.vjp(norm, images, scale, shift)
     settings = _barrier_settings(jax.make_jaxpr(backward)(y).jaxpr)
     assert settings == {"eqxnorm_group_norm_bwd": False}
+
+
+def test_partial_sums_so_far_are_read_before_the_new_ones_are_made(monkeypatch):
+    # Gated RMSNorm's and DyT's backwards accumulate a box's column sums (the same in every
+    # warp) over a program's blocks without automatic barriers: each warp must read the sums
+    # so far before the reduction across the warps that makes the new ones, whose barriers
+    # then order every warp's read before any warp's write. Read after it, a warp could add
+    # to what a faster warp had already stored. A program's first block reads nothing.
+    calls = []
+    monkeypatch.setattr(
+        _row_norm_mosaic_gpu, "_load_sums", lambda ref, layout: calls.append("read") or 1.0
+    )
+    store = types.SimpleNamespace(store=lambda ref, v, optimized: calls.append(("write", v)))
+    monkeypatch.setattr(_row_norm_mosaic_gpu, "plgpu", store)
+
+    def sums():
+        calls.append("reduce")
+        return 2.0
+
+    _row_norm_mosaic_gpu._accumulate(None, sums, False, None)
+    assert calls == ["read", "reduce", ("write", 3.0)]
+    calls.clear()
+    _row_norm_mosaic_gpu._accumulate(None, sums, True, None)
+    assert calls == ["reduce", ("write", 2.0)]
 
 
 # --- staging and choice ------------------------------------------------------------------------
