@@ -14,7 +14,9 @@
   a GPU or TPU, pass `impl="pallas"` (the kernels then pick Triton or Mosaic by the lowering
   platform). On a GPU or TPU whose tuning cache (`python -m eqxnorm.tune`) measured the XLA
   reference faster than the kernels for a call's launches, `"auto"` takes the reference for
-  that call ([`MEASURED`][]).
+  that call ([`MEASURED`][]). On a JAX without Pallas' Triton backend (announced for removal),
+  which every kernel path needs (`eqxnorm.kernels._triton.AVAILABLE`), `"auto"` takes the
+  reference everywhere and the kernels' `impl`s are refused, saying why.
 """
 
 import functools
@@ -26,19 +28,22 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from .kernels import _tuning, pallas, reference
+from .kernels import _triton, _tuning, pallas, reference
 
 Impl = Literal["auto", "pallas", "reference", "triton", "mosaic_gpu"]
 IMPLS: tuple[str, ...] = ("auto", "pallas", "reference", "triton", "mosaic_gpu")
 
 # The concrete implementations that exist, by name. Each is a module exposing the functions of
-# `eqxnorm.kernels.reference` with the same signatures.
-IMPLEMENTATIONS: dict[str, ModuleType] = {
-    "reference": reference,
-    "pallas": pallas,
-    "triton": pallas.backend("triton"),
-    "mosaic_gpu": pallas.backend("mosaic_gpu"),
-}
+# `eqxnorm.kernels.reference` with the same signatures. The kernels need Pallas' Triton
+# backend, which JAX has announced it will remove (`eqxnorm.kernels._triton.AVAILABLE`):
+# without it, the reference alone.
+IMPLEMENTATIONS: dict[str, ModuleType] = {"reference": reference}
+if _triton.AVAILABLE:
+    IMPLEMENTATIONS |= {
+        "pallas": pallas,
+        "triton": pallas.backend("triton"),
+        "mosaic_gpu": pallas.backend("mosaic_gpu"),
+    }
 
 _KERNEL_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
@@ -52,10 +57,10 @@ def check_impl(impl: object, where: str) -> None:
         )
     if impl != "auto" and impl not in IMPLEMENTATIONS:
         existing = ("auto", *IMPLEMENTATIONS)
+        why = _triton.MISSING if not _triton.AVAILABLE else "not in this version of eqxnorm"
         raise ValueError(
-            f"{where}: impl={impl!r} is not available in this version of eqxnorm; the "
-            f"implementations that exist are {existing}. Use impl='auto' or "
-            f"impl='reference'."
+            f"{where}: impl={impl!r} is not available ({why}); the implementations that "
+            f"exist are {existing}. Use impl='auto' or impl='reference'."
         )
 
 

@@ -55,7 +55,12 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu, triton as plgpu
+from jax.experimental.pallas import tpu as pltpu
+
+try:  # the masked loads and stores; a JAX without Pallas' Triton backend: see `_triton.AVAILABLE`
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:
+    plgpu = None
 
 from . import _triton, _tuning
 from ._sharding import Rule, empty_batch, gathered, partitioned

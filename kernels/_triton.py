@@ -34,13 +34,28 @@ from typing import Any
 
 import jax
 from jax._src.pallas import core as _pallas_core
-from jax._src.pallas.triton import pallas_call_registration as _registration
-from jax.experimental.pallas import triton as _plgpu
+
+try:  # JAX has announced the backend's removal.
+    from jax._src.pallas.triton import pallas_call_registration as _registration
+    from jax.experimental.pallas import triton as _plgpu
+except ImportError:
+    _registration = _plgpu = None
 
 try:  # JAX >= 0.11: the target GPU comes from the device or an abstract device.
     from jax._src.pallas.triton import gpu_info as _gpu_info
 except ImportError:  # JAX 0.10 assumes compute capability 9.0 without a GPU.
     _gpu_info = None
+
+# Whether the installed JAX has Pallas' Triton backend. Every Pallas kernel of eqxnorm needs
+# it, not only on Triton: the masked loads and stores of the kernel bodies are its
+# (`_common.load`), and `_common.per_platform` traces every platform's branch, Pallas'
+# interpreter on CPU included. Without it `impl="auto"` runs the reference
+# (`eqxnorm._dispatch`) and the kernels' `impl`s are refused with `MISSING`.
+AVAILABLE = _plgpu is not None
+MISSING = (
+    f"JAX {jax.__version__} has no Pallas Triton backend (`jax.experimental.pallas.triton`), "
+    "whose masked loads and stores eqxnorm's Pallas kernels use on every platform"
+)
 
 # The GPU assumed when lowering for `cuda` with none attached and no topology given: the
 # Hopper generation (H100/H200) that eqxnorm's static checks target.
@@ -108,10 +123,13 @@ def _lowering(ctx, *in_nodes, **params):
             return _registration.pallas_call_lowering(ctx, *in_nodes, **params)
 
 
-@dataclasses.dataclass(frozen=True)
-class CompilerParams(_plgpu.CompilerParams):
-    """Pallas' Triton compiler parameters (`num_warps`, `num_stages`), lowered by eqxnorm's
-    rule (see the module docstring)."""
+if AVAILABLE:
 
+    @dataclasses.dataclass(frozen=True)
+    class CompilerParams(_plgpu.CompilerParams):
+        """Pallas' Triton compiler parameters (`num_warps`, `num_stages`), lowered by
+        eqxnorm's rule (see the module docstring)."""
 
-_pallas_core.register_lowering_rule(CompilerParams, _lowering, "gpu")
+    _pallas_core.register_lowering_rule(CompilerParams, _lowering, "gpu")
+else:
+    CompilerParams = None

@@ -1,6 +1,7 @@
 """`impl` validation and resolution (`eqxnorm._dispatch`)."""
 
 import inspect
+import os
 
 import jax
 import pytest
@@ -71,3 +72,45 @@ def test_pallas_runs_float64_on_the_reference():
             expected = jax.tree.leaves(getattr(reference, name)(x, None, None, eps=1e-5, **kwargs))
             for a, b in zip(kernel, expected, strict=True):
                 assert a.dtype == jax.numpy.float64 and (a == b).all()
+
+
+# What `import eqxnorm` and its layers do on a JAX without Pallas' Triton backend, which JAX
+# has announced it will remove: the modules blocked as that JAX would lack them.
+_WITHOUT_TRITON = """
+import sys
+for name in ("jax.experimental.pallas.triton", "jax._src.pallas.triton"):
+    sys.modules[name] = None
+import jax, jax.numpy as jnp
+import eqxnorm, eqxnorm.functional as F
+from eqxnorm import _dispatch
+from eqxnorm.kernels import _triton, reference
+assert not _triton.AVAILABLE and set(_dispatch.IMPLEMENTATIONS) == {"reference"}
+assert _dispatch.resolve_impl("auto", "gpu") == "reference"
+x = jnp.linspace(-2.0, 3.0, 24).reshape(3, 8)
+y = jax.vmap(eqxnorm.LayerNorm(8))(x)
+assert jnp.array_equal(y, reference.layer_norm(x, jnp.ones(8), jnp.zeros(8), eps=1e-5))
+assert jnp.array_equal(F.rms_norm(x, None, eps=1e-5), reference.rms_norm(x, None, None, eps=1e-5))
+for impl in ("pallas", "triton", "mosaic_gpu"):
+    try:
+        eqxnorm.RMSNorm(8, impl=impl)
+    except ValueError as error:
+        print(error)
+    else:
+        raise AssertionError(impl)
+"""
+
+
+def test_without_pallas_triton_backend_the_reference_runs():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused = done.stdout.strip().splitlines()
+    assert len(refused) == 3
+    for line in refused:
+        assert "has no Pallas Triton backend" in line
+        assert "exist are ('auto', 'reference'). Use impl='auto' or impl='reference'." in line
