@@ -618,24 +618,25 @@ def cluster_barriers(cluster: int) -> list:
 def combine_partials(accs, store, layout, cluster: int, barriers) -> None:
     r"""Hand the sums of a cluster's partial sums to `store(a, s, k, total)`: each of `accs`
     `(parts, n, ...)`, a program's float32 partial sums in shared memory, loaded in
-    `layout`; each program of the cluster sums `accs[a][s, k]` over the cluster's programs,
-    in their order (deterministic), for its share of `k` (`k ≡` its index in the cluster, mod
-    `cluster`), reading the others' from their shared memory (distributed shared memory,
-    `plgpu.cluster_ref`). Every program has written its `accs` when any reads them, and has
-    read all it needs before any exits (`barriers`, [`cluster_barriers`][]). With `cluster`
-    1, the program's own sums, read after a barrier (`plgpu.commit_smem`'s: the row norms'
-    backward has no automatic barriers, and sums the same in every warp may have been
-    stored by one). A cluster of $c$ programs writes one row of partials to HBM
-    for the $c$ rows its programs would: the row norms' backward at 1024 × 8192 bfloat16, 128
-    programs writing and XLA re-reading `2 × 8192` float32 each, moved 16 MiB beside its 80
-    MiB step (1.20×), in clusters of 8 2 MiB (1.03×)."""
+    `layout` (or each in its own, a list); each program of the cluster sums `accs[a][s, k]`
+    over the cluster's programs, in their order (deterministic), for its share of `k` (`k ≡`
+    its index in the cluster, mod `cluster`), reading the others' from their shared memory
+    (distributed shared memory, `plgpu.cluster_ref`). Every program has written its `accs`
+    when any reads them, and has read all it needs before any exits (`barriers`,
+    [`cluster_barriers`][]). With `cluster` 1, the program's own sums, read after a barrier
+    (`plgpu.commit_smem`'s: the row norms' backward has no automatic barriers, and sums the
+    same in every warp may have been stored by one). A cluster of $c$ programs writes one
+    row of partials to HBM for the $c$ rows its programs would: the row norms' backward at
+    1024 × 8192 bfloat16, 128 programs writing and XLA re-reading `2 × 8192` float32 each,
+    moved 16 MiB beside its 80 MiB step (1.20×), in clusters of 8 2 MiB (1.03×)."""
     if cluster > 1:
         cluster_sync(barriers[0].at[0])
     else:  # every warp's stores before any warp's reads (without automatic barriers too)
         plgpu.commit_smem()
     me = jax.lax.axis_index("cluster") if cluster > 1 else 0
+    layouts = layout if isinstance(layout, list) else [layout] * len(accs)
     for a, acc in enumerate(accs):
-        _combine_one(acc, functools.partial(store, a), layout, cluster, me)
+        _combine_one(acc, functools.partial(store, a), layouts[a], cluster, me)
     if cluster > 1:
         cluster_sync(barriers[0].at[1])
 

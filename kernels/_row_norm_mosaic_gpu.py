@@ -1511,25 +1511,30 @@ def _partial_ref(partial_ref, acc, s: int, k, boxes: m.Boxes, grid: _Grid, colum
     return partial_ref.at[0, m.program_index(grid.cluster), columns]
 
 
-def _flush_partials(pairs, cluster_bars, boxes: m.Boxes, grid: _Grid):
+def _flush_partials(pairs, cluster_bars, boxes: m.Boxes, grid: _Grid, box_pair=None):
     """A one-group backward's partial sums kept on chip (`pairs` of the sums on chip, `None`
-    if in HBM, and their outputs, one per part), combined over the cluster and stored, one
-    row per cluster (`_mosaic_gpu.combine_partials`)."""
+    if in HBM, and their outputs, one per part; `box_pair` likewise, per column of a box:
+    DyT's α), combined over the cluster and stored, one row per cluster
+    (`_mosaic_gpu.combine_partials`)."""
     pairs = [(acc, refs) for acc, refs in pairs if acc is not None]
-    if not pairs:
+    boxed = [] if box_pair is None or box_pair[0] is None else [box_pair]
+    if not pairs + boxed:
         return
     row = lax.axis_index("rows")
 
     def store(a, s, k, total):
-        if boxes.folded:  # a folded row's partials: `(..., 4 · chunks, cols)`, a tile each
+        if a == len(pairs):  # per column of a box
+            columns = pl.ds(0, boxes.cols)
+        elif boxes.folded:  # a folded row's partials: `(..., 4 · chunks, cols)`, a tile each
             columns = pl.ds(pl.multiple_of(k * boxes.tile_rows, boxes.tile_rows), boxes.tile_rows)
         else:
             columns = pl.ds(pl.multiple_of(k * boxes.cols, boxes.cols), boxes.cols)
-        plgpu.store(pairs[a][1][s].at[0, row, columns], total, optimized=False)
+        plgpu.store((pairs + boxed)[a][1][s].at[0, row, columns], total, optimized=False)
 
-    layout = boxes.layout if boxes.folded else boxes.layout.reduce(0)
-    accs = [acc for acc, _ in pairs]
-    m.combine_partials(accs, store, layout, grid.cluster, cluster_bars)
+    column = boxes.layout.reduce(0)
+    layouts = [boxes.layout if boxes.folded else column] * len(pairs) + [column] * len(boxed)
+    accs = [acc for acc, _ in pairs + boxed]
+    m.combine_partials(accs, store, layouts, grid.cluster, cluster_bars)
 
 
 # --- gated RMSNorm ---------------------------------------------------------------------------
@@ -1874,7 +1879,7 @@ def _dyt_forward_body(*refs, boxes, width, has_weight, has_bias):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dyt_backward_body(*refs, boxes, width, has_weight, grid: _Grid):
+def _dyt_backward_body(*refs, boxes, width, has_weight, grid: _Grid, params_staged=False):
     x_ref, dy_ref, alpha_ref = refs[:3]
     w_ref = refs[3] if has_weight else None
     dx_ref, *rest = refs[3 + has_weight :]
@@ -1884,10 +1889,13 @@ def _dyt_backward_body(*refs, boxes, width, has_weight, grid: _Grid):
     group = lax.axis_index("groups")
     tools = _box_tools(boxes, width, group * 0)
     layout, column = boxes.layout, boxes.layout.reduce(0)
+    # A folded row's partials per column of its tiles, as they are (each warp's own).
+    part_layout = layout if boxes.folded else column
+    w_ref, bars = _staged_weight(w_ref, bars, params_staged, group, boxes, tools)
     alpha = alpha_ref[0].astype(F32)
 
     def block(rows, ours, first):
-        _stage(((x_ref, x_smem), (dy_ref, dy_smem)), bars, rows, boxes, tools, group)
+        _stage_rows(((x_ref, x_smem), (dy_ref, dy_smem)), bars, rows, boxes, tools, group)
 
         def box(k, alpha_box):
             x, dy = _load(x_smem, k, layout), _load(dy_smem, k, layout)
@@ -1895,10 +1903,12 @@ def _dyt_backward_body(*refs, boxes, width, has_weight, grid: _Grid):
             e = dy * (1 - t * t)
             if w_ref is not None:
                 e = e * _param(w_ref, k, rows, group, False, boxes, tools)
-            # Per program and column: γ's and β's, each box's summed across the warps.
+            # Per program and column: γ's and β's, each box's summed across the warps (a
+            # folded row's tile is 4 boxes of its columns: per column as it is).
             for s, value in enumerate((dy * t, dy)):
                 ref = _partial_ref(param_parts[s], acc, s, k, boxes, grid)
-                _accumulate(ref, _column_sums(value, ours), first, column)
+                sums = (lambda v=value: v) if boxes.folded else _column_sums(value, ours)
+                _accumulate(ref, sums, first, part_layout)
             x_smem[k] = (alpha * e).astype(x_smem.dtype)
             return alpha_box + _masked(e * x, ours)
 
@@ -1912,17 +1922,27 @@ def _dyt_backward_body(*refs, boxes, width, has_weight, grid: _Grid):
         _copy_out(x_smem, dx_ref, rows, boxes, tools, group)
 
     _each_block(block, boxes, grid, x_ref.shape[1])
-    _flush_partials([(acc, param_parts), (alpha_acc, [alpha_part])], cluster_bars, boxes, grid)
+    _flush_partials([(acc, param_parts)], cluster_bars, boxes, grid, (alpha_acc, [alpha_part]))
     plgpu.wait_smem_to_gmem(0)
 
 
 def _dyt_boxes(x, params, dy=None) -> m.Boxes:
     """The staging of DyT's forward (`x`; the parameters `params` in their common dtype's
     layout) or, with `dy`, its backward (`x` and `dy` in a float32 layout: its partials
-    reduce across warps; γ's and β's partials per column, α's per column of a box)."""
+    reduce across warps; γ's and β's partials per column, α's per column of a box; a row too
+    wide for a tile of 4 beside its partials folded, as the row norms' backward's is)."""
     if dy is None:
         return _boxes((x,), params, (1, *x.shape))
-    return _boxes((x, dy), params, (1, *x.shape), layout_dtype=F32, partials=2, box_partials=1)
+    return _boxes(
+        (x, dy),
+        params,
+        (1, *x.shape),
+        layout_dtype=F32,
+        fold=True,
+        split=False,
+        partials=2,
+        box_partials=1,
+    )
 
 
 def dyt_forward_on(target: Target, x, alpha, weight, bias):
@@ -1961,6 +1981,7 @@ def dyt_backward_on(target: Target, x, alpha, weight, dy):
         2,
         "eqxnorm_dyt_bwd",
         backward=True,
+        stage_params=True,
         box_partials=1,
         scalars=(alpha.reshape(1),),
         has_weight=weight is not None,
@@ -1981,6 +2002,8 @@ def dyt_supported(x, *operands) -> bool:
     # The parameters' common dtype is `_boxes`' own choice: no cast needed to size it.
     params = [a for a in operands if a.ndim == 1]
     boxes = _dyt_boxes(x, params, rows[0] if rows else None)
+    if boxes.folded and not boxes.partial_bytes:  # a folded row's partials stay on chip
+        return False
     return _all_supported(x[None], (x, *rows), boxes)
 
 
