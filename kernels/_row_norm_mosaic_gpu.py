@@ -1494,9 +1494,12 @@ def _accumulate(ref, sums, first: bool, layout):
     plgpu.store(ref, value if old is None else old + value, optimized=False)
 
 
-def _column_sums(value, ours):
+def _column_sums(value, ours, per_tile: bool = False):
     """`sums()` for [`_accumulate`][]: the column sums of the box `value` over its rows
-    `ours` ([`_ours`][]; `None`: all)."""
+    `ours` ([`_ours`][]; `None`: all), or with `per_tile` (a folded row's tile, 4 boxes of
+    its columns, each warp's own) `value` as it is."""
+    if per_tile:
+        return lambda: value
     return lambda: jnp.sum(_masked(value, ours), axis=0)
 
 
@@ -1669,10 +1672,8 @@ def _gated_backward_body(
                 dx, dz = dn * gate, dn * x * dgate
             if param_grads:
                 partial = dy * nhat * post
-
-                sums = (lambda: partial) if boxes.folded else _column_sums(partial, ours)
                 ref = _partial_ref(partial_refs[0], acc, 0, k, boxes, grid)
-                _accumulate(ref, sums, first, part_layout)
+                _accumulate(ref, _column_sums(partial, ours, boxes.folded), first, part_layout)
             x_smem[k] = dx.astype(x_smem.dtype)
             z_smem[k] = dz.astype(z_smem.dtype)
 
@@ -1907,8 +1908,7 @@ def _dyt_backward_body(*refs, boxes, width, has_weight, grid: _Grid, params_stag
             # folded row's tile is 4 boxes of its columns: per column as it is).
             for s, value in enumerate((dy * t, dy)):
                 ref = _partial_ref(param_parts[s], acc, s, k, boxes, grid)
-                sums = (lambda v=value: v) if boxes.folded else _column_sums(value, ours)
-                _accumulate(ref, sums, first, part_layout)
+                _accumulate(ref, _column_sums(value, ours, boxes.folded), first, part_layout)
             x_smem[k] = (alpha * e).astype(x_smem.dtype)
             return alpha_box + _masked(e * x, ours)
 

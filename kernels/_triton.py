@@ -23,7 +23,8 @@ Pallas' rule for two reasons:
   abstract device, is used as it is.
 
 Nothing here reaches the kernel bodies: they are written once against `_common`'s masked
-loads and stores.
+loads and stores. A JAX without the backend (its removal is announced) still imports
+eqxnorm: [`AVAILABLE`][] is then false, and `impl="auto"` runs the reference.
 """
 
 import contextlib
