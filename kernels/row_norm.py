@@ -1865,7 +1865,10 @@ def _gated_rms_norm_bwd_on(target: Target, x, z, weight, dy, *, eps, norm_before
     # a one-pass block of more than 4096 elements spills (16 bytes at 8192 over 32 warps).
     config = c.block_config(target, *x.shape)
     small = config.chunks > 1 or config.block_rows * config.block_cols <= c.TARGET_BLOCK_ELEMENTS
-    launch, iterations = _backward_launch(target, (1, *x.shape), persistent=small)
+    read_bytes = sum(jnp.dtype(a.dtype).itemsize for a in (x, z, dy))
+    launch, iterations = _backward_launch(
+        target, (1, *x.shape), persistent=small, read_bytes=read_bytes
+    )
     params = [] if weight is None else [weight.reshape(1, 1, -1)]
     if launch.config.chunks > 1:
         # Three row arrays per chunk (x, z, dy): at 16 warps (128 registers a thread at most)
@@ -2075,7 +2078,8 @@ def _scalar_spec():
 def _dyt_bwd_on(target: Target, x, alpha, weight, dy):
     """`(dx, dalpha, dweight, dbias)` with one `pallas_call` on `target`, the parameters'
     float32 sums over the rows."""
-    launch, iterations = _backward_launch(target, (1, *x.shape))
+    read_bytes = jnp.dtype(x.dtype).itemsize + jnp.dtype(dy.dtype).itemsize
+    launch, iterations = _backward_launch(target, (1, *x.shape), read_bytes=read_bytes)
     params = [] if weight is None else [weight.reshape(1, 1, -1)]
     blocks, width = launch.grid[0], x.shape[1]
     kernel = _one_group_kernel(_dyt_bwd_kernel, target, launch, x, weight, iterations=iterations)

@@ -791,9 +791,11 @@ def _vmapped_per_row(module, x, z, weight, bias, alpha):
 
 
 def test_gated_and_dyt_vmap_folds_examples_into_the_rows():
-    # 64 one-row examples of width 160: one launch of 4 programs each way (16 rows each), not
-    # Pallas' own batching (a program per example); the shared parameters' gradients per
-    # example from XLA, summed. The Triton launch (the Mosaic GPU one folds the same way).
+    # 64 one-row examples of width 160: one launch each way, not Pallas' own batching (a
+    # program per example): the forward 4 programs of 16 rows, the backward 2 looping over
+    # those 4 blocks (too few to fill the GPU: its partial sums kept few,
+    # `_common.partial_iterations`); the shared parameters' gradients per example from XLA,
+    # summed. The Triton launch (the Mosaic GPU one folds the same way).
     bf16 = jnp.bfloat16
     rows, vector = jax.ShapeDtypeStruct((64, 160), bf16), jax.ShapeDtypeStruct((160,), bf16)
 
@@ -807,7 +809,7 @@ def test_gated_and_dyt_vmap_folds_examples_into_the_rows():
         return jax.grad(loss, argnums=(0, 1))(x, weight)
 
     text = ks.lowered(gated_step, [rows, rows, vector], "cuda")
-    assert ks.triton_grids(text) == [(4, 1, 1)] * 2
+    assert ks.triton_grids(text) == [(4, 1, 1), (2, 1, 1)]
     x, z = ks.data((12, 160), jnp.float32), ks.data((12, 160), jnp.float32, seed=1)
     args = (x, z, *ks.params(160), jnp.asarray(0.6, jnp.float32))
     run = jax.jit(_vmapped_per_row, static_argnums=0)
@@ -1000,6 +1002,28 @@ def _gated_and_dyt(shape, seed=0):
         (gated(row_norm), gated(reference), (x, z, weight), (0, 1, 2)),
         (row_norm.dyt, reference.dyt, (x, alpha, weight, bias), (0, 1, 2, 3)),
     ]
+
+
+def test_few_rows_keep_gated_and_dyt_partials_few():
+    # 37 rows of 760 bfloat16 are 10 blocks, too few to fill the GPU: gated RMSNorm's and
+    # DyT's Triton backwards loop one program over them (`_common.partial_iterations`, as the
+    # row norms'), where 10 programs wrote 10 partial rows, more bytes than the rows'
+    # (deviceless H200, training step: DyT 2.05x -> 1.06x the ideal bytes, gated 1.13x ->
+    # 1.01x).
+    x = jax.ShapeDtypeStruct((37, 760), jnp.bfloat16)
+    weight = jax.ShapeDtypeStruct((760,), jnp.bfloat16)
+    alpha = jax.ShapeDtypeStruct((), jnp.bfloat16)
+
+    def gated(x, z, weight):
+        y = _TRITON.gated_rms_norm(x, z, weight, eps=1e-6)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    def dyt(x, alpha, weight, bias):
+        return jnp.sum(_TRITON.dyt(x, alpha, weight, bias).astype(jnp.float32) ** 2)
+
+    for loss, args in ((gated, (x, x, weight)), (dyt, (x, alpha, weight, weight))):
+        grad = jax.grad(loss, argnums=tuple(range(len(args))))
+        assert ks.triton_grids(ks.lowered(grad, list(args), "cuda")) == [(10, 1, 1), (1, 1, 1)]
 
 
 def test_persistent_gated_and_dyt_backward(monkeypatch):
