@@ -3,7 +3,8 @@ r"""Tune eqxnorm's kernels for this device: `python -m eqxnorm.tune`.
 For each op, shape and dtype asked for, times a training step (the forward, and the backward
 to the input and the parameters) with the XLA reference and with the kernels under every
 variant of the block configuration their heuristic would choose (`block_rows`, and on Triton
-`num_warps`, halved, kept or doubled), and writes the fastest to the tuning cache, which the
+`num_warps`, halved, kept or doubled; on Mosaic GPU, rows staged in tiles also folded, one a
+program, where the kernel takes folded rows), and writes the fastest to the tuning cache, which the
 kernels read when they are traced; `impl="auto"` then runs the XLA reference for the launches
 it measured faster. On a GPU both kernel backends are tuned that run there (Triton, and Mosaic
 GPU on Hopper and newer with JAX 0.12+); on a TPU, Mosaic.
@@ -156,7 +157,7 @@ def _variants(launches: dict[str, _tuning.Recorded]) -> dict[tuple, dict[str, An
     """Every scale of `_tuning.variants` allowed for some launch, as the configuration of
     each launch (its default where that scale is not allowed)."""
     per_launch = {
-        k: _tuning.variants(r.backend, r.default, r.most_rows) for k, r in launches.items()
+        k: _tuning.variants(r.backend, r.default, r.most_rows, r.fold) for k, r in launches.items()
     }
     scales = list(dict.fromkeys(s for v in per_launch.values() for s in v))
     return {

@@ -216,7 +216,8 @@ def boxes(
       (64 KiB) are 3 at once, and the H200's tuner found LayerNorm's training step faster
       with them (1.17 ms against 1.28, benchmarks/results/nvidia-h200/diagnosis).
     - a `block_rows` measured faster on this device (`python -m eqxnorm.tune`) replaces it,
-      halved or doubled within what fits (`eqxnorm.kernels._tuning.tuned`).
+      halved or doubled within what fits (`eqxnorm.kernels._tuning.tuned`), or, for a
+      kernel that takes folded rows (`fold`), the rows folded (`_tuning.FOLD`).
     - with `partials` (float32 values per column a program accumulates over its rows: the
       row norms' backward's two partial parameter gradients), shared memory for them is
       kept beside the staging (`partial_bytes`, see [`combine_partials`][]), taken from
@@ -246,7 +247,7 @@ def boxes(
       folded backward's program visits at least `FOLDED_ROWS_PER_PROGRAM` rows, as many as
       a block of the Triton chunked backward it replaces (256 × 32768 bf16: 32 programs,
       1.10× the ideal bytes per training step, each row read once; one row a program would
-      be 1.40×). Folded boxes are not tuned.
+      be 1.40×). Rows that must fold are not tuned.
     - with `split` too (a kernel that takes split rows, the row norms' forward and
       backward), when not even one row fits: the row folded and **split** across a cluster
       of `split` programs (the fewest, a power of two up to `CLUSTER`), each staging a
@@ -339,10 +340,14 @@ def _staging(
     )
     in_segments = segment is None or segment % cols == 0
     chosen = Boxes(min(fit, want) if in_segments else 0, cols, n_chunks, tile_rows, layout)
-    if fold and (fit == 0 or (fold_tile and fit == tile_rows)) and lane_rows == 1 and in_segments:
+    foldable = fold and lane_rows == 1 and in_segments
+    if foldable and (fit == 0 or (fold_tile and fit == tile_rows)):
         most = CLUSTER if split else 1
         return _folded(width, staged_bytes_per_element, budget, most) or chosen
-    return _tuning.tuned(chosen, "mosaic_gpu", rows, width, most_rows=fit)
+    # Tiles of rows that could be folded: the tuner may find them faster folded.
+    folded = _folded(width, staged_bytes_per_element, budget) if foldable else None
+    tuned = _tuning.tuned(chosen, "mosaic_gpu", rows, width, most_rows=fit, fold=bool(folded))
+    return folded if tuned.block_rows == 1 and folded else tuned
 
 
 def _folded(

@@ -48,6 +48,11 @@ FORMAT = 1
 # How each field of a configuration may move from the heuristic's choice: halved, kept,
 # doubled. `num_warps` only on Triton (the other backends have no such setting).
 SCALES = (0.5, 1, 2)
+# The variant of a Mosaic GPU launch over tiles of rows whose kernel also takes folded rows
+# (`_mosaic_gpu.boxes`' `fold`): each row folded, one per program (`block_rows` 1). The
+# heuristic folds only rows too wide for a tile; whether narrower ones gain (more programs
+# per SM, no reduction across warps per box) is for the device to say.
+FOLD = ("folded", 1)
 
 
 class Launch(NamedTuple):
@@ -58,12 +63,14 @@ class Launch(NamedTuple):
 
 
 class Recorded(NamedTuple):
-    """A launch seen by the heuristic: the heuristic's `default`, its `backend`, and the most
-    rows a block may have (`most_rows`, `None` when the backend has no extra bound)."""
+    """A launch seen by the heuristic: the heuristic's `default`, its `backend`, the most
+    rows a block may have (`most_rows`, `None` when the backend has no extra bound), and
+    whether its rows may be folded instead (`fold`, [`FOLD`][])."""
 
     default: Any
     backend: str
     most_rows: int | None
+    fold: bool = False
 
 
 _LAUNCH: contextvars.ContextVar[Launch | None] = contextvars.ContextVar("launch", default=None)
@@ -140,15 +147,20 @@ def pinned(configs: dict[str, dict[str, int]]) -> Iterator[None]:
         _PINNED.reset(token)
 
 
-def variants(backend: str, default: Any, most_rows: int | None = None) -> dict[tuple, Any]:
+def variants(
+    backend: str, default: Any, most_rows: int | None = None, fold: bool = False
+) -> dict[tuple, Any]:
     """The configurations a launch may use instead of the heuristic's `default`, by their
     scale `(rows, warps)`: its `block_rows` (and on Triton its `num_warps`) halved, kept or
-    doubled, within what the backend allows and at most `most_rows` rows. These are both the
-    tuner's candidates and the only overrides the cache may give; `(1, 1)`, the default,
-    comes first."""
+    doubled, within what the backend allows and at most `most_rows` rows; with `fold` (a
+    Mosaic GPU launch over tiles whose rows may be folded), [`FOLD`][]'s one row. These are
+    both the tuner's candidates and the only overrides the cache may give; `(1, 1)`, the
+    default, comes first."""
     out = {(1, 1): default}
     if default.block_rows == 0:  # rows that do not fit on chip: nothing to choose
         return out
+    if fold and backend == "mosaic_gpu" and default.block_rows > 1:
+        out[FOLD] = default._replace(block_rows=1)
     warp_scales = SCALES if backend == "triton" else (1,)
     for rows_scale in SCALES:
         for warp_scale in warp_scales:
@@ -191,14 +203,22 @@ def config_fields(config: Any) -> dict[str, int]:
     return fields
 
 
-def tuned(default: Any, backend: str, rows: int, width: int, most_rows: int | None = None) -> Any:
+def tuned(
+    default: Any,
+    backend: str,
+    rows: int,
+    width: int,
+    most_rows: int | None = None,
+    fold: bool = False,
+) -> Any:
     """The configuration of a launch over `(rows, width)` on `backend` whose heuristic
     choice is `default`: with the fields the tuner pins or the cache's entry gives when they
     make one of `default`'s [`variants`][] (see the module docstring), else `default`. Two
     launches of one key (a forward and a backward staging differently) each check the
     fields against their own default. `most_rows` bounds a block's rows
     (default: the rows rounded up to a power of two, or the heuristic's choice if more);
-    Mosaic GPU passes what fits in shared memory."""
+    Mosaic GPU passes what fits in shared memory, and `fold` where its rows may be folded
+    (`block_rows` 1 then asks for them folded, [`FOLD`][])."""
     launch = _LAUNCH.get()
     if launch is None:
         return default
@@ -207,7 +227,7 @@ def tuned(default: Any, backend: str, rows: int, width: int, most_rows: int | No
         most_rows = max(bucket(rows), default.block_rows)
     seen = _RECORDING.get()
     if seen is not None:
-        seen.setdefault(k, Recorded(default, backend, most_rows))
+        seen.setdefault(k, Recorded(default, backend, most_rows, fold))
     pins = _PINNED.get()
     fields = pins.get(k) if pins is not None and k in pins else entries().get(k, {}).get("config")
     if not isinstance(fields, dict):
@@ -216,7 +236,8 @@ def tuned(default: Any, backend: str, rows: int, width: int, most_rows: int | No
         candidate = default._replace(**fields)
     except (TypeError, ValueError):
         return default
-    return candidate if candidate in variants(backend, default, most_rows).values() else default
+    allowed = variants(backend, default, most_rows, fold).values()
+    return candidate if candidate in allowed else default
 
 
 def entries() -> dict[str, dict]:

@@ -108,3 +108,34 @@ def test_the_command_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(_tuning.ENV, "off")
     with pytest.raises(ValueError, match="EQXNORM_TUNING_CACHE=off turns the tuning cache off"):
         tune.write({})
+
+
+def test_mosaic_gpu_rows_that_could_fold_are_tuned_folded_too(tmp_path, monkeypatch):
+    # 256 rows of 8192 bf16: the Mosaic GPU forward stages tiles of 4 rows (its backward folds
+    # them already, beside its partials). The tuner also times the forward's rows folded, one
+    # a program (`_tuning.FOLD`), and the cache then asks the staging for them.
+    from eqxnorm.kernels import _mosaic_gpu, _row_norm_mosaic_gpu
+
+    if not _mosaic_gpu.usable():
+        assert tune.kernel_impls("gpu") == {"triton": "triton"}
+        return
+    seen = []
+
+    def timer(run, candidate):  # folded rows measure fastest
+        seen.append(candidate.label)
+        rows = [fields["block_rows"] for fields in candidate.configs.values()]
+        return 2.0 if candidate.impl == "reference" else 1.0 - 0.5 * (1 in rows)
+
+    impls = {"mosaic_gpu": "mosaic_gpu"}
+    found = tune.tune_one("layer_norm", (256, 8192), "bfloat16", timer=timer, impls=impls)
+    assert "mosaic_gpu rows×folded warps×1" in seen
+    key = "cpu|mosaic_gpu|layer_norm|bfloat16|256x8192"
+    assert found[key]["config"] == {"block_rows": 1}
+    x = jnp.zeros((1, 256, 8192), jnp.bfloat16)
+    w = x[0, 0]
+    launch = _tuning.Launch("layer_norm", "bfloat16")
+    with _tuning.launching(launch):
+        assert not _row_norm_mosaic_gpu.forward_boxes(x, None, w, w).folded
+        with _tuning.pinned({key: found[key]["config"]}):
+            boxes = _row_norm_mosaic_gpu.forward_boxes(x, None, w, w)
+    assert boxes.folded and boxes.block_rows == 1 and boxes.chunks == 16

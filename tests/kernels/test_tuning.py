@@ -90,6 +90,10 @@ def test_variants_halve_or_double_within_the_backend():
     assert _tuning.variants("mosaic_gpu", boxes._replace(block_rows=0), 0) == {
         (1, 1): boxes._replace(block_rows=0)
     }
+    # Tiles whose kernel also takes folded rows: one row a program too (`_tuning.FOLD`).
+    folded = _tuning.variants("mosaic_gpu", boxes, 24, fold=True)
+    assert folded[_tuning.FOLD] == boxes._replace(block_rows=1) and len(folded) == 3
+    assert _tuning.FOLD not in _tuning.variants("triton", default, 4096, fold=True)
 
 
 def test_the_cache_configures_the_launch(tmp_path, monkeypatch):
