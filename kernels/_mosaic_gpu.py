@@ -54,6 +54,8 @@ written for (0.12; 0.11.2 lacks `plgpu.store`, which the per-row stores need).
 [`target_supported`][]: the GPU compiled for has compute capability 9.0 or more (TMA).
 """
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -534,6 +536,26 @@ def compiler_params(auto_barriers: bool = True) -> Any:
 # that differs on a GPU comes from a barrier a body leaves out).
 AUTO_BARRIERS_ENV = "EQXNORM_MOSAIC_GPU_AUTO_BARRIERS"
 
+_DETECT_RACES: contextvars.ContextVar[bool] = contextvars.ContextVar("races", default=False)
+
+
+@contextlib.contextmanager
+def detecting_races():
+    """Within: the kernels traced for Mosaic GPU's interpreter check their memory accesses for
+    races, each logged as a warning (`RACE DETECTED`, with both accesses: their buffers,
+    memory spaces and source lines). The interpreter keeps a vector clock per program's
+    warpgroup and per TMA engine, so it sees accesses unordered across programs (a
+    cluster's distributed shared memory, HBM) and across TMA engines; not the warps of one
+    warpgroup, which it runs as one, nor a program's own TMA copies against its warpgroup,
+    which it runs in order with it (a buffer read before its load's barrier is waited for,
+    or written while a store still reads it, goes unseen). The tests run the kernels that
+    keep no automatic barriers ([`kernel`][]) under it."""
+    token = _DETECT_RACES.set(True)
+    try:
+        yield
+    finally:
+        _DETECT_RACES.reset(token)
+
 
 def kernel(body, *, interpret: bool, auto_barriers: bool = True, cluster: int = 1, **kwargs) -> Any:
     """`plgpu.kernel(body, **kwargs)` with eqxnorm's compiler parameters, run by Mosaic GPU's
@@ -570,9 +592,17 @@ def kernel(body, *, interpret: bool, auto_barriers: bool = True, cluster: int = 
     return plgpu.kernel(
         body,
         compiler_params=compiler_params(auto_barriers),
-        interpret=plgpu.InterpretGPUParams(inline_mgpu="ignore") if interpret else None,
+        interpret=_interpret_params() if interpret else None,
         **kwargs,
     )
+
+
+def _interpret_params() -> Any:
+    """Mosaic GPU's interpreter's parameters: inline MGPU ([`_fence_cluster`][]) ignored, and
+    races detected and logged within [`detecting_races`][]."""
+    if _DETECT_RACES.get():
+        return plgpu.InterpretGPUParams(inline_mgpu="ignore", detect_races=True, on_race="warn")
+    return plgpu.InterpretGPUParams(inline_mgpu="ignore")
 
 
 def program_index(cluster: int) -> Any:

@@ -4,6 +4,8 @@ the awkward shapes; their staging heuristic; their choice by `impl="pallas"` whe
 cuda; and, on a JAX without Mosaic GPU's API (0.10, 0.11), the error that says so."""
 
 import functools
+import logging
+import re
 import types
 
 import jax
@@ -14,7 +16,15 @@ from jax.experimental import pallas as pl
 
 import kernel_support as ks
 import oracle
-from eqxnorm.kernels import _common, _mosaic_gpu, _row_norm_mosaic_gpu, pallas, reference, row_norm
+from eqxnorm.kernels import (
+    _common,
+    _mosaic_gpu,
+    _row_norm_mosaic_gpu,
+    _tuning,
+    pallas,
+    reference,
+    row_norm,
+)
 
 EPS = 1e-5
 MOSAIC_GPU = pallas.backend("mosaic_gpu")
@@ -336,6 +346,87 @@ def test_row_norm_backward_runs_without_automatic_barriers():
     y, backward = jax.vjp(norm, images, scale, shift)
     settings = _barrier_settings(jax.make_jaxpr(backward)(y).jaxpr)
     assert settings == {"eqxnorm_group_norm_bwd": False}
+
+
+# One access of a race Mosaic GPU's interpreter reports: read or write, of a buffer in which
+# memory space, from which source line.
+_ACCESS = re.compile(r"^\s+(read|write) of \S+\(memory_space_id=(\d+),.*, (\S+:\d+):\d+ ")
+# Mosaic GPU's memory spaces as the interpreter numbers them: HBM (`GMEM`) first.
+_GMEM = 0
+
+
+def _races(caplog, run) -> list[tuple]:
+    """The races Mosaic GPU's interpreter reports while `run()` runs (traced anew, within
+    `_mosaic_gpu.detecting_races`): each `((kind, memory space, source line), (the other
+    access's))`."""
+    jax.clear_caches()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), _mosaic_gpu.detecting_races():
+        jax.block_until_ready(run())
+    jax.clear_caches()
+    races = []
+    for record in caplog.records:
+        if "RACE DETECTED" in record.getMessage():
+            lines = record.getMessage().splitlines()
+            access = [m.groups() for m in map(_ACCESS.match, lines) if m]
+            races.append(tuple((kind, int(space), line) for kind, space, line in access))
+    return races
+
+
+def _benign(race) -> bool:
+    """A race that is no race on a GPU: one store's same bits written twice to HBM, where a
+    last partial block overlaps the block before it (`_window`: a row computed twice)."""
+    (kind, space, line), (other_kind, other_space, other_line) = race
+    return kind == other_kind == "write" and space == other_space == _GMEM and line == other_line
+
+
+def test_kernels_without_automatic_barriers_have_no_race_in_the_interpreter(caplog, monkeypatch):
+    """The Mosaic GPU kernels that keep no automatic barriers, run by Mosaic GPU's interpreter
+    with its race detection (`_mosaic_gpu.detecting_races`): no access unordered with another
+    program's (a cluster's distributed shared memory, HBM) or another TMA engine's, but a
+    row of a last partial block written twice with the same bits, which the LayerNorm case
+    shows the detection sees (67 rows in blocks of 4: the last overlaps the one before)."""
+    if not USABLE:
+        return
+    x, z = ks.data((67, 256), jnp.float32), ks.data((67, 256), jnp.float32, seed=1, loc=0.0)
+    weight, bias = ks.params(256)
+    lengths = jnp.arange(67, dtype=jnp.int32) * 4
+
+    def lengths_step():
+        def loss(x, w, b):
+            y = row_norm.layer_norm_lengths(x, lengths, w, b, eps=EPS, backend="mosaic_gpu")
+            return jnp.sum(y**2)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(x, weight, bias)
+
+    def layer_norm_step():
+        loss = lambda *a: jnp.sum(MOSAIC_GPU.layer_norm(*a, eps=EPS) ** 2)  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(x, weight, bias)
+
+    runs = {
+        # Persistent backwards in clusters of 2 (distributed shared memory), two slots.
+        "gated and DyT": lambda: _gated_and_dyt(MOSAIC_GPU, x, z, weight, bias, True),
+        "LayerNorm": layer_norm_step,
+        "lengths": lengths_step,
+    }
+    for name, run in runs.items():
+        races = _races(caplog, run)
+        assert all(map(_benign, races)), (name, [r for r in races if not _benign(r)])
+        if name == "LayerNorm":
+            assert races  # the overlapping rows, seen
+    # DyT's folded backward (its weight staged by TMA, partials per tile).
+    monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", 24 * 1024)
+    monkeypatch.setattr(_mosaic_gpu, "CLUSTER", 1)
+    wide = ks.data((9, 1304), jnp.bfloat16)
+    gamma, beta = ks.params(1304, jnp.bfloat16)
+    alpha = jnp.asarray(0.7, jnp.bfloat16)
+
+    def folded():
+        loss = lambda *a: jnp.sum(MOSAIC_GPU.dyt(*a).astype(jnp.float32) ** 2)  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(wide, alpha, gamma, beta)
+
+    races = _races(caplog, folded)
+    assert all(map(_benign, races)), [r for r in races if not _benign(r)]
 
 
 def test_partial_sums_so_far_are_read_before_the_new_ones_are_made(monkeypatch):
@@ -1019,6 +1110,33 @@ def test_folded_gated_rms_norm_matches_reference(case, monkeypatch):
     if out is not None:
         low = jnp.bfloat16 if dtype == jnp.bfloat16 else None
         ks.assert_trees_match(out, run(reference), low)
+
+
+def test_rows_the_tuner_folds_match_reference():
+    """Rows that fit a tile of 4, folded because the tuning cache says so (`_tuning.FOLD`):
+    LayerNorm's forward and backward, one row a program, against the reference."""
+    x = ks.data((37, 1304), jnp.bfloat16)
+    weight, bias = ks.params(1304, jnp.bfloat16)
+    key = "cpu|mosaic_gpu|layer_norm|bfloat16|64x2048"
+
+    def run(module):
+        def loss(x, weight, bias):
+            y = module.layer_norm(x, weight, bias, eps=EPS)
+            return jnp.sum(y.astype(jnp.float32) * jnp.cos(x.astype(jnp.float32))), y
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, weight, bias)
+
+    if USABLE:
+        launch = _tuning.Launch("layer_norm", "bfloat16")
+        with _tuning.launching(launch), _tuning.pinned({key: {"block_rows": 1}}):
+            boxes = _row_norm_mosaic_gpu.forward_boxes(x[None], None, weight, bias)
+        assert boxes.folded and boxes.chunks == 3
+    jax.clear_caches()
+    with _tuning.pinned({key: {"block_rows": 1}}):
+        out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
+    jax.clear_caches()
+    if out is not None:
+        ks.assert_trees_match(out, run(reference), jnp.bfloat16)
 
 
 # DyT's backward folds its rows likewise (x and dy staged, γ's and β's partials per column of
