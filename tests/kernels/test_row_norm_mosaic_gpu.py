@@ -1112,6 +1112,25 @@ def test_folded_gated_rms_norm_matches_reference(case, monkeypatch):
         ks.assert_trees_match(out, run(reference), low)
 
 
+def _kernel_grids(run, module) -> dict[str, tuple]:
+    """`{"fwd": grid, "bwd": grid}` of the Mosaic GPU kernels `run(module)` traces (anew)."""
+    jax.clear_caches()
+    found = {}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if "meshes" in eqn.params:
+                found[str(eqn.params["name"]).rsplit("_", 1)[-1]] = eqn.params["meshes"][0].grid
+            for value in eqn.params.values():
+                for inner in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(inner, "jaxpr", inner)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(lambda: run(module))().jaxpr)
+    return {k: tuple(v) for k, v in found.items()}
+
+
 def test_rows_the_tuner_folds_match_reference():
     """Rows that fit a tile of 4, folded because the tuning cache says so (`_tuning.FOLD`):
     LayerNorm's forward and backward, one row a program, against the reference."""
@@ -1131,6 +1150,10 @@ def test_rows_the_tuner_folds_match_reference():
         with _tuning.launching(launch), _tuning.pinned({key: {"block_rows": 1}}):
             boxes = _row_norm_mosaic_gpu.forward_boxes(x[None], None, weight, bias)
         assert boxes.folded and boxes.chunks == 3
+        # The forward's 10 programs of 4 rows, then 37 of one; the backward's too.
+        assert _kernel_grids(run, MOSAIC_GPU) == {"fwd": (10, 1), "bwd": (1, 1)}
+        with _tuning.pinned({key: {"block_rows": 1}}):
+            assert _kernel_grids(run, MOSAIC_GPU) == {"fwd": (37, 1), "bwd": (2, 1)}
     jax.clear_caches()
     with _tuning.pinned({key: {"block_rows": 1}}):
         out = ks.run_mosaic_gpu(lambda: run(MOSAIC_GPU))
