@@ -381,11 +381,12 @@ def _benign(race) -> bool:
 
 
 def test_kernels_without_automatic_barriers_have_no_race_in_the_interpreter(caplog, monkeypatch):
-    """The Mosaic GPU kernels that keep no automatic barriers, run by Mosaic GPU's interpreter
-    with its race detection (`_mosaic_gpu.detecting_races`): no access unordered with another
-    program's (a cluster's distributed shared memory, HBM) or another TMA engine's, but a
-    row of a last partial block written twice with the same bits, which the LayerNorm case
-    shows the detection sees (67 rows in blocks of 4: the last overlaps the one before)."""
+    """The Mosaic GPU kernels that keep no automatic barriers (and, for the record, the group
+    norms' and BatchNorm's, which keep them), run by Mosaic GPU's interpreter with its race
+    detection (`_mosaic_gpu.detecting_races`): no access unordered with another program's (a
+    cluster's distributed shared memory, HBM) or another TMA engine's, but a row of a last
+    partial block written twice with the same bits, which the LayerNorm case shows the
+    detection sees (67 rows in blocks of 4: the last overlaps the one before)."""
     if not USABLE:
         return
     x, z = ks.data((67, 256), jnp.float32), ks.data((67, 256), jnp.float32, seed=1, loc=0.0)
@@ -403,11 +404,20 @@ def test_kernels_without_automatic_barriers_have_no_race_in_the_interpreter(capl
         loss = lambda *a: jnp.sum(MOSAIC_GPU.layer_norm(*a, eps=EPS) ** 2)  # noqa: E731
         return jax.grad(loss, argnums=(0, 1, 2))(x, weight, bias)
 
+    images = ks.data((4, 8, 96), jnp.float32)
+    scale, shift = ks.params(8)
+
+    def channel_steps():  # the group norms' and BatchNorm's kernels (automatic barriers kept)
+        group = lambda *a: jnp.sum(MOSAIC_GPU.group_norm(*a, groups=2, eps=EPS) ** 2)  # noqa: E731
+        batch = lambda *a: jnp.sum(MOSAIC_GPU.batch_norm(*a, eps=EPS)[0] ** 2)  # noqa: E731
+        return [jax.grad(f, argnums=(0, 1, 2))(images, scale, shift) for f in (group, batch)]
+
     runs = {
         # Persistent backwards in clusters of 2 (distributed shared memory), two slots.
         "gated and DyT": lambda: _gated_and_dyt(MOSAIC_GPU, x, z, weight, bias, True),
         "LayerNorm": layer_norm_step,
         "lengths": lengths_step,
+        "GroupNorm and BatchNorm": channel_steps,
     }
     for name, run in runs.items():
         races = _races(caplog, run)
