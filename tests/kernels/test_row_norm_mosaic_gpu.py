@@ -180,20 +180,26 @@ def test_vmap_folds_into_one_kernel():
         ks.assert_matches(y, expected.reshape(x.shape))
 
 
-def _hbm_loads(jaxpr, shape_of) -> list:
-    """The `load`s, anywhere in `jaxpr` and the jaxprs it holds (kernel bodies, loops), of a
-    ref in HBM (`Ref<gmem>`) whose shape `shape_of(shape)` picks out."""
-    found = []
+def _eqns(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs it holds (kernel bodies, loops)."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "load":
-            aval = eqn.invars[0].aval
-            if "gmem" in str(aval) and shape_of(tuple(aval.shape)):
-                found.append(str(aval))
+        yield eqn
         for value in eqn.params.values():
             for inner in value if isinstance(value, (tuple, list)) else (value,):
                 inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's
                 if hasattr(inner, "eqns"):
-                    found += _hbm_loads(inner, shape_of)
+                    yield from _eqns(inner)
+
+
+def _hbm_loads(jaxpr, shape_of) -> list:
+    """The `load`s, anywhere in `jaxpr` and the jaxprs it holds (kernel bodies, loops), of a
+    ref in HBM (`Ref<gmem>`) whose shape `shape_of(shape)` picks out."""
+    found = []
+    for eqn in _eqns(jaxpr):
+        if eqn.primitive.name == "load":
+            aval = eqn.invars[0].aval
+            if "gmem" in str(aval) and shape_of(tuple(aval.shape)):
+                found.append(str(aval))
     return found
 
 
@@ -297,15 +303,10 @@ def _barrier_settings(jaxpr) -> dict:
     """`{kernel name: whether Mosaic GPU's automatic barriers are off}` of the kernels in
     `jaxpr` and the jaxprs it holds."""
     found = {}
-    for eqn in jaxpr.eqns:
+    for eqn in _eqns(jaxpr):
         params = eqn.params.get("compiler_params")
         if hasattr(params, "unsafe_no_auto_barriers"):
             found[str(eqn.params.get("name"))] = params.unsafe_no_auto_barriers
-        for value in eqn.params.values():
-            for inner in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    found |= _barrier_settings(inner)
     return found
 
 
@@ -1125,20 +1126,11 @@ def test_folded_gated_rms_norm_matches_reference(case, monkeypatch):
 def _kernel_grids(run, module) -> dict[str, tuple]:
     """`{"fwd": grid, "bwd": grid}` of the Mosaic GPU kernels `run(module)` traces (anew)."""
     jax.clear_caches()
-    found = {}
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if "meshes" in eqn.params:
-                found[str(eqn.params["name"]).rsplit("_", 1)[-1]] = eqn.params["meshes"][0].grid
-            for value in eqn.params.values():
-                for inner in value if isinstance(value, (tuple, list)) else (value,):
-                    inner = getattr(inner, "jaxpr", inner)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-
-    walk(jax.make_jaxpr(lambda: run(module))().jaxpr)
-    return {k: tuple(v) for k, v in found.items()}
+    return {
+        str(eqn.params["name"]).rsplit("_", 1)[-1]: tuple(eqn.params["meshes"][0].grid)
+        for eqn in _eqns(jax.make_jaxpr(lambda: run(module))().jaxpr)
+        if "meshes" in eqn.params
+    }
 
 
 def test_rows_the_tuner_folds_match_reference():
