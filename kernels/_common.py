@@ -383,7 +383,12 @@ class Persistent(NamedTuple):
 
 
 def persistent_config(
-    config: BlockConfig, rows: int, groups: int = 1, width: int = 0, read_bytes: int = 0
+    config: BlockConfig,
+    rows: int,
+    groups: int = 1,
+    width: int = 0,
+    read_bytes: int = 0,
+    max_warps: int = PERSISTENT_MAX_WARPS,
 ) -> Persistent:
     r"""The persistent grid of a Triton kernel that sums per-column partials over its rows (the
     row norms' backward), from the one heuristic's `config` ([`block_config`][], tuned).
@@ -397,9 +402,10 @@ def persistent_config(
     enough warps resident per SM, `PERSISTENT_RESIDENT_WARPS` = 32 (50 % occupancy), which
     at 65536 registers per SM leaves `PERSISTENT_REGISTERS` = 64 per thread. So:
 
-    1. One program per SM of `num_warps = 4 ×` the row-parallel one's, within
-       `PERSISTENT_MAX_WARPS` (a block of `4096` elements over 32 warps is 4 per thread per
-       array, plus the accumulators: the backward compiles to about 50 registers). The
+    1. One program per SM of `num_warps = 4 ×` the row-parallel one's, within `max_warps`
+       (`PERSISTENT_MAX_WARPS`: a block of `4096` elements over 32 warps is 4 per thread per
+       array, plus the accumulators, and the backward compiles to about 50 registers; a
+       kernel that needs more asks for fewer warps, not fewer than its row-parallel). The
        partials are then `132 × width × 8 B` written and read: 1.05× at 4096 × 1024 bf16.
        Fewer warps per program and more programs (2 × 16) cost twice the partials for no
        more warps resident.
@@ -422,7 +428,7 @@ def persistent_config(
     blocks = ceil_div(rows, config.block_rows)
     num_warps = config.num_warps
     if config.chunks == 1:
-        num_warps = min(4 * num_warps, PERSISTENT_MAX_WARPS)
+        num_warps = min(4 * num_warps, max(max_warps, num_warps))
     per_sm = max(1, PERSISTENT_RESIDENT_WARPS // num_warps)
     most = max(1, _mosaic_gpu._sm_count() * per_sm // groups)
     iterations = ceil_div(blocks, min(blocks, most))

@@ -367,16 +367,17 @@ def _forward_on(
 
 def _program_blocks(block, carry, config, target, iterations=None, row_block=None):
     """`block(i, j, carry) -> carry` over the row blocks of this program, `i` the block and
-    `j` its place among the program's (a Python 0 when it is the only one): without
-    `iterations` (a row-parallel launch, its refs one block) block `row_block` (default: the
-    program id); with them (a persistent launch, see `_backward_launch`: its row refs hold
-    the whole group) blocks `program + j · programs`, `j < iterations`. Before each block
-    but the first a chunked program's partial rows, written by the previous block and read
-    by this one (see [`_accumulate`][]), are fenced by a barrier."""
+    `j` its place among the program's (a Python 0 when it is the only one), `first` the
+    program's id along the rows (`row_block` where the caller read it, else read here):
+    without `iterations` (a row-parallel launch, its refs one block) block `first`; with
+    them (a persistent launch, see `_backward_launch`: its row refs hold the whole group)
+    blocks `first + j · programs`, `j < iterations`. Before each block but the first a
+    chunked program's partial rows, written by the previous block and read by this one (see
+    [`_accumulate`][]), are fenced by a barrier."""
+    first = pl.program_id(0) if row_block is None else row_block
     if iterations is None or iterations == 1:
-        first = pl.program_id(0) if row_block is None or iterations else row_block
         return block(first, 0, carry)
-    first, programs = pl.program_id(0), pl.num_programs(0)
+    programs = pl.num_programs(0)
 
     def body(j, carry):
         if config.chunks > 1:
@@ -1255,14 +1256,18 @@ def adaptive_rms_norm(
 # not work on to the block that operand's previous program held: a pipeline that writes an
 # output block back when its index changes then writes each block once, after the program
 # that computed it (Triton stores only what a body stores, and the interpreter writes back
-# what it loaded); the axes are sequential ("arbitrary") for such a pipeline. On TPU the
-# QK-norm is XLA (`_qk_norm_xla`): Mosaic cannot block one head's strided rows.
+# what it loaded); the axes are sequential ("arbitrary") for such a pipeline. The backward is
+# persistent as the row norms' (`_qk_launch`): over tokens too few to fill the GPU, a head's
+# programs loop over several token blocks each, fewer partial rows. On TPU the QK-norm is
+# XLA (`_qk_norm_xla`): Mosaic cannot block one head's strided rows.
 
 
 class _QKLaunch(NamedTuple):
     """The one launch of [`_qk_norm_fwd_on`][]/[`_qk_norm_bwd_on`][]: its block config and
-    grid, and per operand (`q`, then `k`) its row specs, statistic specs, parameter spec and
-    partial-sum spec."""
+    grid, per operand (`q`, then `k`) its row specs, statistic specs, parameter spec and
+    partial-sum spec, the programs along the tokens that work on each operand (its token
+    blocks; in a persistent launch, those of the grid's programs that have a block), and the
+    blocks each program loops over (`None`: one, the grid's row-parallel launch)."""
 
     config: c.BlockConfig
     grid: tuple[int, int]
@@ -1271,6 +1276,7 @@ class _QKLaunch(NamedTuple):
     params: tuple[pl.BlockSpec, pl.BlockSpec]
     partials: tuple[pl.BlockSpec, pl.BlockSpec]
     blocks: tuple[int, int]
+    iterations: int | None = None
 
 
 def _qk_index(which: int, blocks: tuple[int, int], heads: tuple[int, int]):
@@ -1302,6 +1308,11 @@ def _qk_index(which: int, blocks: tuple[int, int], heads: tuple[int, int]):
 # 1024×8192); at 8 (16 warps) it takes 40 registers (bfloat16 46) without a spill, 3
 # programs of 512 threads per SM (75 % occupancy, not 50 %).
 _QK_BWD_THREAD_ELEMENTS = 8
+# The persistent backward's most warps a program (`_common.persistent_config`): the row
+# norms' 32 (1024 threads, 64 registers each) are too few registers for XLA's build of this
+# kernel with the loop, which spills and is discarded (JAX 0.10.2, deviceless H200, 4096×128
+# and 4096×1024 of heads of 128); at 16 it takes 40 to 64 registers without a spill.
+_QK_PERSISTENT_WARPS = 16
 
 
 def _qk_launch(
@@ -1311,13 +1322,32 @@ def _qk_launch(
     per_head: tuple[bool, bool],
     thread_elements: int = 16,
     one_row: bool = False,
+    read_bytes: int = 0,
 ) -> _QKLaunch:
+    """The launch over q's and k's token blocks and heads; with `read_bytes` (the backward's,
+    of `x` and `dy` per element) a persistent one, as the row norms' backward
+    ([`_backward_launch`][]): `(programs, q_heads + k_heads)`, a head's program looping over
+    its token blocks `program + j · programs` and writing one partial row, the row specs a
+    head's every token. A persistent plan of one block a program is the row-parallel launch
+    (its views of a whole head cost JAX 0.12's float32 kernel at 4096×128 a spill)."""
     width = q_shape[-1]
     rows = max(q_shape[0], k_shape[0])
     config = c.block_config(target, rows, width, thread_elements=thread_elements, one_row=one_row)
     cols, br = c.padded(target, width), config.block_rows
     blocks = (c.ceil_div(q_shape[0], br), c.ceil_div(k_shape[0], br))
     heads = (q_shape[1], k_shape[1])
+    grid, iterations, row_block = (max(blocks), sum(heads)), None, br
+    at_block = lambda ix, i, g: ix(i, g)  # noqa: E731
+    plan = None
+    if read_bytes:
+        plan = c.persistent_config(
+            config, rows, sum(heads), width, read_bytes, _QK_PERSISTENT_WARPS
+        )
+    if plan is not None and plan.iterations > 1:
+        config, iterations = plan.config, plan.iterations
+        grid, row_block = (plan.programs, sum(heads)), plan.programs * plan.iterations * br
+        blocks = tuple(min(plan.programs, b) for b in blocks)
+        at_block = lambda ix, i, g: (0, ix(i, g)[1])  # noqa: E731
     indices = [_qk_index(w, blocks, heads) for w in (0, 1)]
 
     def spec(block, at):
@@ -1328,15 +1358,16 @@ def _qk_launch(
 
     return _QKLaunch(
         config,
-        (max(blocks), sum(heads)),
-        spec((br, _SQUEEZED, cols), lambda ix, i, g: (*ix(i, g), 0)),
-        spec((br, _SQUEEZED, 1), lambda ix, i, g: (*ix(i, g), 0)),
+        grid,
+        spec((row_block, _SQUEEZED, cols), lambda ix, i, g: (*at_block(ix, i, g), 0)),
+        spec((row_block, _SQUEEZED, 1), lambda ix, i, g: (*at_block(ix, i, g), 0)),
         tuple(
             pl.BlockSpec((_SQUEEZED, 1, cols), functools.partial(param_at, ix, per_head=p))
             for ix, p in zip(indices, per_head, strict=True)
         ),
         spec((_SQUEEZED, _SQUEEZED, 1, cols), lambda ix, i, g: (ix(i, g)[1], ix(i, g)[0], 0, 0)),
         blocks,
+        iterations,
     )
 
 
@@ -1421,12 +1452,23 @@ def _qk_norm_fwd_on(target: Target, q, k, q_weight, k_weight, *, eps: float, cen
 
 
 def _qk_norm_bwd_kernel(
-    *refs, target, config, heads, blocks, rows, width, center, has_weight, param_grads, has_dbias
+    *refs,
+    target,
+    config,
+    heads,
+    blocks,
+    rows,
+    width,
+    center,
+    has_weight,
+    param_grads,
+    has_dbias,
+    iterations,
 ):
-    """[`_row_norm_bwd_kernel`][] on q's block of rows or on k's: refs `q, k, q_dy, k_dy,
-    q_shift, k_shift, q_offset, k_offset, q_rstd, k_rstd, (q_weight, k_weight), dq, dk,
-    (q_dweight, k_dweight, (q_dbias, k_dbias)))` (the bias sums, unused, only with
-    `has_dbias`)."""
+    """[`_row_norm_bwd_kernel`][] on q's blocks of rows or on k's (those of a persistent
+    program with `iterations`): refs `q, k, q_dy, k_dy, q_shift, k_shift, q_offset,
+    k_offset, q_rstd, k_rstd, (q_weight, k_weight), dq, dk, (q_dweight, k_dweight, (q_dbias,
+    k_dbias)))` (the bias sums, unused, only with `has_dbias`)."""
     ins = 12 if has_weight else 10
     inputs, outputs = refs[:ins], refs[ins:]
     per = [[*inputs[w:10:2], *inputs[10 + w : 11 + w] * has_weight, *outputs[w::2]] for w in (0, 1)]
@@ -1441,6 +1483,7 @@ def _qk_norm_bwd_kernel(
         has_dresidual=False,
         param_grads=param_grads,
         has_dbias=has_dbias,
+        iterations=iterations,
     )
     _qk_branches(lambda r, n, i: kernel(*r, rows=n, row_block=i), heads[0], blocks, *per, rows)
 
@@ -1449,18 +1492,22 @@ def _qk_norm_bwd_on(
     target: Target, q, k, q_weight, k_weight, q_dy, k_dy, *stats, center, param_grads
 ):
     """`(dq, dk, q_dweight, k_dweight)` with one `pallas_call` on `target`: the weights'
-    gradients float32 sums over the token blocks, in each weight's shape, `(heads,
+    gradients, sums over the tokens in float32, in each weight's shape and dtype, `(heads,
     head_dim)` or `(head_dim,)` (summed over the heads too) (`None` unless `param_grads`)."""
+    weights = (q_weight, k_weight)
     if target is c.MOSAIC:
-        dq, dk, *dw = _qk_norm_bwd_xla((q, k), (q_weight, k_weight), (q_dy, k_dy), stats, center)
+        dq, dk, *dw = _qk_norm_bwd_xla((q, k), weights, (q_dy, k_dy), stats, center)
         if not param_grads:
             return dq, dk, None, None
-        weights = (q_weight, k_weight)
-        return dq, dk, *(d if w.ndim == 2 else d.sum(0) for d, w in zip(dw, weights, strict=True))
+        dw = [d if w.ndim == 2 else d.sum(0) for d, w in zip(dw, weights, strict=True)]
+        return dq, dk, *(d.astype(w.dtype) for d, w in zip(dw, weights, strict=True))
     width = q.shape[-1]
     has_weight = q_weight is not None
     per_head = tuple(w is not None and w.ndim == 2 for w in (q_weight, k_weight))
-    launch = _qk_launch(target, q.shape, k.shape, per_head, _QK_BWD_THREAD_ELEMENTS)
+    read_bytes = jnp.dtype(q.dtype).itemsize + jnp.dtype(q_dy.dtype).itemsize
+    launch = _qk_launch(
+        target, q.shape, k.shape, per_head, _QK_BWD_THREAD_ELEMENTS, False, read_bytes
+    )
     params = [_qk_params(w, width) for w in (q_weight, k_weight)] if has_weight else []
     out_specs = list(launch.rows)
     out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k)]
@@ -1468,10 +1515,16 @@ def _qk_norm_bwd_on(
     # kernel with one partial row spills 4 bytes (deviceless H200, JAX 0.10, 64×70000).
     has_dbias = launch.config.chunks > 1
     if param_grads:
-        # Each operand's own token blocks: the programs past them write nothing.
+        # A partial row per program with blocks of the operand: those past them write nothing.
+        # Where each is the gradient itself (one program per operand over one-pass rows, each
+        # weight per head or of one head), written once in the weight's dtype: a sum over
+        # nothing would be a cast each, a launch each on JAX 0.12.
+        dtypes = [F32, F32]
+        if _qk_grads_written(launch, (q, k), (q_weight, k_weight)):
+            dtypes = [q_weight.dtype, k_weight.dtype]
         partials = [
-            jax.ShapeDtypeStruct((a.shape[1], n, 1, width), F32)
-            for a, n in zip((q, k), launch.blocks, strict=True)
+            jax.ShapeDtypeStruct((a.shape[1], n, 1, width), d)
+            for a, n, d in zip((q, k), launch.blocks, dtypes, strict=True)
         ]
         out_specs += [*launch.partials] * (1 + has_dbias)
         out_shape += partials * (1 + has_dbias)
@@ -1487,6 +1540,7 @@ def _qk_norm_bwd_on(
         has_weight=has_weight,
         param_grads=param_grads,
         has_dbias=has_dbias,
+        iterations=launch.iterations,
     )
     outs = pl.pallas_call(
         kernel,
@@ -1500,14 +1554,27 @@ def _qk_norm_bwd_on(
     )(q, k, q_dy, k_dy, *(s[..., None] for s in stats), *params)
     if not param_grads:
         return outs[0], outs[1], None, None
-    return outs[0], outs[1], *_qk_weight_grads(outs[2:4], (q_weight, k_weight))
+    grads = _qk_weight_grads(outs[2:4], weights)
+    return outs[0], outs[1], *(d.astype(w.dtype) for d, w in zip(grads, weights, strict=True))
+
+
+def _qk_grads_written(launch: _QKLaunch, operands, weights) -> bool:
+    """Whether q's and k's partial rows are their weights' gradients (one program per operand
+    over one-pass rows, each weight per head or of one head)."""
+    return launch.config.chunks == 1 and all(
+        n == 1 and (w.ndim == 2 or a.shape[1] == 1)
+        for a, n, w in zip(operands, launch.blocks, weights, strict=True)
+    )
 
 
 def _qk_weight_grads(partials, weights) -> list:
-    """The weights' gradients from q's and k's partials `(heads, token blocks, 1, head_dim)`:
-    summed over the token blocks, and over the heads for a weight they share; both in one
-    reduction when the partials and the sums have one shape (q and k with as many heads and
-    tokens), else one each."""
+    """The weights' gradients from q's and k's partials `(heads, token programs, 1,
+    head_dim)`: summed over the token programs, and over the heads for a weight they share;
+    both in one reduction when the partials and the sums have one shape (q and k with as
+    many heads and tokens), else one each. Partials that are the gradients already (one
+    program's, a head per weight row; see [`_qk_grads_written`][]) are only reshaped."""
+    if all(p.shape[1] == 1 and p.size == w.size for p, w in zip(partials, weights, strict=True)):
+        return [p.reshape(w.shape) for p, w in zip(partials, weights, strict=True)]
     axes = [(1, 2) if w.ndim == 2 else (0, 1, 2) for w in weights]
     if partials[0].shape != partials[1].shape or axes[0] != axes[1]:
         return [p.sum(axis=a) for p, a in zip(partials, axes, strict=True)]

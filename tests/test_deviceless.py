@@ -43,11 +43,16 @@ def _cases(op: str) -> list:
     """bfloat16 at every default shape of the op's family, float32 and float16 at the awkward
     one (rows 37 / 5 examples: partial blocks, masks), each as a training step; the ops only
     eqxnorm has (QK-norm, gated RMSNorm, DyT), their kernel bodies the row norms', one
-    typical case each."""
+    typical case each (QK-norm's launch its own: three shapes, float32 too)."""
+    if op == "qk_norm":
+        # Its float32 backward too: at 8 warps it spilled on JAX 0.12. And one head of 37
+        # tokens, where its persistent backward is one program per operand (1.22x the ideal
+        # bytes in bfloat16 with a program per block), and 4096 tokens of one head of 128,
+        # where at 32 warps XLA's build of the persistent kernel spilled (JAX 0.10).
+        shapes = ["37x760", "4096x128", "4096x1024"]
+        return deviceless.cases([op], shapes, ["bfloat16", "float32"], ["fwd+bwd"])
     if op in _ops.EQXNORM_ONLY:
-        # QK-norm's float32 backward too: at 8 warps it spilled on JAX 0.12.
-        dtypes = ["bfloat16", "float32"] if op == "qk_norm" else ["bfloat16"]
-        return deviceless.cases([op], ["4096x1024"], dtypes, ["fwd+bwd"])
+        return deviceless.cases([op], ["4096x1024"], ["bfloat16"], ["fwd+bwd"])
     family = _ops.OPS[op].family
     shapes = deviceless.ROW_SHAPES if family == "row" else deviceless.CHANNEL_SHAPES
     cases = deviceless.cases([op], shapes, ["bfloat16"], ["fwd+bwd"])
@@ -120,6 +125,8 @@ def test_training_step_compiles_cleanly_for_h200(op, h200_reports):
             # Issue 17's forward barrier target (LayerNorm's forward was at 19).
             [fwd] = [k for k in result["kernels"] if k["name"].endswith("_fwd")]
             assert 0 < fwd["bar_syncs"] <= deviceless.FORWARD_BARRIERS
+        if op == "qk_norm":  # issue 17's targets, every one (no Mosaic GPU kernel here)
+            assert deviceless.missed(result) == []
         program = result["program"]
         triton = [launch for launch in program["launches"] if "eqxnorm" in launch["name"]]
         assert len(triton) == len(names)

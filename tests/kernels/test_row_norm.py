@@ -703,6 +703,54 @@ def test_qk_norm_on_tpu_is_xla_with_the_kernels_contract():
         ks.assert_matches(g, w)
 
 
+QK_PERSISTENT = {
+    # 10 SMs: q's 13 token blocks of 16 rows by 4 programs per head (4, 3, 3, 3 blocks), k's 3
+    # by 3 of them (the 4th works on no k block); in programs of (4, q heads + k heads).
+    "one-pass": (10, ((199, 3, 160), (37, 2, 160)), ((4, 5), (4, 3), 4)),
+    # Rows of 17000 in 17 chunks on 4 SMs: blocks of 8 rows, q's 3 by 2 programs per head, k's
+    # 2 by 2, each adding its blocks' column sums to its partial rows in HBM (the unused
+    # bias's too), chunk by chunk.
+    "chunked": (4, ((17, 2, 17000), (9, 1, 17000)), ((2, 3), (2, 2), 2)),
+}
+
+
+@pytest.mark.parametrize("case", QK_PERSISTENT.values(), ids=QK_PERSISTENT.keys())
+def test_persistent_qk_norm_backward(monkeypatch, case):
+    # QK-norm's Triton backward is persistent like the row norms': a head's programs loop over
+    # its token blocks, where one program per block wrote one partial row per block (37
+    # tokens of one head of 760, bfloat16: 10 partial rows, 1.22x the ideal bytes).
+    sms, (q_shape, k_shape), plan = case
+    monkeypatch.setattr(_mosaic_gpu, "_sm_count", lambda: sms)
+    launch = row_norm._qk_launch(_common.INTERPRET, q_shape, k_shape, (True, True), 8, False, 8)
+    assert (launch.grid, launch.blocks, launch.iterations) == plan
+    q, k = ks.data(q_shape, jnp.float32), ks.data(k_shape, jnp.float32, seed=1)
+    qw = ks.data(q_shape[1:], jnp.float32, seed=2, loc=1.0, scale=0.2)
+    kw = ks.data((q_shape[-1],), jnp.float32, seed=3, loc=1.0, scale=0.2)
+
+    def fns(module):
+        return lambda *a: module.qk_norm(*a, eps=1e-6, norm="layer_norm")
+
+    _assert_same_outputs_and_grads(fns(row_norm), fns(reference), (q, k, qw, kw), (0, 1, 2, 3))
+
+
+def test_qk_norm_one_program_writes_the_weight_gradients():
+    # 37 tokens of one head of 760 bfloat16: one backward program per operand, whose partial
+    # row is the weight's gradient, written by the kernel in bfloat16 (no reduction, no cast
+    # after it: on JAX 0.12 those were two XLA launches); 199 tokens, 4 programs, keep their
+    # one reduction.
+    def grads(q, k, q_weight, k_weight, q_dy, k_dy):
+        _, vjp = jax.vjp(lambda *a: _TRITON.qk_norm(*a, eps=1e-6), q, k, q_weight, k_weight)
+        return vjp((q_dy, k_dy))
+
+    weight = jax.ShapeDtypeStruct((760,), jnp.bfloat16)
+    for tokens, programs, reductions in ((37, 1, 0), (199, 4, 1)):
+        x = jax.ShapeDtypeStruct((tokens, 1, 760), jnp.bfloat16)
+        text = ks.lowered(grads, [x, x, weight, weight, x, x], "cuda")
+        assert ks.triton_grids(text)[1] == (programs, 2, 1)
+        assert text.count("stablehlo.reduce") == reductions
+        assert text.count("stablehlo.convert") == 2 * reductions
+
+
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_new_ops_lower_in_one_launch_each_way(platform):
     bf16 = jnp.bfloat16
@@ -720,8 +768,9 @@ def test_new_ops_lower_in_one_launch_each_way(platform):
         expected = 0 if (op, platform) == ("qk_norm", "tpu") else 2
         assert ks.kernel_count(text, platform) == expected, op
         if platform == "cuda" and op == "qk_norm":
-            # (token blocks, q heads + k heads): q and k in one launch each way.
-            assert ks.triton_grids(text) == [(8, 10, 1)] * 2
+            # (token blocks, q heads + k heads): q and k in one launch each way; the backward
+            # persistent, 80 blocks too few to fill an H200, each of its programs two blocks.
+            assert ks.triton_grids(text) == [(8, 10, 1), (4, 10, 1)]
 
 
 GATED_CASES = [
