@@ -587,8 +587,9 @@ def _backward_on(
     """`(dx, dresidual, dweight, dbias)` of the rows of `x` `(groups, rows, dim)` with one
     `pallas_call` on `target`. The input gradient (plus `dh` when not `None`) is written in
     each of `d_dtypes`: `dx` in the first, `dresidual` in the second (else `None`);
-    `dweight`/`dbias` are the float32 sums over each group's rows, `(groups, dim)` (`None`
-    unless `param_grads`). With `lengths` `(groups, rows)`, the rows' valid lengths, the
+    `dweight`/`dbias` are the sums over each group's rows (in float32), `(groups, dim)`, in
+    the weight's dtype and `bias_dtype` (default the weight's; float32 without a weight)
+    (`None` unless `param_grads`). With `lengths` `(groups, rows)`, the rows' valid lengths, the
     backward of [`_lengths_forward_on`][]."""
     groups, rows, width = x.shape
     read_bytes = jnp.dtype(x.dtype).itemsize + jnp.dtype(dy.dtype).itemsize
@@ -606,11 +607,14 @@ def _backward_on(
     # gradients, two arrays that XLA reshapes for free (slicing them out of one array would
     # be a copy each, two launches).
     one_program = launch.grid[0] == 1
+    grad_dtypes = (F32, F32) if weight is None else (weight.dtype, bias_dtype or weight.dtype)
     if param_grads and one_program:
-        # Of one block too (adaLN's examples of a token), each column written once and never
-        # read back: stored in the parameters' dtypes, the gradients with no cast after them.
-        one_block = weight is not None and (iterations or 1) == 1
-        dtypes = (weight.dtype, bias_dtype or weight.dtype) if one_block else (F32, F32)
+        # Of one-pass rows (their sums ride the program's loop) or of one block (adaLN's
+        # examples of a token), each column written once and never read back: stored in the
+        # parameters' dtypes, the gradients with no cast after them (37 × 760 bf16: two
+        # XLA launches, one each).
+        written_once = launch.config.chunks == 1 or (iterations or 1) == 1
+        dtypes = grad_dtypes if written_once else (F32, F32)
         out_specs += [launch.partials] * 2
         out_shape += [
             jax.ShapeDtypeStruct((groups, 1, 1, width), c.stored_dtype(target, d)) for d in dtypes
@@ -650,10 +654,12 @@ def _backward_on(
     if not param_grads:
         return dx, dres, None, None
     if one_program:
-        return dx, dres, *(o.reshape(groups, width) for o in outs)
-    # Both gradients' partial rows in one array, summed over the programs in a fixed order.
-    sums = c.sum_pair(outs[0], pair_axis=2, sum_axis=1, like=weight, droppable=not _center(op))
-    return dx, dres, *sums
+        sums = [o.reshape(groups, width) for o in outs]
+    else:
+        # Both gradients' partial rows in one array, summed over the programs in a fixed order.
+        sums = c.sum_pair(outs[0], pair_axis=2, sum_axis=1, like=weight, droppable=not _center(op))
+    # In the parameters' dtypes whatever the launch (every platform's branch gives the same).
+    return dx, dres, *(g.astype(d) for g, d in zip(sums, grad_dtypes, strict=True))
 
 
 # --- staging per platform, batching, differentiation -----------------------------------------
@@ -2142,13 +2148,22 @@ def _scalar_spec():
     return pl.BlockSpec((_SQUEEZED, 1, 1), lambda i, g: (0, 0, 0))
 
 
-def _dyt_bwd_on(target: Target, x, alpha, weight, dy):
+def _dyt_bwd_on(target: Target, x, alpha, weight, dy, *, bias_dtype=None):
     """`(dx, dalpha, dweight, dbias)` with one `pallas_call` on `target`, the parameters'
-    float32 sums over the rows."""
+    sums over the rows (in float32) in α's dtype, the weight's and `bias_dtype` (default the
+    weight's; float32 without a weight)."""
     read_bytes = jnp.dtype(x.dtype).itemsize + jnp.dtype(dy.dtype).itemsize
     launch, iterations = _backward_launch(target, (1, *x.shape), read_bytes=read_bytes)
     params = [] if weight is None else [weight.reshape(1, 1, -1)]
     blocks, width = launch.grid[0], x.shape[1]
+    grad_dtypes = (alpha.dtype, F32, F32)
+    if weight is not None:
+        grad_dtypes = (alpha.dtype, weight.dtype, bias_dtype or weight.dtype)
+    # One program whose sums are each written once (one-pass rows, their sums in the loop's
+    # carry, or one block): they are the gradients, stored in their dtypes (at 37 × 760,
+    # two XLA launches fewer). Else float32 partials, summed over the programs.
+    written_once = blocks == 1 and (launch.config.chunks == 1 or (iterations or 1) == 1)
+    stored = [c.stored_dtype(target, d) if written_once else F32 for d in grad_dtypes]
     kernel = _one_group_kernel(_dyt_bwd_kernel, target, launch, x, weight, iterations=iterations)
     dx, dalpha, dw, db = c.pallas_call(
         kernel,
@@ -2164,20 +2179,26 @@ def _dyt_bwd_on(target: Target, x, alpha, weight, dy):
         ],
         out_shape=[
             jax.ShapeDtypeStruct((1, *x.shape), x.dtype),
-            jax.ShapeDtypeStruct((1, blocks, 1, 1), F32),
-            *[jax.ShapeDtypeStruct((1, blocks, 1, width), F32)] * 2,
+            jax.ShapeDtypeStruct((1, blocks, 1, 1), stored[0]),
+            *[jax.ShapeDtypeStruct((1, blocks, 1, width), d) for d in stored[1:]],
         ],
         name="eqxnorm_dyt_bwd",
     )(x[None], alpha.reshape(1, 1, 1), dy[None], *params)
-    # The three gradients' partials summed over the programs in one fixed-order reduction.
-    parts = [dw.reshape(blocks, width), db.reshape(blocks, width), dalpha.reshape(blocks, 1)]
-    dw, db, dalpha = c.sum_parts(parts, axes=(0,))
-    return dx[0], dalpha.reshape(()), dw, db
+    if written_once:
+        grads = [dalpha.reshape(()), dw.reshape(width), db.reshape(width)]
+    else:
+        # The three gradients' partials summed over the programs in one fixed-order reduction.
+        parts = [dw.reshape(blocks, width), db.reshape(blocks, width), dalpha.reshape(blocks, 1)]
+        dw, db, dalpha = c.sum_parts(parts, axes=(0,))
+        grads = [dalpha.reshape(()), dw, db]
+    dalpha, dw, db = (g.astype(d) for g, d in zip(grads, grad_dtypes, strict=True))
+    return dx[0], dalpha, dw, db
 
 
 @functools.cache
-def _dyt(backend: str):
-    """The differentiable `(x, alpha, weight, bias) -> y` (rows `(rows, dim)`)."""
+def _dyt(backend: str, bias_dtype=None):
+    """The differentiable `(x, alpha, weight, bias) -> y` (rows `(rows, dim)`; `bias_dtype`
+    the bias's, in which the backward gives its gradient)."""
 
     def launch_forward(x, alpha, weight, bias):
         mosaic_gpu = _mosaic_gpu(_mgpu.dyt_forward_on, _mgpu.dyt_supported)
@@ -2191,9 +2212,8 @@ def _dyt(backend: str):
         mosaic_gpu = _mosaic_gpu(_mgpu.dyt_backward_on, _mgpu.dyt_supported)
         args = (x, alpha, weight, dy)
         rule = c.Rule("r d, , d, r d -> r d, , d, d", split="r")
-        return c.per_platform(
-            _dyt_bwd_on, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend
-        )
+        fn = functools.partial(_dyt_bwd_on, bias_dtype=bias_dtype)
+        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
 
     def example_param_grads(x, dy, alpha, weight):
         # The weight's gradient is the kernel's even without a weight (the sums of dy·t).
@@ -2239,7 +2259,7 @@ def dyt(
 
     `(rows, dim)` in `x.dtype`.
     """
-    return _dyt(backend)(x, alpha, weight, bias)
+    return _dyt(backend, None if bias is None else jnp.dtype(bias.dtype))(x, alpha, weight, bias)
 
 
 __all__ = [
