@@ -1565,16 +1565,26 @@ def _stage(refs_and_smems, bars, rows, boxes, tools, group):
         plgpu.barrier_wait(bar)
 
 
-def _staged_weight(w_ref, scratch: list, params_staged: bool, group, boxes: m.Boxes, tools):
-    """`(weight, barriers)`: with `params_staged` (the last two of `scratch`, see
-    [`_staged_boxes`][]) the weight's boxes staged and the weight as [`_param`][] reads it
-    then; the barriers of the staged rows, the rest of `scratch`."""
+def _staged_params(param_refs, scratch: list, params_staged: bool, group, boxes: m.Boxes, tools):
+    """`(parameters, barriers, arrival)`: with `params_staged` (the last two of `scratch`, see
+    [`_staged_boxes`][]) the copies of the parameters' staged boxes started, each parameter
+    as [`_param`][] reads it then, and the barrier to wait on before (else `None`); the
+    barriers of the staged rows, the rest of `scratch`."""
     if not params_staged:
-        return w_ref, scratch
+        return list(param_refs), scratch, None
     *bars, param_smem, param_bar = scratch
-    _stage_params([w_ref], param_smem, param_bar, group, boxes, tools)
-    plgpu.barrier_wait(param_bar)
-    return (w_ref, param_smem, 0), bars
+    _stage_params(param_refs, param_smem, param_bar, group, boxes, tools)
+    return [(ref, param_smem, p) for p, ref in enumerate(param_refs)], bars, param_bar
+
+
+def _staged_weight(w_ref, scratch: list, params_staged: bool, group, boxes: m.Boxes, tools):
+    """`(weight, barriers)`: [`_staged_params`][] of the weight alone, arrived (`None`: no
+    weight, nothing staged)."""
+    refs = [] if w_ref is None else [w_ref]
+    staged, bars, arrival = _staged_params(refs, scratch, params_staged, group, boxes, tools)
+    if arrival is not None:
+        plgpu.barrier_wait(arrival)
+    return (staged[0] if staged else None), bars
 
 
 def _stage_rows(refs_and_smems, bars, rows, boxes, tools, group):
@@ -1707,8 +1717,8 @@ def _one_group_call(
     `out_dtypes` in the rows' shape, then `box_partials` float32 partial sums per column of
     a box (summed over a row's boxes too), `(programs, cols)`, and `partials` per column,
     `(programs, dim)` (summed by the caller). `body` takes the staged arrays, then the
-    parameters; with `stage_params` (a body that takes `params_staged`: one parameter, the weight)
-    their boxes staged where TMA can ([`_staged_boxes`][]), else their columns padded;
+    parameters; with `stage_params` (a body that takes `params_staged`) their boxes staged
+    where TMA can ([`_staged_boxes`][]), else their columns padded;
     no automatic barriers (`_mosaic_gpu.kernel`: the bodies keep the row norms'
     discipline, [`_accumulate`][]). A forward runs a program per block; a
     `backward` a persistent grid (its `grid`, [`_Grid`][], [`_each_block`][]) as the row
@@ -1852,14 +1862,20 @@ def gated_rms_norm_backward_supported(x, z, weight, dy) -> bool:
 # launch before each kernel), γ and β in their dtype (they were float32 copies).
 
 
-def _dyt_forward_body(*refs, boxes, width, has_weight, has_bias):
+def _dyt_forward_body(*refs, boxes, width, has_weight, has_bias, params_staged=False):
     x_ref, alpha_ref = refs[:2]
     param_refs = refs[2 : 2 + has_weight + has_bias]
-    y_ref, x_smem, bar = refs[2 + has_weight + has_bias :]
+    y_ref, x_smem, *bars = refs[2 + has_weight + has_bias :]
     i, group = lax.axis_index("rows"), lax.axis_index("groups")
     rows = pl.ds(i * boxes.block_rows, boxes.block_rows)
     tools = _box_tools(boxes, width, i * 0)
+    # The parameters' boxes (where staged) on their way beside the rows.
+    param_refs, [bar], arrival = _staged_params(
+        param_refs, bars, params_staged, group, boxes, tools
+    )
     _stage(((x_ref, x_smem),), (bar,), rows, boxes, tools, group)
+    if arrival is not None:
+        plgpu.barrier_wait(arrival)
 
     def param(ref, k):
         return _param(ref, k, rows, group, False, boxes, tools)
@@ -1961,6 +1977,7 @@ def dyt_forward_on(target: Target, x, alpha, weight, bias):
         (x.dtype,),
         0,
         "eqxnorm_dyt_fwd",
+        stage_params=True,
         scalars=(alpha.reshape(1),),
         **flags,
     )

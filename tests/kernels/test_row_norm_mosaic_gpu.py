@@ -954,21 +954,30 @@ def test_split_forward_at_large_mean_and_fp8(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_training_step_over_awkward_rows_pads_nothing(dtype):
+def test_training_step_over_awkward_rows_pads_nothing(dtype, mosaic_gpu_auto):
     # 37 rows of 760 (blocks of 4 rows, boxes of 128 or 256 columns): the last partial block
     # overlaps the one before, the parameters' last box is staged by TMA and the statistics
     # keep their shape, so no pad surrounds the kernels (on an H200 those were 4 or 5 XLA
     # launches beside them, issue 17); the backward's programs are few (2 or 1: their
-    # partial sums would otherwise outweigh the rows).
+    # partial sums would otherwise outweigh the rows). DyT's forward stages its γ's and β's
+    # last box too (it padded both: two XLA launches before it).
     x = ks.data((37, 760), dtype)
     weight, bias = ks.params(760, dtype)
+    alpha = jnp.asarray(0.5, dtype)
 
     def step(x, weight, bias):
         loss = lambda *a: pallas.layer_norm(*a, eps=EPS).astype(jnp.float32).sum()  # noqa: E731
         return jax.grad(loss, (0, 1, 2))(x, weight, bias)
 
-    text = ks.lowered(step, (x, weight, bias), "cuda")
-    assert "stablehlo.pad" not in text
+    def dyt_step(x, alpha, weight, bias):  # the loss too: DyT's backward needs no forward
+        loss = lambda *a: pallas.dyt(*a).astype(jnp.float32).sum()  # noqa: E731
+        return jax.value_and_grad(loss, (0, 1, 2, 3))(x, alpha, weight, bias)
+
+    for fn, args in ((step, (x, weight, bias)), (dyt_step, (x, alpha, weight, bias))):
+        text = ks.lowered(fn, args, "cuda")
+        assert ks.kernel_count(text, "cuda") == 2  # on JAX < 0.12, Triton's
+        assert text.count(ks.MOSAIC_GPU_CALL) == (2 if USABLE else 0)
+        assert "stablehlo.pad" not in text
     x3, dy3 = x[None], x[None]
     boxes = _row_norm_mosaic_gpu.backward_boxes(x3, weight[None], dy3, None, (x.dtype,))
     read = 760 * 2 * jnp.dtype(dtype).itemsize
