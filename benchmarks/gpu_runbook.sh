@@ -19,7 +19,9 @@
 #    4096x8192: the block configurations of both GPU backends (Mosaic GPU's forward at 8192
 #    in tiles of 4 rows and folded, one row a program) and XLA timed, the cache written to
 #    RESULTS_DIR/tuning.json (the file a user's `~/.cache/eqxnorm/tuning.json` would be), and
-#    used by the benchmark; 75 s at most (19 s for 4096x1024 alone on the H200).
+#    used by the benchmark; 75 s at most (19 s for 4096x1024 alone on the H200). Its entries,
+#    merged into `kernels/_measured_tuning.json`, ship to every user of that GPU and JAX
+#    (`eqxnorm.kernels._tuning.SHIPPED`).
 # 4. `profile`: Nsight Compute (`ncu`, where installed) on a LayerNorm training step, bf16
 #    4096x8192, Mosaic GPU and Triton (`benchmarks/gpu_profile.py`): RESULTS_DIR/profile.csv,
 #    90 s at most.

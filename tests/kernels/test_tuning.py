@@ -142,7 +142,7 @@ def test_a_corrupt_or_foreign_file_warns_and_leaves_the_heuristic(tmp_path, monk
         assert _grids(_layer_norm, X) == [(2, 1)]
     _write(tmp_path, monkeypatch, {KEY: _entry(16)}, format=99)
     with pytest.warns(UserWarning, match="format 99, expected 1"):
-        assert _tuning.entries() == {}
+        assert _tuning.entries() == _tuning._read(_tuning.SHIPPED)  # the file adds none
     monkeypatch.setenv(_tuning.ENV, "off")
     assert _tuning.entries() == {}
 
@@ -168,3 +168,45 @@ def test_prefers_xla_by_the_launches_of_the_call(tmp_path, monkeypatch):
     other = KEY.replace("37", "").replace("64x128", "4096x1024")
     _write(tmp_path, monkeypatch, {other: _entry(4, xla_ms=0.5, kernel_ms=1.0)})
     assert not _tuning.prefers_xla(trace)  # this shape was not measured
+
+
+def test_shipped_measurements_beneath_the_users_file(tmp_path, monkeypatch):
+    # eqxnorm ships the H200's tuner results (JAX 0.12.0.1): on that device and JAX, LayerNorm
+    # at 4096 x 8192 bf16 takes 8 warps a row (measured 0.29 ms a training step, 0.43 with the
+    # heuristic's 16) and XLA at 65536 features; the user's file wins where it has the key;
+    # another JAX, another device, or the cache off leave the heuristic.
+    shipped = json.loads(_tuning.SHIPPED.read_text())
+    assert shipped["format"] == _tuning.FORMAT
+    assert all(k.startswith("NVIDIA H200|") for k in shipped["entries"])
+    key = "NVIDIA H200|triton|layer_norm|bfloat16|4096x8192"
+    assert shipped["entries"][key]["config"]["num_warps"] == 8
+    monkeypatch.setattr(_tuning, "device_kind", lambda: "NVIDIA H200")
+    monkeypatch.setattr(_tuning.jax, "__version__", "0.12.0.1")
+    _tuning._load.cache_clear()
+
+    def warps(width, op="layer_norm"):
+        with _tuning.launching(_tuning.Launch(op, "bfloat16")):
+            return c.block_config(c.TRITON, 4096, width, one_row=True).num_warps
+
+    def xla_at(width):
+        with _tuning.launching(_tuning.Launch("layer_norm", "bfloat16")):
+            return _tuning.prefers_xla(lambda: c.block_config(c.TRITON, 4096, width, one_row=True))
+
+    monkeypatch.setenv(_tuning.ENV, str(tmp_path / "absent.json"))
+    assert (warps(8192), warps(8192, "rms_norm"), xla_at(65536), xla_at(8192)) == (
+        8,
+        16,
+        True,
+        False,
+    )
+    mine = shipped["entries"][key] | {"config": {"block_rows": 1, "num_warps": 16, "num_stages": 1}}
+    _write(tmp_path, monkeypatch, {key: mine})
+    assert warps(8192) == 16 and xla_at(65536)  # the user's key, the shipped others
+    monkeypatch.setenv(_tuning.ENV, "off")
+    assert warps(8192) == 16 and not xla_at(65536)
+    monkeypatch.setenv(_tuning.ENV, str(tmp_path / "absent.json"))
+    monkeypatch.setattr(_tuning.jax, "__version__", "0.10.2")  # measured with another JAX
+    assert warps(8192) == 16 and not xla_at(65536)
+    monkeypatch.setattr(_tuning, "device_kind", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(_tuning.jax, "__version__", "0.12.0.1")
+    assert warps(8192) == 16 and not xla_at(65536)
