@@ -1932,8 +1932,8 @@ def _gated_rms_norm_fwd_on(target: Target, x, z, weight, *, eps, norm_before_gat
 
 
 def _gated_rms_norm_bwd_on(target: Target, x, z, weight, dy, *, eps, norm_before_gate, param_grads):
-    """`(dx, dz, dweight)` with one `pallas_call` on `target`; `dweight` the float32 sum over
-    the rows (`None` unless `param_grads`)."""
+    """`(dx, dz, dweight)` with one `pallas_call` on `target`; `dweight` the sum over the rows
+    (in float32) in the weight's dtype (`None` unless `param_grads`)."""
     # Three row arrays (x, z, dy) and the gate: with the accumulators of a persistent program
     # a one-pass block of more than 4096 elements spills (16 bytes at 8192 over 32 warps).
     config = c.block_config(target, *x.shape)
@@ -1949,7 +1949,12 @@ def _gated_rms_norm_bwd_on(target: Target, x, z, weight, dy, *, eps, norm_before
         config = launch.config._replace(num_warps=min(launch.config.num_warps, 8))
         launch = launch._replace(config=config)
     rows_shape = [jax.ShapeDtypeStruct((1, *x.shape), a.dtype) for a in (x, z)]
-    partial = jax.ShapeDtypeStruct((1, launch.grid[0], 1, x.shape[1]), F32)
+    # One program's sum written once (one-pass rows, or one block) is the gradient itself:
+    # in the weight's dtype, no XLA launch after the kernel (as the row norms').
+    grad_dtype = F32 if weight is None else weight.dtype
+    written_once = launch.grid[0] == 1 and (launch.config.chunks == 1 or (iterations or 1) == 1)
+    stored = c.stored_dtype(target, grad_dtype) if written_once else F32
+    partial = jax.ShapeDtypeStruct((1, launch.grid[0], 1, x.shape[1]), stored)
     kernel = _one_group_kernel(
         _gated_rms_norm_bwd_kernel,
         target,
@@ -1970,8 +1975,10 @@ def _gated_rms_norm_bwd_on(target: Target, x, z, weight, dy, *, eps, norm_before
         out_shape=rows_shape + [partial] * param_grads,
         name="eqxnorm_gated_rms_norm_bwd",
     )(x[None], z[None], dy[None], *params)
-    dweight = outs[2].sum(axis=(0, 1, 2)) if param_grads else None
-    return outs[0][0], outs[1][0], dweight
+    if not param_grads:
+        return outs[0][0], outs[1][0], None
+    dweight = outs[2].reshape(-1) if written_once else outs[2].sum(axis=(0, 1, 2))
+    return outs[0][0], outs[1][0], dweight.astype(grad_dtype)
 
 
 @functools.cache

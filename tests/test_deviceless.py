@@ -42,8 +42,8 @@ def _requirements():
 def _cases(op: str) -> list:
     """bfloat16 at every default shape of the op's family, float32 and float16 at the awkward
     one (rows 37 / 5 examples: partial blocks, masks), each as a training step; the ops only
-    eqxnorm has (QK-norm, gated RMSNorm, DyT), their kernel bodies the row norms', one
-    typical case each (QK-norm's launch its own: three shapes, float32 too)."""
+    eqxnorm has (QK-norm, gated RMSNorm, DyT), their kernel bodies the row norms', at the
+    typical shape and the awkward one (QK-norm's launch its own: three shapes, float32 too)."""
     if op == "qk_norm":
         # Its float32 backward too: at 8 warps it spilled on JAX 0.12. And one head of 37
         # tokens, where its persistent backward is one program per operand (1.22x the ideal
@@ -51,10 +51,8 @@ def _cases(op: str) -> list:
         # where at 32 warps XLA's build of the persistent kernel spilled (JAX 0.10).
         shapes = ["37x760", "4096x128", "4096x1024"]
         return deviceless.cases([op], shapes, ["bfloat16", "float32"], ["fwd+bwd"])
-    if op == "dyt":  # and 37 rows, where its backward is one program (see below)
+    if op in _ops.EQXNORM_ONLY:  # and 37 rows: one backward program (`ONE_PROGRAM_BACKWARDS`)
         return deviceless.cases([op], ["37x760", "4096x1024"], ["bfloat16"], ["fwd+bwd"])
-    if op in _ops.EQXNORM_ONLY:
-        return deviceless.cases([op], ["4096x1024"], ["bfloat16"], ["fwd+bwd"])
     family = _ops.OPS[op].family
     shapes = deviceless.ROW_SHAPES if family == "row" else deviceless.CHANNEL_SHAPES
     cases = deviceless.cases([op], shapes, ["bfloat16"], ["fwd+bwd"])
@@ -106,8 +104,8 @@ BARRIER_FORWARDS = {
 
 # The ops whose Triton backward over 37 rows of 760 in 16 bits is one program (one program per
 # operand for QK-norm; adaLN: one per example) and whose step is its kernels alone: the row
-# norms' (not FP8's, whose scale and amax are XLA's work beside them) and DyT's.
-ONE_PROGRAM_BACKWARDS = (BARRIER_FORWARDS - {"rms_norm_fp8"}) | {"dyt"}
+# norms' (not FP8's, whose scale and amax are XLA's work beside them), gated RMSNorm's, DyT's.
+ONE_PROGRAM_BACKWARDS = (BARRIER_FORWARDS - {"rms_norm_fp8"}) | {"gated_rms_norm", "dyt"}
 
 
 @pytest.mark.parametrize("op", list(_ops.OPS))
