@@ -194,13 +194,15 @@ def _row_norm_fwd_kernel(
         view = _view(config, k)
         return read(view, mask), col_mask, mask, view
 
+    # The FP8 scale, the group's one value, read in place.
+    scale = None if s_ref is None else c.load(s_ref, jnp.ones((1, 1), bool), target)
+
     def write(stats, rstd, h, col_mask, mask, view):
         w, b = _params(view(w_ref), view(b_ref), col_mask, target)
         w = reference.offset_weight(w, weight_offset, F32)
         y = c.affine(c.centred(h, mask, stats) * rstd, w, b)
         amax = None
-        if s_ref is not None:
-            scale = c.load(view(s_ref), col_mask, target)
+        if scale is not None:
             y, amax = _quantized(y, scale, mask, y_ref.dtype)
         c.store(view(y_ref), y, mask, target)
         if h_ref is not None:
@@ -323,11 +325,15 @@ def _forward_on(
     dim)`, with one `pallas_call` on `target`; the statistics are `(groups, rows)` float32.
     `y` is in `out_dtype` (default `x.dtype`); with a `scale` `(groups, dim)` (one value
     broadcast over a row's columns) `y` is the FP8 `clip(y · scale)` and each row's amax
-    `(groups, rows)` follows the statistics. The kernel applies `weight_offset + weight`."""
+    `(groups, rows)` follows the statistics. The kernel applies `weight_offset + weight`,
+    and reads the scale's one value per group in place (its first column: XLA slices the
+    broadcast scalar for free, where the whole row was a launch before the kernel)."""
     groups, rows, width = x.shape
     launch = _launch(target, x.shape, one_row=True)
     rows_in = [a for a in (x, residual) if a is not None]
-    params = [p.reshape(groups, 1, width) for p in (weight, bias, scale) if p is not None]
+    params = [p.reshape(groups, 1, width) for p in (weight, bias) if p is not None]
+    scales = [] if scale is None else [scale[:, :1].reshape(groups, 1, 1)]
+    scale_spec = pl.BlockSpec((_SQUEEZED, 1, 1), lambda i, g: (g, 0, 0))
     stat_shape = jax.ShapeDtypeStruct((groups, rows, 1), F32)
     y_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     rows_out = [jax.ShapeDtypeStruct(x.shape, a.dtype) for a in rows_in[1:]]
@@ -352,11 +358,13 @@ def _forward_on(
         target,
         launch.config,
         grid=launch.grid,
-        in_specs=[launch.rows] * len(rows_in) + [launch.params] * len(params),
+        in_specs=[launch.rows] * len(rows_in)
+        + [launch.params] * len(params)
+        + [scale_spec] * len(scales),
         out_specs=[launch.rows] * len(rows_out) + [launch.stats] * n_stats,
         out_shape=rows_out + [stat_shape] * n_stats,
         name=f"eqxnorm_{op}_fwd",
-    )(*rows_in, *params)
+    )(*rows_in, *params, *scales)
     h = outs[0] if residual is not None else None
     y, *stats = outs[len(rows_out) - 1 :]
     return y.astype(y_dtype), h, *(s[..., 0] for s in stats)

@@ -922,6 +922,21 @@ def test_fp8_output_is_the_reference_quantization(op, rows, width, dtype):
         ks.assert_fp8_exact(q, amax, y32, scale, q_ref, amax_ref)
 
 
+def test_fp8_forward_reads_the_scale_in_place():
+    # The Triton forward takes the FP8 scale as the group's one value (1 × 1), where a row of
+    # it, broadcast by XLA, was a launch before the kernel (deviceless H200, training step of
+    # 4096 × 1024 bf16: 7 -> 6 launches).
+    x = jax.ShapeDtypeStruct((37, 760), jnp.bfloat16)
+    weight = jax.ShapeDtypeStruct((760,), jnp.bfloat16)
+    fp8 = dict(out_dtype=jnp.float8_e4m3fn, fp8_scale=jnp.float32(3.0))
+    text = ks.lowered(
+        lambda x, w: _TRITON.rms_norm(x, w, None, eps=EPS, **fp8), [x, weight], "cuda"
+    )
+    [call] = [line for line in text.splitlines() if "@__gpu$xla.gpu.triton" in line]
+    operands = call.rsplit(" : (", 1)[1].split(")")[0]
+    assert operands == "tensor<1x37x760xbf16>, tensor<1x1x760xbf16>, tensor<1x1x1xf32>"
+
+
 @pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
 def test_fused_add_fp8_and_out_dtype_match_reference(op):
     """`y` in FP8 or another dtype, `h` in the residual's dtype; and the gradients through
