@@ -575,6 +575,15 @@ def _backward_launch(
     return launch, plan.iterations
 
 
+def _written_once(launch: _Launch, iterations: int | None) -> bool:
+    """Whether a backward `launch` (with `iterations`, see [`_backward_launch`][]) is one
+    program per group that writes each of its column sums once: one-pass rows, whose sums
+    ride its loop's carry, or one block. Its partial rows are then the parameters' gradients,
+    stored in their dtypes (no XLA launch after the kernel)."""
+    one_block = (iterations or 1) == 1
+    return launch.grid[0] == 1 and (launch.config.chunks == 1 or one_block)
+
+
 def _backward_on(
     target: Target,
     x,
@@ -621,8 +630,7 @@ def _backward_on(
         # examples of a token), each column written once and never read back: stored in the
         # parameters' dtypes, the gradients with no cast after them (37 × 760 bf16: two
         # XLA launches, one each).
-        written_once = launch.config.chunks == 1 or (iterations or 1) == 1
-        dtypes = grad_dtypes if written_once else (F32, F32)
+        dtypes = grad_dtypes if _written_once(launch, iterations) else (F32, F32)
         out_specs += [launch.partials] * 2
         out_shape += [
             jax.ShapeDtypeStruct((groups, 1, 1, width), c.stored_dtype(target, d)) for d in dtypes
@@ -1960,7 +1968,7 @@ def _gated_rms_norm_bwd_on(target: Target, x, z, weight, dy, *, eps, norm_before
     # One program's sum written once (one-pass rows, or one block) is the gradient itself:
     # in the weight's dtype, no XLA launch after the kernel (as the row norms').
     grad_dtype = F32 if weight is None else weight.dtype
-    written_once = launch.grid[0] == 1 and (launch.config.chunks == 1 or (iterations or 1) == 1)
+    written_once = _written_once(launch, iterations)
     stored = c.stored_dtype(target, grad_dtype) if written_once else F32
     partial = jax.ShapeDtypeStruct((1, launch.grid[0], 1, x.shape[1]), stored)
     kernel = _one_group_kernel(
@@ -2177,7 +2185,7 @@ def _dyt_bwd_on(target: Target, x, alpha, weight, dy, *, bias_dtype=None):
     # One program whose sums are each written once (one-pass rows, their sums in the loop's
     # carry, or one block): they are the gradients, stored in their dtypes (at 37 × 760,
     # two XLA launches fewer). Else float32 partials, summed over the programs.
-    written_once = blocks == 1 and (launch.config.chunks == 1 or (iterations or 1) == 1)
+    written_once = _written_once(launch, iterations)
     stored = [c.stored_dtype(target, d) if written_once else F32 for d in grad_dtypes]
     kernel = _one_group_kernel(_dyt_bwd_kernel, target, launch, x, weight, iterations=iterations)
     dx, dalpha, dw, db = c.pallas_call(
