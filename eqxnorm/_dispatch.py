@@ -6,9 +6,11 @@
 - `"pallas"`: the fused Pallas kernels in `eqxnorm.kernels.pallas` (GPU through Triton, TPU
   through Mosaic; interpret mode on CPU: exact, and slow).
 - `"triton"`, `"mosaic_gpu"`: the Pallas kernels pinned to one GPU backend (on CPU, in the
-  interpreter of that backend). `"pallas"` chooses on a GPU: Mosaic GPU on compute
-  capability 9.0+ with JAX 0.12+ where the operands allow (rows of a multiple of 16 bytes
-  that fit in shared memory), Triton otherwise.
+  interpreter of that backend). `"pallas"` chooses on a GPU, per call: the backend the
+  tuning cache measured faster where it measured both (`python -m eqxnorm.tune`); else
+  Mosaic GPU for the group norms and BatchNorm on compute capability 9.0+ with JAX 0.12+
+  where the operands allow (rows of a multiple of 16 bytes that fit in shared memory), and
+  Triton for the row norms (measured faster on an H200) and otherwise.
 - `"auto"`: the Pallas kernels when JAX's default backend is a GPU or TPU, the reference
   elsewhere. The choice is made when the function is traced; to export from a CPU machine for
   a GPU or TPU, pass `impl="pallas"` (the kernels then pick Triton or Mosaic by the lowering

@@ -7,7 +7,8 @@ variant of the block configuration their heuristic would choose (`block_rows`, a
 program, where the kernel takes folded rows), and writes the fastest to the tuning cache, which the
 kernels read when they are traced; `impl="auto"` then runs the XLA reference for the launches
 it measured faster. On a GPU both kernel backends are tuned that run there (Triton, and Mosaic
-GPU on Hopper and newer with JAX 0.12+); on a TPU, Mosaic.
+GPU on Hopper and newer with JAX 0.12+), and the kernels (`impl="auto"` and `"pallas"`) then
+run on the one measured faster for each call; on a TPU, Mosaic.
 
 ```
 python -m eqxnorm.tune --ops layer_norm rms_norm --shapes 4096x1024 8192x4096 --dtypes bfloat16
@@ -273,6 +274,23 @@ def tune(
     return found
 
 
+def fastest(found: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """What each tuned call measured, fastest first: `{call: {name: ms}}` over XLA (`"xla"`)
+    and each kernel backend of `found` (its tuned training step), which is what `impl="auto"`
+    then runs for the call (the kernels' backend measured faster, `_tuning.faster_backend`,
+    unless XLA beat it, `_tuning.prefers_xla`)."""
+    times: dict[str, dict[str, float]] = {}
+    for k, e in found.items():
+        backend = k.split("|")[1]
+        call = times.setdefault(e["tuned"], {"xla": e["xla_ms"]})
+        call[backend] = max(call.get(backend, 0.0), e["kernel_ms"])
+    return {
+        # Ties as the dispatch breaks them: the kernels before XLA, Triton before Mosaic GPU.
+        call: dict(sorted(ms.items(), key=lambda i: (i[1], i[0] == "xla", i[0] != "triton")))
+        for call, ms in times.items()
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m eqxnorm.tune", description=__doc__.split("\n\n")[0]
@@ -297,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{k}: heuristic {e['default_ms']:.4f} ms, tuned {e['kernel_ms']:.4f} ms with "
             f"{e['config']}, XLA {e['xla_ms']:.4f} ms: {faster} is faster ({e['tuned']})"
         )
+    for call, times in fastest(found).items():
+        ranked = ", ".join(f"{name} {ms:.4f} ms" for name, ms in times.items())
+        print(f"{call}: impl='auto' runs {next(iter(times))} ({ranked})")
     path = args.out or _tuning.cache_path()
     print(f"wrote {len(found)} entries for {_tuning.device_kind()} to {path}")
 

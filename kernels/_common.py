@@ -95,8 +95,9 @@ class MosaicGPU(NamedTuple):
     """A kernel family's Mosaic GPU launch, `launch(target, *operands)` with the contract of
     the Triton-style `fn` it stands beside, and `supported(*operands)`: whether it can run
     those operands (dtypes, and rows that TMA can stage and that fit on chip). `auto`: whether
-    `backend="auto"` takes it where it runs (else it runs only when pinned, `"mosaic_gpu"`):
-    as measured on a GPU against the Triton kernels beside it."""
+    `backend="auto"` takes it where it runs and the tuning cache has not measured it against
+    Triton on this device (else it runs only when pinned, `"mosaic_gpu"`, or measured
+    faster): as measured on an H200 against the Triton kernels beside it."""
 
     launch: Callable[..., Any]
     supported: Callable[..., bool]
@@ -118,9 +119,10 @@ def per_platform(
     (`_sharding.gathered`).
 
     On cuda, with a `mosaic_gpu` launch, `backend` chooses between it and `fn` on Triton:
-    `"auto"` takes Mosaic GPU where the family's launch says so (`mosaic_gpu.auto`), the
-    installed JAX has it (0.12+), the GPU compiled for has compute capability 9.0 or more,
-    and `mosaic_gpu.supported(*operands)`, else Triton;
+    `"auto"` takes Mosaic GPU where the installed JAX has it (0.12+), the GPU compiled for has
+    compute capability 9.0 or more, `mosaic_gpu.supported(*operands)`, and either the tuning
+    cache measured it faster than Triton for these launches on this device or, where the
+    cache did not measure both, the family's launch says so (`mosaic_gpu.auto`); else Triton;
     `"mosaic_gpu"` takes it or raises; `"triton"` takes Triton. A call pinned to
     `"mosaic_gpu"` is not staged per platform (see [`_pinned_mosaic_gpu`][]): off a GPU it
     runs Mosaic GPU's interpreter (the tests on CPU)."""
@@ -186,10 +188,25 @@ def _on_cuda(fn, mosaic_gpu: MosaicGPU | None, backend: str, operands) -> Callab
     if backend == "mosaic_gpu":
         _check_mosaic_gpu(mosaic_gpu, operands)
         return functools.partial(_as_triton_gives, fn, mosaic_gpu.launch)
-    if backend == "auto" and _mosaic_gpu_runs(mosaic_gpu, operands) and mosaic_gpu.auto:
-        if _mosaic_gpu.target_supported():
+    if backend == "auto" and _mosaic_gpu_runs(mosaic_gpu, operands):
+        if _mosaic_gpu.target_supported() and _takes_mosaic_gpu(fn, mosaic_gpu, operands):
             return functools.partial(_as_triton_gives, fn, mosaic_gpu.launch)
     return functools.partial(fn, TRITON)
+
+
+def _takes_mosaic_gpu(fn, mosaic_gpu: MosaicGPU, operands) -> bool:
+    """Whether `backend="auto"` takes `mosaic_gpu` over `fn` on Triton for `operands` (both
+    able to run them): as the tuning cache measured them on this device, where it measured
+    both (`_tuning.faster_backend`), else as the family's launch says (`mosaic_gpu.auto`)."""
+    measured = _tuning.faster_backend(
+        {
+            "triton": lambda: jax.eval_shape(functools.partial(fn, TRITON), *operands),
+            "mosaic_gpu": lambda: jax.eval_shape(
+                functools.partial(mosaic_gpu.launch, MOSAIC_GPU), *operands
+            ),
+        }
+    )
+    return mosaic_gpu.auto if measured is None else measured == "mosaic_gpu"
 
 
 def _as_triton_gives(fn, launch, *operands: Any) -> Any:

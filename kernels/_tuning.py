@@ -33,14 +33,16 @@ and the XLA reference, and writes what it found to a JSON file. The kernels read
 
 The op and dtype of a launch come from [`launching`][], which `_common.per_platform` enters
 around every kernel call, so the heuristic's signature stays `(target, rows, width)`. The
-same hook lets the measured dispatch (`impl="auto"`) learn which launches a call makes
-([`prefers_xla`][]).
+same hook lets the measured dispatch learn which launches a call makes: `impl="auto"`, whether
+XLA was measured faster than the kernels ([`prefers_xla`][]); on a GPU, which kernel backend
+was measured faster for the call, Triton or Mosaic GPU ([`faster_backend`][]).
 """
 
 import contextlib
 import contextvars
 import functools
 import json
+import math
 import os
 import pathlib
 import warnings
@@ -293,18 +295,55 @@ def _load(path: str, stamp: int, jax_version: str) -> dict[str, dict]:
         return {}
 
 
+def _for_this_device() -> dict[str, dict] | None:
+    """The cache's entries ([`entries`][]) when some are for this device, else `None`."""
+    found = entries()
+    device = device_kind()
+    return found if any(k.startswith(device + "|") for k in found) else None
+
+
+def _ms(entry: dict, field: str) -> float:
+    """`entry[field]` in milliseconds, `inf` where it is absent or not a number."""
+    try:
+        return float(entry.get(field, "inf"))
+    except (TypeError, ValueError):
+        return float("inf")
+
+
 def prefers_xla(trace: Callable[[], Any]) -> bool:
     """Whether the cache says XLA is faster than the kernels for the call `trace` traces
     (abstractly): every launch it makes that has an entry for this device measured the XLA
     reference faster than the tuned kernel, and at least one has. Without entries for this
     device, `trace` is not run."""
-    found = entries()
-    device = device_kind()
-    if not any(k.startswith(device + "|") for k in found):
+    found = _for_this_device()
+    if found is None:
         return False
     with recording() as seen:
         trace()
     measured = [found[k] for k in seen if k in found]
-    return bool(measured) and all(
-        float(e.get("xla_ms", "inf")) < float(e.get("kernel_ms", "inf")) for e in measured
-    )
+    return bool(measured) and all(_ms(e, "xla_ms") < _ms(e, "kernel_ms") for e in measured)
+
+
+def faster_backend(traces: dict[str, Callable[[], Any]]) -> str | None:
+    """The kernel backend the cache measured fastest on this device for one kernel call:
+    `traces` maps each backend that can run it (`"triton"`, `"mosaic_gpu"`) to a function
+    tracing the call on that backend abstractly. Each backend's time is the slowest training
+    step that measured one of its launches (the tuner times a whole step, so a forward's and
+    a backward's launches of one call share an entry, or carry the same time); the fastest
+    backend wins, the first of `traces` on a tie. `None`, for the caller's default, unless
+    every launch of every backend was measured. Without entries for this device nothing is
+    traced."""
+    found = _for_this_device()
+    if found is None:
+        return None
+    times = {}
+    for backend, trace in traces.items():
+        with recording() as seen:
+            trace()
+        launches = [k for k, r in seen.items() if r.backend == backend]
+        if not launches or any(k not in found for k in launches):
+            return None
+        times[backend] = max(_ms(found[k], "kernel_ms") for k in launches)
+    if not times or math.isinf(min(times.values())):
+        return None
+    return min(times, key=times.__getitem__)

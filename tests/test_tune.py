@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import kernel_support as ks
 from eqxnorm import _dispatch, tune
 from eqxnorm.kernels import _tuning
 
@@ -79,6 +80,38 @@ def test_auto_takes_xla_where_the_cache_measured_it_faster(tmp_path, monkeypatch
         assert kernels_traced(per_example) is kernels
 
 
+def test_the_kernels_run_on_the_gpu_backend_measured_faster(tmp_path, monkeypatch):
+    # Tuned on a GPU with both kernel backends (here an injected timer, and the cuda lowering
+    # of this CPU machine), `impl="pallas"` and `"auto"` run a call's kernels on the backend
+    # whose training step measured faster: Mosaic GPU's forward and backward, or Triton's (the
+    # row norms' default, `row_norm.MOSAIC_GPU_AUTO`). JAX < 0.12 has no Mosaic GPU: Triton.
+    from eqxnorm.kernels import _mosaic_gpu, pallas
+
+    monkeypatch.setenv(_tuning.ENV, str(tmp_path / "tuning.json"))
+    x, w = jnp.ones((37, 760), jnp.bfloat16), jnp.ones(760, jnp.bfloat16)
+
+    def calls():
+        def step(x, w):
+            return jax.grad(lambda *a: pallas.layer_norm(*a, w, eps=1e-5).sum(), (0, 1))(x, w)
+
+        jax.clear_caches()
+        text = ks.lowered(step, (x, w), "cuda")
+        return text.count(ks.MOSAIC_GPU_CALL), text.count(ks.CUSTOM_CALLS["cuda"])
+
+    assert calls() == (0, 2)  # untuned: Triton
+    both = tune.kernel_impls("cuda")
+    usable = _mosaic_gpu.usable()
+    assert set(both) == ({"triton", "mosaic_gpu"} if usable else {"triton"})
+    for faster, expected in (("mosaic_gpu", (2, 0) if usable else (0, 2)), ("triton", (0, 2))):
+
+        def timer(run, candidate, faster=faster):
+            return 1.0 if candidate.impl == "reference" else 0.1 + 0.1 * (candidate.impl != faster)
+
+        found = tune.tune(["layer_norm"], [(37, 760)], ["bfloat16"], timer=timer, impls=both)
+        assert {k.split("|")[1] for k in found} == set(both)
+        assert calls() == expected
+
+
 def test_the_shape_and_device_arguments():
     assert tune.parse_shape("4096x1024") == (4096, 1024)
     with pytest.raises(ValueError, match=r"ROWSxDIM, e.g. 4096x1024, but got '4096'"):
@@ -103,6 +136,7 @@ def test_the_command_line(tmp_path, monkeypatch, capsys):
         "cpu|interpret|rms_norm|float32|64x128: heuristic 968.0000 ms, tuned 936.0000 ms" in printed
     )
     assert "XLA 500.0000 ms: XLA is faster (rms_norm 37x128 float32)" in printed
+    assert "rms_norm 37x128 float32: impl='auto' runs xla (xla 500.0000 ms, interpret" in printed
     assert f"wrote 1 entries for cpu to {out}" in printed
     assert list(json.loads(out.read_text())["entries"]) == ["cpu|interpret|rms_norm|float32|64x128"]
     monkeypatch.setenv(_tuning.ENV, "off")

@@ -2,6 +2,7 @@
 give, its file read at trace time, and its fallback to the heuristic."""
 
 import json
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +169,54 @@ def test_prefers_xla_by_the_launches_of_the_call(tmp_path, monkeypatch):
     other = KEY.replace("37", "").replace("64x128", "4096x1024")
     _write(tmp_path, monkeypatch, {other: _entry(4, xla_ms=0.5, kernel_ms=1.0)})
     assert not _tuning.prefers_xla(trace)  # this shape was not measured
+
+
+class _Tiles(NamedTuple):
+    """A Mosaic GPU launch's configuration, as `_tuning` sees it."""
+
+    block_rows: int
+    tile_rows: int
+
+
+def test_faster_backend_by_the_measured_steps(tmp_path, monkeypatch):
+    # A call either GPU backend can run takes the one whose launches the cache measured in the
+    # faster training step; where some launch of either was not measured, neither (`None`:
+    # the family's default).
+    defaults = {"triton": c.BlockConfig(8, 1024, 1, 8, 1), "mosaic_gpu": _Tiles(8, 4)}
+    traced = []
+
+    def launches(backend, *widths):
+        def trace():
+            traced.append(backend)
+            with _tuning.launching(_tuning.Launch("layer_norm", "bfloat16")):
+                for width in widths:
+                    _tuning.tuned(defaults[backend], backend, 4096, width)
+
+        return trace
+
+    def key(backend, width=1024):
+        return f"cpu|{backend}|layer_norm|bfloat16|4096x{width}"
+
+    traces = {"triton": launches("triton", 1024), "mosaic_gpu": launches("mosaic_gpu", 1024)}
+    assert _tuning.faster_backend(traces) is None and traced == []  # no cache: not traced
+    both = {key("triton"): _entry(8, kernel_ms=0.3), key("mosaic_gpu"): _entry(8, kernel_ms=0.2)}
+    _write(tmp_path, monkeypatch, both)
+    assert _tuning.faster_backend(traces) == "mosaic_gpu" and traced == ["triton", "mosaic_gpu"]
+    _write(tmp_path, monkeypatch, both | {key("triton"): _entry(8, kernel_ms=0.1)})
+    assert _tuning.faster_backend(traces) == "triton"
+    _write(tmp_path, monkeypatch, both | {key("triton"): _entry(8, kernel_ms=0.2)})
+    assert _tuning.faster_backend(traces) == "triton"  # a tie: the first
+    _write(tmp_path, monkeypatch, {key("mosaic_gpu"): both[key("mosaic_gpu")]})
+    assert _tuning.faster_backend(traces) is None  # Triton not measured
+    # A backend whose second launch (another width) was not measured: neither.
+    _write(tmp_path, monkeypatch, both)
+    wide = traces | {"mosaic_gpu": launches("mosaic_gpu", 1024, 8192)}
+    assert _tuning.faster_backend(wide) is None
+    _write(tmp_path, monkeypatch, both | {key("mosaic_gpu", 8192): _entry(8, kernel_ms=0.4)})
+    assert _tuning.faster_backend(wide) == "triton"  # its slowest step measured, 0.4 ms
+    # Entries without times measured nothing either way.
+    _write(tmp_path, monkeypatch, {k: _entry(8) for k in both})
+    assert _tuning.faster_backend(traces) is None
 
 
 def test_shipped_measurements_beneath_the_users_file(tmp_path, monkeypatch):
