@@ -16,12 +16,15 @@
 #    compiled by XLA for it), 3 minutes at most, in parallel where pytest-xdist is installed;
 #    the verdicts also in RESULTS_DIR/tests.xml.
 # 3. `tune`: the tuner (`python -m eqxnorm.tune`) on LayerNorm and RMSNorm, bf16 4096x1024 and
-#    4096x8192: the block configurations of both GPU backends (Mosaic GPU's forward at 8192
-#    in tiles of 4 rows and folded, one row a program) and XLA timed, the cache written to
-#    RESULTS_DIR/tuning.json (the file a user's `~/.cache/eqxnorm/tuning.json` would be), and
-#    used by the benchmark; 75 s at most (19 s for 4096x1024 alone on the H200). Its entries,
-#    merged into `kernels/_measured_tuning.json`, ship to every user of that GPU and JAX
-#    (`eqxnorm.kernels._tuning.SHIPPED`).
+#    4096x8192, and GroupNorm at 32x128x56x56: the block configurations of both GPU backends
+#    (Mosaic GPU's forward at 8192 in tiles of 4 rows and folded, one row a program) and XLA
+#    timed, the cache written to RESULTS_DIR/tuning.json (the file a user's
+#    `~/.cache/eqxnorm/tuning.json` would be), and used by the benchmark, whose `impl="auto"`
+#    then runs each call on the backend measured faster (its last lines say which); 90 s at
+#    most (19 s for 4096x1024 alone on the H200). Its entries, merged into
+#    `kernels/_measured_tuning.json`, ship to every user of that GPU and JAX
+#    (`eqxnorm.kernels._tuning.SHIPPED`): where Mosaic GPU measured faster, `impl="auto"` takes
+#    it there.
 # 4. `profile`: Nsight Compute (`ncu`, where installed) on a LayerNorm training step, bf16
 #    4096x8192, Mosaic GPU and Triton (`benchmarks/gpu_profile.py`): RESULTS_DIR/profile.csv,
 #    90 s at most.
@@ -98,9 +101,9 @@ step tests 180 "kernel tests on the GPU" env JAX_PLATFORMS=cuda,cpu XLA_PYTHON_C
     tests/kernels/test_batch_norm_mosaic_gpu.py tests/kernels/test_row_norm.py \
     tests/kernels/test_group_norm.py tests/kernels/test_batch_norm.py \
     tests/kernels/test_autodiff.py tests/kernels/test_reference.py
-step tune 75 "tuner" env JAX_PLATFORMS=cuda "$python" -P -m eqxnorm.tune \
-    --ops layer_norm rms_norm --shapes 4096x1024 4096x8192 --dtypes bfloat16 \
-    --out "$results/tuning.json"
+step tune 90 "tuner" env JAX_PLATFORMS=cuda "$python" -P -m eqxnorm.tune \
+    --ops layer_norm rms_norm group_norm --shapes 4096x1024 4096x8192 32x128x56x56 \
+    --dtypes bfloat16 --out "$results/tuning.json"
 # Nsight Compute on a LayerNorm training step (bf16, 4096x8192) on both GPU backends: where
 # the Mosaic GPU kernels' time goes (on the H200 they were 4.5x slower than Triton's there,
 # moving the ideal bytes). Skipped where `ncu` is missing; clocks left as they are.

@@ -12,7 +12,12 @@ run on the one measured faster for each call; on a TPU, Mosaic.
 
 ```
 python -m eqxnorm.tune --ops layer_norm rms_norm --shapes 4096x1024 8192x4096 --dtypes bfloat16
+python -m eqxnorm.tune --ops group_norm batch_norm --shapes 32x128x56x56
 ```
+
+Every kernel family of `eqxnorm.functional` is tuned ([`OPS`][]), each op on the shapes of
+its form: rows × features for the row norms, examples × tokens × features for adaLN, tokens ×
+heads × head_dim for QK-norm, batch × channels × spatial axes for GroupNorm and BatchNorm.
 
 The cache is `$EQXNORM_TUNING_CACHE`, else `~/.cache/eqxnorm/tuning.json`
 (`$XDG_CACHE_HOME/eqxnorm/tuning.json`); entries are keyed by the device kind, kernel backend,
@@ -21,6 +26,7 @@ only with the JAX version they were measured with. Rerun after upgrading JAX or 
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -37,14 +43,43 @@ import jax.numpy as jnp
 from ._dispatch import IMPLEMENTATIONS
 from .kernels import _mosaic_gpu, _tuning
 
-# The ops the tuner builds a training step for: their operands besides `x`.
+
+class Op(NamedTuple):
+    """An op the tuner builds a training step for: its `operands` besides the first (`x`, or
+    QK-norm's `q`); the numbers of `axes` its shapes may have; how many of its outputs get a
+    cotangent (`outputs`: add + norm's `(y, h)`, QK-norm's `(q, k)`; BatchNorm's mean and
+    variance none); whether it takes `eps`; and whether its shapes are `(batch, channels,
+    *spatial)` (`channels`, the group norms and BatchNorm) rather than `(rows, features)`."""
+
+    operands: tuple[str, ...]
+    axes: tuple[int, ...] = (2,)
+    outputs: int = 1
+    eps: bool = True
+    channels: bool = False
+
+
+_PARAMS = ("weight", "bias")
+# The ops the tuner builds a training step for: eqxnorm's kernel families, by the name of
+# their function in `eqxnorm.functional` (and in `eqxnorm.kernels.pallas`).
 OPS = {
-    "layer_norm": ("weight", "bias"),
-    "rms_norm": ("weight", "bias"),
-    "add_layer_norm": ("residual", "weight", "bias"),
-    "add_rms_norm": ("residual", "weight", "bias"),
+    "layer_norm": Op(_PARAMS),
+    "rms_norm": Op(_PARAMS),
+    "add_layer_norm": Op(("residual", *_PARAMS), outputs=2),
+    "add_rms_norm": Op(("residual", *_PARAMS), outputs=2),
+    # (examples, tokens, features), a scale and shift per example.
+    "adaptive_layer_norm": Op(("scale", "shift", *_PARAMS), axes=(3,)),
+    "adaptive_rms_norm": Op(("scale", "shift", *_PARAMS), axes=(3,)),
+    "gated_rms_norm": Op(("z", "weight")),
+    "dyt": Op(("alpha", *_PARAMS), eps=False),
+    # (tokens, heads, head_dim), q and k alike.
+    "qk_norm": Op(("k", "q_weight", "k_weight"), axes=(3,), outputs=2),
+    # (batch, channels, *spatial), the spatial axes flattened.
+    "group_norm": Op(_PARAMS, axes=(3, 4, 5), channels=True),
+    "batch_norm": Op(_PARAMS, axes=(3, 4, 5), channels=True),
 }
 EPS = 1e-5
+# GroupNorm's groups: 32, as in most vision models, or the largest count dividing the channels.
+GROUPS = 32
 
 
 class Candidate(NamedTuple):
@@ -91,47 +126,76 @@ def kernel_impls(platform: str | None = None) -> dict[str, str]:
     return {"pallas": "interpret"}
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    """`"4096x1024"` -> `(4096, 1024)`: rows × features."""
+def parse_shape(text: str) -> tuple[int, ...]:
+    """`"4096x1024"` -> `(4096, 1024)`: positive sizes joined by `x`, at least two (rows ×
+    features, or e.g. batch × channels × height × width)."""
     try:
-        rows, dim = (int(p) for p in text.lower().split("x"))
+        shape = tuple(int(p) for p in text.lower().split("x"))
     except ValueError:
+        shape = ()
+    if len(shape) < 2 or min(shape) < 1:
         raise ValueError(
-            f"a shape is ROWSxDIM, e.g. 4096x1024, but got {text!r}; write it as two "
-            f"positive integers joined by 'x'."
-        ) from None
-    if rows < 1 or dim < 1:
-        raise ValueError(f"a shape needs positive rows and features, but got {text!r}.")
-    return rows, dim
+            f"a shape is positive sizes joined by 'x', e.g. 4096x1024 (rows x features) or "
+            f"32x128x56x56 (batch x channels x height x width), but got {text!r}."
+        )
+    return shape
 
 
-def operands(op: str, shape: tuple[int, int], dtype: Any) -> tuple[jax.Array, ...]:
-    """Random operands of a training step of `op` on `(rows, dim)` in `dtype`: `x`, the
-    other operands of `OPS[op]`, and the cotangents of the outputs."""
+def _spec(op: str) -> Op:
     if op not in OPS:
         raise ValueError(f"the tuner knows the ops {tuple(OPS)}, but got op={op!r}.")
-    rows, dim = shape
-    keys = iter(jax.random.split(jax.random.key(0), 8))
-    row = [jax.random.normal(next(keys), shape, dtype)]
-    for name in OPS[op]:
-        size = shape if name == "residual" else (dim,)
-        row.append(jax.random.normal(next(keys), size, dtype))
-    outputs = 2 if op.startswith("add_") else 1
-    return (*row, *(jax.random.normal(next(keys), shape, dtype) for _ in range(outputs)))
+    return OPS[op]
+
+
+def takes(op: str, shape: tuple[int, ...]) -> bool:
+    """Whether `op`'s training step can be built on `shape` (its number of axes)."""
+    return len(shape) in _spec(op).axes
+
+
+def _form(op: str) -> str:
+    """The shapes `op` is tuned on, in words, with an example."""
+    spec = _spec(op)
+    example = "32x128x56x56" if spec.channels else "8x256x1024" if 3 in spec.axes else "4096x1024"
+    return f"{' or '.join(map(str, spec.axes))} axes, e.g. {example}"
+
+
+def operands(op: str, shape: tuple[int, ...], dtype: Any) -> tuple[jax.Array, ...]:
+    """Random operands of a training step of `op` on `shape` in `dtype`: `x` (for the
+    channel ops `(batch, channels, spatial)`, the spatial axes flattened), the other operands
+    of `OPS[op]`, and the cotangents of the outputs."""
+    spec = _spec(op)
+    if not takes(op, shape):
+        raise ValueError(
+            f"{op} is tuned on shapes of {_form(op)}, but got {'x'.join(map(str, shape))}."
+        )
+    x_shape = (*shape[:2], math.prod(shape[2:])) if spec.channels else shape
+    feature = (x_shape[1] if spec.channels else x_shape[-1],)
+    shapes = {"residual": x_shape, "z": x_shape, "k": x_shape, "alpha": ()}
+    shapes |= {"scale": (x_shape[0], x_shape[-1]), "shift": (x_shape[0], x_shape[-1])}
+    keys = iter(jax.random.split(jax.random.key(0), 4 + len(spec.operands)))
+    arrays = [jax.random.normal(next(keys), x_shape, dtype)]
+    for name in spec.operands:
+        arrays.append(jax.random.normal(next(keys), shapes.get(name, feature), dtype))
+    cotangents = (jax.random.normal(next(keys), x_shape, dtype) for _ in range(spec.outputs))
+    return (*arrays, *cotangents)
 
 
 def training_step(op: str, impl: str) -> Callable[..., Any]:
     """`(x, *operands, *cotangents) -> gradients` of `op` by `impl`: the forward, and the
     backward to every operand."""
+    spec = _spec(op)
     fn = getattr(IMPLEMENTATIONS[impl], op)
-    inputs = 1 + len(OPS[op])
+    inputs = 1 + len(spec.operands)
 
     def loss(args, cotangents):
-        out = fn(*args, eps=EPS)
+        keywords = {"eps": EPS} if spec.eps else {}
+        if op == "group_norm":
+            keywords["groups"] = math.gcd(args[0].shape[1], GROUPS)
+        out = fn(*args, **keywords)
         out = out if isinstance(out, tuple) else (out,)
         return sum(
             jnp.vdot(o.astype(jnp.float32), c.astype(jnp.float32))
-            for o, c in zip(out, cotangents, strict=True)
+            for o, c in zip(out[: spec.outputs], cotangents, strict=True)
         )
 
     def step(*args):
@@ -169,7 +233,7 @@ def _variants(launches: dict[str, _tuning.Recorded]) -> dict[tuple, dict[str, An
 
 def tune_one(
     op: str,
-    shape: tuple[int, int],
+    shape: tuple[int, ...],
     dtype: Any,
     *,
     timer: Timer = wall_clock,
@@ -184,7 +248,7 @@ def tune_one(
     xla = _time(
         training_step(op, "reference"), args, Candidate("reference", None, {}, "xla"), timer
     )
-    tuned_call = f"{op} {shape[0]}x{shape[1]} {dtype.name}"
+    tuned_call = f"{op} {'x'.join(map(str, shape))} {dtype.name}"
     found = {}
     for impl, backend in (kernel_impls() if impls is None else impls).items():
         step = training_step(op, impl)
@@ -239,7 +303,7 @@ def write(found: dict[str, dict], path: os.PathLike | str | None = None) -> path
 
 def tune(
     ops: Sequence[str],
-    shapes: Sequence[tuple[int, int]],
+    shapes: Sequence[tuple[int, ...]],
     dtypes: Sequence[Any],
     *,
     path: os.PathLike | str | None = None,
@@ -251,8 +315,12 @@ def tune(
 
     **Arguments:**
 
-    - `ops`: names from `OPS` (`layer_norm`, `rms_norm`, `add_layer_norm`, `add_rms_norm`).
-    - `shapes`: `(rows, dim)` of the inputs.
+    - `ops`: names from `OPS` (`layer_norm`, `rms_norm`, `add_layer_norm`, …,
+      `group_norm`, `batch_norm`).
+    - `shapes`: the inputs' shapes: `(rows, features)` for the row norms, `(examples,
+      tokens, features)` for adaLN, `(tokens, heads, head_dim)` for QK-norm, `(batch,
+      channels, *spatial)` for GroupNorm and BatchNorm. Each op is tuned on the shapes of
+      its form ([`takes`][]).
     - `dtypes`: input dtypes (`jnp.bfloat16`, `"float32"`, …).
     - `path`: the cache file to write.
     - `timer`: `timer(run, candidate) -> seconds` (default: the median wall-clock time of 20
@@ -262,10 +330,21 @@ def tune(
     **Returns:**
 
     The entries written, by cache key.
+
+    **Raises:**
+
+    `ValueError` for an op none of whose `shapes` it takes.
     """
+    for op in ops:
+        if not any(takes(op, shape) for shape in shapes):
+            given = ", ".join("x".join(map(str, s)) for s in shapes)
+            raise ValueError(
+                f"{op} is tuned on shapes of {_form(op)}, but none of the shapes given has "
+                f"them ({given}); add one."
+            )
     found = {}
     for op in ops:
-        for shape in shapes:
+        for shape in filter(functools.partial(takes, op), shapes):
             for dtype in dtypes:
                 entries = tune_one(op, shape, dtype, timer=timer, impls=impls)
                 write(entries, path)  # each as it is measured: a run cut short keeps them
@@ -296,14 +375,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m eqxnorm.tune", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--ops", nargs="+", default=["layer_norm", "rms_norm"], choices=list(OPS))
-    parser.add_argument("--shapes", nargs="+", default=["4096x1024"], help="ROWSxDIM")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["4096x1024"],
+        help="ROWSxDIM for the row norms, EXAMPLESxTOKENSxDIM for adaLN, TOKENSxHEADSxHEAD_DIM "
+        "for QK-norm, BATCHxCHANNELSxHxW for GroupNorm and BatchNorm; each op is tuned on "
+        "the shapes of its form",
+    )
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16"])
     parser.add_argument(
         "--out", default=None, help="the cache file (default: %(default)s → cache dir)"
     )
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
-    shapes = [parse_shape(s) for s in args.shapes]
+    try:
+        shapes = [parse_shape(s) for s in args.shapes]
+        for op in args.ops:
+            if not any(takes(op, shape) for shape in shapes):
+                raise ValueError(f"{op} is tuned on shapes of {_form(op)}; none given has them")
+    except ValueError as error:
+        parser.error(str(error))
 
     def timer(run, candidate):
         return wall_clock(run, candidate, args.repeats)

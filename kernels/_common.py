@@ -110,6 +110,7 @@ def per_platform(
     sharding: Rule | None = None,
     mosaic_gpu: MosaicGPU | None = None,
     backend: str = "auto",
+    op: str | None = None,
 ) -> Any:
     """`fn(target, *args)` for the target of the platform the computation is lowered for.
 
@@ -117,6 +118,8 @@ def per_platform(
     [`Rule`][], a call whose operands are sharded across devices runs on each device's slice
     (see the module docstring); without one, on the operands gathered onto every device
     (`_sharding.gathered`).
+    `op` names the call's op in the tuning cache's keys where `fn` does not
+    (`_tuning.launch_of`).
 
     On cuda, with a `mosaic_gpu` launch, `backend` chooses between it and `fn` on Triton:
     `"auto"` takes Mosaic GPU where the installed JAX has it (0.12+), the GPU compiled for has
@@ -129,7 +132,7 @@ def per_platform(
     if backend not in GPU_BACKENDS:
         raise ValueError(f"backend must be one of {GPU_BACKENDS}, but got backend={backend!r}.")
 
-    launch = _tuning.launch_of(fn, args)
+    launch = _tuning.launch_of(fn, args, op)
 
     def staged(*operands):
         with _tuning.launching(launch):

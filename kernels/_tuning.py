@@ -115,11 +115,11 @@ def device_kind() -> str:
     return jax.devices()[0].device_kind
 
 
-def launch_of(fn: Callable[..., Any], operands: tuple[Any, ...]) -> Launch:
-    """The [`Launch`][] of `fn(target, *operands)`: the op named by `fn`'s `op` keyword (the
-    row norms), else by the module of its kernel family (`group_norm`, `batch_norm`), and the
-    dtype of the first operand."""
-    op = getattr(fn, "keywords", {}).get("op")
+def launch_of(fn: Callable[..., Any], operands: tuple[Any, ...], op: str | None = None) -> Launch:
+    """The [`Launch`][] of `fn(target, *operands)`: the op `op`, else the one named by `fn`'s
+    `op` keyword (the row norms), else by the module of its kernel family (`group_norm`,
+    `batch_norm`), and the dtype of the first operand."""
+    op = op or getattr(fn, "keywords", {}).get("op")
     if op is None:
         op = getattr(fn, "func", fn).__module__.rsplit(".", 1)[-1]
     dtype = getattr(operands[0], "dtype", None) if operands else None

@@ -1660,7 +1660,7 @@ def _qk_norm(eps: float, norm: str, backend: str):
         spec = "t h d, t j d, h? d, j? d -> t h d, t j d, " + ", ".join([_QK_STATS] * 3)
         rule = _qk_rule(spec, q, k)
         args = (q, k, q_weight, k_weight)
-        qy, ky, *stats = c.per_platform(fn, *args, sharding=rule, backend=backend)
+        qy, ky, *stats = c.per_platform(fn, *args, sharding=rule, backend=backend, op="qk_norm")
         return (qy, ky), tuple(stats)
 
     def backward(primals, stats, cotangents, like):
@@ -1679,7 +1679,7 @@ def _qk_norm(eps: float, norm: str, backend: str):
         dws = ", ".join(f"{h} d" if p else "d" for h, p in zip("hj", per_head, strict=True))
         spec = f"t h d, t j d, h? d, j? d, t h d, t j d, {stats} -> t h d, t j d, {dws}"
         rule = _qk_rule(spec, q, k)
-        grads = c.per_platform(fn, *args, sharding=rule, backend=backend)
+        grads = c.per_platform(fn, *args, sharding=rule, backend=backend, op="qk_norm")
         return tuple(None if lk is None else g for lk, g in zip(like, grads, strict=True))
 
     def saved_tangents(primals, stats, tangents):
@@ -2014,7 +2014,9 @@ def _gated_rms_norm(eps: float, norm_before_gate: bool, backend: str):
         )
         rule = c.Rule("r d, r d, d -> r d", split="r")
         args = (x, z, weight)
-        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
+        return c.per_platform(
+            fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend, op="gated_rms_norm"
+        )
 
     def launch_backward(param_grads, x, z, dy, weight):
         kwargs = dict(param_grads=param_grads, **settings)
@@ -2026,7 +2028,9 @@ def _gated_rms_norm(eps: float, norm_before_gate: bool, backend: str):
         args = (x, z, weight, dy)
         # The weight's gradient is a sum over the rows: added across the devices.
         rule = c.Rule("r d, r d, d, r d -> r d, r d, d", split="r")
-        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
+        return c.per_platform(
+            fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend, op="gated_rms_norm"
+        )
 
     def example_weight_grad(x, z, dy, weight):
         _, vjp = jax.vjp(lambda w: ref(x, z, w), weight.astype(F32))
@@ -2230,7 +2234,7 @@ def _dyt(backend: str, bias_dtype=None):
         args = (x, alpha, weight, bias)
         rule = c.Rule("r d, , d, d -> r d", split="r")
         return c.per_platform(
-            _dyt_fwd_on, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend
+            _dyt_fwd_on, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend, op="dyt"
         )
 
     def launch_backward(x, dy, alpha, weight):
@@ -2238,7 +2242,9 @@ def _dyt(backend: str, bias_dtype=None):
         args = (x, alpha, weight, dy)
         rule = c.Rule("r d, , d, r d -> r d, , d, d", split="r")
         fn = functools.partial(_dyt_bwd_on, bias_dtype=bias_dtype)
-        return c.per_platform(fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend)
+        return c.per_platform(
+            fn, *args, sharding=rule, mosaic_gpu=mosaic_gpu, backend=backend, op="dyt"
+        )
 
     def example_param_grads(x, dy, alpha, weight):
         # The weight's gradient is the kernel's even without a weight (the sums of dy·t).

@@ -80,46 +80,89 @@ def test_auto_takes_xla_where_the_cache_measured_it_faster(tmp_path, monkeypatch
         assert kernels_traced(per_example) is kernels
 
 
-def test_the_kernels_run_on_the_gpu_backend_measured_faster(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("op", "shape", "default"),
+    [("layer_norm", (37, 760), "triton"), ("group_norm", (2, 64, 16, 16), "mosaic_gpu")],
+)
+def test_the_kernels_run_on_the_gpu_backend_measured_faster(
+    op, shape, default, tmp_path, monkeypatch
+):
     # Tuned on a GPU with both kernel backends (here an injected timer, and the cuda lowering
     # of this CPU machine), `impl="pallas"` and `"auto"` run a call's kernels on the backend
-    # whose training step measured faster: Mosaic GPU's forward and backward, or Triton's (the
-    # row norms' default, `row_norm.MOSAIC_GPU_AUTO`). JAX < 0.12 has no Mosaic GPU: Triton.
-    from eqxnorm.kernels import _mosaic_gpu, pallas
+    # whose training step measured faster: Mosaic GPU's forward and backward, or Triton's.
+    # Untuned, each family's default: the row norms on Triton (`row_norm.MOSAIC_GPU_AUTO`), the
+    # group norms on Mosaic GPU. JAX < 0.12 has no Mosaic GPU: Triton.
+    from eqxnorm.kernels import _mosaic_gpu
 
     monkeypatch.setenv(_tuning.ENV, str(tmp_path / "tuning.json"))
-    x, w = jnp.ones((37, 760), jnp.bfloat16), jnp.ones(760, jnp.bfloat16)
-
-    def calls():
-        def step(x, w):
-            return jax.grad(lambda *a: pallas.layer_norm(*a, w, eps=1e-5).sum(), (0, 1))(x, w)
-
-        jax.clear_caches()
-        text = ks.lowered(step, (x, w), "cuda")
-        return text.count(ks.MOSAIC_GPU_CALL), text.count(ks.CUSTOM_CALLS["cuda"])
-
-    assert calls() == (0, 2)  # untuned: Triton
-    both = tune.kernel_impls("cuda")
     usable = _mosaic_gpu.usable()
+    args = tune.operands(op, shape, jnp.bfloat16)
+
+    def backends():
+        jax.clear_caches()
+        text = ks.lowered(tune.training_step(op, "pallas"), args, "cuda")
+        counts = {"mosaic_gpu": text.count(ks.MOSAIC_GPU_CALL)}
+        counts["triton"] = text.count(ks.CUSTOM_CALLS["cuda"])
+        return {name for name, n in counts.items() if n}
+
+    assert backends() == {default if usable else "triton"}  # untuned
+    both = tune.kernel_impls("cuda")
     assert set(both) == ({"triton", "mosaic_gpu"} if usable else {"triton"})
-    for faster, expected in (("mosaic_gpu", (2, 0) if usable else (0, 2)), ("triton", (0, 2))):
+    for faster in ("mosaic_gpu", "triton", "mosaic_gpu"):
 
         def timer(run, candidate, faster=faster):
             return 1.0 if candidate.impl == "reference" else 0.1 + 0.1 * (candidate.impl != faster)
 
-        found = tune.tune(["layer_norm"], [(37, 760)], ["bfloat16"], timer=timer, impls=both)
+        found = tune.tune([op], [shape], ["bfloat16"], timer=timer, impls=both)
         assert {k.split("|")[1] for k in found} == set(both)
-        assert calls() == expected
+        assert all(f"|{op}|bfloat16|" in k for k in found)
+        assert backends() == {faster if usable else "triton"}
+
+
+# A shape of each op's form: rows of features; adaLN's examples of tokens; QK-norm's tokens of
+# heads; GroupNorm's and BatchNorm's batch of channels of an image.
+_SHAPES = {2: (37, 128), 3: (2, 37, 128), 4: (2, 64, 4, 4)}
+
+
+@pytest.mark.parametrize("op", list(tune.OPS))
+def test_every_kernel_family_is_tuned_under_its_own_key(op, tmp_path):
+    # Each op of `tune.OPS` (the functional API's kernel families) gets a training step on a
+    # shape of its form, its XLA step runs, and its launches are keyed by its own name: gated
+    # RMSNorm's, DyT's and QK-norm's no longer share one "row_norm" entry.
+    spec = tune.OPS[op]
+    shape = _SHAPES[4 if spec.channels else max(spec.axes)]
+    assert tune.takes(op, shape) and not tune.takes(op, (5,) * 6)
+    ran = []
+
+    def timer(run, candidate):
+        if candidate.impl == "reference":
+            ran.append(jax.block_until_ready(run()))
+            return 1.0
+        return 0.5
+
+    path = tmp_path / "tuning.json"
+    found = tune.tune([op], [(8, 8, 8, 8, 8, 8), shape], ["float32"], path=path, timer=timer)
+    assert len(ran) == 1 and len(ran[0]) == 1 + len(spec.operands)  # a gradient per operand
+    assert found and all(k.split("|")[2] == op for k in found)
+    assert {e["tuned"] for e in found.values()} == {f"{op} {'x'.join(map(str, shape))} float32"}
 
 
 def test_the_shape_and_device_arguments():
     assert tune.parse_shape("4096x1024") == (4096, 1024)
-    with pytest.raises(ValueError, match=r"ROWSxDIM, e.g. 4096x1024, but got '4096'"):
-        tune.parse_shape("4096")
-    with pytest.raises(ValueError, match="positive rows and features, but got '0x8'"):
-        tune.parse_shape("0x8")
-    with pytest.raises(ValueError, match="knows the ops .*but got op='batch_norm'"):
+    assert tune.parse_shape("32x128X56x56") == (32, 128, 56, 56)
+    for text in ("4096", "0x8", "4096x", "ax8"):
+        with pytest.raises(ValueError, match=rf"positive sizes joined by 'x'.*but got '{text}'"):
+            tune.parse_shape(text)
+    with pytest.raises(ValueError, match="knows the ops .*but got op='instance_norm'"):
+        tune.operands("instance_norm", (2, 8), jnp.float32)
+    with pytest.raises(ValueError, match="batch_norm is tuned on shapes of 3 or 4 or 5 axes, "):
         tune.operands("batch_norm", (2, 8), jnp.float32)
+    with pytest.raises(
+        ValueError,
+        match=r"qk_norm is tuned on shapes of 3 axes, e.g. 8x256x1024, "
+        r"but none of the shapes given has them \(4096x1024\); add one",
+    ):
+        tune.tune(["layer_norm", "qk_norm"], [(4096, 1024)], ["bfloat16"])
     assert tune.kernel_impls("cpu") == {"pallas": "interpret"}
     assert tune.kernel_impls("tpu") == {"pallas": "mosaic"}
     assert tune.kernel_impls("rocm") == {"triton": "triton"}
