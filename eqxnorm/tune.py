@@ -353,6 +353,16 @@ def tune(
     return found
 
 
+_FIELDS = ("kernel_ms", "default_ms", "xla_ms")
+
+
+def _complete(e: dict) -> bool:
+    """Whether the entry `e` has the times (numbers) and the call the tuner writes."""
+    return isinstance(e.get("tuned"), str) and all(
+        isinstance(e.get(f), int | float) for f in _FIELDS
+    )
+
+
 def fastest(found: dict[str, dict]) -> dict[str, dict[str, float]]:
     """What each tuned call measured, fastest first: `{call: {name: ms}}` over XLA (`"xla"`)
     and each kernel backend of `found` (its tuned training step), which is what `impl="auto"`
@@ -388,6 +398,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--out", default=None, help="the cache file (default: %(default)s → cache dir)"
     )
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--show",
+        action="store_true",
+        help="tune nothing: print the entries the kernels read on this device (the cache's "
+        "and those eqxnorm ships) and what impl='auto' runs for each call measured",
+    )
     args = parser.parse_args(argv)
     try:
         shapes = [parse_shape(s) for s in args.shapes]
@@ -400,18 +416,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     def timer(run, candidate):
         return wall_clock(run, candidate, args.repeats)
 
+    if args.show:
+        device = _tuning.device_kind()
+        found = {k: e for k, e in _tuning.entries().items() if k.startswith(device + "|")}
+        _report(found)
+        print(
+            f"{len(found)} entries for {device} and JAX {jax.__version__} in "
+            f"{_tuning.cache_path()} and those eqxnorm ships"
+        )
+        return
     found = tune(args.ops, shapes, args.dtypes, path=args.out, timer=timer)
+    _report(found)
+    path = args.out or _tuning.cache_path()
+    print(f"wrote {len(found)} entries for {_tuning.device_kind()} to {path}")
+
+
+def _report(found: dict[str, dict]) -> None:
+    """Print each entry of `found`, then what `impl="auto"` runs for each call ([`fastest`][]);
+    an entry without the tuner's times (edited by hand) is named as such."""
     for k, e in found.items():
+        if not _complete(e):
+            print(f"{k}: an entry without the tuner's times ({', '.join(_FIELDS)}, tuned): {e}")
+            continue
         faster = "XLA" if e["xla_ms"] < e["kernel_ms"] else "the kernel"
         print(
             f"{k}: heuristic {e['default_ms']:.4f} ms, tuned {e['kernel_ms']:.4f} ms with "
             f"{e['config']}, XLA {e['xla_ms']:.4f} ms: {faster} is faster ({e['tuned']})"
         )
-    for call, times in fastest(found).items():
+    complete = {k: e for k, e in found.items() if _complete(e)}
+    for call, times in fastest(complete).items():
         ranked = ", ".join(f"{name} {ms:.4f} ms" for name, ms in times.items())
         print(f"{call}: impl='auto' runs {next(iter(times))} ({ranked})")
-    path = args.out or _tuning.cache_path()
-    print(f"wrote {len(found)} entries for {_tuning.device_kind()} to {path}")
 
 
 if __name__ == "__main__":

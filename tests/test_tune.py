@@ -182,6 +182,19 @@ def test_the_command_line(tmp_path, monkeypatch, capsys):
     assert "rms_norm 37x128 float32: impl='auto' runs xla (xla 500.0000 ms, interpret" in printed
     assert f"wrote 1 entries for cpu to {out}" in printed
     assert list(json.loads(out.read_text())["entries"]) == ["cpu|interpret|rms_norm|float32|64x128"]
+    # `--show` tunes nothing: what the kernels read here, and what `impl="auto"` runs.
+    data = json.loads(out.read_text())
+    data["entries"]["cpu|interpret|dyt|float32|64x128"] = {"config": {}, "jax": jax.__version__}
+    data["entries"]["NVIDIA H200|triton|dyt|float32|64x128"] = {"config": {}, "jax": "0"}
+    out.write_text(json.dumps(data))
+    monkeypatch.setenv(_tuning.ENV, str(out))
+    monkeypatch.setattr(tune, "tune", None)
+    tune.main(["--show"])
+    shown = capsys.readouterr().out
+    assert "rms_norm 37x128 float32: impl='auto' runs xla (xla 500.0000 ms, interpret" in shown
+    assert "cpu|interpret|dyt|float32|64x128: an entry without the tuner's times" in shown
+    assert "H200" not in shown and f"2 entries for cpu and JAX {jax.__version__} in {out}" in shown
+    monkeypatch.undo()
     monkeypatch.setenv(_tuning.ENV, "off")
     with pytest.raises(ValueError, match="EQXNORM_TUNING_CACHE=off turns the tuning cache off"):
         tune.write({})
