@@ -345,7 +345,12 @@ def _staging(
     foldable = fold and lane_rows == 1 and in_segments
     if foldable and (fit == 0 or (fold_tile and fit == tile_rows)):
         most = CLUSTER if split else 1
-        return _folded(width, staged_bytes_per_element, budget, most) or chosen
+        folded = _folded(width, staged_bytes_per_element, budget, most)
+        if folded is None:
+            return chosen
+        # Nothing to vary, but asked all the same: the tuner times the launch (and
+        # `impl="auto"` may then choose it over Triton, `_tuning.faster_backend`).
+        return _tuning.tuned(folded, "mosaic_gpu", rows, width, most_rows=1)
     # Tiles of rows that could be folded: the tuner may find them faster folded.
     folded = _folded(width, staged_bytes_per_element, budget) if foldable else None
     tuned = _tuning.tuned(chosen, "mosaic_gpu", rows, width, most_rows=fit, fold=bool(folded))

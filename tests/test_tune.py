@@ -81,19 +81,26 @@ def test_auto_takes_xla_where_the_cache_measured_it_faster(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize(
-    ("op", "shape", "default"),
-    [("layer_norm", (37, 760), "triton"), ("group_norm", (2, 64, 16, 16), "mosaic_gpu")],
+    ("op", "shape", "default", "smem"),
+    [
+        ("layer_norm", (37, 760), "triton", None),
+        ("layer_norm", (37, 1304), "triton", 8 * 1024),  # rows folded, one a program
+        ("group_norm", (2, 64, 16, 16), "mosaic_gpu", None),
+    ],
 )
 def test_the_kernels_run_on_the_gpu_backend_measured_faster(
-    op, shape, default, tmp_path, monkeypatch
+    op, shape, default, smem, tmp_path, monkeypatch
 ):
     # Tuned on a GPU with both kernel backends (here an injected timer, and the cuda lowering
     # of this CPU machine), `impl="pallas"` and `"auto"` run a call's kernels on the backend
     # whose training step measured faster: Mosaic GPU's forward and backward, or Triton's.
     # Untuned, each family's default: the row norms on Triton (`row_norm.MOSAIC_GPU_AUTO`), the
-    # group norms on Mosaic GPU. JAX < 0.12 has no Mosaic GPU: Triton.
+    # group norms on Mosaic GPU. JAX < 0.12 has no Mosaic GPU: Triton. With 8 KiB of shared
+    # memory 1304 bf16 features are folded, a row a program, forward and backward: timed too.
     from eqxnorm.kernels import _mosaic_gpu
 
+    if smem is not None:
+        monkeypatch.setattr(_mosaic_gpu, "SMEM_BYTES", smem)
     monkeypatch.setenv(_tuning.ENV, str(tmp_path / "tuning.json"))
     usable = _mosaic_gpu.usable()
     args = tune.operands(op, shape, jnp.bfloat16)
@@ -145,6 +152,19 @@ def test_every_kernel_family_is_tuned_under_its_own_key(op, tmp_path):
     assert len(ran) == 1 and len(ran[0]) == 1 + len(spec.operands)  # a gradient per operand
     assert found and all(k.split("|")[2] == op for k in found)
     assert {e["tuned"] for e in found.values()} == {f"{op} {'x'.join(map(str, shape))} float32"}
+
+
+def test_a_backend_that_cannot_run_the_operands_is_not_tuned(capsys):
+    # 1001 bf16 features are not a multiple of 16 bytes, which Mosaic GPU's TMA needs: the
+    # tuner says so and tunes Triton alone, where it used to stop with the pinned backend's
+    # `ValueError`.
+    impls = {"triton": "triton", "mosaic_gpu": "mosaic_gpu"}
+    found = tune.tune_one("layer_norm", (8, 1001), "bfloat16", timer=_timer(2.0)[0], impls=impls)
+    assert [k.split("|")[1] for k in found] == ["triton"]
+    printed = capsys.readouterr().out
+    assert (
+        "mosaic_gpu: not tuned for layer_norm 8x1001 bfloat16 (impl='mosaic_gpu' cannot" in printed
+    )
 
 
 def test_the_shape_and_device_arguments():
