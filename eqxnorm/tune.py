@@ -152,6 +152,17 @@ def takes(op: str, shape: tuple[int, ...]) -> bool:
     return len(shape) in _spec(op).axes
 
 
+def _check_shapes(ops: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> None:
+    """`ValueError` for an op of `ops` none of whose `shapes` it [`takes`][]."""
+    for op in ops:
+        if not any(takes(op, shape) for shape in shapes):
+            given = ", ".join("x".join(map(str, s)) for s in shapes)
+            raise ValueError(
+                f"{op} is tuned on shapes of {_form(op)}, but none of the shapes given has "
+                f"them ({given}); add one."
+            )
+
+
 def _form(op: str) -> str:
     """The shapes `op` is tuned on, in words, with an example."""
     spec = _spec(op)
@@ -339,13 +350,7 @@ def tune(
 
     `ValueError` for an op none of whose `shapes` it takes.
     """
-    for op in ops:
-        if not any(takes(op, shape) for shape in shapes):
-            given = ", ".join("x".join(map(str, s)) for s in shapes)
-            raise ValueError(
-                f"{op} is tuned on shapes of {_form(op)}, but none of the shapes given has "
-                f"them ({given}); add one."
-            )
+    _check_shapes(ops, shapes)
     found = {}
     for op in ops:
         for shape in filter(functools.partial(takes, op), shapes):
@@ -411,9 +416,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         shapes = [parse_shape(s) for s in args.shapes]
-        for op in args.ops:
-            if not any(takes(op, shape) for shape in shapes):
-                raise ValueError(f"{op} is tuned on shapes of {_form(op)}; none given has them")
+        _check_shapes(args.ops, shapes)
     except ValueError as error:
         parser.error(str(error))
 

@@ -202,6 +202,9 @@ def test_the_command_line(tmp_path, monkeypatch, capsys):
     assert "rms_norm 37x128 float32: fastest: xla (xla 500.0000 ms, interpret" in printed
     assert f"wrote 1 entries for cpu to {out}" in printed
     assert list(json.loads(out.read_text())["entries"]) == ["cpu|interpret|rms_norm|float32|64x128"]
+    with pytest.raises(SystemExit):  # a shape of no op's form: refused before any timing
+        tune.main(["--ops", "group_norm", "--shapes", "4096x1024", "--out", str(out)])
+    assert "group_norm is tuned on shapes of 3 or 4 or 5 axes" in capsys.readouterr().err
     # `--show` tunes nothing: what the kernels read here, and what `impl="auto"` runs.
     data = json.loads(out.read_text())
     data["entries"]["cpu|interpret|dyt|float32|64x128"] = {"config": {}, "jax": jax.__version__}
