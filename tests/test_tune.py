@@ -80,6 +80,21 @@ def test_auto_takes_xla_where_the_cache_measured_it_faster(tmp_path, monkeypatch
         assert kernels_traced(per_example) is kernels
 
 
+def _backends(op, args, impl="pallas"):
+    """The GPU backends whose kernels a training step of `op` by `impl` lowered for cuda runs
+    (traced anew: the cache file is read when tracing)."""
+    jax.clear_caches()
+    text = ks.lowered(tune.training_step(op, impl), args, "cuda")
+    counts = {"mosaic_gpu": text.count(ks.MOSAIC_GPU_CALL)}
+    counts["triton"] = text.count(ks.CUSTOM_CALLS["cuda"])
+    return {name for name, n in counts.items() if n}
+
+
+def _faster(kernels: dict[str, float], xla: float = 1.0):
+    """A timer: XLA `xla` seconds, each kernel implementation its time in `kernels`."""
+    return lambda run, candidate: xla if candidate.impl == "reference" else kernels[candidate.impl]
+
+
 @pytest.mark.parametrize(
     ("op", "shape", "default", "smem"),
     [
@@ -104,26 +119,32 @@ def test_the_kernels_run_on_the_gpu_backend_measured_faster(
     monkeypatch.setenv(_tuning.ENV, str(tmp_path / "tuning.json"))
     usable = _mosaic_gpu.usable()
     args = tune.operands(op, shape, jnp.bfloat16)
-
-    def backends():
-        jax.clear_caches()
-        text = ks.lowered(tune.training_step(op, "pallas"), args, "cuda")
-        counts = {"mosaic_gpu": text.count(ks.MOSAIC_GPU_CALL)}
-        counts["triton"] = text.count(ks.CUSTOM_CALLS["cuda"])
-        return {name for name, n in counts.items() if n}
-
-    assert backends() == {default if usable else "triton"}  # untuned
+    assert _backends(op, args) == {default if usable else "triton"}  # untuned
     both = tune.kernel_impls("cuda")
     assert set(both) == ({"triton", "mosaic_gpu"} if usable else {"triton"})
-    for faster in ("mosaic_gpu", "triton", "mosaic_gpu"):
-
-        def timer(run, candidate, faster=faster):
-            return 1.0 if candidate.impl == "reference" else 0.1 + 0.1 * (candidate.impl != faster)
-
+    for faster in both:  # each measured faster in turn
+        timer = _faster({impl: 0.1 if impl == faster else 0.2 for impl in both})
         found = tune.tune([op], [shape], ["bfloat16"], timer=timer, impls=both)
         assert {k.split("|")[1] for k in found} == set(both)
         assert all(f"|{op}|bfloat16|" in k for k in found)
-        assert backends() == {faster if usable else "triton"}
+        assert _backends(op, args) == {faster}
+
+
+def test_auto_takes_xla_only_where_faster_than_every_backend(tmp_path, monkeypatch):
+    # `impl="auto"` on a GPU: Mosaic GPU measured at 0.1, Triton at 0.2 and XLA between them
+    # runs Mosaic GPU (where JAX has it: else XLA, faster than Triton); XLA faster than both,
+    # XLA.
+    from eqxnorm.kernels import _mosaic_gpu
+
+    monkeypatch.setenv(_tuning.ENV, str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setitem(tune.IMPLEMENTATIONS, "auto", _dispatch.implementation("auto"))
+    args = tune.operands("layer_norm", (37, 760), jnp.bfloat16)
+    both = tune.kernel_impls("cuda")
+    for xla, expected in ((0.15, {"mosaic_gpu"} if _mosaic_gpu.usable() else set()), (0.05, set())):
+        timer = _faster({"triton": 0.2, "mosaic_gpu": 0.1}, xla)
+        tune.tune(["layer_norm"], [(37, 760)], ["bfloat16"], timer=timer, impls=both)
+        assert _backends("layer_norm", args, "auto") == expected
 
 
 # A shape of each op's form: rows of features; adaLN's examples of tokens; QK-norm's tokens of
