@@ -26,7 +26,6 @@ only with the JAX version they were measured with. Rerun after upgrading JAX or 
 """
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -353,7 +352,7 @@ def tune(
     _check_shapes(ops, shapes)
     found = {}
     for op in ops:
-        for shape in filter(functools.partial(takes, op), shapes):
+        for shape in [s for s in shapes if takes(op, s)]:
             for dtype in dtypes:
                 entries = tune_one(op, shape, dtype, timer=timer, impls=impls)
                 write(entries, path)  # each as it is measured: a run cut short keeps them
@@ -441,8 +440,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _report(found: dict[str, dict]) -> None:
     """Print each entry of `found`, then what `impl="auto"` runs for each call ([`fastest`][]);
     an entry without the tuner's times (edited by hand) is named as such."""
+    complete = {k: e for k, e in found.items() if _complete(e)}
     for k, e in found.items():
-        if not _complete(e):
+        if k not in complete:
             print(f"{k}: an entry without the tuner's times ({', '.join(_FIELDS)}, tuned): {e}")
             continue
         faster = "XLA" if e["xla_ms"] < e["kernel_ms"] else "the kernel"
@@ -450,7 +450,6 @@ def _report(found: dict[str, dict]) -> None:
             f"{k}: heuristic {e['default_ms']:.4f} ms, tuned {e['kernel_ms']:.4f} ms with "
             f"{e['config']}, XLA {e['xla_ms']:.4f} ms: {faster} is faster ({e['tuned']})"
         )
-    complete = {k: e for k, e in found.items() if _complete(e)}
     # Off a GPU or TPU `impl="auto"` runs the reference whatever was measured.
     runs = "impl='auto' runs" if jax.default_backend() != "cpu" else "fastest:"
     for call, times in fastest(complete).items():
